@@ -1,0 +1,1005 @@
+//! The coordinator state machine: every semantic rule of turnstile, and nothing else.
+//!
+//! # Implementation details
+//!
+//! Each semaphore keeps its holders (ordered by fencing token, which is grant order) and a FIFO
+//! queue of waiters (ordered by a global sequence number). A waiter is granted only when it is
+//! at the head of its queue and enough permits are free; the grant loop ([`Coordinator::pump`])
+//! stops at the first waiter that does not fit. So a heavy acquire at the head holds back the
+//! light ones behind it: that is the price of never starving the heavy one, as in tokio's
+//! batch semaphore.
+//!
+//! Time only matters at deadlines (session TTLs, acquire timeouts). They sit in one min-heap
+//! with *lazy rescheduling*: a keep-alive only moves the session's deadline field; when the
+//! heap entry comes due and the deadline has moved, the entry is pushed again for the new
+//! deadline. So a keep-alive is O(1), each session has exactly one heap entry, and a tick costs
+//! O(log n) per entry that comes due, never a scan of all leases. Every call first processes
+//! the deadlines that are due at its `now`, so a late keep-alive cannot revive a session that
+//! has already missed its TTL.
+//!
+//! # Invariants
+//!
+//! Checked by [`Coordinator::validate`] after every step in the tests:
+//! - per semaphore, `in_use` is the sum of its holders' weights and never exceeds `capacity`;
+//! - a queue is never left grantable: if it is not empty, its head does not fit;
+//! - every held or queued lease belongs to a live session that lists it, and to exactly one
+//!   semaphore's holders or queue;
+//! - every token ever issued by a semaphore is below its `next_token`;
+//! - a closed semaphore has no holders and no queue.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::effect::{Effect, Event, LostReason, Record, Reply};
+use crate::view::{Counters, HolderView, SemaphoreView};
+use crate::{Error, LeaseId, SessionId, Tag, Time, Token, WaitStats};
+
+/// Longest semaphore name, in bytes.
+pub const MAX_NAME_LEN: usize = 255;
+
+/// A request to the coordinator. Names are borrowed so that the caller can hand in a slice of
+/// its receive buffer; the core copies a name only when it creates a semaphore.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Request<'a> {
+    /// Opens a session, or refreshes it if it exists (an open is idempotent, so a client may
+    /// retry it after a lost reply). Replies [`Reply::SessionOpened`].
+    OpenSession {
+        /// The session id the client chose.
+        session: SessionId,
+        /// How long the session lives without a keep-alive. Must be positive.
+        ttl: Duration,
+    },
+    /// Refreshes a session that must already exist: a reconnecting client uses this to learn
+    /// whether its leases survived. Replies [`Reply::SessionOpened`] or
+    /// [`Error::SessionNotFound`].
+    ResumeSession {
+        /// The session.
+        session: SessionId,
+    },
+    /// Refreshes every lease of the session. Any other request of the session does too.
+    KeepAlive {
+        /// The session.
+        session: SessionId,
+    },
+    /// Ends the session cleanly: its leases are released (not "lost") and its queued acquires
+    /// fail with [`Error::SessionEnded`]. A no-op for an unknown session.
+    CloseSession {
+        /// The session.
+        session: SessionId,
+    },
+    /// Ends a session on behalf of someone who knows its client is dead (a supervisor). Like
+    /// an expiry: leases are reported lost with [`LostReason::SessionEnded`]. A no-op for an
+    /// unknown session.
+    EndSession {
+        /// The session.
+        session: SessionId,
+    },
+    /// Creates a semaphore, or checks that it exists with this capacity.
+    Ensure {
+        /// Its name: 1 to [`MAX_NAME_LEN`] bytes, no control characters.
+        name: &'a str,
+        /// Its capacity, at least 1.
+        capacity: u32,
+    },
+    /// Acquires `weight` permits of a semaphore for the lease `lease` of `session`. Granted at
+    /// once when the permits are free and nobody is queued, otherwise queued (FIFO). Retrying
+    /// with the same lease id returns the existing grant or keeps the queue place.
+    Acquire {
+        /// The session.
+        session: SessionId,
+        /// The lease id the client chose.
+        lease: LeaseId,
+        /// The semaphore.
+        name: &'a str,
+        /// Permits wanted, at least 1.
+        weight: u32,
+        /// How long to wait in the queue; `None` waits until granted or cancelled, zero means
+        /// "only if free now" (fails with [`Error::TimedOut`] otherwise).
+        timeout: Option<Duration>,
+    },
+    /// Releases a held lease, or withdraws a queued acquire (which then fails with
+    /// [`Error::Cancelled`]).
+    Release {
+        /// The session.
+        session: SessionId,
+        /// The lease.
+        lease: LeaseId,
+    },
+    /// Closes a semaphore: queued acquires fail with [`Error::Closed`], holders are told their
+    /// lease is gone, later acquires and ensures fail with [`Error::Closed`]. A no-op for an
+    /// unknown or already closed name.
+    Close {
+        /// The semaphore.
+        name: &'a str,
+    },
+}
+
+type LeaseKey = (SessionId, LeaseId);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    Session(SessionId),
+    Waiter(SessionId, LeaseId),
+}
+
+#[derive(Debug)]
+struct Semaphore {
+    name: Arc<str>,
+    capacity: u32,
+    in_use: u32,
+    closed: bool,
+    next_token: u64,
+    /// Ordered by token, so in grant order.
+    holders: BTreeMap<Token, LeaseKey>,
+    /// Ordered by arrival sequence number: the FIFO queue.
+    queue: BTreeMap<u64, LeaseKey>,
+    queued_weight: u64,
+    counters: Counters,
+    wait: WaitStats,
+}
+
+impl Semaphore {
+    fn new(name: Arc<str>, capacity: u32) -> Semaphore {
+        Semaphore {
+            name,
+            capacity,
+            in_use: 0,
+            closed: false,
+            next_token: 1,
+            holders: BTreeMap::new(),
+            queue: BTreeMap::new(),
+            queued_weight: 0,
+            counters: Counters::default(),
+            wait: WaitStats::default(),
+        }
+    }
+
+    fn free(&self) -> u32 {
+        self.capacity - self.in_use
+    }
+}
+
+#[derive(Debug)]
+enum LeaseState {
+    Queued {
+        seq: u64,
+        since: Time,
+        deadline: Option<Time>,
+        tag: Tag,
+    },
+    Held {
+        token: Token,
+        since: Time,
+    },
+}
+
+#[derive(Debug)]
+struct Lease {
+    semaphore: Arc<str>,
+    weight: u32,
+    state: LeaseState,
+}
+
+#[derive(Debug)]
+struct Session {
+    ttl: Duration,
+    deadline: Time,
+    /// The time of this session's one entry in the timer heap.
+    scheduled: Time,
+    leases: HashSet<LeaseId>,
+}
+
+/// How a session ended, which decides what its leases count as.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    Closed,
+    Expired,
+    EndedByOther,
+}
+
+/// The coordinator: named counting semaphores whose permits are leases held by sessions.
+///
+/// Drive it with [`handle`](Coordinator::handle) for each request and
+/// [`tick`](Coordinator::tick) when [`next_deadline`](Coordinator::next_deadline) comes; carry
+/// out the [`Effect`]s it appends, in order.
+#[derive(Debug, Default)]
+pub struct Coordinator {
+    semaphores: HashMap<Arc<str>, Semaphore>,
+    sessions: HashMap<SessionId, Session>,
+    leases: HashMap<LeaseKey, Lease>,
+    timers: BinaryHeap<Reverse<(Time, Timer)>>,
+    next_seq: u64,
+}
+
+impl Coordinator {
+    /// An empty coordinator.
+    pub fn new() -> Coordinator {
+        Coordinator::default()
+    }
+
+    /// Handles one request at `now`, appending its effects to `out`. The reply to the request
+    /// is an [`Effect::Reply`] with `tag`; a queued acquire gets it later, from a later call.
+    pub fn handle(&mut self, now: Time, tag: Tag, request: Request<'_>, out: &mut Vec<Effect>) {
+        self.tick(now, out);
+        let outcome = match request {
+            Request::OpenSession { session, ttl } => self.open_session(now, session, ttl, out),
+            Request::ResumeSession { session } => self
+                .refresh(now, session)
+                .map(|ttl| Some(Reply::SessionOpened { ttl, existed: true })),
+            Request::KeepAlive { session } => self.refresh(now, session).map(|_| Some(Reply::Done)),
+            Request::CloseSession { session } => {
+                self.end_session(now, session, Ending::Closed, out);
+                Ok(Some(Reply::Done))
+            }
+            Request::EndSession { session } => {
+                self.end_session(now, session, Ending::EndedByOther, out);
+                Ok(Some(Reply::Done))
+            }
+            Request::Ensure { name, capacity } => self.ensure(name, capacity, out),
+            Request::Acquire {
+                session,
+                lease,
+                name,
+                weight,
+                timeout,
+            } => self.acquire(now, tag, (session, lease), name, weight, timeout, out),
+            Request::Release { session, lease } => self.release(now, (session, lease), out),
+            Request::Close { name } => {
+                self.close(name, out);
+                Ok(Some(Reply::Done))
+            }
+        };
+        match outcome {
+            Ok(Some(reply)) => out.push(Effect::Reply {
+                tag,
+                outcome: Ok(reply),
+            }),
+            Ok(None) => {}
+            Err(e) => out.push(Effect::Reply {
+                tag,
+                outcome: Err(e),
+            }),
+        }
+    }
+
+    /// Processes every deadline at or before `now`: expires sessions that missed their TTL and
+    /// times out queued acquires. Costs O(log n) per deadline that comes due.
+    pub fn tick(&mut self, now: Time, out: &mut Vec<Effect>) {
+        while let Some(&Reverse((at, timer))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            match timer {
+                Timer::Session(id) => {
+                    let Some(session) = self.sessions.get_mut(&id) else {
+                        continue;
+                    };
+                    if session.scheduled != at {
+                        continue; // stale entry of an earlier session with the same id
+                    }
+                    if session.deadline > now {
+                        session.scheduled = session.deadline;
+                        self.timers
+                            .push(Reverse((session.deadline, Timer::Session(id))));
+                    } else {
+                        self.end_session(now, id, Ending::Expired, out);
+                    }
+                }
+                Timer::Waiter(session, lease) => {
+                    let key = (session, lease);
+                    let due = matches!(
+                        self.leases.get(&key),
+                        Some(Lease { state: LeaseState::Queued { deadline: Some(d), .. }, .. }) if *d == at
+                    );
+                    if due {
+                        if let Some((tag, sem)) = self.dequeue(key) {
+                            if let Some(s) = self.semaphores.get_mut(&sem) {
+                                s.counters.timed_out_total += 1;
+                            }
+                            out.push(Effect::Reply {
+                                tag,
+                                outcome: Err(Error::TimedOut),
+                            });
+                            self.pump(now, &sem, out);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The earliest time at which [`tick`](Coordinator::tick) has work to do. It may be early
+    /// (a deadline that has since moved), never late.
+    pub fn next_deadline(&self) -> Option<Time> {
+        self.timers.peek().map(|Reverse((at, _))| *at)
+    }
+
+    fn open_session(
+        &mut self,
+        now: Time,
+        id: SessionId,
+        ttl: Duration,
+        out: &mut Vec<Effect>,
+    ) -> Result<Option<Reply>, Error> {
+        if ttl.is_zero() {
+            return Err(Error::InvalidArgument(
+                "session TTL must be positive".into(),
+            ));
+        }
+        if let Some(session) = self.sessions.get_mut(&id) {
+            if session.ttl != ttl {
+                session.ttl = ttl;
+                out.push(Effect::Persist(Record::SessionOpened { session: id, ttl }));
+            }
+            session.deadline = now + ttl;
+            self.reschedule_if_earlier(id);
+            return Ok(Some(Reply::SessionOpened { ttl, existed: true }));
+        }
+        self.insert_session(now, id, ttl);
+        out.push(Effect::Persist(Record::SessionOpened { session: id, ttl }));
+        Ok(Some(Reply::SessionOpened {
+            ttl,
+            existed: false,
+        }))
+    }
+
+    fn insert_session(&mut self, now: Time, id: SessionId, ttl: Duration) {
+        let deadline = now + ttl;
+        self.sessions.insert(
+            id,
+            Session {
+                ttl,
+                deadline,
+                scheduled: deadline,
+                leases: HashSet::new(),
+            },
+        );
+        self.timers.push(Reverse((deadline, Timer::Session(id))));
+    }
+
+    /// A shorter TTL can move a deadline earlier than the heap entry; push a new entry then.
+    fn reschedule_if_earlier(&mut self, id: SessionId) {
+        if let Some(session) = self.sessions.get_mut(&id) {
+            if session.deadline < session.scheduled {
+                session.scheduled = session.deadline;
+                self.timers
+                    .push(Reverse((session.deadline, Timer::Session(id))));
+            }
+        }
+    }
+
+    fn refresh(&mut self, now: Time, id: SessionId) -> Result<Duration, Error> {
+        let session = self
+            .sessions
+            .get_mut(&id)
+            .ok_or(Error::SessionNotFound(id))?;
+        session.deadline = now + session.ttl;
+        Ok(session.ttl)
+    }
+
+    fn ensure(
+        &mut self,
+        name: &str,
+        capacity: u32,
+        out: &mut Vec<Effect>,
+    ) -> Result<Option<Reply>, Error> {
+        validate_name(name)?;
+        if capacity == 0 {
+            return Err(Error::InvalidArgument("capacity must be at least 1".into()));
+        }
+        if let Some(sem) = self.semaphores.get(name) {
+            if sem.closed {
+                return Err(Error::Closed(name.to_owned()));
+            }
+            if sem.capacity != capacity {
+                return Err(Error::CapacityMismatch {
+                    name: name.to_owned(),
+                    existing: sem.capacity,
+                    requested: capacity,
+                });
+            }
+            return Ok(Some(Reply::Done));
+        }
+        let name: Arc<str> = Arc::from(name);
+        self.semaphores
+            .insert(name.clone(), Semaphore::new(name.clone(), capacity));
+        out.push(Effect::Persist(Record::SemaphoreCreated { name, capacity }));
+        Ok(Some(Reply::Done))
+    }
+
+    #[allow(clippy::too_many_arguments)] // the fields of Request::Acquire, unpacked
+    fn acquire(
+        &mut self,
+        now: Time,
+        tag: Tag,
+        key: LeaseKey,
+        name: &str,
+        weight: u32,
+        timeout: Option<Duration>,
+        out: &mut Vec<Effect>,
+    ) -> Result<Option<Reply>, Error> {
+        if weight == 0 {
+            return Err(Error::InvalidArgument("weight must be at least 1".into()));
+        }
+        self.refresh(now, key.0)?;
+        let sem = self
+            .semaphores
+            .get(name)
+            .ok_or_else(|| Error::NoSuchSemaphore(name.to_owned()))?;
+        if sem.closed {
+            return Err(Error::Closed(name.to_owned()));
+        }
+        if weight > sem.capacity {
+            return Err(Error::WeightExceedsCapacity {
+                name: name.to_owned(),
+                weight,
+                capacity: sem.capacity,
+            });
+        }
+        let deadline = timeout.map(|t| now + t);
+        if let Some(lease) = self.leases.get_mut(&key) {
+            if &*lease.semaphore != name || lease.weight != weight {
+                return Err(Error::LeaseConflict {
+                    lease: key.1,
+                    name: lease.semaphore.to_string(),
+                    weight: lease.weight,
+                });
+            }
+            return match &mut lease.state {
+                LeaseState::Held { token, .. } => Ok(Some(Reply::Granted { token: *token })),
+                LeaseState::Queued {
+                    tag: old_tag,
+                    deadline: old_deadline,
+                    ..
+                } => {
+                    // The retry takes over the queue place; the request it replaces is answered
+                    // so that nobody waits forever on it.
+                    let superseded = std::mem::replace(old_tag, tag);
+                    *old_deadline = deadline;
+                    out.push(Effect::Reply {
+                        tag: superseded,
+                        outcome: Err(Error::Superseded),
+                    });
+                    if let Some(d) = deadline {
+                        self.timers.push(Reverse((d, Timer::Waiter(key.0, key.1))));
+                    }
+                    Ok(None)
+                }
+            };
+        }
+        let sem_name = sem.name.clone();
+        if sem.queue.is_empty() && sem.free() >= weight {
+            let token = self.grant_new(now, key, &sem_name, weight, out);
+            return Ok(Some(Reply::Granted { token }));
+        }
+        if timeout == Some(Duration::ZERO) {
+            return Err(Error::TimedOut);
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let sem = self
+            .semaphores
+            .get_mut(name)
+            .expect("invariant: the semaphore was looked up above and nothing removed it");
+        sem.queue.insert(seq, key);
+        sem.queued_weight += u64::from(weight);
+        self.leases.insert(
+            key,
+            Lease {
+                semaphore: sem_name,
+                weight,
+                state: LeaseState::Queued {
+                    seq,
+                    since: now,
+                    deadline,
+                    tag,
+                },
+            },
+        );
+        self.add_to_session(key);
+        if let Some(d) = deadline {
+            self.timers.push(Reverse((d, Timer::Waiter(key.0, key.1))));
+        }
+        Ok(None)
+    }
+
+    fn add_to_session(&mut self, key: LeaseKey) {
+        if let Some(session) = self.sessions.get_mut(&key.0) {
+            session.leases.insert(key.1);
+        }
+    }
+
+    /// Grants a lease that was not queued (an immediate grant).
+    fn grant_new(
+        &mut self,
+        now: Time,
+        key: LeaseKey,
+        sem_name: &Arc<str>,
+        weight: u32,
+        out: &mut Vec<Effect>,
+    ) -> Token {
+        let sem = self
+            .semaphores
+            .get_mut(sem_name)
+            .expect("invariant: grant_new is called with an existing semaphore");
+        let token = issue(sem, now, now, key, weight, out);
+        self.leases.insert(
+            key,
+            Lease {
+                semaphore: sem_name.clone(),
+                weight,
+                state: LeaseState::Held { token, since: now },
+            },
+        );
+        self.add_to_session(key);
+        token
+    }
+
+    /// Grants queued acquires of `name` from the head of its queue while they fit.
+    fn pump(&mut self, now: Time, name: &Arc<str>, out: &mut Vec<Effect>) {
+        let Some(sem) = self.semaphores.get_mut(name) else {
+            return;
+        };
+        while let Some((&seq, &key)) = sem.queue.first_key_value() {
+            let lease = self
+                .leases
+                .get_mut(&key)
+                .expect("invariant: every queued key has a lease");
+            if lease.weight > sem.free() {
+                break;
+            }
+            let LeaseState::Queued { since, tag, .. } = lease.state else {
+                unreachable!("invariant: a lease in a queue is in the Queued state");
+            };
+            sem.queue.remove(&seq);
+            sem.queued_weight -= u64::from(lease.weight);
+            let token = issue(sem, now, since, key, lease.weight, out);
+            lease.state = LeaseState::Held { token, since: now };
+            out.push(Effect::Reply {
+                tag,
+                outcome: Ok(Reply::Granted { token }),
+            });
+        }
+    }
+
+    /// Takes a queued lease out of its queue and forgets it. Returns the waiter's tag and
+    /// semaphore, or `None` if the lease is not queued.
+    fn dequeue(&mut self, key: LeaseKey) -> Option<(Tag, Arc<str>)> {
+        let lease = self.leases.get(&key)?;
+        let LeaseState::Queued { seq, tag, .. } = lease.state else {
+            return None;
+        };
+        let lease = self.leases.remove(&key)?;
+        if let Some(sem) = self.semaphores.get_mut(&lease.semaphore) {
+            sem.queue.remove(&seq);
+            sem.queued_weight -= u64::from(lease.weight);
+        }
+        if let Some(session) = self.sessions.get_mut(&key.0) {
+            session.leases.remove(&key.1);
+        }
+        Some((tag, lease.semaphore))
+    }
+
+    /// Takes a held lease away from its semaphore and session. Returns its semaphore, token
+    /// and weight, or `None` if the lease is not held.
+    fn unhold(&mut self, key: LeaseKey) -> Option<(Arc<str>, Token)> {
+        let lease = self.leases.get(&key)?;
+        let LeaseState::Held { token, .. } = lease.state else {
+            return None;
+        };
+        let lease = self.leases.remove(&key)?;
+        if let Some(sem) = self.semaphores.get_mut(&lease.semaphore) {
+            sem.holders.remove(&token);
+            sem.in_use -= lease.weight;
+        }
+        if let Some(session) = self.sessions.get_mut(&key.0) {
+            session.leases.remove(&key.1);
+        }
+        Some((lease.semaphore, token))
+    }
+
+    fn release(
+        &mut self,
+        now: Time,
+        key: LeaseKey,
+        out: &mut Vec<Effect>,
+    ) -> Result<Option<Reply>, Error> {
+        self.refresh(now, key.0)?;
+        if let Some((sem, _)) = self.unhold(key) {
+            if let Some(s) = self.semaphores.get_mut(&sem) {
+                s.counters.released_total += 1;
+            }
+            out.push(Effect::Persist(Record::Released {
+                session: key.0,
+                lease: key.1,
+            }));
+            self.pump(now, &sem, out);
+            return Ok(Some(Reply::Done));
+        }
+        if let Some((tag, sem)) = self.dequeue(key) {
+            out.push(Effect::Reply {
+                tag,
+                outcome: Err(Error::Cancelled),
+            });
+            // A withdrawn head may have been what held the others back.
+            self.pump(now, &sem, out);
+            return Ok(Some(Reply::Done));
+        }
+        Err(Error::UnknownLease(key.1))
+    }
+
+    fn end_session(&mut self, now: Time, id: SessionId, how: Ending, out: &mut Vec<Effect>) {
+        let Some(session) = self.sessions.remove(&id) else {
+            return;
+        };
+        out.push(Effect::Persist(Record::SessionEnded { session: id }));
+        if how == Ending::Expired {
+            out.push(Effect::Event(Event::SessionExpired { session: id }));
+        }
+        let mut touched: Vec<Arc<str>> = Vec::new();
+        let mut leases: Vec<LeaseId> = session.leases.into_iter().collect();
+        leases.sort_unstable(); // deterministic effect order, whatever the hash seed
+        for lease in leases {
+            let key = (id, lease);
+            if let Some((sem, token)) = self.unhold(key) {
+                if let Some(s) = self.semaphores.get_mut(&sem) {
+                    match how {
+                        Ending::Closed => s.counters.released_total += 1,
+                        Ending::Expired | Ending::EndedByOther => s.counters.expired_total += 1,
+                    }
+                }
+                let reason = match how {
+                    Ending::Closed => None,
+                    Ending::Expired => Some(LostReason::Expired),
+                    Ending::EndedByOther => Some(LostReason::SessionEnded),
+                };
+                if let Some(reason) = reason {
+                    out.push(Effect::Event(Event::LeaseLost {
+                        session: id,
+                        lease,
+                        semaphore: sem.clone(),
+                        token,
+                        reason,
+                    }));
+                }
+                touched.push(sem);
+            } else if let Some((tag, sem)) = self.dequeue(key) {
+                out.push(Effect::Reply {
+                    tag,
+                    outcome: Err(Error::SessionEnded),
+                });
+                touched.push(sem);
+            }
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        for sem in &touched {
+            self.pump(now, sem, out);
+        }
+    }
+
+    fn close(&mut self, name: &str, out: &mut Vec<Effect>) {
+        let Some(sem) = self.semaphores.get_mut(name) else {
+            return;
+        };
+        if sem.closed {
+            return;
+        }
+        sem.closed = true;
+        let sem_name = sem.name.clone();
+        let queued: Vec<LeaseKey> = sem.queue.values().copied().collect();
+        let held: Vec<LeaseKey> = sem.holders.values().copied().collect();
+        out.push(Effect::Persist(Record::SemaphoreClosed {
+            name: sem_name.clone(),
+        }));
+        for key in queued {
+            if let Some((tag, _)) = self.dequeue(key) {
+                out.push(Effect::Reply {
+                    tag,
+                    outcome: Err(Error::Closed(sem_name.to_string())),
+                });
+            }
+        }
+        for key in held {
+            if let Some((_, token)) = self.unhold(key) {
+                out.push(Effect::Event(Event::LeaseLost {
+                    session: key.0,
+                    lease: key.1,
+                    semaphore: sem_name.clone(),
+                    token,
+                    reason: LostReason::Closed,
+                }));
+                if let Some(s) = self.semaphores.get_mut(&sem_name) {
+                    s.counters.lost_total += 1;
+                }
+            }
+        }
+    }
+
+    /// Replays one durable record at `now` (the time of recovery). Sessions come back with a
+    /// full TTL from `now`: the grace period that lets clients reconnect after a restart.
+    /// Records that do not fit the state (a grant for an unknown session, say) are skipped;
+    /// the log writer never produces them.
+    pub fn apply(&mut self, now: Time, record: &Record) {
+        match record {
+            Record::SemaphoreCreated { name, capacity } => {
+                self.semaphores
+                    .entry(name.clone())
+                    .or_insert_with(|| Semaphore::new(name.clone(), *capacity));
+            }
+            Record::SemaphoreClosed { name } => {
+                let mut sink = Vec::new();
+                self.close(name, &mut sink);
+            }
+            Record::SessionOpened { session, ttl } => match self.sessions.get_mut(session) {
+                Some(s) => {
+                    s.ttl = *ttl;
+                    s.deadline = now + *ttl;
+                    self.reschedule_if_earlier(*session);
+                }
+                None => self.insert_session(now, *session, *ttl),
+            },
+            Record::SessionEnded { session } => {
+                let mut sink = Vec::new();
+                self.end_session(now, *session, Ending::Closed, &mut sink);
+            }
+            Record::Granted {
+                session,
+                lease,
+                semaphore,
+                weight,
+                token,
+            } => {
+                let key = (*session, *lease);
+                if !self.sessions.contains_key(session) || self.leases.contains_key(&key) {
+                    return;
+                }
+                let Some(sem) = self.semaphores.get_mut(semaphore) else {
+                    return;
+                };
+                if sem.closed || *weight > sem.free() {
+                    return;
+                }
+                sem.next_token = sem.next_token.max(token.0 + 1);
+                sem.in_use += weight;
+                sem.holders.insert(*token, key);
+                sem.counters.acquired_total += 1;
+                let name = sem.name.clone();
+                self.leases.insert(
+                    key,
+                    Lease {
+                        semaphore: name,
+                        weight: *weight,
+                        state: LeaseState::Held {
+                            token: *token,
+                            since: now,
+                        },
+                    },
+                );
+                self.add_to_session(key);
+            }
+            Record::Released { session, lease } => {
+                if let Some((sem, _)) = self.unhold((*session, *lease)) {
+                    if let Some(s) = self.semaphores.get_mut(&sem) {
+                        s.counters.released_total += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every semaphore, sorted by name.
+    pub fn semaphores(&self, now: Time) -> Vec<SemaphoreView> {
+        let mut all: Vec<SemaphoreView> = self
+            .semaphores
+            .values()
+            .map(|s| self.view(s, now))
+            .collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    /// One semaphore, if it exists.
+    pub fn semaphore(&self, name: &str, now: Time) -> Option<SemaphoreView> {
+        self.semaphores.get(name).map(|s| self.view(s, now))
+    }
+
+    fn view(&self, s: &Semaphore, now: Time) -> SemaphoreView {
+        let holders = s
+            .holders
+            .iter()
+            .filter_map(|(token, key)| {
+                let lease = self.leases.get(key)?;
+                let LeaseState::Held { since, .. } = lease.state else {
+                    return None;
+                };
+                Some(HolderView {
+                    lease: key.1,
+                    session: key.0,
+                    weight: lease.weight,
+                    token: *token,
+                    age: now.saturating_since(since),
+                })
+            })
+            .collect();
+        SemaphoreView {
+            name: s.name.clone(),
+            capacity: s.capacity,
+            in_use: s.in_use,
+            queued: s.queue.len(),
+            queued_weight: s.queued_weight,
+            closed: s.closed,
+            holders,
+            counters: s.counters,
+            wait: s.wait.clone(),
+        }
+    }
+
+    /// Number of open sessions.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Number of leases, held or queued.
+    pub fn lease_count(&self) -> usize {
+        self.leases.len()
+    }
+
+    /// Entries in the deadline heap: one per session plus one per queued acquire with a
+    /// timeout (and a few stale ones, dropped when they come due).
+    pub fn pending_timers(&self) -> usize {
+        self.timers.len()
+    }
+
+    /// Whether a session is open.
+    pub fn has_session(&self, id: SessionId) -> bool {
+        self.sessions.contains_key(&id)
+    }
+
+    /// Checks every invariant in the module documentation. O(state); meant for tests and
+    /// debugging, not for the hot path.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut seen: HashSet<LeaseKey> = HashSet::new();
+        for (name, s) in &self.semaphores {
+            if **name != *s.name {
+                return Err(format!("semaphore keyed {name:?} is named {:?}", s.name));
+            }
+            if s.closed && (!s.holders.is_empty() || !s.queue.is_empty() || s.in_use != 0) {
+                return Err(format!(
+                    "closed semaphore {name:?} still has holders or waiters"
+                ));
+            }
+            let mut sum = 0u64;
+            for (token, key) in &s.holders {
+                if token.0 >= s.next_token {
+                    return Err(format!("{name:?}: token {token} >= next {}", s.next_token));
+                }
+                let lease = self
+                    .leases
+                    .get(key)
+                    .ok_or_else(|| format!("{name:?}: holder {key:?} has no lease"))?;
+                match lease.state {
+                    LeaseState::Held { token: t, .. } if t == *token => {}
+                    _ => return Err(format!("{name:?}: holder {key:?} not held with {token}")),
+                }
+                if lease.semaphore != *name {
+                    return Err(format!("{name:?}: holder {key:?} belongs elsewhere"));
+                }
+                sum += u64::from(lease.weight);
+                if !seen.insert(*key) {
+                    return Err(format!("lease {key:?} appears twice"));
+                }
+            }
+            if sum != u64::from(s.in_use) {
+                return Err(format!("{name:?}: in_use {} != held {sum}", s.in_use));
+            }
+            if s.in_use > s.capacity {
+                return Err(format!(
+                    "{name:?}: in_use {} > capacity {}",
+                    s.in_use, s.capacity
+                ));
+            }
+            let mut qsum = 0u64;
+            for (seq, key) in &s.queue {
+                let lease = self
+                    .leases
+                    .get(key)
+                    .ok_or_else(|| format!("{name:?}: waiter {key:?} has no lease"))?;
+                match lease.state {
+                    LeaseState::Queued { seq: q, .. } if q == *seq => {}
+                    _ => return Err(format!("{name:?}: waiter {key:?} not queued at {seq}")),
+                }
+                qsum += u64::from(lease.weight);
+                if !seen.insert(*key) {
+                    return Err(format!("lease {key:?} appears twice"));
+                }
+            }
+            if qsum != s.queued_weight {
+                return Err(format!(
+                    "{name:?}: queued_weight {} != {qsum}",
+                    s.queued_weight
+                ));
+            }
+            if let Some(key) = s.queue.values().next() {
+                let head = &self.leases[key];
+                if head.weight <= s.free() {
+                    return Err(format!("{name:?}: head {key:?} fits but is still queued"));
+                }
+            }
+        }
+        if seen.len() != self.leases.len() {
+            return Err(format!(
+                "{} leases, {} in semaphores",
+                self.leases.len(),
+                seen.len()
+            ));
+        }
+        for key in self.leases.keys() {
+            let session = self
+                .sessions
+                .get(&key.0)
+                .ok_or_else(|| format!("lease {key:?} outlives its session"))?;
+            if !session.leases.contains(&key.1) {
+                return Err(format!("session does not list lease {key:?}"));
+            }
+        }
+        for (id, session) in &self.sessions {
+            for lease in &session.leases {
+                if !self.leases.contains_key(&(*id, *lease)) {
+                    return Err(format!("session {id} lists missing lease {lease}"));
+                }
+            }
+            if session.scheduled > session.deadline {
+                return Err(format!("session {id} scheduled after its deadline"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Issues the next token of `sem` to `key` and records the grant. `since` is when the acquire
+/// arrived, for the wait statistics.
+fn issue(
+    sem: &mut Semaphore,
+    now: Time,
+    since: Time,
+    key: LeaseKey,
+    weight: u32,
+    out: &mut Vec<Effect>,
+) -> Token {
+    let token = Token(sem.next_token);
+    sem.next_token += 1;
+    sem.in_use += weight;
+    sem.holders.insert(token, key);
+    sem.counters.acquired_total += 1;
+    sem.wait.observe(now.saturating_since(since));
+    out.push(Effect::Persist(Record::Granted {
+        session: key.0,
+        lease: key.1,
+        semaphore: sem.name.clone(),
+        weight,
+        token,
+    }));
+    token
+}
+
+fn validate_name(name: &str) -> Result<(), Error> {
+    if name.is_empty() {
+        return Err(Error::InvalidArgument("semaphore name is empty".into()));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(Error::InvalidArgument(format!(
+            "semaphore name is {} bytes long; the limit is {MAX_NAME_LEN}",
+            name.len()
+        )));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(Error::InvalidArgument(
+            "semaphore name contains a control character".into(),
+        ));
+    }
+    Ok(())
+}

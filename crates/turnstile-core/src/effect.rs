@@ -1,0 +1,142 @@
+//! What the core asks its caller to do, handed back as data.
+//!
+//! The caller must carry out the effects of one call in order, with one rule: an
+//! [`Effect::Persist`] must be durable before any [`Effect::Reply`] or [`Effect::Event`] that
+//! follows it is sent, so that no client is ever told of a state change a crash could undo.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::{Error, LeaseId, SessionId, Tag, Token};
+
+/// One thing the caller must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// Append this record to the durable log before sending what follows.
+    Persist(Record),
+    /// Answer the request that was given `tag`.
+    Reply {
+        /// The tag the request was handled with.
+        tag: Tag,
+        /// Its outcome.
+        outcome: Result<Reply, Error>,
+    },
+    /// Something happened that a session's client (and the operator's log) should hear of.
+    Event(Event),
+}
+
+/// A successful answer to a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// The session is open (new, refreshed or resumed) with this TTL.
+    SessionOpened {
+        /// The TTL the session lives by.
+        ttl: Duration,
+        /// Whether the session already existed.
+        existed: bool,
+    },
+    /// The request took effect (or was a no-op where that is documented).
+    Done,
+    /// The acquire was granted.
+    Granted {
+        /// The grant's fencing token.
+        token: Token,
+    },
+}
+
+/// A notable change, for the session it concerns and for the operator.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A held lease was taken away from its session.
+    LeaseLost {
+        /// The session that held it.
+        session: SessionId,
+        /// The lease.
+        lease: LeaseId,
+        /// Its semaphore.
+        semaphore: Arc<str>,
+        /// The fencing token the lease carried.
+        token: Token,
+        /// Why.
+        reason: LostReason,
+    },
+    /// A session missed its TTL and ended; its leases were released.
+    SessionExpired {
+        /// The session.
+        session: SessionId,
+    },
+}
+
+/// Why a lease was lost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LostReason {
+    /// The session missed its TTL.
+    Expired,
+    /// The semaphore was closed.
+    Closed,
+    /// Someone else ended the session (a supervisor whose worker died).
+    SessionEnded,
+}
+
+impl LostReason {
+    /// A short lowercase word for messages and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LostReason::Expired => "expired",
+            LostReason::Closed => "closed",
+            LostReason::SessionEnded => "session-ended",
+        }
+    }
+}
+
+/// A state change to make durable. Replaying records through
+/// [`Coordinator::apply`](crate::Coordinator::apply) rebuilds every semaphore, session and held
+/// lease, and the fencing counters. Queued acquires are not recorded: no client has been told
+/// anything about them, and a client that reconnects retries its acquire with the same lease id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    /// A semaphore was created.
+    SemaphoreCreated {
+        /// Its name.
+        name: Arc<str>,
+        /// Its capacity.
+        capacity: u32,
+    },
+    /// A semaphore was closed. Its fencing counter lives on.
+    SemaphoreClosed {
+        /// Its name.
+        name: Arc<str>,
+    },
+    /// A session was opened.
+    SessionOpened {
+        /// The session.
+        session: SessionId,
+        /// Its TTL.
+        ttl: Duration,
+    },
+    /// A session ended (closed, expired or ended by a supervisor); its leases are released.
+    SessionEnded {
+        /// The session.
+        session: SessionId,
+    },
+    /// A lease was granted.
+    Granted {
+        /// The session holding it.
+        session: SessionId,
+        /// The lease.
+        lease: LeaseId,
+        /// Its semaphore.
+        semaphore: Arc<str>,
+        /// Its weight.
+        weight: u32,
+        /// Its fencing token.
+        token: Token,
+    },
+    /// A held lease was released.
+    Released {
+        /// The session that held it.
+        session: SessionId,
+        /// The lease.
+        lease: LeaseId,
+    },
+}
