@@ -1,0 +1,80 @@
+//! The status document: the JSON body of a `Status` reply, printed as is by
+//! `turnstile status --json` and served by the HTTP status API.
+
+use serde::{Deserialize, Serialize};
+
+/// Every semaphore asked for.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StatusDoc {
+    /// The semaphores, sorted by name.
+    pub semaphores: Vec<SemaphoreStatus>,
+}
+
+/// One semaphore.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SemaphoreStatus {
+    /// Its name.
+    pub name: String,
+    /// Its capacity.
+    pub capacity: u32,
+    /// Permits held.
+    pub in_use: u32,
+    /// Acquires waiting.
+    pub queued: u64,
+    /// Permits the waiting acquires ask for, together.
+    #[serde(default)]
+    pub queued_weight: u64,
+    /// Whether it was closed.
+    #[serde(default)]
+    pub closed: bool,
+    /// Holders, oldest grant first.
+    pub holders: Vec<HolderStatus>,
+    /// Grants since the server started.
+    #[serde(default)]
+    pub acquired_total: u64,
+    /// Leases released by their holders.
+    #[serde(default)]
+    pub released_total: u64,
+    /// Leases released because their session expired or was ended.
+    #[serde(default)]
+    pub expired_total: u64,
+    /// Queued acquires that timed out.
+    #[serde(default)]
+    pub timed_out_total: u64,
+    /// Leases taken away by a close.
+    #[serde(default)]
+    pub lost_total: u64,
+    /// How long grants waited in the queue.
+    #[serde(default)]
+    pub wait: WaitSummary,
+}
+
+/// One held lease.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HolderStatus {
+    /// The lease id (unique within its session).
+    pub lease_id: u64,
+    /// The session, as 16 hex digits (a string, since JSON numbers lose precision past 2^53).
+    pub session: String,
+    /// Permits held.
+    pub weight: u32,
+    /// Fencing token.
+    pub token: u64,
+    /// Milliseconds since the grant.
+    pub age_ms: u64,
+}
+
+/// Wait-time statistics of a semaphore's grants.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WaitSummary {
+    /// Grants observed.
+    pub count: u64,
+    /// Mean wait, milliseconds.
+    pub mean_ms: f64,
+    /// Upper bound of the median wait, milliseconds (from histogram buckets).
+    pub p50_ms: f64,
+    /// Upper bound of the 99th percentile wait, milliseconds.
+    pub p99_ms: f64,
+    /// Longest wait, milliseconds.
+    pub max_ms: f64,
+}
