@@ -1,1 +1,484 @@
-//! placeholder
+//! Client library for turnstile: named counting semaphores whose permits are leases.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), turnstile_client::Error> {
+//! use turnstile_client::Client;
+//!
+//! let client = Client::connect("tcp://127.0.0.1:7420").await?;
+//! let db = client.semaphore("db", 3).await?;
+//! let permit = db.acquire().await?;
+//! println!("lease {} with fencing token {}", permit.lease_id(), permit.fencing_token());
+//! // ... use the database, passing the token along so that it can fence stale writers ...
+//! drop(permit); // released
+//! # Ok(()) }
+//! ```
+//!
+//! A background task keeps the client's session alive at a third of its TTL and, when the
+//! connection drops, reconnects with backoff, resumes the session and re-sends every request
+//! that was not answered. Acquires are retried with the same lease id, which the coordinator
+//! treats as the same acquire, so a retry never takes a second permit.
+//!
+//! If the session is lost (it expired while the client was cut off, or the semaphore was
+//! closed), each affected [`Permit`] learns of it through [`Permit::lost`]. A client that has
+//! not heard from the coordinator for a whole TTL treats its leases as lost without waiting to
+//! be told, since the coordinator will have given them away.
+//!
+//! The URL picks the backend: `tcp://HOST:PORT` is the coordinator. See [`Backend`] for the
+//! interface the backends share. [`blocking`] wraps the async API for code without a runtime.
+#![deny(missing_docs)]
+
+mod backend;
+pub mod blocking;
+mod tcp;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+pub use turnstile_proto::{ErrorCode, HolderStatus, SemaphoreStatus, StatusDoc, WaitSummary};
+
+pub use crate::backend::{Backend, BoxFuture, Grant};
+
+/// The environment variable that names the URL when none is given.
+pub const URL_ENV: &str = "TURNSTILE_URL";
+
+/// The environment variable that gives the session id to use (set by a supervisor so that it
+/// can end the session of a worker that dies). 16 hex digits.
+pub const SESSION_ENV: &str = "TURNSTILE_SESSION";
+
+/// The coordinator's address when neither a URL nor `TURNSTILE_URL` is given.
+pub const DEFAULT_URL: &str = "tcp://127.0.0.1:7420";
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The URL cannot be used.
+    #[error("invalid URL {url:?}: {why}")]
+    InvalidUrl {
+        /// The URL.
+        url: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The coordinator could not be reached.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// The address.
+        addr: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The acquire's timeout passed before a permit was free.
+    #[error("timed out waiting for a permit")]
+    TimedOut,
+    /// The session ended (it expired while the client was cut off, or a supervisor ended it)
+    /// while this call was in progress.
+    #[error("the session was lost")]
+    SessionLost,
+    /// The coordinator refused the request.
+    #[error("{message}")]
+    Rejected {
+        /// The error code.
+        code: ErrorCode,
+        /// The coordinator's explanation.
+        message: String,
+    },
+    /// The peer broke the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The client was shut down.
+    #[error("the client is shut down")]
+    Shutdown,
+}
+
+impl Error {
+    /// The coordinator's error code, when the coordinator refused the request.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Error::Rejected { code, .. } => Some(*code),
+            Error::TimedOut => Some(ErrorCode::TimedOut),
+            _ => None,
+        }
+    }
+}
+
+/// Why a lease was lost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LostReason {
+    /// The session expired: the coordinator did not hear from the client for a TTL.
+    Expired,
+    /// The semaphore was closed.
+    Closed,
+    /// A supervisor ended the session.
+    SessionEnded,
+    /// The client could not reach the coordinator for a whole TTL, so the coordinator has
+    /// presumably expired the session and given the permits away.
+    Unreachable,
+}
+
+impl fmt::Display for LostReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LostReason::Expired => "the session expired",
+            LostReason::Closed => "the semaphore was closed",
+            LostReason::SessionEnded => "the session was ended by a supervisor",
+            LostReason::Unreachable => {
+                "the coordinator was unreachable for longer than the session TTL"
+            }
+        })
+    }
+}
+
+/// Settings for [`Client::connect_with`].
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// The session TTL to ask for; `None` takes the server's default.
+    pub session_ttl: Option<Duration>,
+    /// The session id to use; `None` takes `TURNSTILE_SESSION` if set, else a random one.
+    pub session_id: Option<u64>,
+    /// A name for logs and status pages; `None` uses "host:pid".
+    pub client_name: Option<String>,
+}
+
+/// A connection to a turnstile backend. Cheap to clone; the session ends when the last clone
+/// and the last [`Permit`] are dropped, or at [`Client::shutdown`].
+#[derive(Clone)]
+pub struct Client {
+    backend: Arc<dyn Backend>,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field(
+                "session",
+                &format_args!("{:016x}", self.backend.session_id()),
+            )
+            .finish()
+    }
+}
+
+impl Client {
+    /// Connects to the backend at `url` with default options.
+    pub async fn connect(url: &str) -> Result<Client, Error> {
+        Client::connect_with(url, Options::default()).await
+    }
+
+    /// Connects to the URL in `TURNSTILE_URL`, or to [`DEFAULT_URL`].
+    pub async fn from_env() -> Result<Client, Error> {
+        let url = std::env::var(URL_ENV).unwrap_or_else(|_| DEFAULT_URL.to_owned());
+        Client::connect(&url).await
+    }
+
+    /// Connects to the backend at `url`.
+    pub async fn connect_with(url: &str, options: Options) -> Result<Client, Error> {
+        let options = options.resolve()?;
+        let backend: Arc<dyn Backend> = match parse_url(url)? {
+            Target::Tcp(addr) => Arc::new(tcp::TcpBackend::connect(addr, options).await?),
+        };
+        Ok(Client { backend })
+    }
+
+    /// Wraps a backend of your own (tests, simulations).
+    pub fn from_backend(backend: Arc<dyn Backend>) -> Client {
+        Client { backend }
+    }
+
+    /// A handle on the semaphore `name`, created with `capacity` if it does not exist. Fails if
+    /// it exists with another capacity, or was closed.
+    pub async fn semaphore(&self, name: &str, capacity: u32) -> Result<Semaphore, Error> {
+        self.backend.ensure(name, capacity).await?;
+        Ok(self.existing_semaphore(name))
+    }
+
+    /// A handle on a semaphore that is expected to exist; acquires fail if it does not.
+    pub fn existing_semaphore(&self, name: &str) -> Semaphore {
+        Semaphore {
+            client: self.clone(),
+            name: Arc::from(name),
+        }
+    }
+
+    /// The status of every semaphore, or of one.
+    pub async fn status(&self, name: Option<&str>) -> Result<StatusDoc, Error> {
+        self.backend.status(name).await
+    }
+
+    /// Closes a semaphore: waiters fail, holders lose their leases, later acquires fail.
+    pub async fn close(&self, name: &str) -> Result<(), Error> {
+        self.backend.close(name).await
+    }
+
+    /// Ends another session at once, freeing its leases (for supervisors).
+    pub async fn end_session(&self, session: u64) -> Result<(), Error> {
+        self.backend.end_session(session).await
+    }
+
+    /// This client's session id.
+    pub fn session_id(&self) -> u64 {
+        self.backend.session_id()
+    }
+
+    /// Ends the session cleanly: every lease it holds is released at once.
+    pub async fn shutdown(&self) -> Result<(), Error> {
+        self.backend.shutdown().await
+    }
+}
+
+/// A named semaphore on a [`Client`].
+#[derive(Clone, Debug)]
+pub struct Semaphore {
+    client: Client,
+    name: Arc<str>,
+}
+
+impl Semaphore {
+    /// The semaphore's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Waits for one permit.
+    pub async fn acquire(&self) -> Result<Permit, Error> {
+        self.acquire_inner(1, None).await
+    }
+
+    /// Waits for `weight` permits at once. Waiters are served in order of arrival, so a large
+    /// acquire at the head of the queue holds back smaller ones behind it (and is never
+    /// starved by them).
+    pub async fn acquire_many(&self, weight: u32) -> Result<Permit, Error> {
+        self.acquire_inner(weight, None).await
+    }
+
+    /// Waits for one permit for at most `timeout`; fails with [`Error::TimedOut`].
+    pub async fn acquire_timeout(&self, timeout: Duration) -> Result<Permit, Error> {
+        self.acquire_inner(1, Some(timeout)).await
+    }
+
+    /// Waits for `weight` permits for at most `timeout`; fails with [`Error::TimedOut`].
+    pub async fn acquire_many_timeout(
+        &self,
+        weight: u32,
+        timeout: Duration,
+    ) -> Result<Permit, Error> {
+        self.acquire_inner(weight, Some(timeout)).await
+    }
+
+    /// Takes one permit if one is free and nobody is queued; `Ok(None)` otherwise.
+    pub async fn try_acquire(&self) -> Result<Option<Permit>, Error> {
+        self.try_acquire_many(1).await
+    }
+
+    /// Takes `weight` permits if they are free and nobody is queued; `Ok(None)` otherwise.
+    pub async fn try_acquire_many(&self, weight: u32) -> Result<Option<Permit>, Error> {
+        match self.acquire_inner(weight, Some(Duration::ZERO)).await {
+            Ok(p) => Ok(Some(p)),
+            Err(Error::TimedOut) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Closes the semaphore.
+    pub async fn close(&self) -> Result<(), Error> {
+        self.client.close(&self.name).await
+    }
+
+    /// # Cancel safety
+    /// Dropping the future withdraws the acquire: the backend releases the lease id whether it
+    /// was still queued or already granted, so no permit leaks.
+    async fn acquire_inner(&self, weight: u32, timeout: Option<Duration>) -> Result<Permit, Error> {
+        let grant = self
+            .client
+            .backend
+            .acquire(&self.name, weight, timeout)
+            .await?;
+        Ok(Permit {
+            client: self.client.clone(),
+            semaphore: self.name.clone(),
+            lease: grant.lease,
+            token: grant.token,
+            weight,
+            lost: grant.lost,
+            released: false,
+        })
+    }
+}
+
+/// Permits held on a semaphore. Released when dropped.
+#[must_use = "the permit is released as soon as it is dropped"]
+#[derive(Debug)]
+pub struct Permit {
+    client: Client,
+    semaphore: Arc<str>,
+    lease: u64,
+    token: u64,
+    weight: u32,
+    lost: watch::Receiver<Option<LostReason>>,
+    released: bool,
+}
+
+impl Permit {
+    /// The lease id.
+    pub fn lease_id(&self) -> u64 {
+        self.lease
+    }
+
+    /// The fencing token: strictly greater than that of every earlier grant of this
+    /// semaphore. Hand it to the protected resource so that it can refuse a holder whose lease
+    /// was lost while it was paused.
+    pub fn fencing_token(&self) -> u64 {
+        self.token
+    }
+
+    /// The semaphore's name.
+    pub fn semaphore(&self) -> &str {
+        &self.semaphore
+    }
+
+    /// Permits held.
+    pub fn weight(&self) -> u32 {
+        self.weight
+    }
+
+    /// The session that holds the lease.
+    pub fn session_id(&self) -> u64 {
+        self.client.session_id()
+    }
+
+    /// Why the lease was lost, if it was.
+    pub fn lost_reason(&self) -> Option<LostReason> {
+        *self.lost.borrow()
+    }
+
+    /// Waits until the lease is lost and says why. Pending forever while the lease is held.
+    pub async fn lost(&self) -> LostReason {
+        let mut rx = self.lost.clone();
+        loop {
+            if let Some(reason) = *rx.borrow_and_update() {
+                return reason;
+            }
+            if rx.changed().await.is_err() {
+                // The backend is gone: without it nobody keeps the lease alive.
+                return LostReason::Unreachable;
+            }
+        }
+    }
+
+    /// Releases the permit and waits for the backend to confirm.
+    pub async fn release(mut self) -> Result<(), Error> {
+        self.released = true;
+        if self.lost_reason().is_some() {
+            return Ok(());
+        }
+        self.client.backend.release(self.lease).await
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if !self.released && self.lost_reason().is_none() {
+            self.client.backend.release_in_background(self.lease);
+        }
+    }
+}
+
+enum Target {
+    Tcp(String),
+}
+
+fn parse_url(url: &str) -> Result<Target, Error> {
+    let bad = |why: &str| Error::InvalidUrl {
+        url: url.to_owned(),
+        why: why.to_owned(),
+    };
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(bad(
+            "expected SCHEME://..., for example tcp://127.0.0.1:7420",
+        ));
+    };
+    match scheme {
+        "tcp" => {
+            let addr = rest.trim_end_matches('/');
+            if addr.is_empty() || !addr.contains(':') {
+                return Err(bad("expected tcp://HOST:PORT"));
+            }
+            if let Some((_, port)) = addr.rsplit_once(':') {
+                if port.parse::<u16>().is_err() {
+                    return Err(bad("the port is not a number from 0 to 65535"));
+                }
+            }
+            Ok(Target::Tcp(addr.to_owned()))
+        }
+        other => Err(bad(&format!(
+            "unknown scheme {other:?}; this build knows tcp://"
+        ))),
+    }
+}
+
+impl Options {
+    fn resolve(mut self) -> Result<Options, Error> {
+        if self.session_id.is_none() {
+            if let Ok(s) = std::env::var(SESSION_ENV) {
+                let id = u64::from_str_radix(s.trim(), 16).ok().filter(|&id| id != 0);
+                match id {
+                    Some(id) => self.session_id = Some(id),
+                    None => {
+                        return Err(Error::InvalidUrl {
+                            url: format!("{SESSION_ENV}={s}"),
+                            why: "expected a non-zero session id of up to 16 hex digits".into(),
+                        })
+                    }
+                }
+            }
+        }
+        Ok(self)
+    }
+}
+
+/// A random non-zero 64-bit id, from the standard library's randomly seeded hasher (no extra
+/// dependency for eight random bytes).
+pub(crate) fn random_id() -> u64 {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    h.finish().max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert!(
+            matches!(parse_url("tcp://127.0.0.1:7420"), Ok(Target::Tcp(a)) if a == "127.0.0.1:7420")
+        );
+        assert!(
+            matches!(parse_url("tcp://localhost:1/"), Ok(Target::Tcp(a)) if a == "localhost:1")
+        );
+        for bad in [
+            "127.0.0.1:7420",
+            "tcp://",
+            "tcp://host",
+            "tcp://host:99999",
+            "http://x:1",
+        ] {
+            let e = parse_url(bad).err().expect("rejected");
+            assert!(e.to_string().contains(bad), "{e}");
+        }
+    }
+
+    #[test]
+    fn random_ids_differ() {
+        assert_ne!(random_id(), random_id());
+    }
+}

@@ -32,7 +32,7 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::effect::{Effect, Event, LostReason, Record, Reply};
+use crate::effect::{Effect, EndReason, Event, LostReason, Record, Reply};
 use crate::view::{Counters, HolderView, SemaphoreView};
 use crate::{Error, LeaseId, SessionId, Tag, Time, Token, WaitStats};
 
@@ -191,13 +191,8 @@ struct Session {
     leases: HashSet<LeaseId>,
 }
 
-/// How a session ended, which decides what its leases count as.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Ending {
-    Closed,
-    Expired,
-    EndedByOther,
-}
+/// How a session ended decides what its leases count as.
+type Ending = EndReason;
 
 /// The coordinator: named counting semaphores whose permits are leases held by sessions.
 ///
@@ -636,9 +631,6 @@ impl Coordinator {
             return;
         };
         out.push(Effect::Persist(Record::SessionEnded { session: id }));
-        if how == Ending::Expired {
-            out.push(Effect::Event(Event::SessionExpired { session: id }));
-        }
         let mut touched: Vec<Arc<str>> = Vec::new();
         let mut leases: Vec<LeaseId> = session.leases.into_iter().collect();
         leases.sort_unstable(); // deterministic effect order, whatever the hash seed
@@ -679,6 +671,10 @@ impl Coordinator {
         for sem in &touched {
             self.pump(now, sem, out);
         }
+        out.push(Effect::Event(Event::SessionEnded {
+            session: id,
+            reason: how,
+        }));
     }
 
     fn close(&mut self, name: &str, out: &mut Vec<Effect>) {

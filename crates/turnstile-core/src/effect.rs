@@ -60,11 +60,25 @@ pub enum Event {
         /// Why.
         reason: LostReason,
     },
-    /// A session missed its TTL and ended; its leases were released.
-    SessionExpired {
+    /// A session ended; its leases were released (each loss reported first, as a
+    /// [`Event::LeaseLost`]). Comes after every other effect of the ending.
+    SessionEnded {
         /// The session.
         session: SessionId,
+        /// How it ended.
+        reason: EndReason,
     },
+}
+
+/// How a session ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndReason {
+    /// Its client closed it.
+    Closed,
+    /// It missed its TTL.
+    Expired,
+    /// Someone else ended it (a supervisor whose worker died).
+    EndedByOther,
 }
 
 /// Why a lease was lost.

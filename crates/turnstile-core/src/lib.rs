@@ -39,7 +39,7 @@ mod time;
 mod view;
 
 pub use coordinator::{Coordinator, Request, MAX_NAME_LEN};
-pub use effect::{Effect, Event, LostReason, Record, Reply};
+pub use effect::{Effect, EndReason, Event, LostReason, Record, Reply};
 pub use error::Error;
 pub use ids::{LeaseId, SessionId, Tag, Token};
 pub use stats::{WaitStats, WAIT_BUCKET_BOUNDS_US};

@@ -316,9 +316,6 @@ fn session_expiry_releases_leases_and_reports_each() {
             Effect::Persist(Record::SessionEnded {
                 session: SessionId(1)
             }),
-            Effect::Event(Event::SessionExpired {
-                session: SessionId(1)
-            }),
             Effect::Event(Event::LeaseLost {
                 session: SessionId(1),
                 lease: LeaseId(1),
@@ -337,6 +334,10 @@ fn session_expiry_releases_leases_and_reports_each() {
                 tag: waiter,
                 outcome: Ok(Reply::Granted { token: Token(2) })
             },
+            Effect::Event(Event::SessionEnded {
+                session: SessionId(1),
+                reason: EndReason::Expired,
+            }),
         ]
     );
     assert!(!t.c.has_session(SessionId(1)));
@@ -429,9 +430,14 @@ fn clean_close_releases_and_end_session_reports_lost() {
         session: SessionId(1),
     });
     assert!(
-        !out.iter().any(|e| matches!(e, Effect::Event(_))),
+        !out.iter()
+            .any(|e| matches!(e, Effect::Event(Event::LeaseLost { .. }))),
         "a clean close loses nothing"
     );
+    assert!(out.contains(&Effect::Event(Event::SessionEnded {
+        session: SessionId(1),
+        reason: EndReason::Closed
+    })));
     assert_eq!(reply_to(&out, waiter), granted(3));
     let (_, out) = t.step(Request::EndSession {
         session: SessionId(2),

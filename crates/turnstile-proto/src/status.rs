@@ -78,3 +78,16 @@ pub struct WaitSummary {
     /// Longest wait, milliseconds.
     pub max_ms: f64,
 }
+
+impl StatusDoc {
+    /// The document as the JSON bytes of a `Status` reply.
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serializing these plain structs (strings, numbers, vectors) cannot fail.
+        serde_json::to_vec(self).unwrap_or_else(|_| b"{\"semaphores\":[]}".to_vec())
+    }
+
+    /// Parses the JSON bytes of a `Status` reply.
+    pub fn from_json(json: &[u8]) -> Result<StatusDoc, serde_json::Error> {
+        serde_json::from_slice(json)
+    }
+}

@@ -1,1 +1,184 @@
-fn main() {}
+//! The `turnstile` command: a thin shell over the library crates. It parses arguments, sets up
+//! logging and a runtime, calls into `turnstile-server` or `turnstile-client`, and maps errors
+//! to one line on stderr and an exit code. It is the only crate that uses `anyhow`.
+
+mod bench;
+mod run;
+mod status;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code when an acquire timed out (EX_TEMPFAIL: try again later).
+pub const EXIT_TIMEOUT: u8 = 75;
+/// Exit code when the lease was lost while the command ran and the command was stopped.
+pub const EXIT_LOST: u8 = 76;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "turnstile",
+    version,
+    about = "Lease-based counting semaphores for batch jobs and worker pools",
+    long_about = None,
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the coordinator is.
+#[derive(clap::Args, Debug, Clone)]
+struct UrlArg {
+    /// Coordinator URL, e.g. tcp://127.0.0.1:7420 [default: $TURNSTILE_URL, else tcp://127.0.0.1:7420]
+    #[arg(long, env = "TURNSTILE_URL", hide_env = true)]
+    url: Option<String>,
+}
+
+impl UrlArg {
+    fn get(&self) -> String {
+        self.url
+            .clone()
+            .unwrap_or_else(|| turnstile_client::DEFAULT_URL.to_owned())
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the coordinator.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:7420")]
+        listen: SocketAddr,
+        /// Session TTL for clients that do not ask for one (e.g. 500ms, 10s, 2m).
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        session_ttl: Duration,
+        /// Most connections served at once.
+        #[arg(long, default_value_t = 16_384)]
+        max_connections: usize,
+    },
+    /// Run a command while holding a slot of a semaphore.
+    Run(run::RunArgs),
+    /// Show semaphores, their holders and queues.
+    Status {
+        /// Only this semaphore.
+        name: Option<String>,
+        /// Print the status document as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        url: UrlArg,
+    },
+    /// Close a semaphore: waiters fail, holders lose their leases, later acquires fail.
+    Close {
+        /// The semaphore.
+        name: String,
+        #[command(flatten)]
+        url: UrlArg,
+    },
+    /// Load generator: acquire+release pairs per second and their latency.
+    Bench(bench::BenchArgs),
+}
+
+/// Parses a human duration such as `500ms`, `30s` or `2m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 500ms, 30s, 2m)"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("turnstile: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve {
+            listen,
+            session_ttl,
+            max_connections,
+        } => {
+            let config = turnstile_server::Config {
+                session_ttl,
+                max_connections,
+                ..turnstile_server::Config::default()
+            };
+            if session_ttl < config.min_session_ttl || session_ttl > config.max_session_ttl {
+                anyhow::bail!(
+                    "--session-ttl {} is outside {}..={}",
+                    humantime::format_duration(session_ttl),
+                    humantime::format_duration(config.min_session_ttl),
+                    humantime::format_duration(config.max_session_ttl)
+                );
+            }
+            runtime()?.block_on(serve(listen, config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run(args) => runtime()?.block_on(run::run(args)),
+        Command::Status { name, json, url } => {
+            runtime()?.block_on(status::status(&url.get(), name.as_deref(), json))
+        }
+        Command::Close { name, url } => runtime()?.block_on(async {
+            let client = turnstile_client::Client::connect(&url.get()).await?;
+            client.close(&name).await?;
+            client.shutdown().await?;
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::Bench(args) => runtime()?.block_on(bench::bench(args)),
+    }
+}
+
+async fn serve(listen: SocketAddr, config: turnstile_server::Config) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(
+        %addr,
+        session_ttl = %humantime::format_duration(config.session_ttl),
+        "turnstile coordinator listening (state in memory)"
+    );
+    turnstile_server::run(listener, config, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

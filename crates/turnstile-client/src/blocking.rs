@@ -1,0 +1,151 @@
+//! A blocking facade over the async client, for programs without a tokio runtime.
+//!
+//! The facade owns a small runtime whose one worker thread runs the client's background task,
+//! so the session is kept alive while the calling thread is busy doing the guarded work.
+
+use std::time::Duration;
+
+use crate::{Error, LostReason, Options, StatusDoc};
+
+/// A blocking client. See [`crate::Client`].
+#[derive(Debug)]
+pub struct Client {
+    rt: std::sync::Arc<tokio::runtime::Runtime>,
+    inner: crate::Client,
+}
+
+impl Client {
+    /// Connects to the backend at `url`.
+    pub fn connect(url: &str) -> Result<Client, Error> {
+        Client::connect_with(url, Options::default())
+    }
+
+    /// Connects to the backend at `url` with options.
+    pub fn connect_with(url: &str, options: Options) -> Result<Client, Error> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("turnstile-client")
+            .enable_all()
+            .build()
+            .map_err(|source| Error::Connect {
+                addr: url.to_owned(),
+                source,
+            })?;
+        let inner = rt.block_on(crate::Client::connect_with(url, options))?;
+        Ok(Client {
+            rt: std::sync::Arc::new(rt),
+            inner,
+        })
+    }
+
+    /// See [`crate::Client::semaphore`].
+    pub fn semaphore(&self, name: &str, capacity: u32) -> Result<Semaphore, Error> {
+        let inner = self.rt.block_on(self.inner.semaphore(name, capacity))?;
+        Ok(Semaphore {
+            rt: self.rt.clone(),
+            inner,
+        })
+    }
+
+    /// See [`crate::Client::status`].
+    pub fn status(&self, name: Option<&str>) -> Result<StatusDoc, Error> {
+        self.rt.block_on(self.inner.status(name))
+    }
+
+    /// See [`crate::Client::close`].
+    pub fn close(&self, name: &str) -> Result<(), Error> {
+        self.rt.block_on(self.inner.close(name))
+    }
+
+    /// See [`crate::Client::shutdown`].
+    pub fn shutdown(&self) -> Result<(), Error> {
+        self.rt.block_on(self.inner.shutdown())
+    }
+}
+
+/// A blocking semaphore handle. See [`crate::Semaphore`].
+#[derive(Debug)]
+pub struct Semaphore {
+    rt: std::sync::Arc<tokio::runtime::Runtime>,
+    inner: crate::Semaphore,
+}
+
+impl Semaphore {
+    fn wrap(&self, p: crate::Permit) -> Permit {
+        Permit {
+            rt: self.rt.clone(),
+            inner: Some(p),
+        }
+    }
+
+    /// See [`crate::Semaphore::acquire`].
+    pub fn acquire(&self) -> Result<Permit, Error> {
+        self.rt.block_on(self.inner.acquire()).map(|p| self.wrap(p))
+    }
+
+    /// See [`crate::Semaphore::acquire_many`].
+    pub fn acquire_many(&self, weight: u32) -> Result<Permit, Error> {
+        self.rt
+            .block_on(self.inner.acquire_many(weight))
+            .map(|p| self.wrap(p))
+    }
+
+    /// See [`crate::Semaphore::acquire_timeout`].
+    pub fn acquire_timeout(&self, timeout: Duration) -> Result<Permit, Error> {
+        self.rt
+            .block_on(self.inner.acquire_timeout(timeout))
+            .map(|p| self.wrap(p))
+    }
+
+    /// See [`crate::Semaphore::try_acquire`].
+    pub fn try_acquire(&self) -> Result<Option<Permit>, Error> {
+        Ok(self
+            .rt
+            .block_on(self.inner.try_acquire())?
+            .map(|p| self.wrap(p)))
+    }
+}
+
+/// A blocking permit, released on drop. See [`crate::Permit`].
+#[must_use = "the permit is released as soon as it is dropped"]
+#[derive(Debug)]
+pub struct Permit {
+    rt: std::sync::Arc<tokio::runtime::Runtime>,
+    inner: Option<crate::Permit>,
+}
+
+impl Permit {
+    fn get(&self) -> &crate::Permit {
+        self.inner
+            .as_ref()
+            .expect("invariant: inner is Some until release consumes self")
+    }
+
+    /// See [`crate::Permit::lease_id`].
+    pub fn lease_id(&self) -> u64 {
+        self.get().lease_id()
+    }
+
+    /// See [`crate::Permit::fencing_token`].
+    pub fn fencing_token(&self) -> u64 {
+        self.get().fencing_token()
+    }
+
+    /// Why the lease was lost, if it was.
+    pub fn lost_reason(&self) -> Option<LostReason> {
+        self.get().lost_reason()
+    }
+
+    /// Blocks until the lease is lost.
+    pub fn wait_lost(&self) -> LostReason {
+        self.rt.block_on(self.get().lost())
+    }
+
+    /// Releases the permit and waits for the backend to confirm.
+    pub fn release(mut self) -> Result<(), Error> {
+        match self.inner.take() {
+            Some(p) => self.rt.block_on(p.release()),
+            None => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! One client connection: handshake, framing, and turning wire requests into core requests.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use turnstile_core::{LeaseId, Request, SessionId};
+use turnstile_proto::{
+    self as proto, decode_request, split_frame, DecodeError, ErrorCode, StatusDoc,
+    MAX_REQUEST_FRAME, NO_TIMEOUT,
+};
+
+use crate::outbox::{Outbox, HIGH_WATER};
+use crate::state::{ConnId, Shared};
+use crate::status::semaphore_status;
+
+/// Serves one connection until the peer leaves, sends a bad frame, or the server shuts down.
+/// Leaving does not end the connection's session: its client may resume it on a new
+/// connection before the TTL passes.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let peer = stream.peer_addr().ok();
+    // Replies are small and latency matters more than packet count; batching happens in the
+    // outbox instead.
+    let _ = stream.set_nodelay(true);
+    let (mut rd, wr) = stream.into_split();
+    let outbox = Arc::new(Outbox::default());
+    let conn = shared.lock().register(outbox.clone());
+    let writer = {
+        let outbox = outbox.clone();
+        tokio::spawn(async move { outbox.write_loop(wr).await })
+    };
+    let mut conn_state = Conn {
+        shared: shared.clone(),
+        outbox: outbox.clone(),
+        id: conn,
+        session: None,
+        greeted: false,
+    };
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let reason = 'conn: loop {
+        // Handle every whole frame already buffered, then read more.
+        let mut start = 0;
+        loop {
+            match split_frame(&buf[start..], MAX_REQUEST_FRAME) {
+                Ok(Some((payload, used))) => {
+                    if let Err(why) = conn_state.handle_frame(payload) {
+                        break 'conn why;
+                    }
+                    start += used;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    conn_state.protocol_error(0, &e);
+                    break 'conn format!("bad frame: {e}");
+                }
+            }
+        }
+        buf.drain(..start);
+        if outbox.pending() >= HIGH_WATER {
+            outbox.wait_drained().await;
+        }
+        tokio::select! {
+            r = rd.read_buf(&mut buf) => match r {
+                Ok(0) => break "peer closed".to_string(),
+                Ok(_) => {}
+                Err(e) => break format!("read error: {e}"),
+            },
+            _ = shutdown.changed() => {
+                outbox.push(0, &proto::Reply::Error {
+                    code: ErrorCode::ShuttingDown,
+                    message: "server is shutting down",
+                });
+                break "server shutting down".to_string();
+            }
+        }
+    };
+    tracing::debug!(conn, ?peer, reason, "connection closed");
+    shared.lock().unregister(conn);
+    outbox.close();
+    // Give the writer a moment to flush a final error reply; a peer that does not read it
+    // does not get to hold the task.
+    let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+}
+
+struct Conn {
+    shared: Arc<Shared>,
+    outbox: Arc<Outbox>,
+    id: ConnId,
+    session: Option<SessionId>,
+    greeted: bool,
+}
+
+impl Conn {
+    fn reply_error(&self, id: u32, code: ErrorCode, message: &str) {
+        self.outbox.push(id, &proto::Reply::Error { code, message });
+    }
+
+    fn protocol_error(&self, id: u32, e: &DecodeError) {
+        let code = match e {
+            DecodeError::TooLarge { .. } => ErrorCode::TooLarge,
+            _ => ErrorCode::Malformed,
+        };
+        self.reply_error(id, code, &e.to_string());
+    }
+
+    /// Handles one frame. An `Err` closes the connection with that reason.
+    fn handle_frame(&mut self, payload: &[u8]) -> Result<(), String> {
+        let (id, request) = match decode_request(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                // Echo the request id when the header at least was readable.
+                let id = payload
+                    .get(1..5)
+                    .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+                    .unwrap_or(0);
+                self.protocol_error(id, &e);
+                return Err(format!("malformed request: {e}"));
+            }
+        };
+        if !self.greeted {
+            return self.handshake(id, request);
+        }
+        let core_request = match request {
+            proto::Request::Hello { .. } => {
+                self.reply_error(id, ErrorCode::Handshake, "handshake already done");
+                return Err("second hello".into());
+            }
+            proto::Request::Ping => {
+                self.outbox.push(id, &proto::Reply::Pong);
+                return Ok(());
+            }
+            proto::Request::Status { name } => {
+                self.status(id, name);
+                return Ok(());
+            }
+            proto::Request::OpenSession { session, ttl_ms } => {
+                let ttl = match self.ttl(ttl_ms) {
+                    Ok(ttl) => ttl,
+                    Err(message) => {
+                        self.reply_error(id, ErrorCode::InvalidArgument, &message);
+                        return Ok(());
+                    }
+                };
+                if session == 0 {
+                    self.reply_error(id, ErrorCode::InvalidArgument, "session id 0 is reserved");
+                    return Ok(());
+                }
+                let session = SessionId(session);
+                self.bind(session);
+                Request::OpenSession { session, ttl }
+            }
+            proto::Request::ResumeSession { session } => {
+                let session = SessionId(session);
+                self.bind(session);
+                Request::ResumeSession { session }
+            }
+            proto::Request::EndSession { session } => Request::EndSession {
+                session: SessionId(session),
+            },
+            proto::Request::Ensure { capacity, name } => Request::Ensure { name, capacity },
+            proto::Request::Close { name } => Request::Close { name },
+            proto::Request::KeepAlive
+            | proto::Request::CloseSession
+            | proto::Request::Acquire { .. }
+            | proto::Request::Release { .. } => {
+                let Some(session) = self.session else {
+                    self.reply_error(
+                        id,
+                        ErrorCode::NoSession,
+                        "open or resume a session on this connection first",
+                    );
+                    return Ok(());
+                };
+                match request {
+                    proto::Request::KeepAlive => Request::KeepAlive { session },
+                    proto::Request::CloseSession => Request::CloseSession { session },
+                    proto::Request::Acquire {
+                        lease,
+                        weight,
+                        timeout_ms,
+                        name,
+                    } => Request::Acquire {
+                        session,
+                        lease: LeaseId(lease),
+                        name,
+                        weight,
+                        timeout: (timeout_ms != NO_TIMEOUT)
+                            .then(|| Duration::from_millis(u64::from(timeout_ms))),
+                    },
+                    proto::Request::Release { lease } => Request::Release {
+                        session,
+                        lease: LeaseId(lease),
+                    },
+                    _ => unreachable!("invariant: the outer match admits only these four kinds"),
+                }
+            }
+        };
+        self.shared.step(self.id, id, core_request);
+        Ok(())
+    }
+
+    fn handshake(&mut self, id: u32, request: proto::Request<'_>) -> Result<(), String> {
+        let proto::Request::Hello {
+            magic,
+            version,
+            client,
+        } = request
+        else {
+            self.reply_error(id, ErrorCode::Handshake, "the first frame must be Hello");
+            return Err("no hello".into());
+        };
+        if magic != proto::MAGIC {
+            self.reply_error(
+                id,
+                ErrorCode::Handshake,
+                "bad magic: not a turnstile client",
+            );
+            return Err("bad magic".into());
+        }
+        if version != proto::VERSION {
+            let message = format!(
+                "protocol version {version} is not supported; this server speaks {}",
+                proto::VERSION
+            );
+            self.reply_error(id, ErrorCode::Handshake, &message);
+            return Err("unsupported version".into());
+        }
+        self.greeted = true;
+        tracing::debug!(conn = self.id, client, "handshake");
+        let server = concat!("turnstile ", env!("CARGO_PKG_VERSION"));
+        self.outbox.push(
+            id,
+            &proto::Reply::HelloOk {
+                version: proto::VERSION,
+                default_ttl_ms: millis(self.shared.config.session_ttl),
+                server,
+            },
+        );
+        Ok(())
+    }
+
+    fn ttl(&self, ttl_ms: u32) -> Result<Duration, String> {
+        let config = &self.shared.config;
+        if ttl_ms == 0 {
+            return Ok(config.session_ttl);
+        }
+        let ttl = Duration::from_millis(u64::from(ttl_ms));
+        if ttl < config.min_session_ttl || ttl > config.max_session_ttl {
+            return Err(format!(
+                "session TTL {ttl:?} is outside the allowed range {:?}..={:?}",
+                config.min_session_ttl, config.max_session_ttl
+            ));
+        }
+        Ok(ttl)
+    }
+
+    fn bind(&mut self, session: SessionId) {
+        self.session = Some(session);
+        self.shared.lock().bind(session, self.id);
+    }
+
+    fn status(&self, id: u32, name: &str) {
+        let now = self.shared.now();
+        let views = {
+            let st = self.shared.lock();
+            if name.is_empty() {
+                st.core.semaphores(now)
+            } else {
+                st.core.semaphore(name, now).into_iter().collect()
+            }
+        };
+        // Serialization happens outside the lock: a large status must not stall the others.
+        let doc = StatusDoc {
+            semaphores: views.iter().map(semaphore_status).collect(),
+        };
+        self.outbox.push(
+            id,
+            &proto::Reply::Status {
+                json: &doc.to_json(),
+            },
+        );
+    }
+}
+
+fn millis(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}

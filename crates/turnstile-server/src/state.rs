@@ -1,0 +1,253 @@
+//! The state every task shares: the core, the connections' outboxes, and which connection each
+//! session is bound to. One mutex guards it all; a step of the core is microseconds, so the
+//! lock is held briefly, and holding one lock for "step, then route the effects" is what keeps
+//! replies in the order the core produced them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use turnstile_core::{
+    Coordinator, Effect, EndReason, Error, Event, LostReason, Reply, Request, SessionId, Tag, Time,
+};
+use turnstile_proto::{self as proto, ErrorCode};
+
+use crate::outbox::Outbox;
+use crate::Config;
+
+/// A connection's number. With the request id it forms the core's reply [`Tag`].
+pub(crate) type ConnId = u32;
+
+pub(crate) fn tag(conn: ConnId, request: u32) -> Tag {
+    Tag((u64::from(conn) << 32) | u64::from(request))
+}
+
+fn untag(tag: Tag) -> (ConnId, u32) {
+    ((tag.0 >> 32) as u32, tag.0 as u32)
+}
+
+pub(crate) struct Shared {
+    state: Mutex<State>,
+    /// Wakes the timer task when a deadline earlier than the one it sleeps for appears.
+    pub(crate) timer: Notify,
+    epoch: Instant,
+    pub(crate) config: Config,
+}
+
+pub(crate) struct State {
+    pub(crate) core: Coordinator,
+    conns: HashMap<ConnId, Arc<Outbox>>,
+    /// Where to push a session's events: the connection that last opened or resumed it.
+    bound: HashMap<SessionId, ConnId>,
+    next_conn: ConnId,
+    /// Reused for every step, so the hot path does not allocate an effect list.
+    effects: Vec<Effect>,
+    /// The deadline the timer task sleeps until, if any.
+    pub(crate) timer_at: Option<Time>,
+}
+
+impl Shared {
+    pub(crate) fn new(config: Config) -> Shared {
+        Shared {
+            state: Mutex::new(State {
+                core: Coordinator::new(),
+                conns: HashMap::new(),
+                bound: HashMap::new(),
+                next_conn: 1,
+                effects: Vec::new(),
+                timer_at: None,
+            }),
+            timer: Notify::new(),
+            epoch: Instant::now(),
+            config,
+        }
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        // The core validates its input and never panics on it; if a bug made it panic anyway,
+        // the other connections are better served by the state as it stands than by a
+        // poisoned server that answers nobody.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The core's clock: microseconds since the server started, from a monotonic clock.
+    pub(crate) fn now(&self) -> Time {
+        Time::from_micros(u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX))
+    }
+
+    /// The wall-clock instant of a core time, for the timer task.
+    pub(crate) fn instant_of(&self, t: Time) -> Instant {
+        self.epoch + Duration::from_micros(t.as_micros())
+    }
+
+    /// Hands one request to the core and routes its effects.
+    pub(crate) fn step(&self, conn: ConnId, id: u32, request: Request<'_>) {
+        let now = self.now();
+        let mut st = self.lock();
+        let mut effects = std::mem::take(&mut st.effects);
+        st.core.handle(now, tag(conn, id), request, &mut effects);
+        st.dispatch(&mut effects);
+        st.effects = effects;
+        self.wake_timer_if_needed(&mut st);
+    }
+
+    /// Processes due deadlines and routes their effects.
+    pub(crate) fn tick(&self) {
+        let now = self.now();
+        let mut st = self.lock();
+        let mut effects = std::mem::take(&mut st.effects);
+        st.core.tick(now, &mut effects);
+        st.dispatch(&mut effects);
+        st.effects = effects;
+    }
+
+    fn wake_timer_if_needed(&self, st: &mut State) {
+        if let Some(next) = st.core.next_deadline() {
+            if st.timer_at.is_none_or(|at| next < at) {
+                st.timer_at = Some(next);
+                self.timer.notify_one();
+            }
+        }
+    }
+}
+
+impl State {
+    pub(crate) fn register(&mut self, outbox: Arc<Outbox>) -> ConnId {
+        // Skip ids still in use after a wrap-around, and 0.
+        loop {
+            let id = self.next_conn;
+            self.next_conn = self.next_conn.wrapping_add(1).max(1);
+            if !self.conns.contains_key(&id) {
+                self.conns.insert(id, outbox);
+                return id;
+            }
+        }
+    }
+
+    pub(crate) fn unregister(&mut self, conn: ConnId) {
+        self.conns.remove(&conn);
+        self.bound.retain(|_, c| *c != conn);
+    }
+
+    pub(crate) fn bind(&mut self, session: SessionId, conn: ConnId) {
+        self.bound.insert(session, conn);
+    }
+
+    /// Carries out effects: replies go to the connection in their tag, events to the
+    /// connection their session is bound to. Records are not persisted yet: this server keeps
+    /// its state in memory.
+    fn dispatch(&mut self, effects: &mut Vec<Effect>) {
+        for effect in effects.drain(..) {
+            match effect {
+                Effect::Persist(_) => {}
+                Effect::Reply { tag, outcome } => {
+                    let (conn, id) = untag(tag);
+                    if let Some(outbox) = self.conns.get(&conn) {
+                        match outcome {
+                            Ok(reply) => outbox.push(id, &reply_to_wire(&reply)),
+                            Err(e) => {
+                                let message = e.to_string();
+                                outbox.push(
+                                    id,
+                                    &proto::Reply::Error {
+                                        code: error_code(&e),
+                                        message: &message,
+                                    },
+                                );
+                            }
+                        }
+                    }
+                }
+                Effect::Event(Event::LeaseLost {
+                    session,
+                    lease,
+                    semaphore,
+                    token,
+                    reason,
+                }) => {
+                    tracing::info!(
+                        semaphore = &*semaphore,
+                        lease = lease.0,
+                        session = %session,
+                        token = token.0,
+                        reason = reason.as_str(),
+                        "lease lost"
+                    );
+                    if let Some(outbox) = self.outbox_of(session) {
+                        outbox.push(
+                            0,
+                            &proto::Reply::LeaseLost {
+                                lease: lease.0,
+                                token: token.0,
+                                reason: lost_reason(reason),
+                                name: &semaphore,
+                            },
+                        );
+                    }
+                }
+                Effect::Event(Event::SessionEnded { session, reason }) => {
+                    let lost = match reason {
+                        EndReason::Closed => None,
+                        EndReason::Expired => Some(proto::LostReason::Expired),
+                        EndReason::EndedByOther => Some(proto::LostReason::SessionEnded),
+                    };
+                    if let Some(lost) = lost {
+                        tracing::info!(session = %session, reason = ?reason, "session ended");
+                        if let Some(outbox) = self.outbox_of(session) {
+                            outbox.push(
+                                0,
+                                &proto::Reply::SessionLost {
+                                    session: session.0,
+                                    reason: lost,
+                                },
+                            );
+                        }
+                    }
+                    self.bound.remove(&session);
+                }
+            }
+        }
+    }
+
+    fn outbox_of(&self, session: SessionId) -> Option<&Arc<Outbox>> {
+        self.bound.get(&session).and_then(|c| self.conns.get(c))
+    }
+}
+
+fn reply_to_wire(reply: &Reply) -> proto::Reply<'static> {
+    match *reply {
+        Reply::SessionOpened { ttl, existed } => proto::Reply::SessionOpened {
+            ttl_ms: u32::try_from(ttl.as_millis()).unwrap_or(u32::MAX),
+            existed,
+        },
+        Reply::Done => proto::Reply::Done,
+        Reply::Granted { token } => proto::Reply::Granted { token: token.0 },
+    }
+}
+
+fn lost_reason(r: LostReason) -> proto::LostReason {
+    match r {
+        LostReason::Expired => proto::LostReason::Expired,
+        LostReason::Closed => proto::LostReason::Closed,
+        LostReason::SessionEnded => proto::LostReason::SessionEnded,
+    }
+}
+
+/// The wire code of a core error.
+pub(crate) fn error_code(e: &Error) -> ErrorCode {
+    match e {
+        Error::InvalidArgument(_) => ErrorCode::InvalidArgument,
+        Error::CapacityMismatch { .. } => ErrorCode::CapacityMismatch,
+        Error::NoSuchSemaphore(_) => ErrorCode::NoSuchSemaphore,
+        Error::Closed(_) => ErrorCode::Closed,
+        Error::WeightExceedsCapacity { .. } => ErrorCode::WeightExceedsCapacity,
+        Error::SessionNotFound(_) => ErrorCode::SessionNotFound,
+        Error::UnknownLease(_) => ErrorCode::UnknownLease,
+        Error::LeaseConflict { .. } => ErrorCode::LeaseConflict,
+        Error::TimedOut => ErrorCode::TimedOut,
+        Error::Cancelled => ErrorCode::Cancelled,
+        Error::Superseded => ErrorCode::Superseded,
+        Error::SessionEnded => ErrorCode::SessionEnded,
+    }
+}

@@ -1,0 +1,43 @@
+//! Turns the core's views into the status document of the protocol.
+
+use turnstile_core::SemaphoreView;
+use turnstile_proto::{HolderStatus, SemaphoreStatus, WaitSummary};
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// The status entry of one semaphore.
+pub(crate) fn semaphore_status(v: &SemaphoreView) -> SemaphoreStatus {
+    SemaphoreStatus {
+        name: v.name.to_string(),
+        capacity: v.capacity,
+        in_use: v.in_use,
+        queued: v.queued as u64,
+        queued_weight: v.queued_weight,
+        closed: v.closed,
+        holders: v
+            .holders
+            .iter()
+            .map(|h| HolderStatus {
+                lease_id: h.lease.0,
+                session: h.session.to_string(),
+                weight: h.weight,
+                token: h.token.0,
+                age_ms: u64::try_from(h.age.as_millis()).unwrap_or(u64::MAX),
+            })
+            .collect(),
+        acquired_total: v.counters.acquired_total,
+        released_total: v.counters.released_total,
+        expired_total: v.counters.expired_total,
+        timed_out_total: v.counters.timed_out_total,
+        lost_total: v.counters.lost_total,
+        wait: WaitSummary {
+            count: v.wait.count,
+            mean_ms: ms(v.wait.mean()),
+            p50_ms: ms(v.wait.quantile_upper_bound(0.5)),
+            p99_ms: ms(v.wait.quantile_upper_bound(0.99)),
+            max_ms: v.wait.max_us as f64 / 1000.0,
+        },
+    }
+}

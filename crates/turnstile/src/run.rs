@@ -1,0 +1,243 @@
+//! `turnstile run`: hold a slot while a command runs.
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::{ExitCode, ExitStatus};
+use std::time::Duration;
+
+use anyhow::Context;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::signal::unix::{signal, SignalKind};
+use turnstile_client::{Client, Error, ErrorCode};
+
+use crate::{parse_duration, UrlArg, EXIT_LOST, EXIT_TIMEOUT};
+
+/// What to do when the lease is lost while the command runs.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnLost {
+    /// Stop the command: SIGTERM, then SIGKILL after the grace period.
+    Kill,
+    /// Let the command finish; only print a warning.
+    Ignore,
+}
+
+/// Arguments of `turnstile run`.
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// The semaphore.
+    name: String,
+    /// Capacity: create the semaphore with this many slots if it does not exist (it must
+    /// match if it does). Without it, the semaphore must already exist.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    limit: Option<u32>,
+    /// Slots to hold.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    weight: u32,
+    /// Give up waiting after this long (exit 75).
+    #[arg(long, value_parser = parse_duration)]
+    timeout: Option<Duration>,
+    /// What to do if the lease is lost while the command runs.
+    #[arg(long, value_enum, default_value = "kill")]
+    on_lost: OnLost,
+    /// After SIGTERM, how long the command has before SIGKILL (lease lost).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    kill_grace: Duration,
+    #[command(flatten)]
+    url: UrlArg,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, num_args = 1..)]
+    command: Vec<String>,
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let url = args.url.get();
+    let client = Client::connect(&url).await?;
+    let sem = match args.limit {
+        Some(limit) => client.semaphore(&args.name, limit).await?,
+        None => client.existing_semaphore(&args.name),
+    };
+    // Signals are caught from here on, so that a signal while waiting withdraws the acquire
+    // cleanly (the session is closed below) instead of killing us with the lease queued.
+    let mut sigs = Signals::new()?;
+    let acquire = async {
+        match args.timeout {
+            Some(t) => sem.acquire_many_timeout(args.weight, t).await,
+            None => sem.acquire_many(args.weight).await,
+        }
+    };
+    let permit = tokio::select! {
+        r = acquire => r,
+        sig = sigs.recv() => {
+            let _ = client.shutdown().await;
+            return Ok(ExitCode::from(128 + sig as u8));
+        }
+    };
+    let permit = match permit {
+        Ok(p) => p,
+        Err(Error::TimedOut) => {
+            let waited = args.timeout.map(humantime::format_duration);
+            eprintln!(
+                "turnstile: timed out after {} waiting for {} slot(s) of {:?}",
+                waited.map(|w| w.to_string()).unwrap_or_default(),
+                args.weight,
+                args.name
+            );
+            let _ = client.shutdown().await;
+            return Ok(ExitCode::from(EXIT_TIMEOUT));
+        }
+        Err(e) if e.code() == Some(ErrorCode::NoSuchSemaphore) => {
+            anyhow::bail!(
+                "semaphore {:?} does not exist; pass --limit N to create it",
+                args.name
+            )
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mut child = tokio::process::Command::new(&args.command[0])
+        .args(&args.command[1..])
+        .env("TURNSTILE_SEMAPHORE", &args.name)
+        .env("TURNSTILE_LEASE_ID", permit.lease_id().to_string())
+        .env(
+            "TURNSTILE_FENCING_TOKEN",
+            permit.fencing_token().to_string(),
+        )
+        .env("TURNSTILE_URL", &url)
+        .kill_on_drop(false)
+        .spawn()
+        .map_err(|e| {
+            let code = if e.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            };
+            SpawnError {
+                code,
+                program: args.command[0].clone(),
+                source: e,
+            }
+        });
+    let mut child = match child.as_mut() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("turnstile: cannot run {:?}: {}", e.program, e.source);
+            let code = e.code;
+            drop(permit);
+            let _ = client.shutdown().await;
+            return Ok(ExitCode::from(code));
+        }
+    };
+    let pid = child.id().map(|id| Pid::from_raw(id as i32));
+    let status: ExitStatus = loop {
+        tokio::select! {
+            status = child.wait() => break status.context("waiting for the command")?,
+            sig = sigs.recv() => {
+                if let Some(pid) = pid {
+                    let _ = kill(pid, sig);
+                }
+            }
+            reason = permit.lost() => {
+                match args.on_lost {
+                    OnLost::Ignore => {
+                        eprintln!("turnstile: warning: the lease on {:?} was lost ({reason}); the command keeps running", args.name);
+                        // Keep waiting for the child only.
+                        let status = wait_forwarding(&mut child, &mut sigs, pid).await?;
+                        break status;
+                    }
+                    OnLost::Kill => {
+                        eprintln!(
+                            "turnstile: the lease on {:?} was lost ({reason}); stopping the command (SIGTERM, SIGKILL after {})",
+                            args.name,
+                            humantime::format_duration(args.kill_grace)
+                        );
+                        stop(&mut child, pid, args.kill_grace).await?;
+                        drop(permit);
+                        let _ = client.shutdown().await;
+                        return Ok(ExitCode::from(EXIT_LOST));
+                    }
+                }
+            }
+        }
+    };
+    // Release before exiting so the next waiter starts at once, not after a TTL.
+    let _ = permit.release().await;
+    let _ = client.shutdown().await;
+    Ok(ExitCode::from(exit_code(status)))
+}
+
+struct SpawnError {
+    code: u8,
+    program: String,
+    source: std::io::Error,
+}
+
+/// The shell convention: the exit code, or 128 plus the signal that killed the process.
+fn exit_code(status: ExitStatus) -> u8 {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => code as u8,
+        (None, Some(sig)) => 128u8.wrapping_add(sig as u8),
+        (None, None) => 1,
+    }
+}
+
+async fn wait_forwarding(
+    child: &mut tokio::process::Child,
+    sigs: &mut Signals,
+    pid: Option<Pid>,
+) -> anyhow::Result<ExitStatus> {
+    loop {
+        tokio::select! {
+            status = child.wait() => return status.context("waiting for the command"),
+            sig = sigs.recv() => {
+                if let Some(pid) = pid {
+                    let _ = kill(pid, sig);
+                }
+            }
+        }
+    }
+}
+
+/// SIGTERM, then SIGKILL after `grace`.
+async fn stop(
+    child: &mut tokio::process::Child,
+    pid: Option<Pid>,
+    grace: Duration,
+) -> anyhow::Result<ExitStatus> {
+    if let Some(pid) = pid {
+        let _ = kill(pid, Signal::SIGTERM);
+    }
+    match tokio::time::timeout(grace, child.wait()).await {
+        Ok(status) => status.context("waiting for the command"),
+        Err(_) => {
+            let _ = child.start_kill();
+            child.wait().await.context("waiting for the command")
+        }
+    }
+}
+
+/// The signals `turnstile run` passes on to its command.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    quit: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        Ok(Signals {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+            quit: signal(SignalKind::quit())?,
+        })
+    }
+
+    async fn recv(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.int.recv() => Signal::SIGINT,
+            _ = self.term.recv() => Signal::SIGTERM,
+            _ = self.hup.recv() => Signal::SIGHUP,
+            _ = self.quit.recv() => Signal::SIGQUIT,
+        }
+    }
+}
