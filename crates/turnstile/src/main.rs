@@ -49,7 +49,7 @@ impl UrlArg {
 enum Command {
     /// Run the coordinator.
     Serve {
-        /// Address to listen on.
+        /// Address to listen on (port 0 picks a free port; the address is printed on stdout).
         #[arg(long, default_value = "127.0.0.1:7420")]
         listen: SocketAddr,
         /// Session TTL for clients that do not ask for one (e.g. 500ms, 10s, 2m).
@@ -160,6 +160,8 @@ async fn serve(listen: SocketAddr, config: turnstile_server::Config) -> anyhow::
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
+    // One line on stdout with the bound address, for scripts and tests that listen on port 0.
+    println!("listening on {addr}");
     tracing::info!(
         %addr,
         session_ttl = %humantime::format_duration(config.session_ttl),
