@@ -124,8 +124,7 @@ impl TcpBackend {
             &name,
             proto::Request::OpenSession { session, ttl_ms },
         )
-        .await?
-        .map_err(|e| e)?;
+        .await??;
         let (tx, rx) = mpsc::unbounded_channel();
         let session_cell = Arc::new(AtomicU64::new(session));
         let now = Instant::now();

@@ -47,11 +47,7 @@ impl WaitStats {
 
     /// The mean wait, zero when nothing was observed.
     pub fn mean(&self) -> Duration {
-        if self.count == 0 {
-            Duration::ZERO
-        } else {
-            Duration::from_micros(self.sum_us / self.count)
-        }
+        Duration::from_micros(self.sum_us.checked_div(self.count).unwrap_or(0))
     }
 
     /// An upper bound for the `q` quantile (0..=1), from the bucket bounds; the maximum when it

@@ -118,8 +118,8 @@ impl State {
         loop {
             let id = self.next_conn;
             self.next_conn = self.next_conn.wrapping_add(1).max(1);
-            if !self.conns.contains_key(&id) {
-                self.conns.insert(id, outbox);
+            if let std::collections::hash_map::Entry::Vacant(slot) = self.conns.entry(id) {
+                slot.insert(outbox);
                 return id;
             }
         }

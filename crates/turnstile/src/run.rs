@@ -93,7 +93,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
         Err(e) => return Err(e.into()),
     };
-    let mut child = tokio::process::Command::new(&args.command[0])
+    let spawned = tokio::process::Command::new(&args.command[0])
         .args(&args.command[1..])
         .env("TURNSTILE_SEMAPHORE", &args.name)
         .env("TURNSTILE_LEASE_ID", permit.lease_id().to_string())
@@ -102,25 +102,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             permit.fencing_token().to_string(),
         )
         .env("TURNSTILE_URL", &url)
-        .kill_on_drop(false)
-        .spawn()
-        .map_err(|e| {
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(e) => {
+            eprintln!("turnstile: cannot run {:?}: {e}", args.command[0]);
+            // The shell's convention: 127 for a command not found, 126 for one not runnable.
             let code = if e.kind() == std::io::ErrorKind::NotFound {
                 127
             } else {
                 126
             };
-            SpawnError {
-                code,
-                program: args.command[0].clone(),
-                source: e,
-            }
-        });
-    let mut child = match child.as_mut() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("turnstile: cannot run {:?}: {}", e.program, e.source);
-            let code = e.code;
             drop(permit);
             let _ = client.shutdown().await;
             return Ok(ExitCode::from(code));
@@ -162,12 +154,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let _ = permit.release().await;
     let _ = client.shutdown().await;
     Ok(ExitCode::from(exit_code(status)))
-}
-
-struct SpawnError {
-    code: u8,
-    program: String,
-    source: std::io::Error,
 }
 
 /// The shell convention: the exit code, or 128 plus the signal that killed the process.
