@@ -57,6 +57,7 @@ enum Req {
     },
     OpenSession {
         session: u64,
+        ttl_ms: u32,
     },
     KeepAlive,
     CloseSession,
@@ -139,6 +140,7 @@ impl TcpBackend {
             next_id: 1,
             pending: BTreeMap::new(),
             leases: HashMap::new(),
+            abandoned: Vec::new(),
             last_contact: now,
             last_keepalive: now,
             backoff: MIN_BACKOFF,
@@ -394,6 +396,10 @@ struct Driver {
     pending: BTreeMap<u32, Pending>,
     /// Held leases, to tell when they are lost.
     leases: HashMap<u64, watch::Sender<Option<LostReason>>>,
+    /// Leases given up because the coordinator was unreachable for a TTL. If the session
+    /// turns out to be alive after all, they are released on reconnect, so that they do not
+    /// stay held until the session ends.
+    abandoned: Vec<u64>,
     /// When the last request that the coordinator answered was *sent*: the session is alive
     /// until at least this plus the TTL, and no longer can the client count on it.
     last_contact: Instant,
@@ -434,6 +440,7 @@ impl Driver {
                 }
                 _ = tokio::time::sleep_until(presumed_lost_at), if !self.leases.is_empty() => {
                     tracing::warn!("no answer from the coordinator for a whole TTL; leases presumed lost");
+                    self.abandoned.extend(self.leases.keys().copied());
                     self.lose_all(LostReason::Unreachable);
                     // Push the contact mark forward so this arm does not spin.
                     self.last_contact = Instant::now();
@@ -512,6 +519,7 @@ impl Driver {
                     "session expired while disconnected"
                 );
                 self.lose_all(LostReason::Expired);
+                self.abandoned.clear();
                 let fresh = random_id();
                 match open_link(
                     &self.addr,
@@ -556,6 +564,9 @@ impl Driver {
             encode(*id, &p.req, &mut frames);
         }
         self.write(&frames).await;
+        for lease in std::mem::take(&mut self.abandoned) {
+            self.submit(Req::Release { lease }, None, None).await;
+        }
     }
 
     async fn on_frames(&mut self) {
@@ -659,10 +670,19 @@ impl Driver {
     /// client stays usable.
     async fn session_gone(&mut self, reason: LostReason) {
         self.lose_all(reason);
+        self.abandoned.clear();
         let fresh = random_id();
         self.session.store(fresh, Ordering::Relaxed);
-        self.submit(Req::OpenSession { session: fresh }, None, None)
-            .await;
+        let ttl_ms = self.ttl_ms;
+        self.submit(
+            Req::OpenSession {
+                session: fresh,
+                ttl_ms,
+            },
+            None,
+            None,
+        )
+        .await;
     }
 
     fn lose_all(&mut self, reason: LostReason) {
@@ -736,9 +756,9 @@ fn encode(id: u32, req: &Req, out: &mut Vec<u8>) {
         Req::Close { name } => proto::Request::Close { name },
         Req::Status { name } => proto::Request::Status { name },
         Req::EndSession { session } => proto::Request::EndSession { session: *session },
-        Req::OpenSession { session } => proto::Request::OpenSession {
+        Req::OpenSession { session, ttl_ms } => proto::Request::OpenSession {
             session: *session,
-            ttl_ms: 0,
+            ttl_ms: *ttl_ms,
         },
         Req::KeepAlive => proto::Request::KeepAlive,
         Req::CloseSession => proto::Request::CloseSession,
