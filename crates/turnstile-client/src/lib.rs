@@ -61,8 +61,9 @@ pub enum Error {
         /// What is wrong with it.
         why: String,
     },
-    /// The coordinator could not be reached.
-    #[error("cannot connect to {addr}: {source}")]
+    /// The coordinator could not be reached. The cause is the error's `source()`, not part of
+    /// its message, so that printing the chain (`{:#}` with anyhow) shows it once.
+    #[error("cannot connect to {addr}")]
     Connect {
         /// The address.
         addr: String,

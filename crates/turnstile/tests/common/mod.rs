@@ -1,0 +1,358 @@
+//! Shared helpers for the CLI tests: a coordinator process, `turnstile` processes that cannot
+//! outlive their test, per-test scratch directories, and polling with deadlines.
+//!
+//! Every process is killed on drop, so a failing (panicking) test leaks nothing:
+//! - [`Server`] kills the coordinator;
+//! - [`Proc`] starts `turnstile` in a process group of its own and kills the whole group, which
+//!   also takes out the commands it ran and any orphans they left behind.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_turnstile");
+
+/// Deadline for things that take well under a second on an idle machine. Generous, so that a
+/// loaded CI machine does not make the tests flaky; only a failing test ever waits this long.
+pub const SOON: Duration = Duration::from_secs(20);
+
+/// How often [`wait_until`] re-checks its condition.
+const POLL: Duration = Duration::from_millis(25);
+
+/// Polls `check` until it returns `Some`, for at most `timeout`; panics naming `what` if it
+/// never does.
+pub fn wait_until<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(POLL);
+    }
+}
+
+/// A directory under cargo's target/tmp for one test's files, removed when the test passes
+/// (kept for inspection when it fails).
+pub struct Scratch {
+    path: PathBuf,
+}
+
+impl Scratch {
+    /// A fresh, empty directory whose name starts with `name`.
+    pub fn new(name: &str) -> Scratch {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "cli-{name}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create the scratch directory");
+        Scratch { path }
+    }
+
+    /// The path of `name` in the directory.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// The contents of `name`, if it exists.
+    pub fn read(&self, name: &str) -> Option<String> {
+        std::fs::read_to_string(self.join(name)).ok()
+    }
+
+    /// Waits until `name` exists and returns its contents. Scripts write such files with
+    /// `echo ... > f.tmp && mv f.tmp f`, so that a file that exists is complete.
+    pub fn wait_for(&self, name: &str) -> String {
+        wait_until(&format!("file {name}"), SOON, || self.read(name))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("test files kept in {}", self.path.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// A `turnstile serve` process on a free port, killed on drop.
+pub struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Server {
+    /// Starts a coordinator on 127.0.0.1 port 0 and waits for the line that says where it
+    /// listens.
+    pub fn start(session_ttl: &str) -> Server {
+        let mut child = Command::new(BIN)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--session-ttl",
+                session_ttl,
+            ])
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn turnstile serve");
+        let stdout = child.stdout.take().expect("the server's stdout is piped");
+        // Construct the guard first, so the server is killed if anything below panics.
+        let mut server = Server {
+            child,
+            url: String::new(),
+        };
+        // Read on a thread, so that a server that never prints cannot hang the test. The
+        // thread then drains the pipe until the server exits, so its stdout never breaks.
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            let _ = tx.send(reader.read_line(&mut line).map(|_| line));
+            let _ = reader.read_to_end(&mut Vec::new());
+        });
+        let line = match rx.recv_timeout(SOON) {
+            Ok(Ok(line)) => line,
+            other => panic!("turnstile serve did not print its address: {other:?}"),
+        };
+        let addr = line
+            .trim_end()
+            .strip_prefix("listening on 127.0.0.1:")
+            .unwrap_or_else(|| panic!("unexpected first line from turnstile serve: {line:?}"));
+        let port: u16 = addr.parse().expect("a port number");
+        assert_ne!(port, 0, "the server must report the port it bound");
+        server.url = format!("tcp://127.0.0.1:{port}");
+        server
+    }
+
+    /// `tcp://127.0.0.1:PORT`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What a finished `turnstile` process left behind.
+#[derive(Debug)]
+pub struct Finished {
+    /// How it ended.
+    pub status: ExitStatus,
+    /// Everything it (and its command) wrote on stdout.
+    pub stdout: String,
+    /// Everything it (and its command) wrote on stderr.
+    pub stderr: String,
+}
+
+impl Finished {
+    /// The exit code; panics (with stderr) if the process was killed by a signal.
+    pub fn code(&self) -> i32 {
+        self.status
+            .code()
+            .unwrap_or_else(|| panic!("killed by a signal: {self:?}"))
+    }
+
+    /// Asserts the shape of an error exit: a non-zero code and exactly one line on stderr,
+    /// mentioning each of `mentions`, and nothing that looks like a panic.
+    pub fn assert_one_line_error(&self, mentions: &[&str]) {
+        assert_ne!(self.code(), 0, "expected a failure: {self:?}");
+        assert_no_panic(&self.stderr);
+        let lines: Vec<&str> = self.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "expected one line on stderr: {self:?}");
+        assert!(lines[0].starts_with("turnstile: "), "{self:?}");
+        for m in mentions {
+            assert!(
+                lines[0].contains(m),
+                "stderr should mention {m:?}: {self:?}"
+            );
+        }
+    }
+}
+
+/// Asserts that `stderr` shows no sign of a panic or a backtrace.
+pub fn assert_no_panic(stderr: &str) {
+    for bad in ["panicked", "backtrace", "RUST_BACKTRACE", "stack backtrace"] {
+        assert!(!stderr.contains(bad), "stderr contains {bad:?}: {stderr}");
+    }
+}
+
+/// A running `turnstile` process with its output going to files. It leads a process group of
+/// its own, and the whole group is killed on drop.
+pub struct Proc {
+    child: Child,
+    label: String,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Proc {
+    /// The process id of `turnstile` itself.
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(i32::try_from(self.child.id()).expect("pid fits in i32"))
+    }
+
+    /// Sends `sig` to `turnstile` only (not to its command).
+    pub fn signal(&self, sig: Signal) {
+        kill(self.pid(), sig).expect("signal the turnstile process");
+    }
+
+    /// The exit status if it has exited.
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+
+    /// What it wrote on stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Waits at most `timeout` for it to exit; panics (with its stderr) if it does not.
+    pub fn wait(&mut self, timeout: Duration) -> Finished {
+        let what = format!("`turnstile` ({}) to exit", self.label);
+        let status = wait_until(&what, timeout, || self.try_status());
+        Finished {
+            status,
+            stdout: std::fs::read_to_string(&self.stdout).unwrap_or_default(),
+            stderr: self.stderr(),
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // The group outlives its leader while any member (an orphaned command) is alive, so
+        // this reaches the leftovers of a turnstile that was already killed.
+        let _ = killpg(self.pid(), Signal::SIGKILL);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One test's world: a coordinator and a scratch directory.
+pub struct Harness {
+    /// The coordinator.
+    pub server: Server,
+    /// Files shared with the commands (they see its path as `$DIR`).
+    pub dir: Scratch,
+}
+
+impl Harness {
+    /// A coordinator with the given session TTL and an empty scratch directory.
+    pub fn new(test: &str, session_ttl: &str) -> Harness {
+        Harness {
+            server: Server::start(session_ttl),
+            dir: Scratch::new(test),
+        }
+    }
+
+    /// `turnstile ARGS` against this coordinator (through `TURNSTILE_URL`), with `$DIR` set
+    /// to the scratch directory and a clean, predictable environment.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .env("TURNSTILE_URL", self.server.url())
+            .env("DIR", &self.dir.path)
+            // The default log level, as users see it; a backtrace would show in stderr.
+            .env_remove("RUST_LOG")
+            .env("RUST_BACKTRACE", "1")
+            .env_remove("TURNSTILE_SESSION");
+        cmd
+    }
+
+    /// Starts `turnstile ARGS`; `label` names its output files and failure messages.
+    pub fn spawn(&self, label: &str, args: &[&str]) -> Proc {
+        self.spawn_command(label, self.command(args))
+    }
+
+    /// Starts `cmd` (from [`Harness::command`]) as a [`Proc`].
+    pub fn spawn_command(&self, label: &str, mut cmd: Command) -> Proc {
+        let stdout = self.dir.join(&format!("{label}.stdout"));
+        let stderr = self.dir.join(&format!("{label}.stderr"));
+        cmd.stdin(Stdio::null())
+            .stdout(File::create(&stdout).expect("create stdout file"))
+            .stderr(File::create(&stderr).expect("create stderr file"))
+            .process_group(0);
+        let child = cmd.spawn().expect("spawn turnstile");
+        Proc {
+            child,
+            label: label.to_owned(),
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Runs `turnstile ARGS` to completion (at most [`SOON`]).
+    pub fn run(&self, args: &[&str]) -> Finished {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let words: String = args
+            .join("_")
+            .replace(['/', ' '], "_")
+            .chars()
+            .take(60)
+            .collect();
+        let label = format!("run{}-{words}", NEXT.fetch_add(1, Ordering::Relaxed));
+        self.spawn(&label, args).wait(SOON)
+    }
+
+    /// `turnstile status --json`, parsed.
+    pub fn status(&self) -> Value {
+        let out = self.run(&["status", "--json"]);
+        assert_eq!(out.code(), 0, "turnstile status --json failed: {out:?}");
+        serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {:?}", out.stdout))
+    }
+
+    /// The status of semaphore `name`, if it exists.
+    pub fn semaphore(&self, name: &str) -> Option<Value> {
+        let doc = self.status();
+        doc["semaphores"]
+            .as_array()
+            .expect("a semaphores array")
+            .iter()
+            .find(|s| s["name"] == name)
+            .cloned()
+    }
+
+    /// Waits until semaphore `name` exists and `pred` holds for its status; returns that
+    /// status.
+    pub fn wait_for_semaphore(
+        &self,
+        name: &str,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        wait_until(&format!("semaphore {name:?}: {what}"), SOON, || {
+            self.semaphore(name).filter(|s| pred(s))
+        })
+    }
+}
+
+/// Whether process `pid` exists (it may be a zombie).
+pub fn process_exists(pid: i32) -> bool {
+    kill(Pid::from_raw(pid), None).is_ok()
+}
