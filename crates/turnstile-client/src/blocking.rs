@@ -3,14 +3,44 @@
 //! The facade owns a small runtime whose one worker thread runs the client's background task,
 //! so the session is kept alive while the calling thread is busy doing the guarded work.
 
+use std::future::Future;
 use std::time::Duration;
 
 use crate::{Error, LostReason, Options, StatusDoc};
 
+/// The runtime and the client it drives, shared by every blocking handle.
+///
+/// When the last handle goes, the session is ended cleanly *before* the runtime stops.
+/// Dropping the runtime first would kill the client's driver task mid-flight: a permit dropped
+/// just before would never be released (its release was still in the driver's queue), nor
+/// would the session be closed, so the coordinator would hold its leases until the TTL.
+#[derive(Debug)]
+struct Shared {
+    rt: tokio::runtime::Runtime,
+    client: crate::Client,
+}
+
+impl Shared {
+    fn block_on<F: Future>(&self, future: F) -> F::Output {
+        self.rt.block_on(future)
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // `block_on` panics inside an async context; there the session is left to expire.
+        if tokio::runtime::Handle::try_current().is_err() {
+            // Handles the releases already queued, then closes the session; bounded by the
+            // driver's own wait for the coordinator's answer.
+            let _ = self.rt.block_on(self.client.shutdown());
+        }
+    }
+}
+
 /// A blocking client. See [`crate::Client`].
 #[derive(Debug)]
 pub struct Client {
-    rt: std::sync::Arc<tokio::runtime::Runtime>,
+    rt: std::sync::Arc<Shared>,
     inner: crate::Client,
 }
 
@@ -33,7 +63,10 @@ impl Client {
             })?;
         let inner = rt.block_on(crate::Client::connect_with(url, options))?;
         Ok(Client {
-            rt: std::sync::Arc::new(rt),
+            rt: std::sync::Arc::new(Shared {
+                rt,
+                client: inner.clone(),
+            }),
             inner,
         })
     }
@@ -66,7 +99,7 @@ impl Client {
 /// A blocking semaphore handle. See [`crate::Semaphore`].
 #[derive(Debug)]
 pub struct Semaphore {
-    rt: std::sync::Arc<tokio::runtime::Runtime>,
+    rt: std::sync::Arc<Shared>,
     inner: crate::Semaphore,
 }
 
@@ -110,7 +143,7 @@ impl Semaphore {
 #[must_use = "the permit is released as soon as it is dropped"]
 #[derive(Debug)]
 pub struct Permit {
-    rt: std::sync::Arc<tokio::runtime::Runtime>,
+    rt: std::sync::Arc<Shared>,
     inner: Option<crate::Permit>,
 }
 

@@ -63,6 +63,26 @@ enum Req {
     CloseSession,
 }
 
+impl Req {
+    /// Whether the coordinator pushes the session's expiry when it handles this request. Only
+    /// the answer to such a request proves that the session lives until its send time plus the
+    /// TTL: `Status`, `Ensure`, `Close` and `EndSession` are answered without touching the
+    /// session, and counting them would let the client believe in leases that the coordinator
+    /// has already expired and given away.
+    fn refreshes_session(&self) -> bool {
+        match self {
+            Req::KeepAlive | Req::Release { .. } | Req::OpenSession { .. } => true,
+            // A zero weight is refused before the session is looked at.
+            Req::Acquire { weight, .. } => *weight > 0,
+            Req::Ensure { .. }
+            | Req::Close { .. }
+            | Req::Status { .. }
+            | Req::EndSession { .. }
+            | Req::CloseSession => false,
+        }
+    }
+}
+
 /// What a successful request returns to its caller.
 #[derive(Debug)]
 enum Answer {
@@ -502,6 +522,8 @@ impl Driver {
     }
 
     async fn reconnect(&mut self) {
+        // The coordinator refreshes the session when the resume arrives, which is after this.
+        let attempt_started = Instant::now();
         let session = self.session.load(Ordering::Relaxed);
         let opened = match open_link(
             &self.addr,
@@ -539,7 +561,7 @@ impl Driver {
                 }
             }
             Ok(Err(e)) | Err(e) => {
-                tracing::debug!(error = %e, "reconnect failed");
+                tracing::debug!(error = ?e, "reconnect failed");
                 None
             }
         };
@@ -555,7 +577,7 @@ impl Driver {
         self.ttl = ttl;
         self.link = Some(link);
         let now = Instant::now();
-        self.last_contact = now;
+        self.last_contact = attempt_started;
         self.last_keepalive = now;
         let mut frames = Vec::new();
         for (id, p) in &mut self.pending {
@@ -617,7 +639,7 @@ impl Driver {
         };
         let session_alive =
             !matches!(&result, Err(e) if e.code() == Some(ErrorCode::SessionNotFound));
-        if session_alive && p.sent_at > self.last_contact {
+        if session_alive && p.req.refreshes_session() && p.sent_at > self.last_contact {
             self.last_contact = p.sent_at;
         }
         if !session_alive {
