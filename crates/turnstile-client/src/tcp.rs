@@ -29,6 +29,9 @@ use crate::{random_id, Error, LostReason, Options};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// The client treats its leases as lost after `TTL - TTL/SAFETY_DIVISOR` without an answer
+/// to a session-refreshing request, i.e. 10% before the coordinator may expire them.
+const SAFETY_DIVISOR: u32 = 10;
 
 /// A request as the driver keeps it until answered: owned, so it can be re-sent.
 #[derive(Clone, Debug)]
@@ -432,7 +435,9 @@ impl Driver {
     async fn run(mut self) {
         loop {
             let keepalive_at = self.last_keepalive + self.ttl / 3;
-            let presumed_lost_at = self.last_contact + self.ttl;
+            // Give up a little before the coordinator may: clocks on two machines run at
+            // slightly different rates, and our timer fires a little late under load.
+            let presumed_lost_at = self.last_contact + self.ttl - self.ttl / SAFETY_DIVISOR;
             tokio::select! {
                 cmd = self.rx.recv() => match cmd {
                     Some(Cmd::Shutdown { reply }) => {
