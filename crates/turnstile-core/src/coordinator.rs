@@ -726,6 +726,22 @@ impl Coordinator {
                     .entry(name.clone())
                     .or_insert_with(|| Semaphore::new(name.clone(), *capacity));
             }
+            Record::Semaphore {
+                name,
+                capacity,
+                closed,
+                next_token,
+            } => {
+                let sem = self
+                    .semaphores
+                    .entry(name.clone())
+                    .or_insert_with(|| Semaphore::new(name.clone(), *capacity));
+                sem.next_token = sem.next_token.max(*next_token);
+                if *closed {
+                    let mut sink = Vec::new();
+                    self.close(name, &mut sink);
+                }
+            }
             Record::SemaphoreClosed { name } => {
                 let mut sink = Vec::new();
                 self.close(name, &mut sink);
@@ -785,6 +801,48 @@ impl Coordinator {
                 }
             }
         }
+    }
+
+    /// The records that rebuild the current state through [`apply`](Coordinator::apply):
+    /// every semaphore with its fencing counter, every session, every held lease. Queued
+    /// acquires are left out, as in the log. O(state); the caller decides when a snapshot is
+    /// worth it.
+    pub fn snapshot(&self) -> Vec<Record> {
+        let mut out =
+            Vec::with_capacity(self.semaphores.len() + self.sessions.len() + self.leases.len());
+        let mut names: Vec<&Arc<str>> = self.semaphores.keys().collect();
+        names.sort();
+        for name in names {
+            let s = &self.semaphores[name];
+            out.push(Record::Semaphore {
+                name: s.name.clone(),
+                capacity: s.capacity,
+                closed: s.closed,
+                next_token: s.next_token,
+            });
+        }
+        let mut sessions: Vec<(&SessionId, &Session)> = self.sessions.iter().collect();
+        sessions.sort_by_key(|(id, _)| **id);
+        for (id, s) in sessions {
+            out.push(Record::SessionOpened {
+                session: *id,
+                ttl: s.ttl,
+            });
+        }
+        for s in self.semaphores.values() {
+            for (token, key) in &s.holders {
+                if let Some(lease) = self.leases.get(key) {
+                    out.push(Record::Granted {
+                        session: key.0,
+                        lease: key.1,
+                        semaphore: s.name.clone(),
+                        weight: lease.weight,
+                        token: *token,
+                    });
+                }
+            }
+        }
+        out
     }
 
     /// Every semaphore, sorted by name.

@@ -146,6 +146,19 @@ pub enum Record {
         /// Its fencing token.
         token: Token,
     },
+    /// The whole state of a semaphore, as a snapshot writes it: unlike
+    /// [`Record::SemaphoreCreated`], it carries the fencing counter, so that tokens never go
+    /// back after the log before the snapshot is deleted.
+    Semaphore {
+        /// Its name.
+        name: Arc<str>,
+        /// Its capacity.
+        capacity: u32,
+        /// Whether it is closed.
+        closed: bool,
+        /// The next token it will issue.
+        next_token: u64,
+    },
     /// A held lease was released.
     Released {
         /// The session that held it.

@@ -646,3 +646,55 @@ fn wait_time_is_observed_at_grant() {
     assert_eq!(v.wait.max_us, 250_000);
     assert_eq!(v.holders[0].age, Duration::ZERO);
 }
+
+#[test]
+fn snapshot_rebuilds_holders_sessions_and_counters() {
+    let mut t = Check::new();
+    t.open(1);
+    t.open(2);
+    t.ensure("db", 2).expect("created");
+    t.ensure("gone", 1).expect("created");
+    for l in 1..=3 {
+        t.acquire(1, l, "gone", 1);
+        t.release(1, l);
+    }
+    t.step(Request::Close { name: "gone" });
+    t.acquire(1, 10, "db", 1);
+    t.acquire(2, 20, "db", 1);
+    t.acquire(2, 21, "db", 1); // queued: not in the snapshot
+    let mut r = Coordinator::new();
+    for rec in t.c.snapshot() {
+        r.apply(t.now, &rec);
+    }
+    r.validate().expect("snapshot state is valid");
+    let before = t.c.semaphore("db", t.now).expect("db");
+    let after = r.semaphore("db", t.now).expect("db");
+    assert_eq!(before.holders, after.holders);
+    assert_eq!(after.queued, 0);
+    assert_eq!(r.session_count(), 2);
+    // The closed semaphore stays closed and its tokens do not restart.
+    assert!(r.semaphore("gone", t.now).expect("gone").closed);
+    let mut out = Vec::new();
+    r.handle(
+        t.now,
+        Tag(1),
+        Request::Release {
+            session: SessionId(1),
+            lease: LeaseId(10),
+        },
+        &mut out,
+    );
+    r.handle(
+        t.now,
+        Tag(2),
+        Request::Acquire {
+            session: SessionId(1),
+            lease: LeaseId(11),
+            name: "db",
+            weight: 1,
+            timeout: None,
+        },
+        &mut out,
+    );
+    assert_eq!(reply_to(&out, Tag(2)), granted(3));
+}

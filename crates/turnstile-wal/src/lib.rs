@@ -1,0 +1,430 @@
+//! Durable storage for the coordinator: a write-ahead log of core [`Record`]s with a checksum
+//! per record, snapshots that bound the log, and recovery.
+//!
+//! # Layout of a data directory
+//!
+//! ```text
+//! LOCK                      held with an exclusive lock by the one server using the directory
+//! snap-<gen>.snap           the state at the start of generation <gen> (16 hex digits)
+//! wal-<gen>.log             the records appended during generation <gen>
+//! ```
+//!
+//! A log segment is the 8 bytes `TSTLWAL\x01` followed by frames (see [`record`]). A snapshot
+//! is `TSTLSNP\x01`, then the frames of the records that rebuild the state, then an end frame
+//! that holds their count.
+//!
+//! Recovery loads the newest snapshot and replays every segment from its generation on.
+//! Taking a snapshot ([`Log::rotate`]) writes `snap-<g+1>` to a temporary file, syncs it,
+//! renames it into place, starts `wal-<g+1>`, and only then deletes the older files; a crash
+//! at any point leaves a directory that recovers to the same state.
+//!
+//! # Damage
+//!
+//! - A record cut short or garbled at the **end of the last segment** is a torn write from a
+//!   crash. No reply was sent for it (replies wait for the sync), so recovery cuts it off and
+//!   logs where.
+//! - A bad record **followed by good ones**, or anywhere in an older segment or a snapshot, is
+//!   damage to data that was acknowledged. Recovery stops with [`WalError::Corrupt`], naming
+//!   the file and offset, and changes nothing.
+#![deny(missing_docs)]
+
+pub mod record;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use turnstile_core::Record;
+
+use crate::record::{decode, frame_at, Body, Frame};
+
+const WAL_MAGIC: &[u8; 8] = b"TSTLWAL\x01";
+const SNAP_MAGIC: &[u8; 8] = b"TSTLSNP\x01";
+
+/// What can go wrong with a data directory.
+#[derive(Debug, thiserror::Error)]
+pub enum WalError {
+    /// Another process holds the directory's lock.
+    #[error("data directory {dir} is in use by another turnstile server{}", holder.as_ref().map(|h| format!(" ({h})")).unwrap_or_default())]
+    Locked {
+        /// The directory.
+        dir: PathBuf,
+        /// What the lock file says about its holder.
+        holder: Option<String>,
+    },
+    /// A file holds damaged data that was already acknowledged.
+    #[error("{file}: corrupt record at offset {offset}: {why}; refusing to start (move the file away to discard it and everything after it)")]
+    Corrupt {
+        /// The file.
+        file: PathBuf,
+        /// Byte offset of the bad record.
+        offset: u64,
+        /// What is wrong.
+        why: String,
+    },
+    /// A file or directory operation failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> WalError + 'a {
+    move |source| WalError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// What recovery found.
+#[derive(Debug, Default)]
+pub struct Recovery {
+    /// The records to replay, in order: the snapshot's, then the log's.
+    pub records: Vec<Record>,
+    /// Records that came from the snapshot (the first ones of `records`).
+    pub from_snapshot: usize,
+    /// Where a torn tail was cut off, if one was.
+    pub truncated: Option<(PathBuf, u64)>,
+    /// Bytes of log after the snapshot, to decide when the next snapshot is due.
+    pub log_bytes: u64,
+}
+
+/// An open data directory: holds the lock and appends to the current segment.
+#[derive(Debug)]
+pub struct Log {
+    dir: PathBuf,
+    _lock: File,
+    generation: u64,
+    segment: File,
+    segment_bytes: u64,
+}
+
+impl Log {
+    /// Opens (creating it if needed) and locks the data directory, recovers its records, and
+    /// gets ready to append.
+    pub fn open(dir: &Path) -> Result<(Log, Recovery), WalError> {
+        fs::create_dir_all(dir).map_err(io_err("cannot create data directory", dir))?;
+        let lock = lock_dir(dir)?;
+        let mut files = list(dir)?;
+        for tmp in &files.tmp {
+            let _ = fs::remove_file(tmp);
+        }
+        let mut recovery = Recovery::default();
+        let base = match files.snapshots.last() {
+            Some(&gen) => {
+                recovery.records = read_snapshot(&snap_path(dir, gen))?;
+                recovery.from_snapshot = recovery.records.len();
+                gen
+            }
+            None => files.segments.first().copied().unwrap_or(0),
+        };
+        files.segments.retain(|&g| g >= base);
+        for pair in files.segments.windows(2) {
+            if pair[1] != pair[0] + 1 {
+                return Err(WalError::Corrupt {
+                    file: wal_path(dir, pair[0] + 1),
+                    offset: 0,
+                    why: format!(
+                        "log segment missing between generations {:x} and {:x}",
+                        pair[0], pair[1]
+                    ),
+                });
+            }
+        }
+        let last = files.segments.last().copied();
+        for &gen in &files.segments {
+            let path = wal_path(dir, gen);
+            let is_last = Some(gen) == last;
+            let (bytes, cut) = read_segment(&path, is_last, &mut recovery.records)?;
+            recovery.log_bytes += bytes;
+            if let Some(offset) = cut {
+                tracing::warn!(file = %path.display(), offset, "cut off a torn record at the end of the log (a write the crash interrupted; it was never acknowledged)");
+                recovery.truncated = Some((path.clone(), offset));
+            }
+        }
+        // Files older than the snapshot are leftovers of an interrupted rotation.
+        remove_older(dir, base);
+        let generation = last.unwrap_or(base).max(base);
+        let (segment, segment_bytes) = open_segment(dir, generation)?;
+        Ok((
+            Log {
+                dir: dir.to_owned(),
+                _lock: lock,
+                generation,
+                segment,
+                segment_bytes,
+            },
+            recovery,
+        ))
+    }
+
+    /// Appends encoded frames (from [`record::encode`]) to the current segment. Not durable
+    /// until [`sync`](Log::sync).
+    pub fn append(&mut self, frames: &[u8]) -> Result<(), WalError> {
+        self.segment.write_all(frames).map_err(io_err(
+            "cannot append to",
+            &wal_path(&self.dir, self.generation),
+        ))?;
+        self.segment_bytes += frames.len() as u64;
+        Ok(())
+    }
+
+    /// Makes everything appended so far durable.
+    pub fn sync(&mut self) -> Result<(), WalError> {
+        self.segment
+            .sync_data()
+            .map_err(io_err("cannot sync", &wal_path(&self.dir, self.generation)))
+    }
+
+    /// Bytes in the current segment.
+    pub fn segment_bytes(&self) -> u64 {
+        self.segment_bytes
+    }
+
+    /// The current generation.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Ends the current generation with a snapshot of the state as it is *after* every record
+    /// appended so far, starts a new segment, and deletes the files the snapshot replaces.
+    pub fn rotate(&mut self, snapshot: &[Record]) -> Result<(), WalError> {
+        self.sync()?;
+        let next = self.generation + 1;
+        let path = snap_path(&self.dir, next);
+        let tmp = path.with_extension("snap.tmp");
+        let mut buf = Vec::with_capacity(64 + snapshot.len() * 48);
+        buf.extend_from_slice(SNAP_MAGIC);
+        for r in snapshot {
+            record::encode(r, &mut buf);
+        }
+        record::encode_snapshot_end(snapshot.len() as u64, &mut buf);
+        {
+            let mut f = File::create(&tmp).map_err(io_err("cannot create", &tmp))?;
+            f.write_all(&buf).map_err(io_err("cannot write", &tmp))?;
+            f.sync_all().map_err(io_err("cannot sync", &tmp))?;
+        }
+        fs::rename(&tmp, &path).map_err(io_err("cannot rename into place", &path))?;
+        let (segment, bytes) = open_segment(&self.dir, next)?;
+        sync_dir(&self.dir)?;
+        self.segment = segment;
+        self.segment_bytes = bytes;
+        self.generation = next;
+        remove_older(&self.dir, next);
+        Ok(())
+    }
+}
+
+fn lock_dir(dir: &Path) -> Result<File, WalError> {
+    let path = dir.join("LOCK");
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io_err("cannot open", &path))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            return Err(WalError::Locked {
+                dir: dir.to_owned(),
+                holder: (!holder.is_empty()).then(|| holder.to_owned()),
+            });
+        }
+        Err(fs::TryLockError::Error(e)) => return Err(io_err("cannot lock", &path)(e)),
+    }
+    let _ = file.set_len(0);
+    let _ = writeln!(file, "pid {}", std::process::id());
+    Ok(file)
+}
+
+#[derive(Default)]
+struct Files {
+    snapshots: Vec<u64>,
+    segments: Vec<u64>,
+    tmp: Vec<PathBuf>,
+}
+
+fn list(dir: &Path) -> Result<Files, WalError> {
+    let mut files = Files::default();
+    for entry in fs::read_dir(dir).map_err(io_err("cannot list", dir))? {
+        let entry = entry.map_err(io_err("cannot list", dir))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.ends_with(".tmp") {
+            files.tmp.push(entry.path());
+        } else if let Some(gen) = parse_gen(name, "snap-", ".snap") {
+            files.snapshots.push(gen);
+        } else if let Some(gen) = parse_gen(name, "wal-", ".log") {
+            files.segments.push(gen);
+        }
+    }
+    files.snapshots.sort_unstable();
+    files.segments.sort_unstable();
+    Ok(files)
+}
+
+fn parse_gen(name: &str, prefix: &str, suffix: &str) -> Option<u64> {
+    let hex = name.strip_prefix(prefix)?.strip_suffix(suffix)?;
+    (hex.len() == 16).then(|| u64::from_str_radix(hex, 16).ok())?
+}
+
+fn wal_path(dir: &Path, gen: u64) -> PathBuf {
+    dir.join(format!("wal-{gen:016x}.log"))
+}
+
+fn snap_path(dir: &Path, gen: u64) -> PathBuf {
+    dir.join(format!("snap-{gen:016x}.snap"))
+}
+
+fn remove_older(dir: &Path, gen: u64) {
+    let Ok(files) = list(dir) else { return };
+    for g in files.segments.iter().filter(|&&g| g < gen) {
+        let _ = fs::remove_file(wal_path(dir, *g));
+    }
+    for g in files.snapshots.iter().filter(|&&g| g < gen) {
+        let _ = fs::remove_file(snap_path(dir, *g));
+    }
+    let _ = sync_dir(dir);
+}
+
+fn sync_dir(dir: &Path) -> Result<(), WalError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("cannot sync directory", dir))
+}
+
+/// Opens segment `gen` for appending, creating it (with its header) if it does not exist.
+fn open_segment(dir: &Path, gen: u64) -> Result<(File, u64), WalError> {
+    let path = wal_path(dir, gen);
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(io_err("cannot open", &path))?;
+    let len = file.metadata().map_err(io_err("cannot stat", &path))?.len();
+    if len == 0 {
+        file.write_all(WAL_MAGIC)
+            .map_err(io_err("cannot write", &path))?;
+        file.sync_all().map_err(io_err("cannot sync", &path))?;
+        sync_dir(dir)?;
+        return Ok((file, WAL_MAGIC.len() as u64));
+    }
+    Ok((file, len))
+}
+
+/// Reads one segment's records into `out`. Returns the segment's length after recovery, and
+/// the offset where a torn tail was cut off (only in the last segment).
+fn read_segment(
+    path: &Path,
+    is_last: bool,
+    out: &mut Vec<Record>,
+) -> Result<(u64, Option<u64>), WalError> {
+    let buf = fs::read(path).map_err(io_err("cannot read", path))?;
+    let corrupt = |offset: usize, why: String| WalError::Corrupt {
+        file: path.to_owned(),
+        offset: offset as u64,
+        why,
+    };
+    if buf.len() < WAL_MAGIC.len() || &buf[..WAL_MAGIC.len()] != WAL_MAGIC {
+        if is_last && WAL_MAGIC.starts_with(&buf) {
+            // Created but its header not (fully) written when the crash came: empty.
+            truncate(path, 0)?;
+            return Ok((0, (!buf.is_empty()).then_some(0)));
+        }
+        return Err(corrupt(
+            0,
+            "not a turnstile log segment (bad header)".into(),
+        ));
+    }
+    let mut offset = WAL_MAGIC.len();
+    loop {
+        match frame_at(&buf, offset) {
+            Frame::End => return Ok((buf.len() as u64, None)),
+            Frame::Good { body, next } => match decode(body) {
+                Ok(Body::Record(r)) => {
+                    out.push(r);
+                    offset = next;
+                }
+                Ok(Body::SnapshotEnd(_)) => {
+                    return Err(corrupt(offset, "snapshot end frame inside a log".into()))
+                }
+                Err(e) => return Err(corrupt(offset, e.0.into())),
+            },
+            Frame::Bad { why } => {
+                if is_last && !good_frame_follows(&buf, offset) {
+                    truncate(path, offset as u64)?;
+                    return Ok((offset as u64, Some(offset as u64)));
+                }
+                return Err(corrupt(offset, why.into()));
+            }
+        }
+    }
+}
+
+/// Whether a good frame follows the bad one at `offset`, judging by its length field: then
+/// the damage is in the middle of acknowledged data, not a torn tail.
+fn good_frame_follows(buf: &[u8], offset: usize) -> bool {
+    let Some(len) = buf.get(offset..offset + 4) else {
+        return false;
+    };
+    let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+    let next = offset + record::FRAME_HEADER + len;
+    len <= record::MAX_BODY && next < buf.len() && matches!(frame_at(buf, next), Frame::Good { .. })
+}
+
+fn truncate(path: &Path, len: u64) -> Result<(), WalError> {
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io_err("cannot open", path))?;
+    f.set_len(len).map_err(io_err("cannot truncate", path))?;
+    f.sync_all().map_err(io_err("cannot sync", path))
+}
+
+fn read_snapshot(path: &Path) -> Result<Vec<Record>, WalError> {
+    let buf = fs::read(path).map_err(io_err("cannot read", path))?;
+    let corrupt = |offset: usize, why: &str| WalError::Corrupt {
+        file: path.to_owned(),
+        offset: offset as u64,
+        why: why.to_owned(),
+    };
+    if buf.len() < SNAP_MAGIC.len() || &buf[..SNAP_MAGIC.len()] != SNAP_MAGIC {
+        return Err(corrupt(0, "not a turnstile snapshot (bad header)"));
+    }
+    let mut records = Vec::new();
+    let mut offset = SNAP_MAGIC.len();
+    loop {
+        match frame_at(&buf, offset) {
+            Frame::Good { body, next } => match decode(body) {
+                Ok(Body::Record(r)) => {
+                    records.push(r);
+                    offset = next;
+                }
+                Ok(Body::SnapshotEnd(count)) => {
+                    if count != records.len() as u64 || next != buf.len() {
+                        return Err(corrupt(offset, "snapshot end does not match its records"));
+                    }
+                    return Ok(records);
+                }
+                Err(e) => return Err(corrupt(offset, e.0)),
+            },
+            Frame::End => return Err(corrupt(offset, "snapshot has no end frame")),
+            Frame::Bad { why } => return Err(corrupt(offset, why)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

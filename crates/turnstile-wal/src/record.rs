@@ -1,0 +1,374 @@
+//! The on-disk encoding of core records: the only code that knows how a [`Record`] looks in a
+//! file.
+//!
+//! A frame is `len: u32 LE | crc32: u32 LE | body (len bytes)`, where the CRC-32 (IEEE) covers
+//! the body. A body is a one-byte type followed by the fields; strings are a `u16` length and
+//! UTF-8 bytes. Little-endian, unlike the wire protocol: files are read by this crate only, and
+//! every machine it runs on is little-endian.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use turnstile_core::{LeaseId, Record, SessionId, Token};
+
+/// Bytes of a frame header (length and checksum).
+pub const FRAME_HEADER: usize = 8;
+
+/// The largest body a frame may have. Real records are under 300 bytes; a larger length field
+/// is damage.
+pub const MAX_BODY: usize = 64 * 1024;
+
+const SEMAPHORE_CREATED: u8 = 1;
+const SEMAPHORE_CLOSED: u8 = 2;
+const SESSION_OPENED: u8 = 3;
+const SESSION_ENDED: u8 = 4;
+const GRANTED: u8 = 5;
+const RELEASED: u8 = 6;
+const SEMAPHORE: u8 = 7;
+/// The last frame of a snapshot: its record count. Not a core record.
+pub(crate) const SNAPSHOT_END: u8 = 0xFF;
+
+/// Appends the frame of `record` to `out`.
+pub fn encode(record: &Record, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; FRAME_HEADER]);
+    match record {
+        Record::SemaphoreCreated { name, capacity } => {
+            out.push(SEMAPHORE_CREATED);
+            out.extend_from_slice(&capacity.to_le_bytes());
+            put_str(out, name);
+        }
+        Record::SemaphoreClosed { name } => {
+            out.push(SEMAPHORE_CLOSED);
+            put_str(out, name);
+        }
+        Record::SessionOpened { session, ttl } => {
+            out.push(SESSION_OPENED);
+            out.extend_from_slice(&session.0.to_le_bytes());
+            let micros = u64::try_from(ttl.as_micros()).unwrap_or(u64::MAX);
+            out.extend_from_slice(&micros.to_le_bytes());
+        }
+        Record::SessionEnded { session } => {
+            out.push(SESSION_ENDED);
+            out.extend_from_slice(&session.0.to_le_bytes());
+        }
+        Record::Granted {
+            session,
+            lease,
+            semaphore,
+            weight,
+            token,
+        } => {
+            out.push(GRANTED);
+            out.extend_from_slice(&session.0.to_le_bytes());
+            out.extend_from_slice(&lease.0.to_le_bytes());
+            out.extend_from_slice(&token.0.to_le_bytes());
+            out.extend_from_slice(&weight.to_le_bytes());
+            put_str(out, semaphore);
+        }
+        Record::Released { session, lease } => {
+            out.push(RELEASED);
+            out.extend_from_slice(&session.0.to_le_bytes());
+            out.extend_from_slice(&lease.0.to_le_bytes());
+        }
+        Record::Semaphore {
+            name,
+            capacity,
+            closed,
+            next_token,
+        } => {
+            out.push(SEMAPHORE);
+            out.extend_from_slice(&capacity.to_le_bytes());
+            out.push(u8::from(*closed));
+            out.extend_from_slice(&next_token.to_le_bytes());
+            put_str(out, name);
+        }
+    }
+    seal(out, start);
+}
+
+/// Appends the end frame of a snapshot holding `count` records.
+pub(crate) fn encode_snapshot_end(count: u64, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; FRAME_HEADER]);
+    out.push(SNAPSHOT_END);
+    out.extend_from_slice(&count.to_le_bytes());
+    seal(out, start);
+}
+
+/// Fills in the length and checksum of the frame that starts at `start`.
+fn seal(out: &mut [u8], start: usize) {
+    let body = &out[start + FRAME_HEADER..];
+    // Bodies are bounded by a 255-byte name plus fixed fields, far below u32::MAX.
+    let len = u32::try_from(body.len()).unwrap_or(u32::MAX);
+    let crc = crc32fast::hash(body);
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    // Semaphore names are at most 255 bytes (the core refuses longer ones).
+    let len = u16::try_from(s.len()).unwrap_or(u16::MAX);
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&s.as_bytes()[..usize::from(len)]);
+}
+
+/// What is found at an offset of a file.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Frame<'a> {
+    /// A whole frame with a good checksum: its body and the offset after it.
+    Good { body: &'a [u8], next: usize },
+    /// The file ends exactly here.
+    End,
+    /// Not a good frame: cut short, bad length, or bad checksum.
+    Bad { why: &'static str },
+}
+
+/// Reads the frame at `offset` of `buf`.
+pub(crate) fn frame_at(buf: &[u8], offset: usize) -> Frame<'_> {
+    let rest = &buf[offset.min(buf.len())..];
+    if rest.is_empty() {
+        return Frame::End;
+    }
+    if rest.len() < FRAME_HEADER {
+        return Frame::Bad {
+            why: "frame header cut short",
+        };
+    }
+    let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+    let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
+    if len == 0 || len > MAX_BODY {
+        return Frame::Bad {
+            why: "frame length out of range",
+        };
+    }
+    let Some(body) = rest.get(FRAME_HEADER..FRAME_HEADER + len) else {
+        return Frame::Bad {
+            why: "frame body cut short",
+        };
+    };
+    if crc32fast::hash(body) != crc {
+        return Frame::Bad {
+            why: "checksum mismatch",
+        };
+    }
+    Frame::Good {
+        body,
+        next: offset + FRAME_HEADER + len,
+    }
+}
+
+/// A body that has a good checksum but cannot be a record: written by a newer version, or
+/// damage that happened to keep the checksum (vanishingly rare).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct BadBody(pub &'static str);
+
+/// What a good frame holds.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Body {
+    Record(Record),
+    SnapshotEnd(u64),
+}
+
+/// Decodes a frame body.
+pub(crate) fn decode(body: &[u8]) -> Result<Body, BadBody> {
+    let mut r = Reader(body);
+    let kind = r.u8()?;
+    let record = match kind {
+        SEMAPHORE_CREATED => {
+            let capacity = r.u32()?;
+            Record::SemaphoreCreated {
+                capacity,
+                name: r.name()?,
+            }
+        }
+        SEMAPHORE_CLOSED => Record::SemaphoreClosed { name: r.name()? },
+        SESSION_OPENED => Record::SessionOpened {
+            session: SessionId(r.u64()?),
+            ttl: Duration::from_micros(r.u64()?),
+        },
+        SESSION_ENDED => Record::SessionEnded {
+            session: SessionId(r.u64()?),
+        },
+        GRANTED => {
+            let session = SessionId(r.u64()?);
+            let lease = LeaseId(r.u64()?);
+            let token = Token(r.u64()?);
+            let weight = r.u32()?;
+            Record::Granted {
+                session,
+                lease,
+                token,
+                weight,
+                semaphore: r.name()?,
+            }
+        }
+        RELEASED => Record::Released {
+            session: SessionId(r.u64()?),
+            lease: LeaseId(r.u64()?),
+        },
+        SEMAPHORE => {
+            let capacity = r.u32()?;
+            let closed = match r.u8()? {
+                0 => false,
+                1 => true,
+                _ => return Err(BadBody("closed flag is neither 0 nor 1")),
+            };
+            let next_token = r.u64()?;
+            Record::Semaphore {
+                capacity,
+                closed,
+                next_token,
+                name: r.name()?,
+            }
+        }
+        SNAPSHOT_END => {
+            let count = r.u64()?;
+            r.end()?;
+            return Ok(Body::SnapshotEnd(count));
+        }
+        _ => return Err(BadBody("unknown record type")),
+    };
+    r.end()?;
+    Ok(Body::Record(record))
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], BadBody> {
+        if self.0.len() < N {
+            return Err(BadBody("record body cut short"));
+        }
+        let mut a = [0; N];
+        a.copy_from_slice(&self.0[..N]);
+        self.0 = &self.0[N..];
+        Ok(a)
+    }
+
+    fn u8(&mut self) -> Result<u8, BadBody> {
+        Ok(self.take::<1>()?[0])
+    }
+
+    fn u32(&mut self) -> Result<u32, BadBody> {
+        Ok(u32::from_le_bytes(self.take()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, BadBody> {
+        Ok(u64::from_le_bytes(self.take()?))
+    }
+
+    fn name(&mut self) -> Result<Arc<str>, BadBody> {
+        let len = usize::from(u16::from_le_bytes(self.take()?));
+        if self.0.len() < len {
+            return Err(BadBody("name cut short"));
+        }
+        let (s, rest) = self.0.split_at(len);
+        self.0 = rest;
+        std::str::from_utf8(s)
+            .map(Arc::from)
+            .map_err(|_| BadBody("name is not UTF-8"))
+    }
+
+    fn end(&self) -> Result<(), BadBody> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(BadBody("bytes left over after the record"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn samples() -> Vec<Record> {
+        vec![
+            Record::SemaphoreCreated {
+                name: Arc::from("db"),
+                capacity: 3,
+            },
+            Record::SemaphoreClosed {
+                name: Arc::from("db ☃"),
+            },
+            Record::SessionOpened {
+                session: SessionId(u64::MAX),
+                ttl: Duration::from_millis(1500),
+            },
+            Record::SessionEnded {
+                session: SessionId(7),
+            },
+            Record::Granted {
+                session: SessionId(1),
+                lease: LeaseId(2),
+                semaphore: Arc::from("gpu"),
+                weight: 4,
+                token: Token(99),
+            },
+            Record::Released {
+                session: SessionId(1),
+                lease: LeaseId(2),
+            },
+            Record::Semaphore {
+                name: Arc::from("x"),
+                capacity: 1,
+                closed: true,
+                next_token: 12,
+            },
+        ]
+    }
+
+    #[test]
+    fn every_record_roundtrips() {
+        let mut buf = Vec::new();
+        for r in samples() {
+            encode(&r, &mut buf);
+        }
+        let mut offset = 0;
+        for want in samples() {
+            let Frame::Good { body, next } = frame_at(&buf, offset) else {
+                panic!("frame at {offset} is not good");
+            };
+            assert_eq!(decode(body), Ok(Body::Record(want)));
+            offset = next;
+        }
+        assert_eq!(frame_at(&buf, offset), Frame::End);
+    }
+
+    #[test]
+    fn damage_is_detected() {
+        let mut buf = Vec::new();
+        encode(&samples()[4], &mut buf);
+        for cut in 1..buf.len() {
+            assert!(
+                matches!(frame_at(&buf[..cut], 0), Frame::Bad { .. }),
+                "cut at {cut}"
+            );
+        }
+        for i in 0..buf.len() {
+            let mut damaged = buf.clone();
+            damaged[i] ^= 0x40;
+            assert!(
+                !matches!(frame_at(&damaged, 0), Frame::Good { .. })
+                    || decode(match frame_at(&damaged, 0) {
+                        Frame::Good { body, .. } => body,
+                        _ => unreachable!(),
+                    })
+                    .is_err(),
+                "flip at byte {i} went unnoticed"
+            );
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
+            if let Frame::Good { body, .. } = frame_at(&bytes, 0) {
+                let _ = decode(body);
+            }
+            let _ = decode(&bytes);
+        }
+    }
+}
