@@ -12,19 +12,41 @@
 #![deny(missing_docs)]
 
 mod conn;
+mod durable;
 mod outbox;
 mod state;
 mod status;
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
+use turnstile_core::{Coordinator, Time};
+
+pub use crate::durable::FsyncMode;
+use crate::durable::WalQueue;
 use crate::state::Shared;
+
+/// Where the coordinator keeps its state.
+#[derive(Clone, Debug)]
+pub enum Storage {
+    /// Nowhere: a restart forgets everything.
+    InMemory,
+    /// A write-ahead log and snapshots in a directory.
+    Dir {
+        /// The data directory.
+        path: PathBuf,
+        /// When to sync.
+        fsync: FsyncMode,
+        /// Take a snapshot (and drop the log before it) after this many bytes of log.
+        snapshot_bytes: u64,
+    },
+}
 
 /// Server settings.
 #[derive(Clone, Debug)]
@@ -37,6 +59,8 @@ pub struct Config {
     pub max_session_ttl: Duration,
     /// Connections served at once; further ones wait in the listen backlog.
     pub max_connections: usize,
+    /// Where the state lives.
+    pub storage: Storage,
 }
 
 impl Default for Config {
@@ -46,6 +70,7 @@ impl Default for Config {
             min_session_ttl: Duration::from_millis(100),
             max_session_ttl: Duration::from_secs(24 * 3600),
             max_connections: 16_384,
+            storage: Storage::InMemory,
         }
     }
 }
@@ -56,16 +81,148 @@ pub enum ServerError {
     /// Accepting connections failed in a way that will not pass.
     #[error("accept failed: {0}")]
     Accept(#[source] std::io::Error),
+    /// The data directory could not be opened or recovered.
+    #[error(transparent)]
+    Storage(#[from] turnstile_wal::WalError),
+    /// Writing the log failed while serving; the server stopped rather than grant what it
+    /// cannot make durable.
+    #[error("the log cannot be written: {0}")]
+    LogFailed(String),
+    /// The log writer thread could not be started.
+    #[error("cannot start the log writer: {0}")]
+    Thread(#[source] std::io::Error),
 }
 
-/// Serves `listener` until `shutdown` completes, then closes every connection (each client is
-/// told with a `ShuttingDown` error) and returns.
+/// What recovery found, for the operator's log.
+#[derive(Clone, Debug, Default)]
+pub struct RecoveryReport {
+    /// Records replayed (snapshot and log).
+    pub records: usize,
+    /// Of which from the snapshot.
+    pub from_snapshot: usize,
+    /// Semaphores, sessions and leases after recovery.
+    pub semaphores: usize,
+    /// Sessions after recovery; each has a grace period of one TTL to reconnect.
+    pub sessions: usize,
+    /// Held leases after recovery.
+    pub leases: usize,
+    /// Where a torn tail was cut off, if one was.
+    pub truncated: Option<(PathBuf, u64)>,
+}
+
+/// A coordinator with its state loaded, ready to serve.
+pub struct Server {
+    shared: Arc<Shared>,
+    writer: Option<std::thread::JoinHandle<()>>,
+    report: RecoveryReport,
+}
+
+impl Server {
+    /// Opens the storage (locking and recovering the data directory, if any) and builds the
+    /// coordinator. Recovered sessions get a full TTL from now to reconnect.
+    pub fn open(config: Config) -> Result<Server, ServerError> {
+        let epoch = Instant::now();
+        let mut core = Coordinator::new();
+        let mut report = RecoveryReport::default();
+        let (wal, log) = match &config.storage {
+            Storage::InMemory => (None, None),
+            Storage::Dir {
+                path,
+                fsync,
+                snapshot_bytes,
+            } => {
+                let (log, recovery) = turnstile_wal::Log::open(path)?;
+                for record in &recovery.records {
+                    core.apply(Time::ZERO, record);
+                }
+                report.records = recovery.records.len();
+                report.from_snapshot = recovery.from_snapshot;
+                report.truncated = recovery.truncated;
+                let mut queue = WalQueue::new(*snapshot_bytes, recovery.log_bytes);
+                if queue.bytes_since_snapshot >= *snapshot_bytes {
+                    // A long log from the last run: compact it now, so the next start is fast.
+                    queue.schedule_snapshot(core.snapshot());
+                }
+                (Some(queue), Some((log, *fsync)))
+            }
+        };
+        let views = core.semaphores(Time::ZERO);
+        report.semaphores = views.len();
+        report.leases = views.iter().map(|v| v.holders.len()).sum();
+        report.sessions = core.session_count();
+        let shared = Arc::new(Shared::new(config, core, epoch, wal));
+        let writer = match log {
+            Some((log, mode)) => {
+                let shared = shared.clone();
+                Some(
+                    std::thread::Builder::new()
+                        .name("turnstile-wal".into())
+                        .spawn(move || durable::writer_loop(shared, log, mode))
+                        .map_err(ServerError::Thread)?,
+                )
+            }
+            None => None,
+        };
+        Ok(Server {
+            shared,
+            writer,
+            report,
+        })
+    }
+
+    /// What recovery found.
+    pub fn recovery(&self) -> &RecoveryReport {
+        &self.report
+    }
+
+    /// Serves `listener` until `shutdown` completes (or the log fails), then closes every
+    /// connection (each client is told with a `ShuttingDown` error), finishes writing the log
+    /// and returns.
+    pub async fn run(
+        mut self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), ServerError> {
+        let shared = self.shared.clone();
+        let fatal = async { shared.fatal.notified().await };
+        let stop = async {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = fatal => {}
+            }
+        };
+        let result = serve(self.shared.clone(), listener, stop).await;
+        self.shared.stop_wal();
+        if let Some(writer) = self.writer.take() {
+            let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+        }
+        match self.shared.failure() {
+            Some(e) => Err(ServerError::LogFailed(e)),
+            None => result,
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shared.stop_wal();
+    }
+}
+
+/// Opens the storage and serves `listener` until `shutdown` completes. See [`Server`].
 pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
-    let shared = Arc::new(Shared::new(config));
+    Server::open(config)?.run(listener, shutdown).await
+}
+
+async fn serve(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let limit = Arc::new(Semaphore::new(shared.config.max_connections));
     let mut tasks = JoinSet::new();

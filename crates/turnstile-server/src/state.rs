@@ -4,15 +4,17 @@
 //! replies in the order the core produced them.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use turnstile_core::{
-    Coordinator, Effect, EndReason, Error, Event, LostReason, Reply, Request, SessionId, Tag, Time,
+    Coordinator, Effect, EndReason, Error, Event, LostReason, Record, Reply, Request, SessionId,
+    Tag, Time,
 };
 use turnstile_proto::{self as proto, ErrorCode};
 
+use crate::durable::WalQueue;
 use crate::outbox::Outbox;
 use crate::Config;
 
@@ -31,6 +33,11 @@ pub(crate) struct Shared {
     state: Mutex<State>,
     /// Wakes the timer task when a deadline earlier than the one it sleeps for appears.
     pub(crate) timer: Notify,
+    /// Wakes the log writer thread when records are queued (paired with `state`).
+    wal_ready: Condvar,
+    /// Completes when the log writer failed and the server must stop.
+    pub(crate) fatal: Notify,
+    fatal_error: Mutex<Option<String>>,
     epoch: Instant,
     pub(crate) config: Config,
 }
@@ -45,23 +52,88 @@ pub(crate) struct State {
     effects: Vec<Effect>,
     /// The deadline the timer task sleeps until, if any.
     pub(crate) timer_at: Option<Time>,
+    /// Records on their way to disk; `None` for a server that keeps its state in memory.
+    pub(crate) wal: Option<WalQueue>,
 }
 
 impl Shared {
-    pub(crate) fn new(config: Config) -> Shared {
+    /// Shared state around a core (recovered or new), with a log queue if durable.
+    pub(crate) fn new(
+        config: Config,
+        core: Coordinator,
+        epoch: Instant,
+        wal: Option<WalQueue>,
+    ) -> Shared {
         Shared {
             state: Mutex::new(State {
-                core: Coordinator::new(),
+                core,
                 conns: HashMap::new(),
                 bound: HashMap::new(),
                 next_conn: 1,
                 effects: Vec::new(),
                 timer_at: None,
+                wal,
             }),
             timer: Notify::new(),
-            epoch: Instant::now(),
+            wal_ready: Condvar::new(),
+            fatal: Notify::new(),
+            fatal_error: Mutex::new(None),
+            epoch,
             config,
         }
+    }
+
+    /// Blocks the log writer until records are queued or it is told to stop.
+    pub(crate) fn wait_for_wal<'a>(&self, guard: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        self.wal_ready
+            .wait(guard)
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Called by the log writer: records up to step `lsn` are durable; send what waited.
+    pub(crate) fn durable(&self, lsn: u64) {
+        let mut st = self.lock();
+        let mut ready = Vec::new();
+        if let Some(wal) = st.wal.as_mut() {
+            wal.durable = wal.durable.max(lsn);
+            while wal.deferred.front().is_some_and(|(l, _)| *l <= lsn) {
+                if let Some((_, e)) = wal.deferred.pop_front() {
+                    ready.push(e);
+                }
+            }
+        }
+        for e in ready {
+            st.deliver(e);
+        }
+    }
+
+    /// Called by the log writer when a snapshot is done.
+    pub(crate) fn rotated(&self) {
+        if let Some(wal) = self.lock().wal.as_mut() {
+            wal.rotation_pending = false;
+        }
+    }
+
+    /// Called by the log writer when the disk failed: the server stops.
+    pub(crate) fn fail(&self, error: String) {
+        *self.fatal_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
+        self.fatal.notify_one();
+    }
+
+    /// Why the log writer failed, if it did.
+    pub(crate) fn failure(&self) -> Option<String> {
+        self.fatal_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Tells the log writer to finish what is queued and stop.
+    pub(crate) fn stop_wal(&self) {
+        if let Some(wal) = self.lock().wal.as_mut() {
+            wal.stop = true;
+        }
+        self.wal_ready.notify_one();
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
@@ -87,9 +159,13 @@ impl Shared {
         let mut st = self.lock();
         let mut effects = std::mem::take(&mut st.effects);
         st.core.handle(now, tag(conn, id), request, &mut effects);
-        st.dispatch(&mut effects);
+        let logged = st.route(&mut effects);
         st.effects = effects;
         self.wake_timer_if_needed(&mut st);
+        drop(st);
+        if logged {
+            self.wal_ready.notify_one();
+        }
     }
 
     /// Processes due deadlines and routes their effects.
@@ -98,8 +174,12 @@ impl Shared {
         let mut st = self.lock();
         let mut effects = std::mem::take(&mut st.effects);
         st.core.tick(now, &mut effects);
-        st.dispatch(&mut effects);
+        let logged = st.route(&mut effects);
         st.effects = effects;
+        drop(st);
+        if logged {
+            self.wal_ready.notify_one();
+        }
     }
 
     fn wake_timer_if_needed(&self, st: &mut State) {
@@ -134,11 +214,42 @@ impl State {
         self.bound.insert(session, conn);
     }
 
-    /// Carries out effects: replies go to the connection in their tag, events to the
-    /// connection their session is bound to. Records are not persisted yet: this server keeps
-    /// its state in memory.
-    fn dispatch(&mut self, effects: &mut Vec<Effect>) {
+    /// Carries out a step's effects: its records are queued for the log, and its replies and
+    /// events are delivered, or wait until those records (and all before) are durable.
+    /// Returns whether records were queued.
+    fn route(&mut self, effects: &mut Vec<Effect>) -> bool {
+        let mut logged = false;
+        if let Some(wal) = self.wal.as_mut() {
+            let records: Vec<&Record> = effects
+                .iter()
+                .filter_map(|e| match e {
+                    Effect::Persist(r) => Some(r),
+                    _ => None,
+                })
+                .collect();
+            if !records.is_empty() {
+                logged = true;
+                if wal.append(&records) {
+                    wal.schedule_snapshot(self.core.snapshot());
+                }
+            }
+        }
         for effect in effects.drain(..) {
+            if matches!(effect, Effect::Persist(_)) {
+                continue;
+            }
+            match self.wal.as_mut() {
+                Some(wal) if wal.must_defer() => wal.deferred.push_back((wal.appended, effect)),
+                _ => self.deliver(effect),
+            }
+        }
+        logged
+    }
+
+    /// Sends a reply to the connection in its tag, or an event to the connection its session
+    /// is bound to.
+    fn deliver(&mut self, effect: Effect) {
+        {
             match effect {
                 Effect::Persist(_) => {}
                 Effect::Reply { tag, outcome } => {

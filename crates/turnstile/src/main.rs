@@ -58,6 +58,20 @@ enum Command {
         /// Most connections served at once.
         #[arg(long, default_value_t = 16_384)]
         max_connections: usize,
+        /// Directory for the write-ahead log and snapshots (created if missing; one server
+        /// per directory).
+        #[arg(long, default_value = "turnstile-data", conflicts_with = "in_memory")]
+        data_dir: std::path::PathBuf,
+        /// Keep the state in memory only: a restart forgets every semaphore and lease.
+        #[arg(long)]
+        in_memory: bool,
+        /// When to sync the log: `always` (each request on its own) or `batch` (group commit:
+        /// one sync for the requests that arrive together). Replies always wait for the sync.
+        #[arg(long, value_enum, default_value = "batch")]
+        fsync: Fsync,
+        /// Snapshot the state and drop the older log after this much log (e.g. 64MiB).
+        #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+        snapshot_every: u64,
     },
     /// Run a command while holding a slot of a semaphore.
     Run(run::RunArgs),
@@ -80,6 +94,38 @@ enum Command {
     },
     /// Load generator: acquire+release pairs per second and their latency.
     Bench(bench::BenchArgs),
+}
+
+/// `--fsync` values.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Fsync {
+    Always,
+    Batch,
+}
+
+/// Parses a size such as `4096`, `512KiB`, `64MiB`, `2GiB` (also `K`, `M`, `G`, `KB`, `MB`,
+/// `GB`, all powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (expected e.g. 512MiB, 2GiB, 4096)"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} (expected KiB, MiB, GiB)"
+            ))
+        }
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 /// Parses a human duration such as `500ms`, `30s` or `2m`.
@@ -123,10 +169,27 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             listen,
             session_ttl,
             max_connections,
+            data_dir,
+            in_memory,
+            fsync,
+            snapshot_every,
         } => {
+            let storage = if in_memory {
+                turnstile_server::Storage::InMemory
+            } else {
+                turnstile_server::Storage::Dir {
+                    path: data_dir,
+                    fsync: match fsync {
+                        Fsync::Always => turnstile_server::FsyncMode::Always,
+                        Fsync::Batch => turnstile_server::FsyncMode::Batch,
+                    },
+                    snapshot_bytes: snapshot_every.max(4096),
+                }
+            };
             let config = turnstile_server::Config {
                 session_ttl,
                 max_connections,
+                storage,
                 ..turnstile_server::Config::default()
             };
             if session_ttl < config.min_session_ttl || session_ttl > config.max_session_ttl {
@@ -156,6 +219,27 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 
 async fn serve(listen: SocketAddr, config: turnstile_server::Config) -> anyhow::Result<()> {
     use anyhow::Context;
+    let storage = match &config.storage {
+        turnstile_server::Storage::InMemory => "in memory".to_owned(),
+        turnstile_server::Storage::Dir { path, fsync, .. } => {
+            format!("in {} (fsync {fsync:?})", path.display()).to_lowercase()
+        }
+    };
+    let ttl = config.session_ttl;
+    // Open the storage before binding: a locked or damaged data directory is reported at once.
+    let server = turnstile_server::Server::open(config)?;
+    let r = server.recovery();
+    if r.records > 0 {
+        tracing::info!(
+            records = r.records,
+            from_snapshot = r.from_snapshot,
+            semaphores = r.semaphores,
+            sessions = r.sessions,
+            leases = r.leases,
+            grace = %humantime::format_duration(ttl),
+            "recovered state; sessions have one TTL to reconnect"
+        );
+    }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -164,10 +248,10 @@ async fn serve(listen: SocketAddr, config: turnstile_server::Config) -> anyhow::
     println!("listening on {addr}");
     tracing::info!(
         %addr,
-        session_ttl = %humantime::format_duration(config.session_ttl),
-        "turnstile coordinator listening (state in memory)"
+        session_ttl = %humantime::format_duration(ttl),
+        "turnstile coordinator listening; state {storage}"
     );
-    turnstile_server::run(listener, config, shutdown_signal()).await?;
+    server.run(listener, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
 }
