@@ -54,6 +54,21 @@ pub struct BenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Storage of the coordinator the bench starts (without --url): in memory, or a
+    /// write-ahead log in a fresh temporary directory synced in batches or on every request.
+    #[arg(long, value_enum, default_value = "in-memory")]
+    storage: BenchStorage,
+}
+
+/// Storage of the coordinator started by the bench.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchStorage {
+    /// `--in-memory`.
+    InMemory,
+    /// `--fsync batch`.
+    Batch,
+    /// `--fsync always`.
+    Always,
 }
 
 struct Outcome {
@@ -74,7 +89,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         let url = match &args.url {
             Some(u) => u.clone(),
             None => {
-                let (child, url) = spawn_server().await?;
+                let (child, url) = spawn_server(args.storage).await?;
                 server = Some(child);
                 url
             }
@@ -100,7 +115,10 @@ fn report(args: &BenchArgs, o: &Outcome) {
         lat[i.clamp(1, lat.len()) - 1]
     };
     let rate = o.pairs as f64 / o.elapsed.as_secs_f64();
-    let scenario = format!("{:?}", args.scenario).to_lowercase();
+    let mut scenario = format!("{:?}", args.scenario).to_lowercase();
+    if args.scenario != Scenario::Echo && args.url.is_none() {
+        scenario = format!("{scenario}/{:?}", args.storage).to_lowercase();
+    }
     if args.json {
         println!(
             "{{\"scenario\":\"{scenario}\",\"clients\":{},\"pairs_per_sec\":{:.0},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"errors\":{}}}",
@@ -132,13 +150,30 @@ fn report(args: &BenchArgs, o: &Outcome) {
 }
 
 /// Starts `turnstile serve` on a free loopback port and waits until it accepts connections.
-async fn spawn_server() -> anyhow::Result<(tokio::process::Child, String)> {
+async fn spawn_server(storage: BenchStorage) -> anyhow::Result<(tokio::process::Child, String)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
     let exe = std::env::current_exe().context("locating the turnstile binary")?;
-    let child = tokio::process::Command::new(exe)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+    let dir = std::env::temp_dir().join(format!("turnstile-bench-{}-{port}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    match storage {
+        BenchStorage::InMemory => {
+            cmd.arg("--in-memory");
+        }
+        BenchStorage::Batch | BenchStorage::Always => {
+            let mode = if storage == BenchStorage::Batch {
+                "batch"
+            } else {
+                "always"
+            };
+            cmd.arg("--data-dir").arg(&dir).args(["--fsync", mode]);
+        }
+    }
+    let child = cmd
+        .stdout(std::process::Stdio::null())
         .env("RUST_LOG", "warn")
         .kill_on_drop(true)
         .spawn()
