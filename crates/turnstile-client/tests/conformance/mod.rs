@@ -1,0 +1,407 @@
+//! The semantics suite: every rule a user can observe through [`Client`], written once and
+//! run against every backend. A backend's test file implements [`Fixture`] (how to get a
+//! client connected to a fresh backend) and instantiates the suite with
+//! [`conformance_suite!`](crate::conformance_suite).
+//!
+//! Synchronisation is by events (replies, status conditions polled with a deadline), never by
+//! sleeping and hoping.
+#![allow(dead_code)] // each test binary uses the part of the helpers it needs
+
+use std::time::Duration;
+
+use tokio::time::{timeout, Instant};
+use turnstile_client::{Client, Error, ErrorCode, LostReason, SemaphoreStatus};
+
+/// A backend under test: hands out clients connected to the same fresh backend.
+pub trait Fixture: Sync {
+    /// A new client (its own session) of this backend.
+    fn client(&self) -> impl std::future::Future<Output = Client> + Send;
+}
+
+/// Instantiates every test of the suite for one backend, as `#[tokio::test]`s in a module.
+/// `$fixture` is an expression (it may `.await`) that builds a fresh [`Fixture`].
+#[macro_export]
+macro_rules! conformance_suite {
+    ($module:ident, $fixture:expr) => {
+        mod $module {
+            #[allow(unused_imports)]
+            use super::*;
+            $crate::conformance_suite!(@tests $fixture;
+                acquire_release_basics,
+                fifo_with_weights,
+                dropping_a_permit_releases_it,
+                dropped_acquire_does_not_leak,
+                close_reports_lost_lease_and_fails_waiters,
+                shutdown_releases_every_lease,
+            );
+        }
+    };
+    (@tests $fixture:expr; $($test:ident,)*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                let fixture = $fixture;
+                $crate::conformance::$test(&fixture).await;
+            }
+        )*
+    };
+}
+
+/// How long any single awaited event may take before the test fails: generous, for a loaded
+/// two-core machine.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// A short wait that proves something does *not* happen (an acquire stays pending).
+pub const QUIET: Duration = Duration::from_millis(300);
+
+/// The status of one semaphore.
+pub async fn status_of(client: &Client, name: &str) -> SemaphoreStatus {
+    let doc = client.status(Some(name)).await.expect("status");
+    doc.semaphores
+        .into_iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("semaphore {name:?} missing from the status"))
+}
+
+/// Polls the status of `name` until `pred` holds; fails after [`PATIENCE`].
+pub async fn wait_for_status(
+    client: &Client,
+    name: &str,
+    what: &str,
+    pred: impl Fn(&SemaphoreStatus) -> bool,
+) -> SemaphoreStatus {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let st = status_of(client, name).await;
+        if pred(&st) {
+            return st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; last status: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A session id as the status document prints it.
+pub fn hex(session: u64) -> String {
+    format!("{session:016x}")
+}
+
+/// Every decimal number in a message.
+pub fn numbers_in(message: &str) -> Vec<u64> {
+    message
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect()
+}
+
+/// Acquire and release, increasing tokens, try-acquire, acquire timeout, capacity mismatch.
+pub async fn acquire_release_basics(server: &impl Fixture) {
+    let client = server.client().await;
+    let sem = client.semaphore("basics", 2).await.expect("ensure");
+    assert_eq!(sem.name(), "basics");
+
+    let p1 = sem.acquire().await.expect("first permit");
+    let p2 = sem.acquire().await.expect("second permit");
+    assert!(p1.fencing_token() >= 1);
+    assert!(p2.fencing_token() > p1.fencing_token());
+    assert_ne!(p1.lease_id(), p2.lease_id());
+    assert_eq!((p1.weight(), p1.semaphore()), (1, "basics"));
+    assert_eq!(p1.session_id(), client.session_id());
+
+    // Full: try_acquire declines at once, acquire_timeout waits out its timeout.
+    assert!(sem.try_acquire().await.expect("try_acquire").is_none());
+    let started = Instant::now();
+    let err = sem
+        .acquire_timeout(Duration::from_millis(200))
+        .await
+        .expect_err("full semaphore");
+    assert!(matches!(err, Error::TimedOut), "{err:?}");
+    assert_eq!(err.code(), Some(ErrorCode::TimedOut));
+    assert!(
+        started.elapsed() >= Duration::from_millis(190),
+        "timed out after only {:?}",
+        started.elapsed()
+    );
+
+    let st = status_of(&client, "basics").await;
+    assert_eq!((st.capacity, st.in_use, st.queued), (2, 2, 0));
+    assert_eq!(st.timed_out_total, 1);
+    let mut leases: Vec<u64> = st.holders.iter().map(|h| h.lease_id).collect();
+    leases.sort_unstable();
+    let mut expected = vec![p1.lease_id(), p2.lease_id()];
+    expected.sort_unstable();
+    assert_eq!(leases, expected);
+    assert!(st
+        .holders
+        .iter()
+        .all(|h| h.session == hex(client.session_id())));
+
+    // A release frees a permit; the next grant gets a larger token still.
+    let t2 = p2.fencing_token();
+    p1.release().await.expect("release");
+    let p3 = sem
+        .try_acquire()
+        .await
+        .expect("try_acquire")
+        .expect("a permit is free after the release");
+    assert!(p3.fencing_token() > t2);
+    drop(p2);
+    drop(p3);
+    wait_for_status(&client, "basics", "both drops processed", |s| s.in_use == 0).await;
+
+    // The same name with another capacity is refused, naming both capacities.
+    let err = client
+        .semaphore("basics", 5)
+        .await
+        .expect_err("capacity mismatch");
+    assert_eq!(err.code(), Some(ErrorCode::CapacityMismatch), "{err:?}");
+    let numbers = numbers_in(&err.to_string());
+    assert!(
+        numbers.contains(&2) && numbers.contains(&5),
+        "the message should name both capacities: {err}"
+    );
+
+    // A weight above the capacity can never be granted and is refused.
+    let err = sem
+        .acquire_many(3)
+        .await
+        .expect_err("weight 3 > capacity 2");
+    assert_eq!(
+        err.code(),
+        Some(ErrorCode::WeightExceedsCapacity),
+        "{err:?}"
+    );
+}
+
+/// The queue is FIFO with weights: a heavy head waiter holds back a lighter one that would fit.
+pub async fn fifo_with_weights(server: &impl Fixture) {
+    let (holder, heavy, light) = (
+        server.client().await,
+        server.client().await,
+        server.client().await,
+    );
+    let name = "fifo";
+    let sem_h = holder.semaphore(name, 3).await.expect("ensure");
+    let sem_3 = heavy.semaphore(name, 3).await.expect("ensure");
+    let sem_1 = light.semaphore(name, 3).await.expect("ensure");
+
+    let held = sem_h.acquire_many(2).await.expect("holder takes 2 of 3");
+    let mut heavy_acq = tokio::spawn(async move { sem_3.acquire_many(3).await });
+    wait_for_status(&holder, name, "the heavy waiter queued", |s| s.queued == 1).await;
+    let mut light_acq = tokio::spawn(async move { sem_1.acquire().await });
+    let st = wait_for_status(&holder, name, "the light waiter queued", |s| s.queued == 2).await;
+    // One permit is free, but the light waiter is behind the heavy one.
+    assert_eq!((st.in_use, st.queued_weight), (2, 4));
+    assert!(
+        timeout(QUIET, &mut light_acq).await.is_err(),
+        "the light acquire overtook the heavy head of the queue"
+    );
+
+    held.release().await.expect("release the holder");
+    let heavy_permit = timeout(PATIENCE, &mut heavy_acq)
+        .await
+        .expect("heavy granted after the holder released")
+        .expect("task")
+        .expect("heavy acquire");
+    assert_eq!(heavy_permit.weight(), 3);
+    // The heavy one holds everything: the light one still waits.
+    assert!(
+        timeout(QUIET, &mut light_acq).await.is_err(),
+        "the light acquire was granted while the heavy one held all permits"
+    );
+    let st = status_of(&holder, name).await;
+    assert_eq!((st.in_use, st.queued), (3, 1));
+
+    let heavy_token = heavy_permit.fencing_token();
+    heavy_permit.release().await.expect("release heavy");
+    let light_permit = timeout(PATIENCE, &mut light_acq)
+        .await
+        .expect("light granted after the heavy one released")
+        .expect("task")
+        .expect("light acquire");
+    assert!(light_permit.fencing_token() > heavy_token);
+    let st = status_of(&holder, name).await;
+    assert_eq!((st.in_use, st.queued), (1, 0));
+    assert_eq!(st.holders.len(), 1);
+    assert_eq!(st.holders[0].session, hex(light.session_id()));
+}
+
+/// Dropping a permit releases it to a waiter; `Permit::release` returns once it is released.
+pub async fn dropping_a_permit_releases_it(server: &impl Fixture) {
+    let (a, b) = (server.client().await, server.client().await);
+    let name = "drop";
+    let sem_a = a.semaphore(name, 1).await.expect("ensure");
+    let sem_b = b.semaphore(name, 1).await.expect("ensure");
+
+    let permit = sem_a.acquire().await.expect("a acquires");
+    let waiter = tokio::spawn(async move { sem_b.acquire().await });
+    wait_for_status(&a, name, "b queued", |s| s.queued == 1).await;
+
+    drop(permit);
+    let permit_b = timeout(PATIENCE, waiter)
+        .await
+        .expect("the dropped permit went to the waiter")
+        .expect("task")
+        .expect("b acquires");
+    let st = status_of(&a, name).await;
+    assert_eq!(st.holders.len(), 1);
+    assert_eq!(st.holders[0].session, hex(b.session_id()));
+    assert_eq!(st.released_total, 1);
+
+    // `release` waits for the coordinator: the very next status shows the permit free.
+    permit_b.release().await.expect("release");
+    let st = status_of(&b, name).await;
+    assert_eq!((st.in_use, st.released_total), (0, 2), "{st:?}");
+    assert!(st.holders.is_empty());
+}
+
+/// A dropped acquire future, queued or racing with its grant, never leaks a permit.
+pub async fn dropped_acquire_does_not_leak(server: &impl Fixture) {
+    let (a, b, c) = (
+        server.client().await,
+        server.client().await,
+        server.client().await,
+    );
+    let name = "cancel";
+    let sem_a = a.semaphore(name, 1).await.expect("ensure");
+    let sem_b = b.semaphore(name, 1).await.expect("ensure");
+    let sem_c = c.semaphore(name, 1).await.expect("ensure");
+
+    // 1. Dropped while queued on the coordinator.
+    let held = sem_a.acquire().await.expect("a holds");
+    {
+        let acquire = sem_b.acquire();
+        tokio::pin!(acquire);
+        tokio::select! {
+            r = &mut acquire => panic!("b was granted a held permit: {r:?}"),
+            _ = wait_for_status(&a, name, "b queued", |s| s.queued == 1) => {}
+        }
+        // `acquire` is dropped here, while queued.
+    }
+    wait_for_status(&a, name, "the withdrawal processed", |s| s.queued == 0).await;
+    held.release().await.expect("a releases");
+    let permit_c = timeout(PATIENCE, sem_c.acquire())
+        .await
+        .expect("c is not blocked by a leaked permit")
+        .expect("c acquires");
+    let st = status_of(&c, name).await;
+    assert_eq!((st.in_use, st.queued), (1, 0));
+    assert_eq!(st.holders.len(), 1);
+    assert_eq!(st.holders[0].session, hex(c.session_id()));
+    assert_eq!(st.holders[0].lease_id, permit_c.lease_id());
+    permit_c.release().await.expect("c releases");
+
+    // 2. Dropped at every moment around its grant: a releases in the background while b's
+    //    acquire is cut short after a varying delay, so some grants land after the drop.
+    for i in 0..30u64 {
+        let held = timeout(PATIENCE, sem_a.acquire())
+            .await
+            .unwrap_or_else(|_| panic!("iteration {i}: a blocked by a leaked permit"))
+            .expect("a acquires");
+        let raced = timeout(Duration::from_micros(i * 150), async {
+            drop(held);
+            sem_b.acquire().await
+        })
+        .await;
+        if let Ok(result) = raced {
+            drop(result.expect("b acquires"));
+        }
+    }
+    let st = wait_for_status(&a, name, "every lease released", |s| {
+        s.in_use == 0 && s.queued == 0
+    })
+    .await;
+    assert!(st.holders.is_empty());
+    let permit_c = sem_c
+        .try_acquire()
+        .await
+        .expect("try_acquire")
+        .expect("nothing leaked: the permit is free");
+    drop(permit_c);
+}
+
+/// Closing a semaphore tells its holders their lease is lost and fails its waiters.
+pub async fn close_reports_lost_lease_and_fails_waiters(server: &impl Fixture) {
+    let (holder, waiter, closer) = (
+        server.client().await,
+        server.client().await,
+        server.client().await,
+    );
+    let name = "closing";
+    let sem_h = holder.semaphore(name, 1).await.expect("ensure");
+    let sem_w = waiter.semaphore(name, 1).await.expect("ensure");
+
+    let permit = sem_h.acquire().await.expect("acquire");
+    assert_eq!(permit.lost_reason(), None);
+    let queued = tokio::spawn(async move { sem_w.acquire().await });
+    wait_for_status(&closer, name, "the waiter queued", |s| s.queued == 1).await;
+
+    closer.close(name).await.expect("close");
+    let reason = timeout(PATIENCE, permit.lost())
+        .await
+        .expect("the holder hears that its lease is gone");
+    assert_eq!(reason, LostReason::Closed);
+    assert_eq!(permit.lost_reason(), Some(LostReason::Closed));
+    let err = timeout(PATIENCE, queued)
+        .await
+        .expect("the waiter is answered")
+        .expect("task")
+        .expect_err("the waiter fails");
+    assert_eq!(err.code(), Some(ErrorCode::Closed), "{err:?}");
+
+    let st = status_of(&closer, name).await;
+    assert!(st.closed);
+    assert_eq!((st.in_use, st.queued, st.lost_total), (0, 0, 1));
+    // Releasing a lost permit is not an error, and later acquires fail the same way.
+    permit.release().await.expect("releasing a lost permit");
+    let err = sem_h
+        .acquire()
+        .await
+        .expect_err("acquire on a closed semaphore");
+    assert_eq!(err.code(), Some(ErrorCode::Closed));
+}
+
+/// `Client::shutdown` ends the session and frees every lease at once.
+pub async fn shutdown_releases_every_lease(server: &impl Fixture) {
+    let (leaver, waiter) = (server.client().await, server.client().await);
+    let sem_a = leaver.semaphore("shut-a", 1).await.expect("ensure a");
+    let sem_b = leaver.semaphore("shut-b", 2).await.expect("ensure b");
+    let pa = sem_a.acquire().await.expect("acquire a");
+    let pb = sem_b.acquire_many(2).await.expect("acquire b");
+
+    let wa = waiter.semaphore("shut-a", 1).await.expect("ensure a");
+    let wb = waiter.semaphore("shut-b", 2).await.expect("ensure b");
+    let wait_a = tokio::spawn(async move { wa.acquire().await });
+    let wait_b = tokio::spawn(async move { wb.acquire_many(2).await });
+    wait_for_status(&waiter, "shut-a", "waiter queued on a", |s| s.queued == 1).await;
+    wait_for_status(&waiter, "shut-b", "waiter queued on b", |s| s.queued == 1).await;
+
+    let started = Instant::now();
+    leaver.shutdown().await.expect("shutdown");
+    let ga = timeout(PATIENCE, wait_a)
+        .await
+        .expect("a granted")
+        .expect("task");
+    let gb = timeout(PATIENCE, wait_b)
+        .await
+        .expect("b granted")
+        .expect("task");
+    let (ga, gb) = (ga.expect("acquire a"), gb.expect("acquire b"));
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the leases were freed only after {:?}, as if by expiry",
+        started.elapsed()
+    );
+    for name in ["shut-a", "shut-b"] {
+        let st = status_of(&waiter, name).await;
+        assert_eq!(st.holders.len(), 1);
+        assert_eq!(st.holders[0].session, hex(waiter.session_id()));
+        assert_eq!(st.expired_total, 0, "released, not expired");
+    }
+    // The shut-down client refuses further work; dropping its permits is harmless.
+    assert!(matches!(leaver.status(None).await, Err(Error::Shutdown)));
+    drop((pa, pb, ga, gb));
+}
