@@ -233,18 +233,27 @@ async fn load(args: &BenchArgs, url: &str) -> anyhow::Result<Outcome> {
             (pairs, lat)
         });
     }
+    let mut outcome = collect(tasks, args.duration).await?;
+    outcome.errors = errors.load(Ordering::Relaxed);
+    Ok(outcome)
+}
+
+/// Sums what the client tasks counted and measured.
+async fn collect(
+    mut tasks: tokio::task::JoinSet<(u64, Vec<u32>)>,
+    elapsed: Duration,
+) -> anyhow::Result<Outcome> {
     let mut outcome = Outcome {
         pairs: 0,
         errors: 0,
         latencies_us: Vec::new(),
-        elapsed: args.duration,
+        elapsed,
     };
     while let Some(r) = tasks.join_next().await {
-        let (pairs, lat) = r.context("a bench client panicked")?;
-        outcome.pairs += pairs;
+        let (n, lat) = r.context("a bench client panicked")?;
+        outcome.pairs += n;
         outcome.latencies_us.extend(lat);
     }
-    outcome.errors = errors.load(Ordering::Relaxed);
     Ok(outcome)
 }
 
@@ -303,16 +312,5 @@ async fn echo(args: &BenchArgs) -> anyhow::Result<Outcome> {
             (n, lat)
         });
     }
-    let mut outcome = Outcome {
-        pairs: 0,
-        errors: 0,
-        latencies_us: Vec::new(),
-        elapsed: args.duration,
-    };
-    while let Some(r) = tasks.join_next().await {
-        let (n, lat) = r.context("an echo client panicked")?;
-        outcome.pairs += n;
-        outcome.latencies_us.extend(lat);
-    }
-    Ok(outcome)
+    collect(tasks, args.duration).await
 }
