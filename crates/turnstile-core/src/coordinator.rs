@@ -275,7 +275,10 @@ impl Coordinator {
                     if session.scheduled != at {
                         continue; // stale entry of an earlier session with the same id
                     }
-                    if session.deadline > now {
+                    // Compare with the entry's own time, not `now`: after a late tick the real
+                    // deadline may also have passed, but other deadlines may lie between the
+                    // two, and they must be processed first.
+                    if session.deadline > at {
                         session.scheduled = session.deadline;
                         self.timers
                             .push(Reverse((session.deadline, Timer::Session(id))));
