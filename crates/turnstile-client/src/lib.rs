@@ -23,12 +23,14 @@
 //! not heard from the coordinator for a whole TTL treats its leases as lost without waiting to
 //! be told, since the coordinator will have given them away.
 //!
-//! The URL picks the backend: `tcp://HOST:PORT` is the coordinator. See [`Backend`] for the
-//! interface the backends share. [`blocking`] wraps the async API for code without a runtime.
+//! The URL picks the backend: `tcp://HOST:PORT` is the coordinator; `file:///path/to/dir` needs
+//! no server: the semaphores live in a directory shared by every process that uses them (on
+//! one host, or on many through NFS). See [`Backend`] for the interface the backends share. [`blocking`] wraps the async API for code without a runtime.
 #![deny(missing_docs)]
 
 mod backend;
 pub mod blocking;
+mod file;
 mod tcp;
 
 use std::fmt;
@@ -47,8 +49,26 @@ pub const URL_ENV: &str = "TURNSTILE_URL";
 /// can end the session of a worker that dies). 16 hex digits.
 pub const SESSION_ENV: &str = "TURNSTILE_SESSION";
 
-/// The coordinator's address when neither a URL nor `TURNSTILE_URL` is given.
+/// The address a coordinator (`turnstile serve`) listens on by default. It is *not* what
+/// clients use when no URL is given: see [`default_url`].
 pub const DEFAULT_URL: &str = "tcp://127.0.0.1:7420";
+
+/// The URL to use when neither a URL nor `TURNSTILE_URL` is given: the file backend in a
+/// per-user local directory, `$XDG_RUNTIME_DIR/turnstile`, else `/tmp/turnstile-$UID`, so that
+/// processes of one user on one host share semaphores with no set-up. (The `/tmp` directory
+/// is created with mode 0700 if it does not exist yet.)
+pub fn default_url() -> String {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = match std::env::var_os("XDG_RUNTIME_DIR").map(std::path::PathBuf::from) {
+        Some(d) if d.is_absolute() => d.join("turnstile"),
+        _ => {
+            let dir = std::path::PathBuf::from(format!("/tmp/turnstile-{}", nix::unistd::getuid()));
+            let _ = std::fs::DirBuilder::new().mode(0o700).create(&dir);
+            dir
+        }
+    };
+    format!("file://{}", dir.display())
+}
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +80,16 @@ pub enum Error {
         url: String,
         /// What is wrong with it.
         why: String,
+    },
+    /// The file backend's directory, or a file in it, cannot be used (missing permissions,
+    /// not a directory, a damaged file). The cause is the error's `source()`.
+    #[error("cannot use {path}")]
+    Storage {
+        /// The directory or file.
+        path: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
     },
     /// The coordinator could not be reached. The cause is the error's `source()`, not part of
     /// its message, so that printing the chain (`{:#}` with anyhow) shows it once.
@@ -167,9 +197,10 @@ impl Client {
         Client::connect_with(url, Options::default()).await
     }
 
-    /// Connects to the URL in `TURNSTILE_URL`, or to [`DEFAULT_URL`].
+    /// Connects to the URL in `TURNSTILE_URL`, or to [`default_url`] (the file backend in a
+    /// per-user local directory).
     pub async fn from_env() -> Result<Client, Error> {
-        let url = std::env::var(URL_ENV).unwrap_or_else(|_| DEFAULT_URL.to_owned());
+        let url = std::env::var(URL_ENV).unwrap_or_else(|_| default_url());
         Client::connect(&url).await
     }
 
@@ -178,6 +209,7 @@ impl Client {
         let options = options.resolve()?;
         let backend: Arc<dyn Backend> = match parse_url(url)? {
             Target::Tcp(addr) => Arc::new(tcp::TcpBackend::connect(addr, options).await?),
+            Target::File(dir) => Arc::new(file::FileBackend::open(dir, options).await?),
         };
         Ok(Client { backend })
     }
@@ -387,6 +419,7 @@ impl Drop for Permit {
 
 enum Target {
     Tcp(String),
+    File(std::path::PathBuf),
 }
 
 fn parse_url(url: &str) -> Result<Target, Error> {
@@ -412,8 +445,17 @@ fn parse_url(url: &str) -> Result<Target, Error> {
             }
             Ok(Target::Tcp(addr.to_owned()))
         }
+        "file" => {
+            let path = rest.strip_prefix("localhost").unwrap_or(rest);
+            if !path.starts_with('/') {
+                return Err(bad(
+                    "expected file:///ABSOLUTE/PATH (an empty or localhost host, then the path)",
+                ));
+            }
+            Ok(Target::File(std::path::PathBuf::from(path)))
+        }
         other => Err(bad(&format!(
-            "unknown scheme {other:?}; this build knows tcp://"
+            "unknown scheme {other:?}; this build knows tcp:// and file://"
         ))),
     }
 }
@@ -466,7 +508,17 @@ mod tests {
         assert!(
             matches!(parse_url("tcp://localhost:1/"), Ok(Target::Tcp(a)) if a == "localhost:1")
         );
+        assert!(
+            matches!(parse_url("file:///var/run/x"), Ok(Target::File(p)) if p == std::path::Path::new("/var/run/x"))
+        );
+        assert!(
+            matches!(parse_url("file://localhost/a"), Ok(Target::File(p)) if p == std::path::Path::new("/a"))
+        );
+        assert!(default_url().starts_with("file:///"));
         for bad in [
+            "file://",
+            "file://host/x",
+            "file://relative",
             "127.0.0.1:7420",
             "tcp://",
             "tcp://host",

@@ -29,6 +29,10 @@ use crate::{random_id, Error, LostReason, Options};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Reconnect attempts are also at most `TTL/BACKOFF_TTL_DIVISOR` apart (plus jitter), so that
+/// a client whose coordinator is back well within the TTL (a restart) reconnects before it
+/// gives its leases up.
+const BACKOFF_TTL_DIVISOR: u32 = 10;
 /// The client treats its leases as lost after `TTL - TTL/SAFETY_DIVISOR` without an answer
 /// to a session-refreshing request, i.e. 10% before the coordinator may expire them.
 const SAFETY_DIVISOR: u32 = 10;
@@ -575,7 +579,8 @@ impl Driver {
             let jitter =
                 Duration::from_millis(random_id() % (self.backoff.as_millis() as u64 / 2 + 1));
             self.next_attempt = Instant::now() + self.backoff + jitter;
-            self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+            let max = (self.ttl / BACKOFF_TTL_DIVISOR).clamp(MIN_BACKOFF, MAX_BACKOFF);
+            self.backoff = (self.backoff * 2).min(max);
             return;
         };
         tracing::info!(addr = %self.addr, "reconnected to the coordinator");

@@ -29,19 +29,23 @@ struct Cli {
     command: Command,
 }
 
-/// Where the coordinator is.
+/// Where the semaphores are.
 #[derive(clap::Args, Debug, Clone)]
 struct UrlArg {
-    /// Coordinator URL, e.g. tcp://127.0.0.1:7420 [default: $TURNSTILE_URL, else tcp://127.0.0.1:7420]
+    /// Backend URL: a coordinator (tcp://127.0.0.1:7420) or a shared directory
+    /// (file:///mnt/shared/turnstile) [default: $TURNSTILE_URL, else the per-user directory
+    /// file://$XDG_RUNTIME_DIR/turnstile, or file:///tmp/turnstile-$UID]
     #[arg(long, env = "TURNSTILE_URL", hide_env = true)]
     url: Option<String>,
 }
 
 impl UrlArg {
+    /// The URL given, else a per-user local directory: with no server and no set-up,
+    /// `turnstile run` still limits the processes of this user on this host.
     fn get(&self) -> String {
         self.url
             .clone()
-            .unwrap_or_else(|| turnstile_client::DEFAULT_URL.to_owned())
+            .unwrap_or_else(turnstile_client::default_url)
     }
 }
 

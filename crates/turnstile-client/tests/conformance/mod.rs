@@ -16,6 +16,14 @@ use turnstile_client::{Client, Error, ErrorCode, LostReason, SemaphoreStatus};
 pub trait Fixture: Sync {
     /// A new client (its own session) of this backend.
     fn client(&self) -> impl std::future::Future<Output = Client> + Send;
+
+    /// Whether the status document carries the event counters (`released_total`,
+    /// `timed_out_total`, `lost_total`...). A coordinator counts events as it handles them;
+    /// a backend without a server (the shared directory) has nobody to count them, and
+    /// reports them as 0.
+    fn counts_totals(&self) -> bool {
+        true
+    }
 }
 
 /// Instantiates every test of the suite for one backend, as `#[tokio::test]`s in a module.
@@ -128,7 +136,9 @@ pub async fn acquire_release_basics(server: &impl Fixture) {
 
     let st = status_of(&client, "basics").await;
     assert_eq!((st.capacity, st.in_use, st.queued), (2, 2, 0));
-    assert_eq!(st.timed_out_total, 1);
+    if server.counts_totals() {
+        assert_eq!(st.timed_out_total, 1);
+    }
     let mut leases: Vec<u64> = st.holders.iter().map(|h| h.lease_id).collect();
     leases.sort_unstable();
     let mut expected = vec![p1.lease_id(), p2.lease_id()];
@@ -249,12 +259,17 @@ pub async fn dropping_a_permit_releases_it(server: &impl Fixture) {
     let st = status_of(&a, name).await;
     assert_eq!(st.holders.len(), 1);
     assert_eq!(st.holders[0].session, hex(b.session_id()));
-    assert_eq!(st.released_total, 1);
+    if server.counts_totals() {
+        assert_eq!(st.released_total, 1);
+    }
 
     // `release` waits for the coordinator: the very next status shows the permit free.
     permit_b.release().await.expect("release");
     let st = status_of(&b, name).await;
-    assert_eq!((st.in_use, st.released_total), (0, 2), "{st:?}");
+    assert_eq!(st.in_use, 0, "{st:?}");
+    if server.counts_totals() {
+        assert_eq!(st.released_total, 2, "{st:?}");
+    }
     assert!(st.holders.is_empty());
 }
 
@@ -354,7 +369,10 @@ pub async fn close_reports_lost_lease_and_fails_waiters(server: &impl Fixture) {
 
     let st = status_of(&closer, name).await;
     assert!(st.closed);
-    assert_eq!((st.in_use, st.queued, st.lost_total), (0, 0, 1));
+    assert_eq!((st.in_use, st.queued), (0, 0));
+    if server.counts_totals() {
+        assert_eq!(st.lost_total, 1);
+    }
     // Releasing a lost permit is not an error, and later acquires fail the same way.
     permit.release().await.expect("releasing a lost permit");
     let err = sem_h

@@ -1,0 +1,442 @@
+//! The on-disk pieces of the file backend: semaphore names as file names, the lease record,
+//! and the few file operations it builds on (write-then-link claims, fd-checked touches, and
+//! the rename-based reclaim). Nothing here keeps state or knows about tokio.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::random_id;
+
+/// The longest semaphore name, in bytes (as on the coordinator).
+pub(crate) const MAX_NAME_LEN: usize = 255;
+
+/// Escaped names longer than this are shortened and suffixed with a hash, so that the
+/// directory name stays well within the usual 255-byte limit of a file name.
+const MAX_DIR_NAME: usize = 200;
+
+/// Files read by the backend are tiny; anything longer is garbage and read no further.
+const MAX_RECORD: u64 = 4096;
+
+/// Checks a semaphore name as the coordinator does: 1..=255 bytes, no control characters.
+pub(crate) fn validate_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("semaphore name is empty".into());
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(format!(
+            "semaphore name is {} bytes long; the limit is {MAX_NAME_LEN}",
+            name.len()
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err("semaphore name contains a control character".into());
+    }
+    Ok(())
+}
+
+/// The directory name of a semaphore: its bytes with everything but `[A-Za-z0-9_.-]` (and a
+/// leading `.`) percent-encoded, so that no name can escape the directory, be hidden, or
+/// clash with another. An escaped name longer than 200 bytes keeps its first 150 bytes and
+/// gets `~` and a 64-bit FNV-1a hash of the name (`~` never appears otherwise, since it is
+/// escaped); the `capacity` file records the full name, and a clash is detected there.
+pub(crate) fn dir_name(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for (i, b) in name.bytes().enumerate() {
+        let plain = b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || (b == b'.' && i > 0);
+        if plain {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    if out.len() <= MAX_DIR_NAME {
+        return out;
+    }
+    let mut cut = 150;
+    // Do not split a %XX escape.
+    let b = out.as_bytes();
+    while cut >= 2 && (b[cut - 1] == b'%' || b[cut - 2] == b'%') {
+        cut -= 1;
+    }
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{}~{hash:016x}", &out[..cut])
+}
+
+/// The `capacity` file: the capacity on the first line, the full name on the second.
+pub(crate) fn capacity_record(capacity: u32, name: &str) -> Vec<u8> {
+    format!("{capacity}\n{name}\n").into_bytes()
+}
+
+/// Parses a `capacity` file.
+pub(crate) fn parse_capacity(bytes: &[u8]) -> Option<(u32, String)> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let (first, rest) = text.split_once('\n')?;
+    let capacity: u32 = first.trim().parse().ok().filter(|&c| c > 0)?;
+    let name = rest.strip_suffix('\n').unwrap_or(rest);
+    Some((capacity, name.to_owned()))
+}
+
+/// Who a process is, as far as telling whether a pid on this machine is still alive goes:
+/// the host name, the boot id and the pid namespace, so that a pid is only ever looked up in
+/// the namespace it came from (containers sharing a host name, a rebooted host).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Ident {
+    pub host: String,
+    pub boot: String,
+    pub pidns: String,
+    pub pid: u32,
+}
+
+impl Ident {
+    /// This process.
+    pub(crate) fn current() -> Ident {
+        let host = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "unknown".into());
+        let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "-".into());
+        let pidns = fs::read_link("/proc/self/ns/pid")
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "-".into());
+        Ident {
+            host: word(&host),
+            boot: word(&boot),
+            pidns: word(&pidns),
+            pid: std::process::id(),
+        }
+    }
+
+    /// Whether the process `other` names is known to be gone: it ran on this very machine
+    /// and namespace, and `kill(pid, 0)` says there is no such process.
+    pub(crate) fn knows_dead(&self, other: &Ident) -> bool {
+        if self.host != other.host || self.boot != other.boot || self.pidns != other.pidns {
+            return false;
+        }
+        // Without a boot id and a pid namespace we cannot tell whose pid it is.
+        if other.pid == self.pid || self.boot == "-" || self.pidns == "-" {
+            return false;
+        }
+        let Ok(pid) = i32::try_from(other.pid) else {
+            return false;
+        };
+        matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Err(nix::errno::Errno::ESRCH)
+        )
+    }
+}
+
+/// A value as one whitespace-free word of a record.
+fn word(s: &str) -> String {
+    let w: String = s
+        .chars()
+        .map(|c| {
+            if c.is_whitespace() || c == '=' {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect();
+    if w.is_empty() {
+        "-".into()
+    } else {
+        w
+    }
+}
+
+/// What a slot file (a held permit), a queue ticket or a token file says: one line of
+/// `key=value` words. The nonce makes every record unique, so that "the same content" means
+/// "the same acquire".
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Record {
+    pub lease: u64,
+    pub session: u64,
+    pub weight: u32,
+    pub token: u64,
+    pub ttl_ms: u64,
+    pub start_ms: u64,
+    pub nonce: u64,
+    pub who: Ident,
+}
+
+impl Record {
+    /// The bytes of the record.
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        format!(
+            "turnstile-lease-v1 lease={} session={:016x} weight={} token={} ttl_ms={} start_ms={} nonce={:016x} host={} boot={} pidns={} pid={}\n",
+            self.lease,
+            self.session,
+            self.weight,
+            self.token,
+            self.ttl_ms,
+            self.start_ms,
+            self.nonce,
+            self.who.host,
+            self.who.boot,
+            self.who.pidns,
+            self.who.pid
+        )
+        .into_bytes()
+    }
+
+    /// Parses a record; `None` for anything else (garbage, a truncated file).
+    pub(crate) fn decode(bytes: &[u8]) -> Option<Record> {
+        let text = std::str::from_utf8(bytes).ok()?;
+        let line = text.strip_suffix('\n')?; // a truncated record lacks its newline
+        let mut words = line.split(' ');
+        if words.next()? != "turnstile-lease-v1" {
+            return None;
+        }
+        let mut r = Record {
+            lease: 0,
+            session: 0,
+            weight: 0,
+            token: 0,
+            ttl_ms: 0,
+            start_ms: 0,
+            nonce: 0,
+            who: Ident {
+                host: String::new(),
+                boot: String::new(),
+                pidns: String::new(),
+                pid: 0,
+            },
+        };
+        let mut seen = 0u32;
+        for w in words {
+            let (k, v) = w.split_once('=')?;
+            match k {
+                "lease" => r.lease = v.parse().ok()?,
+                "session" => r.session = u64::from_str_radix(v, 16).ok()?,
+                "weight" => r.weight = v.parse().ok()?,
+                "token" => r.token = v.parse().ok()?,
+                "ttl_ms" => r.ttl_ms = v.parse().ok()?,
+                "start_ms" => r.start_ms = v.parse().ok()?,
+                "nonce" => r.nonce = u64::from_str_radix(v, 16).ok()?,
+                "host" => r.who.host = v.to_owned(),
+                "boot" => r.who.boot = v.to_owned(),
+                "pidns" => r.who.pidns = v.to_owned(),
+                "pid" => r.who.pid = v.parse().ok()?,
+                _ => continue,
+            }
+            seen += 1;
+        }
+        (seen >= 11 && r.ttl_ms > 0).then_some(r)
+    }
+}
+
+/// Milliseconds since the Unix epoch on this machine's clock (only for display: ages).
+pub(crate) fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Reads a small file: its bytes (at most 4 KiB) and its modification time, both from one
+/// open file, so that they belong to the same inode (and, on NFS, the open revalidates the
+/// cached attributes).
+pub(crate) fn read_with_mtime(path: &Path) -> io::Result<(Vec<u8>, SystemTime)> {
+    let file = File::open(path)?;
+    let mtime = file.metadata()?.modified()?;
+    let mut bytes = Vec::new();
+    file.take(MAX_RECORD).read_to_end(&mut bytes)?;
+    Ok((bytes, mtime))
+}
+
+/// Reads a small file.
+pub(crate) fn read_small(path: &Path) -> io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    File::open(path)?.take(MAX_RECORD).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// A fresh hidden name in `dir` with the given prefix.
+pub(crate) fn hidden_name(dir: &Path, prefix: &str) -> PathBuf {
+    dir.join(format!(".{prefix}-{:016x}", random_id()))
+}
+
+/// Writes `content` to a new hidden temporary file in `dir`.
+pub(crate) fn write_temp(dir: &Path, content: &[u8]) -> io::Result<PathBuf> {
+    let path = hidden_name(dir, "tmp");
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)?;
+    // No fsync: `close` flushes to an NFS server before the link that publishes the file, and
+    // on a local disk a crash ends every holder anyway.
+    if let Err(e) = f.write_all(content) {
+        let _ = fs::remove_file(&path);
+        return Err(e);
+    }
+    Ok(path)
+}
+
+/// Makes `target` a hard link to the temporary file `tmp` (whose content is `content`), the
+/// NFS-safe exclusive create: `Ok(true)` if `target` is now ours, `Ok(false)` if it existed.
+/// On NFS a retransmitted LINK can fail although the first one succeeded, so an error is
+/// double-checked by reading `target`: the content is unique (it carries a nonce).
+pub(crate) fn claim(tmp: &Path, target: &Path, content: &[u8]) -> io::Result<bool> {
+    match fs::hard_link(tmp, target) {
+        Ok(()) => Ok(true),
+        Err(e) => match read_small(target) {
+            Ok(bytes) if bytes == content => Ok(true),
+            Ok(_) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            // Gone again at once (reclaimed, closed): not ours either.
+            Err(_) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            _ => Err(e),
+        },
+    }
+}
+
+/// Creates `target` with `content` exclusively (write a temporary file, link it, remove the
+/// temporary name).
+pub(crate) fn create_exclusive(dir: &Path, target: &Path, content: &[u8]) -> io::Result<bool> {
+    let tmp = write_temp(dir, content)?;
+    let r = claim(&tmp, target, content);
+    let _ = fs::remove_file(&tmp);
+    r
+}
+
+/// What a touch found.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Touch {
+    /// The file holds `content`; its modification time is now the file system's "now".
+    Alive,
+    /// The file is gone or holds something else: the lease or ticket was taken away.
+    Gone,
+}
+
+/// Refreshes the modification time of `path` if, and only if, it still holds `content`: the
+/// file is opened, read and rewritten (the same bytes, so readers never see a partial
+/// record) through one descriptor, so the write can only land on our own inode — never on a
+/// record that replaced ours. The new mtime is set by the file system (the NFS server), so
+/// client clocks do not matter.
+pub(crate) fn touch(path: &Path, content: &[u8]) -> io::Result<Touch> {
+    let mut f = match OpenOptions::new().read(true).write(true).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Touch::Gone),
+        Err(e) => return Err(e),
+    };
+    let mut bytes = Vec::new();
+    (&mut f).take(MAX_RECORD).read_to_end(&mut bytes)?;
+    if bytes != content {
+        return Ok(Touch::Gone);
+    }
+    f.seek(SeekFrom::Start(0))?;
+    f.write_all(content)?;
+    Ok(Touch::Alive)
+}
+
+/// The file system's current time: rewrites the probe file `DIR/.clock` and reads back its
+/// modification time.
+pub(crate) fn fs_now(root: &Path) -> io::Result<SystemTime> {
+    let path = root.join(".clock");
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)?;
+    f.write_all(b"t")?;
+    drop(f);
+    File::open(&path)?.metadata()?.modified()
+}
+
+/// The age of a file with modification time `mtime` at file-system time `now` (zero if the
+/// file is from the future).
+pub(crate) fn age(now: SystemTime, mtime: SystemTime) -> Duration {
+    now.duration_since(mtime).unwrap_or(Duration::ZERO)
+}
+
+/// Removes `path` if `still_dead(content, mtime)` holds for what it holds, such that of many
+/// processes doing this at once exactly one removes it, and a file that came alive meanwhile
+/// is put back: rename it to a private name (only one rename of a name succeeds), re-read it
+/// there, then delete it or link it back. `Ok(true)` if it is gone.
+pub(crate) fn reclaim(
+    sem_dir: &Path,
+    path: &Path,
+    seen: &[u8],
+    still_dead: impl FnOnce(&[u8], SystemTime) -> bool,
+) -> io::Result<bool> {
+    let private = hidden_name(sem_dir, "reclaim");
+    match fs::rename(path, &private) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
+        Err(e) => return Err(e),
+    }
+    let dead = match read_with_mtime(&private) {
+        Ok((bytes, mtime)) => bytes == seen && still_dead(&bytes, mtime),
+        Err(_) => false,
+    };
+    if !dead {
+        // Alive after all (touched between our look and the rename): put it back. If the
+        // name was taken meanwhile, the owner finds its record gone at its next heartbeat.
+        let _ = fs::hard_link(&private, path);
+    }
+    fs::remove_file(&private)?;
+    Ok(dead)
+}
+
+/// Removes our own record at `path`, checking first that it is ours: it is moved to a
+/// private name, checked, and deleted (or put back if it is not ours).
+pub(crate) fn remove_own(sem_dir: &Path, path: &Path, content: &[u8]) -> io::Result<()> {
+    reclaim(sem_dir, path, content, |_, _| true).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_to_safe_file_names() {
+        assert_eq!(dir_name("db"), "db");
+        assert_eq!(dir_name("a/b"), "a%2Fb");
+        assert_eq!(dir_name(".."), "%2E.");
+        assert_eq!(dir_name("50%"), "50%25");
+        assert_eq!(dir_name("x~y z"), "x%7Ey%20z");
+        let long = "é".repeat(127);
+        let d = dir_name(&long);
+        assert!(d.len() <= MAX_DIR_NAME && d.contains('~'), "{d}");
+        assert_ne!(d, dir_name(&format!("{}x", "é".repeat(126))));
+        for name in ["a/b", "..", ".", "%2F", "ü", &long] {
+            let d = dir_name(name);
+            assert!(!d.starts_with('.') && !d.contains('/') && !d.is_empty());
+        }
+    }
+
+    #[test]
+    fn records_round_trip_and_garbage_is_rejected() {
+        let r = Record {
+            lease: 7,
+            session: 0xabc,
+            weight: 2,
+            token: 9,
+            ttl_ms: 10_000,
+            start_ms: 1,
+            nonce: 5,
+            who: Ident::current(),
+        };
+        let bytes = r.encode();
+        assert_eq!(Record::decode(&bytes), Some(r));
+        for n in 0..bytes.len() {
+            assert_eq!(Record::decode(&bytes[..n]), None, "truncated at {n}");
+        }
+        assert_eq!(Record::decode(b"\xff\xfe garbage"), None);
+        assert_eq!(
+            parse_capacity(b"3\nname with spaces\n"),
+            Some((3, "name with spaces".into()))
+        );
+        assert_eq!(parse_capacity(b"x\n"), None);
+        assert_eq!(parse_capacity(b"0\nn\n"), None);
+        assert_eq!(parse_capacity(b"3"), None);
+    }
+}

@@ -1,0 +1,725 @@
+//! The shared-directory backend (`file:///path/to/dir`): semaphores with no server, among
+//! processes on any hosts that share the directory (a local disk, or NFS).
+//!
+//! # On-disk layout
+//!
+//! ```text
+//! DIR/.clock                   probe file: rewritten to learn the file system's "now"
+//! DIR/<name>/                  one semaphore; <name> percent-escaped (see `disk::dir_name`)
+//!     capacity                 "<capacity>\n<full name>\n", created once
+//!     closed                   exists once the semaphore is closed (never removed)
+//!     slot-<i>                 a held permit, 0 <= i < capacity; a lease of weight k holds k
+//!                              slot files (hard links of one file); content: a lease record
+//!     queue/<ticket:020>       a waiting acquire (FIFO by ticket number); a lease record
+//!     tokens/<token:020>       fencing tokens handed out (the newest 1000 are kept)
+//!     .tmp-*, .reclaim-*       private names of files being created or removed
+//! ```
+//!
+//! A lease record is one line of `key=value` words: lease id, session, weight, token, TTL,
+//! grant time, a random nonce (so that equal bytes mean the same acquire), host, boot id, pid
+//! namespace and pid of the holder.
+//!
+//! Only operations that are atomic on POSIX file systems and on NFS are relied on: `link`
+//! (of a fully written temporary file; it fails if the name exists), `rename`, `mkdir` and
+//! `unlink`. Records are never modified in place except by rewriting the same bytes (to move
+//! their modification time).
+//!
+//! # Acquiring
+//!
+//! A waiter takes a ticket: the next number after the highest in `queue/`, claimed by link
+//! (on a clash it tries the next number). Only the waiter whose ticket is the oldest live one
+//! (the head) may claim slots: it takes the next fencing token, then links its record to `k`
+//! free slot names, then removes its ticket so that the next waiter becomes the head. A
+//! heavy head is therefore never overtaken by lighter waiters, and claimers never deadlock on
+//! partial claims (there is one claimer; if a claim still fails half-way, it is rolled back).
+//! Waiting polls with exponential backoff up to 200 ms; an immediate acquire goes through
+//! the queue too, and gives up after one look.
+//!
+//! # Liveness
+//!
+//! A background task rewrites the client's slot files every TTL/3, and a waiter rewrites its
+//! ticket as often; so a record's modification time, set by the file system, says when its
+//! owner was last alive. A record is *stale* when its age, measured against the file system's
+//! clock (read from `DIR/.clock` just rewritten, so client clocks do not matter), exceeds its
+//! owner's TTL — or at once when it names a process of this host, boot and pid namespace that
+//! no longer exists. An unparsable record is stale when older than the default TTL (10 s).
+//!
+//! # Why it is safe
+//!
+//! - **Capacity is never exceeded:** a permit *is* a `slot-<i>` file with `i < capacity`, and
+//!   `link` creates a name only if it does not exist, so at most `capacity` slot files exist
+//!   and each has one owner. A slot file is removed only by its owner (release), by a closer
+//!   or a supervisor (`close`, `end_session`, after which the owner learns that its lease is
+//!   lost at its next heartbeat), or by a reclaimer once it is stale. An owner counts its lease
+//!   alive only until 90% of the TTL after its last successful rewrite began, and the
+//!   rewrite's mtime is no earlier than that, so by the time a record is stale its owner has
+//!   already given the lease up (the margin absorbs clock rates and late timers).
+//! - **Exactly one reclaimer wins:** a reclaimer renames the stale file to a private name; of
+//!   several renames of the same name only one succeeds (the others find it gone). The winner
+//!   re-reads the file under its private name and deletes it only if it holds the same bytes
+//!   and is still stale; if the owner rewrote it in between, it is linked back.
+//! - **Tokens strictly increase:** a grant takes `tokens/<max+1>` by link, trying upward on a
+//!   clash, so no number is handed out twice; the highest token file is never pruned, so
+//!   `max` never goes down. Grants take their token while at the head of the queue, before
+//!   claiming, and the next head exists only once this one has claimed and left the queue, so
+//!   tokens increase in grant order. The client also remembers the last token it saw per
+//!   semaphore, against stale directory listings.
+//!
+//! Known limits: file operations run on the calling task (they are short metadata
+//! operations, but a hung NFS mount blocks the caller); there are no counters
+//! (`acquired_total` and friends are 0) and no wait statistics; a reclaim that races with a
+//! heartbeat at the very edge of the TTL, while a second process wrongly believes it is the
+//! head, can cost the owner its lease (it learns so at its next heartbeat).
+
+mod admin;
+mod disk;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+use turnstile_proto::{ErrorCode, StatusDoc};
+
+use self::disk::{Ident, Record, Touch};
+use crate::backend::{Backend, BoxFuture, Grant};
+use crate::{random_id, Error, LostReason, Options};
+
+/// The session TTL when the options do not name one.
+pub(crate) const DEFAULT_TTL: Duration = Duration::from_secs(10);
+/// Shortest wait between two looks at the queue.
+const MIN_POLL: Duration = Duration::from_millis(5);
+/// Longest wait between two looks at the queue.
+const MAX_POLL: Duration = Duration::from_millis(200);
+/// How often the head of the queue examines held slots for staleness when it cannot claim.
+const SCAN_EVERY: Duration = Duration::from_millis(500);
+/// Token files kept below the newest.
+const KEEP_TOKENS: u64 = 1000;
+
+/// The file backend.
+pub(crate) struct FileBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    root: PathBuf,
+    session: u64,
+    ttl: Duration,
+    who: Ident,
+    next_lease: AtomicU64,
+    held: Mutex<HashMap<u64, Held>>,
+    /// The highest token seen per semaphore directory.
+    tokens: Mutex<HashMap<PathBuf, u64>>,
+    shut: AtomicBool,
+}
+
+/// A lease this client holds.
+struct Held {
+    sem_dir: PathBuf,
+    slots: Vec<PathBuf>,
+    content: Vec<u8>,
+    lost: watch::Sender<Option<LostReason>>,
+    /// When the last successful heartbeat of every slot began.
+    last_ok: Instant,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn storage(path: &Path, source: io::Error) -> Error {
+    Error::Storage {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn rejected(code: ErrorCode, message: String) -> Error {
+    Error::Rejected { code, message }
+}
+
+fn closed_err(name: &str) -> Error {
+    rejected(ErrorCode::Closed, format!("semaphore {name:?} is closed"))
+}
+
+impl FileBackend {
+    /// Opens (creating it if missing) the shared directory and starts the heartbeat task.
+    pub(crate) async fn open(root: PathBuf, options: Options) -> Result<FileBackend, Error> {
+        fs::create_dir_all(&root).map_err(|e| storage(&root, e))?;
+        // Proves the directory is writable, once, with a clear error if it is not.
+        disk::fs_now(&root).map_err(|e| storage(&root, e))?;
+        let ttl = options
+            .session_ttl
+            .unwrap_or(DEFAULT_TTL)
+            .max(Duration::from_millis(100));
+        let inner = Arc::new(Inner {
+            root,
+            session: options.session_id.unwrap_or_else(random_id),
+            ttl,
+            who: Ident::current(),
+            next_lease: AtomicU64::new(1),
+            held: Mutex::new(HashMap::new()),
+            tokens: Mutex::new(HashMap::new()),
+            shut: AtomicBool::new(false),
+        });
+        tokio::spawn(heartbeat(Arc::downgrade(&inner)));
+        Ok(FileBackend { inner })
+    }
+}
+
+/// Rewrites held slot files until the backend is dropped.
+async fn heartbeat(inner: Weak<Inner>) {
+    loop {
+        let next = match inner.upgrade() {
+            Some(inner) if !inner.shut.load(Ordering::Relaxed) => inner.beat(),
+            _ => return,
+        };
+        tokio::time::sleep(next).await;
+    }
+}
+
+/// A clock reading of the file system, taken at most once per use.
+struct FsClock<'a> {
+    root: &'a Path,
+    now: Option<SystemTime>,
+}
+
+impl FsClock<'_> {
+    fn get(&mut self) -> Result<SystemTime, Error> {
+        if let Some(t) = self.now {
+            return Ok(t);
+        }
+        let t = disk::fs_now(self.root).map_err(|e| storage(self.root, e))?;
+        self.now = Some(t);
+        Ok(t)
+    }
+}
+
+/// Withdraws the ticket of an acquire that ends without a grant (error, timeout, drop).
+struct TicketGuard<'a> {
+    sem_dir: &'a Path,
+    content: Vec<u8>,
+    ticket: Option<(u64, PathBuf)>,
+}
+
+impl Drop for TicketGuard<'_> {
+    fn drop(&mut self) {
+        if let Some((_, path)) = self.ticket.take() {
+            let _ = disk::remove_own(self.sem_dir, &path, &self.content);
+        }
+    }
+}
+
+/// The numbered files of a directory (`queue/`, `tokens/`), in order.
+fn numbered(dir: &Path) -> io::Result<BTreeMap<u64, PathBuf>> {
+    let mut out = BTreeMap::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit()) {
+            if let Ok(n) = name.parse::<u64>() {
+                out.insert(n, entry.path());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The slot files present in a semaphore directory: index → path.
+fn slots(sem_dir: &Path) -> io::Result<BTreeMap<u32, PathBuf>> {
+    let mut out = BTreeMap::new();
+    for entry in fs::read_dir(sem_dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(i) = name.to_str().and_then(|n| n.strip_prefix("slot-")) else {
+            continue;
+        };
+        if let Ok(i) = i.parse::<u32>() {
+            out.insert(i, entry.path());
+        }
+    }
+    Ok(out)
+}
+
+impl Inner {
+    fn check_live(&self) -> Result<(), Error> {
+        if self.shut.load(Ordering::Relaxed) {
+            Err(Error::Shutdown)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn sem_dir(&self, name: &str) -> Result<PathBuf, Error> {
+        disk::validate_name(name).map_err(|m| rejected(ErrorCode::InvalidArgument, m))?;
+        Ok(self.root.join(disk::dir_name(name)))
+    }
+
+    /// The capacity of an existing semaphore; `None` if it was never created.
+    fn capacity(&self, sem_dir: &Path, name: &str) -> Result<Option<u32>, Error> {
+        let path = sem_dir.join("capacity");
+        let bytes = match disk::read_small(&path) {
+            Ok(b) => b,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                ) =>
+            {
+                return Ok(None)
+            }
+            Err(e) => return Err(storage(&path, e)),
+        };
+        let Some((capacity, on_disk)) = disk::parse_capacity(&bytes) else {
+            return Err(storage(
+                &path,
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "the capacity file is damaged (expected a capacity and the name on two lines)",
+                ),
+            ));
+        };
+        if on_disk != name {
+            return Err(rejected(
+                ErrorCode::InvalidArgument,
+                format!("semaphore name {name:?} clashes on disk with {on_disk:?}"),
+            ));
+        }
+        Ok(Some(capacity))
+    }
+
+    fn is_closed(sem_dir: &Path) -> bool {
+        sem_dir.join("closed").exists()
+    }
+
+    /// Whether the record `bytes` with modification time `mtime` is stale. The file
+    /// system's clock is read only if the record does not name a dead local process.
+    fn is_dead(
+        &self,
+        bytes: &[u8],
+        mtime: SystemTime,
+        clock: &mut FsClock<'_>,
+    ) -> Result<bool, Error> {
+        let ttl = match Record::decode(bytes) {
+            Some(r) if self.who.knows_dead(&r.who) => return Ok(true),
+            Some(r) => Duration::from_millis(r.ttl_ms),
+            None => self.ttl.max(DEFAULT_TTL),
+        };
+        Ok(disk::age(clock.get()?, mtime) > ttl)
+    }
+
+    /// Looks at `path`; if it is stale, reclaims it. `Ok(true)` if it is gone.
+    fn reap(&self, sem_dir: &Path, path: &Path, clock: &mut FsClock<'_>) -> Result<bool, Error> {
+        let (bytes, mtime) = match disk::read_with_mtime(path) {
+            Ok(x) => x,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
+            Err(e) => return Err(storage(path, e)),
+        };
+        if !self.is_dead(&bytes, mtime, clock)? {
+            return Ok(false);
+        }
+        // Re-checked under the private name; an error there counts as alive (put back).
+        let gone = disk::reclaim(sem_dir, path, &bytes, |b, m| {
+            self.is_dead(b, m, clock).unwrap_or(false)
+        })
+        .map_err(|e| storage(path, e))?;
+        if gone {
+            tracing::info!(path = %path.display(), "reclaimed a stale lease or ticket");
+        }
+        Ok(gone)
+    }
+
+    /// Takes the next ticket in the queue.
+    fn take_ticket(&self, sem_dir: &Path, content: &[u8]) -> Result<(u64, PathBuf), Error> {
+        let queue = sem_dir.join("queue");
+        let mut n = numbered(&queue)
+            .map_err(|e| storage(&queue, e))?
+            .last_key_value()
+            .map_or(1, |(n, _)| n + 1);
+        let tmp = disk::write_temp(sem_dir, content).map_err(|e| storage(sem_dir, e))?;
+        let result = loop {
+            let target = queue.join(format!("{n:020}"));
+            match disk::claim(&tmp, &target, content) {
+                Ok(true) => break Ok((n, target)),
+                Ok(false) => n += 1,
+                Err(e) => break Err(storage(&target, e)),
+            }
+        };
+        let _ = fs::remove_file(&tmp);
+        result
+    }
+
+    /// Hands out the next fencing token of a semaphore.
+    fn next_token(&self, sem_dir: &Path, content: &[u8]) -> Result<u64, Error> {
+        let dir = sem_dir.join("tokens");
+        let listed = numbered(&dir).map_err(|e| storage(&dir, e))?;
+        let hint = lock(&self.tokens).get(sem_dir).copied().unwrap_or(0);
+        let mut n = listed.last_key_value().map_or(0, |(n, _)| *n).max(hint) + 1;
+        let tmp = disk::write_temp(sem_dir, content).map_err(|e| storage(sem_dir, e))?;
+        let result = loop {
+            let target = dir.join(format!("{n:020}"));
+            match disk::claim(&tmp, &target, content) {
+                Ok(true) => break Ok(n),
+                Ok(false) => n += 1,
+                Err(e) => break Err(storage(&target, e)),
+            }
+        };
+        let _ = fs::remove_file(&tmp);
+        if let Ok(token) = result {
+            lock(&self.tokens).insert(sem_dir.to_owned(), token);
+            for path in listed
+                .range(..token.saturating_sub(KEEP_TOKENS))
+                .map(|(_, p)| p)
+            {
+                let _ = fs::remove_file(path);
+            }
+        }
+        result
+    }
+
+    /// One look at the queue: claims the slots if this acquire is at the head and they are
+    /// free. `Ok(None)`: keep waiting.
+    fn try_grant(
+        &self,
+        name: &str,
+        sem_dir: &Path,
+        capacity: u32,
+        record: &mut Record,
+        guard: &mut TicketGuard<'_>,
+        next_scan: &mut Instant,
+    ) -> Result<Option<Grant>, Error> {
+        let queue = sem_dir.join("queue");
+        let tickets = numbered(&queue).map_err(|e| storage(&queue, e))?;
+        let Some((mine, _)) = guard.ticket.clone() else {
+            return Ok(None);
+        };
+        if !tickets.contains_key(&mine) {
+            // Our ticket was reclaimed (we were paused for a TTL): queue again.
+            guard.ticket = Some(self.take_ticket(sem_dir, &guard.content)?);
+            return Ok(None);
+        }
+        let mut clock = FsClock {
+            root: &self.root,
+            now: None,
+        };
+        for path in tickets.range(..mine).map(|(_, p)| p) {
+            if !self.reap(sem_dir, path, &mut clock)? {
+                return Ok(None); // a live waiter is ahead of us
+            }
+        }
+        // At the head of the queue.
+        let present = slots(sem_dir).map_err(|e| storage(sem_dir, e))?;
+        let mut free: Vec<u32> = (0..capacity).filter(|i| !present.contains_key(i)).collect();
+        let weight = record.weight as usize;
+        if free.len() < weight && Instant::now() >= *next_scan {
+            *next_scan = Instant::now() + SCAN_EVERY;
+            for (i, path) in present.range(..capacity) {
+                if free.len() >= weight {
+                    break;
+                }
+                if self.reap(sem_dir, path, &mut clock)? {
+                    free.push(*i);
+                }
+            }
+        }
+        if free.len() < weight {
+            return Ok(None);
+        }
+        record.token = self.next_token(sem_dir, &guard.content)?;
+        record.start_ms = disk::unix_ms();
+        let content = record.encode();
+        let tmp = disk::write_temp(sem_dir, &content).map_err(|e| storage(sem_dir, e))?;
+        let mut claimed = Vec::with_capacity(weight);
+        let mut failure = None;
+        for i in &free[..weight] {
+            let target = sem_dir.join(format!("slot-{i}"));
+            match disk::claim(&tmp, &target, &content) {
+                Ok(true) => claimed.push(target),
+                Ok(false) => break,
+                Err(e) => {
+                    failure = Some(storage(&target, e));
+                    break;
+                }
+            }
+        }
+        let _ = fs::remove_file(&tmp);
+        let rollback = |claimed: &[PathBuf]| {
+            for path in claimed {
+                let _ = disk::remove_own(sem_dir, path, &content);
+            }
+        };
+        if let Some(e) = failure {
+            rollback(&claimed);
+            return Err(e);
+        }
+        if claimed.len() < weight {
+            // Someone else claimed a slot we saw free: back off and look again.
+            rollback(&claimed);
+            return Ok(None);
+        }
+        // Granted: leave the queue so that the next waiter becomes the head.
+        if let Some((_, path)) = guard.ticket.take() {
+            let _ = disk::remove_own(sem_dir, &path, &guard.content);
+        }
+        if Inner::is_closed(sem_dir) {
+            rollback(&claimed);
+            return Err(closed_err(name));
+        }
+        let (tx, rx) = watch::channel(None);
+        lock(&self.held).insert(
+            record.lease,
+            Held {
+                sem_dir: sem_dir.to_owned(),
+                slots: claimed,
+                content,
+                lost: tx,
+                last_ok: Instant::now(),
+            },
+        );
+        Ok(Some(Grant {
+            lease: record.lease,
+            token: record.token,
+            lost: rx,
+        }))
+    }
+
+    async fn acquire(
+        &self,
+        name: &str,
+        weight: u32,
+        timeout: Option<Duration>,
+    ) -> Result<Grant, Error> {
+        self.check_live()?;
+        let deadline = timeout.map(|t| Instant::now() + t);
+        if weight == 0 {
+            return Err(rejected(
+                ErrorCode::InvalidArgument,
+                "weight must be at least 1".into(),
+            ));
+        }
+        let sem_dir = self.sem_dir(name)?;
+        let Some(capacity) = self.capacity(&sem_dir, name)? else {
+            return Err(rejected(
+                ErrorCode::NoSuchSemaphore,
+                format!("semaphore {name:?} does not exist"),
+            ));
+        };
+        if Inner::is_closed(&sem_dir) {
+            return Err(closed_err(name));
+        }
+        if weight > capacity {
+            return Err(rejected(
+                ErrorCode::WeightExceedsCapacity,
+                format!("weight {weight} exceeds the capacity {capacity} of semaphore {name:?}"),
+            ));
+        }
+        let mut record = Record {
+            lease: self.next_lease.fetch_add(1, Ordering::Relaxed),
+            session: self.session,
+            weight,
+            token: 0,
+            ttl_ms: u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX),
+            start_ms: disk::unix_ms(),
+            nonce: random_id(),
+            who: self.who.clone(),
+        };
+        let mut guard = TicketGuard {
+            sem_dir: &sem_dir,
+            content: record.encode(),
+            ticket: None,
+        };
+        guard.ticket = Some(self.take_ticket(&sem_dir, &guard.content)?);
+        let mut last_touch = Instant::now();
+        let mut backoff = MIN_POLL;
+        let mut next_scan = Instant::now();
+        loop {
+            self.check_live()?;
+            if Inner::is_closed(&sem_dir) {
+                return Err(closed_err(name));
+            }
+            let granted = self.try_grant(
+                name,
+                &sem_dir,
+                capacity,
+                &mut record,
+                &mut guard,
+                &mut next_scan,
+            )?;
+            if let Some(grant) = granted {
+                return Ok(grant);
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return Err(Error::TimedOut);
+            }
+            if now >= last_touch + self.ttl / 3 {
+                last_touch = now;
+                if let Some((_, path)) = &guard.ticket {
+                    let touched =
+                        disk::touch(path, &guard.content).map_err(|e| storage(path, e))?;
+                    if touched == Touch::Gone {
+                        guard.ticket = None;
+                        guard.ticket = Some(self.take_ticket(&sem_dir, &guard.content)?);
+                    }
+                }
+            }
+            // Often enough to keep the ticket fresh, whatever the TTL.
+            let mut nap = backoff.min(self.ttl / 3);
+            if let Some(d) = deadline {
+                nap = nap.min(d.saturating_duration_since(now));
+            }
+            tokio::time::sleep(nap).await;
+            backoff = (backoff * 2).min(MAX_POLL);
+        }
+    }
+
+    /// Removes the slot files of a lease (those that are still ours).
+    fn free(held: &Held) {
+        for slot in &held.slots {
+            let _ = disk::remove_own(&held.sem_dir, slot, &held.content);
+        }
+    }
+
+    fn release(&self, lease: u64) -> Result<(), Error> {
+        let held = lock(&self.held).remove(&lease);
+        if let Some(held) = held {
+            for slot in &held.slots {
+                disk::remove_own(&held.sem_dir, slot, &held.content)
+                    .map_err(|e| storage(slot, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One heartbeat: rewrites every held slot file, and tells permits whose lease is gone.
+    /// Returns the time until the next one.
+    fn beat(&self) -> Duration {
+        let period = self.ttl / 3;
+        let give_up = self.ttl - self.ttl / 10;
+        let mut next = period;
+        let mut held = lock(&self.held);
+        let mut lost = Vec::new();
+        for (lease, h) in held.iter_mut() {
+            let started = Instant::now();
+            if Inner::is_closed(&h.sem_dir) {
+                lost.push((*lease, LostReason::Closed));
+                continue;
+            }
+            let mut outcome = Ok(Touch::Alive);
+            for slot in &h.slots {
+                outcome = disk::touch(slot, &h.content);
+                if outcome.as_ref().map_or(true, |t| *t == Touch::Gone) {
+                    break;
+                }
+            }
+            match outcome {
+                Ok(Touch::Alive) => h.last_ok = started,
+                Ok(Touch::Gone) => {
+                    let reason = if Inner::is_closed(&h.sem_dir) {
+                        LostReason::Closed
+                    } else {
+                        LostReason::Expired
+                    };
+                    lost.push((*lease, reason));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot refresh a lease file");
+                    if started.saturating_duration_since(h.last_ok) >= give_up {
+                        lost.push((*lease, LostReason::Unreachable));
+                    } else {
+                        next = next
+                            .min(self.ttl / 10)
+                            .min((h.last_ok + give_up).saturating_duration_since(started));
+                    }
+                }
+            }
+        }
+        for (lease, reason) in lost {
+            if let Some(h) = held.remove(&lease) {
+                tracing::warn!(lease, %reason, "lease lost");
+                Inner::free(&h);
+                let _ = h.lost.send(Some(reason));
+            }
+        }
+        next.max(Duration::from_millis(1))
+    }
+
+    /// Releases everything this client holds (waiting acquires see the flag and withdraw).
+    fn shutdown(&self) {
+        self.shut.store(true, Ordering::Relaxed);
+        let held: Vec<Held> = lock(&self.held).drain().map(|(_, h)| h).collect();
+        for h in &held {
+            Inner::free(h);
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl Backend for FileBackend {
+    fn ensure<'a>(&'a self, name: &'a str, capacity: u32) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            self.inner.check_live()?;
+            self.inner.ensure(name, capacity)
+        })
+    }
+
+    fn acquire<'a>(
+        &'a self,
+        name: &'a str,
+        weight: u32,
+        timeout: Option<Duration>,
+    ) -> BoxFuture<'a, Result<Grant, Error>> {
+        Box::pin(self.inner.acquire(name, weight, timeout))
+    }
+
+    fn release(&self, lease: u64) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(async move { self.inner.release(lease) })
+    }
+
+    fn release_in_background(&self, lease: u64) {
+        let _ = self.inner.release(lease);
+    }
+
+    fn close<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            self.inner.check_live()?;
+            self.inner.close(name)
+        })
+    }
+
+    fn status<'a>(&'a self, name: Option<&'a str>) -> BoxFuture<'a, Result<StatusDoc, Error>> {
+        Box::pin(async move {
+            self.inner.check_live()?;
+            self.inner.status(name)
+        })
+    }
+
+    fn end_session(&self, session: u64) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(async move {
+            self.inner.check_live()?;
+            self.inner.end_session(session)
+        })
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(async move {
+            self.inner.shutdown();
+            Ok(())
+        })
+    }
+
+    fn session_id(&self) -> u64 {
+        self.inner.session
+    }
+}

@@ -1,0 +1,350 @@
+//! The shared-directory backend (`file:///DIR`): the conformance suite, plus what only this
+//! backend has — stale records (by age on the file system's clock), garbage files, unusable
+//! directories.
+//!
+//! Every test works in a fresh directory under the system's temporary directory, removed when
+//! the test ends.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use tokio::time::{timeout, Instant};
+use turnstile_client::{Client, Error, ErrorCode, LostReason, Options};
+
+mod conformance;
+use conformance::{hex, status_of, Fixture, PATIENCE, QUIET};
+
+conformance_suite!(file, Scratch::new());
+
+/// A fresh directory under `std::env::temp_dir()`, removed on drop.
+struct Scratch {
+    path: PathBuf,
+}
+
+impl Scratch {
+    fn new() -> Scratch {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "turnstile-file-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        Scratch { path }
+    }
+
+    fn url(&self) -> String {
+        format!("file://{}", self.path.display())
+    }
+
+    async fn client_with_ttl(&self, ttl: Duration) -> Client {
+        let options = Options {
+            session_ttl: Some(ttl),
+            ..Options::default()
+        };
+        Client::connect_with(&self.url(), options)
+            .await
+            .expect("connect")
+    }
+
+    fn sem(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+impl Fixture for Scratch {
+    async fn client(&self) -> Client {
+        Client::connect(&self.url()).await.expect("connect")
+    }
+
+    fn counts_totals(&self) -> bool {
+        false
+    }
+}
+
+/// Writes `content` to `path` and sets its modification time `age` into the past.
+fn plant(path: &Path, content: &[u8], age: Duration) {
+    std::fs::write(path, content).expect("write the planted file");
+    let file = std::fs::File::options()
+        .write(true)
+        .open(path)
+        .expect("open the planted file");
+    file.set_modified(SystemTime::now() - age)
+        .expect("set the planted file's mtime");
+}
+
+/// A well-formed lease record of a process on another host (so only its age can make it
+/// stale).
+fn foreign_record(ttl_ms: u64) -> Vec<u8> {
+    format!(
+        "turnstile-lease-v1 lease=1 session=00000000000000aa weight=1 token=1 ttl_ms={ttl_ms} \
+         start_ms=0 nonce=0000000000000001 host=elsewhere boot=x pidns=x pid=1\n"
+    )
+    .into_bytes()
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// A missing directory is created (with its parents).
+#[tokio::test]
+async fn missing_directory_is_created() {
+    let dir = Scratch::new();
+    let nested = Scratch {
+        path: dir.path.join("a/b/c"),
+    };
+    assert!(!nested.path.exists());
+    let client = nested.client().await;
+    assert!(nested.path.is_dir());
+    let sem = client.semaphore("x", 1).await.expect("ensure");
+    drop(sem.acquire().await.expect("acquire"));
+    client.shutdown().await.expect("shutdown");
+}
+
+/// A path that cannot be a directory gives one clear error naming it. (Tests run as root on
+/// CI, where mode 0555 is not enforced, so the unusable directory is one below a regular
+/// file.)
+#[tokio::test]
+async fn unusable_directory_is_one_clear_error() {
+    let dir = Scratch::new();
+    std::fs::create_dir_all(&dir.path).expect("mkdir");
+    let file = dir.path.join("regular-file");
+    std::fs::write(&file, b"x").expect("write");
+    let bad = file.join("semaphores");
+    let err = Client::connect(&format!("file://{}", bad.display()))
+        .await
+        .expect_err("a directory under a regular file cannot be used");
+    assert!(matches!(err, Error::Storage { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains(&bad.display().to_string()), "{text}");
+    assert!(!text.contains('\n'));
+    let cause = std::error::Error::source(&err)
+        .expect("the cause")
+        .to_string();
+    assert!(cause.to_lowercase().contains("not a directory"), "{cause}");
+
+    for url in ["file://relative/path", "file://somehost/x"] {
+        let err = Client::connect(url).await.expect_err("bad file URL");
+        assert!(matches!(err, Error::InvalidUrl { .. }), "{err:?}");
+    }
+}
+
+/// Garbage and truncated slot files count as held while fresh, are reclaimed once old, and
+/// never make anything panic; status skips them as holders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_slot_files_are_reclaimed_once_old() {
+    let dir = Scratch::new();
+    let client = dir.client().await;
+    let sem = client.semaphore("g", 2).await.expect("ensure");
+    let good = String::from_utf8(foreign_record(10_000)).expect("utf8");
+    plant(
+        &dir.sem("g").join("slot-0"),
+        b"\xff\xfegarbage",
+        Duration::ZERO,
+    );
+    plant(
+        &dir.sem("g").join("slot-1"),
+        &good.as_bytes()[..good.len() / 2],
+        Duration::ZERO,
+    );
+    // Fresh: they might be a holder we do not understand, so they are respected.
+    assert!(sem.try_acquire().await.expect("try").is_none());
+    let st = status_of(&client, "g").await;
+    assert_eq!((st.in_use, st.holders.len()), (2, 0), "{st:?}");
+
+    // Old: reclaimed.
+    plant(&dir.sem("g").join("slot-0"), b"\xff\xfegarbage", HOUR);
+    plant(
+        &dir.sem("g").join("slot-1"),
+        &good.as_bytes()[..good.len() / 2],
+        HOUR,
+    );
+    let permit = timeout(PATIENCE, sem.acquire_many(2))
+        .await
+        .expect("the old garbage is reclaimed")
+        .expect("acquire");
+    let st = status_of(&client, "g").await;
+    assert_eq!(st.holders.len(), 1);
+    assert_eq!(st.holders[0].weight, 2);
+    assert_eq!(st.holders[0].session, hex(client.session_id()));
+    permit.release().await.expect("release");
+
+    // A garbage ticket at the head of the queue does not block the queue forever either.
+    plant(
+        &dir.sem("g").join("queue").join("00000000000000000001"),
+        b"",
+        HOUR,
+    );
+    let permit = timeout(PATIENCE, sem.acquire())
+        .await
+        .expect("the old garbage ticket is reclaimed")
+        .expect("acquire");
+    drop(permit);
+}
+
+/// A damaged capacity file is a clear error, not a panic and not a silent default.
+#[tokio::test]
+async fn damaged_capacity_file_is_a_clear_error() {
+    let dir = Scratch::new();
+    let client = dir.client().await;
+    client.semaphore("c", 1).await.expect("ensure");
+    std::fs::write(dir.sem("c").join("capacity"), b"thr").expect("damage");
+    for err in [
+        client.semaphore("c", 1).await.expect_err("ensure"),
+        client
+            .existing_semaphore("c")
+            .acquire()
+            .await
+            .expect_err("acquire"),
+    ] {
+        assert!(matches!(err, Error::Storage { .. }), "{err:?}");
+        assert!(err.to_string().contains("capacity"), "{err}");
+        let cause = std::error::Error::source(&err).expect("cause").to_string();
+        assert!(cause.contains("damaged"), "{cause}");
+    }
+    // Status skips it rather than failing as a whole.
+    client.status(None).await.expect("status");
+}
+
+/// A lease whose owner stopped refreshing it is reclaimed once it is older than the owner's
+/// TTL by the file system's clock, and not before; a live holder with a short TTL keeps its
+/// lease for as long as it lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_leases_are_reclaimed_after_their_ttl_and_live_ones_are_not() {
+    let dir = Scratch::new();
+    let holder = dir.client_with_ttl(Duration::from_secs(2)).await;
+    let other = dir.client().await;
+    let sem_h = holder.semaphore("s", 1).await.expect("ensure");
+    let sem_o = other.semaphore("s", 1).await.expect("ensure");
+
+    // A live holder with a 2 s TTL is refreshed every 667 ms: nobody steals it.
+    let permit = sem_h.acquire().await.expect("acquire");
+    let err = sem_o
+        .acquire_timeout(Duration::from_millis(3000))
+        .await
+        .expect_err("the lease is alive");
+    assert!(matches!(err, Error::TimedOut), "{err:?}");
+    assert_eq!(permit.lost_reason(), None);
+    let token = permit.fencing_token();
+    permit.release().await.expect("release");
+
+    // A record of a process elsewhere that stopped refreshing it: reclaimed after its TTL.
+    plant(
+        &dir.sem("s").join("slot-0"),
+        &foreign_record(700),
+        Duration::ZERO,
+    );
+    let started = Instant::now();
+    let p = timeout(PATIENCE, sem_o.acquire())
+        .await
+        .expect("reclaimed after its TTL")
+        .expect("acquire");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(500),
+        "reclaimed too early: {waited:?}"
+    );
+    assert!(p.fencing_token() > token);
+    drop(p);
+}
+
+/// `end_session` takes a session's leases away; the holder hears that its lease is lost and
+/// the slot goes to the next waiter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_session_frees_the_leases_and_the_holder_hears_of_it() {
+    let dir = Scratch::new();
+    let holder = dir.client_with_ttl(Duration::from_millis(600)).await;
+    let (supervisor, waiter) = (dir.client().await, dir.client().await);
+    let sem_h = holder.semaphore("e", 1).await.expect("ensure");
+    let sem_w = waiter.semaphore("e", 1).await.expect("ensure");
+    let permit = sem_h.acquire().await.expect("acquire");
+    let mut queued = tokio::spawn(async move { sem_w.acquire().await });
+    assert!(timeout(QUIET, &mut queued).await.is_err());
+
+    supervisor
+        .end_session(holder.session_id())
+        .await
+        .expect("end_session");
+    let granted = timeout(PATIENCE, queued)
+        .await
+        .expect("the waiter gets the slot")
+        .expect("task")
+        .expect("acquire");
+    let reason = timeout(PATIENCE, permit.lost())
+        .await
+        .expect("the holder hears of it");
+    assert_eq!(reason, LostReason::Expired);
+    let st = status_of(&supervisor, "e").await;
+    assert_eq!(st.holders.len(), 1);
+    assert_eq!(st.holders[0].session, hex(waiter.session_id()));
+    drop(granted);
+}
+
+/// Names that are not file names (slashes, dots, percent signs, long UTF-8) are kept apart
+/// and reported under their own names.
+#[tokio::test]
+async fn any_valid_name_maps_to_its_own_directory() {
+    let dir = Scratch::new();
+    let client = dir.client().await;
+    let long = "ü".repeat(127);
+    let names = ["a/b", "a%2Fb", "..", ".", "-x", "with space", long.as_str()];
+    for (i, name) in names.iter().enumerate() {
+        client
+            .semaphore(name, i as u32 + 1)
+            .await
+            .unwrap_or_else(|e| panic!("ensure {name:?}: {e}"));
+    }
+    let doc = client.status(None).await.expect("status");
+    let mut got: Vec<(String, u32)> = doc
+        .semaphores
+        .into_iter()
+        .map(|s| (s.name, s.capacity))
+        .collect();
+    got.sort();
+    let mut want: Vec<(String, u32)> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.to_string(), i as u32 + 1))
+        .collect();
+    want.sort();
+    assert_eq!(got, want);
+    for bad in ["", "a\nb"] {
+        let err = client.semaphore(bad, 1).await.expect_err("invalid name");
+        assert_eq!(err.code(), Some(ErrorCode::InvalidArgument), "{err:?}");
+    }
+    let err = client
+        .semaphore(&"x".repeat(256), 1)
+        .await
+        .expect_err("too long");
+    assert_eq!(err.code(), Some(ErrorCode::InvalidArgument), "{err:?}");
+}
+
+/// The blocking facade drives the file backend as well; dropping the last handle releases.
+#[test]
+fn blocking_facade_works_on_a_directory() {
+    let dir = Scratch::new();
+    let client = turnstile_client::blocking::Client::connect(&dir.url()).expect("connect");
+    let sem = client.semaphore("b", 1).expect("ensure");
+    let permit = sem.acquire().expect("acquire");
+    assert!(sem.try_acquire().expect("try").is_none());
+    let token = permit.fencing_token();
+    drop(permit);
+    let again = sem
+        .try_acquire()
+        .expect("try")
+        .expect("free after the drop");
+    assert!(again.fencing_token() > token);
+    drop((again, sem, client));
+    let other = turnstile_client::blocking::Client::connect(&dir.url()).expect("connect");
+    let doc = other.status(Some("b")).expect("status");
+    assert_eq!(
+        doc.semaphores[0].in_use, 0,
+        "released when the client went away"
+    );
+}

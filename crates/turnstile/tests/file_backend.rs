@@ -1,0 +1,206 @@
+//! Black-box tests of `turnstile run` on the shared-directory backend (`file://DIR`): real
+//! processes and no coordinator in the loop. (The harness of `common/mod.rs` starts a
+//! coordinator anyway; these tests point every command at a directory instead, with
+//! `TURNSTILE_URL` or `--url`.)
+
+#[allow(dead_code)] // the helpers serve several test binaries
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Harness, SOON};
+use nix::sys::signal::Signal;
+
+/// Number of `turnstile run` processes competing in the concurrency test.
+const CLIENTS: u64 = 32;
+/// Capacity of the semaphore they compete for.
+const LIMIT: usize = 3;
+
+/// `turnstile ARGS` with `TURNSTILE_URL=file://<scratch>/sems`.
+fn file_command(h: &Harness, args: &[&str]) -> Command {
+    let mut cmd = h.command(args);
+    cmd.env("TURNSTILE_URL", file_url(h));
+    cmd
+}
+
+fn file_url(h: &Harness) -> String {
+    format!("file://{}", h.dir.join("sems").display())
+}
+
+/// 32 concurrent `turnstile run --limit 3` on one directory: never more than 3 commands at
+/// once, 3 at once at some point, and a distinct fencing token for every grant.
+#[test]
+fn limit_bounds_concurrency_across_processes() {
+    let h = Harness::new("file-concurrency", "10s");
+    // As in cli.rs: each command appends "start TOKEN NANOS" and, 0.3 s later, "end TOKEN
+    // NANOS"; the stamps lie inside the time the slot is held, so the overlap of the logged
+    // intervals can only exceed 3 if more than 3 held a slot at once.
+    let script = r#"echo "start $TURNSTILE_FENCING_TOKEN $(date +%s%N)" >> "$DIR/events"
+        sleep 0.3
+        echo "end $TURNSTILE_FENCING_TOKEN $(date +%s%N)" >> "$DIR/events""#;
+    let limit = LIMIT.to_string();
+    let mut procs: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let cmd = file_command(
+                &h,
+                &["run", "db", "--limit", &limit, "--", "sh", "-c", script],
+            );
+            h.spawn_command(&format!("client{i}"), cmd)
+        })
+        .collect();
+    for p in &mut procs {
+        let out = p.wait(Duration::from_secs(90));
+        assert_eq!(out.code(), 0, "{out:?}");
+    }
+
+    let log = h.dir.read("events").expect("the commands wrote events");
+    let mut starts = BTreeMap::new();
+    let mut ends = BTreeMap::new();
+    let mut events = Vec::new();
+    for line in log.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [kind, token, nanos] = fields[..] else {
+            panic!("malformed event line {line:?}");
+        };
+        let token: u64 = token.parse().expect("a numeric fencing token");
+        let nanos: u128 = nanos.parse().expect("nanoseconds");
+        let (map, delta) = match kind {
+            "start" => (&mut starts, 1),
+            "end" => (&mut ends, -1),
+            _ => panic!("malformed event line {line:?}"),
+        };
+        assert!(
+            map.insert(token, nanos).is_none(),
+            "token {token} logged {kind} twice"
+        );
+        events.push((nanos, delta));
+    }
+    assert_eq!(starts.len() as u64, CLIENTS, "one distinct token per grant");
+    assert_eq!(
+        starts.keys().collect::<BTreeSet<_>>(),
+        ends.keys().collect::<BTreeSet<_>>()
+    );
+    assert!(starts.keys().all(|&t| t >= 1));
+    events.sort();
+    let (mut now, mut max) = (0i32, 0i32);
+    for (_, delta) in events {
+        now += delta;
+        max = max.max(now);
+    }
+    assert!(
+        max <= LIMIT as i32,
+        "{max} commands ran at once with --limit {LIMIT}"
+    );
+    assert_eq!(
+        max, LIMIT as i32,
+        "the limit was never reached: slots were wasted"
+    );
+
+    let out = h
+        .spawn_command("status", file_command(&h, &["status", "db", "--json"]))
+        .wait(SOON);
+    assert_eq!(out.code(), 0, "{out:?}");
+    let doc: serde_json::Value = serde_json::from_str(&out.stdout).expect("JSON");
+    assert_eq!(
+        doc["semaphores"][0]["in_use"], 0,
+        "every slot released: {doc}"
+    );
+    assert_eq!(doc["semaphores"][0]["queued"], 0, "no ticket left: {doc}");
+}
+
+/// A holder killed with SIGKILL leaves its slot file behind, naming a pid of this host that
+/// no longer exists: the next acquire reclaims it at once, long before the 10 s TTL.
+#[test]
+fn slot_of_a_killed_local_holder_is_reclaimed_at_once() {
+    let h = Harness::new("file-killed", "10s");
+    let script = r#"echo "$TURNSTILE_FENCING_TOKEN" > "$DIR/held.tmp" && mv "$DIR/held.tmp" "$DIR/held"; sleep 60"#;
+    let mut holder = h.spawn_command(
+        "holder",
+        file_command(
+            &h,
+            &["run", "one", "--limit", "1", "--", "sh", "-c", script],
+        ),
+    );
+    let first: u64 = h.dir.wait_for("held").trim().parse().expect("token");
+    holder.signal(Signal::SIGKILL);
+    holder.wait(SOON); // reaped: the pid is gone, not a zombie
+
+    let started = Instant::now();
+    let out = h
+        .spawn_command(
+            "next",
+            file_command(
+                &h,
+                &[
+                    "run",
+                    "one",
+                    "--limit",
+                    "1",
+                    "--timeout",
+                    "5s",
+                    "--",
+                    "sh",
+                    "-c",
+                    "echo $TURNSTILE_FENCING_TOKEN",
+                ],
+            ),
+        )
+        .wait(SOON);
+    assert_eq!(
+        out.code(),
+        0,
+        "the dead holder's slot was not reclaimed: {out:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    let second: u64 = out.stdout.trim().parse().expect("token");
+    assert!(second > first, "tokens increase: {first} then {second}");
+}
+
+/// With neither --url nor TURNSTILE_URL, `turnstile run` uses the file backend in
+/// $XDG_RUNTIME_DIR/turnstile: no server, no set-up.
+#[test]
+fn no_url_means_a_per_user_directory() {
+    let h = Harness::new("file-default", "10s");
+    let runtime_dir = h.dir.join("xdg");
+    std::fs::create_dir_all(&runtime_dir).expect("mkdir");
+    let mut cmd = h.command(&["run", "dflt", "--limit", "4", "--", "true"]);
+    cmd.env_remove("TURNSTILE_URL")
+        .env("XDG_RUNTIME_DIR", &runtime_dir);
+    let out = h.spawn_command("default", cmd).wait(SOON);
+    assert_eq!(out.code(), 0, "{out:?}");
+    let capacity = runtime_dir.join("turnstile").join("dflt").join("capacity");
+    let text = std::fs::read_to_string(&capacity).expect("the semaphore is in the default dir");
+    assert_eq!(text, "4\ndflt\n");
+
+    let mut cmd = h.command(&["status", "--json"]);
+    cmd.env_remove("TURNSTILE_URL")
+        .env("XDG_RUNTIME_DIR", &runtime_dir);
+    let out = h.spawn_command("default-status", cmd).wait(SOON);
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert!(out.stdout.contains("\"dflt\""), "{out:?}");
+}
+
+/// A directory that cannot be used is one line on stderr naming it.
+#[test]
+fn unusable_directory_is_one_line() {
+    let h = Harness::new("file-unusable", "10s");
+    std::fs::write(h.dir.join("plain"), b"x").expect("write");
+    let bad = h.dir.join("plain").join("sems");
+    let url = format!("file://{}", bad.display());
+    let out = h
+        .spawn_command(
+            "unusable",
+            file_command(
+                &h,
+                &["run", "x", "--limit", "1", "--url", &url, "--", "true"],
+            ),
+        )
+        .wait(SOON);
+    out.assert_one_line_error(&["cannot use", &bad.display().to_string()]);
+}
