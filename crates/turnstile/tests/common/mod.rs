@@ -100,13 +100,15 @@ pub struct Server {
 
 impl Server {
     /// Starts a coordinator on 127.0.0.1 port 0 and waits for the line that says where it
-    /// listens.
+    /// listens. It keeps its state in memory: these tests do not restart it, and servers of
+    /// tests running in parallel must not share (and lock) the default data directory.
     pub fn start(session_ttl: &str) -> Server {
         let mut child = Command::new(BIN)
             .args([
                 "serve",
                 "--listen",
                 "127.0.0.1:0",
+                "--in-memory",
                 "--session-ttl",
                 session_ttl,
             ])
