@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
-use common::{assert_no_panic, process_exists, wait_until, Harness, SOON};
+use common::{assert_no_panic, process_exists, read_holds, wait_until, Harness, HOLD_SCRIPT, SOON};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
@@ -31,15 +31,9 @@ const LIMIT: usize = 3;
 #[test]
 fn limit_bounds_concurrency_and_tokens_are_dense() {
     let h = Harness::new("concurrency", "10s");
-    // Each command appends "start TOKEN NANOS" and, 0.3 s later, "end TOKEN NANOS" to one
-    // file. `echo ... >>` is a single write(2) of a short line to a file opened with
-    // O_APPEND, which is atomic, so lines never interleave. The start/end stamps lie inside
-    // the time the slot is held (granted before the command starts, released after it exits),
-    // so the overlap of the logged intervals is a lower bound of the real concurrency and can
-    // only exceed 3 if the semaphore let more than 3 holders in.
-    let script = r#"echo "start $TURNSTILE_FENCING_TOKEN $(date +%s%N)" >> "$DIR/events"
-        sleep 0.3
-        echo "end $TURNSTILE_FENCING_TOKEN $(date +%s%N)" >> "$DIR/events""#;
+    // Each command logs its hold (see `HOLD_SCRIPT`); the logged intervals bound the real
+    // concurrency from below.
+    let script = HOLD_SCRIPT;
     let limit = LIMIT.to_string();
     let mut procs: Vec<_> = (0..CLIENTS)
         .map(|i| {
@@ -54,58 +48,20 @@ fn limit_bounds_concurrency_and_tokens_are_dense() {
         assert_eq!(out.code(), 0, "{out:?}");
     }
 
-    let log = h.dir.read("events").expect("the commands wrote events");
-    let mut starts = BTreeMap::new();
-    let mut ends = BTreeMap::new();
-    let mut events = Vec::new(); // (nanos, +1 for a start, -1 for an end)
-    for line in log.lines() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let [kind, token, nanos] = fields[..] else {
-            panic!("malformed event line {line:?}");
-        };
-        let token: u64 = token.parse().expect("a numeric fencing token");
-        let nanos: u128 = nanos.parse().expect("date +%s%N gives nanoseconds");
-        let (map, delta) = match kind {
-            "start" => (&mut starts, 1),
-            "end" => (&mut ends, -1),
-            _ => panic!("malformed event line {line:?}"),
-        };
-        assert!(
-            map.insert(token, nanos).is_none(),
-            "token {token} logged {kind} twice"
-        );
-        events.push((nanos, delta));
-    }
+    let holds = read_holds(&h.dir.read("events").expect("the commands wrote events"));
     let expected: BTreeSet<u64> = (1..=CLIENTS).collect();
     assert_eq!(
-        starts.keys().copied().collect::<BTreeSet<_>>(),
+        holds.starts.keys().copied().collect::<BTreeSet<_>>(),
         expected,
         "every grant gets a distinct fencing token, 1..=32 in grant order"
     );
-    assert_eq!(
-        starts.keys().collect::<Vec<_>>(),
-        ends.keys().collect::<Vec<_>>()
-    );
-    for (token, start) in &starts {
-        assert!(
-            start < &ends[token],
-            "token {token} ended before it started"
-        );
-    }
-
-    // Sweep the events in time order; on a tie an end goes first (it sorts first as -1).
-    events.sort();
-    let (mut now, mut max) = (0i32, 0i32);
-    for (_, delta) in events {
-        now += delta;
-        max = max.max(now);
-    }
     assert!(
-        max <= LIMIT as i32,
-        "{max} commands ran at once with --limit {LIMIT}"
+        holds.max_overlap <= LIMIT,
+        "{} commands ran at once with --limit {LIMIT}",
+        holds.max_overlap
     );
     assert_eq!(
-        max, LIMIT as i32,
+        holds.max_overlap, LIMIT,
         "the limit was never reached: slots were wasted"
     );
 

@@ -6,11 +6,10 @@
 #[allow(dead_code)] // the helpers serve several test binaries
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Harness, SOON};
+use common::{read_holds, Harness, HOLD_SCRIPT, SOON};
 use nix::sys::signal::Signal;
 
 /// Number of `turnstile run` processes competing in the concurrency test.
@@ -34,12 +33,8 @@ fn file_url(h: &Harness) -> String {
 #[test]
 fn limit_bounds_concurrency_across_processes() {
     let h = Harness::new("file-concurrency", "10s");
-    // As in cli.rs: each command appends "start TOKEN NANOS" and, 0.3 s later, "end TOKEN
-    // NANOS"; the stamps lie inside the time the slot is held, so the overlap of the logged
-    // intervals can only exceed 3 if more than 3 held a slot at once.
-    let script = r#"echo "start $TURNSTILE_FENCING_TOKEN $(date +%s%N)" >> "$DIR/events"
-        sleep 0.3
-        echo "end $TURNSTILE_FENCING_TOKEN $(date +%s%N)" >> "$DIR/events""#;
+    // As in cli.rs: the logged holds (see `HOLD_SCRIPT`) bound the real concurrency from below.
+    let script = HOLD_SCRIPT;
     let limit = LIMIT.to_string();
     let mut procs: Vec<_> = (0..CLIENTS)
         .map(|i| {
@@ -55,46 +50,20 @@ fn limit_bounds_concurrency_across_processes() {
         assert_eq!(out.code(), 0, "{out:?}");
     }
 
-    let log = h.dir.read("events").expect("the commands wrote events");
-    let mut starts = BTreeMap::new();
-    let mut ends = BTreeMap::new();
-    let mut events = Vec::new();
-    for line in log.lines() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let [kind, token, nanos] = fields[..] else {
-            panic!("malformed event line {line:?}");
-        };
-        let token: u64 = token.parse().expect("a numeric fencing token");
-        let nanos: u128 = nanos.parse().expect("nanoseconds");
-        let (map, delta) = match kind {
-            "start" => (&mut starts, 1),
-            "end" => (&mut ends, -1),
-            _ => panic!("malformed event line {line:?}"),
-        };
-        assert!(
-            map.insert(token, nanos).is_none(),
-            "token {token} logged {kind} twice"
-        );
-        events.push((nanos, delta));
-    }
-    assert_eq!(starts.len() as u64, CLIENTS, "one distinct token per grant");
+    let holds = read_holds(&h.dir.read("events").expect("the commands wrote events"));
     assert_eq!(
-        starts.keys().collect::<BTreeSet<_>>(),
-        ends.keys().collect::<BTreeSet<_>>()
+        holds.starts.len() as u64,
+        CLIENTS,
+        "one distinct token per grant"
     );
-    assert!(starts.keys().all(|&t| t >= 1));
-    events.sort();
-    let (mut now, mut max) = (0i32, 0i32);
-    for (_, delta) in events {
-        now += delta;
-        max = max.max(now);
-    }
+    assert!(holds.starts.keys().all(|&t| t >= 1));
     assert!(
-        max <= LIMIT as i32,
-        "{max} commands ran at once with --limit {LIMIT}"
+        holds.max_overlap <= LIMIT,
+        "{} commands ran at once with --limit {LIMIT}",
+        holds.max_overlap
     );
     assert_eq!(
-        max, LIMIT as i32,
+        holds.max_overlap, LIMIT,
         "the limit was never reached: slots were wasted"
     );
 

@@ -358,3 +358,70 @@ impl Harness {
 pub fn process_exists(pid: i32) -> bool {
     kill(Pid::from_raw(pid), None).is_ok()
 }
+
+/// The command each process of a concurrency test runs while it holds a slot: it appends
+/// "start TOKEN NANOS" and, 0.3 s later, "end TOKEN NANOS" to `$DIR/events`. `echo ... >>` is
+/// a single write(2) of a short line to a file opened with O_APPEND, which is atomic, so lines
+/// never interleave. The stamps lie inside the time the slot is held (granted before the
+/// command starts, released after it exits), so the overlap of the logged intervals is a lower
+/// bound of the real concurrency and can only exceed the limit if the semaphore let more
+/// holders in.
+pub const HOLD_SCRIPT: &str = r#"echo "start $TURNSTILE_FENCING_TOKEN $(date +%s%N)" >> "$DIR/events"
+        sleep 0.3
+        echo "end $TURNSTILE_FENCING_TOKEN $(date +%s%N)" >> "$DIR/events""#;
+
+/// What the commands of a concurrency test logged.
+pub struct Holds {
+    /// Start time (ns) by fencing token.
+    pub starts: std::collections::BTreeMap<u64, u128>,
+    /// The most commands that held a slot at the same time.
+    pub max_overlap: usize,
+}
+
+/// Parses the `$DIR/events` log of [`HOLD_SCRIPT`]: every token logged once as start and once
+/// as end, the end after the start; and sweeps the events to find the largest overlap.
+pub fn read_holds(log: &str) -> Holds {
+    let mut starts = std::collections::BTreeMap::new();
+    let mut ends = std::collections::BTreeMap::new();
+    let mut events = Vec::new(); // (nanos, +1 for a start, -1 for an end)
+    for line in log.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [kind, token, nanos] = fields[..] else {
+            panic!("malformed event line {line:?}");
+        };
+        let token: u64 = token.parse().expect("a numeric fencing token");
+        let nanos: u128 = nanos.parse().expect("date +%s%N gives nanoseconds");
+        let (map, delta) = match kind {
+            "start" => (&mut starts, 1i64),
+            "end" => (&mut ends, -1),
+            _ => panic!("malformed event line {line:?}"),
+        };
+        assert!(
+            map.insert(token, nanos).is_none(),
+            "token {token} logged {kind} twice"
+        );
+        events.push((nanos, delta));
+    }
+    assert_eq!(
+        starts.keys().collect::<Vec<_>>(),
+        ends.keys().collect::<Vec<_>>(),
+        "every command that started also ended"
+    );
+    for (token, start) in &starts {
+        assert!(
+            start < &ends[token],
+            "token {token} ended before it started"
+        );
+    }
+    // Sweep in time order; on a tie an end goes first (it sorts first as -1).
+    events.sort();
+    let (mut now, mut max) = (0i64, 0i64);
+    for (_, delta) in events {
+        now += delta;
+        max = max.max(now);
+    }
+    Holds {
+        starts,
+        max_overlap: usize::try_from(max).unwrap_or(0),
+    }
+}
