@@ -32,8 +32,11 @@
 //! free slot names, then removes its ticket so that the next waiter becomes the head. A
 //! heavy head is therefore never overtaken by lighter waiters, and claimers never deadlock on
 //! partial claims (there is one claimer; if a claim still fails half-way, it is rolled back).
-//! Waiting polls with exponential backoff up to 200 ms; an immediate acquire goes through
-//! the queue too, and gives up after one look.
+//! Waiting polls with exponential backoff up to 200 ms, and on Linux an inotify watch on the
+//! semaphore's directory wakes the waiter at once when a slot or ticket is removed or the
+//! semaphore is closed on this host (changes made by other NFS clients raise no local event,
+//! so the poll stays as the bound); an immediate acquire goes through the queue too, and gives
+//! up after one look.
 //!
 //! # Liveness
 //!
@@ -73,6 +76,7 @@
 
 mod admin;
 mod disk;
+mod notify;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -537,6 +541,8 @@ impl Inner {
         guard.ticket = Some(self.take_ticket(&sem_dir, &guard.content)?);
         let mut last_touch = Instant::now();
         let mut backoff = MIN_POLL;
+        // Created after the ticket, so that taking it does not wake us.
+        let watch = notify::Watch::new(&sem_dir);
         let mut next_scan = Instant::now();
         loop {
             self.check_live()?;
@@ -574,8 +580,21 @@ impl Inner {
             if let Some(d) = deadline {
                 nap = nap.min(d.saturating_duration_since(now));
             }
-            tokio::time::sleep(nap).await;
-            backoff = (backoff * 2).min(MAX_POLL);
+            let woken = match &watch {
+                Some(w) => tokio::select! {
+                    _ = tokio::time::sleep(nap) => false,
+                    _ = w.changed() => true,
+                },
+                None => {
+                    tokio::time::sleep(nap).await;
+                    false
+                }
+            };
+            backoff = if woken {
+                MIN_POLL
+            } else {
+                (backoff * 2).min(MAX_POLL)
+            };
         }
     }
 
