@@ -32,7 +32,10 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod jobs;
+
 use crate::effect::{Effect, EndReason, Event, LostReason, Record, Reply};
+use crate::job::JobOutcome;
 use crate::view::{Counters, HolderView, SemaphoreView};
 use crate::{Error, LeaseId, SessionId, Tag, Time, Token, WaitStats};
 
@@ -50,6 +53,8 @@ pub enum Request<'a> {
         session: SessionId,
         /// How long the session lives without a keep-alive. Must be positive.
         ttl: Duration,
+        /// A description of the client ("host:pid"), shown as the holder of its leases.
+        client: &'a str,
     },
     /// Refreshes a session that must already exist: a reconnecting client uses this to learn
     /// whether its leases survived. Replies [`Reply::SessionOpened`] or
@@ -114,6 +119,59 @@ pub enum Request<'a> {
         /// The semaphore.
         name: &'a str,
     },
+    /// Starts an attempt at a run-once job: replies [`Reply::JobCompleted`] if the job has
+    /// completed, else takes the job's exclusive lease `lease` and replies
+    /// [`Reply::Granted`] (run it now). If another attempt holds the lease, `timeout` zero
+    /// replies [`Reply::JobBusy`]; otherwise the attempt queues (FIFO) and is answered when
+    /// the running attempt ends: [`Reply::JobCompleted`] if it succeeded, a grant if it
+    /// failed, [`Error::TimedOut`] if `timeout` passes first. Retrying with the same lease id
+    /// is idempotent, as for an acquire; [`Request::Release`] withdraws a queued attempt.
+    BeginJob {
+        /// The session.
+        session: SessionId,
+        /// The lease id the client chose for the job's lease.
+        lease: LeaseId,
+        /// The job: 1 to [`MAX_NAME_LEN`] bytes, no control characters. Job names are their
+        /// own namespace, apart from semaphore names.
+        job: &'a str,
+        /// The job's group (kept from an earlier attempt when `None`).
+        group: Option<&'a str>,
+        /// How long to wait for a running attempt to end; `None` waits as long as it takes.
+        timeout: Option<Duration>,
+    },
+    /// Ends the attempt that holds the job's lease `lease`: records its completion or a
+    /// failed attempt, and releases the lease. Fails with [`Error::UnknownLease`] if the lease
+    /// is not the held lease of a job (lost, say): a fenced-off attempt records nothing.
+    FinishJob {
+        /// The session.
+        session: SessionId,
+        /// The job's lease.
+        lease: LeaseId,
+        /// How the attempt ended.
+        outcome: JobOutcome<'a>,
+    },
+    /// Forgets a job's completion and failed attempts, so that the next attempt runs it.
+    /// Replies [`Reply::JobReset`]; a no-op for an unknown job.
+    ResetJob {
+        /// The job.
+        job: &'a str,
+    },
+    /// Waits until no job of `group` is running and at least `jobs` of them have completed;
+    /// replies [`Reply::GroupSettled`], or [`Error::TimedOut`] when `timeout` passes first.
+    /// The wait belongs to the session and ends with it; a retry with the same `wait` id
+    /// supersedes the earlier request.
+    WaitGroup {
+        /// The session.
+        session: SessionId,
+        /// An id the client chose for this wait, unique among its session's leases and waits.
+        wait: LeaseId,
+        /// The group.
+        group: &'a str,
+        /// Completed jobs to wait for (0: only that none is running).
+        jobs: u32,
+        /// How long to wait; `None` waits as long as it takes, zero only looks.
+        timeout: Option<Duration>,
+    },
 }
 
 type LeaseKey = (SessionId, LeaseId);
@@ -122,6 +180,7 @@ type LeaseKey = (SessionId, LeaseId);
 enum Timer {
     Session(SessionId),
     Waiter(SessionId, LeaseId),
+    GroupWait(SessionId, LeaseId),
 }
 
 #[derive(Debug)]
@@ -185,6 +244,7 @@ struct Lease {
 #[derive(Debug)]
 struct Session {
     ttl: Duration,
+    client: Arc<str>,
     deadline: Time,
     /// The time of this session's one entry in the timer heap.
     scheduled: Time,
@@ -201,11 +261,14 @@ type Ending = EndReason;
 /// out the [`Effect`]s it appends, in order.
 #[derive(Debug, Default)]
 pub struct Coordinator {
+    /// Semaphores, and the locks of jobs (named by [`jobs::lock_name`], which no client can
+    /// name since it holds a control character).
     semaphores: HashMap<Arc<str>, Semaphore>,
     sessions: HashMap<SessionId, Session>,
     leases: HashMap<LeaseKey, Lease>,
     timers: BinaryHeap<Reverse<(Time, Timer)>>,
     next_seq: u64,
+    jobs: jobs::Jobs,
 }
 
 impl Coordinator {
@@ -219,7 +282,11 @@ impl Coordinator {
     pub fn handle(&mut self, now: Time, tag: Tag, request: Request<'_>, out: &mut Vec<Effect>) {
         self.tick(now, out);
         let outcome = match request {
-            Request::OpenSession { session, ttl } => self.open_session(now, session, ttl, out),
+            Request::OpenSession {
+                session,
+                ttl,
+                client,
+            } => self.open_session(now, session, ttl, client, out),
             Request::ResumeSession { session } => self
                 .refresh(now, session)
                 .map(|ttl| Some(Reply::SessionOpened { ttl, existed: true })),
@@ -239,12 +306,42 @@ impl Coordinator {
                 name,
                 weight,
                 timeout,
-            } => self.acquire(now, tag, (session, lease), name, weight, timeout, out),
+            } => {
+                if jobs::is_lock_name(name) {
+                    // Only BeginJob takes a job's lock, so that its rules hold.
+                    Err(Error::NoSuchSemaphore(name.to_owned()))
+                } else {
+                    self.acquire(now, tag, (session, lease), name, weight, timeout, out)
+                }
+            }
             Request::Release { session, lease } => self.release(now, (session, lease), out),
             Request::Close { name } => {
-                self.close(name, out);
+                // Job locks are not the client's to close: their names cannot be valid.
+                if validate_name(name).is_ok() {
+                    self.close(name, out);
+                }
                 Ok(Some(Reply::Done))
             }
+            Request::BeginJob {
+                session,
+                lease,
+                job,
+                group,
+                timeout,
+            } => self.begin_job(now, tag, (session, lease), job, group, timeout, out),
+            Request::FinishJob {
+                session,
+                lease,
+                outcome,
+            } => self.finish_job(now, (session, lease), outcome, out),
+            Request::ResetJob { job } => self.reset_job(job, out),
+            Request::WaitGroup {
+                session,
+                wait,
+                group,
+                jobs,
+                timeout,
+            } => self.wait_group(now, tag, (session, wait), group, jobs, timeout, out),
         };
         match outcome {
             Ok(Some(reply)) => out.push(Effect::Reply {
@@ -257,6 +354,7 @@ impl Coordinator {
                 outcome: Err(e),
             }),
         }
+        self.settle_group_waits(out);
     }
 
     /// Processes every deadline at or before `now`: expires sessions that missed their TTL and
@@ -305,8 +403,10 @@ impl Coordinator {
                         }
                     }
                 }
+                Timer::GroupWait(session, wait) => self.group_wait_due(at, (session, wait), out),
             }
         }
+        self.settle_group_waits(out);
     }
 
     /// The earliest time at which [`tick`](Coordinator::tick) has work to do. It may be early
@@ -320,6 +420,7 @@ impl Coordinator {
         now: Time,
         id: SessionId,
         ttl: Duration,
+        client: &str,
         out: &mut Vec<Effect>,
     ) -> Result<Option<Reply>, Error> {
         if ttl.is_zero() {
@@ -327,29 +428,46 @@ impl Coordinator {
                 "session TTL must be positive".into(),
             ));
         }
+        if client.len() > MAX_NAME_LEN {
+            return Err(Error::InvalidArgument(format!(
+                "client description is {} bytes long; the limit is {MAX_NAME_LEN}",
+                client.len()
+            )));
+        }
         if let Some(session) = self.sessions.get_mut(&id) {
-            if session.ttl != ttl {
+            if session.ttl != ttl || *session.client != *client {
                 session.ttl = ttl;
-                out.push(Effect::Persist(Record::SessionOpened { session: id, ttl }));
+                session.client = Arc::from(client);
+                out.push(Effect::Persist(Record::SessionOpened {
+                    session: id,
+                    ttl,
+                    client: session.client.clone(),
+                }));
             }
             session.deadline = now + ttl;
             self.reschedule_if_earlier(id);
             return Ok(Some(Reply::SessionOpened { ttl, existed: true }));
         }
-        self.insert_session(now, id, ttl);
-        out.push(Effect::Persist(Record::SessionOpened { session: id, ttl }));
+        let client: Arc<str> = Arc::from(client);
+        self.insert_session(now, id, ttl, client.clone());
+        out.push(Effect::Persist(Record::SessionOpened {
+            session: id,
+            ttl,
+            client,
+        }));
         Ok(Some(Reply::SessionOpened {
             ttl,
             existed: false,
         }))
     }
 
-    fn insert_session(&mut self, now: Time, id: SessionId, ttl: Duration) {
+    fn insert_session(&mut self, now: Time, id: SessionId, ttl: Duration, client: Arc<str>) {
         let deadline = now + ttl;
         self.sessions.insert(
             id,
             Session {
                 ttl,
+                client,
                 deadline,
                 scheduled: deadline,
                 leases: HashSet::new(),
@@ -614,6 +732,7 @@ impl Coordinator {
                 session: key.0,
                 lease: key.1,
             }));
+            self.job_lock_freed(&sem, "released before it finished", out);
             self.pump(now, &sem, out);
             return Ok(Some(Reply::Done));
         }
@@ -660,6 +779,12 @@ impl Coordinator {
                         reason,
                     }));
                 }
+                let why = match how {
+                    Ending::Closed => "its session was closed before it finished",
+                    Ending::Expired => "its runner's session expired (runner dead or cut off)",
+                    Ending::EndedByOther => "its runner's session was ended by a supervisor",
+                };
+                self.job_lock_freed(&sem, why, out);
                 touched.push(sem);
             } else if let Some((tag, sem)) = self.dequeue(key) {
                 out.push(Effect::Reply {
@@ -674,6 +799,7 @@ impl Coordinator {
         for sem in &touched {
             self.pump(now, sem, out);
         }
+        self.jobs.end_group_waits_of(id, out);
         out.push(Effect::Event(Event::SessionEnded {
             session: id,
             reason: how,
@@ -749,14 +875,32 @@ impl Coordinator {
                 let mut sink = Vec::new();
                 self.close(name, &mut sink);
             }
-            Record::SessionOpened { session, ttl } => match self.sessions.get_mut(session) {
+            Record::SessionOpened {
+                session,
+                ttl,
+                client,
+            } => match self.sessions.get_mut(session) {
                 Some(s) => {
                     s.ttl = *ttl;
+                    s.client = client.clone();
                     s.deadline = now + *ttl;
                     self.reschedule_if_earlier(*session);
                 }
-                None => self.insert_session(now, *session, *ttl),
+                None => self.insert_session(now, *session, *ttl, client.clone()),
             },
+            Record::Job {
+                name,
+                group,
+                completion,
+                failures,
+                last_failure,
+            } => self.jobs.restore(
+                name,
+                group.clone(),
+                completion.clone(),
+                *failures,
+                last_failure.clone(),
+            ),
             Record::SessionEnded { session } => {
                 let mut sink = Vec::new();
                 self.end_session(now, *session, Ending::Closed, &mut sink);
@@ -801,6 +945,11 @@ impl Coordinator {
                     if let Some(s) = self.semaphores.get_mut(&sem) {
                         s.counters.released_total += 1;
                     }
+                    // Counts a failed attempt as the live run did, unless the job completed;
+                    // either way the job's own record, logged after this one, has the last
+                    // word.
+                    let mut sink = Vec::new();
+                    self.job_lock_freed(&sem, "released before it finished", &mut sink);
                 }
             }
         }
@@ -830,6 +979,7 @@ impl Coordinator {
             out.push(Record::SessionOpened {
                 session: *id,
                 ttl: s.ttl,
+                client: s.client.clone(),
             });
         }
         for s in self.semaphores.values() {
@@ -845,6 +995,8 @@ impl Coordinator {
                 }
             }
         }
+        // Last, so that they overwrite what replaying the grants above may have counted.
+        self.jobs.snapshot(&mut out);
         out
     }
 
@@ -853,6 +1005,7 @@ impl Coordinator {
         let mut all: Vec<SemaphoreView> = self
             .semaphores
             .values()
+            .filter(|s| !jobs::is_lock_name(&s.name))
             .map(|s| self.view(s, now))
             .collect();
         all.sort_by(|a, b| a.name.cmp(&b.name));
@@ -861,6 +1014,9 @@ impl Coordinator {
 
     /// One semaphore, if it exists.
     pub fn semaphore(&self, name: &str, now: Time) -> Option<SemaphoreView> {
+        if jobs::is_lock_name(name) {
+            return None;
+        }
         self.semaphores.get(name).map(|s| self.view(s, now))
     }
 
@@ -876,6 +1032,11 @@ impl Coordinator {
                 Some(HolderView {
                     lease: key.1,
                     session: key.0,
+                    client: self
+                        .sessions
+                        .get(&key.0)
+                        .map(|s| s.client.clone())
+                        .unwrap_or_else(|| Arc::from("")),
                     weight: lease.weight,
                     token: *token,
                     age: now.saturating_since(since),
@@ -1013,7 +1174,7 @@ impl Coordinator {
                 return Err(format!("session {id} scheduled after its deadline"));
             }
         }
-        Ok(())
+        self.validate_jobs()
     }
 }
 
@@ -1044,19 +1205,25 @@ fn issue(
 }
 
 fn validate_name(name: &str) -> Result<(), Error> {
+    validate_label("semaphore name", name)
+}
+
+/// Checks a name a client gives (of a semaphore, job or group): 1 to [`MAX_NAME_LEN`] bytes,
+/// no control characters (which keeps job locks out of clients' reach).
+fn validate_label(what: &str, name: &str) -> Result<(), Error> {
     if name.is_empty() {
-        return Err(Error::InvalidArgument("semaphore name is empty".into()));
+        return Err(Error::InvalidArgument(format!("{what} is empty")));
     }
     if name.len() > MAX_NAME_LEN {
         return Err(Error::InvalidArgument(format!(
-            "semaphore name is {} bytes long; the limit is {MAX_NAME_LEN}",
+            "{what} is {} bytes long; the limit is {MAX_NAME_LEN}",
             name.len()
         )));
     }
     if name.chars().any(char::is_control) {
-        return Err(Error::InvalidArgument(
-            "semaphore name contains a control character".into(),
-        ));
+        return Err(Error::InvalidArgument(format!(
+            "{what} contains a control character"
+        )));
     }
     Ok(())
 }

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::{Error, LeaseId, SessionId, Tag, Token};
+use crate::{Completion, Error, GroupSummary, LeaseId, SessionId, Tag, Token};
 
 /// One thing the caller must do.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,11 +37,30 @@ pub enum Reply {
     },
     /// The request took effect (or was a no-op where that is documented).
     Done,
-    /// The acquire was granted.
+    /// The acquire was granted (for a job: the attempt may run it).
     Granted {
         /// The grant's fencing token.
         token: Token,
     },
+    /// A job attempt must not run: the job has completed (before, or while the attempt
+    /// waited).
+    JobCompleted(Completion),
+    /// A job attempt that would not wait found the job running elsewhere.
+    JobBusy {
+        /// The running attempt's client description.
+        client: Arc<str>,
+        /// The running attempt's fencing token.
+        token: Token,
+        /// How long it has been running.
+        age: Duration,
+    },
+    /// A job's completion was forgotten.
+    JobReset {
+        /// Whether there was a completion to forget.
+        was_completed: bool,
+    },
+    /// The group has settled: none of its jobs is running, and enough have completed.
+    GroupSettled(GroupSummary),
 }
 
 /// A notable change, for the session it concerns and for the operator.
@@ -121,12 +140,14 @@ pub enum Record {
         /// Its name.
         name: Arc<str>,
     },
-    /// A session was opened.
+    /// A session was opened (or its TTL or client description changed).
     SessionOpened {
         /// The session.
         session: SessionId,
         /// Its TTL.
         ttl: Duration,
+        /// Its client's description ("host:pid"), shown as the holder of its leases.
+        client: Arc<str>,
     },
     /// A session ended (closed, expired or ended by a supervisor); its leases are released.
     SessionEnded {
@@ -165,5 +186,20 @@ pub enum Record {
         session: SessionId,
         /// The lease.
         lease: LeaseId,
+    },
+    /// The whole durable state of a job: written whenever it changes (group, completion,
+    /// failures), so that replay keeps the last one. Whether the job is running is not part
+    /// of it: that is its lock's lease, recorded by [`Record::Granted`].
+    Job {
+        /// Its name.
+        name: Arc<str>,
+        /// Its group.
+        group: Option<Arc<str>>,
+        /// Its completion.
+        completion: Option<Completion>,
+        /// Failed attempts since the last reset.
+        failures: u32,
+        /// Why the last attempt failed.
+        last_failure: Option<Arc<str>>,
     },
 }

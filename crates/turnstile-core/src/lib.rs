@@ -19,7 +19,7 @@
 //! let mut out = Vec::new();
 //! let now = Time::from_millis(0);
 //! let s = SessionId(7);
-//! c.handle(now, Tag(1), Request::OpenSession { session: s, ttl: Duration::from_secs(10) }, &mut out);
+//! c.handle(now, Tag(1), Request::OpenSession { session: s, ttl: Duration::from_secs(10), client: "doc" }, &mut out);
 //! c.handle(now, Tag(2), Request::Ensure { name: "db", capacity: 3 }, &mut out);
 //! out.clear();
 //! let acquire = Request::Acquire {
@@ -34,6 +34,7 @@ mod coordinator;
 mod effect;
 mod error;
 mod ids;
+mod job;
 mod stats;
 mod time;
 mod view;
@@ -42,6 +43,7 @@ pub use coordinator::{Coordinator, Request, MAX_NAME_LEN};
 pub use effect::{Effect, EndReason, Event, LostReason, Record, Reply};
 pub use error::Error;
 pub use ids::{LeaseId, SessionId, Tag, Token};
+pub use job::{Completion, GroupSummary, JobOutcome, JobView, RunningView};
 pub use stats::{WaitStats, WAIT_BUCKET_BOUNDS_US};
 pub use time::Time;
 pub use view::{Counters, HolderView, SemaphoreView};

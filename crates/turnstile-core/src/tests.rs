@@ -13,6 +13,8 @@ struct Check {
     c: Coordinator,
     now: Time,
     next_tag: u64,
+    /// Every record persisted so far, for replay checks.
+    log: Vec<Record>,
 }
 
 impl Check {
@@ -21,6 +23,7 @@ impl Check {
             c: Coordinator::new(),
             now: Time::ZERO,
             next_tag: 1,
+            log: Vec::new(),
         }
     }
 
@@ -30,6 +33,7 @@ impl Check {
         let mut out = Vec::new();
         self.c.handle(self.now, tag, req, &mut out);
         self.c.validate().expect("invariants hold");
+        self.keep_records(&out);
         (tag, out)
     }
 
@@ -38,13 +42,22 @@ impl Check {
         let mut out = Vec::new();
         self.c.tick(self.now, &mut out);
         self.c.validate().expect("invariants hold");
+        self.keep_records(&out);
         out
+    }
+
+    fn keep_records(&mut self, out: &[Effect]) {
+        self.log.extend(out.iter().filter_map(|e| match e {
+            Effect::Persist(r) => Some(r.clone()),
+            _ => None,
+        }));
     }
 
     fn open(&mut self, s: u64) {
         let (_, out) = self.step(Request::OpenSession {
             session: SessionId(s),
             ttl: TTL,
+            client: "test",
         });
         assert!(matches!(
             reply_of(&out).expect("open replies"),
@@ -499,6 +512,7 @@ fn acquire_validates_its_arguments() {
     let (_, out) = t.step(Request::OpenSession {
         session: SessionId(5),
         ttl: Duration::ZERO,
+        client: "test",
     });
     assert!(matches!(
         reply_of(&out),
@@ -520,6 +534,7 @@ fn open_is_idempotent_and_resume_needs_an_existing_session() {
     let (_, out) = t.step(Request::OpenSession {
         session: SessionId(1),
         ttl: TTL,
+        client: "test",
     });
     assert_eq!(
         reply_of(&out),
@@ -531,6 +546,7 @@ fn open_is_idempotent_and_resume_needs_an_existing_session() {
     let (_, out) = t.step(Request::OpenSession {
         session: SessionId(1),
         ttl: TTL,
+        client: "test",
     });
     assert_eq!(
         out,
@@ -561,6 +577,7 @@ fn a_shorter_ttl_takes_effect() {
     t.step(Request::OpenSession {
         session: SessionId(1),
         ttl: Duration::from_secs(1),
+        client: "test",
     });
     assert!(!t.advance(Duration::from_secs(1)).is_empty());
     assert_eq!(t.c.session_count(), 0);
@@ -597,6 +614,7 @@ fn tokens_survive_close_and_replay() {
         &Record::SessionOpened {
             session: SessionId(1),
             ttl: TTL,
+            client: Arc::from("test"),
         },
     );
     for rec in &records {
@@ -698,3 +716,5 @@ fn snapshot_rebuilds_holders_sessions_and_counters() {
     );
     assert_eq!(reply_to(&out, Tag(2)), granted(3));
 }
+
+mod jobs;

@@ -35,6 +35,8 @@ pub struct HolderView {
     pub lease: LeaseId,
     /// The session holding it.
     pub session: SessionId,
+    /// That session's client description ("host:pid").
+    pub client: Arc<str>,
     /// Its weight.
     pub weight: u32,
     /// Its fencing token.

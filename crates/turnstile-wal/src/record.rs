@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use turnstile_core::{LeaseId, Record, SessionId, Token};
+use turnstile_core::{Completion, LeaseId, Record, SessionId, Token};
 
 /// Bytes of a frame header (length and checksum).
 pub const FRAME_HEADER: usize = 8;
@@ -25,6 +25,11 @@ const SESSION_ENDED: u8 = 4;
 const GRANTED: u8 = 5;
 const RELEASED: u8 = 6;
 const SEMAPHORE: u8 = 7;
+const JOB: u8 = 8;
+
+const JOB_HAS_GROUP: u8 = 1;
+const JOB_HAS_COMPLETION: u8 = 2;
+const JOB_HAS_FAILURE: u8 = 4;
 /// The last frame of a snapshot: its record count. Not a core record.
 pub(crate) const SNAPSHOT_END: u8 = 0xFF;
 
@@ -42,11 +47,15 @@ pub fn encode(record: &Record, out: &mut Vec<u8>) {
             out.push(SEMAPHORE_CLOSED);
             put_str(out, name);
         }
-        Record::SessionOpened { session, ttl } => {
+        Record::SessionOpened {
+            session,
+            ttl,
+            client,
+        } => {
             out.push(SESSION_OPENED);
             out.extend_from_slice(&session.0.to_le_bytes());
-            let micros = u64::try_from(ttl.as_micros()).unwrap_or(u64::MAX);
-            out.extend_from_slice(&micros.to_le_bytes());
+            out.extend_from_slice(&micros(*ttl).to_le_bytes());
+            put_str(out, client);
         }
         Record::SessionEnded { session } => {
             out.push(SESSION_ENDED);
@@ -83,6 +92,40 @@ pub fn encode(record: &Record, out: &mut Vec<u8>) {
             out.extend_from_slice(&next_token.to_le_bytes());
             put_str(out, name);
         }
+        Record::Job {
+            name,
+            group,
+            completion,
+            failures,
+            last_failure,
+        } => {
+            out.push(JOB);
+            let mut flags = 0;
+            if group.is_some() {
+                flags |= JOB_HAS_GROUP;
+            }
+            if completion.is_some() {
+                flags |= JOB_HAS_COMPLETION;
+            }
+            if last_failure.is_some() {
+                flags |= JOB_HAS_FAILURE;
+            }
+            out.push(flags);
+            out.extend_from_slice(&failures.to_le_bytes());
+            put_str(out, name);
+            if let Some(group) = group {
+                put_str(out, group);
+            }
+            if let Some(c) = completion {
+                out.extend_from_slice(&c.token.0.to_le_bytes());
+                out.extend_from_slice(&c.started_unix_ms.to_le_bytes());
+                out.extend_from_slice(&micros(c.duration).to_le_bytes());
+                put_str(out, &c.client);
+            }
+            if let Some(why) = last_failure {
+                put_str(out, why);
+            }
+        }
     }
     seal(out, start);
 }
@@ -106,8 +149,13 @@ fn seal(out: &mut [u8], start: usize) {
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
 fn put_str(out: &mut Vec<u8>, s: &str) {
-    // Semaphore names are at most 255 bytes (the core refuses longer ones).
+    // Names are at most 255 bytes and failure reasons 1 KiB (the core cuts or refuses longer
+    // ones), far below the u16 limit.
     let len = u16::try_from(s.len()).unwrap_or(u16::MAX);
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(&s.as_bytes()[..usize::from(len)]);
@@ -186,6 +234,12 @@ pub(crate) fn decode(body: &[u8]) -> Result<Body, BadBody> {
         SESSION_OPENED => Record::SessionOpened {
             session: SessionId(r.u64()?),
             ttl: Duration::from_micros(r.u64()?),
+            // Logs written before sessions had a client description end here.
+            client: if r.0.is_empty() {
+                Arc::from("")
+            } else {
+                r.name()?
+            },
         },
         SESSION_ENDED => Record::SessionEnded {
             session: SessionId(r.u64()?),
@@ -220,6 +274,44 @@ pub(crate) fn decode(body: &[u8]) -> Result<Body, BadBody> {
                 closed,
                 next_token,
                 name: r.name()?,
+            }
+        }
+        JOB => {
+            let flags = r.u8()?;
+            if flags & !(JOB_HAS_GROUP | JOB_HAS_COMPLETION | JOB_HAS_FAILURE) != 0 {
+                return Err(BadBody("unknown job record flags"));
+            }
+            let failures = r.u32()?;
+            let name = r.name()?;
+            let group = if flags & JOB_HAS_GROUP != 0 {
+                Some(r.name()?)
+            } else {
+                None
+            };
+            let completion = if flags & JOB_HAS_COMPLETION != 0 {
+                let token = Token(r.u64()?);
+                let started_unix_ms = r.u64()?;
+                let duration = Duration::from_micros(r.u64()?);
+                Some(Completion {
+                    token,
+                    started_unix_ms,
+                    duration,
+                    client: r.name()?,
+                })
+            } else {
+                None
+            };
+            let last_failure = if flags & JOB_HAS_FAILURE != 0 {
+                Some(r.name()?)
+            } else {
+                None
+            };
+            Record::Job {
+                name,
+                group,
+                completion,
+                failures,
+                last_failure,
             }
         }
         SNAPSHOT_END => {
@@ -296,6 +388,7 @@ mod tests {
             Record::SessionOpened {
                 session: SessionId(u64::MAX),
                 ttl: Duration::from_millis(1500),
+                client: Arc::from("host-a:1234"),
             },
             Record::SessionEnded {
                 session: SessionId(7),
@@ -317,7 +410,49 @@ mod tests {
                 closed: true,
                 next_token: 12,
             },
+            Record::Job {
+                name: Arc::from("build"),
+                group: None,
+                completion: None,
+                failures: 0,
+                last_failure: None,
+            },
+            Record::Job {
+                name: Arc::from("etl-7"),
+                group: Some(Arc::from("nightly")),
+                completion: Some(Completion {
+                    client: Arc::from("host-b:99"),
+                    token: Token(3),
+                    started_unix_ms: 1_700_000_000_123,
+                    duration: Duration::from_millis(4321),
+                }),
+                failures: 2,
+                last_failure: Some(Arc::from("exited with status 3")),
+            },
         ]
+    }
+
+    #[test]
+    fn a_session_record_of_the_first_format_reads_with_no_client() {
+        let mut buf = Vec::new();
+        encode(
+            &Record::SessionOpened {
+                session: SessionId(5),
+                ttl: Duration::from_secs(2),
+                client: Arc::from(""),
+            },
+            &mut buf,
+        );
+        // The first format had no client field: drop its (empty) string and re-seal.
+        buf.truncate(buf.len() - 2);
+        seal(&mut buf, 0);
+        let Frame::Good { body, .. } = frame_at(&buf, 0) else {
+            panic!("frame is good");
+        };
+        assert!(matches!(
+            decode(body),
+            Ok(Body::Record(Record::SessionOpened { client, .. })) if client.is_empty()
+        ));
     }
 
     #[test]

@@ -271,6 +271,7 @@ fn a_coordinator_rebuilt_from_its_log_has_the_same_holders() {
             Request::OpenSession {
                 session: SessionId(s),
                 ttl,
+                client: "wal-test",
             },
             &mut out,
         );
