@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use turnstile_proto::StatusDoc;
 
-use crate::{Error, LostReason};
+use crate::{Error, GroupSummary, JobCompletion, JobRunner, LostReason};
 
 /// A boxed future, so that the trait can be used as `dyn Backend`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -23,6 +23,34 @@ pub struct Grant {
     pub token: u64,
     /// Becomes `Some(reason)` when the lease is lost.
     pub lost: watch::Receiver<Option<LostReason>>,
+}
+
+/// How an attempt at a run-once job began, as a backend hands it to the client layer.
+#[derive(Debug)]
+pub enum JobBegin {
+    /// Run the job: this is its exclusive lease.
+    Run(Grant),
+    /// The job has completed (before, or while the attempt waited): do not run it.
+    Completed(JobCompletion),
+    /// Another attempt runs the job (only when the attempt would not wait).
+    Running(JobRunner),
+}
+
+/// How an attempt at a job ended, as the client layer reports it to a backend.
+#[derive(Clone, Copy, Debug)]
+pub enum JobEnd<'a> {
+    /// It succeeded: record the completion.
+    Succeeded {
+        /// When it started (wall clock, shown to people).
+        started: std::time::SystemTime,
+        /// How long it ran.
+        duration: Duration,
+    },
+    /// It failed: record a failed attempt, so that a later attempt retries.
+    Failed {
+        /// Why, in words.
+        reason: &'a str,
+    },
 }
 
 /// What a backend must do. Every method must be cancel-safe in this sense: if the future is
@@ -61,4 +89,39 @@ pub trait Backend: Send + Sync + 'static {
 
     /// This client's session id.
     fn session_id(&self) -> u64;
+
+    /// Starts an attempt at run-once job `job`: [`JobBegin::Completed`] if it has completed,
+    /// else the job's exclusive lease ([`JobBegin::Run`]). If another attempt holds the lease,
+    /// `timeout` zero answers [`JobBegin::Running`]; otherwise the attempt waits (at most
+    /// `timeout`, failing with [`Error::TimedOut`]; `None`: as long as it takes) until the
+    /// running attempt ends, and then either learns of its completion or takes over.
+    /// `group` puts the job in a group (`None` keeps its group). Cancel-safe like `acquire`.
+    fn begin_job<'a>(
+        &'a self,
+        job: &'a str,
+        group: Option<&'a str>,
+        timeout: Option<Duration>,
+    ) -> BoxFuture<'a, Result<JobBegin, Error>>;
+
+    /// Ends the attempt that holds lease `lease` of job `job`: records its completion or a
+    /// failed attempt, and releases the lease. Fails if the lease is no longer held (lost),
+    /// in which case nothing is recorded.
+    fn finish_job<'a>(
+        &'a self,
+        job: &'a str,
+        lease: u64,
+        end: JobEnd<'a>,
+    ) -> BoxFuture<'a, Result<(), Error>>;
+
+    /// Forgets a job's completion and failed attempts. Returns whether it had completed.
+    fn reset_job<'a>(&'a self, job: &'a str) -> BoxFuture<'a, Result<bool, Error>>;
+
+    /// Waits until no job of `group` runs and at least `jobs` of them have completed (at most
+    /// `timeout`, failing with [`Error::TimedOut`]; zero only looks).
+    fn wait_group<'a>(
+        &'a self,
+        group: &'a str,
+        jobs: u32,
+        timeout: Option<Duration>,
+    ) -> BoxFuture<'a, Result<GroupSummary, Error>>;
 }

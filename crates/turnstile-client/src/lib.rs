@@ -31,6 +31,7 @@
 mod backend;
 pub mod blocking;
 mod file;
+mod job;
 mod tcp;
 
 use std::fmt;
@@ -38,9 +39,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-pub use turnstile_proto::{ErrorCode, HolderStatus, SemaphoreStatus, StatusDoc, WaitSummary};
+pub use turnstile_proto::{
+    CompletionStatus, ErrorCode, GroupStatus, HolderStatus, JobStatus, RunningStatus,
+    SemaphoreStatus, StatusDoc, WaitSummary,
+};
 
-pub use crate::backend::{Backend, BoxFuture, Grant};
+pub use crate::backend::{Backend, BoxFuture, Grant, JobBegin, JobEnd};
+pub use crate::job::{GroupSummary, JobAttempt, JobCompletion, JobRunner, JobStart};
 
 /// The environment variable that names the URL when none is given.
 pub const URL_ENV: &str = "TURNSTILE_URL";
@@ -108,6 +113,10 @@ pub enum Error {
     /// while this call was in progress.
     #[error("the session was lost")]
     SessionLost,
+    /// The lease this call needed was lost first (for a job: its completion was not
+    /// recorded).
+    #[error("the lease was lost: {0}")]
+    LeaseLost(LostReason),
     /// The coordinator refused the request.
     #[error("{message}")]
     Rejected {

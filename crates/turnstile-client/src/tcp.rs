@@ -23,8 +23,8 @@ use turnstile_proto::{
     MAX_REPLY_FRAME, NO_TIMEOUT,
 };
 
-use crate::backend::{Backend, BoxFuture, Grant};
-use crate::{random_id, Error, LostReason, Options};
+use crate::backend::{Backend, BoxFuture, Grant, JobBegin, JobEnd};
+use crate::{random_id, Error, GroupSummary, JobCompletion, JobRunner, LostReason, Options};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
@@ -68,6 +68,28 @@ enum Req {
     },
     KeepAlive,
     CloseSession,
+    BeginJob {
+        lease: u64,
+        deadline: Option<Instant>,
+        job: String,
+        group: String,
+    },
+    FinishJob {
+        lease: u64,
+        succeeded: bool,
+        started_unix_ms: u64,
+        duration_ms: u64,
+        reason: String,
+    },
+    ResetJob {
+        job: String,
+    },
+    WaitGroup {
+        wait: u64,
+        jobs: u32,
+        deadline: Option<Instant>,
+        group: String,
+    },
 }
 
 impl Req {
@@ -81,11 +103,17 @@ impl Req {
             Req::KeepAlive | Req::Release { .. } | Req::OpenSession { .. } => true,
             // A zero weight is refused before the session is looked at.
             Req::Acquire { weight, .. } => *weight > 0,
+            // The job requests refresh the session only once their names pass the checks; an
+            // answer does not prove which happened, so they do not count (the keep-alives do).
             Req::Ensure { .. }
             | Req::Close { .. }
             | Req::Status { .. }
             | Req::EndSession { .. }
-            | Req::CloseSession => false,
+            | Req::CloseSession
+            | Req::BeginJob { .. }
+            | Req::FinishJob { .. }
+            | Req::ResetJob { .. }
+            | Req::WaitGroup { .. } => false,
         }
     }
 }
@@ -96,6 +124,10 @@ enum Answer {
     Done,
     Granted { token: u64 },
     Status(Vec<u8>),
+    JobCompleted(JobCompletion),
+    JobBusy(JobRunner),
+    JobReset(bool),
+    GroupSettled(GroupSummary),
 }
 
 type Reply = oneshot::Sender<Result<Answer, Error>>;
@@ -181,6 +213,32 @@ impl TcpBackend {
         })
     }
 
+    /// Sends a request that takes a lease (an acquire or a job attempt) and waits for its
+    /// answer; the lease is withdrawn if the future is dropped first.
+    async fn call_for_lease(
+        &self,
+        lease: u64,
+        req: Req,
+    ) -> Result<(Answer, watch::Receiver<Option<LostReason>>), Error> {
+        let (lost_tx, lost_rx) = watch::channel(None);
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Call {
+                req,
+                reply,
+                lost: Some(lost_tx),
+            })
+            .map_err(|_| Error::Shutdown)?;
+        let mut guard = AcquireGuard {
+            tx: &self.tx,
+            lease,
+            armed: true,
+        };
+        let answer = rx.await.map_err(|_| Error::Shutdown)?;
+        guard.armed = false;
+        Ok((answer?, lost_rx))
+    }
+
     async fn call(&self, req: Req) -> Result<Answer, Error> {
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -229,29 +287,14 @@ impl Backend for TcpBackend {
     ) -> BoxFuture<'a, Result<Grant, Error>> {
         Box::pin(async move {
             let lease = self.next_lease.fetch_add(1, Ordering::Relaxed);
-            let (lost_tx, lost_rx) = watch::channel(None);
-            let (reply, rx) = oneshot::channel();
             let req = Req::Acquire {
                 lease,
                 weight,
                 deadline: timeout.map(|t| Instant::now() + t),
                 name: name.to_owned(),
             };
-            self.tx
-                .send(Cmd::Call {
-                    req,
-                    reply,
-                    lost: Some(lost_tx),
-                })
-                .map_err(|_| Error::Shutdown)?;
-            let mut guard = AcquireGuard {
-                tx: &self.tx,
-                lease,
-                armed: true,
-            };
-            let answer = rx.await.map_err(|_| Error::Shutdown)?;
-            guard.armed = false;
-            match answer? {
+            let (answer, lost_rx) = self.call_for_lease(lease, req).await?;
+            match answer {
                 Answer::Granted { token } => Ok(Grant {
                     lease,
                     token,
@@ -316,6 +359,102 @@ impl Backend for TcpBackend {
 
     fn session_id(&self) -> u64 {
         self.session.load(Ordering::Relaxed)
+    }
+
+    fn begin_job<'a>(
+        &'a self,
+        job: &'a str,
+        group: Option<&'a str>,
+        timeout: Option<Duration>,
+    ) -> BoxFuture<'a, Result<JobBegin, Error>> {
+        Box::pin(async move {
+            let lease = self.next_lease.fetch_add(1, Ordering::Relaxed);
+            let req = Req::BeginJob {
+                lease,
+                deadline: timeout.map(|t| Instant::now() + t),
+                job: job.to_owned(),
+                group: group.unwrap_or("").to_owned(),
+            };
+            let (answer, lost) = self.call_for_lease(lease, req).await?;
+            match answer {
+                Answer::Granted { token } => Ok(JobBegin::Run(Grant { lease, token, lost })),
+                Answer::JobCompleted(done) => Ok(JobBegin::Completed(done)),
+                Answer::JobBusy(runner) => Ok(JobBegin::Running(runner)),
+                other => Err(Error::Protocol(format!(
+                    "unexpected answer to a job attempt: {other:?}"
+                ))),
+            }
+        })
+    }
+
+    fn finish_job<'a>(
+        &'a self,
+        _job: &'a str,
+        lease: u64,
+        end: JobEnd<'a>,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            let req = match end {
+                JobEnd::Succeeded { started, duration } => Req::FinishJob {
+                    lease,
+                    succeeded: true,
+                    started_unix_ms: started
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                        .unwrap_or(0),
+                    duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+                    reason: String::new(),
+                },
+                JobEnd::Failed { reason } => Req::FinishJob {
+                    lease,
+                    succeeded: false,
+                    started_unix_ms: 0,
+                    duration_ms: 0,
+                    reason: reason.to_owned(),
+                },
+            };
+            self.call(req).await.map(drop)
+        })
+    }
+
+    fn reset_job<'a>(&'a self, job: &'a str) -> BoxFuture<'a, Result<bool, Error>> {
+        Box::pin(async move {
+            match self
+                .call(Req::ResetJob {
+                    job: job.to_owned(),
+                })
+                .await?
+            {
+                Answer::JobReset(was) => Ok(was),
+                other => Err(Error::Protocol(format!(
+                    "unexpected answer to a job reset: {other:?}"
+                ))),
+            }
+        })
+    }
+
+    fn wait_group<'a>(
+        &'a self,
+        group: &'a str,
+        jobs: u32,
+        timeout: Option<Duration>,
+    ) -> BoxFuture<'a, Result<GroupSummary, Error>> {
+        Box::pin(async move {
+            // Wait ids share the lease id space, so they never collide with a lease.
+            let wait = self.next_lease.fetch_add(1, Ordering::Relaxed);
+            let req = Req::WaitGroup {
+                wait,
+                jobs,
+                deadline: timeout.map(|t| Instant::now() + t),
+                group: group.to_owned(),
+            };
+            match self.call(req).await? {
+                Answer::GroupSettled(summary) => Ok(summary),
+                other => Err(Error::Protocol(format!(
+                    "unexpected answer to a group wait: {other:?}"
+                ))),
+            }
+        })
     }
 }
 
@@ -480,7 +619,14 @@ impl Driver {
 
     async fn on_cmd(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Call { req, reply, lost } => self.submit(req, Some(reply), lost).await,
+            Cmd::Call { req, reply, lost } => {
+                if let Req::FinishJob { lease, .. } = req {
+                    // The coordinator releases the lease as it records the end; from here no
+                    // loss is to be reported for it.
+                    self.leases.remove(&lease);
+                }
+                self.submit(req, Some(reply), lost).await
+            }
             Cmd::Forget { lease } => {
                 self.leases.remove(&lease);
                 self.submit(Req::Release { lease }, None, None).await;
@@ -636,6 +782,7 @@ impl Driver {
             OwnedReply::Done => Ok(Answer::Done),
             OwnedReply::Granted(token) => Ok(Answer::Granted { token }),
             OwnedReply::Status(json) => Ok(Answer::Status(json)),
+            OwnedReply::Answer(answer) => Ok(answer),
             OwnedReply::SessionOpened(ttl) => {
                 self.ttl = ttl;
                 Ok(Answer::Done)
@@ -664,7 +811,11 @@ impl Driver {
             }
             (_, r) => r,
         };
-        if let (Req::Acquire { lease, .. }, Ok(Answer::Granted { .. })) = (&p.req, &result) {
+        if let (
+            Req::Acquire { lease, .. } | Req::BeginJob { lease, .. },
+            Ok(Answer::Granted { .. }),
+        ) = (&p.req, &result)
+        {
             let caller_waits = p.reply.as_ref().is_some_and(|r| !r.is_closed());
             match p.lost {
                 Some(lost) if caller_waits => {
@@ -772,16 +923,7 @@ fn encode(id: u32, req: &Req, out: &mut Vec<u8>) {
         } => proto::Request::Acquire {
             lease: *lease,
             weight: *weight,
-            // A re-sent acquire waits only for what is left of its timeout.
-            timeout_ms: match deadline {
-                None => NO_TIMEOUT,
-                Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now()).as_millis();
-                    u32::try_from(left)
-                        .unwrap_or(NO_TIMEOUT - 1)
-                        .min(NO_TIMEOUT - 1)
-                }
-            },
+            timeout_ms: timeout_left(*deadline),
             name,
         },
         Req::Release { lease } => proto::Request::Release { lease: *lease },
@@ -794,13 +936,65 @@ fn encode(id: u32, req: &Req, out: &mut Vec<u8>) {
         },
         Req::KeepAlive => proto::Request::KeepAlive,
         Req::CloseSession => proto::Request::CloseSession,
+        Req::BeginJob {
+            lease,
+            deadline,
+            job,
+            group,
+        } => proto::Request::BeginJob {
+            lease: *lease,
+            timeout_ms: timeout_left(*deadline),
+            job,
+            group,
+        },
+        Req::FinishJob {
+            lease,
+            succeeded,
+            started_unix_ms,
+            duration_ms,
+            reason,
+        } => proto::Request::FinishJob {
+            lease: *lease,
+            succeeded: *succeeded,
+            started_unix_ms: *started_unix_ms,
+            duration_ms: *duration_ms,
+            reason,
+        },
+        Req::ResetJob { job } => proto::Request::ResetJob { job },
+        Req::WaitGroup {
+            wait,
+            jobs,
+            deadline,
+            group,
+        } => proto::Request::WaitGroup {
+            wait: *wait,
+            jobs: *jobs,
+            timeout_ms: timeout_left(*deadline),
+            group,
+        },
     };
     encode_request(id, &wire, out);
+}
+
+/// The wire timeout of a request with `deadline`: a re-sent request waits only for what is
+/// left of its timeout.
+fn timeout_left(deadline: Option<Instant>) -> u32 {
+    match deadline {
+        None => NO_TIMEOUT,
+        Some(d) => {
+            let left = d.saturating_duration_since(Instant::now()).as_millis();
+            u32::try_from(left)
+                .unwrap_or(NO_TIMEOUT - 1)
+                .min(NO_TIMEOUT - 1)
+        }
+    }
 }
 
 /// A reply copied out of the receive buffer.
 enum OwnedReply {
     Done,
+    /// A job or group answer, already in its final form.
+    Answer(Answer),
     Granted(u64),
     Status(Vec<u8>),
     SessionOpened(Duration),
@@ -830,5 +1024,39 @@ fn owned(r: proto::Reply<'_>) -> OwnedReply {
             OwnedReply::LeaseLost(lease, lost_reason(reason))
         }
         proto::Reply::SessionLost { reason, .. } => OwnedReply::SessionLost(lost_reason(reason)),
+        proto::Reply::JobCompleted {
+            token,
+            started_unix_ms,
+            duration_ms,
+            client,
+        } => OwnedReply::Answer(Answer::JobCompleted(JobCompletion {
+            client: client.to_owned(),
+            token,
+            started: std::time::UNIX_EPOCH + Duration::from_millis(started_unix_ms),
+            duration: Duration::from_millis(duration_ms),
+        })),
+        proto::Reply::JobBusy {
+            token,
+            age_ms,
+            client,
+        } => OwnedReply::Answer(Answer::JobBusy(JobRunner {
+            client: client.to_owned(),
+            token,
+            running_for: Duration::from_millis(age_ms),
+        })),
+        proto::Reply::JobReset { was_completed } => {
+            OwnedReply::Answer(Answer::JobReset(was_completed))
+        }
+        proto::Reply::GroupSettled {
+            jobs,
+            completed,
+            running,
+            failures,
+        } => OwnedReply::Answer(Answer::GroupSettled(GroupSummary {
+            jobs,
+            completed,
+            running,
+            failures,
+        })),
     }
 }

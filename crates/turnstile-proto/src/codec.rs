@@ -100,6 +100,51 @@ pub enum Request<'a> {
     },
     /// Asks for a `Pong`: a round trip that touches no state.
     Ping,
+    /// Starts an attempt at a run-once job for a lease of the bound session. Answered by
+    /// `Granted` (run it), `JobCompleted` (it is done: do not run it), `JobBusy` (with
+    /// timeout 0: another attempt runs it) or an error (`TimedOut`).
+    BeginJob {
+        /// The lease id the client chose for the job's exclusive lease.
+        lease: u64,
+        /// Milliseconds to wait for a running attempt to end; [`crate::NO_TIMEOUT`] waits as
+        /// long as it takes, 0 does not wait.
+        timeout_ms: u32,
+        /// The job.
+        job: &'a str,
+        /// The job's group; empty for none (an earlier attempt's group is kept).
+        group: &'a str,
+    },
+    /// Ends the attempt holding the job's lease `lease`: records a completion or a failed
+    /// attempt, and releases the lease. Answered by `Done`.
+    FinishJob {
+        /// The job's lease.
+        lease: u64,
+        /// Whether the attempt succeeded.
+        succeeded: bool,
+        /// When the attempt started, milliseconds since the Unix epoch (runner's clock).
+        started_unix_ms: u64,
+        /// How long it ran, in milliseconds.
+        duration_ms: u64,
+        /// Why it failed, in words; empty when it succeeded.
+        reason: &'a str,
+    },
+    /// Forgets a job's completion and failed attempts. Answered by `JobReset`.
+    ResetJob {
+        /// The job.
+        job: &'a str,
+    },
+    /// Waits until no job of a group runs and at least `jobs` have completed. Answered by
+    /// `GroupSettled` or an error (`TimedOut`).
+    WaitGroup {
+        /// An id the client chose for this wait (a retry with the same id replaces it).
+        wait: u64,
+        /// Completed jobs to wait for; 0 waits only until none is running.
+        jobs: u32,
+        /// Milliseconds to wait; [`crate::NO_TIMEOUT`] waits as long as it takes.
+        timeout_ms: u32,
+        /// The group.
+        group: &'a str,
+    },
 }
 
 /// A reply or event from server to client.
@@ -141,6 +186,42 @@ pub enum Reply<'a> {
         code: ErrorCode,
         /// A human-readable sentence.
         message: &'a str,
+    },
+    /// Answers `BeginJob`: the job has completed; do not run it.
+    JobCompleted {
+        /// The fencing token of the attempt that completed it.
+        token: u64,
+        /// When that attempt started, milliseconds since the Unix epoch.
+        started_unix_ms: u64,
+        /// How long it ran, in milliseconds.
+        duration_ms: u64,
+        /// Who ran it (the client description of its session).
+        client: &'a str,
+    },
+    /// Answers `BeginJob` with timeout 0: another attempt is running the job.
+    JobBusy {
+        /// That attempt's fencing token.
+        token: u64,
+        /// How long it has been running, in milliseconds.
+        age_ms: u64,
+        /// Who runs it.
+        client: &'a str,
+    },
+    /// Answers `ResetJob`.
+    JobReset {
+        /// Whether there was a completion to forget.
+        was_completed: bool,
+    },
+    /// Answers `WaitGroup`: the group's state when it settled.
+    GroupSettled {
+        /// Jobs known in the group.
+        jobs: u32,
+        /// Jobs completed.
+        completed: u32,
+        /// Jobs running (0 when settled).
+        running: u32,
+        /// Failed attempts of its jobs.
+        failures: u64,
     },
     /// Event (request id 0): a lease of the bound session was taken away.
     LeaseLost {
@@ -276,6 +357,10 @@ const RELEASE: u8 = 0x09;
 const CLOSE: u8 = 0x0A;
 const STATUS: u8 = 0x0B;
 const PING: u8 = 0x0C;
+const BEGIN_JOB: u8 = 0x0D;
+const FINISH_JOB: u8 = 0x0E;
+const RESET_JOB: u8 = 0x0F;
+const WAIT_GROUP: u8 = 0x10;
 
 const HELLO_OK: u8 = 0x81;
 const SESSION_OPENED: u8 = 0x82;
@@ -283,6 +368,10 @@ const DONE: u8 = 0x83;
 const GRANTED: u8 = 0x84;
 const STATUS_DOC: u8 = 0x85;
 const PONG: u8 = 0x86;
+const JOB_COMPLETED: u8 = 0x87;
+const JOB_BUSY: u8 = 0x88;
+const JOB_RESET: u8 = 0x89;
+const GROUP_SETTLED: u8 = 0x8A;
 const LEASE_LOST: u8 = 0xC0;
 const SESSION_LOST: u8 = 0xC1;
 const ERROR: u8 = 0xFF;
@@ -348,6 +437,42 @@ pub fn encode_request(id: u32, request: &Request<'_>, buf: &mut Vec<u8>) {
         }
         Request::Release { lease } => buf.extend_from_slice(&lease.to_be_bytes()),
         Request::Close { name } | Request::Status { name } => put_str(buf, name),
+        Request::BeginJob {
+            lease,
+            timeout_ms,
+            job,
+            group,
+        } => {
+            buf.extend_from_slice(&lease.to_be_bytes());
+            buf.extend_from_slice(&timeout_ms.to_be_bytes());
+            put_str(buf, job);
+            put_str(buf, group);
+        }
+        Request::FinishJob {
+            lease,
+            succeeded,
+            started_unix_ms,
+            duration_ms,
+            reason,
+        } => {
+            buf.extend_from_slice(&lease.to_be_bytes());
+            buf.push(u8::from(succeeded));
+            buf.extend_from_slice(&started_unix_ms.to_be_bytes());
+            buf.extend_from_slice(&duration_ms.to_be_bytes());
+            put_str(buf, reason);
+        }
+        Request::ResetJob { job } => put_str(buf, job),
+        Request::WaitGroup {
+            wait,
+            jobs,
+            timeout_ms,
+            group,
+        } => {
+            buf.extend_from_slice(&wait.to_be_bytes());
+            buf.extend_from_slice(&jobs.to_be_bytes());
+            buf.extend_from_slice(&timeout_ms.to_be_bytes());
+            put_str(buf, group);
+        }
     }
     finish(buf, start);
 }
@@ -366,6 +491,10 @@ fn kind_of_request(r: &Request<'_>) -> u8 {
         Request::Close { .. } => CLOSE,
         Request::Status { .. } => STATUS,
         Request::Ping => PING,
+        Request::BeginJob { .. } => BEGIN_JOB,
+        Request::FinishJob { .. } => FINISH_JOB,
+        Request::ResetJob { .. } => RESET_JOB,
+        Request::WaitGroup { .. } => WAIT_GROUP,
     }
 }
 
@@ -402,6 +531,26 @@ pub fn decode_request(payload: &[u8]) -> Result<(u32, Request<'_>), DecodeError>
         CLOSE => Request::Close { name: r.str()? },
         STATUS => Request::Status { name: r.str()? },
         PING => Request::Ping,
+        BEGIN_JOB => Request::BeginJob {
+            lease: r.u64()?,
+            timeout_ms: r.u32()?,
+            job: r.str()?,
+            group: r.str()?,
+        },
+        FINISH_JOB => Request::FinishJob {
+            lease: r.u64()?,
+            succeeded: r.flag("succeeded flag")?,
+            started_unix_ms: r.u64()?,
+            duration_ms: r.u64()?,
+            reason: r.str()?,
+        },
+        RESET_JOB => Request::ResetJob { job: r.str()? },
+        WAIT_GROUP => Request::WaitGroup {
+            wait: r.u64()?,
+            jobs: r.u32()?,
+            timeout_ms: r.u32()?,
+            group: r.str()?,
+        },
         other => return Err(DecodeError::UnknownKind(other)),
     };
     r.end()?;
@@ -420,6 +569,10 @@ pub fn encode_reply(id: u32, reply: &Reply<'_>, buf: &mut Vec<u8>) {
         Reply::Error { .. } => ERROR,
         Reply::LeaseLost { .. } => LEASE_LOST,
         Reply::SessionLost { .. } => SESSION_LOST,
+        Reply::JobCompleted { .. } => JOB_COMPLETED,
+        Reply::JobBusy { .. } => JOB_BUSY,
+        Reply::JobReset { .. } => JOB_RESET,
+        Reply::GroupSettled { .. } => GROUP_SETTLED,
     };
     let start = begin(buf, id, kind);
     match *reply {
@@ -461,6 +614,38 @@ pub fn encode_reply(id: u32, reply: &Reply<'_>, buf: &mut Vec<u8>) {
             buf.extend_from_slice(&session.to_be_bytes());
             buf.push(reason as u8);
         }
+        Reply::JobCompleted {
+            token,
+            started_unix_ms,
+            duration_ms,
+            client,
+        } => {
+            buf.extend_from_slice(&token.to_be_bytes());
+            buf.extend_from_slice(&started_unix_ms.to_be_bytes());
+            buf.extend_from_slice(&duration_ms.to_be_bytes());
+            put_str(buf, client);
+        }
+        Reply::JobBusy {
+            token,
+            age_ms,
+            client,
+        } => {
+            buf.extend_from_slice(&token.to_be_bytes());
+            buf.extend_from_slice(&age_ms.to_be_bytes());
+            put_str(buf, client);
+        }
+        Reply::JobReset { was_completed } => buf.push(u8::from(was_completed)),
+        Reply::GroupSettled {
+            jobs,
+            completed,
+            running,
+            failures,
+        } => {
+            buf.extend_from_slice(&jobs.to_be_bytes());
+            buf.extend_from_slice(&completed.to_be_bytes());
+            buf.extend_from_slice(&running.to_be_bytes());
+            buf.extend_from_slice(&failures.to_be_bytes());
+        }
     }
     finish(buf, start);
 }
@@ -478,11 +663,7 @@ pub fn decode_reply(payload: &[u8]) -> Result<(u32, Reply<'_>), DecodeError> {
         },
         SESSION_OPENED => Reply::SessionOpened {
             ttl_ms: r.u32()?,
-            existed: match r.u8()? {
-                0 => false,
-                1 => true,
-                _ => return Err(DecodeError::BadValue("existed flag")),
-            },
+            existed: r.flag("existed flag")?,
         },
         DONE => Reply::Done,
         GRANTED => Reply::Granted { token: r.u64()? },
@@ -501,6 +682,26 @@ pub fn decode_reply(payload: &[u8]) -> Result<(u32, Reply<'_>), DecodeError> {
         SESSION_LOST => Reply::SessionLost {
             session: r.u64()?,
             reason: LostReason::from_u8(r.u8()?)?,
+        },
+        JOB_COMPLETED => Reply::JobCompleted {
+            token: r.u64()?,
+            started_unix_ms: r.u64()?,
+            duration_ms: r.u64()?,
+            client: r.str()?,
+        },
+        JOB_BUSY => Reply::JobBusy {
+            token: r.u64()?,
+            age_ms: r.u64()?,
+            client: r.str()?,
+        },
+        JOB_RESET => Reply::JobReset {
+            was_completed: r.flag("was_completed flag")?,
+        },
+        GROUP_SETTLED => Reply::GroupSettled {
+            jobs: r.u32()?,
+            completed: r.u32()?,
+            running: r.u32()?,
+            failures: r.u64()?,
         },
         other => return Err(DecodeError::UnknownKind(other)),
     };
@@ -582,6 +783,14 @@ impl<'a> Reader<'a> {
         std::str::from_utf8(bytes).map_err(|_| DecodeError::BadUtf8)
     }
 
+    fn flag(&mut self, what: &'static str) -> Result<bool, DecodeError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(DecodeError::BadValue(what)),
+        }
+    }
+
     fn rest(&mut self) -> &'a [u8] {
         std::mem::take(&mut self.buf)
     }
@@ -650,6 +859,26 @@ mod tests {
             Request::Close { name: "db" },
             Request::Status { name: "" },
             Request::Ping,
+            Request::BeginJob {
+                lease: 4,
+                timeout_ms: 0,
+                job: "build-7",
+                group: "nightly",
+            },
+            Request::FinishJob {
+                lease: 4,
+                succeeded: false,
+                started_unix_ms: 1_700_000_000_000,
+                duration_ms: 1234,
+                reason: "exited with status 3",
+            },
+            Request::ResetJob { job: "build-7" },
+            Request::WaitGroup {
+                wait: 9,
+                jobs: 40,
+                timeout_ms: crate::NO_TIMEOUT,
+                group: "nightly",
+            },
         ] {
             roundtrip_request(5, req);
         }
@@ -686,6 +915,26 @@ mod tests {
             Reply::SessionLost {
                 session: 1,
                 reason: LostReason::Expired,
+            },
+            Reply::JobCompleted {
+                token: 3,
+                started_unix_ms: 1_700_000_000_000,
+                duration_ms: 5,
+                client: "host-a:12",
+            },
+            Reply::JobBusy {
+                token: 4,
+                age_ms: 250,
+                client: "host-b:13",
+            },
+            Reply::JobReset {
+                was_completed: true,
+            },
+            Reply::GroupSettled {
+                jobs: 40,
+                completed: 39,
+                running: 0,
+                failures: 2,
             },
         ] {
             roundtrip_reply(0, reply);

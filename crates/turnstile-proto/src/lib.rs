@@ -27,7 +27,10 @@ pub use codec::{
     decode_reply, decode_request, encode_reply, encode_request, split_frame, DecodeError,
     ErrorCode, LostReason, Reply, Request,
 };
-pub use status::{HolderStatus, SemaphoreStatus, StatusDoc, WaitSummary};
+pub use status::{
+    CompletionStatus, GroupStatus, HolderStatus, JobStatus, RunningStatus, SemaphoreStatus,
+    StatusDoc, WaitSummary,
+};
 
 /// The protocol version this crate speaks. A server refuses a handshake with another version.
 pub const VERSION: u16 = 1;

@@ -3,11 +3,84 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Every semaphore asked for.
+/// Every semaphore asked for, and the run-once jobs and their groups.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct StatusDoc {
     /// The semaphores, sorted by name.
     pub semaphores: Vec<SemaphoreStatus>,
+    /// The job groups, sorted by name (absent when one semaphore was asked for).
+    #[serde(default)]
+    pub groups: Vec<GroupStatus>,
+    /// The jobs, sorted by group (ungrouped first) and name (absent when one semaphore was
+    /// asked for).
+    #[serde(default)]
+    pub jobs: Vec<JobStatus>,
+}
+
+/// One job group.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct GroupStatus {
+    /// Its name.
+    pub name: String,
+    /// Jobs known in the group.
+    pub jobs: u32,
+    /// Jobs completed.
+    pub completed: u32,
+    /// Jobs running now.
+    pub running: u32,
+    /// Failed attempts of its jobs (since their last reset).
+    pub failures: u64,
+}
+
+/// One run-once job.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobStatus {
+    /// Its name.
+    pub name: String,
+    /// Its group.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Its completion, if it completed.
+    #[serde(default)]
+    pub completed: Option<CompletionStatus>,
+    /// The attempt running it, if any.
+    #[serde(default)]
+    pub running: Option<RunningStatus>,
+    /// Attempts waiting to take over.
+    #[serde(default)]
+    pub waiting: u64,
+    /// Failed attempts since the last reset.
+    #[serde(default)]
+    pub failures: u32,
+    /// Why the last attempt failed.
+    #[serde(default)]
+    pub last_failure: Option<String>,
+}
+
+/// A job's completion.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CompletionStatus {
+    /// Who ran it ("host:pid").
+    pub client: String,
+    /// The fencing token of the attempt that completed it.
+    pub token: u64,
+    /// When that attempt started, milliseconds since the Unix epoch (its runner's clock).
+    pub started_unix_ms: u64,
+    /// How long it ran, milliseconds.
+    pub duration_ms: u64,
+}
+
+/// The attempt running a job.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunningStatus {
+    /// Who runs it ("host:pid").
+    pub client: String,
+    /// Its session, as 16 hex digits.
+    pub session: String,
+    /// Its fencing token.
+    pub token: u64,
+    /// Milliseconds since it started.
+    pub age_ms: u64,
 }
 
 /// One semaphore.
@@ -56,6 +129,9 @@ pub struct HolderStatus {
     pub lease_id: u64,
     /// The session, as 16 hex digits (a string, since JSON numbers lose precision past 2^53).
     pub session: String,
+    /// The session's client description ("host:pid"), if known.
+    #[serde(default)]
+    pub client: String,
     /// Permits held.
     pub weight: u32,
     /// Fencing token.

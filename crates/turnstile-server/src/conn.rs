@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use turnstile_core::{LeaseId, Request, SessionId};
+use turnstile_core::{JobOutcome, LeaseId, Request, SessionId};
 use turnstile_proto::{
     self as proto, decode_request, split_frame, DecodeError, ErrorCode, StatusDoc,
     MAX_REQUEST_FRAME, NO_TIMEOUT,
@@ -14,7 +14,7 @@ use turnstile_proto::{
 
 use crate::outbox::{Outbox, HIGH_WATER};
 use crate::state::{ConnId, Shared};
-use crate::status::semaphore_status;
+use crate::status::{group_status, job_status, semaphore_status};
 
 /// Serves one connection until the peer leaves, sends a bad frame, or the server shuts down.
 /// Leaving does not end the connection's session: its client may resume it on a new
@@ -41,6 +41,7 @@ pub(crate) async fn serve(
         id: conn,
         session: None,
         greeted: false,
+        client: String::new(),
     };
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let reason = 'conn: loop {
@@ -94,6 +95,8 @@ struct Conn {
     id: ConnId,
     session: Option<SessionId>,
     greeted: bool,
+    /// The client description from the handshake, given to the sessions opened here.
+    client: String,
 }
 
 impl Conn {
@@ -153,7 +156,11 @@ impl Conn {
                 }
                 let session = SessionId(session);
                 self.bind(session);
-                Request::OpenSession { session, ttl }
+                Request::OpenSession {
+                    session,
+                    ttl,
+                    client: &self.client,
+                }
             }
             proto::Request::ResumeSession { session } => {
                 let session = SessionId(session);
@@ -165,10 +172,14 @@ impl Conn {
             },
             proto::Request::Ensure { capacity, name } => Request::Ensure { name, capacity },
             proto::Request::Close { name } => Request::Close { name },
+            proto::Request::ResetJob { job } => Request::ResetJob { job },
             proto::Request::KeepAlive
             | proto::Request::CloseSession
             | proto::Request::Acquire { .. }
-            | proto::Request::Release { .. } => {
+            | proto::Request::Release { .. }
+            | proto::Request::BeginJob { .. }
+            | proto::Request::FinishJob { .. }
+            | proto::Request::WaitGroup { .. } => {
                 let Some(session) = self.session else {
                     self.reply_error(
                         id,
@@ -190,14 +201,55 @@ impl Conn {
                         lease: LeaseId(lease),
                         name,
                         weight,
-                        timeout: (timeout_ms != NO_TIMEOUT)
-                            .then(|| Duration::from_millis(u64::from(timeout_ms))),
+                        timeout: timeout(timeout_ms),
                     },
                     proto::Request::Release { lease } => Request::Release {
                         session,
                         lease: LeaseId(lease),
                     },
-                    _ => unreachable!("invariant: the outer match admits only these four kinds"),
+                    proto::Request::BeginJob {
+                        lease,
+                        timeout_ms,
+                        job,
+                        group,
+                    } => Request::BeginJob {
+                        session,
+                        lease: LeaseId(lease),
+                        job,
+                        group: (!group.is_empty()).then_some(group),
+                        timeout: timeout(timeout_ms),
+                    },
+                    proto::Request::FinishJob {
+                        lease,
+                        succeeded,
+                        started_unix_ms,
+                        duration_ms,
+                        reason,
+                    } => Request::FinishJob {
+                        session,
+                        lease: LeaseId(lease),
+                        outcome: if succeeded {
+                            JobOutcome::Succeeded {
+                                started_unix_ms,
+                                duration: Duration::from_millis(duration_ms),
+                            }
+                        } else {
+                            JobOutcome::Failed { reason }
+                        },
+                    },
+                    proto::Request::WaitGroup {
+                        wait,
+                        jobs,
+                        timeout_ms,
+                        group,
+                    } => Request::WaitGroup {
+                        session,
+                        wait: LeaseId(wait),
+                        group,
+                        jobs,
+                        timeout: timeout(timeout_ms),
+                    },
+                    _ => unreachable!("invariant: the outer match admits only the kinds above"),
                 }
             }
         };
@@ -232,6 +284,12 @@ impl Conn {
             return Err("unsupported version".into());
         }
         self.greeted = true;
+        // The core refuses longer descriptions; cut rather than fail every later open.
+        let mut end = client.len().min(turnstile_core::MAX_NAME_LEN);
+        while !client.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.client = client[..end].to_owned();
         tracing::debug!(conn = self.id, client, "handshake");
         let server = concat!("turnstile ", env!("CARGO_PKG_VERSION"));
         self.outbox.push(
@@ -267,17 +325,20 @@ impl Conn {
 
     fn status(&self, id: u32, name: &str) {
         let now = self.shared.now();
-        let views = {
+        let (views, groups, jobs) = {
             let st = self.shared.lock();
             if name.is_empty() {
-                st.core.semaphores(now)
+                (st.core.semaphores(now), st.core.groups(), st.core.jobs(now))
             } else {
-                st.core.semaphore(name, now).into_iter().collect()
+                let one = st.core.semaphore(name, now).into_iter().collect();
+                (one, Vec::new(), Vec::new())
             }
         };
         // Serialization happens outside the lock: a large status must not stall the others.
         let doc = StatusDoc {
             semaphores: views.iter().map(semaphore_status).collect(),
+            groups: groups.iter().map(|(n, g)| group_status(n, g)).collect(),
+            jobs: jobs.iter().map(job_status).collect(),
         };
         self.outbox.push(
             id,
@@ -286,6 +347,11 @@ impl Conn {
             },
         );
     }
+}
+
+/// A wire timeout: [`NO_TIMEOUT`] waits as long as it takes.
+fn timeout(ms: u32) -> Option<Duration> {
+    (ms != NO_TIMEOUT).then(|| Duration::from_millis(u64::from(ms)))
 }
 
 fn millis(d: Duration) -> u32 {

@@ -326,15 +326,39 @@ impl State {
     }
 }
 
-fn reply_to_wire(reply: &Reply) -> proto::Reply<'static> {
-    match *reply {
+fn reply_to_wire(reply: &Reply) -> proto::Reply<'_> {
+    match reply {
         Reply::SessionOpened { ttl, existed } => proto::Reply::SessionOpened {
             ttl_ms: u32::try_from(ttl.as_millis()).unwrap_or(u32::MAX),
-            existed,
+            existed: *existed,
         },
         Reply::Done => proto::Reply::Done,
         Reply::Granted { token } => proto::Reply::Granted { token: token.0 },
+        Reply::JobCompleted(c) => proto::Reply::JobCompleted {
+            token: c.token.0,
+            started_unix_ms: c.started_unix_ms,
+            duration_ms: millis64(c.duration),
+            client: &c.client,
+        },
+        Reply::JobBusy { client, token, age } => proto::Reply::JobBusy {
+            token: token.0,
+            age_ms: millis64(*age),
+            client,
+        },
+        Reply::JobReset { was_completed } => proto::Reply::JobReset {
+            was_completed: *was_completed,
+        },
+        Reply::GroupSettled(g) => proto::Reply::GroupSettled {
+            jobs: g.jobs,
+            completed: g.completed,
+            running: g.running,
+            failures: g.failures,
+        },
     }
+}
+
+fn millis64(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn lost_reason(r: LostReason) -> proto::LostReason {

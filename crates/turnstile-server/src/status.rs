@@ -1,7 +1,48 @@
 //! Turns the core's views into the status document of the protocol.
 
-use turnstile_core::SemaphoreView;
-use turnstile_proto::{HolderStatus, SemaphoreStatus, WaitSummary};
+use turnstile_core::{GroupSummary, JobView, SemaphoreView};
+use turnstile_proto::{
+    CompletionStatus, GroupStatus, HolderStatus, JobStatus, RunningStatus, SemaphoreStatus,
+    WaitSummary,
+};
+
+fn ms64(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The status entry of one job group.
+pub(crate) fn group_status(name: &str, g: &GroupSummary) -> GroupStatus {
+    GroupStatus {
+        name: name.to_owned(),
+        jobs: g.jobs,
+        completed: g.completed,
+        running: g.running,
+        failures: g.failures,
+    }
+}
+
+/// The status entry of one job.
+pub(crate) fn job_status(j: &JobView) -> JobStatus {
+    JobStatus {
+        name: j.name.to_string(),
+        group: j.group.as_deref().map(str::to_owned),
+        completed: j.completion.as_ref().map(|c| CompletionStatus {
+            client: c.client.to_string(),
+            token: c.token.0,
+            started_unix_ms: c.started_unix_ms,
+            duration_ms: ms64(c.duration),
+        }),
+        running: j.running.as_ref().map(|r| RunningStatus {
+            client: r.client.to_string(),
+            session: r.session.to_string(),
+            token: r.token.0,
+            age_ms: ms64(r.age),
+        }),
+        waiting: j.waiting as u64,
+        failures: j.failures,
+        last_failure: j.last_failure.as_deref().map(str::to_owned),
+    }
+}
 
 fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -22,6 +63,7 @@ pub(crate) fn semaphore_status(v: &SemaphoreView) -> SemaphoreStatus {
             .map(|h| HolderStatus {
                 lease_id: h.lease.0,
                 session: h.session.to_string(),
+                client: h.client.to_string(),
                 weight: h.weight,
                 token: h.token.0,
                 age_ms: u64::try_from(h.age.as_millis()).unwrap_or(u64::MAX),

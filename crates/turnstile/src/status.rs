@@ -78,6 +78,7 @@ mod tests {
                 holders: vec![HolderStatus {
                     lease_id: 7,
                     session: "00000000000000ab".into(),
+                    client: "host-a:12".into(),
                     weight: 1,
                     token: 42,
                     age_ms: 1_250,
@@ -89,6 +90,7 @@ mod tests {
                 lost_total: 0,
                 wait: WaitSummary::default(),
             }],
+            ..StatusDoc::default()
         };
         let text = render(&doc);
         let lines: Vec<&str> = text.lines().collect();

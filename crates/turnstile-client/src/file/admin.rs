@@ -52,6 +52,7 @@ impl Inner {
                     .or_insert_with(|| HolderStatus {
                         lease_id: r.lease,
                         session: format!("{:016x}", r.session),
+                        client: format!("{}:{}", r.who.host, r.who.pid),
                         weight: 0,
                         token: r.token,
                         age_ms: now_ms.saturating_sub(r.start_ms),
@@ -86,7 +87,10 @@ impl Inner {
             });
         }
         semaphores.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(StatusDoc { semaphores })
+        Ok(StatusDoc {
+            semaphores,
+            ..StatusDoc::default()
+        })
     }
 
     pub(super) fn ensure(&self, name: &str, capacity: u32) -> Result<(), Error> {

@@ -91,8 +91,8 @@ use tokio::time::Instant;
 use turnstile_proto::{ErrorCode, StatusDoc};
 
 use self::disk::{Ident, Record, Touch};
-use crate::backend::{Backend, BoxFuture, Grant};
-use crate::{random_id, Error, LostReason, Options};
+use crate::backend::{Backend, BoxFuture, Grant, JobBegin, JobEnd};
+use crate::{random_id, Error, GroupSummary, LostReason, Options};
 
 /// The session TTL when the options do not name one.
 pub(crate) const DEFAULT_TTL: Duration = Duration::from_secs(10);
@@ -741,4 +741,39 @@ impl Backend for FileBackend {
     fn session_id(&self) -> u64 {
         self.inner.session
     }
+
+    fn begin_job<'a>(
+        &'a self,
+        _job: &'a str,
+        _group: Option<&'a str>,
+        _timeout: Option<Duration>,
+    ) -> BoxFuture<'a, Result<JobBegin, Error>> {
+        Box::pin(async move { Err(not_yet()) })
+    }
+
+    fn finish_job<'a>(
+        &'a self,
+        _job: &'a str,
+        _lease: u64,
+        _end: JobEnd<'a>,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move { Err(not_yet()) })
+    }
+
+    fn reset_job<'a>(&'a self, _job: &'a str) -> BoxFuture<'a, Result<bool, Error>> {
+        Box::pin(async move { Err(not_yet()) })
+    }
+
+    fn wait_group<'a>(
+        &'a self,
+        _group: &'a str,
+        _jobs: u32,
+        _timeout: Option<Duration>,
+    ) -> BoxFuture<'a, Result<GroupSummary, Error>> {
+        Box::pin(async move { Err(not_yet()) })
+    }
+}
+
+fn not_yet() -> Error {
+    Error::Protocol("run-once jobs are not implemented on the file backend yet".into())
 }
