@@ -61,8 +61,12 @@ impl TestServer {
 /// A reply copied out of the receive buffer.
 #[derive(Debug, PartialEq)]
 enum Msg {
-    HelloOk { version: u16 },
-    SessionOpened { ttl_ms: u32 },
+    HelloOk {
+        version: u16,
+    },
+    SessionOpened {
+        ttl_ms: u32,
+    },
     Done,
     Granted(u64),
     Status(StatusDoc),
@@ -70,6 +74,8 @@ enum Msg {
     Error(ErrorCode, String),
     LeaseLost(u64),
     SessionLost(u64),
+    /// A job or group answer: these tests look only at its kind.
+    Job(String),
 }
 
 fn owned(reply: Reply<'_>) -> Msg {
@@ -83,6 +89,10 @@ fn owned(reply: Reply<'_>) -> Msg {
         Reply::Error { code, message } => Msg::Error(code, message.to_owned()),
         Reply::LeaseLost { lease, .. } => Msg::LeaseLost(lease),
         Reply::SessionLost { session, .. } => Msg::SessionLost(session),
+        other @ (Reply::JobCompleted { .. }
+        | Reply::JobBusy { .. }
+        | Reply::JobReset { .. }
+        | Reply::GroupSettled { .. }) => Msg::Job(format!("{other:?}")),
     }
 }
 
