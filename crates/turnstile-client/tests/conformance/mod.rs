@@ -10,7 +10,9 @@
 use std::time::Duration;
 
 use tokio::time::{timeout, Instant};
-use turnstile_client::{Client, Error, ErrorCode, LostReason, SemaphoreStatus};
+use turnstile_client::{
+    Client, Error, ErrorCode, JobAttempt, JobStart, JobStatus, LostReason, SemaphoreStatus,
+};
 
 /// A backend under test: hands out clients connected to the same fresh backend.
 pub trait Fixture: Sync {
@@ -41,6 +43,11 @@ macro_rules! conformance_suite {
                 dropped_acquire_does_not_leak,
                 close_reports_lost_lease_and_fails_waiters,
                 shutdown_releases_every_lease,
+                job_runs_once_until_reset,
+                job_waiters_take_over_or_learn_of_the_completion,
+                job_of_a_dead_session_is_taken_over,
+                group_wait_settles,
+                many_runners_run_each_job_once,
             );
         }
     };
@@ -422,4 +429,261 @@ pub async fn shutdown_releases_every_lease(server: &impl Fixture) {
     // The shut-down client refuses further work; dropping its permits is harmless.
     assert!(matches!(leaver.status(None).await, Err(Error::Shutdown)));
     drop((pa, pb, ga, gb));
+}
+
+/// The status entry of a job.
+pub async fn job_status(client: &Client, job: &str) -> JobStatus {
+    let doc = client.status(None).await.expect("status");
+    doc.jobs
+        .into_iter()
+        .find(|j| j.name == job)
+        .unwrap_or_else(|| panic!("job {job:?} missing from the status"))
+}
+
+fn run(start: JobStart) -> JobAttempt {
+    match start {
+        JobStart::Run(attempt) => attempt,
+        other => panic!("expected to run the job, got {other:?}"),
+    }
+}
+
+/// A completed job is skipped by every later attempt, with who ran it, until it is reset;
+/// a concurrent attempt that will not wait learns who runs it.
+pub async fn job_runs_once_until_reset(server: &impl Fixture) {
+    let a = server.client().await;
+    let b = server.client().await;
+    let first = run(a.try_begin_job("once-1", Some("g1")).await.expect("begin"));
+    assert_eq!(first.job(), "once-1");
+    match b.try_begin_job("once-1", None).await.expect("begin") {
+        JobStart::Running(r) => {
+            assert_eq!(r.token, first.fencing_token());
+            assert!(!r.client.is_empty(), "the runner is named");
+        }
+        other => panic!("expected Running, got {other:?}"),
+    }
+    let st = job_status(&b, "once-1").await;
+    assert_eq!(st.group.as_deref(), Some("g1"));
+    assert!(st.running.is_some() && st.completed.is_none());
+    let token = first.fencing_token();
+    first.succeed().await.expect("record the completion");
+
+    match b.try_begin_job("once-1", None).await.expect("begin") {
+        JobStart::Completed(done) => {
+            assert_eq!(done.token, token);
+            assert!(!done.client.is_empty());
+            assert!(done.started <= std::time::SystemTime::now());
+        }
+        other => panic!("expected Completed, got {other:?}"),
+    }
+    let st = job_status(&b, "once-1").await;
+    assert_eq!(st.completed.as_ref().map(|c| c.token), Some(token));
+    assert!(st.running.is_none());
+    let g = b
+        .wait_group("g1", 1, Some(Duration::ZERO))
+        .await
+        .expect("settled");
+    assert_eq!((g.jobs, g.completed, g.running), (1, 1, 0));
+
+    assert!(
+        b.reset_job("once-1").await.expect("reset"),
+        "it had completed"
+    );
+    assert!(!b.reset_job("once-1").await.expect("reset again"));
+    assert!(!b.reset_job("never-seen").await.expect("reset unknown"));
+    let again = run(b.try_begin_job("once-1", None).await.expect("begin"));
+    assert!(again.fencing_token() > token, "tokens rise across attempts");
+    again
+        .fail("exited with status 3")
+        .await
+        .expect("record the failure");
+    let st = job_status(&a, "once-1").await;
+    assert_eq!(st.failures, 1);
+    assert!(st.completed.is_none());
+    assert!(
+        st.last_failure
+            .as_deref()
+            .is_some_and(|f| f.contains("status 3")),
+        "{st:?}"
+    );
+    // Bad names are refused, not mangled.
+    assert!(b.try_begin_job("", None).await.is_err());
+}
+
+/// Attempts queued behind a running one take over when it fails, and learn of the
+/// completion (without running) when it succeeds; dropping an attempt is a failure.
+pub async fn job_waiters_take_over_or_learn_of_the_completion(server: &impl Fixture) {
+    let a = server.client().await;
+    let b = server.client().await;
+    let c = server.client().await;
+    let first = run(a.try_begin_job("once-2", None).await.expect("begin"));
+    let waiter = tokio::spawn(async move {
+        let r = b.begin_job("once-2", None).await;
+        (b, r)
+    });
+    assert!(
+        timeout(QUIET, async {
+            while !waiter.is_finished() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .is_err(),
+        "the second attempt waits while the first runs"
+    );
+    first.fail("boom").await.expect("fail");
+    let (b, second) = timeout(PATIENCE, waiter)
+        .await
+        .expect("taken over")
+        .expect("task");
+    let second = run(second.expect("begin"));
+    let later = tokio::spawn(async move { c.begin_job("once-2", None).await });
+    tokio::time::sleep(Duration::from_millis(50)).await; // let it queue; either order is valid
+    let token = second.fencing_token();
+    second.succeed().await.expect("succeed");
+    match timeout(PATIENCE, later)
+        .await
+        .expect("answered")
+        .expect("task")
+    {
+        Ok(JobStart::Completed(done)) => assert_eq!(done.token, token),
+        other => panic!("expected Completed, got {other:?}"),
+    }
+    // A dropped attempt counts as failed, and the job is free again.
+    b.reset_job("once-2").await.expect("reset");
+    let dropped = run(b.try_begin_job("once-2", None).await.expect("begin"));
+    drop(dropped);
+    let again = b
+        .begin_job_timeout("once-2", None, PATIENCE)
+        .await
+        .expect("the dropped attempt's lease comes free");
+    let again = run(again);
+    assert_eq!(job_status(&a, "once-2").await.failures, 1);
+    again.succeed().await.expect("succeed");
+}
+
+/// A runner whose session ends (its process died and a supervisor or the TTL ended it) loses
+/// the job; the next attempt takes over, and the dead runner's late success is refused.
+pub async fn job_of_a_dead_session_is_taken_over(server: &impl Fixture) {
+    let a = server.client().await;
+    let b = server.client().await;
+    let first = run(a.try_begin_job("once-3", None).await.expect("begin"));
+    b.end_session(a.session_id())
+        .await
+        .expect("end the session");
+    let second = timeout(PATIENCE, b.begin_job("once-3", None))
+        .await
+        .expect("taken over in time")
+        .expect("begin");
+    let second = run(second);
+    assert!(second.fencing_token() > first.fencing_token());
+    let lost = timeout(PATIENCE, first.permit().lost())
+        .await
+        .expect("loss noticed");
+    assert_eq!(lost, LostReason::SessionEnded);
+    assert!(matches!(first.succeed().await, Err(Error::LeaseLost(_))));
+    second.succeed().await.expect("the live runner records it");
+    let st = job_status(&b, "once-3").await;
+    assert_eq!(st.failures, 1);
+    assert!(st.completed.is_some());
+}
+
+/// A group wait returns once nothing in the group runs and enough jobs completed, and times
+/// out otherwise.
+pub async fn group_wait_settles(server: &impl Fixture) {
+    let a = server.client().await;
+    let w = server.client().await;
+    let g = w
+        .wait_group("g4", 0, Some(Duration::ZERO))
+        .await
+        .expect("unknown group");
+    assert_eq!(g.jobs, 0);
+    let j1 = run(a.try_begin_job("g4-1", Some("g4")).await.expect("begin"));
+    let j2 = run(a.try_begin_job("g4-2", Some("g4")).await.expect("begin"));
+    assert!(matches!(
+        w.wait_group("g4", 0, Some(Duration::from_millis(100)))
+            .await,
+        Err(Error::TimedOut)
+    ));
+    let waiter = tokio::spawn(async move {
+        let r = w.wait_group("g4", 2, None).await;
+        (w, r)
+    });
+    j1.succeed().await.expect("succeed");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!waiter.is_finished(), "one job still runs");
+    j2.succeed().await.expect("succeed");
+    let (w, settled) = timeout(PATIENCE, waiter)
+        .await
+        .expect("settled")
+        .expect("task");
+    let g = settled.expect("wait");
+    assert_eq!((g.jobs, g.completed, g.running), (2, 2, 0));
+    assert!(matches!(
+        w.wait_group("g4", 3, Some(Duration::from_millis(100)))
+            .await,
+        Err(Error::TimedOut)
+    ));
+    let doc = w.status(None).await.expect("status");
+    let gs = doc
+        .groups
+        .iter()
+        .find(|g| g.name == "g4")
+        .expect("group listed");
+    assert_eq!((gs.jobs, gs.completed, gs.running), (2, 2, 0));
+}
+
+/// Four runners working through the same 40 jobs of one group, each in its own order: every
+/// job runs exactly once.
+pub async fn many_runners_run_each_job_once(server: &impl Fixture) {
+    use std::sync::{Arc, Mutex};
+    const JOBS: usize = 40;
+    let runs: Arc<Mutex<Vec<u32>>> = Arc::new(Mutex::new(vec![0; JOBS]));
+    let mut tasks = Vec::new();
+    for r in 0..4usize {
+        let client = server.client().await;
+        let runs = runs.clone();
+        tasks.push(tokio::spawn(async move {
+            for k in 0..JOBS {
+                // Runner r starts at a different place and goes the other way every other time.
+                let i = if r % 2 == 0 {
+                    (k + r * 10) % JOBS
+                } else {
+                    (JOBS - 1 - k + r * 10) % JOBS
+                };
+                let job = format!("many-{i}");
+                match client.begin_job(&job, Some("many")).await.expect("begin") {
+                    JobStart::Run(attempt) => {
+                        runs.lock().expect("lock")[i] += 1;
+                        tokio::task::yield_now().await;
+                        attempt.succeed().await.expect("succeed");
+                    }
+                    JobStart::Completed(_) => {}
+                    JobStart::Running(r) => panic!("a waiting attempt got Running: {r:?}"),
+                }
+            }
+            client
+        }));
+    }
+    let mut clients = Vec::new();
+    for t in tasks {
+        clients.push(
+            timeout(PATIENCE * 6, t)
+                .await
+                .expect("runners finish")
+                .expect("task"),
+        );
+    }
+    assert_eq!(
+        *runs.lock().expect("lock"),
+        vec![1; JOBS],
+        "each job ran exactly once"
+    );
+    let g = clients[0]
+        .wait_group("many", JOBS as u32, Some(Duration::ZERO))
+        .await
+        .expect("all completed");
+    assert_eq!(
+        (g.jobs, g.completed, g.running, g.failures),
+        (JOBS as u32, JOBS as u32, 0, 0)
+    );
 }
