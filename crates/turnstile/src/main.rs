@@ -3,6 +3,7 @@
 //! to one line on stderr and an exit code. It is the only crate that uses `anyhow`.
 
 mod bench;
+mod once;
 mod run;
 mod status;
 
@@ -79,7 +80,12 @@ enum Command {
     },
     /// Run a command while holding a slot of a semaphore.
     Run(run::RunArgs),
-    /// Show semaphores, their holders and queues.
+    /// Run a job once and only once: skip it if it has completed (or runs elsewhere), record
+    /// its completion when the command exits 0.
+    Once(once::OnceArgs),
+    /// Wait until no job of a group is running (and, with --jobs N, N have completed).
+    Wait(once::WaitArgs),
+    /// Show semaphores (holders, queues) and job groups (completed, running, failed).
     Status {
         /// Only this semaphore.
         name: Option<String>,
@@ -208,6 +214,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run(args) => runtime()?.block_on(run::run(args)),
+        Command::Once(args) => runtime()?.block_on(once::once(args)),
+        Command::Wait(args) => runtime()?.block_on(once::wait(args)),
         Command::Status { name, json, url } => {
             runtime()?.block_on(status::status(&url.get(), name.as_deref(), json))
         }

@@ -8,7 +8,7 @@ use anyhow::Context;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::signal::unix::{signal, SignalKind};
-use turnstile_client::{Client, Error, ErrorCode};
+use turnstile_client::{Client, Error, ErrorCode, Permit};
 
 use crate::{parse_duration, UrlArg, EXIT_LOST, EXIT_TIMEOUT};
 
@@ -93,61 +93,39 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
         Err(e) => return Err(e.into()),
     };
-    let spawned = tokio::process::Command::new(&args.command[0])
-        .args(&args.command[1..])
-        .env("TURNSTILE_SEMAPHORE", &args.name)
-        .env("TURNSTILE_LEASE_ID", permit.lease_id().to_string())
-        .env(
+    let envs = [
+        ("TURNSTILE_SEMAPHORE", args.name.clone()),
+        ("TURNSTILE_LEASE_ID", permit.lease_id().to_string()),
+        (
             "TURNSTILE_FENCING_TOKEN",
             permit.fencing_token().to_string(),
-        )
-        .env("TURNSTILE_URL", &url)
-        .spawn();
-    let mut child = match spawned {
+        ),
+        ("TURNSTILE_URL", url.clone()),
+    ];
+    let mut child = match spawn(&args.command, &envs) {
         Ok(child) => child,
-        Err(e) => {
-            eprintln!("turnstile: cannot run {:?}: {e}", args.command[0]);
-            // The shell's convention: 127 for a command not found, 126 for one not runnable.
-            let code = if e.kind() == std::io::ErrorKind::NotFound {
-                127
-            } else {
-                126
-            };
+        Err(code) => {
             drop(permit);
             let _ = client.shutdown().await;
             return Ok(ExitCode::from(code));
         }
     };
-    let pid = child.id().map(|id| Pid::from_raw(id as i32));
-    let status: ExitStatus = loop {
-        tokio::select! {
-            status = child.wait() => break status.context("waiting for the command")?,
-            sig = sigs.recv() => {
-                if let Some(pid) = pid {
-                    let _ = kill(pid, sig);
-                }
-            }
-            reason = permit.lost() => {
-                match args.on_lost {
-                    OnLost::Ignore => {
-                        eprintln!("turnstile: warning: the lease on {:?} was lost ({reason}); the command keeps running", args.name);
-                        // Keep waiting for the child only.
-                        let status = wait_forwarding(&mut child, &mut sigs, pid).await?;
-                        break status;
-                    }
-                    OnLost::Kill => {
-                        eprintln!(
-                            "turnstile: the lease on {:?} was lost ({reason}); stopping the command (SIGTERM, SIGKILL after {})",
-                            args.name,
-                            humantime::format_duration(args.kill_grace)
-                        );
-                        stop(&mut child, pid, args.kill_grace).await?;
-                        drop(permit);
-                        let _ = client.shutdown().await;
-                        return Ok(ExitCode::from(EXIT_LOST));
-                    }
-                }
-            }
+    let what = format!("the lease on {:?}", args.name);
+    let outcome = supervise(
+        &mut child,
+        &mut sigs,
+        &permit,
+        args.on_lost,
+        args.kill_grace,
+        &what,
+    )
+    .await?;
+    let status = match outcome {
+        Supervised::Exited(status) => status,
+        Supervised::Lost => {
+            drop(permit);
+            let _ = client.shutdown().await;
+            return Ok(ExitCode::from(EXIT_LOST));
         }
     };
     // Release before exiting so the next waiter starts at once, not after a TTL.
@@ -156,8 +134,95 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(exit_code(status)))
 }
 
+/// Starts the command with extra environment variables. On failure, says why on stderr and
+/// returns the shell's exit code for it: 127 for a command not found, 126 for one that cannot
+/// be run.
+pub(crate) fn spawn(
+    command: &[String],
+    envs: &[(&str, String)],
+) -> Result<tokio::process::Child, u8> {
+    let Some((program, rest)) = command.split_first() else {
+        eprintln!("turnstile: no command given");
+        return Err(127);
+    };
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(rest);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.spawn().map_err(|e| {
+        eprintln!("turnstile: cannot run {program:?}: {e}");
+        if e.kind() == std::io::ErrorKind::NotFound {
+            127
+        } else {
+            126
+        }
+    })
+}
+
+/// How a supervised command ended.
+pub(crate) enum Supervised {
+    /// It exited (or was killed by a signal) on its own.
+    Exited(ExitStatus),
+    /// The lease was lost and, per `--on-lost kill`, the command was stopped.
+    Lost,
+}
+
+/// Waits for the command while forwarding signals to it and watching the lease: if the lease
+/// is lost, either stops the command (`kill`: SIGTERM, SIGKILL after `grace`) or only warns.
+/// `what` names the lease in messages.
+pub(crate) async fn supervise(
+    child: &mut tokio::process::Child,
+    sigs: &mut Signals,
+    permit: &Permit,
+    on_lost: OnLost,
+    grace: Duration,
+    what: &str,
+) -> anyhow::Result<Supervised> {
+    let pid = child.id().map(|id| Pid::from_raw(id as i32));
+    loop {
+        tokio::select! {
+            status = child.wait() => {
+                return Ok(Supervised::Exited(status.context("waiting for the command")?));
+            }
+            sig = sigs.recv() => {
+                if let Some(pid) = pid {
+                    let _ = kill(pid, sig);
+                }
+            }
+            reason = permit.lost() => match on_lost {
+                OnLost::Ignore => {
+                    eprintln!("turnstile: warning: {what} was lost ({reason}); the command keeps running");
+                    let status = wait_forwarding(child, sigs, pid).await?;
+                    return Ok(Supervised::Exited(status));
+                }
+                OnLost::Kill => {
+                    eprintln!(
+                        "turnstile: {what} was lost ({reason}); stopping the command (SIGTERM, SIGKILL after {})",
+                        humantime::format_duration(grace)
+                    );
+                    stop(child, pid, grace).await?;
+                    return Ok(Supervised::Lost);
+                }
+            },
+        }
+    }
+}
+
+/// Describes how a command ended, for messages and failure records.
+pub(crate) fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(sig)) => match Signal::try_from(sig) {
+            Ok(s) => format!("was killed by signal {sig} ({})", s.as_str()),
+            Err(_) => format!("was killed by signal {sig}"),
+        },
+        (None, None) => "ended for an unknown reason".to_owned(),
+    }
+}
+
 /// The shell convention: the exit code, or 128 plus the signal that killed the process.
-fn exit_code(status: ExitStatus) -> u8 {
+pub(crate) fn exit_code(status: ExitStatus) -> u8 {
     match (status.code(), status.signal()) {
         (Some(code), _) => code as u8,
         (None, Some(sig)) => 128u8.wrapping_add(sig as u8),
@@ -201,7 +266,7 @@ async fn stop(
 }
 
 /// The signals `turnstile run` passes on to its command.
-struct Signals {
+pub(crate) struct Signals {
     int: tokio::signal::unix::Signal,
     term: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
@@ -209,7 +274,7 @@ struct Signals {
 }
 
 impl Signals {
-    fn new() -> anyhow::Result<Signals> {
+    pub(crate) fn new() -> anyhow::Result<Signals> {
         Ok(Signals {
             int: signal(SignalKind::interrupt())?,
             term: signal(SignalKind::terminate())?,
@@ -218,7 +283,7 @@ impl Signals {
         })
     }
 
-    async fn recv(&mut self) -> Signal {
+    pub(crate) async fn recv(&mut self) -> Signal {
         tokio::select! {
             _ = self.int.recv() => Signal::SIGINT,
             _ = self.term.recv() => Signal::SIGTERM,

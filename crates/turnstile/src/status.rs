@@ -2,9 +2,11 @@
 
 use std::fmt::Write as _;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use turnstile_client::{Client, StatusDoc};
+use turnstile_client::{Client, JobStatus, StatusDoc};
+
+use crate::once::round;
 
 pub async fn status(url: &str, name: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
     let client = Client::connect(url).await?;
@@ -13,7 +15,7 @@ pub async fn status(url: &str, name: Option<&str>, json: bool) -> anyhow::Result
     if json {
         println!("{}", String::from_utf8_lossy(&doc.to_json()));
     } else {
-        print!("{}", render(&doc));
+        print!("{}", render(&doc, SystemTime::now()));
     }
     if let (Some(name), true) = (name, doc.semaphores.is_empty()) {
         eprintln!("turnstile: no semaphore named {name:?}");
@@ -22,13 +24,28 @@ pub async fn status(url: &str, name: Option<&str>, json: bool) -> anyhow::Result
     Ok(ExitCode::SUCCESS)
 }
 
-/// The human-readable table: one line per semaphore, one indented line per holder.
-pub fn render(doc: &StatusDoc) -> String {
+/// The human-readable tables: one line per semaphore, one indented line per holder; then one
+/// line per job group, with an indented line per running job and per job that failed and has
+/// not completed since. `now` turns ages into times of day.
+pub fn render(doc: &StatusDoc, now: SystemTime) -> String {
     let mut out = String::new();
     if doc.semaphores.is_empty() {
-        out.push_str("no semaphores\n");
-        return out;
+        if doc.jobs.is_empty() {
+            out.push_str("no semaphores\n");
+        }
+    } else {
+        render_semaphores(doc, &mut out);
     }
+    if !doc.jobs.is_empty() {
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        render_groups(doc, now, &mut out);
+    }
+    out
+}
+
+fn render_semaphores(doc: &StatusDoc, out: &mut String) {
     let width = doc
         .semaphores
         .iter()
@@ -50,14 +67,96 @@ pub fn render(doc: &StatusDoc) -> String {
         );
         for h in &s.holders {
             let age = humantime::format_duration(Duration::from_millis(h.age_ms - h.age_ms % 100));
+            let client = if h.client.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", h.client)
+            };
             let _ = writeln!(
                 out,
-                "  lease {:<6} session {}  weight {:<3} token {:<8} age {age}",
+                "  lease {:<6} session {}{client}  weight {:<3} token {:<8} age {age}",
                 h.lease_id, h.session, h.weight, h.token
             );
         }
     }
-    out
+}
+
+fn render_groups(doc: &StatusDoc, now: SystemTime, out: &mut String) {
+    let width = doc
+        .groups
+        .iter()
+        .map(|g| g.name.len())
+        .max()
+        .unwrap_or(0)
+        .max("GROUP".len());
+    if !doc.groups.is_empty() {
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:>6}  {:>9}  {:>7}  {:>15}",
+            "GROUP", "JOBS", "COMPLETED", "RUNNING", "FAILED ATTEMPTS"
+        );
+    }
+    for g in &doc.groups {
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:>6}  {:>9}  {:>7}  {:>15}",
+            g.name, g.jobs, g.completed, g.running, g.failures
+        );
+        job_lines(
+            doc.jobs
+                .iter()
+                .filter(|j| j.group.as_deref() == Some(&*g.name)),
+            now,
+            out,
+        );
+    }
+    let loose: Vec<&JobStatus> = doc.jobs.iter().filter(|j| j.group.is_none()).collect();
+    if !loose.is_empty() {
+        let done = loose.iter().filter(|j| j.completed.is_some()).count();
+        let running = loose.iter().filter(|j| j.running.is_some()).count();
+        let _ = writeln!(
+            out,
+            "jobs without a group: {} ({done} completed, {running} running)",
+            loose.len()
+        );
+        job_lines(loose.into_iter(), now, out);
+    }
+}
+
+/// One line per running job (where, since when) and per failed job not completed since.
+fn job_lines<'a>(jobs: impl Iterator<Item = &'a JobStatus>, now: SystemTime, out: &mut String) {
+    for j in jobs {
+        if let Some(r) = &j.running {
+            let age = Duration::from_millis(r.age_ms);
+            let since = now.checked_sub(age).unwrap_or(now);
+            let waiting = match j.waiting {
+                0 => String::new(),
+                n => format!(", {n} waiting to take over"),
+            };
+            let _ = writeln!(
+                out,
+                "  running  {} on {} since {} ({}, token {}){waiting}",
+                j.name,
+                r.client,
+                humantime::format_rfc3339_seconds(since),
+                round(age),
+                r.token
+            );
+        } else if j.completed.is_none() && j.failures > 0 {
+            let last = j
+                .last_failure
+                .as_deref()
+                .map(|f| format!(", last: {f}"))
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "  failed   {}: {} failed attempt{}{last}",
+                j.name,
+                j.failures,
+                if j.failures == 1 { "" } else { "s" }
+            );
+        }
+    }
 }
 
 #[cfg(test)]
@@ -92,7 +191,7 @@ mod tests {
             }],
             ..StatusDoc::default()
         };
-        let text = render(&doc);
+        let text = render(&doc, SystemTime::UNIX_EPOCH);
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].starts_with("SEMAPHORE"));
         assert!(lines[1].starts_with("db") && lines[1].contains(" 3 ") && lines[1].contains(" 2 "));
@@ -101,6 +200,74 @@ mod tests {
                 && lines[2].contains("token 42")
                 && lines[2].contains("age 1s 200ms")
         );
-        assert_eq!(render(&StatusDoc::default()), "no semaphores\n");
+        assert_eq!(
+            render(&StatusDoc::default(), SystemTime::UNIX_EPOCH),
+            "no semaphores\n"
+        );
+    }
+
+    #[test]
+    fn groups_show_running_and_failed_jobs() {
+        use turnstile_client::{CompletionStatus, GroupStatus, RunningStatus};
+        let doc = StatusDoc {
+            groups: vec![GroupStatus {
+                name: "nightly".into(),
+                jobs: 3,
+                completed: 1,
+                running: 1,
+                failures: 2,
+            }],
+            jobs: vec![
+                JobStatus {
+                    name: "a".into(),
+                    group: Some("nightly".into()),
+                    completed: Some(CompletionStatus::default()),
+                    ..JobStatus::default()
+                },
+                JobStatus {
+                    name: "b".into(),
+                    group: Some("nightly".into()),
+                    running: Some(RunningStatus {
+                        client: "host-a:12".into(),
+                        session: "0000000000000001".into(),
+                        token: 4,
+                        age_ms: 5_000,
+                    }),
+                    waiting: 1,
+                    ..JobStatus::default()
+                },
+                JobStatus {
+                    name: "c".into(),
+                    group: Some("nightly".into()),
+                    failures: 2,
+                    last_failure: Some("exited with status 3".into()),
+                    ..JobStatus::default()
+                },
+                JobStatus {
+                    name: "loose".into(),
+                    completed: Some(CompletionStatus::default()),
+                    ..JobStatus::default()
+                },
+            ],
+            ..StatusDoc::default()
+        };
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(3_600);
+        let text = render(&doc, now);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("GROUP"), "{text}");
+        assert!(
+            lines[1].starts_with("nightly") && lines[1].ends_with(" 2"),
+            "{text}"
+        );
+        assert_eq!(
+            lines[2],
+            "  running  b on host-a:12 since 1970-01-01T00:59:55Z (5s, token 4), 1 waiting to take over"
+        );
+        assert_eq!(
+            lines[3],
+            "  failed   c: 2 failed attempts, last: exited with status 3"
+        );
+        assert_eq!(lines[4], "jobs without a group: 1 (1 completed, 0 running)");
+        assert_eq!(lines.len(), 5, "{text}");
     }
 }

@@ -103,15 +103,14 @@ impl Server {
     /// listens. It keeps its state in memory: these tests do not restart it, and servers of
     /// tests running in parallel must not share (and lock) the default data directory.
     pub fn start(session_ttl: &str) -> Server {
+        Server::start_with(&["--in-memory", "--session-ttl", session_ttl])
+    }
+
+    /// Starts a coordinator on 127.0.0.1 port 0 with more `serve` arguments (`--data-dir`...).
+    pub fn start_with(args: &[&str]) -> Server {
         let mut child = Command::new(BIN)
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--in-memory",
-                "--session-ttl",
-                session_ttl,
-            ])
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -145,6 +144,12 @@ impl Server {
         assert_ne!(port, 0, "the server must report the port it bound");
         server.url = format!("tcp://127.0.0.1:{port}");
         server
+    }
+
+    /// Kills the server with SIGKILL (a crash) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// `tcp://127.0.0.1:PORT`.

@@ -1,0 +1,273 @@
+//! `turnstile once` (run a job once and only once) and `turnstile wait` (wait for a group).
+
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use turnstile_client::{Client, Error, GroupSummary, JobCompletion, JobStart};
+
+use crate::run::{describe, exit_code, spawn, supervise, OnLost, Signals, Supervised};
+use crate::{parse_duration, UrlArg, EXIT_LOST, EXIT_TIMEOUT};
+
+/// Arguments of `turnstile once`.
+#[derive(clap::Args, Debug)]
+pub struct OnceArgs {
+    /// The job: its completion is recorded under this name.
+    job: String,
+    /// Put the job in this group (for `turnstile wait` and `turnstile status`).
+    #[arg(long)]
+    group: Option<String>,
+    /// If another runner is running the job, wait for it: skip if it succeeds, take over if
+    /// it fails or dies. Without it, skip at once.
+    #[arg(long)]
+    wait: bool,
+    /// With --wait, give up waiting after this long (exit 75).
+    #[arg(long, requires = "wait", value_parser = parse_duration)]
+    timeout: Option<Duration>,
+    /// Forget the job's completion (and failed attempts) instead of running it, so that its
+    /// next `once` runs it again.
+    #[arg(long, conflicts_with_all = ["group", "wait", "timeout", "command"])]
+    reset: bool,
+    /// What to do if the job's lease is lost while the command runs.
+    #[arg(long, value_enum, default_value = "kill")]
+    on_lost: OnLost,
+    /// After SIGTERM, how long the command has before SIGKILL (lease lost).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    kill_grace: Duration,
+    #[command(flatten)]
+    url: UrlArg,
+    /// The command and its arguments.
+    #[arg(last = true, num_args = 1.., required_unless_present = "reset")]
+    command: Vec<String>,
+}
+
+/// Runs `turnstile once`. Exit codes: 0 when the job ran and succeeded or was skipped (done
+/// or running elsewhere), the command's own code when it failed, 75 when `--timeout` passed,
+/// 76 when the job's lease was lost (its completion is then not recorded).
+pub async fn once(args: OnceArgs) -> anyhow::Result<ExitCode> {
+    let url = args.url.get();
+    let client = Client::connect(&url).await?;
+    if args.reset {
+        let was = client.reset_job(&args.job).await;
+        let _ = client.shutdown().await;
+        if was? {
+            eprintln!("turnstile: forgot the completion of job {:?}", args.job);
+        } else {
+            eprintln!("turnstile: job {:?} had no completion to forget", args.job);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut sigs = Signals::new()?;
+    let group = args.group.as_deref();
+    let begin = async {
+        match (args.wait, args.timeout) {
+            (false, _) => client.try_begin_job(&args.job, group).await,
+            (true, None) => client.begin_job(&args.job, group).await,
+            (true, Some(t)) => client.begin_job_timeout(&args.job, group, t).await,
+        }
+    };
+    let start = tokio::select! {
+        r = begin => r,
+        sig = sigs.recv() => {
+            let _ = client.shutdown().await;
+            return Ok(ExitCode::from(128 + sig as u8));
+        }
+    };
+    let attempt = match start {
+        Ok(JobStart::Run(attempt)) => attempt,
+        Ok(JobStart::Completed(done)) => {
+            eprintln!(
+                "turnstile: job {:?} {}; skipping",
+                args.job,
+                completed(&done)
+            );
+            let _ = client.shutdown().await;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Ok(JobStart::Running(r)) => {
+            eprintln!(
+                "turnstile: job {:?} is running on {} (for {}); skipping",
+                args.job,
+                r.client,
+                round(r.running_for)
+            );
+            let _ = client.shutdown().await;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Err(Error::TimedOut) => {
+            eprintln!(
+                "turnstile: timed out after {} waiting for job {:?} to finish elsewhere",
+                round(args.timeout.unwrap_or_default()),
+                args.job
+            );
+            let _ = client.shutdown().await;
+            return Ok(ExitCode::from(EXIT_TIMEOUT));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let envs = [
+        ("TURNSTILE_JOB", args.job.clone()),
+        (
+            "TURNSTILE_LEASE_ID",
+            attempt.permit().lease_id().to_string(),
+        ),
+        (
+            "TURNSTILE_FENCING_TOKEN",
+            attempt.fencing_token().to_string(),
+        ),
+        ("TURNSTILE_URL", url.clone()),
+    ];
+    let mut child = match spawn(&args.command, &envs) {
+        Ok(child) => child,
+        Err(code) => {
+            let _ = attempt
+                .fail(&format!("could not start {:?}", args.command[0]))
+                .await;
+            let _ = client.shutdown().await;
+            return Ok(ExitCode::from(code));
+        }
+    };
+    let what = format!("the lease on job {:?}", args.job);
+    let outcome = supervise(
+        &mut child,
+        &mut sigs,
+        attempt.permit(),
+        args.on_lost,
+        args.kill_grace,
+        &what,
+    )
+    .await?;
+    let code = match outcome {
+        Supervised::Lost => {
+            drop(attempt);
+            EXIT_LOST
+        }
+        Supervised::Exited(status) if status.success() => match attempt.succeed().await {
+            Ok(()) => 0,
+            Err(Error::LeaseLost(reason)) => {
+                eprintln!(
+                    "turnstile: job {:?} succeeded, but its lease was lost ({reason}) first: its completion is not recorded and another runner may run it",
+                    args.job
+                );
+                EXIT_LOST
+            }
+            Err(e) => {
+                let _ = client.shutdown().await;
+                return Err(anyhow::Error::new(e)
+                    .context(format!("recording the completion of job {:?}", args.job)));
+            }
+        },
+        Supervised::Exited(status) => {
+            let how = describe(status);
+            if let Err(e) = attempt.fail(&how).await {
+                eprintln!("turnstile: warning: could not record the failed attempt: {e}");
+            }
+            exit_code(status)
+        }
+    };
+    let _ = client.shutdown().await;
+    Ok(ExitCode::from(code))
+}
+
+/// "completed by HOST:PID at TIME (took D)".
+fn completed(done: &JobCompletion) -> String {
+    format!(
+        "was completed by {} at {} (took {})",
+        done.client,
+        humantime::format_rfc3339_seconds(done.started + done.duration),
+        round(done.duration)
+    )
+}
+
+/// A duration rounded to what a person reads: whole milliseconds under a second, tenths of a
+/// second under a minute, whole seconds above.
+pub fn round(d: Duration) -> humantime::FormattedDuration {
+    let ms = d.as_millis() as u64;
+    let rounded = match ms {
+        0..=999 => ms,
+        1_000..=59_999 => ms - ms % 100,
+        _ => ms - ms % 1000,
+    };
+    humantime::format_duration(Duration::from_millis(rounded))
+}
+
+/// Arguments of `turnstile wait`.
+#[derive(clap::Args, Debug)]
+pub struct WaitArgs {
+    /// The group.
+    group: String,
+    /// Also wait until at least this many of its jobs have completed.
+    #[arg(long, default_value_t = 0)]
+    jobs: u32,
+    /// Give up after this long (exit 75).
+    #[arg(long, value_parser = parse_duration)]
+    timeout: Option<Duration>,
+    #[command(flatten)]
+    url: UrlArg,
+}
+
+/// Runs `turnstile wait`: exit 0 once no job of the group runs and `--jobs` have completed,
+/// 75 on timeout.
+pub async fn wait(args: WaitArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::connect(&args.url.get()).await?;
+    let mut sigs = Signals::new()?;
+    let started = SystemTime::now();
+    let r = tokio::select! {
+        r = client.wait_group(&args.group, args.jobs, args.timeout) => r,
+        sig = sigs.recv() => {
+            let _ = client.shutdown().await;
+            return Ok(ExitCode::from(128 + sig as u8));
+        }
+    };
+    let _ = client.shutdown().await;
+    match r {
+        Ok(g) => {
+            eprintln!("turnstile: group {:?}: {}", args.group, summary(&g));
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(Error::TimedOut) => {
+            let waited = started.elapsed().unwrap_or_default();
+            eprintln!(
+                "turnstile: timed out after {} waiting for group {:?}",
+                round(waited),
+                args.group
+            );
+            Ok(ExitCode::from(EXIT_TIMEOUT))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// "38 of 40 jobs completed, 0 running, 2 failed attempts".
+pub fn summary(g: &GroupSummary) -> String {
+    format!(
+        "{} of {} job{} completed, {} running, {} failed attempt{}",
+        g.completed,
+        g.jobs,
+        if g.jobs == 1 { "" } else { "s" },
+        g.running,
+        g.failures,
+        if g.failures == 1 { "" } else { "s" }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summaries_read_well() {
+        let g = GroupSummary {
+            jobs: 40,
+            completed: 38,
+            running: 2,
+            failures: 1,
+        };
+        assert_eq!(
+            summary(&g),
+            "38 of 40 jobs completed, 2 running, 1 failed attempt"
+        );
+        assert_eq!(round(Duration::from_millis(1_234)).to_string(), "1s 200ms");
+        assert_eq!(round(Duration::from_millis(61_234)).to_string(), "1m 1s");
+        assert_eq!(round(Duration::from_millis(12)).to_string(), "12ms");
+    }
+}
