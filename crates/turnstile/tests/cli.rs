@@ -10,6 +10,7 @@
 //! See `common/mod.rs` for the helpers; every process they start is killed when its test
 //! ends, also when it fails.
 
+#[allow(dead_code)] // the helpers serve several test binaries
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
