@@ -10,10 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use tokio::time::{timeout, Instant};
-use turnstile_client::{Client, Error, ErrorCode, LostReason, Options};
+use turnstile_client::{Client, Error, ErrorCode, JobAttempt, JobStart, LostReason, Options};
 
 mod conformance;
-use conformance::{hex, status_of, Fixture, PATIENCE, QUIET};
+use conformance::{hex, job_status, status_of, Fixture, PATIENCE, QUIET};
 
 conformance_suite!(file, Scratch::new());
 
@@ -50,6 +50,11 @@ impl Scratch {
 
     fn sem(&self, name: &str) -> PathBuf {
         self.path.join(name)
+    }
+
+    /// The directory of a job whose name needs no escaping.
+    fn job(&self, name: &str) -> PathBuf {
+        self.path.join(".jobs").join(name)
     }
 }
 
@@ -254,8 +259,9 @@ async fn stale_leases_are_reclaimed_after_their_ttl_and_live_ones_are_not() {
     drop(p);
 }
 
-/// `end_session` takes a session's leases away; the holder hears that its lease is lost and
-/// the slot goes to the next waiter.
+/// `end_session` takes a session's leases away; the holder hears that its lease is lost
+/// (because its session was ended, as on the coordinator) and the slot goes to the next
+/// waiter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn end_session_frees_the_leases_and_the_holder_hears_of_it() {
     let dir = Scratch::new();
@@ -279,7 +285,7 @@ async fn end_session_frees_the_leases_and_the_holder_hears_of_it() {
     let reason = timeout(PATIENCE, permit.lost())
         .await
         .expect("the holder hears of it");
-    assert_eq!(reason, LostReason::Expired);
+    assert_eq!(reason, LostReason::SessionEnded);
     let st = status_of(&supervisor, "e").await;
     assert_eq!(st.holders.len(), 1);
     assert_eq!(st.holders[0].session, hex(waiter.session_id()));
@@ -347,4 +353,275 @@ fn blocking_facade_works_on_a_directory() {
         doc.semaphores[0].in_use, 0,
         "released when the client went away"
     );
+}
+
+fn run(start: JobStart) -> JobAttempt {
+    match start {
+        JobStart::Run(attempt) => attempt,
+        other => panic!("expected to run the job, got {other:?}"),
+    }
+}
+
+/// A lease record of a process of this host, boot and pid namespace, as the backend writes
+/// it (so that the dead-pid check applies).
+fn local_record(pid: u32, token: u64) -> Vec<u8> {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("hostname");
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").expect("boot id");
+    let pidns = std::fs::read_link("/proc/self/ns/pid").expect("pid namespace");
+    format!(
+        "turnstile-lease-v1 lease=1 session=00000000000000bb weight=1 token={token} \
+         ttl_ms=3600000 start_ms=0 nonce=0000000000000002 host={} boot={} pidns={} pid={pid}\n",
+        host.trim(),
+        boot.trim(),
+        pidns.to_string_lossy()
+    )
+    .into_bytes()
+}
+
+/// The pid of a process that has exited.
+fn dead_pid() -> u32 {
+    let mut child = std::process::Command::new("true")
+        .spawn()
+        .expect("spawn true");
+    let pid = child.id();
+    child.wait().expect("wait");
+    pid
+}
+
+/// A job's completion is on disk: a client that connects later (a new process, say) skips
+/// the job, with who ran it; job locks are not listed as semaphores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_completion_survives_the_client() {
+    let dir = Scratch::new();
+    let first = dir.client().await;
+    let attempt = run(first
+        .begin_job("nightly-import", Some("nightly"))
+        .await
+        .expect("begin"));
+    let token = attempt.fencing_token();
+    attempt.succeed().await.expect("succeed");
+    first.shutdown().await.expect("shutdown");
+    drop(first);
+
+    let later = dir.client().await;
+    match later
+        .try_begin_job("nightly-import", None)
+        .await
+        .expect("begin")
+    {
+        JobStart::Completed(done) => {
+            assert_eq!(done.token, token);
+            assert!(
+                done.client.ends_with(&format!(":{}", std::process::id())),
+                "{}",
+                done.client
+            );
+        }
+        other => panic!("expected Completed, got {other:?}"),
+    }
+    let doc = later.status(None).await.expect("status");
+    assert!(doc.semaphores.is_empty(), "{:?}", doc.semaphores);
+    assert_eq!(doc.jobs.len(), 1);
+    assert_eq!(doc.jobs[0].group.as_deref(), Some("nightly"));
+    assert_eq!(doc.groups.len(), 1);
+    assert_eq!((doc.groups[0].jobs, doc.groups[0].completed), (1, 1));
+    // The group is kept when an attempt names none, and a job moves when one names another.
+    assert!(later.reset_job("nightly-import").await.expect("reset"));
+    let again = run(later
+        .try_begin_job("nightly-import", Some("weekly"))
+        .await
+        .expect("begin"));
+    assert!(again.fencing_token() > token, "tokens live on disk too");
+    again.succeed().await.expect("succeed");
+    let g = later
+        .wait_group("nightly", 0, Some(Duration::ZERO))
+        .await
+        .expect("look");
+    assert_eq!(g.jobs, 0, "moved out of the old group");
+    let g = later
+        .wait_group("weekly", 1, Some(Duration::ZERO))
+        .await
+        .expect("look");
+    assert_eq!((g.jobs, g.completed), (1, 1));
+}
+
+/// A job lock held by a process of this host that has died is taken over at once (no TTL
+/// to wait out), and the dead attempt counts as failed; a holder elsewhere that stopped
+/// refreshing is reclaimed by a group wait and counted too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_runner_is_taken_over_at_once_and_counted() {
+    let dir = Scratch::new();
+    let client = dir.client().await;
+    // Create the job (and its lock directory) with a first, failed attempt.
+    run(client
+        .try_begin_job("dead-1", Some("d"))
+        .await
+        .expect("begin"))
+    .fail("first try")
+    .await
+    .expect("fail");
+    std::fs::write(
+        dir.job("dead-1").join("lock").join("slot-0"),
+        local_record(dead_pid(), 1),
+    )
+    .expect("plant");
+    let st = job_status(&client, "dead-1").await;
+    assert!(st.running.is_none(), "a dead process runs nothing: {st:?}");
+
+    let started = Instant::now();
+    let attempt = run(client.try_begin_job("dead-1", None).await.expect("begin"));
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let st = job_status(&client, "dead-1").await;
+    assert_eq!(st.failures, 2, "{st:?}");
+    assert!(
+        st.last_failure
+            .as_deref()
+            .is_some_and(|f| f.contains("died")),
+        "{st:?}"
+    );
+    assert_eq!(
+        st.running.as_ref().map(|r| r.session.clone()),
+        Some(hex(client.session_id()))
+    );
+    attempt.succeed().await.expect("succeed");
+    assert_eq!(job_status(&client, "dead-1").await.last_failure, None);
+
+    // A stale holder on another host, with nobody waiting: a group wait reclaims it.
+    run(client
+        .try_begin_job("dead-2", Some("d"))
+        .await
+        .expect("begin"))
+    .fail("first try")
+    .await
+    .expect("fail");
+    plant(
+        &dir.job("dead-2").join("lock").join("slot-0"),
+        &foreign_record(1000),
+        HOUR,
+    );
+    let g = client
+        .wait_group("d", 1, Some(Duration::ZERO))
+        .await
+        .expect("settled: one completed, none running");
+    assert_eq!((g.jobs, g.completed, g.running, g.failures), (2, 1, 0, 4));
+    let st = job_status(&client, "dead-2").await;
+    assert!(
+        st.last_failure
+            .as_deref()
+            .is_some_and(|f| f.contains("expired")),
+        "{st:?}"
+    );
+}
+
+/// Damaged job files never panic: a garbage or truncated completion is a clear error for an
+/// attempt (the job did complete, but what to answer is lost) until the job is reset, and
+/// status and group waits still work; garbage failure and group files are read safely.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_job_files_are_clear_errors_or_harmless() {
+    let dir = Scratch::new();
+    let client = dir.client().await;
+    run(client
+        .try_begin_job("broken", Some("b"))
+        .await
+        .expect("begin"))
+    .succeed()
+    .await
+    .expect("succeed");
+    let done = dir.job("broken").join("done");
+    let good = std::fs::read(&done).expect("the completion is a file");
+    for bad in [&good[..good.len() / 2], b"\xff\xfe garbage\n", b""] {
+        std::fs::write(&done, bad).expect("damage");
+        for err in [
+            client
+                .try_begin_job("broken", None)
+                .await
+                .expect_err("damaged"),
+            client.begin_job("broken", None).await.expect_err("damaged"),
+        ] {
+            assert!(matches!(err, Error::Storage { .. }), "{err:?}");
+            assert!(err.to_string().contains("done"), "{err}");
+            let cause = std::error::Error::source(&err).expect("cause").to_string();
+            assert!(cause.contains("damaged"), "{cause}");
+        }
+        let st = job_status(&client, "broken").await;
+        assert!(st.completed.is_some(), "it did complete: {st:?}");
+        let g = client
+            .wait_group("b", 1, Some(Duration::ZERO))
+            .await
+            .expect("counts as completed");
+        assert_eq!((g.jobs, g.completed), (1, 1));
+    }
+
+    // Garbage failure files count as failed attempts; their text is shown as best it can be.
+    let failed = dir.job("broken").join("failed");
+    std::fs::create_dir_all(&failed).expect("mkdir");
+    std::fs::write(failed.join("junk"), b"\xff\x00").expect("plant");
+    std::fs::write(dir.job("broken").join("last-failure"), b"\xffbad").expect("plant");
+    let st = job_status(&client, "broken").await;
+    assert_eq!(st.failures, 1);
+    assert!(st.last_failure.is_some_and(|f| f.ends_with("bad")));
+
+    // A reset clears it all, and the job runs again.
+    assert!(client.reset_job("broken").await.expect("reset"));
+    let st = job_status(&client, "broken").await;
+    assert_eq!(
+        (st.failures, st.last_failure, st.completed),
+        (0, None, None)
+    );
+    let attempt = run(client.try_begin_job("broken", None).await.expect("begin"));
+
+    // A garbage group file makes the job ungrouped rather than failing anything.
+    std::fs::write(dir.job("broken").join("group"), b"\xff\xfe").expect("damage");
+    assert_eq!(job_status(&client, "broken").await.group, None);
+    let g = client
+        .wait_group("b", 0, Some(Duration::ZERO))
+        .await
+        .expect("look");
+    assert_eq!(g.jobs, 0);
+    attempt.succeed().await.expect("succeed");
+
+    // A damaged lock/capacity file (which names the job) is a clear error too, and status
+    // leaves the job out rather than failing as a whole.
+    std::fs::write(dir.job("broken").join("lock").join("capacity"), b"1").expect("damage");
+    let err = client
+        .try_begin_job("broken", None)
+        .await
+        .expect_err("damaged");
+    assert!(matches!(err, Error::Storage { .. }), "{err:?}");
+    let doc = client.status(None).await.expect("status");
+    assert!(doc.jobs.iter().all(|j| j.name != "broken"));
+}
+
+/// Job and group names are checked like semaphore names.
+#[tokio::test]
+async fn bad_job_and_group_names_are_refused() {
+    let dir = Scratch::new();
+    let client = dir.client().await;
+    let long = "x".repeat(256);
+    for (job, group) in [
+        ("", None),
+        ("a\nb", None),
+        (long.as_str(), None),
+        ("ok", Some("")),
+        ("ok", Some("tab\there")),
+        ("ok", Some(long.as_str())),
+    ] {
+        let err = client
+            .try_begin_job(job, group)
+            .await
+            .expect_err("invalid name");
+        assert_eq!(err.code(), Some(ErrorCode::InvalidArgument), "{err:?}");
+    }
+    for bad in ["", "a\u{1}"] {
+        let err = client.reset_job(bad).await.expect_err("invalid");
+        assert_eq!(err.code(), Some(ErrorCode::InvalidArgument), "{err:?}");
+        let err = client
+            .wait_group(bad, 0, Some(Duration::ZERO))
+            .await
+            .expect_err("invalid");
+        assert_eq!(err.code(), Some(ErrorCode::InvalidArgument), "{err:?}");
+    }
+    // Nothing was created for them.
+    let doc = client.status(None).await.expect("status");
+    assert!(doc.jobs.is_empty() && doc.groups.is_empty(), "{doc:?}");
 }

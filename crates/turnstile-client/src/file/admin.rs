@@ -1,11 +1,13 @@
 //! The file backend's administrative calls: ensure, status, close, end_session. They read
 //! and remove records but never claim slots, so the safety argument of the parent module
 //! does not depend on them (except that close and end_session take leases away, which
-//! their holders learn at their next heartbeat).
+//! their holders learn at their next heartbeat, and end_session counts the failed attempts
+//! of the jobs whose locks it frees).
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use turnstile_proto::{ErrorCode, HolderStatus, SemaphoreStatus, StatusDoc};
 
@@ -87,14 +89,30 @@ impl Inner {
             });
         }
         semaphores.sort_by(|a, b| a.name.cmp(&b.name));
+        let (groups, jobs) = match name {
+            Some(_) => Default::default(),
+            None => self.job_status()?,
+        };
         Ok(StatusDoc {
             semaphores,
-            ..StatusDoc::default()
+            groups,
+            jobs,
         })
     }
 
     pub(super) fn ensure(&self, name: &str, capacity: u32) -> Result<(), Error> {
         let sem_dir = self.sem_dir(name)?;
+        self.ensure_dir(&sem_dir, name, capacity)
+    }
+
+    /// Creates the semaphore `name` in `sem_dir` (a semaphore's directory, or a job's lock)
+    /// or checks its capacity.
+    pub(super) fn ensure_dir(
+        &self,
+        sem_dir: &Path,
+        name: &str,
+        capacity: u32,
+    ) -> Result<(), Error> {
         if capacity == 0 {
             return Err(rejected(
                 ErrorCode::InvalidArgument,
@@ -105,21 +123,21 @@ impl Inner {
             let d = sem_dir.join(sub);
             fs::create_dir_all(&d).map_err(|e| storage(&d, e))?;
         }
-        if Inner::is_closed(&sem_dir) {
+        if Inner::is_closed(sem_dir) {
             return Err(closed_err(name));
         }
-        let existing = match self.capacity(&sem_dir, name)? {
+        let existing = match self.capacity(sem_dir, name)? {
             Some(c) => c,
             None => {
                 let path = sem_dir.join("capacity");
                 let record = disk::capacity_record(capacity, name);
-                let created = disk::create_exclusive(&sem_dir, &path, &record)
+                let created = disk::create_exclusive(sem_dir, &path, &record)
                     .map_err(|e| storage(&path, e))?;
                 if created {
                     return Ok(());
                 }
                 // Another process created it first.
-                self.capacity(&sem_dir, name)?.unwrap_or(capacity)
+                self.capacity(sem_dir, name)?.unwrap_or(capacity)
             }
         };
         if existing != capacity {
@@ -166,25 +184,71 @@ impl Inner {
     }
 
     pub(super) fn end_session(&self, session: u64) -> Result<(), Error> {
+        // The marker first, so that the session's owner, finding its records gone, can tell
+        // why.
+        self.mark_ended(session)?;
+        // Every semaphore, and every job's lock (with the job's directory).
+        let mut dirs: Vec<(PathBuf, Option<PathBuf>)> = Vec::new();
         let entries = fs::read_dir(&self.root).map_err(|e| storage(&self.root, e))?;
         for entry in entries.flatten() {
-            if entry.file_name().to_string_lossy().starts_with('.') {
-                continue;
+            if !entry.file_name().to_string_lossy().starts_with('.') {
+                dirs.push((entry.path(), None));
             }
-            let sem_dir = entry.path();
-            let mut files: Vec<PathBuf> = slots(&sem_dir)
+        }
+        if let Ok(entries) = fs::read_dir(self.root.join(".jobs")) {
+            for entry in entries.flatten() {
+                if !entry.file_name().to_string_lossy().starts_with('.') {
+                    dirs.push((entry.path().join("lock"), Some(entry.path())));
+                }
+            }
+        }
+        for (sem_dir, job_dir) in dirs {
+            let held: Vec<PathBuf> = slots(&sem_dir)
                 .map(|s| s.into_values().collect())
                 .unwrap_or_default();
-            if let Ok(tickets) = numbered(&sem_dir.join("queue")) {
-                files.extend(tickets.into_values());
-            }
-            for path in files {
+            let queued: Vec<PathBuf> = numbered(&sem_dir.join("queue"))
+                .map(|t| t.into_values().collect())
+                .unwrap_or_default();
+            for (path, is_slot) in held
+                .into_iter()
+                .map(|p| (p, true))
+                .chain(queued.into_iter().map(|p| (p, false)))
+            {
                 let Ok(bytes) = disk::read_small(&path) else {
                     continue;
                 };
-                if Record::decode(&bytes).is_some_and(|r| r.session == session) {
-                    disk::remove_own(&sem_dir, &path, &bytes).map_err(|e| storage(&path, e))?;
+                let ours = Record::decode(&bytes).is_some_and(|r| r.session == session);
+                if !ours {
+                    continue;
                 }
+                let removed =
+                    disk::remove_own(&sem_dir, &path, &bytes).map_err(|e| storage(&path, e))?;
+                if let (true, true, Some(job_dir)) = (removed, is_slot, &job_dir) {
+                    self.count_failure(job_dir, "its runner's session was ended by a supervisor");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Leaves the marker of an ended session, and prunes markers older than a day: a
+    /// marker only matters to a live owner, which finds its records gone within a TTL.
+    fn mark_ended(&self, session: u64) -> Result<(), Error> {
+        const KEEP: Duration = Duration::from_secs(24 * 3600);
+        let marker = self.ended_marker(session);
+        let Some(dir) = marker.parent() else {
+            return Ok(());
+        };
+        fs::create_dir_all(dir).map_err(|e| storage(dir, e))?;
+        disk::create_exclusive(dir, &marker, b"ended\n").map_err(|e| storage(&marker, e))?;
+        let now = disk::fs_now(&self.root).map_err(|e| storage(&self.root, e))?;
+        for entry in fs::read_dir(dir).map_err(|e| storage(dir, e))?.flatten() {
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|mtime| disk::age(now, mtime) > KEEP);
+            if old {
+                let _ = fs::remove_file(entry.path());
             }
         }
         Ok(())

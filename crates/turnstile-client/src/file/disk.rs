@@ -21,17 +21,23 @@ const MAX_RECORD: u64 = 4096;
 
 /// Checks a semaphore name as the coordinator does: 1..=255 bytes, no control characters.
 pub(crate) fn validate_name(name: &str) -> Result<(), String> {
+    validate_label("semaphore name", name)
+}
+
+/// Checks a name given by a client (`what`: "job name", "group name"...) as the coordinator
+/// does: 1..=255 bytes, no control characters (so a name fits on one line of a file).
+pub(crate) fn validate_label(what: &str, name: &str) -> Result<(), String> {
     if name.is_empty() {
-        return Err("semaphore name is empty".into());
+        return Err(format!("{what} is empty"));
     }
     if name.len() > MAX_NAME_LEN {
         return Err(format!(
-            "semaphore name is {} bytes long; the limit is {MAX_NAME_LEN}",
+            "{what} is {} bytes long; the limit is {MAX_NAME_LEN}",
             name.len()
         ));
     }
     if name.chars().any(char::is_control) {
-        return Err("semaphore name contains a control character".into());
+        return Err(format!("{what} contains a control character"));
     }
     Ok(())
 }
@@ -234,6 +240,67 @@ impl Record {
     }
 }
 
+/// A job's completion record (the `done` file): which attempt completed it, and when by its
+/// runner's clock. One line of `key=value` words, like a lease record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Completion {
+    pub token: u64,
+    pub started_ms: u64,
+    pub duration_ms: u64,
+    pub session: u64,
+    pub host: String,
+    pub pid: u32,
+}
+
+impl Completion {
+    /// The bytes of the record.
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        format!(
+            "turnstile-job-done-v1 token={} started_ms={} duration_ms={} session={:016x} host={} pid={}\n",
+            self.token,
+            self.started_ms,
+            self.duration_ms,
+            self.session,
+            word(&self.host),
+            self.pid
+        )
+        .into_bytes()
+    }
+
+    /// Parses a record; `None` for anything else (garbage, a truncated file).
+    pub(crate) fn decode(bytes: &[u8]) -> Option<Completion> {
+        let text = std::str::from_utf8(bytes).ok()?;
+        let line = text.strip_suffix('\n')?; // a truncated record lacks its newline
+        let mut words = line.split(' ');
+        if words.next()? != "turnstile-job-done-v1" {
+            return None;
+        }
+        let mut c = Completion {
+            token: 0,
+            started_ms: 0,
+            duration_ms: 0,
+            session: 0,
+            host: String::new(),
+            pid: 0,
+        };
+        let mut seen = 0u32;
+        for w in words {
+            let (k, v) = w.split_once('=')?;
+            match k {
+                "token" => c.token = v.parse().ok()?,
+                "started_ms" => c.started_ms = v.parse().ok()?,
+                "duration_ms" => c.duration_ms = v.parse().ok()?,
+                "session" => c.session = u64::from_str_radix(v, 16).ok()?,
+                "host" => c.host = v.to_owned(),
+                "pid" => c.pid = v.parse().ok()?,
+                _ => continue,
+            }
+            seen += 1;
+        }
+        (seen >= 6).then_some(c)
+    }
+}
+
 /// Milliseconds since the Unix epoch on this machine's clock (only for display: ages).
 pub(crate) fn unix_ms() -> u64 {
     SystemTime::now()
@@ -258,6 +325,32 @@ pub(crate) fn read_small(path: &Path) -> io::Result<Vec<u8>> {
     let mut bytes = Vec::new();
     File::open(path)?.take(MAX_RECORD).read_to_end(&mut bytes)?;
     Ok(bytes)
+}
+
+/// Reads a small file that may be missing (`Ok(None)`).
+pub(crate) fn read_opt(path: &Path) -> io::Result<Option<Vec<u8>>> {
+    match read_small(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if missing(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether an error says that a file (or a directory on its path) does not exist.
+pub(crate) fn missing(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+    )
+}
+
+/// Replaces `target` with a file holding `content`, atomically (a temporary file in `dir`
+/// renamed over it): readers see the old bytes or the new ones, never a mix.
+pub(crate) fn replace(dir: &Path, target: &Path, content: &[u8]) -> io::Result<()> {
+    let tmp = write_temp(dir, content)?;
+    fs::rename(&tmp, target).inspect_err(|_| {
+        let _ = fs::remove_file(&tmp);
+    })
 }
 
 /// A fresh hidden name in `dir` with the given prefix.
@@ -357,20 +450,31 @@ pub(crate) fn age(now: SystemTime, mtime: SystemTime) -> Duration {
     now.duration_since(mtime).unwrap_or(Duration::ZERO)
 }
 
+/// What a [`reclaim`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Reclaimed {
+    /// This call removed the file: of all the reclaimers of this record, it is the one.
+    Removed,
+    /// The file was gone already (removed by its owner or another reclaimer).
+    AlreadyGone,
+    /// The file came alive (or changed) meanwhile and was left in place.
+    Kept,
+}
+
 /// Removes `path` if `still_dead(content, mtime)` holds for what it holds, such that of many
 /// processes doing this at once exactly one removes it, and a file that came alive meanwhile
 /// is put back: rename it to a private name (only one rename of a name succeeds), re-read it
-/// there, then delete it or link it back. `Ok(true)` if it is gone.
+/// there, then delete it or link it back.
 pub(crate) fn reclaim(
     sem_dir: &Path,
     path: &Path,
     seen: &[u8],
     still_dead: impl FnOnce(&[u8], SystemTime) -> bool,
-) -> io::Result<bool> {
+) -> io::Result<Reclaimed> {
     let private = hidden_name(sem_dir, "reclaim");
     match fs::rename(path, &private) {
         Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Reclaimed::AlreadyGone),
         Err(e) => return Err(e),
     }
     let dead = match read_with_mtime(&private) {
@@ -383,13 +487,23 @@ pub(crate) fn reclaim(
         let _ = fs::hard_link(&private, path);
     }
     fs::remove_file(&private)?;
-    Ok(dead)
+    Ok(if dead {
+        Reclaimed::Removed
+    } else {
+        Reclaimed::Kept
+    })
 }
 
-/// Removes our own record at `path`, checking first that it is ours: it is moved to a
-/// private name, checked, and deleted (or put back if it is not ours).
-pub(crate) fn remove_own(sem_dir: &Path, path: &Path, content: &[u8]) -> io::Result<()> {
-    reclaim(sem_dir, path, content, |_, _| true).map(drop)
+/// Removes our own record at `path`, checking that it is ours: it is read first (so that
+/// somebody else's record under that name is not even moved aside, which would make its
+/// owner's heartbeat find it gone), then moved to a private name, checked again, and deleted
+/// (or put back if it is not ours). `Ok(true)` if this call removed it.
+pub(crate) fn remove_own(sem_dir: &Path, path: &Path, content: &[u8]) -> io::Result<bool> {
+    match read_opt(path)? {
+        Some(bytes) if bytes == content => {}
+        _ => return Ok(false),
+    }
+    Ok(reclaim(sem_dir, path, content, |_, _| true)? == Reclaimed::Removed)
 }
 
 #[cfg(test)]
@@ -438,5 +552,48 @@ mod tests {
         assert_eq!(parse_capacity(b"x\n"), None);
         assert_eq!(parse_capacity(b"0\nn\n"), None);
         assert_eq!(parse_capacity(b"3"), None);
+    }
+
+    #[test]
+    fn completions_round_trip_and_garbage_is_rejected() {
+        let c = Completion {
+            token: 12,
+            started_ms: 1_700_000_000_000,
+            duration_ms: 1500,
+            session: 0xdead_beef,
+            host: "build host".into(),
+            pid: 4242,
+        };
+        let bytes = c.encode();
+        let back = Completion::decode(&bytes).expect("decodes");
+        assert_eq!(back.host, "build_host", "one word on disk");
+        assert_eq!(
+            (back.token, back.session, back.pid),
+            (12, 0xdead_beef, 4242)
+        );
+        for n in 0..bytes.len() {
+            assert_eq!(Completion::decode(&bytes[..n]), None, "truncated at {n}");
+        }
+        assert_eq!(Completion::decode(b"\xff\xfe garbage\n"), None);
+        assert_eq!(Completion::decode(b"turnstile-job-done-v1 token=x\n"), None);
+        assert!(validate_label("job name", "").is_err_and(|m| m.contains("job name")));
+    }
+
+    #[test]
+    fn remove_own_leaves_other_records_alone() {
+        let dir = std::env::temp_dir().join(format!("turnstile-disk-own-{}", random_id()));
+        fs::create_dir_all(&dir).expect("mkdir");
+        let path = dir.join("slot-0");
+        fs::write(&path, b"theirs").expect("write");
+        assert!(!remove_own(&dir, &path, b"ours").expect("remove_own"));
+        assert_eq!(fs::read(&path).expect("still there"), b"theirs");
+        assert!(remove_own(&dir, &path, b"theirs").expect("remove_own"));
+        assert!(!path.exists());
+        assert!(!remove_own(&dir, &path, b"theirs").expect("gone already"));
+        assert_eq!(
+            reclaim(&dir, &path, b"x", |_, _| true).expect("reclaim"),
+            Reclaimed::AlreadyGone
+        );
+        let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -13,11 +13,26 @@
 //!     queue/<ticket:020>       a waiting acquire (FIFO by ticket number); a lease record
 //!     tokens/<token:020>       fencing tokens handed out (the newest 1000 are kept)
 //!     .tmp-*, .reclaim-*       private names of files being created or removed
+//! DIR/.jobs/<job>/             one run-once job; <job> escaped like a semaphore name
+//!     lock/                    the job's lock: a semaphore directory of capacity 1, as above
+//!                              (its `capacity` file names the job); its lease is an attempt
+//!     group                    "<group name>\n", replaced by rename; absent: ungrouped
+//!     done                     the completion record, created by link: exactly one exists
+//!     failed/<ms>-<random>     one file per failed attempt (its reason), created by link
+//!     last-failure             the reason of the last failed attempt, replaced by rename
+//! DIR/.groups/<group>/<job>    membership markers (an index; the job's `group` file rules)
+//! DIR/.ended/<session:016x>    left by `end_session`, so that the session's owner can tell
+//!                              why its records are gone (pruned after a day)
 //! ```
+//!
+//! Escaped names never start with `.`, so the hidden directories cannot clash with a
+//! semaphore, and job locks never appear among the semaphores.
 //!
 //! A lease record is one line of `key=value` words: lease id, session, weight, token, TTL,
 //! grant time, a random nonce (so that equal bytes mean the same acquire), host, boot id, pid
-//! namespace and pid of the holder.
+//! namespace and pid of the holder. A completion record (`done`) is one line too: the token
+//! of the attempt that completed the job, its start (Unix ms, its runner's clock), its
+//! duration, and the runner's session, host and pid.
 //!
 //! Only operations that are atomic on POSIX file systems and on NFS are relied on: `link`
 //! (of a fully written temporary file; it fails if the name exists), `rename`, `mkdir` and
@@ -68,17 +83,74 @@
 //!   tokens increase in grant order. The client also remembers the last token it saw per
 //!   semaphore, against stale directory listings.
 //!
+//! # Run-once jobs
+//!
+//! An attempt at a job (`jobs.rs`) reads `done`: if it exists, the job has completed and the
+//! attempt is answered with it. Otherwise it acquires the job's lock with the code that
+//! acquires a semaphore, so it gets the queue, the tokens, the heartbeats and the reclaims.
+//! While it waits, every look reads `done` again, and an attempt that finds it withdraws and
+//! answers with it; one that will not wait is told who holds the lock. Once granted, it reads
+//! `done` a last time (a completion recorded between its last look and its grant wins: it
+//! gives the lock back and answers with the completion), and runs. It ends by recording
+//! either its completion (`done`, by link) or a failed attempt, then freeing the lock. Every
+//! other end of the lock's lease is a failed attempt, counted by whoever ends it: the client
+//! that releases it unfinished (a dropped attempt, a shutdown), the supervisor that ends its
+//! session, or the one reclaimer that removes it once stale or owned by a dead local process.
+//! A failed attempt is a file of its own in `failed/`, created by link under a unique name,
+//! so concurrent counts never lose one; none is counted once `done` exists.
+//!
+//! A job's group is its `group` file; the markers in `.groups/` let a group wait list the
+//! members of one group without reading every job. A move creates the new marker before it
+//! replaces `group` and removes the old marker after, and a wait checks each marker against
+//! the job's `group` file, so a member is never missed and a left-over marker is ignored. A
+//! group wait looks at its members' locks (a live, non-stale holder is running; a stale one
+//! is reclaimed and counted) and `done` files, and sleeps between looks like a waiting
+//! acquire: inotify on the group's directory and its members' directories and locks, with
+//! the poll as the bound.
+//!
+//! # Why a job runs once
+//!
+//! "Once" means: after a completion is recorded, no attempt runs the job until a reset, and
+//! at most one completion is recorded.
+//!
+//! - **One completion:** `done` is created by `link`, which fails if the name exists.
+//! - **Only the holder records it:** `finish_job` first checks that the attempt still holds
+//!   the lock, by the local rule of the heartbeat (its last refresh began less than 90% of
+//!   the TTL ago) and by refreshing the slot file, which succeeds only on our own record.
+//!   The refresh restarts the TTL that a reclaimer must wait out, and `done` is linked right
+//!   after; so when it is linked, the lock is still ours and no other attempt runs. An
+//!   attempt whose lease was lost records nothing.
+//! - **No attempt starts after a completion:** the holder links `done` *before* it frees
+//!   the lock, and a new holder reads `done` *after* it has claimed the lock. Either the new
+//!   claim follows the free, and then it sees `done`; or the old holder's lease was taken
+//!   from it (stale, ended), and then by the rule above it recorded nothing. On NFS the read
+//!   that decides lists the job's directory when `done` seems missing, since opening a
+//!   directory revalidates it while a lookup may answer from a cached miss.
+//!
+//! As for any lease, a runner paused for longer than its TTL between its refresh and its
+//! link (a stopped process, a hung mount) could still link `done` after another attempt
+//! took over; that attempt then fails to record its own completion. Fencing tokens are the
+//! defence for what the two attempts wrote. `end_session` takes a lease without waiting
+//! out a TTL, so it is meant for sessions whose process is gone: ended while its live runner
+//! is between that refresh and that link (a few file operations), an attempt could still
+//! record its completion.
+//!
 //! Known limits: file operations run on the calling task (they are short metadata
 //! operations, but a hung NFS mount blocks the caller); there are no counters
 //! (`acquired_total` and friends are 0) and no wait statistics; a reclaim that races with a
 //! heartbeat at the very edge of the TTL, while a second process wrongly believes it is the
-//! head, can cost the owner its lease (it learns so at its next heartbeat).
+//! head, can cost the owner its lease (it learns so at its next heartbeat). A runner that dies
+//! while nobody attempts its job or waits for its group stays counted as not running but not
+//! yet failed (status does not reclaim) until someone does. A job's runner is named by
+//! `host:pid` (the `client_name` option is not recorded on disk).
 
 mod admin;
 mod disk;
+mod jobs;
 mod notify;
 
 use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -127,9 +199,60 @@ struct Held {
     sem_dir: PathBuf,
     slots: Vec<PathBuf>,
     content: Vec<u8>,
+    token: u64,
+    /// The job's directory, when this lease is an attempt at a job (`sem_dir` is its lock).
+    job: Option<PathBuf>,
     lost: watch::Sender<Option<LostReason>>,
     /// When the last successful heartbeat of every slot began.
     last_ok: Instant,
+}
+
+/// Where an acquire waits: a semaphore, or a job's lock.
+struct Target<'a> {
+    name: &'a str,
+    sem_dir: &'a Path,
+    capacity: u32,
+    /// The job's directory when `sem_dir` is its lock: the grant is then an attempt at the
+    /// job, and reclaiming a stale holder counts a failed attempt.
+    job: Option<&'a Path>,
+}
+
+/// Why a record is stale.
+#[derive(Debug)]
+enum Stale {
+    /// It names a process of this host, boot and pid namespace that no longer exists.
+    DeadProcess { host: String, pid: u32 },
+    /// It was not refreshed for longer than its owner's TTL.
+    Expired,
+    /// It cannot be parsed and is older than the default TTL.
+    Unreadable,
+}
+
+impl Stale {
+    /// As the reason of a job's failed attempt (the coordinator's words where it has them).
+    fn as_failure(&self) -> String {
+        match self {
+            Stale::DeadProcess { host, pid } => format!("its runner's process {host}:{pid} died"),
+            Stale::Expired => "its runner's session expired (runner dead or cut off)".into(),
+            Stale::Unreadable => "its lock record was unreadable and went stale".into(),
+        }
+    }
+}
+
+/// What a look at a record found.
+enum Reap {
+    /// It is alive: left alone.
+    Alive,
+    /// It is gone (removed by its owner or another reclaimer meanwhile).
+    Gone,
+    /// It was stale and this call removed it.
+    Reclaimed(Stale),
+}
+
+impl Reap {
+    fn gone(&self) -> bool {
+        !matches!(self, Reap::Alive)
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -302,41 +425,66 @@ impl Inner {
         sem_dir.join("closed").exists()
     }
 
-    /// Whether the record `bytes` with modification time `mtime` is stale. The file
-    /// system's clock is read only if the record does not name a dead local process.
-    fn is_dead(
+    /// Whether (and why) the record `bytes` with modification time `mtime` is stale. The
+    /// file system's clock is read only if the record does not name a dead local process.
+    fn staleness(
         &self,
         bytes: &[u8],
         mtime: SystemTime,
         clock: &mut FsClock<'_>,
-    ) -> Result<bool, Error> {
-        let ttl = match Record::decode(bytes) {
-            Some(r) if self.who.knows_dead(&r.who) => return Ok(true),
-            Some(r) => Duration::from_millis(r.ttl_ms),
-            None => self.ttl.max(DEFAULT_TTL),
+    ) -> Result<Option<Stale>, Error> {
+        let (ttl, stale) = match Record::decode(bytes) {
+            Some(r) if self.who.knows_dead(&r.who) => {
+                return Ok(Some(Stale::DeadProcess {
+                    host: r.who.host,
+                    pid: r.who.pid,
+                }))
+            }
+            Some(r) => (Duration::from_millis(r.ttl_ms), Stale::Expired),
+            None => (self.ttl.max(DEFAULT_TTL), Stale::Unreadable),
         };
-        Ok(disk::age(clock.get()?, mtime) > ttl)
+        Ok((disk::age(clock.get()?, mtime) > ttl).then_some(stale))
     }
 
-    /// Looks at `path`; if it is stale, reclaims it. `Ok(true)` if it is gone.
-    fn reap(&self, sem_dir: &Path, path: &Path, clock: &mut FsClock<'_>) -> Result<bool, Error> {
+    /// Looks at `path`; if it is stale, reclaims it.
+    fn reap(&self, sem_dir: &Path, path: &Path, clock: &mut FsClock<'_>) -> Result<Reap, Error> {
         let (bytes, mtime) = match disk::read_with_mtime(path) {
             Ok(x) => x,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Reap::Gone),
             Err(e) => return Err(storage(path, e)),
         };
-        if !self.is_dead(&bytes, mtime, clock)? {
-            return Ok(false);
-        }
+        let Some(stale) = self.staleness(&bytes, mtime, clock)? else {
+            return Ok(Reap::Alive);
+        };
         // Re-checked under the private name; an error there counts as alive (put back).
-        let gone = disk::reclaim(sem_dir, path, &bytes, |b, m| {
-            self.is_dead(b, m, clock).unwrap_or(false)
+        let outcome = disk::reclaim(sem_dir, path, &bytes, |b, m| {
+            self.staleness(b, m, clock).ok().flatten().is_some()
         })
         .map_err(|e| storage(path, e))?;
-        if gone {
-            tracing::info!(path = %path.display(), "reclaimed a stale lease or ticket");
+        Ok(match outcome {
+            disk::Reclaimed::Removed => {
+                tracing::info!(path = %path.display(), why = ?stale, "reclaimed a stale lease or ticket");
+                Reap::Reclaimed(stale)
+            }
+            disk::Reclaimed::AlreadyGone => Reap::Gone,
+            disk::Reclaimed::Kept => Reap::Alive,
+        })
+    }
+
+    /// [`reap`](Inner::reap) for a held slot: reclaiming the holder of a job's lock counts
+    /// a failed attempt of the job (by the one reclaimer that removed it).
+    fn reap_slot(
+        &self,
+        sem_dir: &Path,
+        job: Option<&Path>,
+        path: &Path,
+        clock: &mut FsClock<'_>,
+    ) -> Result<bool, Error> {
+        let reap = self.reap(sem_dir, path, clock)?;
+        if let (Reap::Reclaimed(stale), Some(job_dir)) = (&reap, job) {
+            self.count_failure(job_dir, &stale.as_failure());
         }
-        Ok(gone)
+        Ok(reap.gone())
     }
 
     /// Takes the next ticket in the queue.
@@ -391,13 +539,12 @@ impl Inner {
     /// free. `Ok(None)`: keep waiting.
     fn try_grant(
         &self,
-        name: &str,
-        sem_dir: &Path,
-        capacity: u32,
+        target: &Target<'_>,
         record: &mut Record,
         guard: &mut TicketGuard<'_>,
         next_scan: &mut Instant,
     ) -> Result<Option<Grant>, Error> {
+        let (name, sem_dir, capacity) = (target.name, target.sem_dir, target.capacity);
         let queue = sem_dir.join("queue");
         let tickets = numbered(&queue).map_err(|e| storage(&queue, e))?;
         let Some((mine, _)) = guard.ticket.clone() else {
@@ -413,7 +560,7 @@ impl Inner {
             now: None,
         };
         for path in tickets.range(..mine).map(|(_, p)| p) {
-            if !self.reap(sem_dir, path, &mut clock)? {
+            if !self.reap(sem_dir, path, &mut clock)?.gone() {
                 return Ok(None); // a live waiter is ahead of us
             }
         }
@@ -427,7 +574,7 @@ impl Inner {
                 if free.len() >= weight {
                     break;
                 }
-                if self.reap(sem_dir, path, &mut clock)? {
+                if self.reap_slot(sem_dir, target.job, path, &mut clock)? {
                     free.push(*i);
                 }
             }
@@ -482,6 +629,8 @@ impl Inner {
                 sem_dir: sem_dir.to_owned(),
                 slots: claimed,
                 content,
+                token: record.token,
+                job: target.job.map(Path::to_owned),
                 lost: tx,
                 last_ok: Instant::now(),
             },
@@ -523,6 +672,35 @@ impl Inner {
                 format!("weight {weight} exceeds the capacity {capacity} of semaphore {name:?}"),
             ));
         }
+        let target = Target {
+            name,
+            sem_dir: &sem_dir,
+            capacity,
+            job: None,
+        };
+        let never_settled = || Ok(None::<Infallible>);
+        match self
+            .wait_for_grant(&target, weight, deadline, never_settled)
+            .await?
+        {
+            Ok(grant) => Ok(grant),
+            Err(never) => match never {},
+        }
+    }
+
+    /// Queues for `weight` slots of `target` and waits until they are granted (`Ok(grant)`),
+    /// the `deadline` passes ([`Error::TimedOut`]; a deadline already past makes one look),
+    /// or `settled` says at one of the looks that waiting is over (`Err(outcome)`: a job's
+    /// completion). The ticket is withdrawn whenever this returns without a grant, or is
+    /// dropped.
+    async fn wait_for_grant<T>(
+        &self,
+        target: &Target<'_>,
+        weight: u32,
+        deadline: Option<Instant>,
+        mut settled: impl FnMut() -> Result<Option<T>, Error> + Send,
+    ) -> Result<Result<Grant, T>, Error> {
+        let (name, sem_dir) = (target.name, target.sem_dir);
         let mut record = Record {
             lease: self.next_lease.fetch_add(1, Ordering::Relaxed),
             session: self.session,
@@ -534,31 +712,27 @@ impl Inner {
             who: self.who.clone(),
         };
         let mut guard = TicketGuard {
-            sem_dir: &sem_dir,
+            sem_dir,
             content: record.encode(),
             ticket: None,
         };
-        guard.ticket = Some(self.take_ticket(&sem_dir, &guard.content)?);
+        guard.ticket = Some(self.take_ticket(sem_dir, &guard.content)?);
         let mut last_touch = Instant::now();
         let mut backoff = MIN_POLL;
         // Created after the ticket, so that taking it does not wake us.
-        let watch = notify::Watch::new(&sem_dir);
+        let watch = notify::Watch::new(sem_dir);
         let mut next_scan = Instant::now();
         loop {
             self.check_live()?;
-            if Inner::is_closed(&sem_dir) {
+            if Inner::is_closed(sem_dir) {
                 return Err(closed_err(name));
             }
-            let granted = self.try_grant(
-                name,
-                &sem_dir,
-                capacity,
-                &mut record,
-                &mut guard,
-                &mut next_scan,
-            )?;
+            if let Some(outcome) = settled()? {
+                return Ok(Err(outcome));
+            }
+            let granted = self.try_grant(target, &mut record, &mut guard, &mut next_scan)?;
             if let Some(grant) = granted {
-                return Ok(grant);
+                return Ok(Ok(grant));
             }
             let now = Instant::now();
             if deadline.is_some_and(|d| now >= d) {
@@ -571,7 +745,7 @@ impl Inner {
                         disk::touch(path, &guard.content).map_err(|e| storage(path, e))?;
                     if touched == Touch::Gone {
                         guard.ticket = None;
-                        guard.ticket = Some(self.take_ticket(&sem_dir, &guard.content)?);
+                        guard.ticket = Some(self.take_ticket(sem_dir, &guard.content)?);
                     }
                 }
             }
@@ -605,22 +779,85 @@ impl Inner {
         }
     }
 
-    fn release(&self, lease: u64) -> Result<(), Error> {
-        let held = lock(&self.held).remove(&lease);
-        if let Some(held) = held {
-            for slot in &held.slots {
-                disk::remove_own(&held.sem_dir, slot, &held.content)
-                    .map_err(|e| storage(slot, e))?;
+    /// How long after the start of its last successful refresh a lease still counts as
+    /// ours: 90% of the TTL, so that we give it up before anyone may judge it stale.
+    fn give_up(&self) -> Duration {
+        self.ttl - self.ttl / 10
+    }
+
+    /// Whether a lease is still ours, refreshing it if so: its last refresh began less than
+    /// [`give_up`](Inner::give_up) ago, and every slot file still holds our record. The
+    /// refresh restarts the TTL a reclaimer must wait out, so a step taken right after it
+    /// (recording a job's end) is taken while nobody else can hold the lease.
+    fn still_held(&self, h: &mut Held) -> Result<bool, Error> {
+        let started = Instant::now();
+        if started >= h.last_ok + self.give_up() {
+            return Ok(false);
+        }
+        for slot in &h.slots {
+            if disk::touch(slot, &h.content).map_err(|e| storage(slot, e))? == Touch::Gone {
+                return Ok(false);
             }
         }
+        h.last_ok = started;
+        Ok(true)
+    }
+
+    /// The marker that `end_session` leaves for the owner of `session`, so that it can tell
+    /// "ended by a supervisor" from "expired" when it finds its records gone.
+    fn ended_marker(&self, session: u64) -> PathBuf {
+        self.root.join(".ended").join(format!("{session:016x}"))
+    }
+
+    /// Why a lease whose files are gone was lost.
+    fn lost_reason(&self, h: &Held) -> LostReason {
+        if Inner::is_closed(&h.sem_dir) {
+            LostReason::Closed
+        } else if self.ended_marker(self.session).exists() {
+            LostReason::SessionEnded
+        } else {
+            LostReason::Expired
+        }
+    }
+
+    /// Ends a lease this client gives up (released, dropped, shut down). For an attempt at a
+    /// job that still holds the job's lock, that is a failed attempt. It is counted before
+    /// the lock comes free, so that the attempt that takes over sees it; or, if the lease
+    /// was past the local rule (so that a reclaimer may be counting it), only if this call
+    /// is the one that removes the record.
+    fn let_go(&self, mut h: Held, why: &str) -> Result<(), Error> {
+        let job = h.job.clone();
+        let mut counted = false;
+        if let Some(job_dir) = &job {
+            if self.still_held(&mut h).unwrap_or(false) {
+                self.count_failure(job_dir, why);
+                counted = true;
+            }
+        }
+        let mut removed = false;
+        for slot in &h.slots {
+            removed |=
+                disk::remove_own(&h.sem_dir, slot, &h.content).map_err(|e| storage(slot, e))?;
+        }
+        if let (Some(job_dir), false, true) = (&job, counted, removed) {
+            self.count_failure(job_dir, why);
+        }
         Ok(())
+    }
+
+    fn release(&self, lease: u64) -> Result<(), Error> {
+        let held = lock(&self.held).remove(&lease);
+        match held {
+            Some(h) => self.let_go(h, "released before it finished"),
+            None => Ok(()),
+        }
     }
 
     /// One heartbeat: rewrites every held slot file, and tells permits whose lease is gone.
     /// Returns the time until the next one.
     fn beat(&self) -> Duration {
         let period = self.ttl / 3;
-        let give_up = self.ttl - self.ttl / 10;
+        let give_up = self.give_up();
         let mut next = period;
         let mut held = lock(&self.held);
         let mut lost = Vec::new();
@@ -639,14 +876,7 @@ impl Inner {
             }
             match outcome {
                 Ok(Touch::Alive) => h.last_ok = started,
-                Ok(Touch::Gone) => {
-                    let reason = if Inner::is_closed(&h.sem_dir) {
-                        LostReason::Closed
-                    } else {
-                        LostReason::Expired
-                    };
-                    lost.push((*lease, reason));
-                }
+                Ok(Touch::Gone) => lost.push((*lease, self.lost_reason(h))),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot refresh a lease file");
                     if started.saturating_duration_since(h.last_ok) >= give_up {
@@ -673,8 +903,8 @@ impl Inner {
     fn shutdown(&self) {
         self.shut.store(true, Ordering::Relaxed);
         let held: Vec<Held> = lock(&self.held).drain().map(|(_, h)| h).collect();
-        for h in &held {
-            Inner::free(h);
+        for h in held {
+            let _ = self.let_go(h, "its session was closed before it finished");
         }
     }
 }
@@ -744,36 +974,38 @@ impl Backend for FileBackend {
 
     fn begin_job<'a>(
         &'a self,
-        _job: &'a str,
-        _group: Option<&'a str>,
-        _timeout: Option<Duration>,
+        job: &'a str,
+        group: Option<&'a str>,
+        timeout: Option<Duration>,
     ) -> BoxFuture<'a, Result<JobBegin, Error>> {
-        Box::pin(async move { Err(not_yet()) })
+        Box::pin(self.inner.begin_job(job, group, timeout))
     }
 
     fn finish_job<'a>(
         &'a self,
-        _job: &'a str,
-        _lease: u64,
-        _end: JobEnd<'a>,
+        job: &'a str,
+        lease: u64,
+        end: JobEnd<'a>,
     ) -> BoxFuture<'a, Result<(), Error>> {
-        Box::pin(async move { Err(not_yet()) })
+        Box::pin(async move {
+            self.inner.check_live()?;
+            self.inner.finish_job(job, lease, end)
+        })
     }
 
-    fn reset_job<'a>(&'a self, _job: &'a str) -> BoxFuture<'a, Result<bool, Error>> {
-        Box::pin(async move { Err(not_yet()) })
+    fn reset_job<'a>(&'a self, job: &'a str) -> BoxFuture<'a, Result<bool, Error>> {
+        Box::pin(async move {
+            self.inner.check_live()?;
+            self.inner.reset_job(job)
+        })
     }
 
     fn wait_group<'a>(
         &'a self,
-        _group: &'a str,
-        _jobs: u32,
-        _timeout: Option<Duration>,
+        group: &'a str,
+        jobs: u32,
+        timeout: Option<Duration>,
     ) -> BoxFuture<'a, Result<GroupSummary, Error>> {
-        Box::pin(async move { Err(not_yet()) })
+        Box::pin(self.inner.wait_group(group, jobs, timeout))
     }
-}
-
-fn not_yet() -> Error {
-    Error::Protocol("run-once jobs are not implemented on the file backend yet".into())
 }

@@ -1,18 +1,51 @@
-//! Wakes a waiting acquire when its semaphore's directory changes in a way that can let it
-//! through: a slot or a queue ticket removed (released, withdrawn, reclaimed), or the
-//! semaphore closed. Only changes made on this host raise an event (inotify does not see
-//! other NFS clients), so this shortens waits; the poll in the acquire loop still bounds them.
+//! Wakes a waiter when a directory it depends on changes in a way that can let it through:
+//! for an acquire, a slot or a queue ticket removed (released, withdrawn, reclaimed) or the
+//! semaphore closed; for a group wait, also a job's completion recorded or the group's
+//! members changed. Only changes made on this host raise an event (inotify does not see
+//! other NFS clients), so this shortens waits; the poll of the waiting loop still bounds
+//! them.
 
+use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, InotifyEvent};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, InotifyEvent, WatchDescriptor};
 use tokio::io::unix::AsyncFd;
 
-/// An inotify watch on one semaphore directory and its `queue/`.
+/// What a watched directory is, which decides the events that matter in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Kind {
+    /// A semaphore's (or a job lock's) directory or its `queue/`: slots and tickets removed,
+    /// `closed` created.
+    Semaphore,
+    /// A job's directory: its `done` file created.
+    Job,
+    /// A group's directory of membership markers: any marker created or removed.
+    Group,
+}
+
+impl Kind {
+    fn flags(self) -> AddWatchFlags {
+        match self {
+            Kind::Semaphore => {
+                AddWatchFlags::IN_DELETE | AddWatchFlags::IN_MOVED_FROM | AddWatchFlags::IN_CREATE
+            }
+            Kind::Job => AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO,
+            Kind::Group => {
+                AddWatchFlags::IN_DELETE
+                    | AddWatchFlags::IN_MOVED_FROM
+                    | AddWatchFlags::IN_CREATE
+                    | AddWatchFlags::IN_MOVED_TO
+            }
+        }
+    }
+}
+
+/// An inotify watch on some directories.
 pub(super) struct Watch {
     fd: AsyncFd<Owned>,
+    kinds: HashMap<WatchDescriptor, Kind>,
 }
 
 /// The inotify instance, which owns its file descriptor from creation to drop.
@@ -25,13 +58,24 @@ impl AsRawFd for Owned {
 }
 
 impl Watch {
-    /// A watch, or `None` where inotify is unavailable (then the waiter only polls).
+    /// A watch on a semaphore's directory and its `queue/`, or `None` where inotify is
+    /// unavailable (then the waiter only polls).
     pub(super) fn new(sem_dir: &Path) -> Option<Watch> {
+        Watch::on(&[
+            (sem_dir.to_owned(), Kind::Semaphore),
+            (sem_dir.join("queue"), Kind::Semaphore),
+        ])
+    }
+
+    /// A watch on every directory of `dirs`, or `None` if one of them cannot be watched
+    /// (missing, or out of inotify watches): then the waiter only polls.
+    pub(super) fn on(dirs: &[(PathBuf, Kind)]) -> Option<Watch> {
         let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).ok()?;
-        let flags =
-            AddWatchFlags::IN_DELETE | AddWatchFlags::IN_MOVED_FROM | AddWatchFlags::IN_CREATE;
-        inotify.add_watch(sem_dir, flags).ok()?;
-        inotify.add_watch(&sem_dir.join("queue"), flags).ok()?;
+        let mut kinds = HashMap::with_capacity(dirs.len());
+        for (dir, kind) in dirs {
+            let wd = inotify.add_watch(dir, kind.flags()).ok()?;
+            kinds.insert(wd, *kind);
+        }
         // `AsyncFd::new` is deprecated because it cannot check that an arbitrary `T` keeps
         // returning the same open descriptor while registered; `Owned` does (the `Inotify`
         // owns its descriptor and closes it only when dropped, after the `AsyncFd` deregisters
@@ -39,7 +83,7 @@ impl Watch {
         // (`unsafe_code = "forbid"`).
         #[allow(deprecated)]
         let fd = AsyncFd::new(Owned(inotify)).ok()?;
-        Some(Watch { fd })
+        Some(Watch { fd, kinds })
     }
 
     /// Completes at the next relevant change. Pending forever if the watch breaks (the poll
@@ -51,7 +95,10 @@ impl Watch {
             };
             match ready.get_inner().0.read_events() {
                 Ok(events) => {
-                    if events.iter().any(relevant) {
+                    let hit = events
+                        .iter()
+                        .any(|e| self.kinds.get(&e.wd).is_some_and(|k| relevant(*k, e)));
+                    if hit {
                         return;
                     }
                 }
@@ -65,16 +112,24 @@ impl Watch {
 /// Whether an event can unblock a waiter. Temporary and reclaim files (`.tmp-*`,
 /// `.reclaim-*`) come and go during every claim, the waiter's own included; waking on them
 /// would make waiters spin.
-fn relevant(e: &InotifyEvent) -> bool {
+fn relevant(kind: Kind, e: &InotifyEvent) -> bool {
     let Some(name) = e.name.as_ref().and_then(|n| n.to_str()) else {
         return false;
     };
     let removed = e
         .mask
         .intersects(AddWatchFlags::IN_DELETE | AddWatchFlags::IN_MOVED_FROM);
-    let is_ticket = !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit());
-    (removed && (name.starts_with("slot-") || is_ticket))
-        || (e.mask.contains(AddWatchFlags::IN_CREATE) && name == "closed")
+    let created = e
+        .mask
+        .intersects(AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO);
+    match kind {
+        Kind::Semaphore => {
+            let is_ticket = !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit());
+            (removed && (name.starts_with("slot-") || is_ticket)) || (created && name == "closed")
+        }
+        Kind::Job => created && name == "done",
+        Kind::Group => (created || removed) && !name.starts_with('.'),
+    }
 }
 
 #[cfg(test)]
@@ -128,6 +183,35 @@ mod tests {
         tokio::time::timeout(PATIENCE, w.changed())
             .await
             .expect("woken by a close");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn job_and_group_watches_wake_on_completion_and_membership_only() {
+        let dir = scratch("job");
+        let (job, group) = (dir.join("job"), dir.join("group"));
+        std::fs::create_dir_all(&job).expect("mkdir");
+        std::fs::create_dir_all(&group).expect("mkdir");
+        let w = Watch::on(&[(job.clone(), Kind::Job), (group.clone(), Kind::Group)])
+            .expect("inotify on Linux");
+
+        // Failure records, temporary files and the group file do not wake a group wait.
+        std::fs::write(job.join(".tmp-1"), "x").expect("write");
+        std::fs::rename(job.join(".tmp-1"), job.join("last-failure")).expect("mv");
+        std::fs::write(group.join(".tmp-2"), "x").expect("write");
+        assert!(
+            tokio::time::timeout(QUIET, w.changed()).await.is_err(),
+            "woken by bookkeeping"
+        );
+
+        std::fs::write(job.join("done"), "x").expect("write");
+        tokio::time::timeout(PATIENCE, w.changed())
+            .await
+            .expect("woken by a completion");
+        std::fs::write(group.join("some-job"), "x").expect("write");
+        tokio::time::timeout(PATIENCE, w.changed())
+            .await
+            .expect("woken by a new member");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
