@@ -6,7 +6,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use crate::{Error, LostReason, Options, StatusDoc};
+use crate::{Error, GroupSummary, JobCompletion, JobRunner, LostReason, Options, StatusDoc};
 
 /// The runtime and the client it drives, shared by every blocking handle.
 ///
@@ -93,6 +93,111 @@ impl Client {
     /// See [`crate::Client::shutdown`].
     pub fn shutdown(&self) -> Result<(), Error> {
         self.rt.block_on(self.inner.shutdown())
+    }
+
+    fn wrap_job(&self, start: crate::JobStart) -> JobStart {
+        match start {
+            crate::JobStart::Run(attempt) => JobStart::Run(JobAttempt {
+                rt: self.rt.clone(),
+                inner: Some(attempt),
+            }),
+            crate::JobStart::Completed(done) => JobStart::Completed(done),
+            crate::JobStart::Running(runner) => JobStart::Running(runner),
+        }
+    }
+
+    /// See [`crate::Client::try_begin_job`].
+    pub fn try_begin_job(&self, job: &str, group: Option<&str>) -> Result<JobStart, Error> {
+        let start = self.rt.block_on(self.inner.try_begin_job(job, group))?;
+        Ok(self.wrap_job(start))
+    }
+
+    /// See [`crate::Client::begin_job`].
+    pub fn begin_job(&self, job: &str, group: Option<&str>) -> Result<JobStart, Error> {
+        let start = self.rt.block_on(self.inner.begin_job(job, group))?;
+        Ok(self.wrap_job(start))
+    }
+
+    /// See [`crate::Client::begin_job_timeout`].
+    pub fn begin_job_timeout(
+        &self,
+        job: &str,
+        group: Option<&str>,
+        timeout: Duration,
+    ) -> Result<JobStart, Error> {
+        let start = self
+            .rt
+            .block_on(self.inner.begin_job_timeout(job, group, timeout))?;
+        Ok(self.wrap_job(start))
+    }
+
+    /// See [`crate::Client::reset_job`].
+    pub fn reset_job(&self, job: &str) -> Result<bool, Error> {
+        self.rt.block_on(self.inner.reset_job(job))
+    }
+
+    /// See [`crate::Client::wait_group`].
+    pub fn wait_group(
+        &self,
+        group: &str,
+        jobs: u32,
+        timeout: Option<Duration>,
+    ) -> Result<GroupSummary, Error> {
+        self.rt
+            .block_on(self.inner.wait_group(group, jobs, timeout))
+    }
+}
+
+/// How an attempt at a job began. See [`crate::JobStart`].
+#[derive(Debug)]
+pub enum JobStart {
+    /// Run the job, then report how it went.
+    Run(JobAttempt),
+    /// The job has completed: do not run it.
+    Completed(JobCompletion),
+    /// Another attempt runs it (only from `try_begin_job`).
+    Running(JobRunner),
+}
+
+/// A blocking job attempt; dropping it counts as a failed attempt. See [`crate::JobAttempt`].
+#[must_use = "dropping the attempt gives the job up as failed"]
+#[derive(Debug)]
+pub struct JobAttempt {
+    rt: std::sync::Arc<Shared>,
+    inner: Option<crate::JobAttempt>,
+}
+
+impl JobAttempt {
+    fn get(&self) -> &crate::JobAttempt {
+        self.inner
+            .as_ref()
+            .expect("invariant: inner is Some until succeed or fail consumes self")
+    }
+
+    /// See [`crate::JobAttempt::fencing_token`].
+    pub fn fencing_token(&self) -> u64 {
+        self.get().fencing_token()
+    }
+
+    /// Why the job's lease was lost, if it was.
+    pub fn lost_reason(&self) -> Option<LostReason> {
+        self.get().permit().lost_reason()
+    }
+
+    /// See [`crate::JobAttempt::succeed`].
+    pub fn succeed(mut self) -> Result<(), Error> {
+        match self.inner.take() {
+            Some(a) => self.rt.block_on(a.succeed()),
+            None => Ok(()),
+        }
+    }
+
+    /// See [`crate::JobAttempt::fail`].
+    pub fn fail(mut self, reason: &str) -> Result<(), Error> {
+        match self.inner.take() {
+            Some(a) => self.rt.block_on(a.fail(reason)),
+            None => Ok(()),
+        }
     }
 }
 

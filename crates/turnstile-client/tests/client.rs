@@ -365,6 +365,26 @@ async fn blocking_facade_from_a_plain_thread() {
             "release waited for the coordinator"
         );
 
+        // Jobs, through the same facade.
+        let blocking::JobStart::Run(attempt) =
+            client.try_begin_job("b-job", Some("bg")).expect("begin")
+        else {
+            panic!("a new job runs");
+        };
+        assert!(attempt.fencing_token() >= 1 && attempt.lost_reason().is_none());
+        assert!(matches!(
+            client.try_begin_job("b-job", None).expect("begin"),
+            blocking::JobStart::Running(_)
+        ));
+        attempt.succeed().expect("succeed");
+        assert!(matches!(
+            client.begin_job("b-job", None).expect("begin"),
+            blocking::JobStart::Completed(_)
+        ));
+        let g = client.wait_group("bg", 1, None).expect("settled");
+        assert_eq!((g.jobs, g.completed), (1, 1));
+        assert!(client.reset_job("b-job").expect("reset"));
+
         let permit = sem
             .try_acquire()
             .expect("try_acquire")
