@@ -625,3 +625,44 @@ async fn bad_job_and_group_names_are_refused() {
     let doc = client.status(None).await.expect("status");
     assert!(doc.jobs.is_empty() && doc.groups.is_empty(), "{doc:?}");
 }
+
+/// Job and group names that are not file names (slashes, dots, long UTF-8 that gets a hashed
+/// directory name) work and are reported under their own names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_valid_job_or_group_name_works() {
+    let dir = Scratch::new();
+    let client = dir.client().await;
+    let long_job = "ü".repeat(127);
+    let long_group = "é".repeat(127);
+    let cases = [
+        ("a/b", "x/y"),
+        ("..", "."),
+        (long_job.as_str(), long_group.as_str()),
+    ];
+    for (job, group) in cases {
+        run(client.try_begin_job(job, Some(group)).await.expect("begin"))
+            .succeed()
+            .await
+            .expect("succeed");
+        assert!(matches!(
+            client.try_begin_job(job, None).await.expect("begin"),
+            JobStart::Completed(_)
+        ));
+        let g = client
+            .wait_group(group, 1, Some(Duration::ZERO))
+            .await
+            .expect("settled");
+        assert_eq!((g.jobs, g.completed), (1, 1), "{group:?}");
+    }
+    let doc = client.status(None).await.expect("status");
+    let mut got: Vec<(String, Option<String>)> =
+        doc.jobs.into_iter().map(|j| (j.name, j.group)).collect();
+    got.sort();
+    let mut want: Vec<(String, Option<String>)> = cases
+        .iter()
+        .map(|(j, g)| (j.to_string(), Some(g.to_string())))
+        .collect();
+    want.sort();
+    assert_eq!(got, want);
+    assert!(doc.semaphores.is_empty());
+}
