@@ -245,8 +245,7 @@ impl Harness {
                         j.holder = Some(((s, lease), j.next_token));
                         let t = j.next_token;
                         self.m.reply(tag, Ok(Reply::Granted { token: Token(t) }));
-                    } else if !wait {
-                        let (_, t) = j.holder.expect("checked above");
+                    } else if let (false, Some((_, t))) = (wait, j.holder) {
                         self.m.reply(
                             tag,
                             Ok(Reply::JobBusy {
@@ -425,7 +424,7 @@ impl Harness {
             }
         }
         let mine = self.m.leases.get(&s).into_iter().flatten();
-        match mine.filter(|(_, j)| *j == job).last() {
+        match mine.filter(|(_, j)| *j == job).next_back() {
             Some((lease, _)) => *lease,
             None => {
                 self.next_lease += 1;
@@ -461,8 +460,8 @@ impl Harness {
             assert_eq!(v.waiting, j.queue.len(), "waiting on {idx}");
             assert_eq!(v.failures, j.failures, "failures of {idx}");
         }
-        for g in 0..GROUPS.len() {
-            assert_eq!(self.c.group(GROUPS[g]), self.m.summary(g), "group {g}");
+        for (g, name) in GROUPS.iter().enumerate() {
+            assert_eq!(self.c.group(name), self.m.summary(g), "group {g}");
         }
     }
 
