@@ -423,8 +423,8 @@ impl Harness {
                 return lease;
             }
         }
-        let mine = self.m.leases.get(&s).into_iter().flatten();
-        match mine.filter(|(_, j)| *j == job).next_back() {
+        let mut mine = self.m.leases.get(&s).into_iter().flatten();
+        match mine.rfind(|(_, j)| *j == job) {
             Some((lease, _)) => *lease,
             None => {
                 self.next_lease += 1;
