@@ -4,15 +4,32 @@
 #   bash bench/run.sh            # 5 s per measurement
 #   DURATION=10s bash bench/run.sh
 #
-# Peer: a bare loopback TCP ping-pong (`turnstile bench --scenario echo`), the floor for any
-# request/reply protocol here. Each coordinator figure is an acquire+release pair, i.e. two
-# round trips, so a pair rate of 0.5x the echo rate is the most a round-trip protocol can do.
+# Peers, measured in the same run:
+# - a bare loopback TCP ping-pong (`turnstile bench --scenario echo`), the floor for any
+#   request/reply protocol here. Each coordinator figure is an acquire+release pair, i.e. two
+#   round trips, so a pair rate of 0.5x the echo rate is the most a round-trip protocol can do;
+# - Redis (Debian's redis-server, installed if missing, in memory, no persistence) doing the
+#   equivalent lock pair, `SET k v NX PX 10000` then `DEL k`, one connection per client.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -p turnstile --quiet
 T=target/release/turnstile
 D=${DURATION:-5s}
 W=${WARMUP:-1s}
+
+if ! command -v redis-server >/dev/null; then
+  echo "installing redis-server (Debian) for the peer measurement" >&2
+  apt-get install -y -q redis-server >/dev/null
+fi
+REDIS_PORT=${REDIS_PORT:-6399}
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+  --daemonize no --loglevel warning >/dev/null &
+REDIS_PID=$!
+trap 'kill $REDIS_PID 2>/dev/null || true' EXIT
+for _ in $(seq 100); do
+  (exec 3<>/dev/tcp/127.0.0.1/"$REDIS_PORT") 2>/dev/null && break
+  sleep 0.05
+done
 
 run() { "$T" bench --json --duration "$D" --warmup "$W" "$@"; }
 
@@ -28,17 +45,21 @@ measure() {
 
 for c in 1 64; do
   measure "echo/$c" --scenario echo --clients "$c"
+  measure "redis/$c" --scenario redis --clients "$c" --redis "127.0.0.1:$REDIS_PORT"
   for s in in-memory batch always; do
     measure "$s/$c" --scenario uncontended --clients "$c" --storage "$s"
   done
 done
 measure "contended/in-memory/64" --scenario contended --clients 64 --capacity 4 --storage in-memory
 
-printf '\n%-26s %12s %9s %9s %12s\n' "measurement" "per sec" "p50 us" "p99 us" "vs echo"
-for key in echo/1 in-memory/1 batch/1 always/1 echo/64 in-memory/64 batch/64 always/64 contended/in-memory/64; do
+printf '\n%-26s %12s %9s %9s %10s %10s\n' "measurement" "per sec" "p50 us" "p99 us" "vs echo" "vs redis"
+for key in echo/1 redis/1 in-memory/1 batch/1 always/1 echo/64 redis/64 in-memory/64 batch/64 always/64 contended/in-memory/64; do
   c=${key##*/}
   ratio=$(awk -v a="${rate[$key]}" -v b="${rate[echo/$c]}" 'BEGIN { printf "%.2fx", a / b }')
-  printf '%-26s %12.0f %9s %9s %12s\n' "$key" "${rate[$key]}" "${p50[$key]}" "${p99[$key]}" "$ratio"
+  vs_redis=$(awk -v a="${rate[$key]}" -v b="${rate[redis/$c]}" 'BEGIN { printf "%.2fx", a / b }')
+  printf '%-26s %12.0f %9s %9s %10s %10s\n' "$key" "${rate[$key]}" "${p50[$key]}" "${p99[$key]}" "$ratio" "$vs_redis"
 done
+awk -v p="${p50[in-memory/1]}" -v e="${p50[echo/1]}" \
+  'BEGIN { printf "\n1 client: pair p50 = %.2fx one echo round trip p50 (target: within 2x)\n", p / e }'
 awk -v m="${rate[in-memory/64]}" -v b="${rate[batch/64]}" -v a="${rate[always/64]}" \
   'BEGIN { printf "\n64 clients: batch = %.2fx in-memory, always = %.2fx in-memory\n", b / m, a / m }'

@@ -1,7 +1,9 @@
 //! `turnstile bench`: a load generator. Each client has its own connection and session and
-//! loops acquire → release, timing the pair. Besides the coordinator scenarios it measures a
-//! peer in the same run: a bare loopback TCP ping-pong (`--scenario echo`), the floor that no
-//! request/reply protocol on this machine can beat, so that figures can be read as ratios.
+//! loops acquire → release, timing the pair. Besides the coordinator scenarios it measures
+//! peers in the same run, so that figures can be read as ratios: a bare loopback TCP
+//! ping-pong (`--scenario echo`), the floor that no request/reply protocol on this machine can
+//! beat, and a Redis server doing the equivalent lock pair (`--scenario redis`: `SET k v NX PX
+//! 10000`, then `DEL k`, over the same kind of connection, one per client).
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +27,11 @@ pub enum Scenario {
     Weighted,
     /// Bare loopback TCP ping-pong of 16-byte messages: the peer baseline.
     Echo,
+    /// The lock pair on a Redis server (`--redis`): `SET bench-r-I 1 NX PX 10000`, `DEL`.
+    Redis,
+    /// `--clients` idle sessions that only keep alive (no acquires) for `--duration`; reports
+    /// the coordinator's CPU time over that time (it must be a child of the bench, no --url).
+    Keepalive,
 }
 
 /// Arguments of `turnstile bench`.
@@ -51,6 +58,12 @@ pub struct BenchArgs {
     /// What to measure.
     #[arg(long, value_enum, default_value = "uncontended")]
     scenario: Scenario,
+    /// The Redis server of `--scenario redis`.
+    #[arg(long, default_value = "127.0.0.1:6379")]
+    redis: String,
+    /// Session TTL of the keepalive scenario's clients (they keep alive every TTL/3).
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    session_ttl: Duration,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -82,8 +95,13 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.clients >= 1, "--clients must be at least 1");
     anyhow::ensure!(args.semaphores >= 1, "--semaphores must be at least 1");
     anyhow::ensure!(args.capacity >= 1, "--capacity must be at least 1");
+    if args.scenario == Scenario::Keepalive {
+        return keepalive(&args).await;
+    }
     let outcome = if args.scenario == Scenario::Echo {
         echo(&args).await?
+    } else if args.scenario == Scenario::Redis {
+        redis(&args).await?
     } else {
         let mut server = None;
         let url = match &args.url {
@@ -116,7 +134,7 @@ fn report(args: &BenchArgs, o: &Outcome) {
     };
     let rate = o.pairs as f64 / o.elapsed.as_secs_f64();
     let mut scenario = format!("{:?}", args.scenario).to_lowercase();
-    if args.scenario != Scenario::Echo && args.url.is_none() {
+    if !matches!(args.scenario, Scenario::Echo | Scenario::Redis) && args.url.is_none() {
         scenario = format!("{scenario}/{:?}", args.storage).to_lowercase();
     }
     if args.json {
@@ -202,7 +220,7 @@ async fn load(args: &BenchArgs, url: &str) -> anyhow::Result<Outcome> {
         let (name, capacity, weight) = match args.scenario {
             Scenario::Uncontended => (format!("bench-u-{i}"), 1, 1),
             Scenario::Weighted => (format!("bench-w-{i}"), 4, 2),
-            Scenario::Contended | Scenario::Echo => {
+            Scenario::Contended | Scenario::Echo | Scenario::Redis | Scenario::Keepalive => {
                 (format!("bench-c-{}", i % args.semaphores), args.capacity, 1)
             }
         };
@@ -313,4 +331,172 @@ async fn echo(args: &BenchArgs) -> anyhow::Result<Outcome> {
         });
     }
     collect(tasks, args.duration).await
+}
+
+/// The Redis peer: each client loops `SET bench-r-I 1 NX PX 10000` (the lock), then `DEL`
+/// (the unlock), over its own connection, timing the pair as the coordinator scenarios do.
+async fn redis(args: &BenchArgs) -> anyhow::Result<Outcome> {
+    let errors = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let measure_from = start + args.warmup;
+    let end = measure_from + args.duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..args.clients {
+        let mut s = tokio::net::TcpStream::connect(&args.redis)
+            .await
+            .with_context(|| format!("connecting to Redis at {}", args.redis))?;
+        s.set_nodelay(true)?;
+        let key = format!("bench-r-{i}");
+        let lock = resp(&["SET", &key, "1", "NX", "PX", "10000"]);
+        let unlock = resp(&["DEL", &key]);
+        let errors = errors.clone();
+        tasks.spawn(async move {
+            let mut lat = Vec::with_capacity(1 << 16);
+            let mut n = 0u64;
+            let mut buf = Vec::with_capacity(64);
+            loop {
+                let t = Instant::now();
+                if t >= end {
+                    break;
+                }
+                let locked = match call(&mut s, &lock, &mut buf).await {
+                    Ok(reply) => reply == b"+OK",
+                    Err(_) => break,
+                };
+                let unlocked = match call(&mut s, &unlock, &mut buf).await {
+                    Ok(reply) => reply == b":1",
+                    Err(_) => break,
+                };
+                if t >= measure_from {
+                    if locked && unlocked {
+                        n += 1;
+                        lat.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
+                    } else {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            (n, lat)
+        });
+    }
+    let mut outcome = collect(tasks, args.duration).await?;
+    outcome.errors = errors.load(Ordering::Relaxed);
+    Ok(outcome)
+}
+
+/// A command in the Redis protocol (RESP): an array of bulk strings.
+fn resp(words: &[&str]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", words.len()).into_bytes();
+    for w in words {
+        out.extend_from_slice(format!("${}\r\n{w}\r\n", w.len()).as_bytes());
+    }
+    out
+}
+
+/// Sends a command and reads its one-line reply (`+OK`, `:1`, `$-1`...), without the CRLF.
+async fn call(
+    s: &mut tokio::net::TcpStream,
+    command: &[u8],
+    buf: &mut Vec<u8>,
+) -> std::io::Result<Vec<u8>> {
+    s.write_all(command).await?;
+    buf.clear();
+    loop {
+        let mut chunk = [0u8; 64];
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.ends_with(b"\r\n") {
+            buf.truncate(buf.len() - 2);
+            return Ok(buf.clone());
+        }
+    }
+}
+
+/// `--clients` sessions that only keep alive. Prints the coordinator's CPU use over
+/// `--duration`, as a share of one core, read from /proc (the bench starts the coordinator).
+async fn keepalive(args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(
+        args.url.is_none(),
+        "the keepalive scenario measures a coordinator it starts itself; drop --url"
+    );
+    let (mut child, url) = spawn_server(args.storage).await?;
+    let pid = child.id().context("the coordinator's pid")?;
+    let options = turnstile_client::Options {
+        session_ttl: Some(args.session_ttl),
+        ..turnstile_client::Options::default()
+    };
+    let mut clients = Vec::with_capacity(args.clients);
+    for _ in 0..args.clients {
+        clients.push(Client::connect_with(&url, options.clone()).await?);
+    }
+    tokio::time::sleep(args.warmup).await;
+    let before = cpu_ticks(pid)?;
+    let t = Instant::now();
+    tokio::time::sleep(args.duration).await;
+    let ticks = cpu_ticks(pid)? - before;
+    let elapsed = t.elapsed().as_secs_f64();
+    // Linux reports CPU time in clock ticks of 1/100 s (USER_HZ) on every supported platform.
+    let share = ticks as f64 / 100.0 / elapsed;
+    let keepalives = args.clients as f64 * 3.0 / args.session_ttl.as_secs_f64();
+    if args.json {
+        println!(
+            "{{\"scenario\":\"keepalive/{:?}\",\"clients\":{},\"session_ttl_ms\":{},\"keepalives_per_sec\":{keepalives:.0},\"server_cpu_share\":{share:.4}}}",
+            args.storage,
+            args.clients,
+            args.session_ttl.as_millis()
+        );
+    } else {
+        println!(
+            "keepalive: {} idle sessions (TTL {}, about {keepalives:.0} keep-alives/s): the coordinator used {:.1}% of one core",
+            args.clients,
+            humantime::format_duration(args.session_ttl),
+            share * 100.0
+        );
+    }
+    for c in clients {
+        let _ = c.shutdown().await;
+    }
+    let _ = child.kill().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// User plus system CPU time of a process, in clock ticks (fields 14 and 15 of
+/// /proc/PID/stat, counted after the parenthesised command name, which may hold spaces).
+fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("unexpected /proc/PID/stat format")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After ")": state is field 3, so utime (14) and stime (15) are at 11 and 12 here.
+    let num = |i: usize| -> anyhow::Result<u64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .context("unexpected /proc/PID/stat format")
+    };
+    Ok(num(11)? + num(12)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resp_commands_are_arrays_of_bulk_strings() {
+        assert_eq!(
+            resp(&["DEL", "k1"]),
+            b"*2\r\n$3\r\nDEL\r\n$2\r\nk1\r\n".to_vec()
+        );
+    }
+
+    #[test]
+    fn cpu_ticks_of_this_process() {
+        assert!(cpu_ticks(std::process::id()).is_ok());
+    }
 }
