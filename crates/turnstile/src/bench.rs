@@ -61,6 +61,12 @@ pub struct BenchArgs {
     /// The Redis server of `--scenario redis`.
     #[arg(long, default_value = "127.0.0.1:6379")]
     redis: String,
+    /// How the coordinator scenarios talk to the coordinator: through the client library
+    /// (`library`: sessions kept alive, reconnection, a driver task per client — what an
+    /// application gets), or with bare protocol frames on the socket (`raw`: what the Redis
+    /// peer does too, so that the two servers are compared with equal clients).
+    #[arg(long, value_enum, default_value = "library")]
+    client: BenchClient,
     /// Session TTL of the keepalive scenario's clients (they keep alive every TTL/3).
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     session_ttl: Duration,
@@ -71,6 +77,15 @@ pub struct BenchArgs {
     /// write-ahead log in a fresh temporary directory synced in batches or on every request.
     #[arg(long, value_enum, default_value = "in-memory")]
     storage: BenchStorage,
+}
+
+/// The client side of the coordinator scenarios.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchClient {
+    /// `turnstile_client::Client`.
+    Library,
+    /// Protocol frames written and read directly.
+    Raw,
 }
 
 /// Storage of the coordinator started by the bench.
@@ -134,8 +149,13 @@ fn report(args: &BenchArgs, o: &Outcome) {
     };
     let rate = o.pairs as f64 / o.elapsed.as_secs_f64();
     let mut scenario = format!("{:?}", args.scenario).to_lowercase();
-    if !matches!(args.scenario, Scenario::Echo | Scenario::Redis) && args.url.is_none() {
-        scenario = format!("{scenario}/{:?}", args.storage).to_lowercase();
+    if !matches!(args.scenario, Scenario::Echo | Scenario::Redis) {
+        if args.url.is_none() {
+            scenario = format!("{scenario}/{:?}", args.storage).to_lowercase();
+        }
+        if args.client == BenchClient::Raw {
+            scenario.push_str("/raw");
+        }
     }
     if args.json {
         println!(
@@ -210,6 +230,9 @@ async fn spawn_server(storage: BenchStorage) -> anyhow::Result<(tokio::process::
 }
 
 async fn load(args: &BenchArgs, url: &str) -> anyhow::Result<Outcome> {
+    if args.client == BenchClient::Raw {
+        return load_raw(args, url).await;
+    }
     let errors = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let measure_from = start + args.warmup;
@@ -217,13 +240,7 @@ async fn load(args: &BenchArgs, url: &str) -> anyhow::Result<Outcome> {
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..args.clients {
         let client = Client::connect(url).await?;
-        let (name, capacity, weight) = match args.scenario {
-            Scenario::Uncontended => (format!("bench-u-{i}"), 1, 1),
-            Scenario::Weighted => (format!("bench-w-{i}"), 4, 2),
-            Scenario::Contended | Scenario::Echo | Scenario::Redis | Scenario::Keepalive => {
-                (format!("bench-c-{}", i % args.semaphores), args.capacity, 1)
-            }
-        };
+        let (name, capacity, weight) = workload(args, i);
         let sem = client.semaphore(&name, capacity).await?;
         let errors = errors.clone();
         tasks.spawn(async move {
@@ -499,4 +516,142 @@ mod tests {
     fn cpu_ticks_of_this_process() {
         assert!(cpu_ticks(std::process::id()).is_ok());
     }
+}
+
+/// The name, capacity and weight client `i` uses in a coordinator scenario.
+fn workload(args: &BenchArgs, i: usize) -> (String, u32, u32) {
+    match args.scenario {
+        Scenario::Uncontended => (format!("bench-u-{i}"), 1, 1),
+        Scenario::Weighted => (format!("bench-w-{i}"), 4, 2),
+        _ => (format!("bench-c-{}", i % args.semaphores), args.capacity, 1),
+    }
+}
+
+/// A bare protocol connection: frames written and read on the socket, one request at a time.
+struct RawConn {
+    s: tokio::net::TcpStream,
+    out: Vec<u8>,
+    buf: Vec<u8>,
+    id: u32,
+}
+
+impl RawConn {
+    async fn connect(addr: &str) -> anyhow::Result<RawConn> {
+        let s = tokio::net::TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connecting to {addr}"))?;
+        s.set_nodelay(true)?;
+        let mut c = RawConn {
+            s,
+            out: Vec::with_capacity(256),
+            buf: Vec::with_capacity(4096),
+            id: 0,
+        };
+        c.call(&turnstile_proto::Request::Hello {
+            magic: turnstile_proto::MAGIC,
+            version: turnstile_proto::VERSION,
+            client: "bench",
+        })
+        .await?;
+        Ok(c)
+    }
+
+    /// Sends a request and waits for its answer; `Ok(true)` unless it was an `Error`.
+    async fn call(&mut self, req: &turnstile_proto::Request<'_>) -> anyhow::Result<bool> {
+        self.id = self.id.wrapping_add(1).max(1);
+        self.out.clear();
+        turnstile_proto::encode_request(self.id, req, &mut self.out);
+        self.s.write_all(&self.out).await?;
+        loop {
+            if let Some((payload, used)) =
+                turnstile_proto::split_frame(&self.buf, turnstile_proto::MAX_REPLY_FRAME)?
+            {
+                let (id, reply) = turnstile_proto::decode_reply(payload)?;
+                let ok = !matches!(reply, turnstile_proto::Reply::Error { .. });
+                self.buf.drain(..used);
+                if id == self.id {
+                    return Ok(ok);
+                }
+                continue; // an event (id 0): not ours to wait for
+            }
+            if self.s.read_buf(&mut self.buf).await? == 0 {
+                anyhow::bail!("the coordinator closed the connection");
+            }
+        }
+    }
+}
+
+/// The coordinator scenarios with [`RawConn`]s: each client opens a session (60 s TTL, kept
+/// alive by its own acquires and releases), ensures its semaphore, then loops Acquire and
+/// Release of one lease id.
+async fn load_raw(args: &BenchArgs, url: &str) -> anyhow::Result<Outcome> {
+    use turnstile_proto::Request;
+    let addr = url
+        .strip_prefix("tcp://")
+        .context("--client raw needs a tcp:// coordinator")?
+        .to_owned();
+    let errors = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let measure_from = start + args.warmup;
+    let end = measure_from + args.duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..args.clients {
+        let mut c = RawConn::connect(&addr).await?;
+        let session = turnstile_client_session(i);
+        c.call(&Request::OpenSession {
+            session,
+            ttl_ms: 60_000,
+        })
+        .await?;
+        let (name, capacity, weight) = workload(args, i);
+        anyhow::ensure!(
+            c.call(&Request::Ensure {
+                capacity,
+                name: &name
+            })
+            .await?,
+            "ensure {name} refused"
+        );
+        let errors = errors.clone();
+        tasks.spawn(async move {
+            let mut lat = Vec::with_capacity(1 << 16);
+            let mut pairs = 0u64;
+            let acquire = Request::Acquire {
+                lease: 1,
+                weight,
+                timeout_ms: turnstile_proto::NO_TIMEOUT,
+                name: &name,
+            };
+            let release = Request::Release { lease: 1 };
+            loop {
+                let t = Instant::now();
+                if t >= end {
+                    break;
+                }
+                let ok = match (c.call(&acquire).await, c.call(&release).await) {
+                    (Ok(a), Ok(r)) => a && r,
+                    _ => break,
+                };
+                if t >= measure_from {
+                    if ok {
+                        pairs += 1;
+                        lat.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
+                    } else {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            let _ = c.call(&Request::CloseSession).await;
+            (pairs, lat)
+        });
+    }
+    let mut outcome = collect(tasks, args.duration).await?;
+    outcome.errors = errors.load(Ordering::Relaxed);
+    Ok(outcome)
+}
+
+/// A session id for raw client `i`: distinct per client and per bench run.
+fn turnstile_client_session(i: usize) -> u64 {
+    let run = u64::from(std::process::id()) << 32;
+    (run | i as u64).max(1)
 }
