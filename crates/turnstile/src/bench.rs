@@ -500,24 +500,6 @@ fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
     Ok(num(11)? + num(12)?)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn resp_commands_are_arrays_of_bulk_strings() {
-        assert_eq!(
-            resp(&["DEL", "k1"]),
-            b"*2\r\n$3\r\nDEL\r\n$2\r\nk1\r\n".to_vec()
-        );
-    }
-
-    #[test]
-    fn cpu_ticks_of_this_process() {
-        assert!(cpu_ticks(std::process::id()).is_ok());
-    }
-}
-
 /// The name, capacity and weight client `i` uses in a coordinator scenario.
 fn workload(args: &BenchArgs, i: usize) -> (String, u32, u32) {
     match args.scenario {
@@ -654,4 +636,22 @@ async fn load_raw(args: &BenchArgs, url: &str) -> anyhow::Result<Outcome> {
 fn turnstile_client_session(i: usize) -> u64 {
     let run = u64::from(std::process::id()) << 32;
     (run | i as u64).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resp_commands_are_arrays_of_bulk_strings() {
+        assert_eq!(
+            resp(&["DEL", "k1"]),
+            b"*2\r\n$3\r\nDEL\r\n$2\r\nk1\r\n".to_vec()
+        );
+    }
+
+    #[test]
+    fn cpu_ticks_of_this_process() {
+        assert!(cpu_ticks(std::process::id()).is_ok());
+    }
 }
