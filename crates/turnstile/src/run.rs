@@ -102,6 +102,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             permit.fencing_token().to_string(),
         )
         .env("TURNSTILE_URL", &url)
+        // The session is this process's: a client in the command that used it too would share
+        // lease numbers with us, and end our session when it shut down.
+        .env_remove(turnstile_client::SESSION_ENV)
         .spawn();
     let mut child = match spawned {
         Ok(child) => child,
@@ -200,8 +203,8 @@ async fn stop(
     }
 }
 
-/// The signals `turnstile run` passes on to its command.
-struct Signals {
+/// The signals `turnstile run` passes on to its command, and that `turnstile nanny` acts on.
+pub(crate) struct Signals {
     int: tokio::signal::unix::Signal,
     term: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
@@ -209,7 +212,7 @@ struct Signals {
 }
 
 impl Signals {
-    fn new() -> anyhow::Result<Signals> {
+    pub(crate) fn new() -> anyhow::Result<Signals> {
         Ok(Signals {
             int: signal(SignalKind::interrupt())?,
             term: signal(SignalKind::terminate())?,
@@ -218,7 +221,7 @@ impl Signals {
         })
     }
 
-    async fn recv(&mut self) -> Signal {
+    pub(crate) async fn recv(&mut self) -> Signal {
         tokio::select! {
             _ = self.int.recv() => Signal::SIGINT,
             _ = self.term.recv() => Signal::SIGTERM,
