@@ -43,8 +43,8 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 use turnstile_client::{Client, Options, SESSION_ENV, URL_ENV};
 
-use self::policy::{Backoff, Decision, End, Exit, History, Policy, StartLimit};
 pub use self::policy::Restart;
+use self::policy::{Backoff, Decision, End, Exit, History, Policy, StartLimit};
 use self::procfs::{format_size, Table};
 use crate::run::Signals;
 use crate::{parse_duration, parse_size, UrlArg};
@@ -91,8 +91,8 @@ pub struct NannyArgs {
     #[arg(long, value_name = "R", value_parser = clap::value_parser!(u32).range(1..))]
     max_restarts: Option<u32>,
     /// The window of --max-restarts.
-    #[arg(long, value_name = "DUR", value_parser = parse_duration, requires = "max_restarts")]
-    within: Option<Duration>,
+    #[arg(long, value_name = "DUR", default_value = "1m", value_parser = parse_duration, requires = "max_restarts")]
+    within: Duration,
     /// Stop and restart a worker whose processes together use more resident memory than this
     /// (e.g. 512MiB, 2GiB), whatever --restart says. Sampled every 500ms.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
@@ -106,7 +106,7 @@ pub struct NannyArgs {
     #[command(flatten)]
     url: UrlArg,
     /// The worker's command and its arguments.
-    #[arg(last = true, required = true, num_args = 1..)]
+    #[arg(last = true, required = true, num_args = 1.., value_name = "CMD")]
     command: Vec<String>,
 }
 
@@ -154,7 +154,7 @@ pub async fn nanny(args: NannyArgs) -> anyhow::Result<ExitCode> {
         backoff: args.backoff,
         limit: args.max_restarts.map(|burst| StartLimit {
             burst,
-            within: args.within.unwrap_or(Duration::from_secs(60)),
+            within: args.within,
         }),
     };
     // Without this, orphans of a worker go to init, out of reach. Linux only; elsewhere the
@@ -176,9 +176,7 @@ pub async fn nanny(args: NannyArgs) -> anyhow::Result<ExitCode> {
         page_size: procfs::page_size(),
         workers: (0..args.workers)
             .map(|_| Worker {
-                state: State::Waiting {
-                    at: Instant::now(),
-                },
+                state: State::Waiting { at: Instant::now() },
                 history: History::default(),
             })
             .collect(),
@@ -194,10 +192,7 @@ pub async fn nanny(args: NannyArgs) -> anyhow::Result<ExitCode> {
     let session = random_id();
     match n.spawn(0, session) {
         Ok(pid) => {
-            info!(
-                "worker 0 started (pid {pid}): {}",
-                n.command.join(" ")
-            );
+            info!("worker 0 started (pid {pid}): {}", n.command.join(" "));
             n.workers[0].state = State::Running(Run {
                 pid,
                 session,
@@ -275,11 +270,15 @@ struct Stop {
 #[derive(Clone, Copy, Debug)]
 enum State {
     /// To be started at `at`.
-    Waiting { at: Instant },
+    Waiting {
+        at: Instant,
+    },
     Running(Run),
     Stopping(Stop),
     /// Not restarted; `failed` if it was given up on or its last run failed.
-    Ended { failed: bool },
+    Ended {
+        failed: bool,
+    },
 }
 
 struct Worker {
@@ -424,9 +423,7 @@ impl Nanny {
         let mut table: Option<Table> = None;
         for i in 0..self.workers.len() {
             match self.workers[i].state {
-                State::Waiting { at } if at <= now && self.shutdown.is_none() => {
-                    self.start(i, now)
-                }
+                State::Waiting { at } if at <= now && self.shutdown.is_none() => self.start(i, now),
                 State::Stopping(stop) => self.step_stop(i, stop, now, &mut table),
                 _ => {}
             }
@@ -477,6 +474,8 @@ impl Nanny {
         if now >= stop.kill_at {
             if !stop.killed {
                 stop.killed = true;
+                // Processes die within milliseconds of SIGKILL: look again soon.
+                stop.check_every = FIRST_CHECK;
                 match stop.cause {
                     Cause::Died => info!(
                         "worker {i}: killing {} process(es) it left behind",
@@ -617,7 +616,10 @@ impl Nanny {
         self.rolling = Some(rolling);
         match self.workers[i].state {
             State::Running(run) => {
-                info!("worker {i} (pid {}): stopping for a rolling restart", run.pid);
+                info!(
+                    "worker {i} (pid {}): stopping for a rolling restart",
+                    run.pid
+                );
                 self.begin_stop(i, Cause::Rolling, now, &mut None);
             }
             State::Waiting { .. } => self.workers[i].state = State::Waiting { at: now },
@@ -856,7 +858,10 @@ impl SessionEnder {
     /// Waits (boundedly) for the sessions still to be ended, then ends the nanny's own.
     async fn finish(self) {
         drop(self.tx);
-        if tokio::time::timeout(FLUSH_TIMEOUT, self.task).await.is_err() {
+        if tokio::time::timeout(FLUSH_TIMEOUT, self.task)
+            .await
+            .is_err()
+        {
             warn!("gave up waiting for the backend to end the workers' sessions");
         }
     }
@@ -908,7 +913,10 @@ async fn connect(url: &str) -> anyhow::Result<Client> {
     };
     match tokio::time::timeout(CONNECT_TIMEOUT, Client::connect_with(url, options)).await {
         Ok(client) => Ok(client?),
-        Err(_) => anyhow::bail!("no answer from {url} within {}", humantime::format_duration(CONNECT_TIMEOUT)),
+        Err(_) => anyhow::bail!(
+            "no answer from {url} within {}",
+            humantime::format_duration(CONNECT_TIMEOUT)
+        ),
     }
 }
 
@@ -947,12 +955,15 @@ mod tests {
 
     #[test]
     fn env_flags() {
-        assert_eq!(
-            parse_env("A=b=c"),
-            Ok(("A".to_owned(), "b=c".to_owned()))
-        );
+        assert_eq!(parse_env("A=b=c"), Ok(("A".to_owned(), "b=c".to_owned())));
         assert_eq!(parse_env("EMPTY="), Ok(("EMPTY".to_owned(), String::new())));
-        for bad in ["A", "=x", "TURNSTILE_SESSION=1", "TURNSTILE_WORKER=1", "TURNSTILE_URL=x"] {
+        for bad in [
+            "A",
+            "=x",
+            "TURNSTILE_SESSION=1",
+            "TURNSTILE_WORKER=1",
+            "TURNSTILE_URL=x",
+        ] {
             assert!(parse_env(bad).is_err(), "{bad:?}");
         }
     }

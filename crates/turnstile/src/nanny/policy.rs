@@ -158,9 +158,19 @@ pub struct History {
 
 impl History {
     /// Decides what follows the end of a run that started at `started` and ended at `now`.
-    pub fn on_end(&mut self, policy: &Policy, started: Instant, now: Instant, end: End) -> Decision {
+    pub fn on_end(
+        &mut self,
+        policy: &Policy,
+        started: Instant,
+        now: Instant,
+        end: End,
+    ) -> Decision {
         let crashed = match end {
-            End::Rolling => return Decision::Restart { after: Duration::ZERO },
+            End::Rolling => {
+                return Decision::Restart {
+                    after: Duration::ZERO,
+                }
+            }
             End::Exited(exit) => !exit.success(),
             End::OverMemory => true,
         };
@@ -230,7 +240,7 @@ mod tests {
         h.on_end(p, started, *now, end)
     }
 
-    fn restart(ms: u64) -> Decision {
+    fn restart(ms: u32) -> Decision {
         Decision::Restart { after: ms * MS }
     }
 

@@ -211,7 +211,12 @@ mod tests {
         assert_eq!(parse_stat(line), Some(p(4242, 17, 4200, 'S', 618)));
         let zombie = "7 (sh) Z 1 7 7 0 -1 4227148 0 0 0 0 0 0 0 0 20 0 1 0 99 0 0 0";
         assert_eq!(parse_stat(zombie), Some(p(7, 1, 7, 'Z', 0)));
-        for bad in ["", "12 (x", "12 (x) S 1 2", "x (y) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21"] {
+        for bad in [
+            "",
+            "12 (x",
+            "12 (x) S 1 2",
+            "x (y) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21",
+        ] {
             assert_eq!(parse_stat(bad), None, "{bad:?}");
         }
     }
@@ -257,8 +262,15 @@ mod tests {
         // Once everything is gone, nothing is left of the worker.
         assert!(t.worker(100, 900, None, |_| false).is_empty());
         // A leader that left its group is still found while it lives.
-        let moved = Table::from_procs([p(100, 1, 100, 'S', 0), p(200, 100, 250, 'S', 0), p(201, 200, 250, 'S', 0)]);
-        assert_eq!(moved.worker(100, 200, Some(200), |_| false), set(&[200, 201]));
+        let moved = Table::from_procs([
+            p(100, 1, 100, 'S', 0),
+            p(200, 100, 250, 'S', 0),
+            p(201, 200, 250, 'S', 0),
+        ]);
+        assert_eq!(
+            moved.worker(100, 200, Some(200), |_| false),
+            set(&[200, 201])
+        );
         assert!(moved.worker(100, 200, None, |_| false).is_empty());
         assert_eq!(t.subtree([100]).len(), 10);
     }
@@ -275,7 +287,9 @@ mod tests {
         let me = i32::try_from(std::process::id()).expect("pid fits in i32");
         let mut found = BTreeSet::new();
         for _ in 0..400 {
-            found = Table::read().expect("read /proc").worker(me, leader, Some(leader), |_| false);
+            found = Table::read()
+                .expect("read /proc")
+                .worker(me, leader, Some(leader), |_| false);
             if found.len() == 3 {
                 break;
             }
@@ -290,7 +304,10 @@ mod tests {
         assert!(found.contains(&leader));
         let t = Table::read().expect("read /proc");
         assert!(t.rss_bytes(&set(&[me]), page_size()) > 0);
-        assert!(environ_contains(me, &format!("PATH={}", std::env::var("PATH").unwrap_or_default())));
+        assert!(environ_contains(
+            me,
+            &format!("PATH={}", std::env::var("PATH").unwrap_or_default())
+        ));
         assert!(!environ_contains(me, "NO_SUCH_VARIABLE_HERE=1"));
     }
 
