@@ -6,12 +6,15 @@
 //! leftover processes, a memory sample), then brings every worker's state up to date:
 //!
 //! ```text
-//!  Waiting ──spawn──▶ Running ──leader exits──────────────▶ Stopping ──no process left──▶ Waiting (restart)
-//!     ▲                  │      (leftovers get SIGKILL at once)   ▲         end its session   or Ended
-//!     │                  └─over memory, SIGHUP, SIGTERM──────────┘
-//!     │                    (SIGTERM; SIGKILL after --stop-timeout)
-//!     └──── SIGHUP revives an Ended worker
+//!          ┌──────────────── restart, after the backoff ────────────────┐
+//!          ▼                                                             │
+//!      Waiting ──spawn──▶ Running ──its process exits───────▶ Stopping ──┴─▶ Ended (no restart)
+//!                            │      (leftovers: SIGKILL now)     ▲    once no process is left:
+//!                            └─over memory, SIGHUP, SIGTERM──────┘    end its session
+//!                              (SIGTERM; SIGKILL after --stop-timeout)
 //! ```
+//!
+//! SIGHUP also starts Ended workers again.
 //!
 //! The nanny reaps every child itself with `waitpid(-1)`, so it never uses tokio's child
 //! handling, which would race it for exit statuses. It is a child subreaper, so every
@@ -165,44 +168,23 @@ pub async fn nanny(args: NannyArgs) -> anyhow::Result<ExitCode> {
     // Catch signals before the first worker exists, so none is missed.
     let mut sigs = Signals::new()?;
     let mut sigchld = signal(SignalKind::child())?;
-    let mut n = Nanny {
-        me: i32::try_from(std::process::id()).unwrap_or(i32::MAX),
-        policy,
-        memory_limit: args.memory_limit,
-        stop_timeout: args.stop_timeout,
-        env: args.env,
-        command: args.command,
-        url: url.clone(),
-        page_size: procfs::page_size(),
-        workers: (0..args.workers)
-            .map(|_| Worker {
-                state: State::Waiting { at: Instant::now() },
-                history: History::default(),
-            })
-            .collect(),
-        shutdown: None,
-        rolling: None,
-        sweep_kill_at: None,
-        next_sample: Instant::now() + SAMPLE_EVERY,
-        sessions: SessionEnder::start(url),
-    };
-
+    let command = args.command;
+    let env = args.env;
     // A command that cannot be started at all is a usage error, reported like `turnstile
     // run` does, rather than a crash loop.
-    let session = random_id();
-    match n.spawn(0, session) {
+    let first_session = random_id();
+    let first = match spawn(&command, &env, &url, 0, first_session) {
         Ok(pid) => {
-            info!("worker 0 started (pid {pid}): {}", n.command.join(" "));
-            n.workers[0].state = State::Running(Run {
+            info!("worker 0 started (pid {pid}): {}", command.join(" "));
+            State::Running(Run {
                 pid,
-                session,
+                session: first_session,
                 started: Instant::now(),
                 exit: None,
-            });
+            })
         }
         Err(e) => {
-            eprintln!("turnstile: cannot run {:?}: {e}", n.command[0]);
-            n.sessions.finish().await;
+            eprintln!("turnstile: cannot run {:?}: {e}", command[0]);
             let code = if e.kind() == std::io::ErrorKind::NotFound {
                 127
             } else {
@@ -210,7 +192,32 @@ pub async fn nanny(args: NannyArgs) -> anyhow::Result<ExitCode> {
             };
             return Ok(ExitCode::from(code));
         }
-    }
+    };
+    let mut n = Nanny {
+        me: i32::try_from(std::process::id()).unwrap_or(i32::MAX),
+        policy,
+        memory_limit: args.memory_limit,
+        stop_timeout: args.stop_timeout,
+        env,
+        command,
+        url: url.clone(),
+        page_size: procfs::page_size(),
+        workers: (0..args.workers)
+            .map(|i| Worker {
+                state: if i == 0 {
+                    first
+                } else {
+                    State::Waiting { at: Instant::now() }
+                },
+                history: History::default(),
+            })
+            .collect(),
+        stopping: false,
+        rolling: None,
+        sweep_kill_at: None,
+        next_sample: Instant::now() + SAMPLE_EVERY,
+        sessions: SessionEnder::start(url),
+    };
 
     let code = loop {
         n.reap();
@@ -302,8 +309,8 @@ struct Nanny {
     url: String,
     page_size: u64,
     workers: Vec<Worker>,
-    /// When the stop was asked for, and the signal that asked.
-    shutdown: Option<(Instant, Signal)>,
+    /// Whether a stop signal arrived.
+    stopping: bool,
     rolling: Option<Rolling>,
     /// When processes that no worker claims get SIGKILL, once every worker has ended.
     sweep_kill_at: Option<Instant>,
@@ -312,28 +319,15 @@ struct Nanny {
 }
 
 impl Nanny {
-    /// Starts the worker's command in a process group of its own. The `Child` handle is
-    /// dropped: [`Nanny::reap`] waits for every child.
     fn spawn(&self, index: usize, session: u64) -> std::io::Result<i32> {
-        use std::os::unix::process::CommandExt;
-        let child = std::process::Command::new(&self.command[0])
-            .args(&self.command[1..])
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .env(WORKER_ENV, index.to_string())
-            .env(URL_ENV, &self.url)
-            .env(SESSION_ENV, format!("{session:016x}"))
-            // A worker in a background process group that read the terminal would be stopped
-            // by SIGTTIN; workers do not share the nanny's input.
-            .stdin(std::process::Stdio::null())
-            .process_group(0)
-            .spawn()?;
-        Ok(i32::try_from(child.id()).unwrap_or(i32::MAX))
+        spawn(&self.command, &self.env, &self.url, index, session)
     }
 
     /// Reaps every child that has exited, and notes the exit of worker leaders.
     fn reap(&mut self) {
         let mut lost = false;
-        loop {
+        // Bounded, in case waitpid keeps failing in a way it should not.
+        for _ in 0..100_000 {
             match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(pid, code)) => self.on_exit(pid.as_raw(), Exit::Code(code)),
                 Ok(WaitStatus::Signaled(pid, sig, _)) => {
@@ -423,7 +417,7 @@ impl Nanny {
         let mut table: Option<Table> = None;
         for i in 0..self.workers.len() {
             match self.workers[i].state {
-                State::Waiting { at } if at <= now && self.shutdown.is_none() => self.start(i, now),
+                State::Waiting { at } if at <= now && !self.stopping => self.start(i, now),
                 State::Stopping(stop) => self.step_stop(i, stop, now, &mut table),
                 _ => {}
             }
@@ -502,7 +496,7 @@ impl Nanny {
         let run = stop.run;
         self.sessions.end(i, run.pid, run.session);
         let exit = run.exit.unwrap_or(Exit::Unknown);
-        if self.shutdown.is_some() {
+        if self.stopping {
             self.workers[i].state = State::Ended { failed: false };
             return;
         }
@@ -634,7 +628,7 @@ impl Nanny {
 
     fn on_signal(&mut self, sig: Signal, now: Instant) {
         if sig == Signal::SIGHUP {
-            if self.shutdown.is_none() {
+            if !self.stopping {
                 info!("SIGHUP: restarting the workers one by one");
                 self.rolling = Some(Rolling {
                     queue: (0..self.workers.len()).collect(),
@@ -643,7 +637,7 @@ impl Nanny {
             }
             return;
         }
-        if self.shutdown.is_some() {
+        if self.stopping {
             warn!("{} again: sending SIGKILL now", sig.as_str());
             for w in &mut self.workers {
                 if let State::Stopping(stop) = &mut w.state {
@@ -658,7 +652,7 @@ impl Nanny {
             sig.as_str(),
             humantime::format_duration(self.stop_timeout)
         );
-        self.shutdown = Some((now, sig));
+        self.stopping = true;
         self.rolling = None;
         let mut table = None;
         for i in 0..self.workers.len() {
@@ -728,7 +722,7 @@ impl Nanny {
             }
             return None;
         }
-        if self.shutdown.is_some() {
+        if self.stopping {
             info!("every worker has stopped");
             return Some(0);
         }
@@ -751,7 +745,7 @@ impl Nanny {
         let mut wake = now + IDLE;
         for w in &self.workers {
             match w.state {
-                State::Waiting { at } if self.shutdown.is_none() => wake = wake.min(at),
+                State::Waiting { at } if !self.stopping => wake = wake.min(at),
                 State::Stopping(stop) => {
                     if !stop.killed {
                         wake = wake.min(stop.kill_at);
@@ -778,6 +772,30 @@ impl Nanny {
         }
         wake
     }
+}
+
+/// Starts worker `index`'s command in a process group of its own. The `Child` handle is
+/// dropped: [`Nanny::reap`] waits for every child.
+fn spawn(
+    command: &[String],
+    env: &[(String, String)],
+    url: &str,
+    index: usize,
+    session: u64,
+) -> std::io::Result<i32> {
+    use std::os::unix::process::CommandExt;
+    let child = std::process::Command::new(&command[0])
+        .args(&command[1..])
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env(WORKER_ENV, index.to_string())
+        .env(URL_ENV, url)
+        .env(SESSION_ENV, format!("{session:016x}"))
+        // A worker in a background process group that read the terminal would be stopped by
+        // SIGTTIN; workers do not share the nanny's input.
+        .stdin(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()?;
+    Ok(i32::try_from(child.id()).unwrap_or(i32::MAX))
 }
 
 /// The leader pid of a worker whose leader has not been reaped yet.
