@@ -508,8 +508,18 @@ fn sighup_restarts_the_workers_one_at_a_time() {
 }
 
 /// The script of a worker that holds slot `x` through `turnstile run` and records the pid of
-/// that `turnstile run` (its parent, the worker) and its fencing token.
-const HOLDER: &str = r#"echo "$PPID $TURNSTILE_FENCING_TOKEN" > "$DIR/holder.tmp" && mv "$DIR/holder.tmp" "$DIR/holder"; exec sleep 1000"#;
+/// that `turnstile run` (its parent, the worker), its fencing token, and the session it sees
+/// (none: the session is `turnstile run`'s own, not passed on).
+const HOLDER: &str = r#"echo "$PPID $TURNSTILE_FENCING_TOKEN ${TURNSTILE_SESSION:-none}" > "$DIR/holder.tmp" && mv "$DIR/holder.tmp" "$DIR/holder"; exec sleep 1000"#;
+
+/// The value of `key` in the environment process `pid` started with.
+fn env_of(pid: i32, key: &str) -> Option<String> {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    env.split(|&b| b == 0).find_map(|e| {
+        let e = std::str::from_utf8(e).ok()?;
+        Some(e.strip_prefix(key)?.strip_prefix('=')?.to_owned())
+    })
+}
 
 /// On the coordinator, with a 30 s session TTL: a worker holding a lease is killed with
 /// SIGKILL, and the waiter gets the slot at once rather than after the TTL, because the nanny
@@ -534,9 +544,17 @@ fn a_killed_workers_lease_goes_to_the_next_waiter_at_once() {
             r#"echo "$TURNSTILE_FENCING_TOKEN" > "$DIR/marker.tmp" && mv "$DIR/marker.tmp" "$DIR/marker""#,
         ],
     );
-    h.wait_for_semaphore("x", "one holder, one waiter", |s| {
+    let sem = h.wait_for_semaphore("x", "one holder, one waiter", |s| {
         s["in_use"] == 1 && s["queued"] == 1
     });
+    // The worker's client took the session the nanny gave it, and kept it to itself.
+    let session = env_of(worker, "TURNSTILE_SESSION").expect("the worker has a session");
+    assert_eq!(sem["holders"][0]["session"], session.as_str(), "{sem}");
+    assert_eq!(
+        field(&holder, 2),
+        "none",
+        "turnstile run passed its session on"
+    );
 
     let killed = Instant::now();
     kill(Pid::from_raw(worker), Signal::SIGKILL).expect("kill the worker");
