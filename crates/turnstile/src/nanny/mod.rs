@@ -46,7 +46,7 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 use turnstile_client::{Client, Options, SESSION_ENV, URL_ENV};
 
-pub use self::policy::Restart;
+use self::policy::Restart;
 use self::policy::{Backoff, Decision, End, Exit, History, Policy, StartLimit};
 use self::procfs::{format_size, Table};
 use crate::run::Signals;
