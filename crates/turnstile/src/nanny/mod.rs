@@ -735,7 +735,10 @@ impl Nanny {
             info!("every worker has ended");
             Some(0)
         } else {
-            error!("every worker has ended; {failed} of them failed or were given up on");
+            error!(
+                "every worker has ended; {failed} of {} failed or were given up on",
+                self.workers.len()
+            );
             Some(EXIT_WORKERS_FAILED)
         }
     }
