@@ -3,6 +3,7 @@
 //! to one line on stderr and an exit code. It is the only crate that uses `anyhow`.
 
 mod bench;
+mod nanny;
 mod once;
 mod run;
 mod status;
@@ -102,6 +103,26 @@ enum Command {
         #[command(flatten)]
         url: UrlArg,
     },
+    /// Run N copies of a command, restart them when they die, free a dead worker's leases at
+    /// once.
+    ///
+    /// Each worker runs CMD in a process group of its own, with TURNSTILE_WORKER (its index,
+    /// 0 to N-1), TURNSTILE_URL, TURNSTILE_SESSION (the session id its turnstile client uses)
+    /// and the --env pairs in its environment, and /dev/null as its input. Every start, death
+    /// and restart is logged on stderr in words. When a worker's process exits, whatever it
+    /// left running is killed (SIGKILL), and then its session is ended, so its leases go to
+    /// the next waiters at once rather than after the session TTL (on the file backend, its
+    /// lease files are removed).
+    ///
+    /// SIGTERM, SIGINT or SIGQUIT: send SIGTERM to every worker's processes, SIGKILL what is
+    /// left after --stop-timeout, and exit once every process is reaped; a second signal sends
+    /// SIGKILL at once. SIGHUP: restart the workers one at a time.
+    ///
+    /// Exit status: 0 after SIGTERM, SIGINT or SIGQUIT, or when every worker has ended and
+    /// none needed a restart (--restart on-failure or never); 1 when every worker has ended
+    /// and one of them was given up on (--max-restarts) or failed, or on any other error;
+    /// 126 or 127 if CMD cannot be run; 2 for bad arguments.
+    Nanny(nanny::NannyArgs),
     /// Load generator: acquire+release pairs per second and their latency.
     Bench(bench::BenchArgs),
 }
@@ -225,6 +246,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             client.shutdown().await?;
             Ok(ExitCode::SUCCESS)
         }),
+        Command::Nanny(args) => runtime()?.block_on(nanny::nanny(args)),
         Command::Bench(args) => runtime()?.block_on(bench::bench(args)),
     }
 }

@@ -150,6 +150,9 @@ pub(crate) fn spawn(
     for (k, v) in envs {
         cmd.env(k, v);
     }
+    // The session is this process's: a client in the command that used it too would share
+    // lease numbers with us, and end our session when it shut down.
+    cmd.env_remove(turnstile_client::SESSION_ENV);
     cmd.spawn().map_err(|e| {
         eprintln!("turnstile: cannot run {program:?}: {e}");
         if e.kind() == std::io::ErrorKind::NotFound {
@@ -265,7 +268,7 @@ async fn stop(
     }
 }
 
-/// The signals `turnstile run` passes on to its command.
+/// The signals `turnstile run` passes on to its command, and that `turnstile nanny` acts on.
 pub(crate) struct Signals {
     int: tokio::signal::unix::Signal,
     term: tokio::signal::unix::Signal,

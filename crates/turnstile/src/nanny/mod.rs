@@ -1,0 +1,998 @@
+//! `turnstile nanny`: run N copies of a command, restart them when they die, and free a dead
+//! worker's leases at once.
+//!
+//! One task drives everything. It wakes on SIGCHLD, on SIGTERM/SIGINT/SIGQUIT/SIGHUP, and at
+//! the next deadline (a restart that is due, a stop that must escalate to SIGKILL, a check for
+//! leftover processes, a memory sample), then brings every worker's state up to date:
+//!
+//! ```text
+//!          ┌──────────────── restart, after the backoff ────────────────┐
+//!          ▼                                                             │
+//!      Waiting ──spawn──▶ Running ──its process exits───────▶ Stopping ──┴─▶ Ended (no restart)
+//!                            │      (leftovers: SIGKILL now)     ▲    once no process is left:
+//!                            └─over memory, SIGHUP, SIGTERM──────┘    end its session
+//!                              (SIGTERM; SIGKILL after --stop-timeout)
+//! ```
+//!
+//! SIGHUP also starts Ended workers again.
+//!
+//! The nanny reaps every child itself with `waitpid(-1)`, so it never uses tokio's child
+//! handling, which would race it for exit statuses. It is a child subreaper, so every
+//! process that a worker leaves behind is re-parented to it rather than to init, and can be
+//! found, killed and reaped (see `procfs` for how processes are assigned to workers).
+//!
+//! Sessions: each run of a worker gets a fresh random session id in `TURNSTILE_SESSION`, which
+//! the client library uses. When the run is over *and none of its processes is left*, the
+//! nanny ends that session through its own client (`Client::end_session`), so the
+//! coordinator hands the leases on at once instead of after the session TTL; on the file
+//! backend the lease files are removed. Waiting for the leftovers first means no process of a
+//! dead worker can still be acting under a lease that was handed on. If the backend cannot
+//! be reached, the nanny logs one line and the session TTL frees the leases as before.
+
+mod policy;
+mod procfs;
+
+use std::collections::{BTreeSet, VecDeque};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+use turnstile_client::{Client, Options, SESSION_ENV, URL_ENV};
+
+use self::policy::Restart;
+use self::policy::{Backoff, Decision, End, Exit, History, Policy, StartLimit};
+use self::procfs::{format_size, Table};
+use crate::run::Signals;
+use crate::{parse_duration, parse_size, UrlArg};
+
+/// The environment variable that tells a worker its index, 0 to N-1.
+pub const WORKER_ENV: &str = "TURNSTILE_WORKER";
+
+/// Exit code when every worker has ended without a restart and one was given up on or ended
+/// with a failure.
+const EXIT_WORKERS_FAILED: u8 = 1;
+
+/// How often memory is sampled when `--memory-limit` is set.
+const SAMPLE_EVERY: Duration = Duration::from_millis(500);
+/// First and longest wait between two looks for the leftover processes of a stopping worker:
+/// after SIGKILL they are gone within milliseconds, so look again soon, then less often.
+const FIRST_CHECK: Duration = Duration::from_millis(5);
+const MAX_CHECK: Duration = Duration::from_millis(250);
+/// The longest sleep with nothing to do: a safety net in case a SIGCHLD is missed.
+const IDLE: Duration = Duration::from_secs(5);
+/// Bounds on talking to the backend, which must never hold up the workers.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const END_SESSION_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an exiting nanny waits for the session ends still in flight.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Arguments of `turnstile nanny`.
+#[derive(clap::Args, Debug)]
+pub struct NannyArgs {
+    /// Number of workers.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    workers: u32,
+    /// Which ends of a worker lead to a restart: always, on-failure (a non-zero status or a
+    /// signal), never.
+    #[arg(long, value_enum, default_value = "always")]
+    restart: Restart,
+    /// Delay before a restart: MIN after a first crash, doubled after each consecutive crash,
+    /// at most MAX (`1s` alone means a fixed delay). A worker that ran for the longer of MAX
+    /// and 10s before it crashed starts over at MIN; a worker that exits with status 0 is
+    /// restarted after MIN.
+    #[arg(long, value_name = "MIN..MAX", default_value = "100ms..30s", value_parser = parse_backoff)]
+    backoff: Backoff,
+    /// Give up on a worker that crashes R times within --within (like systemd's
+    /// StartLimitBurst). Memory-limit restarts count as crashes.
+    #[arg(long, value_name = "R", value_parser = clap::value_parser!(u32).range(1..))]
+    max_restarts: Option<u32>,
+    /// The window of --max-restarts.
+    #[arg(long, value_name = "DUR", default_value = "1m", value_parser = parse_duration, requires = "max_restarts")]
+    within: Duration,
+    /// Stop and restart a worker whose processes together use more resident memory than this
+    /// (e.g. 512MiB, 2GiB), whatever --restart says. Sampled every 500ms.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    memory_limit: Option<u64>,
+    /// After SIGTERM, how long a worker's processes have to exit before they get SIGKILL.
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
+    stop_timeout: Duration,
+    /// Set K=V in every worker's environment (repeatable).
+    #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    #[command(flatten)]
+    url: UrlArg,
+    /// The worker's command and its arguments.
+    #[arg(last = true, required = true, num_args = 1.., value_name = "CMD")]
+    command: Vec<String>,
+}
+
+/// Parses `--backoff`: `MIN..MAX`, or one duration for a fixed delay.
+fn parse_backoff(s: &str) -> Result<Backoff, String> {
+    let (min, max) = match s.split_once("..") {
+        Some((min, max)) => (parse_duration(min)?, parse_duration(max)?),
+        None => {
+            let d = parse_duration(s)?;
+            (d, d)
+        }
+    };
+    if min > max {
+        return Err(format!("MIN is longer than MAX in {s:?}"));
+    }
+    if min.is_zero() && !max.is_zero() {
+        return Err(format!(
+            "MIN must be above zero in {s:?}, or there is nothing to double"
+        ));
+    }
+    Ok(Backoff { min, max })
+}
+
+/// Parses `--env K=V`.
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    let Some((key, value)) = s.split_once('=') else {
+        return Err(format!("{s:?} is not K=V"));
+    };
+    if key.is_empty() || key.contains('\0') || value.contains('\0') {
+        return Err(format!("{s:?} is not K=V"));
+    }
+    if [WORKER_ENV, SESSION_ENV, URL_ENV].contains(&key) {
+        return Err(format!(
+            "{key} is set by the nanny (use --url for the backend)"
+        ));
+    }
+    Ok((key.to_owned(), value.to_owned()))
+}
+
+/// Runs the nanny until it is stopped by a signal or has no worker left to run.
+pub async fn nanny(args: NannyArgs) -> anyhow::Result<ExitCode> {
+    let url = args.url.get();
+    let policy = Policy {
+        restart: args.restart,
+        backoff: args.backoff,
+        limit: args.max_restarts.map(|burst| StartLimit {
+            burst,
+            within: args.within,
+        }),
+    };
+    // Without this, orphans of a worker go to init, out of reach. Linux only; elsewhere the
+    // process groups still cover what stays in them.
+    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+        warn!("cannot become a child subreaper ({e}): processes that leave a worker's process group and are orphaned may outlive it");
+    }
+    // Catch signals before the first worker exists, so none is missed.
+    let mut sigs = Signals::new()?;
+    let mut sigchld = signal(SignalKind::child())?;
+    let command = args.command;
+    let env = args.env;
+    // A command that cannot be started at all is a usage error, reported like `turnstile
+    // run` does, rather than a crash loop.
+    let first_session = random_id();
+    let first = match spawn(&command, &env, &url, 0, first_session) {
+        Ok(pid) => {
+            info!("worker 0 started (pid {pid}): {}", command.join(" "));
+            State::Running(Run {
+                pid,
+                session: first_session,
+                started: Instant::now(),
+                exit: None,
+            })
+        }
+        Err(e) => {
+            eprintln!("turnstile: cannot run {:?}: {e}", command[0]);
+            let code = if e.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            };
+            return Ok(ExitCode::from(code));
+        }
+    };
+    let mut n = Nanny {
+        me: i32::try_from(std::process::id()).unwrap_or(i32::MAX),
+        policy,
+        memory_limit: args.memory_limit,
+        stop_timeout: args.stop_timeout,
+        env,
+        command,
+        url: url.clone(),
+        page_size: procfs::page_size(),
+        workers: (0..args.workers)
+            .map(|i| Worker {
+                state: if i == 0 {
+                    first
+                } else {
+                    State::Waiting { at: Instant::now() }
+                },
+                history: History::default(),
+            })
+            .collect(),
+        stopping: false,
+        rolling: None,
+        sweep_kill_at: None,
+        next_sample: Instant::now() + SAMPLE_EVERY,
+        sessions: SessionEnder::start(url),
+    };
+
+    let code = loop {
+        n.reap();
+        let now = Instant::now();
+        n.advance(now);
+        if let Some(code) = n.done(now) {
+            break code;
+        }
+        let wake = n.next_wake(now);
+        tokio::select! {
+            _ = sigchld.recv() => {}
+            sig = sigs.recv() => n.on_signal(sig, Instant::now()),
+            _ = tokio::time::sleep_until(wake) => {}
+        }
+    };
+    n.sessions.finish().await;
+    Ok(ExitCode::from(code))
+}
+
+/// One run of a worker: its leader process, which leads the process group, and its session.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    pid: i32,
+    session: u64,
+    started: Instant,
+    /// How the leader ended, once it is reaped.
+    exit: Option<Exit>,
+}
+
+/// Why a worker is being stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cause {
+    /// Its leader died on its own; what is left of it is killed at once.
+    Died,
+    /// It went over `--memory-limit`.
+    Memory,
+    /// SIGHUP.
+    Rolling,
+    /// The nanny is stopping.
+    Shutdown,
+}
+
+/// A worker on its way down: the run stays here until none of its processes is left.
+#[derive(Clone, Copy, Debug)]
+struct Stop {
+    run: Run,
+    cause: Cause,
+    /// When what is left gets SIGKILL.
+    kill_at: Instant,
+    /// Whether SIGKILL was sent.
+    killed: bool,
+    /// When to look for leftovers again, and the interval after that.
+    next_check: Instant,
+    check_every: Duration,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum State {
+    /// To be started at `at`.
+    Waiting {
+        at: Instant,
+    },
+    Running(Run),
+    Stopping(Stop),
+    /// Not restarted; `failed` if it was given up on or its last run failed.
+    Ended {
+        failed: bool,
+    },
+}
+
+struct Worker {
+    state: State,
+    history: History,
+}
+
+/// A SIGHUP's restart of every worker, one at a time.
+struct Rolling {
+    queue: VecDeque<usize>,
+    current: Option<usize>,
+}
+
+struct Nanny {
+    me: i32,
+    policy: Policy,
+    memory_limit: Option<u64>,
+    stop_timeout: Duration,
+    env: Vec<(String, String)>,
+    command: Vec<String>,
+    url: String,
+    page_size: u64,
+    workers: Vec<Worker>,
+    /// Whether a stop signal arrived.
+    stopping: bool,
+    rolling: Option<Rolling>,
+    /// When processes that no worker claims get SIGKILL, once every worker has ended.
+    sweep_kill_at: Option<Instant>,
+    next_sample: Instant,
+    sessions: SessionEnder,
+}
+
+impl Nanny {
+    fn spawn(&self, index: usize, session: u64) -> std::io::Result<i32> {
+        spawn(&self.command, &self.env, &self.url, index, session)
+    }
+
+    /// Reaps every child that has exited, and notes the exit of worker leaders.
+    fn reap(&mut self) {
+        let mut lost = false;
+        // Bounded, in case waitpid keeps failing in a way it should not.
+        for _ in 0..100_000 {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => self.on_exit(pid.as_raw(), Exit::Code(code)),
+                Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                    self.on_exit(pid.as_raw(), Exit::Signal(sig as i32))
+                }
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
+                Ok(_) | Err(Errno::EINTR) => {}
+                // nix reaps the child, then fails to name a signal it does not know: the pid
+                // is lost, so check below which leader is gone.
+                Err(_) => lost = true,
+            }
+        }
+        if lost {
+            let gone: Vec<i32> = self
+                .workers
+                .iter()
+                .filter_map(|w| match w.state {
+                    State::Running(run) => Some(run),
+                    State::Stopping(s) if s.run.exit.is_none() => Some(s.run),
+                    _ => None,
+                })
+                .filter(|run| kill(Pid::from_raw(run.pid), None) == Err(Errno::ESRCH))
+                .map(|run| run.pid)
+                .collect();
+            for pid in gone {
+                self.on_exit(pid, Exit::Unknown);
+            }
+        }
+    }
+
+    fn on_exit(&mut self, pid: i32, exit: Exit) {
+        let now = Instant::now();
+        let Some(i) = self.workers.iter().position(|w| match w.state {
+            State::Running(run) => run.pid == pid,
+            State::Stopping(s) => s.run.pid == pid && s.run.exit.is_none(),
+            _ => false,
+        }) else {
+            debug!("reaped pid {pid}, which {exit}");
+            return;
+        };
+        match self.workers[i].state {
+            State::Running(run) => {
+                if exit.success() {
+                    info!("worker {i} (pid {pid}) {exit}");
+                } else {
+                    warn!("worker {i} (pid {pid}) {exit}");
+                }
+                self.workers[i].state = State::Stopping(Stop {
+                    run: Run {
+                        exit: Some(exit),
+                        ..run
+                    },
+                    cause: Cause::Died,
+                    kill_at: now,
+                    killed: false,
+                    next_check: now,
+                    check_every: FIRST_CHECK,
+                });
+            }
+            State::Stopping(mut stop) => {
+                info!("worker {i} (pid {pid}) {exit}");
+                stop.run.exit = Some(exit);
+                stop.next_check = now;
+                stop.check_every = FIRST_CHECK;
+                self.workers[i].state = State::Stopping(stop);
+            }
+            State::Waiting { .. } | State::Ended { .. } => {}
+        }
+    }
+
+    /// The processes of `run`'s worker in `table`.
+    fn members(&self, index: usize, run: &Run, table: &Table) -> BTreeSet<i32> {
+        let leaders: BTreeSet<i32> = self.workers.iter().filter_map(leader).collect();
+        // Orphans re-parented to the nanny are claimed by the worker index in their
+        // environment: `turnstile run` passes it on to its command (unlike the session), and
+        // only one run of a worker exists at a time, since the next starts once the last is
+        // gone.
+        let marker = format!("{WORKER_ENV}={index}");
+        let alive = run.exit.is_none().then_some(run.pid);
+        table.worker(self.me, run.pid, alive, |p| {
+            !leaders.contains(&p.pid) && procfs::environ_contains(p.pid, &marker)
+        })
+    }
+
+    /// Brings every worker up to date at `now`.
+    fn advance(&mut self, now: Instant) {
+        let mut table: Option<Table> = None;
+        for i in 0..self.workers.len() {
+            match self.workers[i].state {
+                State::Waiting { at } if at <= now && !self.stopping => self.start(i, now),
+                State::Stopping(stop) => self.step_stop(i, stop, now, &mut table),
+                _ => {}
+            }
+        }
+        self.step_rolling(now);
+        if let Some(limit) = self.memory_limit {
+            if now >= self.next_sample {
+                self.next_sample = now + SAMPLE_EVERY;
+                self.sample(limit, now, &mut table);
+            }
+        }
+    }
+
+    fn start(&mut self, i: usize, now: Instant) {
+        let session = random_id();
+        match self.spawn(i, session) {
+            Ok(pid) => {
+                info!("worker {i} started (pid {pid})");
+                self.workers[i].state = State::Running(Run {
+                    pid,
+                    session,
+                    started: now,
+                    exit: None,
+                });
+            }
+            Err(e) => {
+                warn!("worker {i}: cannot run {:?}: {e}", self.command[0]);
+                self.decide(i, now, now, End::Exited(Exit::Code(127)), Exit::Code(127));
+            }
+        }
+    }
+
+    fn step_stop(&mut self, i: usize, mut stop: Stop, now: Instant, table: &mut Option<Table>) {
+        let due_kill = now >= stop.kill_at && !stop.killed;
+        // While the leader lives the worker is not over; its exit arrives with SIGCHLD.
+        if stop.run.exit.is_none() && !due_kill {
+            return;
+        }
+        if now < stop.next_check && !due_kill {
+            return;
+        }
+        let table = table.get_or_insert_with(read_table);
+        let members = self.members(i, &stop.run, table);
+        if members.is_empty() && stop.run.exit.is_some() {
+            self.finish(i, stop, now);
+            return;
+        }
+        if now >= stop.kill_at {
+            if !stop.killed {
+                stop.killed = true;
+                // Processes die within milliseconds of SIGKILL: look again soon.
+                stop.check_every = FIRST_CHECK;
+                match stop.cause {
+                    Cause::Died => info!(
+                        "worker {i}: killing {} process(es) it left behind",
+                        members.len()
+                    ),
+                    _ => warn!(
+                        "worker {i} (pid {}) did not stop within {}: sending SIGKILL to {} process(es)",
+                        stop.run.pid,
+                        humantime::format_duration(self.stop_timeout),
+                        members.len()
+                    ),
+                }
+            }
+            signal_all(stop.run.pid, &members, Signal::SIGKILL);
+        }
+        stop.next_check = now + stop.check_every;
+        stop.check_every = (stop.check_every * 2).min(MAX_CHECK);
+        self.workers[i].state = State::Stopping(stop);
+    }
+
+    /// The run is over and none of its processes is left: free its leases, then restart or
+    /// not.
+    fn finish(&mut self, i: usize, stop: Stop, now: Instant) {
+        let run = stop.run;
+        self.sessions.end(i, run.pid, run.session);
+        let exit = run.exit.unwrap_or(Exit::Unknown);
+        if self.stopping {
+            self.workers[i].state = State::Ended { failed: false };
+            return;
+        }
+        let end = match stop.cause {
+            Cause::Died | Cause::Shutdown => End::Exited(exit),
+            Cause::Memory => End::OverMemory,
+            Cause::Rolling => End::Rolling,
+        };
+        self.decide(i, run.started, now, end, exit);
+    }
+
+    fn decide(&mut self, i: usize, started: Instant, now: Instant, end: End, exit: Exit) {
+        let w = &mut self.workers[i];
+        let decision = w
+            .history
+            .on_end(&self.policy, started.into_std(), now.into_std(), end);
+        w.state = match decision {
+            Decision::Restart { after } => {
+                if after.is_zero() {
+                    info!("worker {i}: restarting now");
+                } else {
+                    info!(
+                        "worker {i}: restarting in {}",
+                        humantime::format_duration(after)
+                    );
+                }
+                State::Waiting { at: now + after }
+            }
+            Decision::GiveUp { crashes, within } => {
+                error!(
+                    "worker {i}: giving up after {crashes} crashes within {}",
+                    humantime::format_duration(within)
+                );
+                State::Ended { failed: true }
+            }
+            Decision::Done => {
+                info!(
+                    "worker {i}: not restarted (--restart {})",
+                    match self.policy.restart {
+                        Restart::Always => "always",
+                        Restart::OnFailure => "on-failure",
+                        Restart::Never => "never",
+                    }
+                );
+                State::Ended {
+                    failed: !exit.success(),
+                }
+            }
+        };
+    }
+
+    /// Starts stopping a running worker: SIGTERM to all its processes now, SIGKILL at the
+    /// deadline.
+    fn begin_stop(&mut self, i: usize, cause: Cause, now: Instant, table: &mut Option<Table>) {
+        let State::Running(run) = self.workers[i].state else {
+            return;
+        };
+        let table = table.get_or_insert_with(read_table);
+        let members = self.members(i, &run, table);
+        signal_all(run.pid, &members, Signal::SIGTERM);
+        self.workers[i].state = State::Stopping(Stop {
+            run,
+            cause,
+            kill_at: now + self.stop_timeout,
+            killed: false,
+            next_check: now,
+            check_every: FIRST_CHECK,
+        });
+    }
+
+    fn sample(&mut self, limit: u64, now: Instant, table: &mut Option<Table>) {
+        for i in 0..self.workers.len() {
+            let State::Running(run) = self.workers[i].state else {
+                continue;
+            };
+            let t = table.get_or_insert_with(read_table);
+            let rss = t.rss_bytes(&self.members(i, &run, t), self.page_size);
+            if rss > limit {
+                warn!(
+                    "worker {i} (pid {}) uses {}, over the limit of {}: restarting",
+                    run.pid,
+                    format_size(rss),
+                    format_size(limit)
+                );
+                self.begin_stop(i, Cause::Memory, now, table);
+            }
+        }
+    }
+
+    fn step_rolling(&mut self, now: Instant) {
+        let Some(mut rolling) = self.rolling.take() else {
+            return;
+        };
+        if let Some(i) = rolling.current {
+            let back = match self.workers[i].state {
+                State::Running(_) | State::Ended { .. } => true,
+                State::Waiting { at } => at > now,
+                State::Stopping(_) => false,
+            };
+            if !back {
+                self.rolling = Some(rolling);
+                return;
+            }
+            rolling.current = None;
+        }
+        let Some(i) = rolling.queue.pop_front() else {
+            info!("rolling restart done");
+            return;
+        };
+        rolling.current = Some(i);
+        self.rolling = Some(rolling);
+        match self.workers[i].state {
+            State::Running(run) => {
+                info!(
+                    "worker {i} (pid {}): stopping for a rolling restart",
+                    run.pid
+                );
+                self.begin_stop(i, Cause::Rolling, now, &mut None);
+            }
+            State::Waiting { .. } => self.workers[i].state = State::Waiting { at: now },
+            State::Ended { .. } => {
+                info!("worker {i}: started again by SIGHUP");
+                self.workers[i].history = History::default();
+                self.workers[i].state = State::Waiting { at: now };
+            }
+            State::Stopping(_) => {}
+        }
+    }
+
+    fn on_signal(&mut self, sig: Signal, now: Instant) {
+        if sig == Signal::SIGHUP {
+            if !self.stopping {
+                info!("SIGHUP: restarting the workers one by one");
+                self.rolling = Some(Rolling {
+                    queue: (0..self.workers.len()).collect(),
+                    current: self.rolling.as_ref().and_then(|r| r.current),
+                });
+            }
+            return;
+        }
+        if self.stopping {
+            warn!("{} again: sending SIGKILL now", sig.as_str());
+            for w in &mut self.workers {
+                if let State::Stopping(stop) = &mut w.state {
+                    stop.kill_at = now;
+                }
+            }
+            self.sweep_kill_at = Some(now);
+            return;
+        }
+        info!(
+            "{}: stopping the workers (SIGTERM, then SIGKILL after {})",
+            sig.as_str(),
+            humantime::format_duration(self.stop_timeout)
+        );
+        self.stopping = true;
+        self.rolling = None;
+        let mut table = None;
+        for i in 0..self.workers.len() {
+            match self.workers[i].state {
+                State::Running(_) => self.begin_stop(i, Cause::Shutdown, now, &mut table),
+                State::Waiting { .. } => self.workers[i].state = State::Ended { failed: false },
+                State::Stopping(_) | State::Ended { .. } => {}
+            }
+        }
+        // Processes that no worker claims are told too, and get the same time to exit.
+        let table = table.get_or_insert_with(read_table);
+        let strays = self.strays(table);
+        for &pid in &strays {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+        self.sweep_kill_at = Some(now + self.stop_timeout);
+    }
+
+    /// Descendants of the nanny that belong to no worker.
+    fn strays(&self, table: &Table) -> BTreeSet<i32> {
+        let mut all = table.subtree(table.children(self.me).map(|p| p.pid).collect::<Vec<_>>());
+        for (i, w) in self.workers.iter().enumerate() {
+            let run = match &w.state {
+                State::Running(run) => run,
+                State::Stopping(stop) => &stop.run,
+                _ => continue,
+            };
+            for pid in self.members(i, run, table) {
+                all.remove(&pid);
+            }
+        }
+        all
+    }
+
+    /// The exit code once every worker has ended and no process is left; `None` before.
+    fn done(&mut self, now: Instant) -> Option<u8> {
+        if !self
+            .workers
+            .iter()
+            .all(|w| matches!(w.state, State::Ended { .. }))
+        {
+            return None;
+        }
+        let table = read_table();
+        let strays = self.strays(&table);
+        if !strays.is_empty() {
+            match self.sweep_kill_at {
+                // At a requested stop they were sent SIGTERM with the workers.
+                None => {
+                    info!(
+                        "{} process(es) that no worker claims are left: {strays:?}; SIGTERM, then SIGKILL after {}",
+                        strays.len(),
+                        humantime::format_duration(self.stop_timeout)
+                    );
+                    for &pid in &strays {
+                        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+                    }
+                    self.sweep_kill_at = Some(now + self.stop_timeout);
+                }
+                Some(at) if now >= at => {
+                    debug!("SIGKILL to {strays:?}, which no worker claims");
+                    for &pid in &strays {
+                        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                    }
+                }
+                Some(_) => {}
+            }
+            return None;
+        }
+        if self.stopping {
+            info!("every worker has stopped");
+            return Some(0);
+        }
+        let failed = self
+            .workers
+            .iter()
+            .filter(|w| matches!(w.state, State::Ended { failed: true }))
+            .count();
+        if failed == 0 {
+            info!("every worker has ended");
+            Some(0)
+        } else {
+            error!(
+                "every worker has ended; {failed} of {} failed or were given up on",
+                self.workers.len()
+            );
+            Some(EXIT_WORKERS_FAILED)
+        }
+    }
+
+    /// When the loop must look again, at the latest.
+    fn next_wake(&self, now: Instant) -> Instant {
+        let mut wake = now + IDLE;
+        for w in &self.workers {
+            match w.state {
+                State::Waiting { at } if !self.stopping => wake = wake.min(at),
+                State::Stopping(stop) => {
+                    if !stop.killed {
+                        wake = wake.min(stop.kill_at);
+                    }
+                    if stop.run.exit.is_some() {
+                        wake = wake.min(stop.next_check);
+                    }
+                }
+                State::Running(_) if self.memory_limit.is_some() => {
+                    wake = wake.min(self.next_sample)
+                }
+                _ => {}
+            }
+        }
+        if self.rolling.is_some() {
+            wake = wake.min(now + MAX_CHECK);
+        }
+        if self
+            .workers
+            .iter()
+            .all(|w| matches!(w.state, State::Ended { .. }))
+        {
+            wake = wake.min(now + FIRST_CHECK * 4);
+        }
+        wake
+    }
+}
+
+/// Starts worker `index`'s command in a process group of its own. The `Child` handle is
+/// dropped: [`Nanny::reap`] waits for every child.
+fn spawn(
+    command: &[String],
+    env: &[(String, String)],
+    url: &str,
+    index: usize,
+    session: u64,
+) -> std::io::Result<i32> {
+    use std::os::unix::process::CommandExt;
+    let child = std::process::Command::new(&command[0])
+        .args(&command[1..])
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env(WORKER_ENV, index.to_string())
+        .env(URL_ENV, url)
+        .env(SESSION_ENV, format!("{session:016x}"))
+        // A worker in a background process group that read the terminal would be stopped by
+        // SIGTTIN; workers do not share the nanny's input.
+        .stdin(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()?;
+    Ok(i32::try_from(child.id()).unwrap_or(i32::MAX))
+}
+
+/// The leader pid of a worker whose leader has not been reaped yet.
+fn leader(w: &Worker) -> Option<i32> {
+    match w.state {
+        State::Running(run) => Some(run.pid),
+        State::Stopping(stop) if stop.run.exit.is_none() => Some(stop.run.pid),
+        _ => None,
+    }
+}
+
+/// Sends `sig` to the worker's process group and to each of `members` (some may have left
+/// the group). A pid read from `/proc` a moment ago could in principle have been reused since;
+/// that window is the same as for `kill $(pgrep ...)`, and pids cycle slowly.
+fn signal_all(group: i32, members: &BTreeSet<i32>, sig: Signal) {
+    let _ = killpg(Pid::from_raw(group), sig);
+    for &pid in members {
+        let _ = kill(Pid::from_raw(pid), sig);
+    }
+}
+
+/// `/proc` now; on a system without it, an empty table: then only the process group is
+/// signalled, and a worker counts as gone once its leader is reaped.
+fn read_table() -> Table {
+    Table::read().unwrap_or_else(|e| {
+        debug!("cannot read /proc: {e}");
+        Table::default()
+    })
+}
+
+/// A random non-zero session id, from the standard library's randomly keyed hasher (every
+/// `RandomState` gets new keys), mixed with the time and a counter.
+fn random_id() -> u64 {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    h.finish().max(1)
+}
+
+/// Ends the sessions of dead workers on a task of its own, so that a slow or unreachable
+/// backend never holds up the workers.
+struct SessionEnder {
+    tx: mpsc::UnboundedSender<Ending>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct Ending {
+    worker: usize,
+    pid: i32,
+    session: u64,
+}
+
+impl SessionEnder {
+    fn start(url: String) -> SessionEnder {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(end_sessions(url, rx));
+        SessionEnder { tx, task }
+    }
+
+    fn end(&self, worker: usize, pid: i32, session: u64) {
+        let _ = self.tx.send(Ending {
+            worker,
+            pid,
+            session,
+        });
+    }
+
+    /// Waits (boundedly) for the sessions still to be ended, then ends the nanny's own.
+    async fn finish(self) {
+        drop(self.tx);
+        if tokio::time::timeout(FLUSH_TIMEOUT, self.task)
+            .await
+            .is_err()
+        {
+            warn!("gave up waiting for the backend to end the workers' sessions");
+        }
+    }
+}
+
+async fn end_sessions(url: String, mut rx: mpsc::UnboundedReceiver<Ending>) {
+    // Connect before the first death, so that it is not paid for then; failure is retried
+    // at the first death.
+    let mut client = connect(&url).await.ok();
+    while let Some(job) = rx.recv().await {
+        let who = format!("worker {} (pid {})", job.worker, job.pid);
+        let c = match &client {
+            Some(c) => c.clone(),
+            None => match connect(&url).await {
+                Ok(c) => client.insert(c).clone(),
+                Err(e) => {
+                    warn!("{who}: cannot end its session: {e:#}; its leases are freed when the session TTL passes");
+                    continue;
+                }
+            },
+        };
+        match tokio::time::timeout(END_SESSION_TIMEOUT, c.end_session(job.session)).await {
+            Ok(Ok(())) => debug!("{who}: ended session {:016x}", job.session),
+            Ok(Err(e)) => {
+                warn!(
+                    "{who}: cannot end its session: {:#}; its leases are freed when the session TTL passes",
+                    anyhow::Error::from(e)
+                );
+                client = None;
+            }
+            Err(_) => {
+                warn!("{who}: the backend did not end its session within {}; its leases are freed when the session TTL passes", humantime::format_duration(END_SESSION_TIMEOUT));
+                client = None;
+            }
+        }
+    }
+    if let Some(c) = client {
+        let _ = tokio::time::timeout(Duration::from_secs(2), c.shutdown()).await;
+    }
+}
+
+/// The nanny's own client, with a session id of its own: never `TURNSTILE_SESSION`, which
+/// belongs to whoever started the nanny.
+async fn connect(url: &str) -> anyhow::Result<Client> {
+    let options = Options {
+        session_id: Some(random_id()),
+        client_name: Some(format!("turnstile-nanny:{}", std::process::id())),
+        ..Options::default()
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, Client::connect_with(url, options)).await {
+        Ok(client) => Ok(client?),
+        Err(_) => anyhow::bail!(
+            "no answer from {url} within {}",
+            humantime::format_duration(CONNECT_TIMEOUT)
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_flags() {
+        let ms = Duration::from_millis;
+        assert_eq!(
+            parse_backoff("100ms..30s"),
+            Ok(Backoff {
+                min: ms(100),
+                max: ms(30_000)
+            })
+        );
+        assert_eq!(
+            parse_backoff("1s"),
+            Ok(Backoff {
+                min: ms(1000),
+                max: ms(1000)
+            })
+        );
+        assert_eq!(
+            parse_backoff("0s"),
+            Ok(Backoff {
+                min: ms(0),
+                max: ms(0)
+            })
+        );
+        for bad in ["2s..1s", "0s..1s", "..", "1s..", "fast", "1s..2s..3s"] {
+            assert!(parse_backoff(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn env_flags() {
+        assert_eq!(parse_env("A=b=c"), Ok(("A".to_owned(), "b=c".to_owned())));
+        assert_eq!(parse_env("EMPTY="), Ok(("EMPTY".to_owned(), String::new())));
+        for bad in [
+            "A",
+            "=x",
+            "TURNSTILE_SESSION=1",
+            "TURNSTILE_WORKER=1",
+            "TURNSTILE_URL=x",
+        ] {
+            assert!(parse_env(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn session_ids_are_fresh() {
+        let ids: BTreeSet<u64> = (0..1000).map(|_| random_id()).collect();
+        assert_eq!(ids.len(), 1000);
+        assert!(!ids.contains(&0));
+    }
+}
