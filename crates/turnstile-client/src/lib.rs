@@ -489,12 +489,22 @@ impl Options {
     }
 }
 
-/// A random non-zero 64-bit id, from the standard library's randomly seeded hasher (no extra
-/// dependency for eight random bytes).
+/// A fresh random session id, as a client picks one when none is given: for a supervisor
+/// that names its workers' sessions (`TURNSTILE_SESSION`, formatted as 16 hex digits).
+pub fn new_session_id() -> u64 {
+    random_id()
+}
+
+/// A random non-zero 64-bit id, from the standard library's randomly keyed hasher (every
+/// `RandomState` gets new keys; no extra dependency for eight random bytes), mixed with the
+/// time, the pid and a counter, so that ids drawn in the same instant still differ.
 pub(crate) fn random_id() -> u64 {
     use std::collections::hash_map::RandomState;
     use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut h = RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
     h.write_u128(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

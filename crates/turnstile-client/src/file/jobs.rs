@@ -562,16 +562,7 @@ impl Inner {
             if let Some(d) = deadline {
                 nap = nap.min(d.saturating_duration_since(now));
             }
-            let woken = match watched.as_ref().and_then(|(_, w)| w.as_ref()) {
-                Some(w) => tokio::select! {
-                    _ = tokio::time::sleep(nap) => false,
-                    _ = w.changed() => true,
-                },
-                None => {
-                    tokio::time::sleep(nap).await;
-                    false
-                }
-            };
+            let woken = notify::nap(watched.as_ref().and_then(|(_, w)| w.as_ref()), nap).await;
             backoff = if woken {
                 MIN_POLL
             } else {

@@ -754,16 +754,7 @@ impl Inner {
             if let Some(d) = deadline {
                 nap = nap.min(d.saturating_duration_since(now));
             }
-            let woken = match &watch {
-                Some(w) => tokio::select! {
-                    _ = tokio::time::sleep(nap) => false,
-                    _ = w.changed() => true,
-                },
-                None => {
-                    tokio::time::sleep(nap).await;
-                    false
-                }
-            };
+            let woken = notify::nap(watch.as_ref(), nap).await;
             backoff = if woken {
                 MIN_POLL
             } else {

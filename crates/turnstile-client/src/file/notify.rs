@@ -109,6 +109,21 @@ impl Watch {
     }
 }
 
+/// Sleeps for `nap`, or less if `watch` reports a relevant change first. Returns whether
+/// it was woken by a change (the waiter then looks again at once and polls fast).
+pub(super) async fn nap(watch: Option<&Watch>, nap: std::time::Duration) -> bool {
+    match watch {
+        Some(w) => tokio::select! {
+            _ = tokio::time::sleep(nap) => false,
+            _ = w.changed() => true,
+        },
+        None => {
+            tokio::time::sleep(nap).await;
+            false
+        }
+    }
+}
+
 /// Whether an event can unblock a waiter. Temporary and reclaim files (`.tmp-*`,
 /// `.reclaim-*`) come and go during every claim, the waiter's own included; waking on them
 /// would make waiters spin.

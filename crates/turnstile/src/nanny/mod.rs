@@ -172,7 +172,7 @@ pub async fn nanny(args: NannyArgs) -> anyhow::Result<ExitCode> {
     let env = args.env;
     // A command that cannot be started at all is a usage error, reported like `turnstile
     // run` does, rather than a crash loop.
-    let first_session = random_id();
+    let first_session = turnstile_client::new_session_id();
     let first = match spawn(&command, &env, &url, 0, first_session) {
         Ok(pid) => {
             info!("worker 0 started (pid {pid}): {}", command.join(" "));
@@ -432,7 +432,7 @@ impl Nanny {
     }
 
     fn start(&mut self, i: usize, now: Instant) {
-        let session = random_id();
+        let session = turnstile_client::new_session_id();
         match self.spawn(i, session) {
             Ok(pid) => {
                 info!("worker {i} started (pid {pid})");
@@ -829,25 +829,6 @@ fn read_table() -> Table {
     })
 }
 
-/// A random non-zero session id, from the standard library's randomly keyed hasher (every
-/// `RandomState` gets new keys), mixed with the time and a counter.
-fn random_id() -> u64 {
-    use std::collections::hash_map::RandomState;
-    use std::hash::{BuildHasher, Hasher};
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut h = RandomState::new().build_hasher();
-    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    h.write_u32(std::process::id());
-    h.finish().max(1)
-}
-
 /// Ends the sessions of dead workers on a task of its own, so that a slow or unreachable
 /// backend never holds up the workers.
 struct SessionEnder {
@@ -928,7 +909,7 @@ async fn end_sessions(url: String, mut rx: mpsc::UnboundedReceiver<Ending>) {
 /// belongs to whoever started the nanny.
 async fn connect(url: &str) -> anyhow::Result<Client> {
     let options = Options {
-        session_id: Some(random_id()),
+        session_id: Some(turnstile_client::new_session_id()),
         client_name: Some(format!("turnstile-nanny:{}", std::process::id())),
         ..Options::default()
     };
@@ -991,7 +972,9 @@ mod tests {
 
     #[test]
     fn session_ids_are_fresh() {
-        let ids: BTreeSet<u64> = (0..1000).map(|_| random_id()).collect();
+        let ids: BTreeSet<u64> = (0..1000)
+            .map(|_| turnstile_client::new_session_id())
+            .collect();
         assert_eq!(ids.len(), 1000);
         assert!(!ids.contains(&0));
     }
