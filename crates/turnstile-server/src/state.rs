@@ -3,7 +3,6 @@
 //! lock is held briefly, and holding one lock for "step, then route the effects" is what keeps
 //! replies in the order the core produced them.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -16,6 +15,9 @@ use turnstile_proto::{self as proto, ErrorCode};
 
 use crate::durable::WalQueue;
 use crate::outbox::Outbox;
+
+/// Hash maps with foldhash (see the core's coordinator): looked up for every reply.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 use crate::Config;
 
 /// A connection's number. With the request id it forms the core's reply [`Tag`].
@@ -67,8 +69,8 @@ impl Shared {
         Shared {
             state: Mutex::new(State {
                 core,
-                conns: HashMap::new(),
-                bound: HashMap::new(),
+                conns: HashMap::default(),
+                bound: HashMap::default(),
                 next_conn: 1,
                 effects: Vec::new(),
                 timer_at: None,

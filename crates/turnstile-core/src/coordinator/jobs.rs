@@ -22,11 +22,11 @@
 //! Group waits are re-checked only for groups whose jobs changed since the last check (the
 //! `dirty` list), at the end of every `handle` and `tick`.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{validate_label, Coordinator, LeaseKey, LeaseState, Semaphore, Timer};
+use super::{validate_label, Coordinator, HashMap, LeaseKey, LeaseState, Semaphore, Timer};
 use crate::effect::{Effect, Record, Reply};
 use crate::job::{Completion, GroupSummary, JobOutcome, JobView, RunningView};
 use crate::{Error, Tag, Time, MAX_NAME_LEN};
