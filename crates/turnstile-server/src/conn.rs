@@ -29,10 +29,13 @@ pub(crate) async fn serve(
     // outbox instead.
     let _ = stream.set_nodelay(true);
     let (mut rd, wr) = stream.into_split();
+    // Shared with the writer task: the reader writes its own replies inline when it can.
+    let wr = Arc::new(wr);
     let outbox = Arc::new(Outbox::default());
     let conn = shared.lock().register(outbox.clone());
     let writer = {
         let outbox = outbox.clone();
+        let wr = wr.clone();
         tokio::spawn(async move { outbox.write_loop(wr).await })
     };
     let mut conn_state = Conn {
@@ -63,6 +66,7 @@ pub(crate) async fn serve(
             }
         }
         buf.drain(..start);
+        outbox.flush(&wr);
         if outbox.pending() >= HIGH_WATER {
             outbox.wait_drained().await;
         }
@@ -83,6 +87,7 @@ pub(crate) async fn serve(
     };
     tracing::debug!(conn, ?peer, reason, "connection closed");
     shared.lock().unregister(conn);
+    drop(wr); // the writer's handle is then the last: the socket shuts down when it ends
     outbox.close();
     // Give the writer a moment to flush a final error reply; a peer that does not read it
     // does not get to hold the task.
@@ -101,7 +106,8 @@ struct Conn {
 
 impl Conn {
     fn reply_error(&self, id: u32, code: ErrorCode, message: &str) {
-        self.outbox.push(id, &proto::Reply::Error { code, message });
+        self.outbox
+            .push_local(id, &proto::Reply::Error { code, message });
     }
 
     fn protocol_error(&self, id: u32, e: &DecodeError) {
@@ -135,7 +141,7 @@ impl Conn {
                 return Err("second hello".into());
             }
             proto::Request::Ping => {
-                self.outbox.push(id, &proto::Reply::Pong);
+                self.outbox.push_local(id, &proto::Reply::Pong);
                 return Ok(());
             }
             proto::Request::Status { name } => {
@@ -292,7 +298,7 @@ impl Conn {
         self.client = client[..end].to_owned();
         tracing::debug!(conn = self.id, client, "handshake");
         let server = concat!("turnstile ", env!("CARGO_PKG_VERSION"));
-        self.outbox.push(
+        self.outbox.push_local(
             id,
             &proto::Reply::HelloOk {
                 version: proto::VERSION,
@@ -340,7 +346,7 @@ impl Conn {
             groups: groups.iter().map(|(n, g)| group_status(n, g)).collect(),
             jobs: jobs.iter().map(job_status).collect(),
         };
-        self.outbox.push(
+        self.outbox.push_local(
             id,
             &proto::Reply::Status {
                 json: &doc.to_json(),

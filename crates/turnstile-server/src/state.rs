@@ -56,6 +56,9 @@ pub(crate) struct State {
     pub(crate) timer_at: Option<Time>,
     /// Records on their way to disk; `None` for a server that keeps its state in memory.
     pub(crate) wal: Option<WalQueue>,
+    /// The connection whose request is being handled, if any: its replies are left for its
+    /// reader to flush, without waking its writer task.
+    local: Option<ConnId>,
 }
 
 impl Shared {
@@ -75,6 +78,7 @@ impl Shared {
                 effects: Vec::new(),
                 timer_at: None,
                 wal,
+                local: None,
             }),
             timer: Notify::new(),
             wal_ready: Condvar::new(),
@@ -161,7 +165,9 @@ impl Shared {
         let mut st = self.lock();
         let mut effects = std::mem::take(&mut st.effects);
         st.core.handle(now, tag(conn, id), request, &mut effects);
+        st.local = Some(conn);
         let logged = st.route(&mut effects);
+        st.local = None;
         st.effects = effects;
         self.wake_timer_if_needed(&mut st);
         drop(st);
@@ -257,17 +263,21 @@ impl State {
                 Effect::Reply { tag, outcome } => {
                     let (conn, id) = untag(tag);
                     if let Some(outbox) = self.conns.get(&conn) {
+                        let push = |reply: &proto::Reply<'_>| {
+                            if self.local == Some(conn) {
+                                outbox.push_local(id, reply);
+                            } else {
+                                outbox.push(id, reply);
+                            }
+                        };
                         match outcome {
-                            Ok(reply) => outbox.push(id, &reply_to_wire(&reply)),
+                            Ok(reply) => push(&reply_to_wire(&reply)),
                             Err(e) => {
                                 let message = e.to_string();
-                                outbox.push(
-                                    id,
-                                    &proto::Reply::Error {
-                                        code: error_code(&e),
-                                        message: &message,
-                                    },
-                                );
+                                push(&proto::Reply::Error {
+                                    code: error_code(&e),
+                                    message: &message,
+                                });
                             }
                         }
                     }
