@@ -32,6 +32,11 @@ pub enum Scenario {
     /// `--clients` idle sessions that only keep alive (no acquires) for `--duration`; reports
     /// the coordinator's CPU time over that time (it must be a child of the bench, no --url).
     Keepalive,
+    /// Scale: `--semaphores` semaphores of `--capacity`, `--leases` leases held by `--clients`
+    /// sessions; reports the coordinator's resident memory, then lets every one of those
+    /// sessions expire at the same moment while a probe client times acquire+release pairs,
+    /// and reports the probe's latency around the expiry.
+    Scale,
 }
 
 /// Arguments of `turnstile bench`.
@@ -67,7 +72,11 @@ pub struct BenchArgs {
     /// peer does too, so that the two servers are compared with equal clients).
     #[arg(long, value_enum, default_value = "library")]
     client: BenchClient,
-    /// Session TTL of the keepalive scenario's clients (they keep alive every TTL/3).
+    /// Leases to hold in the scale scenario (at most semaphores × capacity).
+    #[arg(long, default_value_t = 1_000_000)]
+    leases: u64,
+    /// Session TTL of the keepalive scenario's clients (they keep alive every TTL/3), and of
+    /// the scale scenario's lease holders.
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     session_ttl: Duration,
     /// Print one JSON object instead of text.
@@ -112,6 +121,9 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.capacity >= 1, "--capacity must be at least 1");
     if args.scenario == Scenario::Keepalive {
         return keepalive(&args).await;
+    }
+    if args.scenario == Scenario::Scale {
+        return scale(&args).await;
     }
     let outcome = if args.scenario == Scenario::Echo {
         echo(&args).await?
@@ -636,6 +648,215 @@ async fn load_raw(args: &BenchArgs, url: &str) -> anyhow::Result<Outcome> {
 fn turnstile_client_session(i: usize) -> u64 {
     let run = u64::from(std::process::id()) << 32;
     (run | i as u64).max(1)
+}
+
+/// Resident memory of a process in bytes (VmRSS of /proc/PID/status).
+fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS in /proc/PID/status")?;
+    Ok(kib * 1024)
+}
+
+/// Sends `reqs` on `c` in one pipelined burst and reads as many replies; returns how many
+/// were errors.
+async fn pipeline(c: &mut RawConn, reqs: &[turnstile_proto::Request<'_>]) -> anyhow::Result<u64> {
+    c.out.clear();
+    for r in reqs {
+        c.id = c.id.wrapping_add(1).max(1);
+        turnstile_proto::encode_request(c.id, r, &mut c.out);
+    }
+    c.s.write_all(&c.out).await?;
+    let (mut answered, mut errors) = (0, 0);
+    while answered < reqs.len() {
+        while let Some((payload, used)) =
+            turnstile_proto::split_frame(&c.buf, turnstile_proto::MAX_REPLY_FRAME)?
+        {
+            let (id, reply) = turnstile_proto::decode_reply(payload)?;
+            if id != 0 {
+                answered += 1;
+                errors += u64::from(matches!(reply, turnstile_proto::Reply::Error { .. }));
+            }
+            c.buf.drain(..used);
+        }
+        if answered < reqs.len() && c.s.read_buf(&mut c.buf).await? == 0 {
+            anyhow::bail!("the coordinator closed the connection");
+        }
+    }
+    Ok(errors)
+}
+
+/// The scale scenario (see [`Scenario::Scale`]).
+async fn scale(args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    use turnstile_proto::Request;
+    anyhow::ensure!(
+        args.url.is_none(),
+        "the scale scenario starts its own coordinator; drop --url"
+    );
+    let sems = args.semaphores as u64;
+    anyhow::ensure!(
+        args.leases <= sems * u64::from(args.capacity),
+        "--leases {} exceeds --semaphores × --capacity",
+        args.leases
+    );
+    let (mut child, url) = spawn_server(args.storage).await?;
+    let pid = child.id().context("the coordinator's pid")?;
+    let addr = url.trim_start_matches("tcp://").to_owned();
+    let rss_idle = rss_bytes(pid)?;
+    let t0 = Instant::now();
+    // Semaphores, in pipelined bursts on one connection.
+    let names: Vec<String> = (0..sems).map(|i| format!("scale-{i}")).collect();
+    let mut admin = RawConn::connect(&addr).await?;
+    let mut errors = 0;
+    for chunk in names.chunks(2_000) {
+        let reqs: Vec<Request<'_>> = chunk
+            .iter()
+            .map(|n| Request::Ensure {
+                capacity: args.capacity,
+                name: n,
+            })
+            .collect();
+        errors += pipeline(&mut admin, &reqs).await?;
+    }
+    // Leases: client c holds leases g = c, c + C, c + 2C, ... on semaphore g % S, so that no
+    // semaphore gets more than its capacity.
+    let ttl_ms = u32::try_from(args.session_ttl.as_millis()).unwrap_or(u32::MAX);
+    let mut holders = Vec::with_capacity(args.clients);
+    for c in 0..args.clients {
+        let mut conn = RawConn::connect(&addr).await?;
+        conn.call(&Request::OpenSession {
+            session: turnstile_client_session(c) ^ 0x5ca1e,
+            ttl_ms,
+        })
+        .await?;
+        holders.push(conn);
+    }
+    let clients = args.clients as u64;
+    let mut tasks = tokio::task::JoinSet::new();
+    let names = Arc::new(names);
+    for (c, mut conn) in holders.into_iter().enumerate() {
+        let names = names.clone();
+        let total = args.leases;
+        tasks.spawn(async move {
+            let mut errors = 0;
+            let mine: Vec<u64> = (c as u64..total).step_by(clients as usize).collect();
+            for chunk in mine.chunks(1_000) {
+                let reqs: Vec<Request<'_>> = chunk
+                    .iter()
+                    .map(|&g| Request::Acquire {
+                        lease: g + 1,
+                        weight: 1,
+                        timeout_ms: 0,
+                        name: &names[(g % sems) as usize],
+                    })
+                    .collect();
+                errors += pipeline(&mut conn, &reqs).await?;
+            }
+            anyhow::Ok((conn, errors))
+        });
+    }
+    let mut holders = Vec::with_capacity(args.clients);
+    while let Some(r) = tasks.join_next().await {
+        let (conn, e) = r.context("a scale client panicked")??;
+        errors += e;
+        holders.push(conn);
+    }
+    let fill = t0.elapsed();
+    let rss = rss_bytes(pid)?;
+    // Refresh every holder session at once, so that they all expire at the same moment; then
+    // let them fall silent.
+    for conn in &mut holders {
+        conn.id = conn.id.wrapping_add(1).max(1);
+        conn.out.clear();
+        turnstile_proto::encode_request(conn.id, &Request::KeepAlive, &mut conn.out);
+        conn.s.write_all(&conn.out).await?;
+    }
+    // Then they vanish, as crashed workers do: their sessions live on until the TTL.
+    drop(holders);
+    let expiry_at = Instant::now() + args.session_ttl;
+    // The probe: acquire+release pairs on a semaphore of its own, timed, until the expiry is
+    // well past.
+    let mut probe = RawConn::connect(&addr).await?;
+    probe
+        .call(&Request::OpenSession {
+            session: turnstile_client_session(usize::MAX >> 1),
+            ttl_ms: 60_000,
+        })
+        .await?;
+    probe
+        .call(&Request::Ensure {
+            capacity: 1,
+            name: "scale-probe",
+        })
+        .await?;
+    let acquire = Request::Acquire {
+        lease: 1,
+        weight: 1,
+        timeout_ms: turnstile_proto::NO_TIMEOUT,
+        name: "scale-probe",
+    };
+    let mut around: Vec<u32> = Vec::new();
+    let mut worst = Duration::ZERO;
+    let end = expiry_at + Duration::from_secs(3);
+    while Instant::now() < end {
+        let t = Instant::now();
+        probe.call(&acquire).await?;
+        probe.call(&Request::Release { lease: 1 }).await?;
+        let took = t.elapsed();
+        // The window: from a second before the expiry to the end.
+        if t + Duration::from_secs(1) >= expiry_at {
+            around.push(u32::try_from(took.as_micros()).unwrap_or(u32::MAX));
+            worst = worst.max(took);
+        }
+    }
+    around.sort_unstable();
+    let pct = |q: f64| {
+        around
+            .get(((around.len() as f64 * q) as usize).min(around.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    let rss_after = rss_bytes(pid)?;
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    if args.json {
+        println!(
+            "{{\"scenario\":\"scale\",\"semaphores\":{sems},\"leases\":{},\"sessions\":{},\"rss_mib\":{:.1},\"rss_idle_mib\":{:.1},\"fill_secs\":{:.2},\"probe_pairs\":{},\"probe_p50_us\":{},\"probe_p99_us\":{},\"probe_max_us\":{},\"errors\":{errors}}}",
+            args.leases,
+            args.clients,
+            mib(rss),
+            mib(rss_idle),
+            fill.as_secs_f64(),
+            around.len(),
+            pct(0.5),
+            pct(0.99),
+            worst.as_micros()
+        );
+    } else {
+        println!(
+            "scale: {sems} semaphores, {} leases held by {} sessions: coordinator RSS {:.1} MiB (idle {:.1} MiB; filled in {:.1}s; {errors} errors)",
+            args.leases,
+            args.clients,
+            mib(rss),
+            mib(rss_idle),
+            fill.as_secs_f64()
+        );
+        println!(
+            "expiry of all {} leases at once: probe pairs around it p50 {}us, p99 {}us, max {}us ({} pairs); RSS after {:.1} MiB",
+            args.leases,
+            pct(0.5),
+            pct(0.99),
+            worst.as_micros(),
+            around.len(),
+            mib(rss_after)
+        );
+    }
+    let _ = child.kill().await;
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]
