@@ -15,6 +15,8 @@ use turnstile_core::{
 use turnstile_proto::{self as proto, ErrorCode};
 
 use crate::durable::WalQueue;
+use crate::events::EventLog;
+use crate::metrics::{self, Kind, Metrics};
 use crate::outbox::Outbox;
 use crate::Config;
 
@@ -40,6 +42,8 @@ pub(crate) struct Shared {
     fatal_error: Mutex<Option<String>>,
     epoch: Instant,
     pub(crate) config: Config,
+    /// Counters of the shell, bumped without the state lock.
+    pub(crate) metrics: Metrics,
 }
 
 pub(crate) struct State {
@@ -54,6 +58,28 @@ pub(crate) struct State {
     pub(crate) timer_at: Option<Time>,
     /// Records on their way to disk; `None` for a server that keeps its state in memory.
     pub(crate) wal: Option<WalQueue>,
+    /// The feed of notable events.
+    pub(crate) events: EventLog,
+    /// The kind of each request the core has not answered yet (a queued acquire, job attempt
+    /// or group wait), so that its answer, which a later step produces, is counted under the
+    /// right kind. Every such request is answered exactly once (granted, timed out, withdrawn,
+    /// superseded, or failed when its session ends), which removes it.
+    pending: HashMap<Tag, Kind>,
+}
+
+/// The request a step handles, for counting its reply and naming its events.
+#[derive(Clone, Copy)]
+struct Current {
+    tag: Tag,
+    kind: Kind,
+}
+
+/// What routing a step's effects did.
+struct Routed {
+    /// Records were queued for the log.
+    logged: bool,
+    /// The step's own request was answered.
+    answered: bool,
 }
 
 impl Shared {
@@ -73,6 +99,8 @@ impl Shared {
                 effects: Vec::new(),
                 timer_at: None,
                 wal,
+                events: EventLog::new(),
+                pending: HashMap::new(),
             }),
             timer: Notify::new(),
             wal_ready: Condvar::new(),
@@ -80,6 +108,7 @@ impl Shared {
             fatal_error: Mutex::new(None),
             epoch,
             config,
+            metrics: Metrics::new(),
         }
     }
 
@@ -156,14 +185,21 @@ impl Shared {
     /// Hands one request to the core and routes its effects.
     pub(crate) fn step(&self, conn: ConnId, id: u32, request: Request<'_>) {
         let now = self.now();
+        let current = Current {
+            tag: tag(conn, id),
+            kind: Kind::of(&request),
+        };
         let mut st = self.lock();
         let mut effects = std::mem::take(&mut st.effects);
-        st.core.handle(now, tag(conn, id), request, &mut effects);
-        let logged = st.route(&mut effects);
+        st.core.handle(now, current.tag, request, &mut effects);
+        let routed = st.route(&mut effects, Some(current), &self.metrics);
+        if !routed.answered && current.kind.may_wait() {
+            st.pending.insert(current.tag, current.kind);
+        }
         st.effects = effects;
         self.wake_timer_if_needed(&mut st);
         drop(st);
-        if logged {
+        if routed.logged {
             self.wal_ready.notify_one();
         }
     }
@@ -174,10 +210,10 @@ impl Shared {
         let mut st = self.lock();
         let mut effects = std::mem::take(&mut st.effects);
         st.core.tick(now, &mut effects);
-        let logged = st.route(&mut effects);
+        let routed = st.route(&mut effects, None, &self.metrics);
         st.effects = effects;
         drop(st);
-        if logged {
+        if routed.logged {
             self.wal_ready.notify_one();
         }
     }
@@ -216,9 +252,54 @@ impl State {
 
     /// Carries out a step's effects: its records are queued for the log, and its replies and
     /// events are delivered, or wait until those records (and all before) are durable.
-    /// Returns whether records were queued.
-    fn route(&mut self, effects: &mut Vec<Effect>) -> bool {
-        let mut logged = false;
+    /// Replies are counted and notable events recorded here, once, as the core decides them.
+    fn route(
+        &mut self,
+        effects: &mut Vec<Effect>,
+        current: Option<Current>,
+        metrics: &Metrics,
+    ) -> Routed {
+        let mut routed = Routed {
+            logged: false,
+            answered: false,
+        };
+        for effect in effects.iter() {
+            match effect {
+                Effect::Reply { tag, outcome } => {
+                    let kind = match current {
+                        Some(c) if c.tag == *tag => {
+                            routed.answered = true;
+                            c.kind
+                        }
+                        // A request answered after the step that handled it. Never absent
+                        // (the step that queued it recorded it); were a bug to break that, the
+                        // answer would still be counted, as an acquire's, the commonest.
+                        _ => self.pending.remove(tag).unwrap_or(Kind::Acquire),
+                    };
+                    let code = outcome.as_ref().err().map(error_code);
+                    metrics.request(kind, metrics::outcome(code));
+                }
+                Effect::Event(event) => self.events.core_event(event),
+                Effect::Persist(Record::SemaphoreClosed { name }) => {
+                    self.events.semaphore_closed(name)
+                }
+                Effect::Persist(Record::Job {
+                    name,
+                    completion,
+                    last_failure,
+                    ..
+                }) if current.is_some_and(|c| c.kind == Kind::FinishJob) => {
+                    // A finish writes the job's record once: with the completion, or with the
+                    // failure it adds.
+                    let failure = match completion {
+                        Some(_) => None,
+                        None => Some(last_failure.as_deref().unwrap_or("failed")),
+                    };
+                    self.events.job_finished(name, failure);
+                }
+                Effect::Persist(_) => {}
+            }
+        }
         if let Some(wal) = self.wal.as_mut() {
             let records: Vec<&Record> = effects
                 .iter()
@@ -228,7 +309,7 @@ impl State {
                 })
                 .collect();
             if !records.is_empty() {
-                logged = true;
+                routed.logged = true;
                 if wal.append(&records) {
                     wal.schedule_snapshot(self.core.snapshot());
                 }
@@ -243,7 +324,7 @@ impl State {
                 _ => self.deliver(effect),
             }
         }
-        logged
+        routed
     }
 
     /// Sends a reply to the connection in its tag, or an event to the connection its session
@@ -277,14 +358,6 @@ impl State {
                     token,
                     reason,
                 }) => {
-                    tracing::info!(
-                        semaphore = &*semaphore,
-                        lease = lease.0,
-                        session = %session,
-                        token = token.0,
-                        reason = reason.as_str(),
-                        "lease lost"
-                    );
                     if let Some(outbox) = self.outbox_of(session) {
                         outbox.push(
                             0,
@@ -304,7 +377,6 @@ impl State {
                         EndReason::EndedByOther => Some(proto::LostReason::SessionEnded),
                     };
                     if let Some(lost) = lost {
-                        tracing::info!(session = %session, reason = ?reason, "session ended");
                         if let Some(outbox) = self.outbox_of(session) {
                             outbox.push(
                                 0,
