@@ -6,10 +6,10 @@
 //! Terminals come from util-linux's `script`, which runs a command on a pseudo-terminal and
 //! copies what it writes to its own stdout.
 
+#[allow(dead_code)] // the helpers serve several test binaries
 mod common;
 
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
 use common::{assert_no_panic, wait_until, Harness, Scratch, Server, BIN, SOON};
 use nix::sys::signal::Signal;
