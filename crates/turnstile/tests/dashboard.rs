@@ -243,7 +243,7 @@ fn dashboard_shows_a_new_lease_without_a_reload() {
     for i in 1..3 {
         held.push(hold(&h, &format!("gpu{i}"), "gpu", "1"));
     }
-    let mut doomed = hold(&h, "doomed", "db", "4");
+    let doomed = hold(&h, "doomed", "db", "4");
     h.wait_for_semaphore("db", "four holders", |s| s["in_use"] == 4);
     doomed.signal(Signal::SIGKILL);
     held.push(hold(&h, "old", "legacy-import", "2"));
