@@ -565,10 +565,19 @@ fn status_reports_holders_and_waiters() {
         table.stdout
     );
     let (lease, token) = (lease.to_string(), "1".to_owned());
+    // The holder's client ("(host:pid)") follows its session.
     assert!(
-        rows.iter().any(|r| r.len() >= 8
-            && r[..8] == ["lease", &lease, "session", session, "weight", "2", "token", &token]),
+        rows.iter().any(|r| r.len() >= 9
+            && r[..4] == ["lease", &lease, "session", session]
+            && r[4].starts_with('(')
+            && r[5..9] == ["weight", "2", "token", &token]),
         "a holder line:\n{}",
+        table.stdout
+    );
+    assert!(
+        rows.iter()
+            .any(|r| r.len() >= 7 && r[..3] == ["queue", "#1", "lease"] && r[4] == "session"),
+        "a waiter line:\n{}",
         table.stdout
     );
 
