@@ -13,8 +13,8 @@
 //! [`READ_TIMEOUT`], at most [`MAX_CONNECTIONS`] connections at once. That is all that a
 //! scraper, `curl` and a polling page need, and it keeps a heavy HTTP stack out of the build.
 //! The port must never slow the coordinator down: handlers take the state lock only to copy
-//! numbers out (O(semaphores) for `/metrics`; the status routes copy what a `Status` request
-//! copies) and serialize outside it.
+//! numbers out (O(semaphores + jobs) for `/metrics`, never O(leases); the status routes copy
+//! what a `Status` request copies) and serialize outside it.
 
 use std::sync::Arc;
 use std::time::Duration;

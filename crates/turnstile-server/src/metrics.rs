@@ -1,9 +1,10 @@
 //! The server's own counters, and the Prometheus text rendering of `GET /metrics`.
 //!
 //! Two kinds of numbers end up on the page. Per-semaphore numbers (capacity, permits in use,
-//! queue length, the lifetime counters and the wait-time histogram) and the session count are
-//! the core's: the HTTP handler copies them out under the state lock with
-//! `Coordinator::semaphore_stats`, which costs O(semaphores), never O(leases). Everything about
+//! queue length, the lifetime counters and the wait-time histogram), the job groups' summaries
+//! and the session count are the core's: the HTTP handler copies them out under the state lock
+//! with `Coordinator::semaphore_stats` and `groups`, which cost O(semaphores + jobs), never
+//! O(leases). Everything about
 //! the shell — connections, requests by kind and outcome, log syncs — is counted here, in
 //! relaxed atomics that the hot path bumps without taking any lock.
 //!
