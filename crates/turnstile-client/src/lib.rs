@@ -41,7 +41,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 pub use turnstile_proto::{
     CompletionStatus, ErrorCode, GroupStatus, HolderStatus, JobStatus, RunningStatus,
-    SemaphoreStatus, StatusDoc, WaitSummary,
+    SemaphoreStatus, StatusDoc, WaitSummary, WaiterStatus,
 };
 
 pub use crate::backend::{Backend, BoxFuture, Grant, JobBegin, JobEnd};

@@ -43,8 +43,14 @@ type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
 use crate::effect::{Effect, EndReason, Event, LostReason, Record, Reply};
 use crate::job::JobOutcome;
-use crate::view::{Counters, HolderView, SemaphoreView};
+use crate::view::{Counters, HolderView, SemaphoreView, WaiterView};
 use crate::{Error, LeaseId, SessionId, Tag, Time, Token, WaitStats};
+
+/// The job whose lock is the semaphore `name`, if it is one. Events name a job's lease by its
+/// lock, which holds a control character; shells show the job's name instead.
+pub fn job_of_lock(name: &str) -> Option<&str> {
+    jobs::job_of_lock(name)
+}
 
 /// Longest semaphore name, in bytes.
 pub const MAX_NAME_LEN: usize = 255;
@@ -1027,6 +1033,19 @@ impl Coordinator {
         self.semaphores.get(name).map(|s| self.view(s, now))
     }
 
+    /// Every semaphore, sorted by name, without holders and waiters: O(semaphores) rather
+    /// than O(leases), for metrics that only need the numbers.
+    pub fn semaphore_stats(&self) -> Vec<SemaphoreView> {
+        let mut all: Vec<SemaphoreView> = self
+            .semaphores
+            .values()
+            .filter(|s| !jobs::is_lock_name(&s.name))
+            .map(|s| summary(s, Vec::new(), Vec::new()))
+            .collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
     fn view(&self, s: &Semaphore, now: Time) -> SemaphoreView {
         let holders = s
             .holders
@@ -1039,28 +1058,38 @@ impl Coordinator {
                 Some(HolderView {
                     lease: key.1,
                     session: key.0,
-                    client: self
-                        .sessions
-                        .get(&key.0)
-                        .map(|s| s.client.clone())
-                        .unwrap_or_else(|| Arc::from("")),
+                    client: self.client_of(key.0),
                     weight: lease.weight,
                     token: *token,
                     age: now.saturating_since(since),
                 })
             })
             .collect();
-        SemaphoreView {
-            name: s.name.clone(),
-            capacity: s.capacity,
-            in_use: s.in_use,
-            queued: s.queue.len(),
-            queued_weight: s.queued_weight,
-            closed: s.closed,
-            holders,
-            counters: s.counters,
-            wait: s.wait.clone(),
-        }
+        let waiters = s
+            .queue
+            .values()
+            .filter_map(|key| {
+                let lease = self.leases.get(key)?;
+                let LeaseState::Queued { since, .. } = lease.state else {
+                    return None;
+                };
+                Some(WaiterView {
+                    lease: key.1,
+                    session: key.0,
+                    client: self.client_of(key.0),
+                    weight: lease.weight,
+                    age: now.saturating_since(since),
+                })
+            })
+            .collect();
+        summary(s, holders, waiters)
+    }
+
+    fn client_of(&self, session: SessionId) -> Arc<str> {
+        self.sessions
+            .get(&session)
+            .map(|s| s.client.clone())
+            .unwrap_or_else(|| Arc::from(""))
     }
 
     /// Number of open sessions.
@@ -1182,6 +1211,22 @@ impl Coordinator {
             }
         }
         self.validate_jobs()
+    }
+}
+
+/// The view of a semaphore with the given holder and waiter lists.
+fn summary(s: &Semaphore, holders: Vec<HolderView>, waiters: Vec<WaiterView>) -> SemaphoreView {
+    SemaphoreView {
+        name: s.name.clone(),
+        capacity: s.capacity,
+        in_use: s.in_use,
+        queued: s.queue.len(),
+        queued_weight: s.queued_weight,
+        closed: s.closed,
+        holders,
+        waiters,
+        counters: s.counters,
+        wait: s.wait.clone(),
     }
 }
 

@@ -39,14 +39,14 @@ mod stats;
 mod time;
 mod view;
 
-pub use coordinator::{Coordinator, Request, MAX_NAME_LEN};
+pub use coordinator::{job_of_lock, Coordinator, Request, MAX_NAME_LEN};
 pub use effect::{Effect, EndReason, Event, LostReason, Record, Reply};
 pub use error::Error;
 pub use ids::{LeaseId, SessionId, Tag, Token};
 pub use job::{Completion, GroupSummary, JobOutcome, JobView, RunningView};
 pub use stats::{WaitStats, WAIT_BUCKET_BOUNDS_US};
 pub use time::Time;
-pub use view::{Counters, HolderView, SemaphoreView};
+pub use view::{Counters, HolderView, SemaphoreView, WaiterView};
 
 #[cfg(test)]
 mod tests;

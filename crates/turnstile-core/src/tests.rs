@@ -718,3 +718,45 @@ fn snapshot_rebuilds_holders_sessions_and_counters() {
 }
 
 mod jobs;
+
+#[test]
+fn views_list_waiters_in_queue_order_with_their_age() {
+    let mut t = Check::new();
+    for s in 1..=3 {
+        t.open(s);
+    }
+    t.ensure("gpu", 2).expect("created");
+    assert_eq!(reply_of(&t.acquire(1, 1, "gpu", 2).1), granted(1));
+    t.acquire(2, 7, "gpu", 2);
+    t.now = t.now + Duration::from_secs(3);
+    t.acquire(3, 9, "gpu", 1);
+    t.now = t.now + Duration::from_secs(1);
+    let v = t.view("gpu");
+    let waiters: Vec<(SessionId, LeaseId, u32, Duration, &str)> = v
+        .waiters
+        .iter()
+        .map(|w| (w.session, w.lease, w.weight, w.age, &*w.client))
+        .collect();
+    assert_eq!(
+        waiters,
+        vec![
+            (SessionId(2), LeaseId(7), 2, Duration::from_secs(4), "test"),
+            (SessionId(3), LeaseId(9), 1, Duration::from_secs(1), "test"),
+        ]
+    );
+    assert_eq!(v.queued, v.waiters.len());
+    // The head is granted: it leaves the waiters and joins the holders.
+    t.release(1, 1);
+    let v = t.view("gpu");
+    assert_eq!(v.waiters.len(), 1);
+    assert_eq!(v.waiters[0].lease, LeaseId(9));
+    assert_eq!(v.holders[0].lease, LeaseId(7));
+    // The numbers-only views agree with the full ones, without the lists.
+    let stats = t.c.semaphore_stats();
+    assert_eq!(stats.len(), 1);
+    assert_eq!(
+        (stats[0].in_use, stats[0].queued, stats[0].counters),
+        (v.in_use, v.queued, v.counters)
+    );
+    assert!(stats[0].holders.is_empty() && stats[0].waiters.is_empty());
+}

@@ -22,6 +22,8 @@ pub struct SemaphoreView {
     pub closed: bool,
     /// The holders, in grant order (oldest first).
     pub holders: Vec<HolderView>,
+    /// The queued acquires, in queue order: the first is the next to be granted.
+    pub waiters: Vec<WaiterView>,
     /// Lifetime counters.
     pub counters: Counters,
     /// How long grants waited.
@@ -42,6 +44,21 @@ pub struct HolderView {
     /// Its fencing token.
     pub token: Token,
     /// How long it has been held.
+    pub age: Duration,
+}
+
+/// One queued acquire.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WaiterView {
+    /// The lease it will be granted as.
+    pub lease: LeaseId,
+    /// The session waiting.
+    pub session: SessionId,
+    /// That session's client description ("host:pid").
+    pub client: Arc<str>,
+    /// Permits it asks for.
+    pub weight: u32,
+    /// How long it has waited.
     pub age: Duration,
 }
 

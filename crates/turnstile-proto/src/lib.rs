@@ -29,7 +29,7 @@ pub use codec::{
 };
 pub use status::{
     CompletionStatus, GroupStatus, HolderStatus, JobStatus, RunningStatus, SemaphoreStatus,
-    StatusDoc, WaitSummary,
+    StatusDoc, WaitSummary, WaiterStatus,
 };
 
 /// The protocol version this crate speaks. A server refuses a handshake with another version.

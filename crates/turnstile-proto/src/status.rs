@@ -84,7 +84,7 @@ pub struct RunningStatus {
 }
 
 /// One semaphore.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SemaphoreStatus {
     /// Its name.
     pub name: String,
@@ -102,6 +102,10 @@ pub struct SemaphoreStatus {
     pub closed: bool,
     /// Holders, oldest grant first.
     pub holders: Vec<HolderStatus>,
+    /// Queued acquires, in queue order: the first is granted next. (Absent in documents of
+    /// servers before this field; read as empty.)
+    #[serde(default)]
+    pub waiters: Vec<WaiterStatus>,
     /// Grants since the server started.
     #[serde(default)]
     pub acquired_total: u64,
@@ -123,7 +127,7 @@ pub struct SemaphoreStatus {
 }
 
 /// One held lease.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct HolderStatus {
     /// The lease id (unique within its session).
     pub lease_id: u64,
@@ -137,6 +141,22 @@ pub struct HolderStatus {
     /// Fencing token.
     pub token: u64,
     /// Milliseconds since the grant.
+    pub age_ms: u64,
+}
+
+/// One queued acquire.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WaiterStatus {
+    /// The lease id it will be granted as.
+    pub lease_id: u64,
+    /// The session, as 16 hex digits.
+    pub session: String,
+    /// The session's client description ("host:pid"), if known.
+    #[serde(default)]
+    pub client: String,
+    /// Permits it asks for.
+    pub weight: u32,
+    /// Milliseconds it has waited.
     pub age_ms: u64,
 }
 

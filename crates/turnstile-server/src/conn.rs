@@ -1,5 +1,6 @@
 //! One client connection: handshake, framing, and turning wire requests into core requests.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,13 +9,14 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use turnstile_core::{JobOutcome, LeaseId, Request, SessionId};
 use turnstile_proto::{
-    self as proto, decode_request, split_frame, DecodeError, ErrorCode, StatusDoc,
-    MAX_REQUEST_FRAME, NO_TIMEOUT,
+    self as proto, decode_request, split_frame, DecodeError, ErrorCode, MAX_REQUEST_FRAME,
+    NO_TIMEOUT,
 };
 
+use crate::metrics::{self, Kind};
 use crate::outbox::{Outbox, HIGH_WATER};
 use crate::state::{ConnId, Shared};
-use crate::status::{group_status, job_status, semaphore_status};
+use crate::status::status_doc;
 
 /// Serves one connection until the peer leaves, sends a bad frame, or the server shuts down.
 /// Leaving does not end the connection's session: its client may resume it on a new
@@ -31,6 +33,9 @@ pub(crate) async fn serve(
     let (mut rd, wr) = stream.into_split();
     // Shared with the writer task: the reader writes its own replies inline when it can.
     let wr = Arc::new(wr);
+    let metrics = &shared.metrics;
+    metrics.connections.fetch_add(1, Relaxed);
+    metrics.connections_total.fetch_add(1, Relaxed);
     let outbox = Arc::new(Outbox::default());
     let conn = shared.lock().register(outbox.clone());
     let writer = {
@@ -88,6 +93,7 @@ pub(crate) async fn serve(
     tracing::debug!(conn, ?peer, reason, "connection closed");
     shared.lock().unregister(conn);
     drop(wr); // the writer's handle is then the last: the socket shuts down when it ends
+    shared.metrics.connections.fetch_sub(1, Relaxed);
     outbox.close();
     // Give the writer a moment to flush a final error reply; a peer that does not read it
     // does not get to hold the task.
@@ -105,9 +111,19 @@ struct Conn {
 }
 
 impl Conn {
-    fn reply_error(&self, id: u32, code: ErrorCode, message: &str) {
+    /// Answers a request of `kind` with an error, without the core.
+    fn reply_error(&self, kind: Kind, id: u32, code: ErrorCode, message: &str) {
+        self.shared
+            .metrics
+            .request(kind, metrics::outcome(Some(code)));
         self.outbox
             .push_local(id, &proto::Reply::Error { code, message });
+    }
+
+    /// Answers a request of `kind` without the core.
+    fn reply_ok(&self, kind: Kind, id: u32, reply: &proto::Reply<'_>) {
+        self.shared.metrics.request(kind, metrics::outcome(None));
+        self.outbox.push_local(id, reply);
     }
 
     fn protocol_error(&self, id: u32, e: &DecodeError) {
@@ -115,7 +131,7 @@ impl Conn {
             DecodeError::TooLarge { .. } => ErrorCode::TooLarge,
             _ => ErrorCode::Malformed,
         };
-        self.reply_error(id, code, &e.to_string());
+        self.reply_error(Kind::Invalid, id, code, &e.to_string());
     }
 
     /// Handles one frame. An `Err` closes the connection with that reason.
@@ -132,32 +148,35 @@ impl Conn {
                 return Err(format!("malformed request: {e}"));
             }
         };
+        let kind = wire_kind(&request);
         if !self.greeted {
-            return self.handshake(id, request);
+            return self.handshake(kind, id, request);
         }
         let core_request = match request {
             proto::Request::Hello { .. } => {
-                self.reply_error(id, ErrorCode::Handshake, "handshake already done");
+                self.reply_error(kind, id, ErrorCode::Handshake, "handshake already done");
                 return Err("second hello".into());
             }
             proto::Request::Ping => {
-                self.outbox.push_local(id, &proto::Reply::Pong);
+                self.reply_ok(kind, id, &proto::Reply::Pong);
                 return Ok(());
             }
             proto::Request::Status { name } => {
-                self.status(id, name);
+                let json = status_doc(&self.shared, name).to_json();
+                self.reply_ok(kind, id, &proto::Reply::Status { json: &json });
                 return Ok(());
             }
             proto::Request::OpenSession { session, ttl_ms } => {
                 let ttl = match self.ttl(ttl_ms) {
                     Ok(ttl) => ttl,
                     Err(message) => {
-                        self.reply_error(id, ErrorCode::InvalidArgument, &message);
+                        self.reply_error(kind, id, ErrorCode::InvalidArgument, &message);
                         return Ok(());
                     }
                 };
                 if session == 0 {
-                    self.reply_error(id, ErrorCode::InvalidArgument, "session id 0 is reserved");
+                    let message = "session id 0 is reserved";
+                    self.reply_error(kind, id, ErrorCode::InvalidArgument, message);
                     return Ok(());
                 }
                 let session = SessionId(session);
@@ -188,6 +207,7 @@ impl Conn {
             | proto::Request::WaitGroup { .. } => {
                 let Some(session) = self.session else {
                     self.reply_error(
+                        kind,
                         id,
                         ErrorCode::NoSession,
                         "open or resume a session on this connection first",
@@ -263,18 +283,29 @@ impl Conn {
         Ok(())
     }
 
-    fn handshake(&mut self, id: u32, request: proto::Request<'_>) -> Result<(), String> {
+    fn handshake(
+        &mut self,
+        kind: Kind,
+        id: u32,
+        request: proto::Request<'_>,
+    ) -> Result<(), String> {
         let proto::Request::Hello {
             magic,
             version,
             client,
         } = request
         else {
-            self.reply_error(id, ErrorCode::Handshake, "the first frame must be Hello");
+            self.reply_error(
+                kind,
+                id,
+                ErrorCode::Handshake,
+                "the first frame must be Hello",
+            );
             return Err("no hello".into());
         };
         if magic != proto::MAGIC {
             self.reply_error(
+                kind,
                 id,
                 ErrorCode::Handshake,
                 "bad magic: not a turnstile client",
@@ -286,7 +317,7 @@ impl Conn {
                 "protocol version {version} is not supported; this server speaks {}",
                 proto::VERSION
             );
-            self.reply_error(id, ErrorCode::Handshake, &message);
+            self.reply_error(kind, id, ErrorCode::Handshake, &message);
             return Err("unsupported version".into());
         }
         self.greeted = true;
@@ -298,7 +329,8 @@ impl Conn {
         self.client = client[..end].to_owned();
         tracing::debug!(conn = self.id, client, "handshake");
         let server = concat!("turnstile ", env!("CARGO_PKG_VERSION"));
-        self.outbox.push_local(
+        self.reply_ok(
+            kind,
             id,
             &proto::Reply::HelloOk {
                 version: proto::VERSION,
@@ -328,30 +360,27 @@ impl Conn {
         self.session = Some(session);
         self.shared.lock().bind(session, self.id);
     }
+}
 
-    fn status(&self, id: u32, name: &str) {
-        let now = self.shared.now();
-        let (views, groups, jobs) = {
-            let st = self.shared.lock();
-            if name.is_empty() {
-                (st.core.semaphores(now), st.core.groups(), st.core.jobs(now))
-            } else {
-                let one = st.core.semaphore(name, now).into_iter().collect();
-                (one, Vec::new(), Vec::new())
-            }
-        };
-        // Serialization happens outside the lock: a large status must not stall the others.
-        let doc = StatusDoc {
-            semaphores: views.iter().map(semaphore_status).collect(),
-            groups: groups.iter().map(|(n, g)| group_status(n, g)).collect(),
-            jobs: jobs.iter().map(job_status).collect(),
-        };
-        self.outbox.push_local(
-            id,
-            &proto::Reply::Status {
-                json: &doc.to_json(),
-            },
-        );
+/// The metrics kind of a wire request.
+fn wire_kind(request: &proto::Request<'_>) -> Kind {
+    match request {
+        proto::Request::Hello { .. } => Kind::Hello,
+        proto::Request::OpenSession { .. } => Kind::OpenSession,
+        proto::Request::ResumeSession { .. } => Kind::ResumeSession,
+        proto::Request::KeepAlive => Kind::KeepAlive,
+        proto::Request::CloseSession => Kind::CloseSession,
+        proto::Request::EndSession { .. } => Kind::EndSession,
+        proto::Request::Ensure { .. } => Kind::Ensure,
+        proto::Request::Acquire { .. } => Kind::Acquire,
+        proto::Request::Release { .. } => Kind::Release,
+        proto::Request::Close { .. } => Kind::Close,
+        proto::Request::Status { .. } => Kind::Status,
+        proto::Request::Ping => Kind::Ping,
+        proto::Request::BeginJob { .. } => Kind::BeginJob,
+        proto::Request::FinishJob { .. } => Kind::FinishJob,
+        proto::Request::ResetJob { .. } => Kind::ResetJob,
+        proto::Request::WaitGroup { .. } => Kind::WaitGroup,
     }
 }
 

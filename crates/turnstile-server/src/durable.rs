@@ -11,6 +11,7 @@
 //! latency to a request and nothing else.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use turnstile_core::{Effect, Record};
@@ -147,9 +148,8 @@ fn write_batch(
             }
             Chunk::Rotate(snapshot) => {
                 if let Some(lsn) = pending.take() {
-                    log.append(&buf)?;
+                    append_and_sync(shared, log, &buf)?;
                     buf.clear();
-                    log.sync()?;
                     shared.durable(lsn);
                 }
                 let started = std::time::Instant::now();
@@ -160,14 +160,31 @@ fn write_batch(
                     took = ?started.elapsed(),
                     "snapshot written; older log segments removed"
                 );
+                shared.metrics.snapshots.fetch_add(1, Relaxed);
                 shared.rotated();
             }
         }
     }
     if let Some(lsn) = pending {
-        log.append(&buf)?;
-        log.sync()?;
+        append_and_sync(shared, log, &buf)?;
         shared.durable(lsn);
     }
+    Ok(())
+}
+
+/// Appends `bytes` to the log and syncs it, timing the sync for the metrics.
+fn append_and_sync(
+    shared: &Shared,
+    log: &mut Log,
+    bytes: &[u8],
+) -> Result<(), turnstile_wal::WalError> {
+    log.append(bytes)?;
+    shared
+        .metrics
+        .log_bytes
+        .fetch_add(bytes.len() as u64, Relaxed);
+    let started = std::time::Instant::now();
+    log.sync()?;
+    shared.metrics.fsync.observe(started.elapsed());
     Ok(())
 }

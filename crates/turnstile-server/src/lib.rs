@@ -13,6 +13,9 @@
 
 mod conn;
 mod durable;
+mod events;
+mod http;
+mod metrics;
 mod outbox;
 mod state;
 mod status;
@@ -179,8 +182,21 @@ impl Server {
     /// connection (each client is told with a `ShuttingDown` error), finishes writing the log
     /// and returns.
     pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), ServerError> {
+        self.run_with_http(listener, None, shutdown).await
+    }
+
+    /// Like [`Server::run`], and also serves the HTTP port on `http`, if given: `/metrics`
+    /// (Prometheus), `/v1/status`, `/v1/semaphores/NAME`, `/v1/events` and the dashboard at
+    /// `/`. The HTTP port only reads; it never holds the state lock longer than copying the
+    /// numbers out.
+    pub async fn run_with_http(
         mut self,
         listener: TcpListener,
+        http: Option<TcpListener>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServerError> {
         let shared = self.shared.clone();
@@ -191,7 +207,7 @@ impl Server {
                 _ = fatal => {}
             }
         };
-        let result = serve(self.shared.clone(), listener, stop).await;
+        let result = serve(self.shared.clone(), listener, http, stop).await;
         self.shared.stop_wal();
         if let Some(writer) = self.writer.take() {
             let _ = tokio::task::spawn_blocking(move || writer.join()).await;
@@ -221,12 +237,16 @@ pub async fn run(
 async fn serve(
     shared: Arc<Shared>,
     listener: TcpListener,
+    http: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let limit = Arc::new(Semaphore::new(shared.config.max_connections));
     let mut tasks = JoinSet::new();
     tasks.spawn(timer_loop(shared.clone(), stop_rx.clone()));
+    if let Some(http) = http {
+        tasks.spawn(http::serve(shared.clone(), http, stop_rx.clone()));
+    }
     tokio::pin!(shutdown);
     let result = loop {
         let permit = tokio::select! {

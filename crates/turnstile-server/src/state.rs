@@ -14,6 +14,8 @@ use turnstile_core::{
 use turnstile_proto::{self as proto, ErrorCode};
 
 use crate::durable::WalQueue;
+use crate::events::EventLog;
+use crate::metrics::{self, Kind, Metrics};
 use crate::outbox::Outbox;
 
 /// Hash maps with foldhash (see the core's coordinator): looked up for every reply.
@@ -42,6 +44,8 @@ pub(crate) struct Shared {
     fatal_error: Mutex<Option<String>>,
     epoch: Instant,
     pub(crate) config: Config,
+    /// Counters of the shell, bumped without the state lock.
+    pub(crate) metrics: Metrics,
 }
 
 pub(crate) struct State {
@@ -59,6 +63,28 @@ pub(crate) struct State {
     /// The connection whose request is being handled, if any: its replies are left for its
     /// reader to flush, without waking its writer task.
     local: Option<ConnId>,
+    /// The feed of notable events.
+    pub(crate) events: EventLog,
+    /// The kind of each request the core has not answered yet (a queued acquire, job attempt
+    /// or group wait), so that its answer, which a later step produces, is counted under the
+    /// right kind. Every such request is answered exactly once (granted, timed out, withdrawn,
+    /// superseded, or failed when its session ends), which removes it.
+    pending: HashMap<Tag, Kind>,
+}
+
+/// The request a step handles, for counting its reply and naming its events.
+#[derive(Clone, Copy)]
+struct Current {
+    tag: Tag,
+    kind: Kind,
+}
+
+/// What routing a step's effects did.
+struct Routed {
+    /// Records were queued for the log.
+    logged: bool,
+    /// The step's own request was answered.
+    answered: bool,
 }
 
 impl Shared {
@@ -79,6 +105,8 @@ impl Shared {
                 timer_at: None,
                 wal,
                 local: None,
+                events: EventLog::new(),
+                pending: HashMap::default(),
             }),
             timer: Notify::new(),
             wal_ready: Condvar::new(),
@@ -86,6 +114,7 @@ impl Shared {
             fatal_error: Mutex::new(None),
             epoch,
             config,
+            metrics: Metrics::new(),
         }
     }
 
@@ -162,16 +191,23 @@ impl Shared {
     /// Hands one request to the core and routes its effects.
     pub(crate) fn step(&self, conn: ConnId, id: u32, request: Request<'_>) {
         let now = self.now();
+        let current = Current {
+            tag: tag(conn, id),
+            kind: Kind::of(&request),
+        };
         let mut st = self.lock();
         let mut effects = std::mem::take(&mut st.effects);
-        st.core.handle(now, tag(conn, id), request, &mut effects);
+        st.core.handle(now, current.tag, request, &mut effects);
         st.local = Some(conn);
-        let logged = st.route(&mut effects);
+        let routed = st.route(&mut effects, Some(current), &self.metrics);
         st.local = None;
+        if !routed.answered && current.kind.may_wait() {
+            st.pending.insert(current.tag, current.kind);
+        }
         st.effects = effects;
         self.wake_timer_if_needed(&mut st);
         drop(st);
-        if logged {
+        if routed.logged {
             self.wal_ready.notify_one();
         }
     }
@@ -182,10 +218,10 @@ impl Shared {
         let mut st = self.lock();
         let mut effects = std::mem::take(&mut st.effects);
         st.core.tick(now, &mut effects);
-        let logged = st.route(&mut effects);
+        let routed = st.route(&mut effects, None, &self.metrics);
         st.effects = effects;
         drop(st);
-        if logged {
+        if routed.logged {
             self.wal_ready.notify_one();
         }
     }
@@ -224,9 +260,54 @@ impl State {
 
     /// Carries out a step's effects: its records are queued for the log, and its replies and
     /// events are delivered, or wait until those records (and all before) are durable.
-    /// Returns whether records were queued.
-    fn route(&mut self, effects: &mut Vec<Effect>) -> bool {
-        let mut logged = false;
+    /// Replies are counted and notable events recorded here, once, as the core decides them.
+    fn route(
+        &mut self,
+        effects: &mut Vec<Effect>,
+        current: Option<Current>,
+        metrics: &Metrics,
+    ) -> Routed {
+        let mut routed = Routed {
+            logged: false,
+            answered: false,
+        };
+        for effect in effects.iter() {
+            match effect {
+                Effect::Reply { tag, outcome } => {
+                    let kind = match current {
+                        Some(c) if c.tag == *tag => {
+                            routed.answered = true;
+                            c.kind
+                        }
+                        // A request answered after the step that handled it. Never absent
+                        // (the step that queued it recorded it); were a bug to break that, the
+                        // answer would still be counted, as an acquire's, the commonest.
+                        _ => self.pending.remove(tag).unwrap_or(Kind::Acquire),
+                    };
+                    let code = outcome.as_ref().err().map(error_code);
+                    metrics.request(kind, metrics::outcome(code));
+                }
+                Effect::Event(event) => self.events.core_event(event),
+                Effect::Persist(Record::SemaphoreClosed { name }) => {
+                    self.events.semaphore_closed(name)
+                }
+                Effect::Persist(Record::Job {
+                    name,
+                    completion,
+                    last_failure,
+                    ..
+                }) if current.is_some_and(|c| c.kind == Kind::FinishJob) => {
+                    // A finish writes the job's record once: with the completion, or with the
+                    // failure it adds.
+                    let failure = match completion {
+                        Some(_) => None,
+                        None => Some(last_failure.as_deref().unwrap_or("failed")),
+                    };
+                    self.events.job_finished(name, failure);
+                }
+                Effect::Persist(_) => {}
+            }
+        }
         if let Some(wal) = self.wal.as_mut() {
             let records: Vec<&Record> = effects
                 .iter()
@@ -236,7 +317,7 @@ impl State {
                 })
                 .collect();
             if !records.is_empty() {
-                logged = true;
+                routed.logged = true;
                 if wal.append(&records) {
                     wal.schedule_snapshot(self.core.snapshot());
                 }
@@ -251,7 +332,7 @@ impl State {
                 _ => self.deliver(effect),
             }
         }
-        logged
+        routed
     }
 
     /// Sends a reply to the connection in its tag, or an event to the connection its session
@@ -289,14 +370,6 @@ impl State {
                     token,
                     reason,
                 }) => {
-                    tracing::info!(
-                        semaphore = &*semaphore,
-                        lease = lease.0,
-                        session = %session,
-                        token = token.0,
-                        reason = reason.as_str(),
-                        "lease lost"
-                    );
                     if let Some(outbox) = self.outbox_of(session) {
                         outbox.push(
                             0,
@@ -316,7 +389,6 @@ impl State {
                         EndReason::EndedByOther => Some(proto::LostReason::SessionEnded),
                     };
                     if let Some(lost) = lost {
-                        tracing::info!(session = %session, reason = ?reason, "session ended");
                         if let Some(outbox) = self.outbox_of(session) {
                             outbox.push(
                                 0,

@@ -3,15 +3,38 @@
 use turnstile_core::{GroupSummary, JobView, SemaphoreView};
 use turnstile_proto::{
     CompletionStatus, GroupStatus, HolderStatus, JobStatus, RunningStatus, SemaphoreStatus,
-    WaitSummary,
+    StatusDoc, WaitSummary, WaiterStatus,
 };
+
+use crate::state::Shared;
+
+/// The status document: of every semaphore, group and job (`name` empty), or of one
+/// semaphore. The views are copied under the state lock; the document is built outside it,
+/// so that a large status does not stall the other requests.
+pub(crate) fn status_doc(shared: &Shared, name: &str) -> StatusDoc {
+    let now = shared.now();
+    let (views, groups, jobs) = {
+        let st = shared.lock();
+        if name.is_empty() {
+            (st.core.semaphores(now), st.core.groups(), st.core.jobs(now))
+        } else {
+            let one = st.core.semaphore(name, now).into_iter().collect();
+            (one, Vec::new(), Vec::new())
+        }
+    };
+    StatusDoc {
+        semaphores: views.iter().map(semaphore_status).collect(),
+        groups: groups.iter().map(|(n, g)| group_status(n, g)).collect(),
+        jobs: jobs.iter().map(job_status).collect(),
+    }
+}
 
 fn ms64(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The status entry of one job group.
-pub(crate) fn group_status(name: &str, g: &GroupSummary) -> GroupStatus {
+fn group_status(name: &str, g: &GroupSummary) -> GroupStatus {
     GroupStatus {
         name: name.to_owned(),
         jobs: g.jobs,
@@ -22,7 +45,7 @@ pub(crate) fn group_status(name: &str, g: &GroupSummary) -> GroupStatus {
 }
 
 /// The status entry of one job.
-pub(crate) fn job_status(j: &JobView) -> JobStatus {
+fn job_status(j: &JobView) -> JobStatus {
     JobStatus {
         name: j.name.to_string(),
         group: j.group.as_deref().map(str::to_owned),
@@ -49,7 +72,7 @@ fn ms(d: std::time::Duration) -> f64 {
 }
 
 /// The status entry of one semaphore.
-pub(crate) fn semaphore_status(v: &SemaphoreView) -> SemaphoreStatus {
+fn semaphore_status(v: &SemaphoreView) -> SemaphoreStatus {
     SemaphoreStatus {
         name: v.name.to_string(),
         capacity: v.capacity,
@@ -66,7 +89,18 @@ pub(crate) fn semaphore_status(v: &SemaphoreView) -> SemaphoreStatus {
                 client: h.client.to_string(),
                 weight: h.weight,
                 token: h.token.0,
-                age_ms: u64::try_from(h.age.as_millis()).unwrap_or(u64::MAX),
+                age_ms: ms64(h.age),
+            })
+            .collect(),
+        waiters: v
+            .waiters
+            .iter()
+            .map(|w| WaiterStatus {
+                lease_id: w.lease.0,
+                session: w.session.to_string(),
+                client: w.client.to_string(),
+                weight: w.weight,
+                age_ms: ms64(w.age),
             })
             .collect(),
         acquired_total: v.counters.acquired_total,

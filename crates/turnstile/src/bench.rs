@@ -208,7 +208,14 @@ async fn spawn_server(storage: BenchStorage) -> anyhow::Result<(tokio::process::
     let dir = std::env::temp_dir().join(format!("turnstile-bench-{}-{port}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let mut cmd = tokio::process::Command::new(exe);
-    cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    // The load is on the protocol port; the HTTP port is not measured here.
+    cmd.args([
+        "serve",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--http",
+        "off",
+    ]);
     match storage {
         BenchStorage::InMemory => {
             cmd.arg("--in-memory");

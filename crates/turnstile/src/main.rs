@@ -6,13 +6,13 @@ mod bench;
 mod nanny;
 mod once;
 mod run;
+mod serve;
 mod status;
 
-use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Exit code when an acquire timed out (EX_TEMPFAIL: try again later).
 pub const EXIT_TIMEOUT: u8 = 75;
@@ -27,8 +27,46 @@ pub const EXIT_LOST: u8 = 76;
     long_about = None,
 )]
 struct Cli {
+    /// Log lines as text for people, or as JSON objects (one per line) for log collectors.
+    /// Levels come from RUST_LOG (default: info).
+    #[arg(
+        long,
+        global = true,
+        env = "TURNSTILE_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `--log-format` values.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One line of text per event.
+    Text,
+    /// One JSON object per event, its fields at the top level.
+    Json,
+}
+
+impl LogFormat {
+    /// Parses a config file's value.
+    pub fn parse(s: &str) -> Result<LogFormat, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("{s:?} is not a log format (text or json)")),
+        }
+    }
+
+    /// The value's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
 }
 
 /// Where the semaphores are.
@@ -53,32 +91,9 @@ impl UrlArg {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the coordinator.
-    Serve {
-        /// Address to listen on (port 0 picks a free port; the address is printed on stdout).
-        #[arg(long, default_value = "127.0.0.1:7420")]
-        listen: SocketAddr,
-        /// Session TTL for clients that do not ask for one (e.g. 500ms, 10s, 2m).
-        #[arg(long, default_value = "10s", value_parser = parse_duration)]
-        session_ttl: Duration,
-        /// Most connections served at once.
-        #[arg(long, default_value_t = 16_384)]
-        max_connections: usize,
-        /// Directory for the write-ahead log and snapshots (created if missing; one server
-        /// per directory).
-        #[arg(long, default_value = "turnstile-data", conflicts_with = "in_memory")]
-        data_dir: std::path::PathBuf,
-        /// Keep the state in memory only: a restart forgets every semaphore and lease.
-        #[arg(long)]
-        in_memory: bool,
-        /// When to sync the log: `always` (each request on its own) or `batch` (group commit:
-        /// one sync for the requests that arrive together). Replies always wait for the sync.
-        #[arg(long, value_enum, default_value = "batch")]
-        fsync: Fsync,
-        /// Snapshot the state and drop the older log after this much log (e.g. 64MiB).
-        #[arg(long, default_value = "64MiB", value_parser = parse_size)]
-        snapshot_every: u64,
-    },
+    /// Run the coordinator: the protocol port, and an HTTP port with metrics, the status API
+    /// and a dashboard.
+    Serve(serve::ServeArgs),
     /// Run a command while holding a slot of a semaphore.
     Run(run::RunArgs),
     /// Run a job once and only once: skip it if it has completed (or runs elsewhere), record
@@ -93,6 +108,12 @@ enum Command {
         /// Print the status document as JSON.
         #[arg(long)]
         json: bool,
+        /// Redraw every --interval until Ctrl-C (with --json: one document per line).
+        #[arg(long)]
+        watch: bool,
+        /// How often --watch redraws.
+        #[arg(long, default_value = "1s", value_parser = parse_duration, requires = "watch")]
+        interval: Duration,
         #[command(flatten)]
         url: UrlArg,
     },
@@ -127,13 +148,6 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
-/// `--fsync` values.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-enum Fsync {
-    Always,
-    Batch,
-}
-
 /// Parses a size such as `4096`, `512KiB`, `64MiB`, `2GiB` (also `K`, `M`, `G`, `KB`, `MB`,
 /// `GB`, all powers of 1024).
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -165,9 +179,24 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_logging();
-    match dispatch(cli) {
+    // Parsed in two steps, so that `serve` can tell typed and environment values from
+    // defaults (its config file fills in only the defaults).
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let result = match cli.command {
+        Command::Serve(args) => {
+            let sub = matches.subcommand_matches("serve").unwrap_or(&matches);
+            serve_command(&args, sub, cli.log_format)
+        }
+        command => {
+            init_logging(cli.log_format);
+            dispatch(command)
+        }
+    };
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("turnstile: {e:#}");
@@ -176,16 +205,46 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+fn serve_command(
+    args: &serve::ServeArgs,
+    matches: &clap::ArgMatches,
+    log_format: LogFormat,
+) -> anyhow::Result<ExitCode> {
+    let settings = args.settings(matches, log_format, args.file()?);
+    if args.print_config() {
+        print!("{}", settings.to_toml());
+        return Ok(ExitCode::SUCCESS);
+    }
+    init_logging(settings.log_format.value);
+    if settings.in_memory.value && settings.data_dir.source != serve::Source::Default {
+        tracing::warn!(
+            data_dir = %settings.data_dir.value.display(),
+            "in_memory is set: the data directory is not used"
+        );
+    }
+    runtime()?.block_on(serve::serve(settings))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
+        .with_target(false);
+    let _ = match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init(),
+    };
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -194,51 +253,26 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
-    match cli.command {
-        Command::Serve {
-            listen,
-            session_ttl,
-            max_connections,
-            data_dir,
-            in_memory,
-            fsync,
-            snapshot_every,
-        } => {
-            let storage = if in_memory {
-                turnstile_server::Storage::InMemory
-            } else {
-                turnstile_server::Storage::Dir {
-                    path: data_dir,
-                    fsync: match fsync {
-                        Fsync::Always => turnstile_server::FsyncMode::Always,
-                        Fsync::Batch => turnstile_server::FsyncMode::Batch,
-                    },
-                    snapshot_bytes: snapshot_every.max(4096),
-                }
-            };
-            let config = turnstile_server::Config {
-                session_ttl,
-                max_connections,
-                storage,
-                ..turnstile_server::Config::default()
-            };
-            if session_ttl < config.min_session_ttl || session_ttl > config.max_session_ttl {
-                anyhow::bail!(
-                    "--session-ttl {} is outside {}..={}",
-                    humantime::format_duration(session_ttl),
-                    humantime::format_duration(config.min_session_ttl),
-                    humantime::format_duration(config.max_session_ttl)
-                );
-            }
-            runtime()?.block_on(serve(listen, config))?;
-            Ok(ExitCode::SUCCESS)
-        }
+fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Serve(_) => unreachable!("invariant: main handles serve before dispatch"),
         Command::Run(args) => runtime()?.block_on(run::run(args)),
         Command::Once(args) => runtime()?.block_on(once::once(args)),
         Command::Wait(args) => runtime()?.block_on(once::wait(args)),
-        Command::Status { name, json, url } => {
-            runtime()?.block_on(status::status(&url.get(), name.as_deref(), json))
+        Command::Status {
+            name,
+            json,
+            watch,
+            interval,
+            url,
+        } => {
+            let url = url.get();
+            let rt = runtime()?;
+            if watch {
+                rt.block_on(status::watch(&url, name.as_deref(), json, interval))
+            } else {
+                rt.block_on(status::status(&url, name.as_deref(), json))
+            }
         }
         Command::Close { name, url } => runtime()?.block_on(async {
             let client = turnstile_client::Client::connect(&url.get()).await?;
@@ -248,57 +282,5 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }),
         Command::Nanny(args) => runtime()?.block_on(nanny::nanny(args)),
         Command::Bench(args) => runtime()?.block_on(bench::bench(args)),
-    }
-}
-
-async fn serve(listen: SocketAddr, config: turnstile_server::Config) -> anyhow::Result<()> {
-    use anyhow::Context;
-    let storage = match &config.storage {
-        turnstile_server::Storage::InMemory => "in memory".to_owned(),
-        turnstile_server::Storage::Dir { path, fsync, .. } => {
-            format!("in {} (fsync {fsync:?})", path.display()).to_lowercase()
-        }
-    };
-    let ttl = config.session_ttl;
-    // Open the storage before binding: a locked or damaged data directory is reported at once.
-    let server = turnstile_server::Server::open(config)?;
-    let r = server.recovery();
-    if r.records > 0 {
-        tracing::info!(
-            records = r.records,
-            from_snapshot = r.from_snapshot,
-            semaphores = r.semaphores,
-            sessions = r.sessions,
-            leases = r.leases,
-            grace = %humantime::format_duration(ttl),
-            "recovered state; sessions have one TTL to reconnect"
-        );
-    }
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
-    let addr = listener.local_addr()?;
-    // One line on stdout with the bound address, for scripts and tests that listen on port 0.
-    println!("listening on {addr}");
-    tracing::info!(
-        %addr,
-        session_ttl = %humantime::format_duration(ttl),
-        "turnstile coordinator listening; state {storage}"
-    );
-    server.run(listener, shutdown_signal()).await?;
-    tracing::info!("stopped");
-    Ok(())
-}
-
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }

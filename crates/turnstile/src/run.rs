@@ -1,14 +1,15 @@
 //! `turnstile run`: hold a slot while a command runs.
 
+use std::io::{IsTerminal, Write as _};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{ExitCode, ExitStatus};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::signal::unix::{signal, SignalKind};
-use turnstile_client::{Client, Error, ErrorCode, Permit};
+use turnstile_client::{Client, Error, ErrorCode, Permit, StatusDoc};
 
 use crate::{parse_duration, UrlArg, EXIT_LOST, EXIT_TIMEOUT};
 
@@ -65,13 +66,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             None => sem.acquire_many(args.weight).await,
         }
     };
+    let mut line = StatusLine::new(std::io::stderr().is_terminal());
+    let progress = show_progress(&client, &args.name, &mut line);
     let permit = tokio::select! {
         r = acquire => r,
         sig = sigs.recv() => {
+            line.clear();
             let _ = client.shutdown().await;
             return Ok(ExitCode::from(128 + sig as u8));
         }
+        never = progress => match never {},
     };
+    line.clear();
     let permit = match permit {
         Ok(p) => p,
         Err(Error::TimedOut) => {
@@ -132,6 +138,93 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let _ = permit.release().await;
     let _ = client.shutdown().await;
     Ok(ExitCode::from(exit_code(status)))
+}
+
+/// How often the waiting line is refreshed; also how long an acquire waits before it shows.
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+
+/// The one line `turnstile run` shows on a terminal while it waits for a slot. It is drawn
+/// with a carriage return over itself and erased once the wait ends, so that nothing of it
+/// stays on the screen; when stderr is not a terminal it draws nothing at all.
+pub(crate) struct StatusLine {
+    enabled: bool,
+    shown: bool,
+}
+
+impl StatusLine {
+    pub(crate) fn new(enabled: bool) -> StatusLine {
+        StatusLine {
+            enabled,
+            shown: false,
+        }
+    }
+
+    fn show(&mut self, text: &str) {
+        if !self.enabled {
+            return;
+        }
+        // \r and "erase line" rather than a newline: the next draw replaces this one.
+        let mut err = std::io::stderr().lock();
+        let _ = write!(err, "\r\x1b[2K{text}");
+        let _ = err.flush();
+        self.shown = true;
+    }
+
+    /// Erases the line, if one is shown.
+    pub(crate) fn clear(&mut self) {
+        if self.shown {
+            let mut err = std::io::stderr().lock();
+            let _ = write!(err, "\r\x1b[2K");
+            let _ = err.flush();
+            self.shown = false;
+        }
+    }
+}
+
+/// Polls the status of `name` while the acquire waits, and shows where this session is in
+/// the queue. Never returns: the caller drops it when the wait ends. Does nothing when the
+/// line is disabled (stderr is not a terminal).
+pub(crate) async fn show_progress(
+    client: &Client,
+    name: &str,
+    line: &mut StatusLine,
+) -> std::convert::Infallible {
+    if !line.enabled {
+        return std::future::pending().await;
+    }
+    let started = Instant::now();
+    let session = format!("{:016x}", client.session_id());
+    loop {
+        tokio::time::sleep(PROGRESS_EVERY).await;
+        // A status that cannot be read leaves the position out, not the line.
+        let doc = client.status(Some(name)).await.ok();
+        line.show(&waiting_text(
+            name,
+            doc.as_ref(),
+            &session,
+            started.elapsed(),
+        ));
+    }
+}
+
+/// "waiting for db: position 3 of 7, 12s": the position of `session`'s first queued acquire
+/// on `name`, if the document lists it.
+pub(crate) fn waiting_text(
+    name: &str,
+    doc: Option<&StatusDoc>,
+    session: &str,
+    waited: Duration,
+) -> String {
+    let waited = humantime::format_duration(Duration::from_secs(waited.as_secs()));
+    let position = doc
+        .and_then(|d| d.semaphores.iter().find(|s| s.name == name))
+        .and_then(|s| {
+            let at = s.waiters.iter().position(|w| w.session == session)?;
+            let of = (s.waiters.len() as u64).max(s.queued);
+            Some(format!("position {} of {of}, ", at + 1))
+        })
+        .unwrap_or_default();
+    format!("turnstile: waiting for {name}: {position}{waited}")
 }
 
 /// Starts the command with extra environment variables. On failure, says why on stderr and
@@ -293,5 +386,42 @@ impl Signals {
             _ = self.hup.recv() => Signal::SIGHUP,
             _ = self.quit.recv() => Signal::SIGQUIT,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use turnstile_client::{SemaphoreStatus, WaiterStatus};
+
+    #[test]
+    fn the_waiting_line_says_where_we_are() {
+        let waiter = |session: &str| WaiterStatus {
+            session: session.into(),
+            ..WaiterStatus::default()
+        };
+        let doc = StatusDoc {
+            semaphores: vec![SemaphoreStatus {
+                name: "db".into(),
+                queued: 3,
+                waiters: vec![waiter("a"), waiter("me"), waiter("b")],
+                ..SemaphoreStatus::default()
+            }],
+            ..StatusDoc::default()
+        };
+        let waited = Duration::from_millis(12_700);
+        assert_eq!(
+            waiting_text("db", Some(&doc), "me", waited),
+            "turnstile: waiting for db: position 2 of 3, 12s"
+        );
+        // Not (or no longer) listed, or no status at all: the time only.
+        assert_eq!(
+            waiting_text("db", Some(&doc), "other", waited),
+            "turnstile: waiting for db: 12s"
+        );
+        assert_eq!(
+            waiting_text("db", None, "me", Duration::from_secs(125)),
+            "turnstile: waiting for db: 2m 5s"
+        );
     }
 }

@@ -1,6 +1,7 @@
-//! `turnstile status`: a table for people, JSON for programs.
+//! `turnstile status`: a table for people, JSON for programs; `--watch` redraws either.
 
 use std::fmt::Write as _;
+use std::io::{IsTerminal, Write as _};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
@@ -24,7 +25,80 @@ pub async fn status(url: &str, name: Option<&str>, json: bool) -> anyhow::Result
     Ok(ExitCode::SUCCESS)
 }
 
-/// The human-readable tables: one line per semaphore, one indented line per holder; then one
+/// How many waiters of a semaphore the table lists; the rest are counted.
+const WAITERS_SHOWN: usize = 10;
+
+/// `turnstile status --watch`: fetches the status every `interval` and redraws it until
+/// Ctrl-C. On a terminal the screen is cleared before each table; elsewhere tables follow
+/// each other; with `json`, one document per line. A failed fetch shows the error and the
+/// next tick tries again (the client reconnects on its own).
+pub async fn watch(
+    url: &str,
+    name: Option<&str>,
+    json: bool,
+    interval: Duration,
+) -> anyhow::Result<ExitCode> {
+    let client = Client::connect(url).await?;
+    let tty = std::io::stdout().is_terminal();
+    let mut ticker = tokio::time::interval(interval.max(Duration::from_millis(50)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        tokio::select! {
+            _ = &mut ctrl_c => break,
+            _ = ticker.tick() => {}
+        }
+        let fetched = tokio::select! {
+            _ = &mut ctrl_c => break,
+            r = client.status(name) => r,
+        };
+        let mut frame = String::new();
+        match (&fetched, json) {
+            (Ok(doc), true) => {
+                frame.push_str(&String::from_utf8_lossy(&doc.to_json()));
+                frame.push('\n');
+            }
+            (fetched, false) => {
+                if tty {
+                    frame.push_str("\x1b[H\x1b[2J"); // home, clear screen
+                }
+                let now = SystemTime::now();
+                let _ = writeln!(
+                    frame,
+                    "{url}  {}  (every {}; Ctrl-C to stop)\n",
+                    humantime::format_rfc3339_seconds(now),
+                    humantime::format_duration(interval)
+                );
+                match fetched {
+                    Ok(doc) => frame.push_str(&render(doc, now)),
+                    Err(e) => {
+                        let _ = writeln!(frame, "status unavailable: {e}");
+                    }
+                }
+                if !tty {
+                    frame.push('\n');
+                }
+            }
+            (Err(e), true) => eprintln!("turnstile: status unavailable: {e}"),
+        }
+        // One write per frame, so that the terminal never shows half a table. A closed
+        // stdout (`| head`) ends the watch.
+        let mut out = std::io::stdout().lock();
+        if out
+            .write_all(frame.as_bytes())
+            .and_then(|_| out.flush())
+            .is_err()
+        {
+            break;
+        }
+    }
+    let _ = client.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The human-readable tables: one line per semaphore, one indented line per holder and per
+/// waiter (the first [`WAITERS_SHOWN`], in queue order); then one
 /// line per job group, with an indented line per running job and per job that failed and has
 /// not completed since. `now` turns ages into times of day.
 pub fn render(doc: &StatusDoc, now: SystemTime) -> String {
@@ -77,6 +151,28 @@ fn render_semaphores(doc: &StatusDoc, out: &mut String) {
                 "  lease {:<6} session {}{client}  weight {:<3} token {:<8} age {age}",
                 h.lease_id, h.session, h.weight, h.token
             );
+        }
+        for (i, w) in s.waiters.iter().take(WAITERS_SHOWN).enumerate() {
+            let age = humantime::format_duration(Duration::from_millis(w.age_ms - w.age_ms % 100));
+            let client = if w.client.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", w.client)
+            };
+            let _ = writeln!(
+                out,
+                "  queue #{:<4} lease {:<6} session {}{client}  weight {:<3} waited {age}",
+                i + 1,
+                w.lease_id,
+                w.session,
+                w.weight
+            );
+        }
+        // The count, not the list, decides: a file-backend document may list fewer.
+        let listed = s.waiters.len().min(WAITERS_SHOWN) as u64;
+        if s.queued > listed {
+            let more = s.queued - listed;
+            let _ = writeln!(out, "  ... and {more} more waiting");
         }
     }
 }
@@ -162,7 +258,7 @@ fn job_lines<'a>(jobs: impl Iterator<Item = &'a JobStatus>, now: SystemTime, out
 #[cfg(test)]
 mod tests {
     use super::*;
-    use turnstile_client::{HolderStatus, SemaphoreStatus, WaitSummary};
+    use turnstile_client::{HolderStatus, SemaphoreStatus, WaitSummary, WaiterStatus};
 
     #[test]
     fn table_lists_semaphores_and_holders() {
@@ -171,7 +267,7 @@ mod tests {
                 name: "db".into(),
                 capacity: 3,
                 in_use: 1,
-                queued: 2,
+                queued: 12,
                 queued_weight: 2,
                 closed: false,
                 holders: vec![HolderStatus {
@@ -182,6 +278,15 @@ mod tests {
                     token: 42,
                     age_ms: 1_250,
                 }],
+                waiters: (1..=12)
+                    .map(|i| WaiterStatus {
+                        lease_id: i,
+                        session: format!("{i:016x}"),
+                        client: "host-b:7".into(),
+                        weight: 1,
+                        age_ms: 3_050,
+                    })
+                    .collect(),
                 acquired_total: 5,
                 released_total: 4,
                 expired_total: 0,
@@ -194,12 +299,21 @@ mod tests {
         let text = render(&doc, SystemTime::UNIX_EPOCH);
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].starts_with("SEMAPHORE"));
-        assert!(lines[1].starts_with("db") && lines[1].contains(" 3 ") && lines[1].contains(" 2 "));
+        assert!(
+            lines[1].starts_with("db") && lines[1].contains(" 3 ") && lines[1].contains(" 12 ")
+        );
         assert!(
             lines[2].contains("lease 7")
                 && lines[2].contains("token 42")
                 && lines[2].contains("age 1s 200ms")
         );
+        assert_eq!(
+            lines[3],
+            "  queue #1    lease 1      session 0000000000000001 (host-b:7)  weight 1   waited 3s"
+        );
+        assert!(lines[12].starts_with("  queue #10 "), "{text}");
+        assert_eq!(lines[13], "  ... and 2 more waiting");
+        assert_eq!(lines.len(), 14, "{text}");
         assert_eq!(
             render(&StatusDoc::default(), SystemTime::UNIX_EPOCH),
             "no semaphores\n"

@@ -575,6 +575,12 @@ fn status_reports_holders_and_waiters() {
         "a holder line:\n{}",
         table.stdout
     );
+    assert!(
+        rows.iter()
+            .any(|r| r.len() >= 7 && r[..3] == ["queue", "#1", "lease"] && r[4] == "session"),
+        "a waiter line:\n{}",
+        table.stdout
+    );
 
     let out = h.run(&["status", "nosuch"]);
     out.assert_one_line_error(&["no semaphore named \"nosuch\""]);

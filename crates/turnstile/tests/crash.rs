@@ -293,6 +293,8 @@ impl CrashServer {
             "serve",
             "--listen",
             &format!("127.0.0.1:{port}"),
+            "--http",
+            "off",
             "--data-dir",
             &dir.join("data").display().to_string(),
             "--fsync",

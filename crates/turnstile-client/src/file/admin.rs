@@ -9,7 +9,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use turnstile_proto::{ErrorCode, HolderStatus, SemaphoreStatus, StatusDoc};
+use turnstile_proto::{ErrorCode, HolderStatus, SemaphoreStatus, StatusDoc, WaiterStatus};
 
 use super::disk::{self, Record};
 use super::{closed_err, lock, numbered, rejected, slots, storage, Inner};
@@ -63,15 +63,23 @@ impl Inner {
             }
             let mut holders: Vec<HolderStatus> = holders.into_values().collect();
             holders.sort_by_key(|h| h.token);
-            let (mut queued, mut queued_weight) = (0, 0);
+            // Tickets are numbered in arrival order, which is the queue order.
+            let mut waiters = Vec::new();
             if let Ok(tickets) = numbered(&dir.join("queue")) {
                 for path in tickets.values() {
                     if let Some(r) = disk::read_small(path).ok().and_then(|b| Record::decode(&b)) {
-                        queued += 1;
-                        queued_weight += u64::from(r.weight);
+                        waiters.push(WaiterStatus {
+                            lease_id: r.lease,
+                            session: format!("{:016x}", r.session),
+                            client: format!("{}:{}", r.who.host, r.who.pid),
+                            weight: r.weight,
+                            age_ms: now_ms.saturating_sub(r.start_ms),
+                        });
                     }
                 }
             }
+            let queued = waiters.len() as u64;
+            let queued_weight = waiters.iter().map(|w| u64::from(w.weight)).sum();
             semaphores.push(SemaphoreStatus {
                 name,
                 capacity,
@@ -80,6 +88,7 @@ impl Inner {
                 queued_weight,
                 closed: Inner::is_closed(&dir),
                 holders,
+                waiters,
                 acquired_total: 0,
                 released_total: 0,
                 expired_total: 0,

@@ -49,7 +49,7 @@ pub(super) fn lock_name(job: &str) -> Arc<str> {
     Arc::from(format!("{LOCK_PREFIX}{job}"))
 }
 
-fn job_of_lock(lock: &str) -> Option<&str> {
+pub(super) fn job_of_lock(lock: &str) -> Option<&str> {
     lock.strip_prefix(LOCK_PREFIX)
 }
 

@@ -96,6 +96,7 @@ impl Drop for Scratch {
 pub struct Server {
     child: Child,
     url: String,
+    http: Option<String>,
 }
 
 impl Server {
@@ -107,14 +108,29 @@ impl Server {
     }
 
     /// Starts a coordinator on 127.0.0.1 port 0 with more `serve` arguments (`--data-dir`...).
+    /// Without an `--http` among them, the HTTP port is off: parallel tests must not compete
+    /// for its default port.
     pub fn start_with(args: &[&str]) -> Server {
-        let mut child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .args(args)
+        Server::spawn(args, Stdio::null())
+    }
+
+    /// Like [`Server::start_with`], with the server's stderr (its log) going to `stderr`.
+    /// With `--http ADDR` among `args`, waits for the HTTP port's line too.
+    pub fn spawn(args: &[&str], stderr: impl Into<Stdio>) -> Server {
+        let http_wanted = match args.iter().position(|a| *a == "--http") {
+            Some(i) => args.get(i + 1) != Some(&"off"),
+            None => false,
+        };
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--listen", "127.0.0.1:0"]).args(args);
+        if !args.contains(&"--http") {
+            cmd.args(["--http", "off"]);
+        }
+        let mut child = cmd
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("spawn turnstile serve");
         let stdout = child.stdout.take().expect("the server's stdout is piped");
@@ -122,14 +138,19 @@ impl Server {
         let mut server = Server {
             child,
             url: String::new(),
+            http: None,
         };
         // Read on a thread, so that a server that never prints cannot hang the test. The
         // thread then drains the pipe until the server exits, so its stdout never breaks.
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            let _ = tx.send(reader.read_line(&mut line).map(|_| line));
+            for _ in 0..2 {
+                let mut line = String::new();
+                if tx.send(reader.read_line(&mut line).map(|_| line)).is_err() {
+                    break;
+                }
+            }
             let _ = reader.read_to_end(&mut Vec::new());
         });
         let line = match rx.recv_timeout(SOON) {
@@ -143,7 +164,31 @@ impl Server {
         let port: u16 = addr.parse().expect("a port number");
         assert_ne!(port, 0, "the server must report the port it bound");
         server.url = format!("tcp://127.0.0.1:{port}");
+        if http_wanted {
+            let line = match rx.recv_timeout(SOON) {
+                Ok(Ok(line)) => line,
+                other => panic!("turnstile serve did not print its HTTP address: {other:?}"),
+            };
+            let url = line
+                .trim_end()
+                .strip_prefix("http on ")
+                .unwrap_or_else(|| panic!("unexpected second line: {line:?}"));
+            server.http = Some(url.to_owned());
+        }
         server
+    }
+
+    /// The HTTP port's `host:port`; panics if the server was started without one.
+    pub fn http_addr(&self) -> String {
+        let url = self.http.as_deref().expect("the server serves HTTP");
+        url.trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_owned()
+    }
+
+    /// `GET path` on the HTTP port: the status code and the body.
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http_get(&self.http_addr(), path)
     }
 
     /// Kills the server with SIGKILL (a crash) and reaps it.
@@ -163,6 +208,29 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `GET path` from `addr` (`host:port`) with a plain HTTP/1.1 request: the status code and
+/// the body. The server closes the connection after the response.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the HTTP port");
+    stream
+        .set_read_timeout(Some(SOON))
+        .expect("set a read timeout");
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").expect("send the request");
+    let mut raw = String::new();
+    stream
+        .read_to_string(&mut raw)
+        .expect("read the whole response");
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no end of head in {raw:?}"));
+    let code = head
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line in {head:?}"));
+    (code, body.to_owned())
 }
 
 /// What a finished `turnstile` process left behind.

@@ -1,0 +1,280 @@
+//! The feed of notable events: lost leases, sessions that expired or were ended, closed
+//! semaphores, finished jobs. The server keeps the last [`CAPACITY`] in a ring under the state
+//! lock, with wall-clock times, for the dashboard and `GET /v1/events`; and each is logged
+//! once, where it is recorded.
+//!
+//! Events are observed where the server routes a step's effects (`State::route`), that is
+//! when the core decides them, in the order it decides them. Clean session closes and plain
+//! releases are not events: they are the normal life of a lease, and would push the rare
+//! things out of a short feed.
+
+use std::collections::VecDeque;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use turnstile_core::{job_of_lock, EndReason, Event, LeaseId, LostReason, SessionId, Token};
+
+/// How many events the feed keeps.
+pub(crate) const CAPACITY: usize = 200;
+
+/// One event, as `GET /v1/events` serves it. Fields that do not apply are left out.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub(crate) struct Entry {
+    /// Its number: events are numbered from 1 in the order they happened.
+    pub(crate) seq: u64,
+    /// When the server saw it, milliseconds since the Unix epoch.
+    pub(crate) unix_ms: u64,
+    /// What happened: `lease_lost`, `session_expired`, `session_ended`, `semaphore_closed`,
+    /// `job_completed` or `job_failed`.
+    pub(crate) kind: &'static str,
+    /// The semaphore concerned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) semaphore: Option<String>,
+    /// The job concerned (for a lost job lease, instead of a semaphore).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) job: Option<String>,
+    /// The lease concerned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) lease: Option<u64>,
+    /// The session concerned, as 16 hex digits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) session: Option<String>,
+    /// The fencing token of the lease concerned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) token: Option<u64>,
+    /// Why, in a word (`expired`, `closed`, `session-ended`) or, for a failed job, in words.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) reason: Option<String>,
+}
+
+/// The last [`CAPACITY`] events.
+pub(crate) struct EventLog {
+    entries: VecDeque<Entry>,
+    /// The number of the last event recorded (0: none yet).
+    last: u64,
+}
+
+/// The body of `GET /v1/events`.
+#[derive(Serialize)]
+pub(crate) struct Page {
+    /// The number of the newest event; pass it as `after` to get only newer ones next time.
+    pub(crate) last: u64,
+    /// Events numbered above `after`, oldest first (at most the ring's worth: a client that
+    /// polls too rarely sees a gap in `seq`).
+    pub(crate) events: Vec<Entry>,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl EventLog {
+    pub(crate) fn new() -> EventLog {
+        EventLog {
+            entries: VecDeque::with_capacity(CAPACITY),
+            last: 0,
+        }
+    }
+
+    fn push(&mut self, kind: &'static str, fill: impl FnOnce(&mut Entry)) {
+        self.last += 1;
+        let mut entry = Entry {
+            seq: self.last,
+            unix_ms: unix_ms(),
+            kind,
+            semaphore: None,
+            job: None,
+            lease: None,
+            session: None,
+            token: None,
+            reason: None,
+        };
+        fill(&mut entry);
+        if self.entries.len() == CAPACITY {
+            self.entries.pop_front();
+        }
+        self.entries.push_back(entry);
+    }
+
+    /// Records (and logs) a core event, if it is notable: every lost lease, every session
+    /// that expired or was ended by someone else.
+    pub(crate) fn core_event(&mut self, event: &Event) {
+        match event {
+            Event::LeaseLost {
+                session,
+                lease,
+                semaphore,
+                token,
+                reason,
+            } => self.lease_lost(*session, *lease, semaphore, *token, *reason),
+            Event::SessionEnded { session, reason } => {
+                let kind = match reason {
+                    EndReason::Closed => {
+                        tracing::debug!(session = %session, "session closed");
+                        return;
+                    }
+                    EndReason::Expired => {
+                        tracing::info!(session = %session, "session expired");
+                        "session_expired"
+                    }
+                    EndReason::EndedByOther => {
+                        tracing::info!(session = %session, "session ended by another client");
+                        "session_ended"
+                    }
+                };
+                self.push(kind, |e| e.session = Some(session.to_string()));
+            }
+        }
+    }
+
+    fn lease_lost(
+        &mut self,
+        session: SessionId,
+        lease: LeaseId,
+        semaphore: &str,
+        token: Token,
+        reason: LostReason,
+    ) {
+        let job = job_of_lock(semaphore);
+        match job {
+            Some(job) => tracing::info!(
+                job,
+                lease = lease.0,
+                session = %session,
+                token = token.0,
+                reason = reason.as_str(),
+                "job lease lost"
+            ),
+            None => tracing::info!(
+                semaphore,
+                lease = lease.0,
+                session = %session,
+                token = token.0,
+                reason = reason.as_str(),
+                "lease lost"
+            ),
+        }
+        self.push("lease_lost", |e| {
+            match job {
+                Some(job) => e.job = Some(job.to_owned()),
+                None => e.semaphore = Some(semaphore.to_owned()),
+            }
+            e.lease = Some(lease.0);
+            e.session = Some(session.to_string());
+            e.token = Some(token.0);
+            e.reason = Some(reason.as_str().to_owned());
+        });
+    }
+
+    /// Records (and logs) that a semaphore was closed.
+    pub(crate) fn semaphore_closed(&mut self, semaphore: &str) {
+        tracing::info!(semaphore, "semaphore closed");
+        self.push("semaphore_closed", |e| {
+            e.semaphore = Some(semaphore.to_owned())
+        });
+    }
+
+    /// Records (and logs) that an attempt at a job ended: completed, or failed with a reason.
+    pub(crate) fn job_finished(&mut self, job: &str, failure: Option<&str>) {
+        match failure {
+            None => tracing::info!(job, "job completed"),
+            Some(reason) => tracing::info!(job, reason, "job attempt failed"),
+        }
+        let kind = if failure.is_some() {
+            "job_failed"
+        } else {
+            "job_completed"
+        };
+        self.push(kind, |e| {
+            e.job = Some(job.to_owned());
+            e.reason = failure.map(str::to_owned);
+        });
+    }
+
+    /// The events numbered above `after`, oldest first.
+    pub(crate) fn since(&self, after: u64) -> Page {
+        Page {
+            last: self.last,
+            events: self
+                .entries
+                .iter()
+                .filter(|e| e.seq > after)
+                .cloned()
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn lost(lease: u64, semaphore: &str) -> Event {
+        Event::LeaseLost {
+            session: SessionId(0xab),
+            lease: LeaseId(lease),
+            semaphore: Arc::from(semaphore),
+            token: Token(9),
+            reason: LostReason::Expired,
+        }
+    }
+
+    #[test]
+    fn keeps_the_last_events_in_order() {
+        let mut log = EventLog::new();
+        for i in 0..(CAPACITY as u64 + 5) {
+            log.core_event(&lost(i, "db"));
+        }
+        let page = log.since(0);
+        assert_eq!(page.last, CAPACITY as u64 + 5);
+        assert_eq!(page.events.len(), CAPACITY);
+        assert_eq!(page.events[0].seq, 6);
+        assert_eq!(page.events[0].lease, Some(5));
+        assert_eq!(log.since(page.last - 2).events.len(), 2);
+        assert!(log.since(page.last).events.is_empty());
+    }
+
+    #[test]
+    fn names_jobs_and_skips_clean_closes() {
+        let mut log = EventLog::new();
+        log.core_event(&lost(1, "\u{1}job:import-7"));
+        log.core_event(&Event::SessionEnded {
+            session: SessionId(1),
+            reason: EndReason::Closed,
+        });
+        log.core_event(&Event::SessionEnded {
+            session: SessionId(1),
+            reason: EndReason::Expired,
+        });
+        log.semaphore_closed("db");
+        log.job_finished("import-8", None);
+        log.job_finished("import-9", Some("exited with status 3"));
+        let page = log.since(0);
+        let kinds: Vec<&str> = page.events.iter().map(|e| e.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                "lease_lost",
+                "session_expired",
+                "semaphore_closed",
+                "job_completed",
+                "job_failed"
+            ]
+        );
+        assert_eq!(page.events[0].job.as_deref(), Some("import-7"));
+        assert_eq!(page.events[0].semaphore, None);
+        assert_eq!(page.events[0].session.as_deref(), Some("00000000000000ab"));
+        assert_eq!(
+            page.events[4].reason.as_deref(),
+            Some("exited with status 3")
+        );
+        let json = serde_json::to_string(&page.events[2]).expect("serializes");
+        assert!(
+            json.contains("\"semaphore\":\"db\"") && !json.contains("lease"),
+            "{json}"
+        );
+    }
+}

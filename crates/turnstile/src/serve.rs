@@ -1,0 +1,644 @@
+//! `turnstile serve`: its settings, from four layers, and the coordinator's start.
+//!
+//! Every setting has a flag (`--session-ttl`), an environment variable
+//! (`TURNSTILE_SESSION_TTL`) and a key in the TOML file given with `--config`
+//! (`session_ttl`). The first of these that is set wins: **flag > environment > file >
+//! default**. Clap tells a value typed or taken from the environment from its default
+//! (`ArgMatches::value_source`), so the file only fills in what the first two left at the
+//! default. The file is checked whole before anything starts: an unknown key or a bad value is
+//! one line that names the key.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::parser::ValueSource;
+use clap::ArgMatches;
+
+use crate::{parse_duration, parse_size, LogFormat};
+
+/// The default address of the coordinator's protocol port.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
+/// The default address of the HTTP port.
+pub const DEFAULT_HTTP: &str = "127.0.0.1:7421";
+
+/// Arguments of `turnstile serve`.
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Read settings from this TOML file. Keys are the flags' names with `_` for `-`
+    /// (`session_ttl = "30s"`). Precedence: flag > environment (TURNSTILE_LISTEN...) > file >
+    /// default.
+    #[arg(long, env = "TURNSTILE_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Print the settings in effect, as a config file that says where each came from, and
+    /// exit.
+    #[arg(long)]
+    print_config: bool,
+    /// Address to listen on (port 0 picks a free port; the address is printed on stdout).
+    #[arg(long, env = "TURNSTILE_LISTEN", default_value = DEFAULT_LISTEN)]
+    listen: SocketAddr,
+    /// Address of the HTTP port (metrics, status API, dashboard), or `off`.
+    #[arg(long, env = "TURNSTILE_HTTP", default_value = DEFAULT_HTTP, value_parser = parse_http)]
+    http: HttpAddr,
+    /// Session TTL for clients that do not ask for one (e.g. 500ms, 10s, 2m).
+    #[arg(long, env = "TURNSTILE_SESSION_TTL", default_value = "10s", value_parser = parse_duration)]
+    session_ttl: Duration,
+    /// Most connections served at once.
+    #[arg(long, env = "TURNSTILE_MAX_CONNECTIONS", default_value_t = 16_384)]
+    max_connections: usize,
+    /// Directory for the write-ahead log and snapshots (created if missing; one server per
+    /// directory).
+    #[arg(long, env = "TURNSTILE_DATA_DIR", default_value = "turnstile-data")]
+    data_dir: PathBuf,
+    /// Keep the state in memory only: a restart forgets every semaphore and lease. (Wins over
+    /// a data directory.)
+    #[arg(
+        long,
+        env = "TURNSTILE_IN_MEMORY",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    in_memory: bool,
+    /// When to sync the log: `always` (each request on its own) or `batch` (group commit: one
+    /// sync for the requests that arrive together). Replies always wait for the sync.
+    #[arg(long, env = "TURNSTILE_FSYNC", value_enum, default_value = "batch")]
+    fsync: Fsync,
+    /// Snapshot the state and drop the older log after this much log (e.g. 64MiB).
+    #[arg(long, env = "TURNSTILE_SNAPSHOT_EVERY", default_value = "64MiB", value_parser = parse_size)]
+    snapshot_every: u64,
+}
+
+/// `--fsync` values.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fsync {
+    /// Sync each request's records on their own.
+    Always,
+    /// Group commit.
+    Batch,
+}
+
+impl Fsync {
+    fn parse(s: &str) -> Result<Fsync, String> {
+        match s {
+            "always" => Ok(Fsync::Always),
+            "batch" => Ok(Fsync::Batch),
+            _ => Err(format!("{s:?} is not a sync mode (always or batch)")),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Fsync::Always => "always",
+            Fsync::Batch => "batch",
+        }
+    }
+}
+
+/// The HTTP port's address, or none (`off`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HttpAddr(pub Option<SocketAddr>);
+
+/// Parses `--http`: an address, or `off`.
+pub fn parse_http(s: &str) -> Result<HttpAddr, String> {
+    if s == "off" {
+        return Ok(HttpAddr(None));
+    }
+    s.parse()
+        .map(|a| HttpAddr(Some(a)))
+        .map_err(|_| format!("{s:?} is not an address (e.g. 127.0.0.1:7421) or off"))
+}
+
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse()
+        .map_err(|_| format!("{s:?} is not an address (e.g. 127.0.0.1:7420)"))
+}
+
+/// Where a setting came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A command-line flag.
+    Flag,
+    /// A `TURNSTILE_*` environment variable.
+    Env,
+    /// The config file.
+    File,
+    /// Nobody set it.
+    Default,
+}
+
+impl Source {
+    fn name(self) -> &'static str {
+        match self {
+            Source::Flag => "flag",
+            Source::Env => "environment",
+            Source::File => "config file",
+            Source::Default => "default",
+        }
+    }
+}
+
+/// A setting's value and where it came from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Set<T> {
+    /// The value.
+    pub value: T,
+    /// Its layer.
+    pub source: Source,
+}
+
+/// The settings in effect.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    /// See the flags of the same names.
+    pub listen: Set<SocketAddr>,
+    /// The HTTP port's address (`None`: off).
+    pub http: Set<Option<SocketAddr>>,
+    /// Default session TTL.
+    pub session_ttl: Set<Duration>,
+    /// Connection cap.
+    pub max_connections: Set<usize>,
+    /// Data directory.
+    pub data_dir: Set<PathBuf>,
+    /// No storage.
+    pub in_memory: Set<bool>,
+    /// Sync mode.
+    pub fsync: Set<Fsync>,
+    /// Snapshot threshold in bytes.
+    pub snapshot_every: Set<u64>,
+    /// Log format.
+    pub log_format: Set<LogFormat>,
+}
+
+/// The config file, parsed and checked: each key that is present, with its value.
+#[derive(Debug, Default, PartialEq)]
+pub struct FileConfig {
+    listen: Option<SocketAddr>,
+    http: Option<Option<SocketAddr>>,
+    session_ttl: Option<Duration>,
+    max_connections: Option<usize>,
+    data_dir: Option<PathBuf>,
+    in_memory: Option<bool>,
+    fsync: Option<Fsync>,
+    snapshot_every: Option<u64>,
+    log_format: Option<LogFormat>,
+}
+
+/// Every key of the config file.
+const KEYS: [&str; 9] = [
+    "listen",
+    "http",
+    "session_ttl",
+    "max_connections",
+    "data_dir",
+    "in_memory",
+    "fsync",
+    "snapshot_every",
+    "log_format",
+];
+
+impl FileConfig {
+    /// Reads and checks the file at `path`.
+    pub fn load(path: &Path) -> anyhow::Result<FileConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the config file {}", path.display()))?;
+        FileConfig::parse(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
+    }
+
+    /// Parses a config file's text. Errors are one line and name the key at fault.
+    pub fn parse(text: &str) -> Result<FileConfig, String> {
+        let table: toml::Table = toml::from_str(text).map_err(|e| {
+            let message = e.message().trim().replace('\n', " ");
+            let Some(span) = e.span() else {
+                return message;
+            };
+            let start = span.start.min(text.len());
+            let line = text[..start].lines().count().max(1);
+            // The text at fault, when it is short (a key, a value): "duplicate key (`listen`)".
+            match text.get(span) {
+                Some(at) if !at.trim().is_empty() && at.len() <= 40 && !at.contains('\n') => {
+                    format!("line {line}: {message} (`{}`)", at.trim())
+                }
+                _ => format!("line {line}: {message}"),
+            }
+        })?;
+        let mut config = FileConfig::default();
+        for (key, value) in &table {
+            let bad = |expected: &str| {
+                format!(
+                    "key `{key}`: expected {expected}, found {}",
+                    value.type_str()
+                )
+            };
+            let text = || value.as_str().ok_or_else(|| bad("a string"));
+            let with_key = |e: String| format!("key `{key}`: {e}");
+            match key.as_str() {
+                "listen" => config.listen = Some(parse_addr(text()?).map_err(with_key)?),
+                "http" => config.http = Some(parse_http(text()?).map_err(with_key)?.0),
+                "session_ttl" => {
+                    config.session_ttl = Some(parse_duration(text()?).map_err(with_key)?)
+                }
+                "max_connections" => {
+                    let n = value
+                        .as_integer()
+                        .and_then(|n| usize::try_from(n).ok())
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| bad("a positive integer"))?;
+                    config.max_connections = Some(n);
+                }
+                "data_dir" => config.data_dir = Some(PathBuf::from(text()?)),
+                "in_memory" => {
+                    config.in_memory = Some(value.as_bool().ok_or_else(|| bad("true or false"))?)
+                }
+                "fsync" => config.fsync = Some(Fsync::parse(text()?).map_err(with_key)?),
+                "snapshot_every" => {
+                    let bytes = match value {
+                        toml::Value::Integer(n) => {
+                            u64::try_from(*n).map_err(|_| bad("a size such as \"64MiB\""))?
+                        }
+                        toml::Value::String(s) => parse_size(s).map_err(with_key)?,
+                        _ => return Err(bad("a size such as \"64MiB\"")),
+                    };
+                    config.snapshot_every = Some(bytes);
+                }
+                "log_format" => {
+                    config.log_format = Some(LogFormat::parse(text()?).map_err(with_key)?)
+                }
+                _ => {
+                    return Err(format!(
+                        "unknown key `{key}` (known keys: {})",
+                        KEYS.join(", ")
+                    ))
+                }
+            }
+        }
+        Ok(config)
+    }
+}
+
+/// Picks a setting's layer: the value clap has if it came from a flag or the environment,
+/// else the file's, else clap's (then its default).
+fn pick<T>(matches: &ArgMatches, id: &str, clap_value: T, file: Option<T>) -> Set<T> {
+    match matches.value_source(id) {
+        Some(ValueSource::CommandLine) => Set {
+            value: clap_value,
+            source: Source::Flag,
+        },
+        Some(ValueSource::EnvVariable) => Set {
+            value: clap_value,
+            source: Source::Env,
+        },
+        _ => match file {
+            Some(value) => Set {
+                value,
+                source: Source::File,
+            },
+            None => Set {
+                value: clap_value,
+                source: Source::Default,
+            },
+        },
+    }
+}
+
+impl ServeArgs {
+    /// The settings in effect, given the matches of the `serve` subcommand (for where each
+    /// value came from), the global `--log-format` and its matches, and the config file.
+    pub fn settings(
+        &self,
+        matches: &ArgMatches,
+        log_format: LogFormat,
+        file: FileConfig,
+    ) -> Settings {
+        Settings {
+            listen: pick(matches, "listen", self.listen, file.listen),
+            http: pick(matches, "http", self.http.0, file.http),
+            session_ttl: pick(matches, "session_ttl", self.session_ttl, file.session_ttl),
+            max_connections: pick(
+                matches,
+                "max_connections",
+                self.max_connections,
+                file.max_connections,
+            ),
+            data_dir: pick(matches, "data_dir", self.data_dir.clone(), file.data_dir),
+            in_memory: pick(matches, "in_memory", self.in_memory, file.in_memory),
+            fsync: pick(matches, "fsync", self.fsync, file.fsync),
+            snapshot_every: pick(
+                matches,
+                "snapshot_every",
+                self.snapshot_every,
+                file.snapshot_every,
+            ),
+            log_format: pick(matches, "log_format", log_format, file.log_format),
+        }
+    }
+
+    /// The config file named by `--config` (or `TURNSTILE_CONFIG`), read and checked; empty
+    /// if none.
+    pub fn file(&self) -> anyhow::Result<FileConfig> {
+        match &self.config {
+            Some(path) => FileConfig::load(path),
+            None => Ok(FileConfig::default()),
+        }
+    }
+
+    /// Whether to print the settings instead of serving.
+    pub fn print_config(&self) -> bool {
+        self.print_config
+    }
+}
+
+impl Settings {
+    /// The settings as a config file, each line saying where its value came from.
+    pub fn to_toml(&self) -> String {
+        fn quoted(s: &str) -> String {
+            // A JSON string is a valid TOML basic string.
+            serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+        }
+        let mut out = String::new();
+        let mut line = |key: &str, value: String, source: Source| {
+            let _ = writeln!(out, "{key} = {value}  # {}", source.name());
+        };
+        line(
+            "listen",
+            quoted(&self.listen.value.to_string()),
+            self.listen.source,
+        );
+        let http = self.http.value.map_or("off".into(), |a| a.to_string());
+        line("http", quoted(&http), self.http.source);
+        let ttl = humantime::format_duration(self.session_ttl.value).to_string();
+        line("session_ttl", quoted(&ttl), self.session_ttl.source);
+        line(
+            "max_connections",
+            self.max_connections.value.to_string(),
+            self.max_connections.source,
+        );
+        let dir = self.data_dir.value.to_string_lossy();
+        line("data_dir", quoted(&dir), self.data_dir.source);
+        line(
+            "in_memory",
+            self.in_memory.value.to_string(),
+            self.in_memory.source,
+        );
+        line("fsync", quoted(self.fsync.value.name()), self.fsync.source);
+        line(
+            "snapshot_every",
+            self.snapshot_every.value.to_string(),
+            self.snapshot_every.source,
+        );
+        line(
+            "log_format",
+            quoted(self.log_format.value.name()),
+            self.log_format.source,
+        );
+        out
+    }
+
+    /// The server's configuration; fails if a value is out of range.
+    pub fn server_config(&self) -> anyhow::Result<turnstile_server::Config> {
+        let storage = if self.in_memory.value {
+            turnstile_server::Storage::InMemory
+        } else {
+            turnstile_server::Storage::Dir {
+                path: self.data_dir.value.clone(),
+                fsync: match self.fsync.value {
+                    Fsync::Always => turnstile_server::FsyncMode::Always,
+                    Fsync::Batch => turnstile_server::FsyncMode::Batch,
+                },
+                snapshot_bytes: self.snapshot_every.value.max(4096),
+            }
+        };
+        let config = turnstile_server::Config {
+            session_ttl: self.session_ttl.value,
+            max_connections: self.max_connections.value.max(1),
+            storage,
+            ..turnstile_server::Config::default()
+        };
+        let ttl = config.session_ttl;
+        if ttl < config.min_session_ttl || ttl > config.max_session_ttl {
+            anyhow::bail!(
+                "session_ttl {} ({}) is outside {}..={}",
+                humantime::format_duration(ttl),
+                self.session_ttl.source.name(),
+                humantime::format_duration(config.min_session_ttl),
+                humantime::format_duration(config.max_session_ttl)
+            );
+        }
+        Ok(config)
+    }
+}
+
+/// Runs the coordinator with these settings until SIGINT or SIGTERM.
+pub async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let config = settings.server_config()?;
+    let storage = match &config.storage {
+        turnstile_server::Storage::InMemory => "in memory".to_owned(),
+        turnstile_server::Storage::Dir { path, fsync, .. } => {
+            format!("in {} (fsync {fsync:?})", path.display()).to_lowercase()
+        }
+    };
+    let ttl = config.session_ttl;
+    // Open the storage before binding: a locked or damaged data directory is reported at once.
+    let server = turnstile_server::Server::open(config)?;
+    let r = server.recovery();
+    if r.records > 0 {
+        tracing::info!(
+            records = r.records,
+            from_snapshot = r.from_snapshot,
+            semaphores = r.semaphores,
+            sessions = r.sessions,
+            leases = r.leases,
+            grace = %humantime::format_duration(ttl),
+            "recovered state; sessions have one TTL to reconnect"
+        );
+    }
+    let listen = settings.listen.value;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    let http = match settings.http.value {
+        None => None,
+        Some(at) => match tokio::net::TcpListener::bind(at).await {
+            Ok(l) => Some(l),
+            // The default port may be taken (another coordinator on this host): that must not
+            // keep the coordinator from starting. An address someone asked for must.
+            Err(e) if settings.http.source == Source::Default => {
+                tracing::warn!(
+                    addr = %at,
+                    error = %e,
+                    "cannot serve HTTP on the default address; going on without it \
+                     (set --http ADDR, or --http off)"
+                );
+                None
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot serve HTTP on {at}")),
+        },
+    };
+    // One line on stdout per port, for scripts and tests that listen on port 0.
+    println!("listening on {addr}");
+    let http_addr = match &http {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
+    if let Some(h) = http_addr {
+        println!("http on http://{h}/");
+    }
+    tracing::info!(
+        %addr,
+        http = %http_addr.map_or("off".to_owned(), |h| format!("http://{h}/")),
+        session_ttl = %humantime::format_duration(ttl),
+        "turnstile coordinator listening; state {storage}"
+    );
+    server
+        .run_with_http(listener, http, shutdown_signal())
+        .await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, FromArgMatches};
+
+    /// The settings for a command line and a config file, as `main` computes them.
+    fn resolve(args: &[&str], file: &str) -> Settings {
+        let matches = crate::Cli::command()
+            .try_get_matches_from(args)
+            .expect("the arguments parse");
+        let cli = crate::Cli::from_arg_matches(&matches).expect("the arguments parse");
+        let crate::Command::Serve(serve) = cli.command else {
+            panic!("a serve command line");
+        };
+        let sub = matches.subcommand_matches("serve").expect("serve");
+        let file = FileConfig::parse(file).expect("the file parses");
+        serve.settings(sub, cli.log_format, file)
+    }
+
+    // The environment layer sits between these two and is tested with real processes
+    // (tests/cli.rs), so that no test here has to change this process's environment.
+    #[test]
+    fn flags_beat_the_file_which_beats_defaults() {
+        let file = r#"
+            listen = "127.0.0.1:9000"
+            session_ttl = "30s"
+            in_memory = true
+            snapshot_every = 1048576
+            log_format = "json"
+        "#;
+        let s = resolve(
+            &[
+                "turnstile",
+                "serve",
+                "--listen",
+                "127.0.0.1:9100",
+                "--log-format",
+                "text",
+            ],
+            file,
+        );
+        assert_eq!(s.listen.value, "127.0.0.1:9100".parse().expect("addr"));
+        assert_eq!(s.listen.source, Source::Flag);
+        assert_eq!(s.session_ttl.value, Duration::from_secs(30));
+        assert_eq!(s.session_ttl.source, Source::File);
+        assert_eq!(
+            (s.in_memory.value, s.in_memory.source),
+            (true, Source::File)
+        );
+        assert_eq!(s.snapshot_every.value, 1 << 20);
+        assert_eq!(s.log_format.value, LogFormat::Text);
+        assert_eq!(s.log_format.source, Source::Flag);
+        assert_eq!(s.http.value, Some(DEFAULT_HTTP.parse().expect("addr")));
+        assert_eq!(s.http.source, Source::Default);
+        assert_eq!(s.fsync.value, Fsync::Batch);
+        assert_eq!(s.max_connections.value, 16_384);
+
+        let s = resolve(
+            &["turnstile", "serve", "--http", "off"],
+            "http = \"127.0.0.1:1\"",
+        );
+        assert_eq!((s.http.value, s.http.source), (None, Source::Flag));
+        let s = resolve(&["turnstile", "serve"], "http = \"off\"");
+        assert_eq!((s.http.value, s.http.source), (None, Source::File));
+        let s = resolve(&["turnstile", "serve", "--in-memory"], "in_memory = false");
+        assert_eq!(
+            (s.in_memory.value, s.in_memory.source),
+            (true, Source::Flag)
+        );
+    }
+
+    #[test]
+    fn printed_settings_read_back_as_the_same_file() {
+        let s = resolve(
+            &["turnstile", "serve", "--data-dir", "/var/lib/a \"b\""],
+            "fsync = \"always\"\nhttp = \"off\"",
+        );
+        let printed = s.to_toml();
+        assert!(
+            printed.contains("fsync = \"always\"  # config file"),
+            "{printed}"
+        );
+        assert!(
+            printed.contains("listen = \"127.0.0.1:7420\"  # default"),
+            "{printed}"
+        );
+        let back = FileConfig::parse(&printed).expect("the printed settings parse");
+        assert_eq!(back.data_dir, Some(PathBuf::from("/var/lib/a \"b\"")));
+        assert_eq!(back.fsync, Some(Fsync::Always));
+        assert_eq!(back.http, Some(None));
+        assert_eq!(back.session_ttl, Some(Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn file_errors_are_one_line_naming_the_key() {
+        let cases = [
+            ("lisen = \"x\"", "unknown key `lisen`"),
+            ("listen = 7420", "key `listen`: expected a string"),
+            (
+                "listen = \"localhost\"",
+                "key `listen`: \"localhost\" is not an address",
+            ),
+            ("http = \"on\"", "key `http`:"),
+            ("session_ttl = \"10 parsecs\"", "key `session_ttl`:"),
+            (
+                "max_connections = -1",
+                "key `max_connections`: expected a positive integer",
+            ),
+            ("max_connections = \"9\"", "key `max_connections`"),
+            (
+                "in_memory = \"yes\"",
+                "key `in_memory`: expected true or false",
+            ),
+            ("fsync = \"sometimes\"", "key `fsync`:"),
+            ("snapshot_every = \"64 parsecs\"", "key `snapshot_every`:"),
+            ("snapshot_every = -5", "key `snapshot_every`"),
+            ("log_format = \"xml\"", "key `log_format`:"),
+            (
+                "listen = \"127.0.0.1:1\"\nlisten = \"127.0.0.1:2\"",
+                "duplicate key (`listen`)",
+            ),
+            ("[server]\nlisten = \"127.0.0.1:1\"", "unknown key `server`"),
+            ("listen = ", "line 1"),
+        ];
+        for (text, expected) in cases {
+            let e = FileConfig::parse(text).expect_err(text);
+            assert!(e.contains(expected), "{text:?}: {e:?} lacks {expected:?}");
+            assert!(!e.contains('\n'), "{text:?}: {e:?} is one line");
+        }
+        assert_eq!(FileConfig::parse(""), Ok(FileConfig::default()));
+    }
+}
