@@ -4,7 +4,10 @@
 //! once, where it is recorded.
 //!
 //! Events are observed where the server routes a step's effects (`State::route`), that is
-//! when the core decides them, in the order it decides them. Clean session closes and plain
+//! when the core decides them, in the order it decides them. They are *logged* later, by
+//! whoever ran the step, once it has let go of the state lock ([`EventLog::take_unlogged`],
+//! [`log`]): a mass expiry makes one log line per lost lease, and writing them must not hold
+//! up every other client. Clean session closes and plain
 //! releases are not events: they are the normal life of a lease, and would push the rare
 //! things out of a short feed.
 
@@ -13,6 +16,49 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use turnstile_core::{job_of_lock, EndReason, Event, LeaseId, LostReason, SessionId, Token};
+
+/// Logs recorded events, one line each (call it without holding the state lock).
+pub(crate) fn log(entries: Vec<Entry>) {
+    for e in entries {
+        let session = e.session.as_deref().unwrap_or_default();
+        let reason = e.reason.as_deref().unwrap_or_default();
+        match e.kind {
+            "lease_lost" => match (&e.job, &e.semaphore) {
+                (Some(job), _) => tracing::info!(
+                    job,
+                    lease = e.lease,
+                    session,
+                    token = e.token,
+                    reason,
+                    "job lease lost"
+                ),
+                (None, semaphore) => tracing::info!(
+                    semaphore = semaphore.as_deref().unwrap_or_default(),
+                    lease = e.lease,
+                    session,
+                    token = e.token,
+                    reason,
+                    "lease lost"
+                ),
+            },
+            "session_expired" => tracing::info!(session, "session expired"),
+            "session_ended" => tracing::info!(session, "session ended by another client"),
+            "semaphore_closed" => tracing::info!(
+                semaphore = e.semaphore.as_deref().unwrap_or_default(),
+                "semaphore closed"
+            ),
+            "job_completed" => {
+                tracing::info!(job = e.job.as_deref().unwrap_or_default(), "job completed")
+            }
+            "job_failed" => tracing::info!(
+                job = e.job.as_deref().unwrap_or_default(),
+                reason,
+                "job attempt failed"
+            ),
+            other => tracing::info!(kind = other, "event"),
+        }
+    }
+}
 
 /// How many events the feed keeps.
 pub(crate) const CAPACITY: usize = 200;
@@ -52,6 +98,8 @@ pub(crate) struct EventLog {
     entries: VecDeque<Entry>,
     /// The number of the last event recorded (0: none yet).
     last: u64,
+    /// Events recorded but not logged yet.
+    unlogged: Vec<Entry>,
 }
 
 /// The body of `GET /v1/events`.
@@ -75,7 +123,22 @@ impl EventLog {
         EventLog {
             entries: VecDeque::with_capacity(CAPACITY),
             last: 0,
+            unlogged: Vec::new(),
         }
+    }
+
+    /// The events recorded since the last call, to [`log`] once the state lock is released;
+    /// the newest of them join the ring. (Only the last [`CAPACITY`] of a burst are copied: a
+    /// mass expiry records one event per lease, and the ring keeps no more anyway.)
+    pub(crate) fn take_unlogged(&mut self) -> Vec<Entry> {
+        let fresh = std::mem::take(&mut self.unlogged);
+        for e in &fresh[fresh.len().saturating_sub(CAPACITY)..] {
+            if self.entries.len() == CAPACITY {
+                self.entries.pop_front();
+            }
+            self.entries.push_back(e.clone());
+        }
+        fresh
     }
 
     fn push(&mut self, kind: &'static str, fill: impl FnOnce(&mut Entry)) {
@@ -92,10 +155,7 @@ impl EventLog {
             reason: None,
         };
         fill(&mut entry);
-        if self.entries.len() == CAPACITY {
-            self.entries.pop_front();
-        }
-        self.entries.push_back(entry);
+        self.unlogged.push(entry);
     }
 
     /// Records (and logs) a core event, if it is notable: every lost lease, every session
@@ -115,14 +175,8 @@ impl EventLog {
                         tracing::debug!(session = %session, "session closed");
                         return;
                     }
-                    EndReason::Expired => {
-                        tracing::info!(session = %session, "session expired");
-                        "session_expired"
-                    }
-                    EndReason::EndedByOther => {
-                        tracing::info!(session = %session, "session ended by another client");
-                        "session_ended"
-                    }
+                    EndReason::Expired => "session_expired",
+                    EndReason::EndedByOther => "session_ended",
                 };
                 self.push(kind, |e| e.session = Some(session.to_string()));
             }
@@ -138,24 +192,6 @@ impl EventLog {
         reason: LostReason,
     ) {
         let job = job_of_lock(semaphore);
-        match job {
-            Some(job) => tracing::info!(
-                job,
-                lease = lease.0,
-                session = %session,
-                token = token.0,
-                reason = reason.as_str(),
-                "job lease lost"
-            ),
-            None => tracing::info!(
-                semaphore,
-                lease = lease.0,
-                session = %session,
-                token = token.0,
-                reason = reason.as_str(),
-                "lease lost"
-            ),
-        }
         self.push("lease_lost", |e| {
             match job {
                 Some(job) => e.job = Some(job.to_owned()),
@@ -170,7 +206,6 @@ impl EventLog {
 
     /// Records (and logs) that a semaphore was closed.
     pub(crate) fn semaphore_closed(&mut self, semaphore: &str) {
-        tracing::info!(semaphore, "semaphore closed");
         self.push("semaphore_closed", |e| {
             e.semaphore = Some(semaphore.to_owned())
         });
@@ -178,10 +213,6 @@ impl EventLog {
 
     /// Records (and logs) that an attempt at a job ended: completed, or failed with a reason.
     pub(crate) fn job_finished(&mut self, job: &str, failure: Option<&str>) {
-        match failure {
-            None => tracing::info!(job, "job completed"),
-            Some(reason) => tracing::info!(job, reason, "job attempt failed"),
-        }
         let kind = if failure.is_some() {
             "job_failed"
         } else {
@@ -228,6 +259,13 @@ mod tests {
         for i in 0..(CAPACITY as u64 + 5) {
             log.core_event(&lost(i, "db"));
         }
+        assert!(
+            log.since(0).events.is_empty(),
+            "the ring fills as the step ends"
+        );
+        // Every event of the step is handed out to be logged; the ring keeps the newest.
+        assert_eq!(log.take_unlogged().len(), CAPACITY + 5);
+        assert!(log.take_unlogged().is_empty());
         let page = log.since(0);
         assert_eq!(page.last, CAPACITY as u64 + 5);
         assert_eq!(page.events.len(), CAPACITY);
@@ -252,6 +290,7 @@ mod tests {
         log.semaphore_closed("db");
         log.job_finished("import-8", None);
         log.job_finished("import-9", Some("exited with status 3"));
+        assert_eq!(log.take_unlogged().len(), 5);
         let page = log.since(0);
         let kinds: Vec<&str> = page.events.iter().map(|e| e.kind).collect();
         assert_eq!(

@@ -206,10 +206,12 @@ impl Shared {
         }
         st.effects = effects;
         self.wake_timer_if_needed(&mut st);
+        let unlogged = st.events.take_unlogged();
         drop(st);
         if routed.logged {
             self.wal_ready.notify_one();
         }
+        crate::events::log(unlogged);
     }
 
     /// Processes due deadlines and routes their effects.
@@ -220,10 +222,12 @@ impl Shared {
         st.core.tick(now, &mut effects);
         let routed = st.route(&mut effects, None, &self.metrics);
         st.effects = effects;
+        let unlogged = st.events.take_unlogged();
         drop(st);
         if routed.logged {
             self.wal_ready.notify_one();
         }
+        crate::events::log(unlogged);
     }
 
     fn wake_timer_if_needed(&self, st: &mut State) {

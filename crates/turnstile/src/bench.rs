@@ -231,7 +231,12 @@ async fn spawn_server(storage: BenchStorage) -> anyhow::Result<(tokio::process::
     }
     let child = cmd
         .stdout(std::process::Stdio::null())
-        .env("RUST_LOG", "warn")
+        // The server's log level: `warn` unless TURNSTILE_BENCH_LOG says otherwise (to measure
+        // what logging costs; the server logs on the bench's stderr).
+        .env(
+            "RUST_LOG",
+            std::env::var("TURNSTILE_BENCH_LOG").unwrap_or_else(|_| "warn".to_owned()),
+        )
         .kill_on_drop(true)
         .spawn()
         .context("starting a coordinator")?;
