@@ -16,19 +16,7 @@ ROUNDS=${ROUNDS:-5}
 CLIENTS=${CLIENTS:-64}
 D=${DURATION:-3s}
 
-if ! command -v redis-server >/dev/null; then
-  echo "installing redis-server (Debian) for the peer measurement" >&2
-  apt-get install -y -q redis-server >/dev/null
-fi
-REDIS_PORT=${REDIS_PORT:-6399}
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
-  --daemonize no --loglevel warning >/dev/null &
-REDIS_PID=$!
-trap 'kill $REDIS_PID 2>/dev/null || true' EXIT
-for _ in $(seq 100); do
-  (exec 3<>/dev/tcp/127.0.0.1/"$REDIS_PORT") 2>/dev/null && break
-  sleep 0.05
-done
+source bench/redis.sh
 
 rate() { sed -E 's/.*"pairs_per_sec":([0-9.]+).*/\1/'; }
 common=(--json --duration "$D" --warmup 1s --clients "$CLIENTS")
