@@ -258,9 +258,7 @@ async fn load(args: &BenchArgs, url: &str) -> anyhow::Result<Outcome> {
         return load_raw(args, url).await;
     }
     let errors = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let measure_from = start + args.warmup;
-    let end = measure_from + args.duration;
+    let window = Window::new(args);
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..args.clients {
         let client = Client::connect(url).await?;
@@ -268,26 +266,15 @@ async fn load(args: &BenchArgs, url: &str) -> anyhow::Result<Outcome> {
         let sem = client.semaphore(&name, capacity).await?;
         let errors = errors.clone();
         tasks.spawn(async move {
-            let mut lat = Vec::with_capacity(1 << 16);
-            let mut pairs = 0u64;
-            loop {
-                let t = Instant::now();
-                if t >= end {
-                    break;
-                }
-                let ok = match sem.acquire_many(weight).await {
-                    Ok(p) => p.release().await.is_ok(),
-                    Err(_) => false,
-                };
-                if t >= measure_from {
-                    if ok {
-                        pairs += 1;
-                        lat.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
-                    } else {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
+            let (_, pairs, lat) = window
+                .drive(sem, &errors, |sem| async move {
+                    let ok = match sem.acquire_many(weight).await {
+                        Ok(p) => p.release().await.is_ok(),
+                        Err(_) => false,
+                    };
+                    (sem, Some(ok))
+                })
+                .await;
             let _ = client.shutdown().await;
             (pairs, lat)
         });
@@ -295,6 +282,59 @@ async fn load(args: &BenchArgs, url: &str) -> anyhow::Result<Outcome> {
     let mut outcome = collect(tasks, args.duration).await?;
     outcome.errors = errors.load(Ordering::Relaxed);
     Ok(outcome)
+}
+
+/// When a bench client measures: after the warm-up, until the end of the run.
+#[derive(Clone, Copy)]
+struct Window {
+    measure_from: Instant,
+    end: Instant,
+}
+
+impl Window {
+    fn new(args: &BenchArgs) -> Window {
+        let measure_from = Instant::now() + args.warmup;
+        Window {
+            measure_from,
+            end: measure_from + args.duration,
+        }
+    }
+
+    /// Repeats `op` until the end of the run. `op` takes the client's state and gives it back
+    /// with the operation's outcome: `Some(true)` a success, `Some(false)` a failure (counted
+    /// in `errors`), `None` a broken client (it stops). Returns the state, the successes in
+    /// the measured window and their latencies in microseconds.
+    async fn drive<S, F, Fut>(
+        self,
+        mut state: S,
+        errors: &AtomicU64,
+        mut op: F,
+    ) -> (S, u64, Vec<u32>)
+    where
+        F: FnMut(S) -> Fut,
+        Fut: std::future::Future<Output = (S, Option<bool>)>,
+    {
+        let mut lat = Vec::with_capacity(1 << 16);
+        let mut n = 0u64;
+        loop {
+            let t = Instant::now();
+            if t >= self.end {
+                break;
+            }
+            let (back, outcome) = op(state).await;
+            state = back;
+            let Some(ok) = outcome else { break };
+            if t >= self.measure_from {
+                if ok {
+                    n += 1;
+                    lat.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        (state, n, lat)
+    }
 }
 
 /// Sums what the client tasks counted and measured.
@@ -344,30 +384,22 @@ async fn echo(args: &BenchArgs) -> anyhow::Result<Outcome> {
             }
         });
     });
-    let start = Instant::now();
-    let measure_from = start + args.warmup;
-    let end = measure_from + args.duration;
+    let window = Window::new(args);
+    let errors = Arc::new(AtomicU64::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..args.clients {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        let s = tokio::net::TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;
+        let errors = errors.clone();
         tasks.spawn(async move {
-            let mut lat = Vec::with_capacity(1 << 16);
-            let mut n = 0u64;
-            let mut buf = [7u8; 16];
-            loop {
-                let t = Instant::now();
-                if t >= end {
-                    break;
-                }
-                if s.write_all(&buf).await.is_err() || s.read_exact(&mut buf).await.is_err() {
-                    break;
-                }
-                if t >= measure_from {
-                    n += 1;
-                    lat.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
-                }
-            }
+            let (_, n, lat) = window
+                .drive(s, &errors, |mut s| async move {
+                    let mut buf = [7u8; 16];
+                    let ok =
+                        s.write_all(&buf).await.is_ok() && s.read_exact(&mut buf).await.is_ok();
+                    (s, ok.then_some(true))
+                })
+                .await;
             (n, lat)
         });
     }
@@ -378,12 +410,10 @@ async fn echo(args: &BenchArgs) -> anyhow::Result<Outcome> {
 /// (the unlock), over its own connection, timing the pair as the coordinator scenarios do.
 async fn redis(args: &BenchArgs) -> anyhow::Result<Outcome> {
     let errors = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let measure_from = start + args.warmup;
-    let end = measure_from + args.duration;
+    let window = Window::new(args);
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..args.clients {
-        let mut s = tokio::net::TcpStream::connect(&args.redis)
+        let s = tokio::net::TcpStream::connect(&args.redis)
             .await
             .with_context(|| format!("connecting to Redis at {}", args.redis))?;
         s.set_nodelay(true)?;
@@ -392,31 +422,20 @@ async fn redis(args: &BenchArgs) -> anyhow::Result<Outcome> {
         let unlock = resp(&["DEL", &key]);
         let errors = errors.clone();
         tasks.spawn(async move {
-            let mut lat = Vec::with_capacity(1 << 16);
-            let mut n = 0u64;
-            let mut buf = Vec::with_capacity(64);
-            loop {
-                let t = Instant::now();
-                if t >= end {
-                    break;
-                }
-                let locked = match call(&mut s, &lock, &mut buf).await {
-                    Ok(reply) => reply == b"+OK",
-                    Err(_) => break,
-                };
-                let unlocked = match call(&mut s, &unlock, &mut buf).await {
-                    Ok(reply) => reply == b":1",
-                    Err(_) => break,
-                };
-                if t >= measure_from {
-                    if locked && unlocked {
-                        n += 1;
-                        lat.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
-                    } else {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
+            let client = (s, Vec::with_capacity(64), lock, unlock);
+            let (_, n, lat) = window
+                .drive(client, &errors, |mut c| async move {
+                    let (s, buf, lock, unlock) = &mut c;
+                    let outcome = match call(s, lock, buf).await {
+                        Ok(locked) => match call(s, unlock, buf).await {
+                            Ok(unlocked) => Some(locked == b"+OK" && unlocked == b":1"),
+                            Err(_) => None,
+                        },
+                        Err(_) => None,
+                    };
+                    (c, outcome)
+                })
+                .await;
             (n, lat)
         });
     }
@@ -597,9 +616,7 @@ async fn load_raw(args: &BenchArgs, url: &str) -> anyhow::Result<Outcome> {
         .context("--client raw needs a tcp:// coordinator")?
         .to_owned();
     let errors = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let measure_from = start + args.warmup;
-    let end = measure_from + args.duration;
+    let window = Window::new(args);
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..args.clients {
         let mut c = RawConn::connect(&addr).await?;
@@ -620,33 +637,24 @@ async fn load_raw(args: &BenchArgs, url: &str) -> anyhow::Result<Outcome> {
         );
         let errors = errors.clone();
         tasks.spawn(async move {
-            let mut lat = Vec::with_capacity(1 << 16);
-            let mut pairs = 0u64;
-            let acquire = Request::Acquire {
-                lease: 1,
-                weight,
-                timeout_ms: turnstile_proto::NO_TIMEOUT,
-                name: &name,
-            };
-            let release = Request::Release { lease: 1 };
-            loop {
-                let t = Instant::now();
-                if t >= end {
-                    break;
-                }
-                let ok = match (c.call(&acquire).await, c.call(&release).await) {
-                    (Ok(a), Ok(r)) => a && r,
-                    _ => break,
-                };
-                if t >= measure_from {
-                    if ok {
-                        pairs += 1;
-                        lat.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
-                    } else {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
+            let ((mut c, _), pairs, lat) = window
+                .drive((c, name), &errors, |(mut c, name)| async move {
+                    let acquire = Request::Acquire {
+                        lease: 1,
+                        weight,
+                        timeout_ms: turnstile_proto::NO_TIMEOUT,
+                        name: &name,
+                    };
+                    let outcome = match c.call(&acquire).await {
+                        Ok(acquired) => match c.call(&Request::Release { lease: 1 }).await {
+                            Ok(released) => Some(acquired && released),
+                            Err(_) => None,
+                        },
+                        Err(_) => None,
+                    };
+                    ((c, name), outcome)
+                })
+                .await;
             let _ = c.call(&Request::CloseSession).await;
             (pairs, lat)
         });
