@@ -789,6 +789,7 @@ impl Coordinator {
                         lease,
                         semaphore: sem.clone(),
                         token,
+                        client: session.client.clone(),
                         reason,
                     }));
                 }
@@ -815,6 +816,7 @@ impl Coordinator {
         self.jobs.end_group_waits_of(id, out);
         out.push(Effect::Event(Event::SessionEnded {
             session: id,
+            client: session.client,
             reason: how,
         }));
     }
@@ -843,11 +845,17 @@ impl Coordinator {
         }
         for key in held {
             if let Some((_, token)) = self.unhold(key) {
+                let client = self
+                    .sessions
+                    .get(&key.0)
+                    .map(|s| s.client.clone())
+                    .unwrap_or_else(|| Arc::from(""));
                 out.push(Effect::Event(Event::LeaseLost {
                     session: key.0,
                     lease: key.1,
                     semaphore: sem_name.clone(),
                     token,
+                    client,
                     reason: LostReason::Closed,
                 }));
                 if let Some(s) = self.semaphores.get_mut(&sem_name) {

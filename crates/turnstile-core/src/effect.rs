@@ -76,6 +76,8 @@ pub enum Event {
         semaphore: Arc<str>,
         /// The fencing token the lease carried.
         token: Token,
+        /// The session's client description ("host:pid"), for the operator.
+        client: Arc<str>,
         /// Why.
         reason: LostReason,
     },
@@ -84,6 +86,8 @@ pub enum Event {
     SessionEnded {
         /// The session.
         session: SessionId,
+        /// Its client description ("host:pid"), for the operator.
+        client: Arc<str>,
         /// How it ended.
         reason: EndReason,
     },

@@ -334,6 +334,7 @@ fn session_expiry_releases_leases_and_reports_each() {
                 lease: LeaseId(1),
                 semaphore: Arc::from("db"),
                 token: Token(1),
+                client: Arc::from("test"),
                 reason: LostReason::Expired,
             }),
             Effect::Persist(Record::Granted {
@@ -349,6 +350,7 @@ fn session_expiry_releases_leases_and_reports_each() {
             },
             Effect::Event(Event::SessionEnded {
                 session: SessionId(1),
+                client: Arc::from("test"),
                 reason: EndReason::Expired,
             }),
         ]
@@ -407,6 +409,7 @@ fn close_fails_waiters_and_tells_holders() {
         lease: LeaseId(1),
         semaphore: Arc::from("db"),
         token: Token(1),
+        client: Arc::from("test"),
         reason: LostReason::Closed,
     })));
     assert_eq!(t.c.lease_count(), 0);
@@ -449,6 +452,7 @@ fn clean_close_releases_and_end_session_reports_lost() {
     );
     assert!(out.contains(&Effect::Event(Event::SessionEnded {
         session: SessionId(1),
+        client: Arc::from("test"),
         reason: EndReason::Closed
     })));
     assert_eq!(reply_to(&out, waiter), granted(3));

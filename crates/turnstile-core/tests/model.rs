@@ -385,6 +385,7 @@ impl Model {
                             lease: key.1,
                             semaphore: sem.clone(),
                             token,
+                            client: Arc::from("test"),
                             reason,
                         });
                     }
@@ -403,6 +404,7 @@ impl Model {
         }
         exp.events.push(Event::SessionEnded {
             session: id,
+            client: Arc::from("test"),
             reason: how,
         });
     }
@@ -436,6 +438,7 @@ impl Model {
                 lease: key.1,
                 semaphore: sem_name.clone(),
                 token,
+                client: Arc::from("test"),
                 reason: LostReason::Closed,
             });
         }

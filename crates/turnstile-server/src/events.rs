@@ -21,6 +21,7 @@ use turnstile_core::{job_of_lock, EndReason, Event, LeaseId, LostReason, Session
 pub(crate) fn log(entries: Vec<Entry>) {
     for e in entries {
         let session = e.session.as_deref().unwrap_or_default();
+        let client = e.client.as_deref().unwrap_or_default();
         let reason = e.reason.as_deref().unwrap_or_default();
         match e.kind {
             "lease_lost" => match (&e.job, &e.semaphore) {
@@ -28,6 +29,7 @@ pub(crate) fn log(entries: Vec<Entry>) {
                     job,
                     lease = e.lease,
                     session,
+                    client,
                     token = e.token,
                     reason,
                     "job lease lost"
@@ -36,13 +38,16 @@ pub(crate) fn log(entries: Vec<Entry>) {
                     semaphore = semaphore.as_deref().unwrap_or_default(),
                     lease = e.lease,
                     session,
+                    client,
                     token = e.token,
                     reason,
                     "lease lost"
                 ),
             },
-            "session_expired" => tracing::info!(session, "session expired"),
-            "session_ended" => tracing::info!(session, "session ended by another client"),
+            "session_expired" => tracing::info!(session, client, "session expired"),
+            "session_ended" => {
+                tracing::info!(session, client, "session ended by another client")
+            }
             "semaphore_closed" => tracing::info!(
                 semaphore = e.semaphore.as_deref().unwrap_or_default(),
                 "semaphore closed"
@@ -85,6 +90,9 @@ pub(crate) struct Entry {
     /// The session concerned, as 16 hex digits.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) session: Option<String>,
+    /// That session's client description ("host:pid"), when it gave one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) client: Option<String>,
     /// The fencing token of the lease concerned.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) token: Option<u64>,
@@ -110,6 +118,11 @@ pub(crate) struct Page {
     /// Events numbered above `after`, oldest first (at most the ring's worth: a client that
     /// polls too rarely sees a gap in `seq`).
     pub(crate) events: Vec<Entry>,
+}
+
+/// A client description for an entry: `None` when the session gave none.
+fn named(client: &str) -> Option<String> {
+    (!client.is_empty()).then(|| client.to_owned())
 }
 
 fn unix_ms() -> u64 {
@@ -151,6 +164,7 @@ impl EventLog {
             job: None,
             lease: None,
             session: None,
+            client: None,
             token: None,
             reason: None,
         };
@@ -167,9 +181,14 @@ impl EventLog {
                 lease,
                 semaphore,
                 token,
+                client,
                 reason,
-            } => self.lease_lost(*session, *lease, semaphore, *token, *reason),
-            Event::SessionEnded { session, reason } => {
+            } => self.lease_lost(*session, *lease, semaphore, *token, client, *reason),
+            Event::SessionEnded {
+                session,
+                client,
+                reason,
+            } => {
                 let kind = match reason {
                     EndReason::Closed => {
                         tracing::debug!(session = %session, "session closed");
@@ -178,7 +197,10 @@ impl EventLog {
                     EndReason::Expired => "session_expired",
                     EndReason::EndedByOther => "session_ended",
                 };
-                self.push(kind, |e| e.session = Some(session.to_string()));
+                self.push(kind, |e| {
+                    e.session = Some(session.to_string());
+                    e.client = named(client);
+                });
             }
         }
     }
@@ -189,6 +211,7 @@ impl EventLog {
         lease: LeaseId,
         semaphore: &str,
         token: Token,
+        client: &str,
         reason: LostReason,
     ) {
         let job = job_of_lock(semaphore);
@@ -199,6 +222,7 @@ impl EventLog {
             }
             e.lease = Some(lease.0);
             e.session = Some(session.to_string());
+            e.client = named(client);
             e.token = Some(token.0);
             e.reason = Some(reason.as_str().to_owned());
         });
@@ -249,6 +273,7 @@ mod tests {
             lease: LeaseId(lease),
             semaphore: Arc::from(semaphore),
             token: Token(9),
+            client: Arc::from("node7:41"),
             reason: LostReason::Expired,
         }
     }
@@ -281,10 +306,12 @@ mod tests {
         log.core_event(&lost(1, "\u{1}job:import-7"));
         log.core_event(&Event::SessionEnded {
             session: SessionId(1),
+            client: Arc::from(""),
             reason: EndReason::Closed,
         });
         log.core_event(&Event::SessionEnded {
             session: SessionId(1),
+            client: Arc::from(""),
             reason: EndReason::Expired,
         });
         log.semaphore_closed("db");
@@ -306,6 +333,8 @@ mod tests {
         assert_eq!(page.events[0].job.as_deref(), Some("import-7"));
         assert_eq!(page.events[0].semaphore, None);
         assert_eq!(page.events[0].session.as_deref(), Some("00000000000000ab"));
+        assert_eq!(page.events[0].client.as_deref(), Some("node7:41"));
+        assert_eq!(page.events[1].client, None, "no client given, none shown");
         assert_eq!(
             page.events[4].reason.as_deref(),
             Some("exited with status 3")

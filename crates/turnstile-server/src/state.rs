@@ -373,6 +373,7 @@ impl State {
                     semaphore,
                     token,
                     reason,
+                    ..
                 }) => {
                     if let Some(outbox) = self.outbox_of(session) {
                         outbox.push(
@@ -386,7 +387,9 @@ impl State {
                         );
                     }
                 }
-                Effect::Event(Event::SessionEnded { session, reason }) => {
+                Effect::Event(Event::SessionEnded {
+                    session, reason, ..
+                }) => {
                     let lost = match reason {
                         EndReason::Closed => None,
                         EndReason::Expired => Some(proto::LostReason::Expired),
