@@ -1,11 +1,14 @@
 //! `turnstile once` (run a job once and only once) and `turnstile wait` (wait for a group).
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use turnstile_client::{Client, Error, GroupSummary, JobCompletion, JobStart};
 
-use crate::run::{describe, exit_code, spawn, supervise, OnLost, Signals, Supervised};
+use crate::run::{
+    describe, exit_code, spawn, supervise, OnLost, Signals, StatusLine, Supervised, PROGRESS_EVERY,
+};
 use crate::{parse_duration, UrlArg, EXIT_LOST, EXIT_TIMEOUT};
 
 /// Arguments of `turnstile once`.
@@ -65,13 +68,18 @@ pub async fn once(args: OnceArgs) -> anyhow::Result<ExitCode> {
             (true, Some(t)) => client.begin_job_timeout(&args.job, group, t).await,
         }
     };
+    let mut line = StatusLine::new(args.wait && std::io::stderr().is_terminal());
+    let progress = show_job_progress(&client, &args.job, &mut line);
     let start = tokio::select! {
         r = begin => r,
         sig = sigs.recv() => {
+            line.clear();
             let _ = client.shutdown().await;
             return Ok(ExitCode::from(128 + sig as u8));
         }
+        never = progress => match never {},
     };
+    line.clear();
     let attempt = match start {
         Ok(JobStart::Run(attempt)) => attempt,
         Ok(JobStart::Completed(done)) => {
@@ -166,6 +174,39 @@ pub async fn once(args: OnceArgs) -> anyhow::Result<ExitCode> {
     };
     let _ = client.shutdown().await;
     Ok(ExitCode::from(code))
+}
+
+/// While `once --wait` waits for a job that runs elsewhere, shows on a terminal who runs it
+/// and for how long this attempt has waited. Never returns: the caller drops it.
+async fn show_job_progress(
+    client: &Client,
+    job: &str,
+    line: &mut StatusLine,
+) -> std::convert::Infallible {
+    if !line.enabled {
+        return std::future::pending().await;
+    }
+    let started = std::time::Instant::now();
+    loop {
+        tokio::time::sleep(PROGRESS_EVERY).await;
+        let doc = client.status(None).await.ok();
+        let runner = doc
+            .as_ref()
+            .and_then(|d| d.jobs.iter().find(|j| j.name == job))
+            .and_then(|j| j.running.as_ref())
+            .map(|r| {
+                format!(
+                    " (running on {} for {})",
+                    r.client,
+                    round(Duration::from_millis(r.age_ms))
+                )
+            })
+            .unwrap_or_default();
+        let waited = humantime::format_duration(Duration::from_secs(started.elapsed().as_secs()));
+        line.show(&format!(
+            "turnstile: waiting for job {job:?}{runner}: {waited}"
+        ));
+    }
 }
 
 /// "completed by HOST:PID at TIME (took D)".

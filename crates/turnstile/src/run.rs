@@ -141,13 +141,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// How often the waiting line is refreshed; also how long an acquire waits before it shows.
-const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+pub(crate) const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 
 /// The one line `turnstile run` shows on a terminal while it waits for a slot. It is drawn
 /// with a carriage return over itself and erased once the wait ends, so that nothing of it
 /// stays on the screen; when stderr is not a terminal it draws nothing at all.
 pub(crate) struct StatusLine {
-    enabled: bool,
+    pub(crate) enabled: bool,
     shown: bool,
 }
 
@@ -159,7 +159,7 @@ impl StatusLine {
         }
     }
 
-    fn show(&mut self, text: &str) {
+    pub(crate) fn show(&mut self, text: &str) {
         if !self.enabled {
             return;
         }

@@ -465,3 +465,56 @@ fn run_shows_its_queue_position_only_on_a_terminal() {
         assert_eq!(plain_out.stdout, "granted\n", "{backend}");
     }
 }
+
+/// `turnstile once --wait` that waits for a job running elsewhere says, on a terminal, who runs
+/// it; the line is erased when the wait ends. Nothing of it when stderr is not a terminal.
+#[test]
+fn once_wait_shows_the_runner_only_on_a_terminal() {
+    if script().is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "util-linux's script is needed for this test in CI"
+        );
+        eprintln!("skipped: util-linux's `script` is not installed");
+        return;
+    }
+    let h = Harness::new("once-tty", "10s");
+    let url = h.server.url().to_owned();
+    let _holder = h.spawn("holder", &["once", "slow", "--", "sh", "-c", HOLD_UNTIL_GO]);
+    h.dir.wait_for("held");
+    let mut tty_waiter = spawn_on_tty(
+        &h,
+        &url,
+        "tty-once",
+        &["once", "slow", "--wait", "--", "echo", "ran"],
+    );
+    let mut plain = h.spawn(
+        "plain-once",
+        &["once", "slow", "--wait", "--", "echo", "ran"],
+    );
+    let screen = || h.dir.read("tty-once.stdout").unwrap_or_default();
+    wait_until("the job's waiting line", SOON, || {
+        (screen()
+            .matches("turnstile: waiting for job \"slow\" (running on ")
+            .count()
+            >= 2)
+            .then_some(())
+    });
+    std::fs::write(h.dir.join("go"), "").expect("let the holder finish");
+    let out = tty_waiter.wait(SOON);
+    assert_eq!(out.code(), 0, "{out:?}");
+    let s = screen();
+    let last = s.rfind("waiting for job").expect("drawn");
+    let after = &s[last..];
+    let erase = after
+        .find("\r\x1b[2K")
+        .expect("erased after the last drawing");
+    let skipped = after
+        .find("was completed by")
+        .expect("the attempt skipped the done job");
+    assert!(erase < skipped, "{s:?}");
+    let plain_out = plain.wait(SOON);
+    assert_eq!(plain_out.code(), 0, "{plain_out:?}");
+    assert!(!plain_out.stderr.contains("waiting"), "{plain_out:?}");
+    assert!(!plain_out.stdout.contains("ran"), "{plain_out:?}");
+}
