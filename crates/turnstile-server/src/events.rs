@@ -11,22 +11,25 @@
 //! releases are not events: they are the normal life of a lease, and would push the rare
 //! things out of a short feed.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 use turnstile_core::{job_of_lock, EndReason, Event, LeaseId, LostReason, SessionId, Token};
 
 /// Logs recorded events, one line each (call it without holding the state lock).
 pub(crate) fn log(entries: Vec<Entry>) {
     for e in entries {
-        let session = e.session.as_deref().unwrap_or_default();
+        let session = e.session.map(|s| s.to_string()).unwrap_or_default();
+        let session = session.as_str();
         let client = e.client.as_deref().unwrap_or_default();
         let reason = e.reason.as_deref().unwrap_or_default();
         match e.kind {
             "lease_lost" => match (&e.job, &e.semaphore) {
                 (Some(job), _) => tracing::info!(
-                    job,
+                    job = &**job,
                     lease = e.lease,
                     session,
                     client,
@@ -68,7 +71,10 @@ pub(crate) fn log(entries: Vec<Entry>) {
 /// How many events the feed keeps.
 pub(crate) const CAPACITY: usize = 200;
 
-/// One event, as `GET /v1/events` serves it. Fields that do not apply are left out.
+/// One event, as `GET /v1/events` serves it. Fields that do not apply are left out. Names
+/// are shared with the core and the session is kept as a number until it is shown: a mass
+/// expiry records one event per lease under the state lock, so recording one must not
+/// allocate.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub(crate) struct Entry {
     /// Its number: events are numbered from 1 in the order they happened.
@@ -80,25 +86,36 @@ pub(crate) struct Entry {
     pub(crate) kind: &'static str,
     /// The semaphore concerned.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) semaphore: Option<String>,
+    pub(crate) semaphore: Option<Arc<str>>,
     /// The job concerned (for a lost job lease, instead of a semaphore).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) job: Option<String>,
+    pub(crate) job: Option<Arc<str>>,
     /// The lease concerned.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) lease: Option<u64>,
-    /// The session concerned, as 16 hex digits.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) session: Option<String>,
+    /// The session concerned, served as 16 hex digits.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "session_hex"
+    )]
+    pub(crate) session: Option<SessionId>,
     /// That session's client description ("host:pid"), when it gave one.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) client: Option<String>,
+    pub(crate) client: Option<Arc<str>>,
     /// The fencing token of the lease concerned.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) token: Option<u64>,
     /// Why, in a word (`expired`, `closed`, `session-ended`) or, for a failed job, in words.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) reason: Option<String>,
+    pub(crate) reason: Option<Cow<'static, str>>,
+}
+
+/// Serializes a session as 16 hex digits, as the status document does.
+fn session_hex<S: Serializer>(session: &Option<SessionId>, s: S) -> Result<S::Ok, S::Error> {
+    match session {
+        Some(id) => s.collect_str(id),
+        None => s.serialize_none(),
+    }
 }
 
 /// The last [`CAPACITY`] events.
@@ -121,8 +138,8 @@ pub(crate) struct Page {
 }
 
 /// A client description for an entry: `None` when the session gave none.
-fn named(client: &str) -> Option<String> {
-    (!client.is_empty()).then(|| client.to_owned())
+fn named(client: &Arc<str>) -> Option<Arc<str>> {
+    (!client.is_empty()).then(|| client.clone())
 }
 
 fn unix_ms() -> u64 {
@@ -198,7 +215,7 @@ impl EventLog {
                     EndReason::EndedByOther => "session_ended",
                 };
                 self.push(kind, |e| {
-                    e.session = Some(session.to_string());
+                    e.session = Some(*session);
                     e.client = named(client);
                 });
             }
@@ -209,29 +226,29 @@ impl EventLog {
         &mut self,
         session: SessionId,
         lease: LeaseId,
-        semaphore: &str,
+        semaphore: &Arc<str>,
         token: Token,
-        client: &str,
+        client: &Arc<str>,
         reason: LostReason,
     ) {
         let job = job_of_lock(semaphore);
         self.push("lease_lost", |e| {
             match job {
-                Some(job) => e.job = Some(job.to_owned()),
-                None => e.semaphore = Some(semaphore.to_owned()),
+                Some(job) => e.job = Some(Arc::from(job)),
+                None => e.semaphore = Some(semaphore.clone()),
             }
             e.lease = Some(lease.0);
-            e.session = Some(session.to_string());
+            e.session = Some(session);
             e.client = named(client);
             e.token = Some(token.0);
-            e.reason = Some(reason.as_str().to_owned());
+            e.reason = Some(Cow::Borrowed(reason.as_str()));
         });
     }
 
     /// Records (and logs) that a semaphore was closed.
     pub(crate) fn semaphore_closed(&mut self, semaphore: &str) {
         self.push("semaphore_closed", |e| {
-            e.semaphore = Some(semaphore.to_owned())
+            e.semaphore = Some(Arc::from(semaphore))
         });
     }
 
@@ -243,8 +260,8 @@ impl EventLog {
             "job_completed"
         };
         self.push(kind, |e| {
-            e.job = Some(job.to_owned());
-            e.reason = failure.map(str::to_owned);
+            e.job = Some(Arc::from(job));
+            e.reason = failure.map(|f| Cow::Owned(f.to_owned()));
         });
     }
 
@@ -332,7 +349,9 @@ mod tests {
         );
         assert_eq!(page.events[0].job.as_deref(), Some("import-7"));
         assert_eq!(page.events[0].semaphore, None);
-        assert_eq!(page.events[0].session.as_deref(), Some("00000000000000ab"));
+        assert_eq!(page.events[0].session, Some(SessionId(0xab)));
+        let json = serde_json::to_string(&page.events[0]).expect("serializes");
+        assert!(json.contains(r#""session":"00000000000000ab""#), "{json}");
         assert_eq!(page.events[0].client.as_deref(), Some("node7:41"));
         assert_eq!(page.events[1].client, None, "no client given, none shown");
         assert_eq!(
