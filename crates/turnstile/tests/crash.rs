@@ -42,7 +42,10 @@
 //! The scenario runs with `--fsync batch` and snapshots every 4 KiB (so that kills also hit
 //! snapshots, and recovery starts from them), and with `--fsync always` and no snapshot.
 //! A third test pins down the worst case for a holder: killed just before its keep-alive
-//! would be answered, the server down for a third of the TTL; the lease must survive.
+//! would be answered, the server down for a third of the TTL; the lease must survive. A fourth
+//! kills the server every 30–120 ms while clients work through 400 run-once jobs: every
+//! acknowledged completion survives with its token, and no job is granted after its
+//! completion.
 //!
 //! # Longer soaks
 //!
@@ -111,6 +114,10 @@ const MAX_DOWNTIME: Duration = Duration::from_millis(1200);
 const DEFAULT_ROUNDS: u32 = 30;
 /// Fewest kills in the `--fsync always` test.
 const MIN_ALWAYS_ROUNDS: u32 = 10;
+/// Jobs of the job crash test.
+const JOBS: usize = 400;
+/// Clients working through them at once.
+const JOB_RUNNERS: usize = 4;
 
 /// `--fsync batch` (the default), with snapshots every 4 KiB so that kills also land during
 /// snapshots and recovery goes through them.
@@ -220,6 +227,149 @@ fn outage_of_a_third_of_the_ttl_costs_no_lease() {
         permit.release().await.expect("release");
         client.shutdown().await.expect("shutdown");
     });
+}
+
+/// Run-once jobs across SIGKILLs: [`JOB_RUNNERS`] clients work through the same [`JOBS`] jobs
+/// (each attempt waits for a running one, "runs" for a few milliseconds, and records its
+/// completion) while the server is killed and restarted every 30–120 ms, with snapshots every
+/// 4 KiB. Checks that every completion `succeed()` acknowledged survives every later restart
+/// with its token, that no attempt is ever granted a job after its completion (no grant with a
+/// token above the completion's), and that in the end every job has completed.
+#[test]
+fn job_completions_survive_sigkills() {
+    let scenario = Scenario {
+        name: "jobs",
+        fsync: "batch",
+        snapshot_every: Some("4KiB"),
+        rounds: 0,
+    };
+    let seed = env_u64("TURNSTILE_CRASH_SEED").unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+    });
+    eprintln!("job crash test: seed {seed} (set TURNSTILE_CRASH_SEED to repeat)");
+    let dir = Scratch::new("crash-jobs");
+    let mut server = CrashServer::new(&dir, &scenario);
+    server.start();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    // Every grant (job, token), and every acknowledged completion (job -> token).
+    let grants: Arc<Mutex<Vec<(usize, u64)>>> = Arc::default();
+    let acked: Arc<Mutex<BTreeMap<usize, u64>>> = Arc::default();
+    let url = server.url();
+    let mut rng = Rng::new(seed);
+    let kills = runtime.block_on(async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for r in 0..JOB_RUNNERS {
+            let options = Options {
+                session_ttl: Some(SESSION_TTL),
+                ..Options::default()
+            };
+            let client = Client::connect_with(&url, options).await.expect("connect");
+            let (grants, acked) = (grants.clone(), acked.clone());
+            let mut rng = Rng::new(seed ^ (r as u64 + 1));
+            tasks.spawn(async move {
+                for k in 0..JOBS {
+                    let job = (k + r * JOBS / JOB_RUNNERS) % JOBS;
+                    let name = format!("crash-job-{job}");
+                    loop {
+                        let begun = tokio::time::timeout(
+                            OP_DEADLINE,
+                            client.begin_job(&name, Some("crash-jobs")),
+                        )
+                        .await
+                        .unwrap_or_else(|_| panic!("begin {name} hung"));
+                        let attempt = match begun {
+                            Ok(turnstile_client::JobStart::Run(a)) => a,
+                            Ok(turnstile_client::JobStart::Completed(_)) => break,
+                            Ok(turnstile_client::JobStart::Running(r)) => {
+                                panic!("a waiting attempt got Running: {r:?}")
+                            }
+                            // A call cut by a kill: try the job again.
+                            Err(_) => continue,
+                        };
+                        lock(&grants).push((job, attempt.fencing_token()));
+                        let token = attempt.fencing_token();
+                        tokio::time::sleep(Duration::from_millis(rng.range((1, 15)))).await;
+                        let done = tokio::time::timeout(OP_DEADLINE, attempt.succeed())
+                            .await
+                            .unwrap_or_else(|_| panic!("succeed {name} hung"));
+                        if done.is_ok() {
+                            let before = lock(&acked).insert(job, token);
+                            assert_eq!(before, None, "{name} acknowledged twice");
+                            break;
+                        }
+                    }
+                }
+                client
+            });
+        }
+        // Kill and restart the server under them until they are through.
+        let mut kills = 0;
+        while !tasks.is_empty() {
+            let run = Duration::from_millis(rng.range((30, 120)));
+            match tokio::time::timeout(run, tasks.join_next()).await {
+                Ok(Some(r)) => {
+                    let client = r.expect("a runner panicked");
+                    let _ = client.shutdown().await;
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    server.kill();
+                    server.start();
+                    kills += 1;
+                }
+            }
+        }
+        // One more crash, then the record must hold every acknowledged completion.
+        server.kill();
+        server.start();
+        let observer = Client::connect(&url).await.expect("connect");
+        let doc = tokio::time::timeout(OP_DEADLINE, observer.status(None))
+            .await
+            .expect("status hung")
+            .expect("status");
+        let _ = observer.shutdown().await;
+        let acked = lock(&acked);
+        for job in 0..JOBS {
+            let name = format!("crash-job-{job}");
+            let status = doc
+                .jobs
+                .iter()
+                .find(|j| j.name == name)
+                .unwrap_or_else(|| panic!("{name} missing after the last restart"));
+            let completed = status
+                .completed
+                .as_ref()
+                .unwrap_or_else(|| panic!("{name} not completed: {status:?}"));
+            if let Some(token) = acked.get(&job) {
+                assert_eq!(
+                    completed.token, *token,
+                    "{name}: the acknowledged completion"
+                );
+            }
+            let later: Vec<u64> = lock(&grants)
+                .iter()
+                .filter(|(j, t)| *j == job && *t > completed.token)
+                .map(|(_, t)| *t)
+                .collect();
+            assert!(
+                later.is_empty(),
+                "{name} completed with token {} but was granted again: {later:?}",
+                completed.token
+            );
+        }
+        kills
+    });
+    eprintln!("job crash test: {kills} kills while {JOB_RUNNERS} runners did {JOBS} jobs");
+    assert!(
+        kills >= 3,
+        "the kills must land while the jobs run ({kills})"
+    );
 }
 
 struct Scenario {
