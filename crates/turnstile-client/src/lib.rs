@@ -489,6 +489,14 @@ impl Options {
     }
 }
 
+/// Where a client starts numbering its lease ids: random high bits, so that clients sharing a
+/// session (every client of a supervised worker uses the worker's `TURNSTILE_SESSION`) never
+/// pick the same lease id (which the coordinator would take for a retry of the same acquire).
+/// The low 32 bits count up from 1.
+pub(crate) fn lease_id_base() -> u64 {
+    (random_id() << 32) | 1
+}
+
 /// A fresh random session id, as a client picks one when none is given: for a supervisor
 /// that names its workers' sessions (`TURNSTILE_SESSION`, formatted as 16 hex digits).
 pub fn new_session_id() -> u64 {

@@ -173,6 +173,10 @@ impl TcpBackend {
     /// Connects, opens the session, and starts the driver. Fails if the first connection
     /// fails: a coordinator that was never reachable is a configuration error, not a blip.
     pub(crate) async fn connect(addr: String, options: Options) -> Result<TcpBackend, Error> {
+        // A session given to us (by a supervisor, through TURNSTILE_SESSION) may be shared with
+        // other clients of the same worker: on shutdown, release our own leases and leave the
+        // session to its owner, instead of closing it under the others' feet.
+        let borrowed = options.session_id.is_some();
         let session = options.session_id.unwrap_or_else(random_id);
         let ttl_ms = options
             .session_ttl
@@ -204,12 +208,13 @@ impl TcpBackend {
             last_keepalive: now,
             backoff: MIN_BACKOFF,
             next_attempt: now,
+            borrowed,
         };
         tokio::spawn(driver.run());
         Ok(TcpBackend {
             tx,
             session: session_cell,
-            next_lease: AtomicU64::new(1),
+            next_lease: AtomicU64::new(crate::lease_id_base()),
         })
     }
 
@@ -572,6 +577,10 @@ struct Driver {
     last_keepalive: Instant,
     backoff: Duration,
     next_attempt: Instant,
+    /// The session was given to us (and may be shared): shutting down releases our leases
+    /// and withdraws our waits, but does not close the session. Cleared when the session is
+    /// lost and replaced by one of our own.
+    borrowed: bool,
 }
 
 impl Driver {
@@ -710,6 +719,7 @@ impl Driver {
                 {
                     Ok(Ok(ok)) => {
                         self.session.store(fresh, Ordering::Relaxed);
+                        self.borrowed = false;
                         Some(ok)
                     }
                     _ => None,
@@ -856,6 +866,7 @@ impl Driver {
         self.abandoned.clear();
         let fresh = random_id();
         self.session.store(fresh, Ordering::Relaxed);
+        self.borrowed = false;
         let ttl_ms = self.ttl_ms;
         self.submit(
             Req::OpenSession {
@@ -878,13 +889,26 @@ impl Driver {
         if self.link.is_none() {
             return;
         }
-        self.submit(Req::CloseSession, None, None).await;
-        // Wait briefly for the answer, so that the leases are free when we return.
+        if self.borrowed {
+            // Our own leases, held or still queued for; the session stays.
+            let mut mine: Vec<u64> = self.leases.keys().copied().collect();
+            mine.extend(self.pending.values().filter_map(|p| match p.req {
+                Req::Acquire { lease, .. } | Req::BeginJob { lease, .. } => Some(lease),
+                _ => None,
+            }));
+            self.leases.clear();
+            for lease in mine {
+                self.submit(Req::Release { lease }, None, None).await;
+            }
+        } else {
+            self.submit(Req::CloseSession, None, None).await;
+        }
+        // Wait briefly for the answers, so that the leases are free when we return.
         let wait = async {
             while self
                 .pending
                 .values()
-                .any(|p| matches!(p.req, Req::CloseSession))
+                .any(|p| matches!(p.req, Req::CloseSession | Req::Release { .. }))
             {
                 match read_more(&mut self.link).await {
                     Ok(()) => self.on_frames().await,

@@ -74,6 +74,10 @@ impl Fixture for TestServer {
     async fn client(&self) -> Client {
         TestServer::client(self).await
     }
+
+    fn url(&self) -> String {
+        TestServer::url(self)
+    }
 }
 
 /// A TCP proxy in front of the server that can be cut and restored.

@@ -69,6 +69,10 @@ impl Fixture for Scratch {
         Client::connect(&self.url()).await.expect("connect")
     }
 
+    fn url(&self) -> String {
+        Scratch::url(self)
+    }
+
     fn counts_totals(&self) -> bool {
         false
     }

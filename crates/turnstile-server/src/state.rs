@@ -52,7 +52,9 @@ pub(crate) struct State {
     pub(crate) core: Coordinator,
     conns: HashMap<ConnId, Arc<Outbox>>,
     /// Where to push a session's events: the connection that last opened or resumed it.
-    bound: HashMap<SessionId, ConnId>,
+    /// (Several clients may share a session: every client of a supervised worker uses the
+    /// worker's session; each of their connections hears the session's events.)
+    bound: HashMap<SessionId, Vec<ConnId>>,
     next_conn: ConnId,
     /// Reused for every step, so the hot path does not allocate an effect list.
     effects: Vec<Effect>,
@@ -255,11 +257,17 @@ impl State {
 
     pub(crate) fn unregister(&mut self, conn: ConnId) {
         self.conns.remove(&conn);
-        self.bound.retain(|_, c| *c != conn);
+        self.bound.retain(|_, conns| {
+            conns.retain(|c| *c != conn);
+            !conns.is_empty()
+        });
     }
 
     pub(crate) fn bind(&mut self, session: SessionId, conn: ConnId) {
-        self.bound.insert(session, conn);
+        let conns = self.bound.entry(session).or_default();
+        if !conns.contains(&conn) {
+            conns.push(conn);
+        }
     }
 
     /// Carries out a step's effects: its records are queued for the log, and its replies and
@@ -375,7 +383,8 @@ impl State {
                     reason,
                     ..
                 }) => {
-                    if let Some(outbox) = self.outbox_of(session) {
+                    // Every client of the session hears it; the one that holds the lease acts.
+                    for outbox in self.outboxes_of(session) {
                         outbox.push(
                             0,
                             &proto::Reply::LeaseLost {
@@ -396,7 +405,7 @@ impl State {
                         EndReason::EndedByOther => Some(proto::LostReason::SessionEnded),
                     };
                     if let Some(lost) = lost {
-                        if let Some(outbox) = self.outbox_of(session) {
+                        for outbox in self.outboxes_of(session) {
                             outbox.push(
                                 0,
                                 &proto::Reply::SessionLost {
@@ -412,8 +421,12 @@ impl State {
         }
     }
 
-    fn outbox_of(&self, session: SessionId) -> Option<&Arc<Outbox>> {
-        self.bound.get(&session).and_then(|c| self.conns.get(c))
+    fn outboxes_of(&self, session: SessionId) -> impl Iterator<Item = &Arc<Outbox>> {
+        self.bound
+            .get(&session)
+            .into_iter()
+            .flatten()
+            .filter_map(|c| self.conns.get(c))
     }
 }
 

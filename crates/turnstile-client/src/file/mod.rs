@@ -289,7 +289,7 @@ impl FileBackend {
             session: options.session_id.unwrap_or_else(random_id),
             ttl,
             who: Ident::current(),
-            next_lease: AtomicU64::new(1),
+            next_lease: AtomicU64::new(crate::lease_id_base()),
             held: Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
             shut: AtomicBool::new(false),

@@ -11,13 +11,16 @@ use std::time::Duration;
 
 use tokio::time::{timeout, Instant};
 use turnstile_client::{
-    Client, Error, ErrorCode, JobAttempt, JobStart, JobStatus, LostReason, SemaphoreStatus,
+    Client, Error, ErrorCode, JobAttempt, JobStart, JobStatus, LostReason, Options, SemaphoreStatus,
 };
 
 /// A backend under test: hands out clients connected to the same fresh backend.
 pub trait Fixture: Sync {
     /// A new client (its own session) of this backend.
     fn client(&self) -> impl std::future::Future<Output = Client> + Send;
+
+    /// The backend's URL, for clients with options of their own.
+    fn url(&self) -> String;
 
     /// Whether the status document carries the event counters (`released_total`,
     /// `timed_out_total`, `lost_total`...). A coordinator counts events as it handles them;
@@ -48,6 +51,7 @@ macro_rules! conformance_suite {
                 job_of_a_dead_session_is_taken_over,
                 group_wait_settles,
                 many_runners_run_each_job_once,
+                clients_sharing_a_session_stay_apart,
             );
         }
     };
@@ -686,4 +690,66 @@ pub async fn many_runners_run_each_job_once(server: &impl Fixture) {
         (g.jobs, g.completed, g.running, g.failures),
         (JOBS as u32, JOBS as u32, 0, 0)
     );
+}
+
+/// Two clients given the same session (as every client of a nanny's worker is, through
+/// `TURNSTILE_SESSION`) still exclude each other, each hears of its own lost leases, and one
+/// shutting down releases only its own leases: the session and the other's leases stay.
+pub async fn clients_sharing_a_session_stay_apart(server: &impl Fixture) {
+    let session = turnstile_client::new_session_id();
+    let shared = Options {
+        session_id: Some(session),
+        ..Options::default()
+    };
+    let a = Client::connect_with(&server.url(), shared.clone())
+        .await
+        .expect("connect a");
+    let b = Client::connect_with(&server.url(), shared)
+        .await
+        .expect("connect b");
+    assert_eq!(a.session_id(), b.session_id());
+    let mutex_a = a.semaphore("shared-mutex", 1).await.expect("ensure");
+    let mutex_b = b.semaphore("shared-mutex", 1).await.expect("ensure");
+    let held = mutex_a.acquire().await.expect("a acquires");
+    assert!(
+        mutex_b.try_acquire().await.expect("try").is_none(),
+        "b must not get a's permit: same session, different acquires"
+    );
+    // b holds a permit elsewhere, and the semaphore a holds is closed: only a's lease is lost,
+    // and a hears of it whichever connection the session was bound to last.
+    let other = b.semaphore("shared-other", 1).await.expect("ensure");
+    let b_permit = other.acquire().await.expect("b acquires");
+    b.close("shared-mutex").await.expect("close");
+    let reason = timeout(PATIENCE, held.lost())
+        .await
+        .expect("a hears of the close");
+    assert_eq!(reason, LostReason::Closed);
+    drop(held);
+    // a shuts down: b's lease and the session survive.
+    let mut a_other = a.semaphore("shared-other-2", 1).await.expect("ensure");
+    let a_permit = a_other.acquire().await.expect("a acquires");
+    let a_lease = a_permit.lease_id();
+    // Released by the shutdown itself (the permit is dropped only afterwards).
+    a.shutdown().await.expect("a shuts down");
+    wait_for_status(
+        &b,
+        "shared-other-2",
+        "a's lease released by its shutdown",
+        |s| s.in_use == 0 && s.holders.iter().all(|h| h.lease_id != a_lease),
+    )
+    .await;
+    assert_eq!(
+        b_permit.lost_reason(),
+        None,
+        "b's lease survives a's shutdown"
+    );
+    let st = status_of(&b, "shared-other").await;
+    assert_eq!(st.in_use, 1, "b still holds its permit");
+    a_other = b.existing_semaphore("shared-other-2");
+    let again = a_other.try_acquire().await.expect("try");
+    assert!(again.is_some(), "a's slot is free for b");
+    drop(again);
+    drop(a_permit);
+    b_permit.release().await.expect("release");
+    b.shutdown().await.expect("b shuts down");
 }
