@@ -129,7 +129,7 @@ impl JobAttempt {
         }
         // The record may have gone through with only its answer lost (a reconnect in between
         // re-sends it): the job's status says whether this attempt's completion is there.
-        let doc = self.permit.client.status(None).await?;
+        let doc = self.permit.client.status(Some(&self.job)).await?;
         let recorded = doc
             .jobs
             .iter()

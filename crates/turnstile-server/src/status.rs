@@ -18,8 +18,13 @@ pub(crate) fn status_doc(shared: &Shared, name: &str) -> StatusDoc {
         if name.is_empty() {
             (st.core.semaphores(now), st.core.groups(), st.core.jobs(now))
         } else {
+            // The semaphore and the job of that name (names are separate namespaces).
             let one = st.core.semaphore(name, now).into_iter().collect();
-            (one, Vec::new(), Vec::new())
+            (
+                one,
+                Vec::new(),
+                st.core.job(name, now).into_iter().collect(),
+            )
         }
     };
     StatusDoc {

@@ -189,7 +189,7 @@ async fn show_job_progress(
     let started = std::time::Instant::now();
     loop {
         tokio::time::sleep(PROGRESS_EVERY).await;
-        let doc = client.status(None).await.ok();
+        let doc = client.status(Some(job)).await.ok();
         let runner = doc
             .as_ref()
             .and_then(|d| d.jobs.iter().find(|j| j.name == job))

@@ -13,13 +13,23 @@ pub async fn status(url: &str, name: Option<&str>, json: bool) -> anyhow::Result
     let client = Client::connect(url).await?;
     let doc = client.status(name).await?;
     let _ = client.shutdown().await;
+    let missing = name.is_some() && doc.semaphores.is_empty() && doc.jobs.is_empty();
     if json {
         println!("{}", String::from_utf8_lossy(&doc.to_json()));
+    } else if name.is_some() {
+        // One name: the semaphore and/or the job of that name, in full.
+        let now = SystemTime::now();
+        if !doc.semaphores.is_empty() {
+            print!("{}", render(&doc, now));
+        }
+        for j in &doc.jobs {
+            println!("{}", render_job(j, now));
+        }
     } else {
         print!("{}", render(&doc, SystemTime::now()));
     }
-    if let (Some(name), true) = (name, doc.semaphores.is_empty()) {
-        eprintln!("turnstile: no semaphore named {name:?}");
+    if let (Some(name), true) = (name, missing) {
+        eprintln!("turnstile: no semaphore or job named {name:?}");
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
@@ -219,6 +229,59 @@ fn render_groups(doc: &StatusDoc, now: SystemTime, out: &mut String) {
     }
 }
 
+/// One job in one line: its group, and whether it completed (by whom, when, how long),
+/// runs (where, since when), or neither, with its failed attempts.
+pub fn render_job(j: &JobStatus, now: SystemTime) -> String {
+    let group = j
+        .group
+        .as_deref()
+        .map(|g| format!(" (group {g})"))
+        .unwrap_or_default();
+    let mut line = format!("job {}{group}: ", j.name);
+    if let Some(c) = &j.completed {
+        let ended = SystemTime::UNIX_EPOCH
+            + Duration::from_millis(c.started_unix_ms.saturating_add(c.duration_ms));
+        let _ = write!(
+            line,
+            "completed by {} at {} (took {}, token {})",
+            c.client,
+            humantime::format_rfc3339_seconds(ended),
+            round(Duration::from_millis(c.duration_ms)),
+            c.token
+        );
+    } else if let Some(r) = &j.running {
+        let age = Duration::from_millis(r.age_ms);
+        let since = now.checked_sub(age).unwrap_or(now);
+        let _ = write!(
+            line,
+            "running on {} since {} ({}, token {})",
+            r.client,
+            humantime::format_rfc3339_seconds(since),
+            round(age),
+            r.token
+        );
+        if j.waiting > 0 {
+            let _ = write!(line, ", {} waiting to take over", j.waiting);
+        }
+    } else {
+        line.push_str("not completed");
+    }
+    if j.failures > 0 {
+        let last = j
+            .last_failure
+            .as_deref()
+            .map(|f| format!(", last: {f}"))
+            .unwrap_or_default();
+        let _ = write!(
+            line,
+            "; {} failed attempt{}{last}",
+            j.failures,
+            if j.failures == 1 { "" } else { "s" }
+        );
+    }
+    line
+}
+
 /// One line per running job (where, since when) and per failed job not completed since.
 fn job_lines<'a>(jobs: impl Iterator<Item = &'a JobStatus>, now: SystemTime, out: &mut String) {
     for j in jobs {
@@ -383,5 +446,13 @@ mod tests {
         );
         assert_eq!(lines[4], "jobs without a group: 1 (1 completed, 0 running)");
         assert_eq!(lines.len(), 5, "{text}");
+        assert_eq!(
+            render_job(&doc.jobs[1], now),
+            "job b (group nightly): running on host-a:12 since 1970-01-01T00:59:55Z (5s, token 4), 1 waiting to take over"
+        );
+        assert_eq!(
+            render_job(&doc.jobs[2], now),
+            "job c (group nightly): not completed; 2 failed attempts, last: exited with status 3"
+        );
     }
 }

@@ -583,5 +583,5 @@ fn status_reports_holders_and_waiters() {
     );
 
     let out = h.run(&["status", "nosuch"]);
-    out.assert_one_line_error(&["no semaphore named \"nosuch\""]);
+    out.assert_one_line_error(&["no semaphore or job named \"nosuch\""]);
 }

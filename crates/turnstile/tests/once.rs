@@ -279,6 +279,15 @@ fn skips_failures_and_resets(backend: Backend) {
     );
     assert_eq!(skip.code(), 0, "{skip:?}");
     assert_eq!(w.h.dir.read("k").as_deref(), Some("1\n"));
+    // `status NAME` shows the job of that name (a completion clears the last failure's
+    // reason; the count of failed attempts stays until a reset).
+    let one = w.run("status-k", &["status", "k"]);
+    assert_eq!(one.code(), 0, "{one:?}");
+    assert!(
+        one.stdout.starts_with("job k (group g): completed by ")
+            && one.stdout.ends_with("; 1 failed attempt\n"),
+        "{one:?}"
+    );
 
     let reset = w.run("reset", &["once", "--reset", "k"]);
     assert_eq!(reset.code(), 0, "{reset:?}");

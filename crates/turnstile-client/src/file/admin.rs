@@ -98,9 +98,10 @@ impl Inner {
             });
         }
         semaphores.sort_by(|a, b| a.name.cmp(&b.name));
+        // With a name: the semaphore and the job of that name, and no groups.
         let (groups, jobs) = match name {
-            Some(_) => Default::default(),
-            None => self.job_status()?,
+            Some(name) => (Vec::new(), self.job_status(Some(name))?.1),
+            None => self.job_status(None)?,
         };
         Ok(StatusDoc {
             semaphores,

@@ -574,7 +574,10 @@ impl Inner {
     /// The `groups` and `jobs` of the status document. Read-only: a stale holder is shown
     /// as not running, and left for an attempt or a group wait to reclaim. A job whose
     /// `lock/capacity` (which names it) is missing or damaged is left out.
-    pub(super) fn job_status(&self) -> Result<(Vec<GroupStatus>, Vec<JobStatus>), Error> {
+    pub(super) fn job_status(
+        &self,
+        only: Option<&str>,
+    ) -> Result<(Vec<GroupStatus>, Vec<JobStatus>), Error> {
         let jobs_dir = self.root.join(JOBS);
         let mut clock = FsClock {
             root: &self.root,
@@ -582,7 +585,13 @@ impl Inner {
         };
         let now_ms = disk::unix_ms();
         let mut jobs = Vec::new();
-        for dir_name in visible_names(&jobs_dir)? {
+        // One job's directory when one name is asked for (its name is checked below, against
+        // the `capacity` file, like every other), else all of them.
+        let dirs = match only {
+            Some(name) => vec![OsString::from(disk::dir_name(name))],
+            None => visible_names(&jobs_dir)?,
+        };
+        for dir_name in dirs {
             let job_dir = jobs_dir.join(dir_name);
             let lock_dir = job_dir.join(LOCK);
             let Some((_, name)) = disk::read_small(&lock_dir.join("capacity"))
@@ -591,6 +600,9 @@ impl Inner {
             else {
                 continue;
             };
+            if only.is_some_and(|o| o != name) {
+                continue;
+            }
             let completed = match read_done(&job_dir, false)? {
                 Done::No => None,
                 Done::Yes(c) => Some(CompletionStatus {
