@@ -7,7 +7,8 @@ use std::time::{Duration, SystemTime};
 use turnstile_client::{Client, Error, GroupSummary, JobCompletion, JobStart};
 
 use crate::run::{
-    describe, exit_code, spawn, supervise, OnLost, Signals, StatusLine, Supervised, PROGRESS_EVERY,
+    describe, exit_code, interruptible, spawn, supervise, Interrupted, OnLost, Signals, StatusLine,
+    Supervised, PROGRESS_EVERY,
 };
 use crate::{parse_duration, UrlArg, EXIT_LOST, EXIT_TIMEOUT};
 
@@ -70,16 +71,15 @@ pub async fn once(args: OnceArgs) -> anyhow::Result<ExitCode> {
     };
     let mut line = StatusLine::new(args.wait && std::io::stderr().is_terminal());
     let progress = show_job_progress(&client, &args.job, &mut line);
-    let start = tokio::select! {
-        r = begin => r,
-        sig = sigs.recv() => {
-            line.clear();
-            let _ = client.shutdown().await;
-            return Ok(ExitCode::from(128 + sig as u8));
-        }
-        never = progress => match never {},
-    };
+    let start = interruptible(begin, progress, &mut sigs).await;
     line.clear();
+    let start = match start {
+        Interrupted::Done(r) => r,
+        Interrupted::By(code) => {
+            let _ = client.shutdown().await;
+            return Ok(code);
+        }
+    };
     let attempt = match start {
         Ok(JobStart::Run(attempt)) => attempt,
         Ok(JobStart::Completed(done)) => {
@@ -252,14 +252,17 @@ pub async fn wait(args: WaitArgs) -> anyhow::Result<ExitCode> {
     let client = Client::connect(&args.url.get()).await?;
     let mut sigs = Signals::new()?;
     let started = SystemTime::now();
-    let r = tokio::select! {
-        r = client.wait_group(&args.group, args.jobs, args.timeout) => r,
-        sig = sigs.recv() => {
-            let _ = client.shutdown().await;
-            return Ok(ExitCode::from(128 + sig as u8));
-        }
-    };
+    let waited = interruptible(
+        client.wait_group(&args.group, args.jobs, args.timeout),
+        std::future::pending(),
+        &mut sigs,
+    )
+    .await;
     let _ = client.shutdown().await;
+    let r = match waited {
+        Interrupted::Done(r) => r,
+        Interrupted::By(code) => return Ok(code),
+    };
     match r {
         Ok(g) => {
             eprintln!("turnstile: group {:?}: {}", args.group, summary(&g));

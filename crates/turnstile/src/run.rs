@@ -68,16 +68,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let mut line = StatusLine::new(std::io::stderr().is_terminal());
     let progress = show_progress(&client, &args.name, &mut line);
-    let permit = tokio::select! {
-        r = acquire => r,
-        sig = sigs.recv() => {
-            line.clear();
-            let _ = client.shutdown().await;
-            return Ok(ExitCode::from(128 + sig as u8));
-        }
-        never = progress => match never {},
-    };
+    let permit = interruptible(acquire, progress, &mut sigs).await;
     line.clear();
+    let permit = match permit {
+        Interrupted::Done(r) => r,
+        Interrupted::By(code) => {
+            let _ = client.shutdown().await;
+            return Ok(code);
+        }
+    };
     let permit = match permit {
         Ok(p) => p,
         Err(Error::TimedOut) => {
@@ -138,6 +137,29 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let _ = permit.release().await;
     let _ = client.shutdown().await;
     Ok(ExitCode::from(exit_code(status)))
+}
+
+/// How a wait that a signal may cut short ended.
+pub(crate) enum Interrupted<T> {
+    /// The wait ended on its own, with this.
+    Done(T),
+    /// A signal came first: exit with this code (128 + the signal), once the client is shut
+    /// down, which withdraws whatever was queued.
+    By(ExitCode),
+}
+
+/// Waits for `wait` while `progress` keeps a status line up to date, unless a signal comes
+/// first.
+pub(crate) async fn interruptible<T>(
+    wait: impl std::future::Future<Output = T>,
+    progress: impl std::future::Future<Output = std::convert::Infallible>,
+    sigs: &mut Signals,
+) -> Interrupted<T> {
+    tokio::select! {
+        r = wait => Interrupted::Done(r),
+        sig = sigs.recv() => Interrupted::By(ExitCode::from(128 + sig as u8)),
+        never = progress => match never {},
+    }
 }
 
 /// How often the waiting line is refreshed; also how long an acquire waits before it shows.
