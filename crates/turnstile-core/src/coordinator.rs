@@ -870,6 +870,13 @@ impl Coordinator {
     /// Records that do not fit the state (a grant for an unknown session, say) are skipped;
     /// the log writer never produces them.
     pub fn apply(&mut self, now: Time, record: &Record) {
+        self.apply_record(now, record);
+        // No group wait is ever replayed (waits are not durable), so the groups a record
+        // touched need no checking: forget them rather than pile them up over a long log.
+        self.jobs.forget_changes();
+    }
+
+    fn apply_record(&mut self, now: Time, record: &Record) {
         match record {
             Record::SemaphoreCreated { name, capacity } => {
                 self.semaphores

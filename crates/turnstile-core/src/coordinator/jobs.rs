@@ -178,6 +178,13 @@ impl Jobs {
         out.extend(names.into_iter().map(|n| self.jobs[n].record()));
     }
 
+    /// Drops the list of groups changed since the last check, when no wait can care.
+    pub(super) fn forget_changes(&mut self) {
+        if self.waits.is_empty() {
+            self.dirty.clear();
+        }
+    }
+
     /// Fails the group waits of a session that ended.
     pub(super) fn end_group_waits_of(&mut self, session: crate::SessionId, out: &mut Vec<Effect>) {
         let mut ended: Vec<LeaseKey> = self
