@@ -174,6 +174,9 @@ const MIN_POLL: Duration = Duration::from_millis(5);
 const MAX_POLL: Duration = Duration::from_millis(200);
 /// How often the head of the queue examines held slots for staleness when it cannot claim.
 const SCAN_EVERY: Duration = Duration::from_millis(500);
+/// Observations of records not looked at for this long are forgotten (only to bound memory:
+/// forgetting one merely restarts its TTL of observation).
+const FORGET_AFTER: Duration = Duration::from_secs(600);
 /// Token files kept below the newest.
 const KEEP_TOKENS: u64 = 1000;
 
@@ -191,7 +194,69 @@ struct Inner {
     held: Mutex<HashMap<u64, Held>>,
     /// The highest token seen per semaphore directory.
     tokens: Mutex<HashMap<PathBuf, u64>>,
+    /// What this client last saw in the records it judges, and since when (see "Liveness").
+    seen: Mutex<Observations>,
     shut: AtomicBool,
+}
+
+/// The records this client has looked at: by path, the bytes and modification time of its
+/// last look, and since when (on this client's monotonic clock) they have been the same.
+struct Observations {
+    records: HashMap<PathBuf, Seen>,
+    pruned: Instant,
+}
+
+struct Seen {
+    bytes: Vec<u8>,
+    mtime: Option<SystemTime>,
+    /// The end of the first look that found these bytes and this mtime.
+    since: Instant,
+    /// The end of the latest look.
+    last: Instant,
+}
+
+impl Observations {
+    /// Records a look at `path` that ended at `now` and found `bytes` and `mtime`. Returns
+    /// for how long the record has been seen unchanged: zero if it changed (or is new to us).
+    /// Any difference counts as a change, whatever its cause (a heartbeat, a read torn by
+    /// one, an older version's rewrite of the same bytes that moved the mtime, a clock step
+    /// applied to the mtime): a change only restarts the wait, so mistaking a change costs a
+    /// delay, never a second holder.
+    fn look(
+        &mut self,
+        path: &Path,
+        bytes: &[u8],
+        mtime: Option<SystemTime>,
+        now: Instant,
+    ) -> Duration {
+        if now.saturating_duration_since(self.pruned) >= FORGET_AFTER {
+            self.pruned = now;
+            self.records
+                .retain(|_, s| now.saturating_duration_since(s.last) < FORGET_AFTER);
+        }
+        match self.records.get_mut(path) {
+            Some(s) if s.bytes == bytes && s.mtime == mtime => {
+                s.last = now;
+                now.saturating_duration_since(s.since)
+            }
+            _ => {
+                self.records.insert(
+                    path.to_owned(),
+                    Seen {
+                        bytes: bytes.to_vec(),
+                        mtime,
+                        since: now,
+                        last: now,
+                    },
+                );
+                Duration::ZERO
+            }
+        }
+    }
+
+    fn forget(&mut self, path: &Path) {
+        self.records.remove(path);
+    }
 }
 
 /// A lease this client holds.
@@ -222,9 +287,9 @@ struct Target<'a> {
 enum Stale {
     /// It names a process of this host, boot and pid namespace that no longer exists.
     DeadProcess { host: String, pid: u32 },
-    /// It was not refreshed for longer than its owner's TTL.
+    /// This client saw it unchanged for its owner's whole TTL.
     Expired,
-    /// It cannot be parsed and is older than the default TTL.
+    /// It cannot be parsed, and this client saw it unchanged for the default TTL.
     Unreadable,
 }
 
@@ -292,6 +357,10 @@ impl FileBackend {
             next_lease: AtomicU64::new(crate::lease_id_base()),
             held: Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
+            seen: Mutex::new(Observations {
+                records: HashMap::new(),
+                pruned: Instant::now(),
+            }),
             shut: AtomicBool::new(false),
         });
         tokio::spawn(heartbeat(Arc::downgrade(&inner)));
@@ -310,7 +379,8 @@ async fn heartbeat(inner: Weak<Inner>) {
     }
 }
 
-/// A clock reading of the file system, taken at most once per use.
+/// A clock reading of the file system, taken at most once per use. For display only (the
+/// guess at staleness that `status` shows): nothing is reclaimed by it.
 struct FsClock<'a> {
     root: &'a Path,
     now: Option<SystemTime>,
@@ -425,62 +495,84 @@ impl Inner {
         sem_dir.join("closed").exists()
     }
 
-    /// Whether (and why) the record `bytes` with modification time `mtime` is stale. The
-    /// file system's clock is read only if the record does not name a dead local process.
-    fn staleness(
+    /// The TTL a record's owner keeps it alive by, and what it is if it goes stale; `Err`:
+    /// it names a dead process of this host, so it is stale at once.
+    fn judge(&self, bytes: &[u8]) -> Result<(Duration, Stale), Stale> {
+        match Record::decode(bytes) {
+            Some(r) if self.who.knows_dead(&r.who) => Err(Stale::DeadProcess {
+                host: r.who.host,
+                pid: r.who.pid,
+            }),
+            Some(r) => Ok((Duration::from_millis(r.ttl_ms), Stale::Expired)),
+            None => Ok((self.ttl.max(DEFAULT_TTL), Stale::Unreadable)),
+        }
+    }
+
+    /// Whether (and why) the record at `path`, just read as `bytes` and `mtime` (by a
+    /// fresh open), is stale: it names a dead process of this host, or this client has now
+    /// seen it unchanged for its owner's whole TTL, on its own monotonic clock. No two
+    /// timestamps are compared, so no clock step can make a live record stale.
+    fn staleness(&self, path: &Path, bytes: &[u8], mtime: Option<SystemTime>) -> Option<Stale> {
+        let (ttl, stale) = match self.judge(bytes) {
+            Ok(x) => x,
+            Err(dead) => return Some(dead),
+        };
+        // Taken after the read, so that the wait counts from after it.
+        let now = Instant::now();
+        let unchanged = lock(&self.seen).look(path, bytes, mtime, now);
+        (unchanged >= ttl).then_some(stale)
+    }
+
+    /// A guess, for display only, at whether a record is stale: it names a dead process
+    /// of this host, or its modification time is older than its TTL by the file system's
+    /// clock. A clock step makes the guess wrong; it is never used to reclaim.
+    fn looks_stale(
         &self,
         bytes: &[u8],
         mtime: SystemTime,
         clock: &mut FsClock<'_>,
-    ) -> Result<Option<Stale>, Error> {
-        let (ttl, stale) = match Record::decode(bytes) {
-            Some(r) if self.who.knows_dead(&r.who) => {
-                return Ok(Some(Stale::DeadProcess {
-                    host: r.who.host,
-                    pid: r.who.pid,
-                }))
-            }
-            Some(r) => (Duration::from_millis(r.ttl_ms), Stale::Expired),
-            None => (self.ttl.max(DEFAULT_TTL), Stale::Unreadable),
-        };
-        Ok((disk::age(clock.get()?, mtime) > ttl).then_some(stale))
+    ) -> Result<bool, Error> {
+        Ok(match self.judge(bytes) {
+            Err(_) => true,
+            Ok((ttl, _)) => disk::age(clock.get()?, mtime) > ttl,
+        })
     }
 
     /// Looks at `path`; if it is stale, reclaims it.
-    fn reap(&self, sem_dir: &Path, path: &Path, clock: &mut FsClock<'_>) -> Result<Reap, Error> {
+    fn reap(&self, sem_dir: &Path, path: &Path) -> Result<Reap, Error> {
         let (bytes, mtime) = match disk::read_with_mtime(path) {
             Ok(x) => x,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Reap::Gone),
+            Err(e) if disk::missing(&e) => {
+                lock(&self.seen).forget(path);
+                return Ok(Reap::Gone);
+            }
             Err(e) => return Err(storage(path, e)),
         };
-        let Some(stale) = self.staleness(&bytes, mtime, clock)? else {
+        let Some(stale) = self.staleness(path, &bytes, Some(mtime)) else {
             return Ok(Reap::Alive);
         };
-        // Re-checked under the private name; an error there counts as alive (put back).
-        let outcome = disk::reclaim(sem_dir, path, &bytes, |b, m| {
-            self.staleness(b, m, clock).ok().flatten().is_some()
-        })
-        .map_err(|e| storage(path, e))?;
+        // Re-read under the private name: removed only if it still holds exactly the bytes
+        // that were seen unchanged (an owner's heartbeat in between puts it back).
+        let outcome = disk::reclaim(sem_dir, path, |now| now == bytes.as_slice())
+            .map_err(|e| storage(path, e))?;
         Ok(match outcome {
             disk::Reclaimed::Removed => {
+                lock(&self.seen).forget(path);
                 tracing::info!(path = %path.display(), why = ?stale, "reclaimed a stale lease or ticket");
                 Reap::Reclaimed(stale)
             }
-            disk::Reclaimed::AlreadyGone => Reap::Gone,
+            disk::Reclaimed::AlreadyGone => {
+                lock(&self.seen).forget(path);
+                Reap::Gone
+            }
             disk::Reclaimed::Kept => Reap::Alive,
         })
     }
 
     /// [`reap`](Inner::reap) for a held slot: reclaiming the holder of a job's lock counts
     /// a failed attempt of the job (by the one reclaimer that removed it).
-    fn reap_slot(
-        &self,
-        sem_dir: &Path,
-        job: Option<&Path>,
-        path: &Path,
-        clock: &mut FsClock<'_>,
-    ) -> Result<bool, Error> {
-        let reap = self.reap(sem_dir, path, clock)?;
+    fn reap_slot(&self, sem_dir: &Path, job: Option<&Path>, path: &Path) -> Result<bool, Error> {
+        let reap = self.reap(sem_dir, path)?;
         if let (Reap::Reclaimed(stale), Some(job_dir)) = (&reap, job) {
             self.count_failure(job_dir, &stale.as_failure());
         }
@@ -555,12 +647,8 @@ impl Inner {
             guard.ticket = Some(self.take_ticket(sem_dir, &guard.content)?);
             return Ok(None);
         }
-        let mut clock = FsClock {
-            root: &self.root,
-            now: None,
-        };
         for path in tickets.range(..mine).map(|(_, p)| p) {
-            if !self.reap(sem_dir, path, &mut clock)?.gone() {
+            if !self.reap(sem_dir, path)?.gone() {
                 return Ok(None); // a live waiter is ahead of us
             }
         }
@@ -574,7 +662,7 @@ impl Inner {
                 if free.len() >= weight {
                     break;
                 }
-                if self.reap_slot(sem_dir, target.job, path, &mut clock)? {
+                if self.reap_slot(sem_dir, target.job, path)? {
                     free.push(*i);
                 }
             }
@@ -741,6 +829,9 @@ impl Inner {
             if now >= last_touch + self.ttl / 3 {
                 last_touch = now;
                 if let Some((_, path)) = &guard.ticket {
+                    // A new counter at every attempt, so a write that landed although it
+                    // reported an error is never "refreshed" again with the same bytes.
+                    guard.content = disk::next_beat(&guard.content);
                     let touched =
                         disk::touch(path, &guard.content).map_err(|e| storage(path, e))?;
                     if touched == Touch::Gone {
@@ -785,6 +876,7 @@ impl Inner {
         if started >= h.last_ok + self.give_up() {
             return Ok(false);
         }
+        h.content = disk::next_beat(&h.content);
         for slot in &h.slots {
             if disk::touch(slot, &h.content).map_err(|e| storage(slot, e))? == Touch::Gone {
                 return Ok(false);
@@ -859,6 +951,9 @@ impl Inner {
                 continue;
             }
             let mut outcome = Ok(Touch::Alive);
+            // A new counter at every attempt (see `still_held`); the slots of one lease are
+            // links of one file, so one new value serves them all.
+            h.content = disk::next_beat(&h.content);
             for slot in &h.slots {
                 outcome = disk::touch(slot, &h.content);
                 if outcome.as_ref().map_or(true, |t| *t == Touch::Gone) {
