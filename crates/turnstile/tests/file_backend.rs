@@ -190,7 +190,11 @@ fn clock_step_on_the_holders_slot_does_not_start_the_waiter() {
     let out = holder.wait(SOON);
     stop.store(true, Ordering::Relaxed);
     stepper.join().expect("the stepper thread");
-    assert_eq!(out.code(), 0, "{out:?}");
+    assert_eq!(
+        out.code(),
+        0,
+        "the holder lost its lease to the waiter: {out:?}"
+    );
     let out = waiter.wait(SOON);
     assert_eq!(out.code(), 0, "{out:?}");
     let holds = read_holds(&h.dir.read("events").expect("the commands wrote events"));

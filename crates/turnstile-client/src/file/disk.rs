@@ -494,10 +494,9 @@ pub(crate) fn touch(path: &Path, content: &[u8]) -> io::Result<Touch> {
     nix::unistd::close(f.into_raw_fd()).map_err(io::Error::from)?;
     match read_opt(path)? {
         Some(back) if back == content => Ok(Touch::Alive),
-        Some(back) if same_acquire(&back, content) => Err(io::Error::new(
-            io::ErrorKind::Other,
-            "a heartbeat could not be read back",
-        )),
+        Some(back) if same_acquire(&back, content) => {
+            Err(io::Error::other("a heartbeat could not be read back"))
+        }
         _ => Ok(Touch::Gone),
     }
 }

@@ -4,7 +4,8 @@
 //! # On-disk layout
 //!
 //! ```text
-//! DIR/.clock                   probe file: rewritten to learn the file system's "now"
+//! DIR/.clock                   probe file: rewritten to learn the file system's "now" (for
+//!                              status's guess and pruning `.ended`; never for reclaiming)
 //! DIR/<name>/                  one semaphore; <name> percent-escaped (see `disk::dir_name`)
 //!     capacity                 "<capacity>\n<full name>\n", created once
 //!     closed                   exists once the semaphore is closed (never removed)
@@ -30,14 +31,17 @@
 //!
 //! A lease record is one line of `key=value` words: lease id, session, weight, token, TTL,
 //! grant time, a random nonce (so that equal bytes mean the same acquire), host, boot id, pid
-//! namespace and pid of the holder. A completion record (`done`) is one line too: the token
+//! namespace and pid of the holder, and last a heartbeat counter (`beat=` and 16 hex digits)
+//! that the holder bumps at every heartbeat; everything before the counter is the record's
+//! identity (`disk::same_acquire`). A completion record (`done`) is one line too: the token
 //! of the attempt that completed the job, its start (Unix ms, its runner's clock), its
 //! duration, and the runner's session, host and pid.
 //!
 //! Only operations that are atomic on POSIX file systems and on NFS are relied on: `link`
 //! (of a fully written temporary file; it fails if the name exists), `rename`, `mkdir` and
-//! `unlink`. Records are never modified in place except by rewriting the same bytes (to move
-//! their modification time).
+//! `unlink`. A record is modified in place only by its owner's heartbeat, which writes the
+//! record with its next counter value over the old one (same length) through a descriptor
+//! opened without `O_CREAT` (see `disk::touch`).
 //!
 //! # Acquiring
 //!
@@ -56,11 +60,32 @@
 //! # Liveness
 //!
 //! A background task rewrites the client's slot files every TTL/3, and a waiter rewrites its
-//! ticket as often; so a record's modification time, set by the file system, says when its
-//! owner was last alive. A record is *stale* when its age, measured against the file system's
-//! clock (read from `DIR/.clock` just rewritten, so client clocks do not matter), exceeds its
-//! owner's TTL — or at once when it names a process of this host, boot and pid namespace that
-//! no longer exists. An unparsable record is stale when older than the default TTL (10 s).
+//! ticket as often; each rewrite bumps the record's counter, so the bytes of a live owner's
+//! record never stay the same for long. A record is *stale*, for a client looking at it, when
+//! that client has itself seen it unchanged (the same bytes and the same mtime, every look a
+//! fresh open) for its owner's whole TTL (written in the record), measured on the client's
+//! own monotonic clock from the end of the first look that found those bytes — or at once
+//! when it names a process of this host, boot and pid namespace that no longer exists. An
+//! unparsable record is judged the same way with the default TTL (10 s), or the client's TTL
+//! if longer. Queue tickets, job locks (which are semaphores) and held slots all follow this
+//! one rule (`Inner::staleness`); each client keeps its observations in memory, by path.
+//!
+//! No timestamp is ever compared with another. The mtime is only one more thing that can
+//! change: a step of any clock, either way, changes an mtime at most, which restarts the wait
+//! (a delay, never a reclaim); and a holder of an older version, whose heartbeat rewrites the
+//! same bytes, still shows that it is alive by moving its mtime.
+//!
+//! What it costs: a client cannot know how long a record was unchanged before its first look,
+//! so it reclaims a dead holder of another host one whole TTL after that first look. A waiter
+//! already watching when the holder dies reclaims about one TTL after the holder's last
+//! heartbeat (plus up to 500 ms between the head's looks at held slots), as it did when mtimes
+//! were compared; a fresh process (a new waiter, a group wait) waits a full TTL from its
+//! arrival, where it used to wait only what was left of the TTL by the mtime. A dead remote
+//! ticket ahead of it costs a TTL of its own first (the slots are looked at only from the
+//! head). A dead process of this host is still reclaimed at once. `status` answers at once and
+//! so cannot observe: it shows a *guess* (a holder whose mtime is older than its TTL by the
+//! file system's clock, read from `DIR/.clock`, is shown as not running), and nothing else
+//! uses that guess.
 //!
 //! # Why it is safe
 //!
@@ -68,14 +93,37 @@
 //!   `link` creates a name only if it does not exist, so at most `capacity` slot files exist
 //!   and each has one owner. A slot file is removed only by its owner (release), by a closer
 //!   or a supervisor (`close`, `end_session`, after which the owner learns that its lease is
-//!   lost at its next heartbeat), or by a reclaimer once it is stale. An owner counts its lease
-//!   alive only until 90% of the TTL after its last successful rewrite began, and the
-//!   rewrite's mtime is no earlier than that, so by the time a record is stale its owner has
-//!   already given the lease up (the margin absorbs clock rates and late timers).
+//!   lost at its next heartbeat), or by a reclaimer once it is stale.
+//! - **A reclaimed owner has already given up:** an owner counts its lease alive only until
+//!   90% of the TTL after the start `s` of its last *successful* heartbeat — one that wrote a
+//!   new counter value into its record, closed the file without error (on NFS the data is then
+//!   on the server) and read the new bytes back by the slot's name. A reclaimer removes a
+//!   record only if it read the same bytes `B` at a look that ended at `t0` and at a look at
+//!   `t1 >= t0 + TTL` (its own monotonic clock), and read `B` once more after renaming the file
+//!   to its private name. Take a heartbeat that began after `t0`: it wrote bytes other than
+//!   `B` (the counter only grows). If its read-back came before the rename, the file held the
+//!   new bytes before the rename, so the re-read under the private name does not find `B`,
+//!   and the file is put back. If it came after the rename, it found the name gone or
+//!   somebody else's, and the heartbeat failed. So when a record is removed, its owner's last
+//!   successful heartbeat began at `s <= t0`, and the owner gave the lease up at
+//!   `s + 0.9 TTL <= t0 + 0.9 TTL` by its clock, while the reclaimer acts at `t0 + TTL` or
+//!   later by its own: in time, unless the owner's clock runs more than 10% slower than the
+//!   reclaimer's (real clock rates differ by far less; the rest of the margin absorbs late
+//!   timers). Neither a wall clock nor the file server's clock appears in this, so no step of
+//!   either can break it.
+//! - **Two equal reads mean nobody wrote in between:** every look opens the file afresh. On
+//!   NFS the open revalidates the file's attributes with the server and drops cached data if
+//!   they changed (close-to-open consistency), and the owner's close pushed its write there
+//!   first. A heartbeat keeps the length (the counter has a fixed width), so a read torn by a
+//!   concurrent heartbeat returns bytes unlike the last look's: a change, hence alive.
+//! - **A heartbeat never resurrects a name:** it opens the slot without `O_CREAT` and writes
+//!   through the descriptor it checked the bytes on, so it only ever writes its own inode,
+//!   and a name a reclaimer removed (somebody else's slot by then) is never created again.
+//!   The `k` slot files of a weighted lease are links of one file; every name is checked.
 //! - **Exactly one reclaimer wins:** a reclaimer renames the stale file to a private name; of
 //!   several renames of the same name only one succeeds (the others find it gone). The winner
-//!   re-reads the file under its private name and deletes it only if it holds the same bytes
-//!   and is still stale; if the owner rewrote it in between, it is linked back.
+//!   re-reads the file under its private name and deletes it only if it still holds the bytes
+//!   it saw unchanged; if the owner rewrote it in between, it is linked back.
 //! - **Tokens strictly increase:** a grant takes `tokens/<max+1>` by link, trying upward on a
 //!   clash, so no number is handed out twice; the highest token file is never pruned, so
 //!   `max` never goes down. Grants take their token while at the head of the queue, before
@@ -139,7 +187,13 @@
 //! operations, but a hung NFS mount blocks the caller); there are no counters
 //! (`acquired_total` and friends are 0) and no wait statistics; a reclaim that races with a
 //! heartbeat at the very edge of the TTL, while a second process wrongly believes it is the
-//! head, can cost the owner its lease (it learns so at its next heartbeat). A runner that dies
+//! head, can cost the owner its lease (the heartbeat's read-back tells it). The owner's rule
+//! runs on the monotonic clock, which stops while its host is suspended: like a stopped
+//! process, a host that resumes after more than a TTL may act on its lease until its next
+//! heartbeat (at most TTL/3 later) tells it otherwise; fencing tokens are the defence there.
+//! Old `.ended` markers are pruned by their age on the file system's clock, so a clock step
+//! can prune a fresh one: its owner then reports its lease as expired rather than ended (the
+//! reason only). A runner that dies
 //! while nobody attempts its job or waits for its group stays counted as not running but not
 //! yet failed (status does not reclaim) until someone does. A job's runner is named by
 //! `host:pid` (the `client_name` option is not recorded on disk).
@@ -869,8 +923,10 @@ impl Inner {
 
     /// Whether a lease is still ours, refreshing it if so: its last refresh began less than
     /// [`give_up`](Inner::give_up) ago, and every slot file still holds our record. The
-    /// refresh restarts the TTL a reclaimer must wait out, so a step taken right after it
-    /// (recording a job's end) is taken while nobody else can hold the lease.
+    /// refresh changes the record's bytes, which restarts the TTL a reclaimer must wait out,
+    /// so a step taken right after it (recording a job's end) is taken while nobody else can
+    /// hold the lease. A new counter at every attempt, so that a write that landed although
+    /// it reported an error is never "refreshed" again with the same bytes.
     fn still_held(&self, h: &mut Held) -> Result<bool, Error> {
         let started = Instant::now();
         if started >= h.last_ok + self.give_up() {
