@@ -533,14 +533,14 @@ pub(crate) enum Reclaimed {
     Kept,
 }
 
-/// Removes `path` if `still_dead(bytes)` holds for what it holds, such that of many
+/// Removes `path` if `still_dead(bytes, mtime)` holds for what it holds, such that of many
 /// processes doing this at once exactly one removes it, and a file that came alive meanwhile
-/// is put back: rename it to a private name (only one rename of a name succeeds), re-read it
-/// there (a fresh open), then delete it or link it back.
+/// is put back: rename it to a private name (only one rename of a name succeeds; it keeps
+/// the mtime), re-read it there (a fresh open), then delete it or link it back.
 pub(crate) fn reclaim(
     sem_dir: &Path,
     path: &Path,
-    still_dead: impl FnOnce(&[u8]) -> bool,
+    still_dead: impl FnOnce(&[u8], SystemTime) -> bool,
 ) -> io::Result<Reclaimed> {
     let private = hidden_name(sem_dir, "reclaim");
     match fs::rename(path, &private) {
@@ -548,8 +548,8 @@ pub(crate) fn reclaim(
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Reclaimed::AlreadyGone),
         Err(e) => return Err(e),
     }
-    let dead = match read_small(&private) {
-        Ok(bytes) => still_dead(&bytes),
+    let dead = match read_with_mtime(&private) {
+        Ok((bytes, mtime)) => still_dead(&bytes, mtime),
         Err(_) => false,
     };
     if !dead {
@@ -574,7 +574,7 @@ pub(crate) fn remove_own(sem_dir: &Path, path: &Path, content: &[u8]) -> io::Res
         Some(bytes) if same_acquire(&bytes, content) => {}
         _ => return Ok(false),
     }
-    Ok(reclaim(sem_dir, path, |bytes| same_acquire(bytes, content))? == Reclaimed::Removed)
+    Ok(reclaim(sem_dir, path, |bytes, _| same_acquire(bytes, content))? == Reclaimed::Removed)
 }
 
 #[cfg(test)]
@@ -675,7 +675,7 @@ mod tests {
         assert!(!path.exists());
         assert!(!remove_own(&dir, &path, b"theirs").expect("gone already"));
         assert_eq!(
-            reclaim(&dir, &path, |_| true).expect("reclaim"),
+            reclaim(&dir, &path, |_, _| true).expect("reclaim"),
             Reclaimed::AlreadyGone
         );
         let _ = fs::remove_dir_all(&dir);

@@ -123,7 +123,8 @@
 //! - **Exactly one reclaimer wins:** a reclaimer renames the stale file to a private name; of
 //!   several renames of the same name only one succeeds (the others find it gone). The winner
 //!   re-reads the file under its private name and deletes it only if it still holds the bytes
-//!   it saw unchanged; if the owner rewrote it in between, it is linked back.
+//!   (and mtime: a rename keeps it) it saw unchanged; if the owner rewrote it in between, it
+//!   is linked back.
 //! - **Tokens strictly increase:** a grant takes `tokens/<max+1>` by link, trying upward on a
 //!   clash, so no number is handed out twice; the highest token file is never pruned, so
 //!   `max` never goes down. Grants take their token while at the head of the queue, before
@@ -606,9 +607,11 @@ impl Inner {
             return Ok(Reap::Alive);
         };
         // Re-read under the private name: removed only if it still holds exactly the bytes
-        // that were seen unchanged (an owner's heartbeat in between puts it back).
-        let outcome = disk::reclaim(sem_dir, path, |now| now == bytes.as_slice())
-            .map_err(|e| storage(path, e))?;
+        // (and mtime) that were seen unchanged; an owner's heartbeat in between puts it back.
+        let outcome = disk::reclaim(sem_dir, path, |now, now_mtime| {
+            now == bytes.as_slice() && now_mtime == mtime
+        })
+        .map_err(|e| storage(path, e))?;
         Ok(match outcome {
             disk::Reclaimed::Removed => {
                 lock(&self.seen).forget(path);
