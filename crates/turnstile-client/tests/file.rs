@@ -283,11 +283,16 @@ enum Step {
     Ahead,
 }
 
-/// Sets the mtime of every slot file and ticket of the semaphore directory `sem_dir` an
-/// hour back or ahead, over and over (the holders' heartbeats move them back to "now"),
-/// until `stop` is set. Files that vanish meanwhile are skipped. Returns how many mtimes it
-/// set.
+/// Sets the mtime of every slot file and ticket of the semaphore directory `sem_dir` to one
+/// time an hour back or ahead, over and over (the holders' heartbeats move them back to
+/// "now"), until `stop` is set: the mtimes then hardly ever change between two looks of a
+/// waiter, and only the records' bytes show that their owners live. Files that vanish
+/// meanwhile are skipped. Returns how many mtimes it set.
 fn keep_stepping(sem_dir: &Path, step: Step, stop: &AtomicBool) -> u64 {
+    let when = match step {
+        Step::Back => SystemTime::now() - HOUR,
+        Step::Ahead => SystemTime::now() + HOUR,
+    };
     let mut set = 0;
     while !stop.load(Ordering::Relaxed) {
         let mut paths = Vec::new();
@@ -299,10 +304,6 @@ fn keep_stepping(sem_dir: &Path, step: Step, stop: &AtomicBool) -> u64 {
                 }
             }
         }
-        let when = match step {
-            Step::Back => SystemTime::now() - HOUR,
-            Step::Ahead => SystemTime::now() + HOUR,
-        };
         for path in paths {
             // Without O_CREAT or O_TRUNC: the bytes stay as they are.
             if let Ok(file) = std::fs::File::options().write(true).open(&path) {
@@ -343,6 +344,8 @@ async fn clock_steps_either_way_never_grant_a_live_lease() {
     wait_for_status(&holder, "c", "the second waiter", |st| st.queued == 2).await;
 
     let sem_dir = dir.sem("c");
+    let slot = sem_dir.join("slot-0");
+    let record = std::fs::read(&slot).expect("the holder's slot file");
     for step in [Step::Back, Step::Ahead] {
         let stop = Arc::new(AtomicBool::new(false));
         let stepper = {
@@ -360,6 +363,10 @@ async fn clock_steps_either_way_never_grant_a_live_lease() {
         );
         assert_eq!(permit.lost_reason(), None, "after a step {step:?}");
     }
+    // What keeps it alive is its heartbeat changing the bytes (the mtimes were ours).
+    let now = std::fs::read(&slot).expect("the holder's slot file");
+    assert_ne!(now, record, "the heartbeat rewrites the record's bytes");
+    assert_eq!(now.len(), record.len(), "in place, at the same length");
     permit.release().await.expect("release");
     let p1 = timeout(PATIENCE, w1)
         .await

@@ -664,6 +664,47 @@ mod tests {
     }
 
     #[test]
+    fn heartbeats_rewrite_only_our_own_file_in_place() {
+        let dir = std::env::temp_dir().join(format!("turnstile-disk-touch-{}", random_id()));
+        fs::create_dir_all(&dir).expect("mkdir");
+        let r = Record {
+            lease: 1,
+            session: 2,
+            weight: 1,
+            token: 3,
+            ttl_ms: 1000,
+            start_ms: 0,
+            nonce: 4,
+            who: Ident::current(),
+        };
+        let ours = r.encode();
+        // A name a reclaimer removed is never created again.
+        let path = dir.join("slot-0");
+        assert_eq!(touch(&path, &next_beat(&ours)).expect("touch"), Touch::Gone);
+        assert!(!path.exists());
+        // Somebody else's record under our name is left alone.
+        let theirs = Record { nonce: 5, ..r }.encode();
+        fs::write(&path, &theirs).expect("write");
+        assert_eq!(touch(&path, &next_beat(&ours)).expect("touch"), Touch::Gone);
+        assert_eq!(fs::read(&path).expect("read"), theirs);
+        // Ours: every heartbeat leaves new bytes of the same length, on the same inode.
+        fs::write(&path, &ours).expect("write");
+        let link = dir.join("slot-1");
+        fs::hard_link(&path, &link).expect("link");
+        let mut content = ours.clone();
+        for _ in 0..3 {
+            let before = fs::read(&path).expect("read");
+            content = next_beat(&content);
+            assert_eq!(touch(&path, &content).expect("touch"), Touch::Alive);
+            let after = fs::read(&link).expect("read the other link");
+            assert_ne!(after, before);
+            assert_eq!(after, content);
+            assert_eq!(after.len(), ours.len());
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn remove_own_leaves_other_records_alone() {
         let dir = std::env::temp_dir().join(format!("turnstile-disk-own-{}", random_id()));
         fs::create_dir_all(&dir).expect("mkdir");
