@@ -576,8 +576,10 @@ impl Inner {
         }
     }
 
-    /// The `groups` and `jobs` of the status document. Read-only: a stale holder is shown
-    /// as not running, and left for an attempt or a group wait to reclaim. A job whose
+    /// The `groups` and `jobs` of the status document. Read-only, and at once: a holder
+    /// that looks stale by the display-only guess (`Inner::looks_stale`: an mtime older than
+    /// its TTL) is shown as not running, and left for an attempt or a group wait to judge
+    /// by the rule that reclaims. A job whose
     /// `lock/capacity` (which names it) is missing or damaged is left out.
     pub(super) fn job_status(
         &self,
