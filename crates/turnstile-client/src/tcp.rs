@@ -172,6 +172,9 @@ enum Cmd {
     Forget {
         lease: u64,
     },
+    /// Send a keep-alive now: a caller whose deadline passed wants to know whether the
+    /// coordinator answers.
+    Probe,
     Shutdown {
         reply: oneshot::Sender<()>,
     },
@@ -243,13 +246,11 @@ impl Health {
         Duration::from_millis(self.ttl_ms.load(Ordering::Relaxed))
     }
 
-    /// Whether the coordinator answers: connected, and heard from within a keep-alive
-    /// interval (TTL/3, which a live coordinator always answers) and a margin.
-    fn responsive(&self, now: Instant) -> bool {
-        let heard = self.at(self.last_heard.load(Ordering::Relaxed));
+    /// Whether the coordinator answers: connected, and heard from since `probe` (when a
+    /// keep-alive was asked for).
+    fn heard_since(&self, probe: Instant) -> bool {
         self.connected.load(Ordering::Relaxed)
-            && self.away_since.load(Ordering::Relaxed) == NEVER
-            && now.saturating_duration_since(heard) <= self.ttl() / 3 + Duration::from_secs(1)
+            && self.last_heard.load(Ordering::Relaxed) >= self.ms(probe)
     }
 
     /// When the session's leases have surely expired on the coordinator, unless it hears
@@ -361,9 +362,19 @@ impl TcpBackend {
         match until {
             Until::Answered => closed(rx.await),
             Until::Wait(deadline) => {
+                if let Ok(r) = tokio::time::timeout_at(deadline, &mut rx).await {
+                    return closed(r);
+                }
+                // The coordinator's "timed out" is on its way if it answers at all; a ping
+                // tells a coordinator that answers late from one that does not answer.
+                if !self.health.connected.load(Ordering::Relaxed) {
+                    return Err(self.unavailable());
+                }
+                let probe = Instant::now();
+                let _ = self.tx.send(Cmd::Probe);
                 match tokio::time::timeout_at(deadline + ANSWER_GRACE, &mut rx).await {
                     Ok(r) => closed(r),
-                    Err(_) if self.health.responsive(Instant::now()) => Err(Error::TimedOut),
+                    Err(_) if self.health.heard_since(probe) => Err(Error::TimedOut),
                     Err(_) => Err(self.unavailable()),
                 }
             }
@@ -982,6 +993,12 @@ impl Driver {
             Cmd::Forget { lease } => {
                 self.leases.remove(&lease);
                 self.submit(Req::Release { lease }, None, None).await;
+            }
+            Cmd::Probe => {
+                if self.link.is_some() {
+                    self.awaiting_since.get_or_insert(Instant::now());
+                    self.submit(Req::KeepAlive, None, None).await;
+                }
             }
             Cmd::Shutdown { .. } => {}
         }

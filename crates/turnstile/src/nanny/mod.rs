@@ -921,7 +921,7 @@ impl Reach {
             .client
             .take()
             .and_then(|c| c.unreachable_for())
-            .map(|d| now - d);
+            .and_then(|d| now.checked_sub(d));
         let since = away.unwrap_or(now);
         self.down_since = Some(self.down_since.map_or(since, |t| t.min(since)));
     }
