@@ -50,6 +50,9 @@ pub(crate) const ANSWER_GRACE: Duration = Duration::from_millis(400);
 const SHUTDOWN_WAIT: Duration = Duration::from_millis(500);
 /// A write that cannot go out within this is taken for a dead link.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long before the end of `connect_timeout` the last attempt of the first connection
+/// starts.
+const LAST_TRY: Duration = Duration::from_millis(50);
 /// Longest wait between two attempts of the first connection.
 const MAX_FIRST_BACKOFF: Duration = Duration::from_secs(1);
 /// When the first "still trying" line is shown, and the first interval between two.
@@ -719,11 +722,14 @@ async fn first_link(
             Err(e) => e,
         };
         let Some(end) = end else { return Err(e) };
-        let jitter = Duration::from_millis(random_id() % (backoff.as_millis() as u64 / 2 + 1));
-        let next = Instant::now() + backoff + jitter;
-        if next >= end {
+        // The last attempt comes just before the end, so that the whole time is tried.
+        let last = end.checked_sub(LAST_TRY).unwrap_or(end);
+        let now = Instant::now();
+        if now >= last {
             return Err(e);
         }
+        let jitter = Duration::from_millis(random_id() % (backoff.as_millis() as u64 / 2 + 1));
+        let next = (now + backoff + jitter).min(last);
         tracing::debug!(error = ?e, "first connection failed; trying again");
         loop {
             let due = notice.due();
@@ -970,7 +976,8 @@ impl Driver {
                     }
                 }
                 _ = tokio::time::sleep_until(presumed_lost_at), if !self.leases.is_empty() => {
-                    tracing::warn!("no answer from the coordinator for a whole TTL; leases presumed lost");
+                    // Each permit's `lost` says so; `turnstile run` prints it in its own words.
+                    tracing::debug!("no answer from the coordinator for a whole TTL; leases presumed lost");
                     self.abandoned.extend(self.leases.keys().copied());
                     self.lose_all(LostReason::Unreachable);
                     // Push the contact mark forward so this arm does not spin.

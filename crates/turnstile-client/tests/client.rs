@@ -474,7 +474,10 @@ async fn deadline_case(server: &TestServer, i: usize, group: bool, away: Away) -
         let sem = direct.semaphore(&name, 1).await.expect("ensure");
         _holder = Some(sem.acquire().await.expect("the holder"));
     }
-    let sem = client.semaphore(&name, 1).await.expect("ensure via the proxy");
+    let sem = client
+        .semaphore(&name, 1)
+        .await
+        .expect("ensure via the proxy");
     if let Away::Reconnecting = away {
         proxy.refuse();
     }
@@ -510,7 +513,14 @@ async fn deadline_case(server: &TestServer, i: usize, group: bool, away: Away) -
         .expect("the call returned at all")
         .expect("task");
     let took = started.elapsed();
-    let what = format!("{} with the coordinator {away:?}", if group { "wait_group" } else { "acquire_timeout" });
+    let what = format!(
+        "{} with the coordinator {away:?}",
+        if group {
+            "wait_group"
+        } else {
+            "acquire_timeout"
+        }
+    );
     match r {
         Err(e) if e.is_unavailable() => {}
         other => panic!("{what}: expected Unavailable, got {other:?}"),
@@ -566,7 +576,9 @@ async fn futures_join_all<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output
         }
     })
     .await;
-    out.into_iter().map(|v| v.expect("every future finished")).collect()
+    out.into_iter()
+        .map(|v| v.expect("every future finished"))
+        .collect()
 }
 
 /// Issue 19: a release that cannot be delivered is given up once the lease has surely
@@ -616,8 +628,14 @@ async fn releases_and_first_connections_are_bounded() {
         let started = Instant::now();
         let r = Client::connect_with(&proxy.url(), options).await;
         let took = started.elapsed();
-        assert!(matches!(&r, Err(e) if e.is_unavailable()), "{away:?}: {r:?}");
-        assert!(took <= limit + OVERSHOOT, "{away:?}: connecting took {took:?}");
+        assert!(
+            matches!(&r, Err(e) if e.is_unavailable()),
+            "{away:?}: {r:?}"
+        );
+        assert!(
+            took <= limit + OVERSHOOT,
+            "{away:?}: connecting took {took:?}"
+        );
         // A refused first connection is retried while the time lasts, not given up at once.
         if let Away::Gone = away {
             assert!(took >= limit / 2, "gave up after {took:?}");

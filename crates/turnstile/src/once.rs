@@ -6,11 +6,11 @@ use std::time::{Duration, SystemTime};
 
 use turnstile_client::{Client, Error, GroupSummary, JobCompletion, JobStart};
 
+use crate::reach::{self, ConnectArg};
 use crate::run::{
     describe, exit_code, interruptible, spawn, supervise, Interrupted, OnLost, Signals, StatusLine,
     Supervised, PROGRESS_EVERY,
 };
-use crate::reach::{self, ConnectArg};
 use crate::{parse_duration, UrlArg, EXIT_LOST, EXIT_TIMEOUT, EXIT_UNAVAILABLE};
 
 /// Arguments of `turnstile once`.
@@ -159,35 +159,37 @@ pub async fn once(args: OnceArgs) -> anyhow::Result<ExitCode> {
             drop(attempt);
             EXIT_LOST
         }
-        Supervised::Exited(status) if status.success() => match finish(&mut sigs, attempt.succeed()).await {
-            Some(Ok(())) => 0,
-            Some(Err(e)) if e.is_unavailable() => {
-                eprintln!(
-                    "turnstile: job {:?} succeeded, but its completion could not be recorded ({e}); the job may run again",
+        Supervised::Exited(status) if status.success() => {
+            match finish(&mut sigs, attempt.succeed()).await {
+                Some(Ok(())) => 0,
+                Some(Err(e)) if e.is_unavailable() => {
+                    eprintln!(
+                    "turnstile: job {:?} succeeded, but its completion could not be recorded: {e}; the job may run again",
                     args.job
                 );
-                EXIT_UNAVAILABLE
-            }
-            None => {
-                eprintln!(
+                    EXIT_UNAVAILABLE
+                }
+                None => {
+                    eprintln!(
                     "turnstile: job {:?} succeeded, but turnstile was stopped before its completion was recorded; the job may run again",
                     args.job
                 );
-                EXIT_UNAVAILABLE
-            }
-            Some(Err(Error::LeaseLost(reason))) => {
-                eprintln!(
+                    EXIT_UNAVAILABLE
+                }
+                Some(Err(Error::LeaseLost(reason))) => {
+                    eprintln!(
                     "turnstile: job {:?} succeeded, but its lease was lost ({reason}) first: its completion is not recorded and another runner may run it",
                     args.job
                 );
-                EXIT_LOST
+                    EXIT_LOST
+                }
+                Some(Err(e)) => {
+                    let _ = client.shutdown().await;
+                    return Err(anyhow::Error::new(e)
+                        .context(format!("recording the completion of job {:?}", args.job)));
+                }
             }
-            Some(Err(e)) => {
-                let _ = client.shutdown().await;
-                return Err(anyhow::Error::new(e)
-                    .context(format!("recording the completion of job {:?}", args.job)));
-            }
-        },
+        }
         Supervised::Exited(status) => {
             let how = describe(status);
             match finish(&mut sigs, attempt.fail(&how)).await {
@@ -326,8 +328,10 @@ pub async fn wait(args: WaitArgs) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::from(EXIT_TIMEOUT))
         }
-        Err(e) if e.is_unavailable() => Err(anyhow::Error::new(e)
-            .context(format!("gave up waiting for group {:?}", args.group))),
+        Err(e) if e.is_unavailable() => {
+            Err(anyhow::Error::new(e)
+                .context(format!("gave up waiting for group {:?}", args.group)))
+        }
         Err(e) => Err(e.into()),
     }
 }

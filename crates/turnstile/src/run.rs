@@ -176,7 +176,7 @@ async fn release(permit: Permit, sigs: &mut Signals, what: &str) {
     match released {
         Some(Ok(())) => {}
         Some(Err(e)) if e.is_unavailable() => {
-            eprintln!("turnstile: the release of {what} was not delivered ({e}); the lease expired on its own");
+            eprintln!("turnstile: the release of {what} was not delivered: {e}; the lease expired on its own");
         }
         Some(Err(e)) => eprintln!("turnstile: warning: the release of {what} failed: {e}"),
         None => eprintln!(

@@ -929,7 +929,9 @@ impl Reach {
 
 fn lock(reach: &Mutex<Reach>) -> std::sync::MutexGuard<'_, Reach> {
     // Nothing panics while holding it; a poisoned lock still holds consistent data.
-    reach.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    reach
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 struct Ending {

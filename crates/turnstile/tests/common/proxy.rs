@@ -115,7 +115,10 @@ impl FaultProxy {
         if what != "restore" && what != "upstream" {
             self.faults.fetch_add(1, Ordering::SeqCst);
         }
-        self.log.lock().unwrap_or_else(|e| e.into_inner()).push(what);
+        self.log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(what);
         self.state.send_modify(f);
     }
 
@@ -144,7 +147,11 @@ impl FaultProxy {
     /// Forwards new connections again (not after `gone`).
     pub fn restore(&self) {
         self.set("restore", |s| {
-            assert_ne!(s.mode, Mode::Gone, "a proxy that is gone does not come back");
+            assert_ne!(
+                s.mode,
+                Mode::Gone,
+                "a proxy that is gone does not come back"
+            );
             s.mode = Mode::Forward;
         });
     }
@@ -243,10 +250,7 @@ async fn connection(
     let mut black = born.mode == Mode::Blackhole;
     loop {
         let now = *rx.borrow_and_update();
-        if now.stopped
-            || now.cuts != born.cuts
-            || matches!(now.mode, Mode::Refuse | Mode::Gone)
-        {
+        if now.stopped || now.cuts != born.cuts || matches!(now.mode, Mode::Refuse | Mode::Gone) {
             return; // both sockets close
         }
         black |= now.mode == Mode::Blackhole;
@@ -282,7 +286,11 @@ async fn connection(
 
 /// Copies both ways until either end closes. Bytes in flight when it is cancelled are lost,
 /// which is what a partition does to them.
-async fn pump(down: &mut TcpStream, up: &mut TcpStream, [down_bytes, up_bytes]: &[Arc<AtomicU64>; 2]) {
+async fn pump(
+    down: &mut TcpStream,
+    up: &mut TcpStream,
+    [down_bytes, up_bytes]: &[Arc<AtomicU64>; 2],
+) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (mut dr, mut dw) = down.split();
     let (mut ur, mut uw) = up.split();
