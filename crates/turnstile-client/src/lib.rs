@@ -18,6 +18,14 @@
 //! that was not answered. Acquires are retried with the same lease id, which the coordinator
 //! treats as the same acquire, so a retry never takes a second permit.
 //!
+//! Every call has a deadline that holds whatever the network does: a wait with a timeout
+//! returns by it (plus at most half a second) with [`Error::TimedOut`] if the coordinator
+//! answered, else [`Error::Unavailable`]; a wait without one keeps trying (and logs a calm
+//! "still trying" line at a growing interval); a call that does not wait gives up after one
+//! session TTL; a release or a job's completion gives up once the lease has surely expired on
+//! the coordinator. [`Error::is_unavailable`] tells "cannot be reached" from every other
+//! failure. [`Options::connect_timeout`] retries the first connection.
+//!
 //! If the session is lost (it expired while the client was cut off, or the semaphore was
 //! closed), each affected [`Permit`] learns of it through [`Permit::lost`]. A client that has
 //! not heard from the coordinator for a whole TTL treats its leases as lost without waiting to

@@ -468,7 +468,8 @@ fn nanny_death_timeout(blackhole: bool) -> Report {
 /// Every case above at once: deadlines, signals and exit codes in every state.
 #[test]
 fn every_command_ends_when_it_should_while_the_coordinator_is_away() {
-    let cases: Vec<(&str, fn() -> Report)> = vec![
+    type Case = (&'static str, fn() -> Report);
+    let cases: Vec<Case> = vec![
         ("1 releasing", cmd_ends_with_the_coordinator_gone),
         ("5 SIGTERM releasing", sigterm_while_releasing),
         ("2 queued run", queued_run_with_the_coordinator_gone),
