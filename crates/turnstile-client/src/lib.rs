@@ -621,6 +621,32 @@ mod tests {
     }
 
     #[test]
+    fn unavailable_is_what_retrying_later_could_cure() {
+        use nix::errno::Errno;
+        let io = |e: Errno| std::io::Error::from_raw_os_error(e as i32);
+        let storage = |e| Error::Storage {
+            path: "/mnt/shared".into(),
+            source: io(e),
+        };
+        // The file backend's directory on a lost mount follows the coordinator's table.
+        for e in [Errno::ESTALE, Errno::EIO, Errno::ENOTCONN] {
+            assert!(storage(e).is_unavailable(), "{e}");
+        }
+        assert!(!storage(Errno::EACCES).is_unavailable());
+        let gone = Error::Unavailable {
+            addr: "h:1".into(),
+            silent_for: Duration::from_secs(3),
+        };
+        assert!(gone.is_unavailable());
+        let refused = Error::Connect {
+            addr: "h:1".into(),
+            source: io(Errno::ECONNREFUSED),
+        };
+        assert!(refused.is_unavailable());
+        assert!(!Error::TimedOut.is_unavailable());
+    }
+
+    #[test]
     fn random_ids_differ() {
         assert_ne!(random_id(), random_id());
     }

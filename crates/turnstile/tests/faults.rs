@@ -238,12 +238,21 @@ fn group_wait_with_the_coordinator_gone() -> Report {
         "wait --timeout 2s",
     );
     assert_eq!(out.code(), 69, "{out:?}");
+    // Without a timeout it keeps trying, and says so once after 5 s — not once per retry
+    // (it retries every few hundred milliseconds at a 3 s TTL).
+    let line = "has not answered for 5s; still trying";
+    common::wait_until("the still-trying line", SOON, || {
+        forever.stderr().contains(line).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let said = forever.stderr();
+    assert_eq!(said.lines().count(), 1, "one calm line: {said}");
     let at = Instant::now();
     forever.signal(Signal::SIGTERM);
     let (out2, took2) = exits_by(&mut forever, at, Duration::from_secs(1), "wait on SIGTERM");
     assert_eq!(out2.code(), 128 + 15, "{out2:?}");
     Report {
-        states: vec!["group wait", "group wait + SIGTERM"],
+        states: vec!["group wait", "group wait, still trying + SIGTERM"],
         faults: w.proxy.faults(),
         overshoots: vec![
             (
