@@ -214,6 +214,45 @@ fn queued_run_with_the_coordinator_gone() -> Report {
     }
 }
 
+/// A holder whose coordinator is gone stops its command at 90% of the TTL without contact
+/// (exit 76, as before); a queued `run` on a blackholed link obeys SIGTERM within 1 s, its
+/// session's end included.
+fn holding_and_ending_a_session() -> Report {
+    let w = World::new("f-holding");
+    let (mut holder, started) =
+        w.spawn("holder", &["run", "h", "--limit", "1", "--", "sleep", "30"]);
+    w.h.wait_for_semaphore("h", "held", |s| s["in_use"] == 1);
+    let (mut waiter, _) = w.spawn("waiter", &["run", "h", "--limit", "1", "--", "true"]);
+    w.h.wait_for_semaphore("h", "queued", |s| s["queued"] == 1);
+    w.proxy.blackhole();
+    std::thread::sleep(Duration::from_millis(200));
+    let at = Instant::now();
+    waiter.signal(Signal::SIGTERM);
+    let (out, took) = exits_by(
+        &mut waiter,
+        at,
+        Duration::from_secs(1),
+        "queued run on SIGTERM, blackholed",
+    );
+    assert_eq!(out.code(), 128 + 15, "{out:?}");
+    let (out, _) = exits_by(
+        &mut holder,
+        started,
+        Duration::from_secs(4),
+        "holder, blackholed",
+    );
+    assert_eq!(out.code(), 76, "{out:?}");
+    assert!(out.stderr.contains("was lost"), "{out:?}");
+    Report {
+        states: vec!["holding", "ending a session + SIGTERM"],
+        faults: w.proxy.faults(),
+        overshoots: vec![(
+            "SIGTERM, blackholed (1 s)".into(),
+            took.saturating_sub(Duration::from_secs(1)),
+        )],
+    }
+}
+
 /// 2. `wait GROUP --timeout 2s` with the coordinator gone while it waits: exit 69 within 3 s;
 ///    `wait` without a timeout obeys SIGTERM within 1 s.
 fn group_wait_with_the_coordinator_gone() -> Report {
@@ -488,6 +527,7 @@ fn every_command_ends_when_it_should_while_the_coordinator_is_away() {
             blackholed_and_refused_from_the_start,
         ),
         ("4 once", once_completes_with_the_coordinator_gone),
+        ("holding, ending a session", holding_and_ending_a_session),
         ("5 nanny SIGTERM", nanny_stops_with_the_coordinator_gone),
         ("5 nanny death gone", || nanny_death_timeout(false)),
         ("5 nanny death blackholed", || nanny_death_timeout(true)),
