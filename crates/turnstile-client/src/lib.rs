@@ -180,6 +180,12 @@ pub struct Options {
     pub session_id: Option<u64>,
     /// A name for logs and status pages; `None` uses "host:pid".
     pub client_name: Option<String>,
+    /// Processes of this host whose life also keeps this client's leases alive: a lease is
+    /// not taken from a dead client at once while one of them lives (only the file backend
+    /// takes leases of dead local processes at once; the coordinator ignores this). `turnstile
+    /// run` names the process that kills its command when it dies, so that the lease is not
+    /// handed on before the command is gone.
+    pub also_alive_pids: Vec<u32>,
 }
 
 /// A connection to a turnstile backend. Cheap to clone; the session ends when the last clone

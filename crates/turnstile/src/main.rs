@@ -3,6 +3,7 @@
 //! to one line on stderr and an exit code. It is the only crate that uses `anyhow`.
 
 mod bench;
+mod guard;
 mod nanny;
 mod once;
 mod run;
@@ -146,6 +147,13 @@ enum Command {
     Nanny(nanny::NannyArgs),
     /// Load generator: acquire+release pairs per second and their latency.
     Bench(bench::BenchArgs),
+    /// Internal: the process between a wrapper (run, once, a nanny worker) and its command
+    /// that kills the command's whole tree when the wrapper dies (see guard.rs).
+    #[command(name = "__guard", hide = true)]
+    Guard(guard::GuardArgs),
+    /// Internal: how the guard starts the command with the signal mask reset.
+    #[command(name = "__exec", hide = true)]
+    Exec(guard::ExecArgs),
 }
 
 /// Parses a size such as `4096`, `512KiB`, `64MiB`, `2GiB` (also `K`, `M`, `G`, `KB`, `MB`,
@@ -187,6 +195,10 @@ fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     let result = match cli.command {
+        // No logging and no runtime: the guard is a small single-threaded process whose
+        // signal mask must hold for its only thread.
+        Command::Guard(args) => return guard::guard(args),
+        Command::Exec(args) => return guard::exec(args),
         Command::Serve(args) => {
             let sub = matches.subcommand_matches("serve").unwrap_or(&matches);
             serve_command(&args, sub, cli.log_format)
@@ -255,7 +267,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Serve(_) => unreachable!("invariant: main handles serve before dispatch"),
+        Command::Serve(_) | Command::Guard(_) | Command::Exec(_) => {
+            unreachable!("invariant: main handles serve and __guard before dispatch")
+        }
         Command::Run(args) => runtime()?.block_on(run::run(args)),
         Command::Once(args) => runtime()?.block_on(once::once(args)),
         Command::Wait(args) => runtime()?.block_on(once::wait(args)),

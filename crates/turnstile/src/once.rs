@@ -6,9 +6,10 @@ use std::time::{Duration, SystemTime};
 
 use turnstile_client::{Client, Error, GroupSummary, JobCompletion, JobStart};
 
+use crate::guard::Guarded;
 use crate::run::{
-    describe, exit_code, interruptible, spawn, supervise, Interrupted, OnLost, Signals, StatusLine,
-    Supervised, PROGRESS_EVERY,
+    client_options, describe, exit_code, interruptible, supervise, Interrupted, OnLost, Signals,
+    StatusLine, Supervised, PROGRESS_EVERY,
 };
 use crate::{parse_duration, UrlArg, EXIT_LOST, EXIT_TIMEOUT};
 
@@ -49,8 +50,8 @@ pub struct OnceArgs {
 /// 76 when the job's lease was lost (its completion is then not recorded).
 pub async fn once(args: OnceArgs) -> anyhow::Result<ExitCode> {
     let url = args.url.get();
-    let client = Client::connect(&url).await?;
     if args.reset {
+        let client = Client::connect(&url).await?;
         let was = client.reset_job(&args.job).await;
         let _ = client.shutdown().await;
         if was? {
@@ -60,6 +61,9 @@ pub async fn once(args: OnceArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
+    // The guard first, idle: its pid goes into the lease (see `client_options`).
+    let mut guard = Guarded::spawn(&args.command)?;
+    let client = Client::connect_with(&url, client_options(&guard)).await?;
     let mut sigs = Signals::new()?;
     let group = args.group.as_deref();
     let begin = async {
@@ -124,19 +128,16 @@ pub async fn once(args: OnceArgs) -> anyhow::Result<ExitCode> {
         ),
         ("TURNSTILE_URL", url.clone()),
     ];
-    let mut child = match spawn(&args.command, &envs) {
-        Ok(child) => child,
-        Err(code) => {
-            let _ = attempt
-                .fail(&format!("could not start {:?}", args.command[0]))
-                .await;
-            let _ = client.shutdown().await;
-            return Ok(ExitCode::from(code));
-        }
-    };
+    if let Err(code) = guard.start(&envs).await {
+        let _ = attempt
+            .fail(&format!("could not start {:?}", args.command[0]))
+            .await;
+        let _ = client.shutdown().await;
+        return Ok(ExitCode::from(code));
+    }
     let what = format!("the lease on job {:?}", args.job);
     let outcome = supervise(
-        &mut child,
+        &mut guard,
         &mut sigs,
         attempt.permit(),
         args.on_lost,

@@ -187,6 +187,8 @@ struct Inner {
     session: u64,
     ttl: Duration,
     who: Ident,
+    /// Local processes whose life also keeps our records alive (`Options::also_alive_pids`).
+    also_pids: Vec<u32>,
     next_lease: AtomicU64,
     held: Mutex<HashMap<u64, Held>>,
     /// The highest token seen per semaphore directory.
@@ -289,6 +291,7 @@ impl FileBackend {
             session: options.session_id.unwrap_or_else(random_id),
             ttl,
             who: Ident::current(),
+            also_pids: options.also_alive_pids,
             next_lease: AtomicU64::new(crate::lease_id_base()),
             held: Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
@@ -434,7 +437,7 @@ impl Inner {
         clock: &mut FsClock<'_>,
     ) -> Result<Option<Stale>, Error> {
         let (ttl, stale) = match Record::decode(bytes) {
-            Some(r) if self.who.knows_dead(&r.who) => {
+            Some(r) if r.holder_dead(&self.who) => {
                 return Ok(Some(Stale::DeadProcess {
                     host: r.who.host,
                     pid: r.who.pid,
@@ -710,6 +713,7 @@ impl Inner {
             start_ms: disk::unix_ms(),
             nonce: random_id(),
             who: self.who.clone(),
+            also_pids: self.also_pids.clone(),
         };
         let mut guard = TicketGuard {
             sem_dir,

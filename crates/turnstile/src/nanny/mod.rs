@@ -30,7 +30,7 @@
 //! be reached, the nanny logs one line and the session TTL frees the leases as before.
 
 mod policy;
-mod procfs;
+pub(crate) mod procfs;
 
 use std::collections::{BTreeSet, VecDeque};
 use std::process::ExitCode;
