@@ -18,7 +18,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
 use common::{assert_no_panic, process_exists, read_holds, wait_until, Harness, HOLD_SCRIPT, SOON};
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
 
@@ -144,6 +144,8 @@ fn exit_code_is_the_commands() {
         ("exit 3", 3),
         ("kill -9 $$", 137),
         ("kill -TERM $$", 143),
+        ("kill -SEGV $$", 139),
+        ("kill -PIPE $$", 141),
     ];
     for (script, code) in cases {
         let out = h.run(&["run", "e", "--limit", "1", "--", "sh", "-c", script]);
@@ -199,6 +201,9 @@ fn missing_command_exits_127() {
     out.assert_one_line_error(&["cannot run", "/nonexistent/turnstile-test-cmd"]);
     let sem = h.semaphore("m").expect("m exists");
     assert_eq!(sem["in_use"], 0, "the slot was released: {sem}");
+    let out = h.run(&["run", "m", "--limit", "1", "--", "/etc/passwd"]);
+    assert_eq!(out.code(), 126, "{out:?}");
+    out.assert_one_line_error(&["cannot run", "/etc/passwd", "Permission denied"]);
 }
 
 /// Usage and connection errors: non-zero exit, one line on stderr, no panic.
@@ -584,4 +589,73 @@ fn status_reports_holders_and_waiters() {
 
     let out = h.run(&["status", "nosuch"]);
     out.assert_one_line_error(&["no semaphore or job named \"nosuch\""]);
+}
+
+/// Issue 11: `kill -9` of `turnstile run` takes its command's whole tree along at once, and
+/// the next holder (granted once the dead session's TTL passes) never overlaps it.
+#[test]
+fn killed_run_takes_its_command_along() {
+    let h = Harness::new("kill9-tree", "1s");
+    let args = ["run", "k", "--limit", "1", "--", "sh", "-c"];
+    common::killed_wrapper_takes_its_command_along(&h, |a| h.command(a), &args, &args);
+}
+
+/// The guard between `turnstile run` and its command is transparent for signals: a signal
+/// sent to the whole process group (a terminal's Ctrl-C) reaches the command once, although
+/// `turnstile` also forwards it; a signal sent to `turnstile` alone reaches it too.
+#[test]
+fn a_signal_to_the_group_reaches_the_command_once() {
+    let h = Harness::new("signal-once", "10s");
+    // `wait` returns as soon as a trapped signal arrives, so a second SIGINT arriving later
+    // would run the trap again. Traps run in signal-number order, so a duplicate SIGINT sent
+    // before the SIGTERM is logged before "term".
+    let mut run = h.spawn(
+        "run",
+        &[
+            "run",
+            "g",
+            "--limit",
+            "1",
+            "--",
+            "sh",
+            "-c",
+            r#"trap 'echo int >> "$DIR/log"' INT
+               trap 'echo term >> "$DIR/log"; kill $s; exit 0' TERM
+               sleep 300 & s=$!
+               echo ready > "$DIR/ready"
+               while :; do wait $s; done"#,
+        ],
+    );
+    h.dir.wait_for("ready");
+    killpg(run.pid(), Signal::SIGINT).expect("SIGINT to the group");
+    wait_until("the command to log SIGINT", SOON, || {
+        h.dir.read("log").filter(|l| l.contains("int"))
+    });
+    run.signal(Signal::SIGTERM);
+    let out = run.wait(SOON);
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert_eq!(h.dir.read("log").as_deref(), Some("int\nterm\n"), "{out:?}");
+}
+
+/// The command reads `turnstile run`'s standard input (`echo hi | turnstile run -- cat`).
+#[test]
+fn the_command_reads_standard_input() {
+    use std::io::Write;
+    let h = Harness::new("stdin", "10s");
+    let mut child = h
+        .command(&["run", "in", "--limit", "1", "--", "cat"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn turnstile run");
+    child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(b"hi\n")
+        .expect("write to stdin");
+    let out = child.wait_with_output().expect("wait for turnstile run");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(out.stdout, b"hi\n");
 }

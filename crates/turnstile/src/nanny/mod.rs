@@ -693,7 +693,8 @@ impl Nanny {
                 {
                     let rss = self.rss(i, &stop.run, table);
                     near = true;
-                    if rss > limit.saturating_mul(2) || rss > stop.rss.saturating_add(MEMORY_SLACK) {
+                    if rss > limit.saturating_mul(2) || rss > stop.rss.saturating_add(MEMORY_SLACK)
+                    {
                         warn!(
                             "worker {i} (pid {}) still grows after SIGTERM ({}): SIGKILL now",
                             stop.run.cmd,
