@@ -29,6 +29,7 @@
 //! dead worker can still be acting under a lease that was handed on. If the backend cannot
 //! be reached, the nanny logs one line and the session TTL frees the leases as before.
 
+mod cgroup;
 mod policy;
 pub(crate) mod procfs;
 
@@ -47,6 +48,7 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 use turnstile_client::{Client, Options, SESSION_ENV, URL_ENV};
 
+use self::cgroup::Cgroups;
 use self::policy::Restart;
 use self::policy::{Backoff, Decision, End, Exit, History, Policy, StartLimit};
 use self::procfs::{format_size, Table};
@@ -188,10 +190,36 @@ pub async fn nanny(args: NannyArgs) -> anyhow::Result<ExitCode> {
     // every guard kills its worker's whole tree.
     let listener = Listener::bind().context("cannot listen for the workers' guards")?;
     let mut links = HashMap::new();
+    let cgroups = args.memory_limit.and_then(|limit| match Cgroups::setup(limit) {
+        Ok(groups) => {
+            info!(
+                "memory limit {}: enforced by the kernel (a cgroup v2 group per worker under {}, memory.max)",
+                format_size(limit),
+                groups.parent().display()
+            );
+            Some(groups)
+        }
+        Err(why) => {
+            info!(
+                "memory limit {}: sampled every {}ms, since the kernel cannot enforce it here ({why})",
+                format_size(limit),
+                SAMPLE_EVERY.as_millis()
+            );
+            None
+        }
+    });
     // A command that cannot be started at all is a usage error, reported like `turnstile
     // run` does, rather than a crash loop.
     let first_session = turnstile_client::new_session_id();
-    let first = match spawn(&listener, &command, &env, &url, 0, first_session) {
+    let first = match spawn(
+        &listener,
+        cgroups.as_ref(),
+        &command,
+        &env,
+        &url,
+        0,
+        first_session,
+    ) {
         Ok((pid, cmd, link)) => {
             info!("worker 0 started (pid {cmd}): {}", command.join(" "));
             links.insert(pid, link);
@@ -218,6 +246,7 @@ pub async fn nanny(args: NannyArgs) -> anyhow::Result<ExitCode> {
         url: url.clone(),
         listener,
         links,
+        cgroups,
         page_size: procfs::page_size(),
         workers: (0..args.workers)
             .map(|i| Worker {
@@ -332,6 +361,8 @@ struct Nanny {
     /// The connection to each live guard, by the guard's pid. Dropping one makes that guard
     /// kill its worker's tree, so a link is dropped only once its guard is reaped.
     links: HashMap<i32, Link>,
+    /// Worker cgroups, when the kernel enforces `--memory-limit`.
+    cgroups: Option<Cgroups>,
     page_size: u64,
     workers: Vec<Worker>,
     /// Whether a stop signal arrived.
@@ -347,6 +378,7 @@ impl Nanny {
     fn spawn(&self, index: usize, session: u64) -> Result<(i32, i32, Link), StartFailure> {
         spawn(
             &self.listener,
+            self.cgroups.as_ref(),
             &self.command,
             &self.env,
             &self.url,
@@ -538,6 +570,12 @@ impl Nanny {
     /// not.
     fn finish(&mut self, i: usize, stop: Stop, now: Instant) {
         let run = stop.run;
+        // A worker whose process the kernel killed over memory.max ended over its limit,
+        // even if its death was noticed before the next sample.
+        let oom = self.cgroups.as_ref().is_some_and(|g| g.oom_kills(i) > 0);
+        if let Some(groups) = &self.cgroups {
+            groups.remove(i);
+        }
         self.sessions.end(i, run.cmd, run.session);
         let exit = run.exit.unwrap_or(Exit::Unknown);
         if self.stopping {
@@ -545,6 +583,7 @@ impl Nanny {
             return;
         }
         let end = match stop.cause {
+            _ if oom => End::OverMemory,
             Cause::Died | Cause::Shutdown => End::Exited(exit),
             Cause::Memory => End::OverMemory,
             Cause::Rolling => End::Rolling,
@@ -660,6 +699,17 @@ impl Nanny {
         let mut near = false;
         for i in 0..self.workers.len() {
             match self.workers[i].state {
+                State::Running(run) if self.cgroups.is_some() => {
+                    let kills = self.cgroups.as_ref().map_or(0, |g| g.oom_kills(i));
+                    if kills > 0 {
+                        warn!(
+                            "worker {i} (pid {}) went over the limit of {}: the kernel killed {kills} of its processes; restarting (SIGKILL to the rest)",
+                            run.cmd,
+                            format_size(limit)
+                        );
+                        self.begin_stop_within(i, Cause::Memory, now, Duration::ZERO, 0, table);
+                    }
+                }
                 State::Running(run) => {
                     let rss = self.rss(i, &run, table);
                     near |= rss > limit / 2;
@@ -688,6 +738,8 @@ impl Nanny {
                     );
                     self.begin_stop_within(i, Cause::Memory, now, grace, rss, table);
                 }
+                // With cgroups the kernel bounds the memory of a stopping worker too.
+                _ if self.cgroups.is_some() => {}
                 State::Stopping(mut stop)
                     if stop.cause == Cause::Memory && !stop.killed && stop.run.exit.is_none() =>
                 {
@@ -932,8 +984,10 @@ struct StartFailure {
 /// Starts worker `index`'s command under a guard, in a process group of its own (the
 /// guard's). The `Child` handle is dropped: [`Nanny::reap`] waits for every child. Returns
 /// the guard's pid, the command's and the link that keeps the guard's worker alive.
+#[allow(clippy::too_many_arguments)]
 fn spawn(
     listener: &Listener,
+    cgroups: Option<&Cgroups>,
     command: &[String],
     env: &[(String, String)],
     url: &str,
@@ -967,6 +1021,12 @@ fn spawn(
         }
     };
     let mut link = listener.accept(child.id()).map_err(broken)?;
+    // In its group before the command starts, so that everything it forks is too.
+    if let Some(groups) = cgroups {
+        if let Err(e) = groups.enter(index, pid) {
+            warn!("worker {index}: cannot put it in a cgroup of its own ({e}): its memory is not limited by the kernel this run");
+        }
+    }
     match link.start(&[]).map_err(broken)? {
         Started::Running(cmd) => Ok((pid, cmd, link)),
         Started::Failed { code, message } => Err(StartFailure { code, message }),
