@@ -329,12 +329,12 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+    s.as_bytes()
+        .chunks(2)
+        .map(|pair| {
+            let pair = std::str::from_utf8(pair).ok().filter(|p| p.len() == 2)?;
+            u8::from_str_radix(pair, 16).ok()
+        })
         .collect()
 }
 
@@ -583,12 +583,21 @@ impl Guard {
     /// has no child left: then nothing of the tree exists, since every orphan of it becomes
     /// the guard's child.
     fn kill_tree(&mut self) {
+        // Without a view of /proc only the command itself can be found: then give up on
+        // what it left after a while rather than wait forever.
+        let mut blind = 0;
         loop {
             let tree = procfs::descendants(self.me).unwrap_or_else(|| {
                 procfs::Table::read()
                     .map(|t| t.subtree(t.children(self.me).map(|p| p.pid).collect::<Vec<_>>()))
                     .unwrap_or_default()
             });
+            if tree.is_empty() {
+                blind += 1;
+                if blind > 100 {
+                    return;
+                }
+            }
             for &pid in &tree {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             }
