@@ -60,7 +60,13 @@
 //! owner was last alive. A record is *stale* when its age, measured against the file system's
 //! clock (read from `DIR/.clock` just rewritten, so client clocks do not matter), exceeds its
 //! owner's TTL — or at once when it names a process of this host, boot and pid namespace that
-//! no longer exists. An unparsable record is stale when older than the default TTL (10 s).
+//! no longer exists (a zombie counts as gone) and every process in its optional `also_pids`
+//! is gone too. An unparsable record is stale when older than the default TTL (10 s).
+//!
+//! `also_pids` comes from `Options::also_alive_pids`: processes that may still act for the
+//! holder after it died. `turnstile run` names its guard, which kills the command's tree when
+//! `run` dies and exits only once that tree is gone; so the immediate reclaim of a dead
+//! holder's lease waits for its command to be gone, not only for `run`.
 //!
 //! # Why it is safe
 //!
@@ -71,7 +77,9 @@
 //!   lost at its next heartbeat), or by a reclaimer once it is stale. An owner counts its lease
 //!   alive only until 90% of the TTL after its last successful rewrite began, and the
 //!   rewrite's mtime is no earlier than that, so by the time a record is stale its owner has
-//!   already given the lease up (the margin absorbs clock rates and late timers).
+//!   already given the lease up (the margin absorbs clock rates and late timers). A record
+//!   taken at once because its holder died is taken only once every process named in it
+//!   (holder and `also_pids`) is gone, so nothing that acted under it can still run.
 //! - **Exactly one reclaimer wins:** a reclaimer renames the stale file to a private name; of
 //!   several renames of the same name only one succeeds (the others find it gone). The winner
 //!   re-reads the file under its private name and deletes it only if it holds the same bytes
