@@ -659,3 +659,63 @@ fn the_command_reads_standard_input() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert_eq!(out.stdout, b"hi\n");
 }
+
+/// A `turnstile run` killed while it waits for a slot never runs its command: its guard,
+/// started before the acquire and idle until the grant, exits as soon as `run` is gone.
+#[test]
+fn killed_waiter_never_runs_its_command() {
+    let h = Harness::new("kill9-waiter", "1s");
+    let holder = h.spawn(
+        "holder",
+        &[
+            "run",
+            "w",
+            "--limit",
+            "1",
+            "--",
+            "sh",
+            "-c",
+            r#"echo ready > "$DIR/ready"; exec sleep 300"#,
+        ],
+    );
+    h.dir.wait_for("ready");
+    let mut waiter = h.spawn(
+        "waiter",
+        &[
+            "run",
+            "w",
+            "--limit",
+            "1",
+            "--",
+            "sh",
+            "-c",
+            r#"echo ran > "$DIR/ran""#,
+        ],
+    );
+    h.wait_for_semaphore("w", "a waiter", |s| s["queued"] == 1);
+    let children = std::fs::read_dir(format!("/proc/{}/task", waiter.pid()))
+        .expect("the waiter's tasks")
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .collect::<String>();
+    let guard: i32 = children
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("the waiter has a guard process");
+    waiter.signal(Signal::SIGKILL);
+    waiter.wait(SOON);
+    // Gone, or a zombie waiting for init to reap it.
+    wait_until("the idle guard to exit", SOON, || {
+        let stat = std::fs::read_to_string(format!("/proc/{guard}/stat")).unwrap_or_default();
+        let state = stat.rsplit_once(')').map(|(_, r)| r.trim_start());
+        (state.is_none() || state.is_some_and(|s| s.starts_with('Z'))).then_some(())
+    });
+    drop(holder);
+    let next = h.run(&["run", "w", "--limit", "1", "--", "true"]);
+    assert_eq!(next.code(), 0, "{next:?}");
+    assert!(
+        h.dir.read("ran").is_none(),
+        "the killed waiter's command ran"
+    );
+}
