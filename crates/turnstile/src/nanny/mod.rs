@@ -1024,7 +1024,7 @@ fn spawn(
     // In its group before the command starts, so that everything it forks is too.
     if let Some(groups) = cgroups {
         if let Err(e) = groups.enter(index, pid) {
-            warn!("worker {index}: cannot put it in a cgroup of its own ({e}): its memory is not limited by the kernel this run");
+            warn!("worker {index}: cannot put it in a cgroup of its own ({e}): its memory is not limited this run");
         }
     }
     match link.start(&[]).map_err(broken)? {
