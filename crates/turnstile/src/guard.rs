@@ -393,9 +393,6 @@ impl Guard {
         // Every orphan of the command's tree becomes our child, so it can be found and
         // killed, and reaped: the tree cannot escape to init.
         nix::sys::prctl::set_child_subreaper(true)?;
-        // A core dump of the guard, when it mirrors a command's death by SIGSEGV or SIGQUIT,
-        // would only litter the working directory.
-        let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0);
         if getppid().as_raw() != args.parent {
             return Ok(None);
         }
@@ -700,6 +697,9 @@ fn mirror(status: WaitStatus) -> ExitCode {
     match status {
         WaitStatus::Exited(_, code) => ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1)),
         WaitStatus::Signaled(_, sig, _) => {
+            // A core dump of the guard, mirroring a death by SIGSEGV or SIGQUIT, would only
+            // litter the working directory. (Set only now: the command inherits limits.)
+            let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0);
             if sig == Signal::SIGKILL {
                 let _ = kill(getpid(), Signal::SIGKILL);
             }

@@ -719,3 +719,23 @@ fn killed_waiter_never_runs_its_command() {
         "the killed waiter's command ran"
     );
 }
+
+/// The command starts with no signal blocked, although its guard blocks them all (a child
+/// inherits its parent's mask, and std's spawn does not reset it), and with the wrapper's
+/// resource limits.
+#[test]
+fn the_command_starts_with_no_signal_blocked() {
+    let h = Harness::new("sigmask", "10s");
+    let out = h.run(&[
+        "run",
+        "m",
+        "--limit",
+        "1",
+        "--",
+        "grep",
+        "SigBlk",
+        "/proc/self/status",
+    ]);
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert_eq!(out.stdout, "SigBlk:\t0000000000000000\n", "{out:?}");
+}
