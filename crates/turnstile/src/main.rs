@@ -95,7 +95,9 @@ enum Command {
     /// Run the coordinator: the protocol port, and an HTTP port with metrics, the status API
     /// and a dashboard.
     Serve(serve::ServeArgs),
-    /// Run a command while holding a slot of a semaphore.
+    /// Run a command while holding a slot of a semaphore. The command never outlives
+    /// turnstile: if turnstile dies, even by SIGKILL, the command's whole process tree is
+    /// killed at once; when the command exits, what it left running is killed too.
     Run(run::RunArgs),
     /// Run a job once and only once: skip it if it has completed (or runs elsewhere), record
     /// its completion when the command exits 0.
@@ -134,7 +136,8 @@ enum Command {
     /// and restart is logged on stderr in words. When a worker's process exits, whatever it
     /// left running is killed (SIGKILL), and then its session is ended, so its leases go to
     /// the next waiters at once rather than after the session TTL (on the file backend, its
-    /// lease files are removed).
+    /// lease files are removed). If the nanny itself dies, even by SIGKILL, every worker's
+    /// processes are killed at once (each worker runs under a guard process).
     ///
     /// SIGTERM, SIGINT or SIGQUIT: send SIGTERM to every worker's processes, SIGKILL what is
     /// left after --stop-timeout, and exit once every process is reaped; a second signal sends
