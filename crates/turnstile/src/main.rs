@@ -95,8 +95,9 @@ enum Command {
     /// Run the coordinator: the protocol port, and an HTTP port with metrics, the status API
     /// and a dashboard.
     Serve(serve::ServeArgs),
-    /// Run a command while holding a slot of a semaphore. The command never outlives
-    /// turnstile: if turnstile dies, even by SIGKILL, the command's whole process tree is
+    /// Run a command while holding a slot of a semaphore.
+    ///
+    /// The command never outlives turnstile: if turnstile dies, even by SIGKILL, the command's whole process tree is
     /// killed at once; when the command exits, what it left running is killed too.
     Run(run::RunArgs),
     /// Run a job once and only once: skip it if it has completed (or runs elsewhere), record
