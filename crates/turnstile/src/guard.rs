@@ -160,8 +160,15 @@ impl Listener {
                             "the guard process did not connect",
                         ));
                     }
+                    if exited(pid) {
+                        return Err(io::Error::other(
+                            "the guard process exited before it connected",
+                        ));
+                    }
+                    // In slices, to notice a guard that failed (it says why on stderr).
                     let mut fds = [PollFd::new(self.sock.as_fd(), PollFlags::POLLIN)];
-                    let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+                    let slice = left.min(Duration::from_millis(50));
+                    let timeout = PollTimeout::try_from(slice).unwrap_or(PollTimeout::MAX);
                     match poll(&mut fds, timeout) {
                         Ok(_) | Err(Errno::EINTR) => {}
                         Err(e) => return Err(e.into()),
@@ -171,6 +178,16 @@ impl Listener {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+/// Whether process `pid` (a child not yet reaped) has exited: a zombie, or gone.
+fn exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => true,
     }
 }
 
