@@ -284,6 +284,9 @@ impl Guarded {
     /// Starts a guard for `command`, idle until [`Guarded::start`]. The command will not see
     /// `TURNSTILE_SESSION`: the session is the wrapper's.
     pub(crate) fn spawn(command: &[String]) -> anyhow::Result<Guarded> {
+        // Should the guard be killed on its own, what is left of the command comes to us
+        // rather than to init, and `wait` kills it.
+        let _ = nix::sys::prctl::set_child_subreaper(true);
         let listener = Listener::bind()
             .map_err(|e| anyhow::anyhow!("cannot listen for the guard process: {e}"))?;
         let mut cmd = listener.command(command, false);
@@ -325,9 +328,13 @@ impl Guarded {
         }
     }
 
-    /// Waits for the command (its status, as the guard mirrors it).
+    /// Waits for the command (its status, as the guard mirrors it). If the guard itself was
+    /// killed, what was left of the command's tree was re-parented to the wrapper (a child
+    /// subreaper, see [`Guarded::spawn`]) and is killed here, before the wrapper can release.
     pub(crate) async fn wait(&mut self) -> io::Result<ExitStatus> {
-        self.child.wait().await
+        let status = self.child.wait().await?;
+        kill_strays().await;
+        Ok(status)
     }
 
     /// Passes `sig` on to the command.
@@ -339,6 +346,30 @@ impl Guarded {
     pub(crate) fn kill(&mut self) {
         self.link.kill();
     }
+}
+
+/// SIGKILL to every live descendant of this process, until none is left (zombies, which
+/// tokio does not reap for us, do not count: they are gone). Nothing to do when the guard
+/// did its work, which is always but when the guard itself was killed.
+async fn kill_strays() {
+    let me = i32::try_from(std::process::id()).unwrap_or(i32::MAX);
+    for _ in 0..200 {
+        let Some(tree) = procfs::descendants(me) else {
+            return;
+        };
+        let alive: Vec<i32> = tree.into_iter().filter(|&p| !exited_pid(p)).collect();
+        if alive.is_empty() {
+            return;
+        }
+        for pid in alive {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn exited_pid(pid: i32) -> bool {
+    u32::try_from(pid).map(exited).unwrap_or(true)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -686,6 +717,14 @@ pub fn exec(args: ExecArgs) -> ExitCode {
     // The report pipe must not leak into the command: its `exec` closes it, which is the
     // guard's sign of success.
     let _ = fcntl(args.report_fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+    // A second line of defence, for a guard killed on its own (by `pkill -9 -f turnstile`,
+    // say): the command gets SIGKILL when the guard dies. The guard is single-threaded and
+    // outlives the command, so this never fires while the command should run. If the guard
+    // died already, the parent changed: then run nothing.
+    let parent = getppid();
+    if nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err() || getppid() != parent {
+        return ExitCode::from(EXIT_GUARD_FAILED);
+    }
     // Signals sent to the command before this point are delivered now, as they would have
     // been to the command itself.
     let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);

@@ -739,3 +739,59 @@ fn the_command_starts_with_no_signal_blocked() {
     assert_eq!(out.code(), 0, "{out:?}");
     assert_eq!(out.stdout, "SigBlk:\t0000000000000000\n", "{out:?}");
 }
+
+/// The guard killed on its own (not `turnstile run`): the command gets SIGKILL with it (its
+/// parent-death signal), what the command started is re-parented to `turnstile run` and
+/// killed there, and only then does `turnstile run` exit (137) and release.
+#[test]
+fn a_killed_guard_takes_the_command_along() {
+    let h = Harness::new("kill9-guard", "10s");
+    let mut run = h.spawn(
+        "run",
+        &[
+            "run",
+            "kg",
+            "--limit",
+            "1",
+            "--",
+            "sh",
+            "-c",
+            common::TREE_SCRIPT,
+        ],
+    );
+    h.dir.wait_for("ready");
+    let pids: Vec<i32> = h
+        .dir
+        .read("pids")
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.trim().parse().expect("a pid"))
+        .collect();
+    let children = std::fs::read_dir(format!("/proc/{}/task", run.pid()))
+        .expect("turnstile's tasks")
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .collect::<String>();
+    let guard: i32 = children
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("turnstile run has a guard process");
+    kill(Pid::from_raw(guard), Signal::SIGKILL).expect("kill the guard");
+    let out = run.wait(SOON);
+    assert_eq!(out.code(), 137, "{out:?}");
+    // No process of the command is left running (a zombie awaiting its reaper is gone).
+    let running = |p: i32| {
+        std::fs::read_to_string(format!("/proc/{p}/stat"))
+            .ok()
+            .and_then(|s| Some(!s.rsplit_once(')')?.1.trim_start().starts_with('Z')))
+            .unwrap_or(false)
+    };
+    let left: Vec<i32> = pids.iter().copied().filter(|&p| running(p)).collect();
+    assert!(
+        left.is_empty(),
+        "left running after turnstile exited: {left:?}"
+    );
+    let sem = h.semaphore("kg").expect("kg exists");
+    assert_eq!(sem["in_use"], 0, "released: {sem}");
+}
