@@ -233,6 +233,12 @@ pub struct Options {
     /// attempt, which fails at once if the connection is refused. Either way one attempt
     /// (connect and handshake) never takes longer than what is left of this, nor 5 s.
     pub connect_timeout: Option<Duration>,
+    /// Processes of this host whose life also keeps this client's leases alive: a lease is
+    /// not taken from a dead client at once while one of them lives (only the file backend
+    /// takes leases of dead local processes at once; the coordinator ignores this). `turnstile
+    /// run` names the process that kills its command when it dies, so that the lease is not
+    /// handed on before the command is gone.
+    pub also_alive_pids: Vec<u32>,
 }
 
 /// A connection to a turnstile backend. Cheap to clone; the session ends when the last clone

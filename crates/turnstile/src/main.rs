@@ -3,6 +3,7 @@
 //! to one line on stderr and an exit code. It is the only crate that uses `anyhow`.
 
 mod bench;
+mod guard;
 mod nanny;
 mod once;
 mod reach;
@@ -120,6 +121,9 @@ enum Command {
     /// and a dashboard.
     Serve(serve::ServeArgs),
     /// Run a command while holding a slot of a semaphore.
+    ///
+    /// The command never outlives turnstile: if turnstile dies, even by SIGKILL, the command's whole process tree is
+    /// killed at once; when the command exits, what it left running is killed too.
     #[command(after_help = EXIT_CODES)]
     Run(run::RunArgs),
     /// Run a job once and only once: skip it if it has completed (or runs elsewhere), record
@@ -163,7 +167,8 @@ enum Command {
     /// and restart is logged on stderr in words. When a worker's process exits, whatever it
     /// left running is killed (SIGKILL), and then its session is ended, so its leases go to
     /// the next waiters at once rather than after the session TTL (on the file backend, its
-    /// lease files are removed).
+    /// lease files are removed). If the nanny itself dies, even by SIGKILL, every worker's
+    /// processes are killed at once (each worker runs under a guard process).
     ///
     /// SIGTERM, SIGINT or SIGQUIT: send SIGTERM to every worker's processes, SIGKILL what is
     /// left after --stop-timeout, and exit once every process is reaped; a second signal sends
@@ -178,6 +183,13 @@ enum Command {
     Nanny(nanny::NannyArgs),
     /// Load generator: acquire+release pairs per second and their latency.
     Bench(bench::BenchArgs),
+    /// Internal: the process between a wrapper (run, once, a nanny worker) and its command
+    /// that kills the command's whole tree when the wrapper dies (see guard.rs).
+    #[command(name = "__guard", hide = true)]
+    Guard(guard::GuardArgs),
+    /// Internal: how the guard starts the command with the signal mask reset.
+    #[command(name = "__exec", hide = true)]
+    Exec(guard::ExecArgs),
 }
 
 /// Parses a size such as `4096`, `512KiB`, `64MiB`, `2GiB` (also `K`, `M`, `G`, `KB`, `MB`,
@@ -219,6 +231,10 @@ fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     let result = match cli.command {
+        // No logging and no runtime: the guard is a small single-threaded process whose
+        // signal mask must hold for its only thread.
+        Command::Guard(args) => return guard::guard(args),
+        Command::Exec(args) => return guard::exec(args),
         Command::Serve(args) => {
             let sub = matches.subcommand_matches("serve").unwrap_or(&matches);
             serve_command(&args, sub, cli.log_format)
@@ -301,7 +317,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Serve(_) => unreachable!("invariant: main handles serve before dispatch"),
+        Command::Serve(_) | Command::Guard(_) | Command::Exec(_) => {
+            unreachable!("invariant: main handles serve and __guard before dispatch")
+        }
         Command::Run(args) => runtime()?.block_on(run::run(args)),
         Command::Once(args) => runtime()?.block_on(once::once(args)),
         Command::Wait(args) => runtime()?.block_on(once::wait(args)),

@@ -4,12 +4,13 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
-use turnstile_client::{Client, Error, GroupSummary, JobCompletion, JobStart};
+use turnstile_client::{Client, Error, GroupSummary, JobCompletion, JobStart, Options};
 
+use crate::guard::Guarded;
 use crate::reach::{self, ConnectArg};
 use crate::run::{
-    describe, exit_code, interruptible, spawn, supervise, Interrupted, OnLost, Signals, StatusLine,
-    Supervised, PROGRESS_EVERY,
+    client_options, describe, exit_code, interruptible, supervise, Interrupted, OnLost, Signals,
+    StatusLine, Supervised, PROGRESS_EVERY,
 };
 use crate::{parse_duration, UrlArg, EXIT_LOST, EXIT_TIMEOUT, EXIT_UNAVAILABLE};
 
@@ -56,8 +57,14 @@ pub struct OnceArgs {
 pub async fn once(args: OnceArgs) -> anyhow::Result<ExitCode> {
     let url = args.url.get();
     let deadline = reach::deadline(args.timeout);
-    let client = reach::connect(&url, args.connect.connect_timeout, deadline).await?;
     if args.reset {
+        let client = reach::connect(
+            &url,
+            Options::default(),
+            args.connect.connect_timeout,
+            deadline,
+        )
+        .await?;
         let was = client.reset_job(&args.job).await;
         let _ = client.shutdown().await;
         if was? {
@@ -67,6 +74,15 @@ pub async fn once(args: OnceArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
+    // The guard first, idle: its pid goes into the lease (see `client_options`).
+    let mut guard = Guarded::spawn(&args.command)?;
+    let client = reach::connect(
+        &url,
+        client_options(&guard),
+        args.connect.connect_timeout,
+        deadline,
+    )
+    .await?;
     let mut sigs = Signals::new()?;
     let group = args.group.as_deref();
     let begin = async {
@@ -134,19 +150,16 @@ pub async fn once(args: OnceArgs) -> anyhow::Result<ExitCode> {
         ),
         ("TURNSTILE_URL", url.clone()),
     ];
-    let mut child = match spawn(&args.command, &envs) {
-        Ok(child) => child,
-        Err(code) => {
-            let _ = attempt
-                .fail(&format!("could not start {:?}", args.command[0]))
-                .await;
-            let _ = client.shutdown().await;
-            return Ok(ExitCode::from(code));
-        }
-    };
+    if let Err(code) = guard.start(&envs).await {
+        let _ = attempt
+            .fail(&format!("could not start {:?}", args.command[0]))
+            .await;
+        let _ = client.shutdown().await;
+        return Ok(ExitCode::from(code));
+    }
     let what = format!("the lease on job {:?}", args.job);
     let outcome = supervise(
-        &mut child,
+        &mut guard,
         &mut sigs,
         attempt.permit(),
         args.on_lost,
@@ -301,7 +314,13 @@ pub struct WaitArgs {
 pub async fn wait(args: WaitArgs) -> anyhow::Result<ExitCode> {
     let started = SystemTime::now();
     let deadline = reach::deadline(args.timeout);
-    let client = reach::connect(&args.url.get(), args.connect.connect_timeout, deadline).await?;
+    let client = reach::connect(
+        &args.url.get(),
+        Options::default(),
+        args.connect.connect_timeout,
+        deadline,
+    )
+    .await?;
     let mut sigs = Signals::new()?;
     let waited = interruptible(
         client.wait_group(&args.group, args.jobs, deadline.map(reach::left)),

@@ -40,10 +40,11 @@ pub fn left(deadline: Instant) -> Duration {
     deadline.saturating_duration_since(Instant::now())
 }
 
-/// Connects for a command that waits: retries the first connection for `retry_for`, and no
-/// longer than `deadline` allows.
+/// Connects for a command that waits, with `options`: retries the first connection for
+/// `retry_for`, and no longer than `deadline` allows.
 pub async fn connect(
     url: &str,
+    options: Options,
     retry_for: Duration,
     deadline: Option<Instant>,
 ) -> Result<Client, Error> {
@@ -53,7 +54,7 @@ pub async fn connect(
     };
     let options = Options {
         connect_timeout: Some(retry_for),
-        ..Options::default()
+        ..options
     };
     Client::connect_with(url, options).await
 }

@@ -6,11 +6,11 @@ use std::process::{ExitCode, ExitStatus};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use tokio::signal::unix::{signal, SignalKind};
-use turnstile_client::{Client, Error, ErrorCode, Permit, StatusDoc};
+use turnstile_client::{Client, Error, ErrorCode, Options, Permit, StatusDoc};
 
+use crate::guard::Guarded;
 use crate::reach::{self, ConnectArg};
 use crate::{parse_duration, UrlArg, EXIT_LOST, EXIT_TIMEOUT};
 
@@ -57,7 +57,15 @@ pub struct RunArgs {
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let url = args.url.get();
     let deadline = reach::deadline(args.timeout);
-    let client = reach::connect(&url, args.connect.connect_timeout, deadline).await?;
+    // The guard first, idle: its pid goes into the lease (see `client_options`).
+    let mut guard = Guarded::spawn(&args.command)?;
+    let client = reach::connect(
+        &url,
+        client_options(&guard),
+        args.connect.connect_timeout,
+        deadline,
+    )
+    .await?;
     let sem = match args.limit {
         Some(limit) => {
             let ensure = client.semaphore(&args.name, limit);
@@ -121,17 +129,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         ),
         ("TURNSTILE_URL", url.clone()),
     ];
-    let mut child = match spawn(&args.command, &envs) {
-        Ok(child) => child,
-        Err(code) => {
-            drop(permit);
-            let _ = client.shutdown().await;
-            return Ok(ExitCode::from(code));
-        }
-    };
+    if let Err(code) = guard.start(&envs).await {
+        drop(permit);
+        let _ = client.shutdown().await;
+        return Ok(ExitCode::from(code));
+    }
     let what = format!("the lease on {:?}", args.name);
     let outcome = supervise(
-        &mut child,
+        &mut guard,
         &mut sigs,
         &permit,
         args.on_lost,
@@ -295,33 +300,14 @@ pub(crate) fn waiting_text(
     format!("turnstile: waiting for {name}: {position}{waited}")
 }
 
-/// Starts the command with extra environment variables. On failure, says why on stderr and
-/// returns the shell's exit code for it: 127 for a command not found, 126 for one that cannot
-/// be run.
-pub(crate) fn spawn(
-    command: &[String],
-    envs: &[(&str, String)],
-) -> Result<tokio::process::Child, u8> {
-    let Some((program, rest)) = command.split_first() else {
-        eprintln!("turnstile: no command given");
-        return Err(127);
-    };
-    let mut cmd = tokio::process::Command::new(program);
-    cmd.args(rest);
-    for (k, v) in envs {
-        cmd.env(k, v);
+/// The client's options for a wrapper whose command runs under `guard`: on the file backend,
+/// the lease counts as held while the guard lives, so that the immediate reclaim of a dead
+/// holder's lease waits until the guard has killed the command's whole tree.
+pub(crate) fn client_options(guard: &Guarded) -> Options {
+    Options {
+        also_alive_pids: vec![guard.pid()],
+        ..Options::default()
     }
-    // The session is this process's: a client in the command that used it too would share
-    // lease numbers with us, and end our session when it shut down.
-    cmd.env_remove(turnstile_client::SESSION_ENV);
-    cmd.spawn().map_err(|e| {
-        eprintln!("turnstile: cannot run {program:?}: {e}");
-        if e.kind() == std::io::ErrorKind::NotFound {
-            127
-        } else {
-            126
-        }
-    })
 }
 
 /// How a supervised command ended.
@@ -336,28 +322,23 @@ pub(crate) enum Supervised {
 /// is lost, either stops the command (`kill`: SIGTERM, SIGKILL after `grace`) or only warns.
 /// `what` names the lease in messages.
 pub(crate) async fn supervise(
-    child: &mut tokio::process::Child,
+    child: &mut Guarded,
     sigs: &mut Signals,
     permit: &Permit,
     on_lost: OnLost,
     grace: Duration,
     what: &str,
 ) -> anyhow::Result<Supervised> {
-    let pid = child.id().map(|id| Pid::from_raw(id as i32));
     loop {
         tokio::select! {
             status = child.wait() => {
                 return Ok(Supervised::Exited(status.context("waiting for the command")?));
             }
-            sig = sigs.recv() => {
-                if let Some(pid) = pid {
-                    let _ = kill(pid, sig);
-                }
-            }
+            sig = sigs.recv() => child.signal(sig),
             reason = permit.lost() => match on_lost {
                 OnLost::Ignore => {
                     eprintln!("turnstile: warning: {what} was lost ({reason}); the command keeps running");
-                    let status = wait_forwarding(child, sigs, pid).await?;
+                    let status = wait_forwarding(child, sigs).await?;
                     return Ok(Supervised::Exited(status));
                 }
                 OnLost::Kill => {
@@ -365,7 +346,7 @@ pub(crate) async fn supervise(
                         "turnstile: {what} was lost ({reason}); stopping the command (SIGTERM, SIGKILL after {})",
                         humantime::format_duration(grace)
                     );
-                    stop(child, pid, grace).await?;
+                    stop(child, grace).await?;
                     return Ok(Supervised::Lost);
                 }
             },
@@ -394,36 +375,22 @@ pub(crate) fn exit_code(status: ExitStatus) -> u8 {
     }
 }
 
-async fn wait_forwarding(
-    child: &mut tokio::process::Child,
-    sigs: &mut Signals,
-    pid: Option<Pid>,
-) -> anyhow::Result<ExitStatus> {
+async fn wait_forwarding(child: &mut Guarded, sigs: &mut Signals) -> anyhow::Result<ExitStatus> {
     loop {
         tokio::select! {
             status = child.wait() => return status.context("waiting for the command"),
-            sig = sigs.recv() => {
-                if let Some(pid) = pid {
-                    let _ = kill(pid, sig);
-                }
-            }
+            sig = sigs.recv() => child.signal(sig),
         }
     }
 }
 
-/// SIGTERM, then SIGKILL after `grace`.
-async fn stop(
-    child: &mut tokio::process::Child,
-    pid: Option<Pid>,
-    grace: Duration,
-) -> anyhow::Result<ExitStatus> {
-    if let Some(pid) = pid {
-        let _ = kill(pid, Signal::SIGTERM);
-    }
+/// SIGTERM, then SIGKILL (to the command's whole tree) after `grace`.
+async fn stop(child: &mut Guarded, grace: Duration) -> anyhow::Result<ExitStatus> {
+    child.signal(Signal::SIGTERM);
     match tokio::time::timeout(grace, child.wait()).await {
         Ok(status) => status.context("waiting for the command"),
         Err(_) => {
-            let _ = child.start_kill();
+            child.kill();
             child.wait().await.context("waiting for the command")
         }
     }

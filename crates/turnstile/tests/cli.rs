@@ -18,7 +18,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
 use common::{assert_no_panic, process_exists, read_holds, wait_until, Harness, HOLD_SCRIPT, SOON};
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
 
@@ -144,6 +144,8 @@ fn exit_code_is_the_commands() {
         ("exit 3", 3),
         ("kill -9 $$", 137),
         ("kill -TERM $$", 143),
+        ("kill -SEGV $$", 139),
+        ("kill -PIPE $$", 141),
     ];
     for (script, code) in cases {
         let out = h.run(&["run", "e", "--limit", "1", "--", "sh", "-c", script]);
@@ -199,6 +201,9 @@ fn missing_command_exits_127() {
     out.assert_one_line_error(&["cannot run", "/nonexistent/turnstile-test-cmd"]);
     let sem = h.semaphore("m").expect("m exists");
     assert_eq!(sem["in_use"], 0, "the slot was released: {sem}");
+    let out = h.run(&["run", "m", "--limit", "1", "--", "/etc/passwd"]);
+    assert_eq!(out.code(), 126, "{out:?}");
+    out.assert_one_line_error(&["cannot run", "/etc/passwd", "Permission denied"]);
 }
 
 /// Usage and connection errors: non-zero exit, one line on stderr, no panic.
@@ -588,4 +593,209 @@ fn status_reports_holders_and_waiters() {
 
     let out = h.run(&["status", "nosuch"]);
     out.assert_one_line_error(&["no semaphore or job named \"nosuch\""]);
+}
+
+/// Issue 11: `kill -9` of `turnstile run` takes its command's whole tree along at once, and
+/// the next holder (granted once the dead session's TTL passes) never overlaps it.
+#[test]
+fn killed_run_takes_its_command_along() {
+    let h = Harness::new("kill9-tree", "1s");
+    let args = ["run", "k", "--limit", "1", "--", "sh", "-c"];
+    common::killed_wrapper_takes_its_command_along(&h, |a| h.command(a), &args, &args);
+}
+
+/// The guard between `turnstile run` and its command is transparent for signals: a signal
+/// sent to the whole process group (a terminal's Ctrl-C) reaches the command once, although
+/// `turnstile` also forwards it; a signal sent to `turnstile` alone reaches it too.
+#[test]
+fn a_signal_to_the_group_reaches_the_command_once() {
+    let h = Harness::new("signal-once", "10s");
+    // `wait` returns as soon as a trapped signal arrives, so a second SIGINT arriving later
+    // would run the trap again. Traps run in signal-number order, so a duplicate SIGINT sent
+    // before the SIGTERM is logged before "term".
+    let mut run = h.spawn(
+        "run",
+        &[
+            "run",
+            "g",
+            "--limit",
+            "1",
+            "--",
+            "sh",
+            "-c",
+            r#"trap 'echo int >> "$DIR/log"' INT
+               trap 'echo term >> "$DIR/log"; kill $s; exit 0' TERM
+               sleep 300 & s=$!
+               echo ready > "$DIR/ready"
+               while :; do wait $s; done"#,
+        ],
+    );
+    h.dir.wait_for("ready");
+    killpg(run.pid(), Signal::SIGINT).expect("SIGINT to the group");
+    wait_until("the command to log SIGINT", SOON, || {
+        h.dir.read("log").filter(|l| l.contains("int"))
+    });
+    run.signal(Signal::SIGTERM);
+    let out = run.wait(SOON);
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert_eq!(h.dir.read("log").as_deref(), Some("int\nterm\n"), "{out:?}");
+}
+
+/// The command reads `turnstile run`'s standard input (`echo hi | turnstile run -- cat`).
+#[test]
+fn the_command_reads_standard_input() {
+    use std::io::Write;
+    let h = Harness::new("stdin", "10s");
+    let mut child = h
+        .command(&["run", "in", "--limit", "1", "--", "cat"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn turnstile run");
+    child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(b"hi\n")
+        .expect("write to stdin");
+    let out = child.wait_with_output().expect("wait for turnstile run");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(out.stdout, b"hi\n");
+}
+
+/// A `turnstile run` killed while it waits for a slot never runs its command: its guard,
+/// started before the acquire and idle until the grant, exits as soon as `run` is gone.
+#[test]
+fn killed_waiter_never_runs_its_command() {
+    let h = Harness::new("kill9-waiter", "1s");
+    let holder = h.spawn(
+        "holder",
+        &[
+            "run",
+            "w",
+            "--limit",
+            "1",
+            "--",
+            "sh",
+            "-c",
+            r#"echo ready > "$DIR/ready"; exec sleep 300"#,
+        ],
+    );
+    h.dir.wait_for("ready");
+    let mut waiter = h.spawn(
+        "waiter",
+        &[
+            "run",
+            "w",
+            "--limit",
+            "1",
+            "--",
+            "sh",
+            "-c",
+            r#"echo ran > "$DIR/ran""#,
+        ],
+    );
+    h.wait_for_semaphore("w", "a waiter", |s| s["queued"] == 1);
+    let children = std::fs::read_dir(format!("/proc/{}/task", waiter.pid()))
+        .expect("the waiter's tasks")
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .collect::<String>();
+    let guard: i32 = children
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("the waiter has a guard process");
+    waiter.signal(Signal::SIGKILL);
+    waiter.wait(SOON);
+    // Gone, or a zombie waiting for init to reap it.
+    wait_until("the idle guard to exit", SOON, || {
+        let stat = std::fs::read_to_string(format!("/proc/{guard}/stat")).unwrap_or_default();
+        let state = stat.rsplit_once(')').map(|(_, r)| r.trim_start());
+        (state.is_none() || state.is_some_and(|s| s.starts_with('Z'))).then_some(())
+    });
+    drop(holder);
+    let next = h.run(&["run", "w", "--limit", "1", "--", "true"]);
+    assert_eq!(next.code(), 0, "{next:?}");
+    assert!(
+        h.dir.read("ran").is_none(),
+        "the killed waiter's command ran"
+    );
+}
+
+/// The command starts with no signal blocked, although its guard blocks them all (a child
+/// inherits its parent's mask, and std's spawn does not reset it), and with the wrapper's
+/// resource limits.
+#[test]
+fn the_command_starts_with_no_signal_blocked() {
+    let h = Harness::new("sigmask", "10s");
+    let out = h.run(&[
+        "run",
+        "m",
+        "--limit",
+        "1",
+        "--",
+        "grep",
+        "SigBlk",
+        "/proc/self/status",
+    ]);
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert_eq!(out.stdout, "SigBlk:\t0000000000000000\n", "{out:?}");
+}
+
+/// The guard killed on its own (not `turnstile run`): the command gets SIGKILL with it (its
+/// parent-death signal), what the command started is re-parented to `turnstile run` and
+/// killed there, and only then does `turnstile run` exit (137) and release.
+#[test]
+fn a_killed_guard_takes_the_command_along() {
+    let h = Harness::new("kill9-guard", "10s");
+    let mut run = h.spawn(
+        "run",
+        &[
+            "run",
+            "kg",
+            "--limit",
+            "1",
+            "--",
+            "sh",
+            "-c",
+            common::TREE_SCRIPT,
+        ],
+    );
+    h.dir.wait_for("ready");
+    let pids: Vec<i32> = h
+        .dir
+        .read("pids")
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.trim().parse().expect("a pid"))
+        .collect();
+    let children = std::fs::read_dir(format!("/proc/{}/task", run.pid()))
+        .expect("turnstile's tasks")
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .collect::<String>();
+    let guard: i32 = children
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("turnstile run has a guard process");
+    kill(Pid::from_raw(guard), Signal::SIGKILL).expect("kill the guard");
+    let out = run.wait(SOON);
+    assert_eq!(out.code(), 137, "{out:?}");
+    // No process of the command is left running (a zombie awaiting its reaper is gone).
+    let running = |p: i32| {
+        std::fs::read_to_string(format!("/proc/{p}/stat"))
+            .ok()
+            .and_then(|s| Some(!s.rsplit_once(')')?.1.trim_start().starts_with('Z')))
+            .unwrap_or(false)
+    };
+    let left: Vec<i32> = pids.iter().copied().filter(|&p| running(p)).collect();
+    assert!(
+        left.is_empty(),
+        "left running after turnstile exited: {left:?}"
+    );
+    let sem = h.semaphore("kg").expect("kg exists");
+    assert_eq!(sem["in_use"], 0, "released: {sem}");
 }

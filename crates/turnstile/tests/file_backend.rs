@@ -247,3 +247,19 @@ fn unusable_directory_is_one_line() {
         .wait(SOON);
     out.assert_one_line_error(&["cannot use", &bad.display().to_string()]);
 }
+
+/// Issue 11 on the shared directory: `kill -9` of `turnstile run` takes its command's whole
+/// tree along at once, and the next holder is granted at once (the dead holder's lease is
+/// reclaimed as soon as its guard, which outlives the tree, is gone; well before the 10 s
+/// TTL) without ever overlapping it.
+#[test]
+fn killed_run_takes_its_command_along() {
+    let h = Harness::new("file-kill9-tree", "10s");
+    let args = ["run", "k", "--limit", "1", "--", "sh", "-c"];
+    let granted =
+        common::killed_wrapper_takes_its_command_along(&h, |a| file_command(&h, a), &args, &args);
+    assert!(
+        granted < Duration::from_secs(5),
+        "the dead holder's slot was not reclaimed at once: {granted:?}"
+    );
+}

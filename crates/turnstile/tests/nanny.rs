@@ -430,17 +430,26 @@ fn a_dead_workers_leftovers_are_killed_at_once() {
     let daemon: i32 = h.dir.wait_for("daemon").trim().parse().expect("a pid");
     let child: i32 = h.dir.wait_for("child").trim().parse().expect("a pid");
     let leader: i32 = h.dir.wait_for("leader").trim().parse().expect("a pid");
-    // Wait until the daemon is an orphan of the nanny's (its subshell has exited).
-    wait_until("the daemon to be re-parented to the nanny", SOON, || {
-        let stat = std::fs::read_to_string(format!("/proc/{daemon}/stat")).ok()?;
-        let ppid: u32 = stat
-            .rsplit_once(')')?
+    // Wait until the daemon is an orphan (its subshell has exited): it is re-parented to the
+    // worker's guard (the leader's parent, a child subreaper), and to the nanny once the
+    // guard is gone.
+    let ppid = |pid: i32| -> Option<i32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(')')?
             .1
             .split_whitespace()
             .nth(1)?
             .parse()
-            .ok()?;
-        (ppid == nanny.proc.pid().as_raw() as u32).then_some(())
+            .ok()
+    };
+    let guard = ppid(leader).expect("the leader's parent");
+    assert_ne!(
+        guard,
+        nanny.proc.pid().as_raw(),
+        "the worker runs under a guard"
+    );
+    wait_until("the daemon to be re-parented to the guard", SOON, || {
+        (ppid(daemon)? == guard).then_some(())
     });
     kill(Pid::from_raw(leader), Signal::SIGKILL).expect("kill the worker");
     nanny.wait_log(&format!(
@@ -510,7 +519,9 @@ fn sighup_restarts_the_workers_one_at_a_time() {
 /// The script of a worker that holds slot `x` through `turnstile run` and records the pid of
 /// that `turnstile run` (its parent, the worker), its fencing token, and the session it sees
 /// (none: the session is `turnstile run`'s own, not passed on).
-const HOLDER: &str = r#"echo "$PPID $TURNSTILE_FENCING_TOKEN ${TURNSTILE_SESSION:-none}" > "$DIR/holder.tmp" && mv "$DIR/holder.tmp" "$DIR/holder"; exec sleep 1000"#;
+/// The worker (`turnstile run`) is the parent of the command's parent, its guard.
+const HOLDER: &str = r#"worker=$(cut -d' ' -f4 /proc/$PPID/stat)
+echo "$worker $TURNSTILE_FENCING_TOKEN ${TURNSTILE_SESSION:-none}" > "$DIR/holder.tmp" && mv "$DIR/holder.tmp" "$DIR/holder"; exec sleep 1000"#;
 
 /// The value of `key` in the environment process `pid` started with.
 fn env_of(pid: i32, key: &str) -> Option<String> {
@@ -771,4 +782,104 @@ fn bad_flags_are_one_line_errors() {
         assert!(out.stderr.starts_with("error:"), "{flags:?}: {out:?}");
         assert!(out.stderr.contains(mention), "{flags:?}: {out:?}");
     }
+}
+
+/// Issue 11: `kill -9` of the nanny takes every worker's whole process tree along at once
+/// (each worker runs under a guard that kills it when the nanny's connection closes).
+#[test]
+fn killed_nanny_takes_its_workers_along() {
+    let h = Harness::new("nanny-kill9", "10s");
+    let nanny = Nanny::start(
+        &h,
+        "nanny",
+        &[
+            "nanny",
+            "--workers",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            common::TREE_SCRIPT,
+        ],
+    );
+    let pids: Vec<i32> = wait_lines(&h, "pids", 10)
+        .iter()
+        .map(|l| l.trim().parse().expect("a pid"))
+        .collect();
+    assert!(pids.iter().all(|&p| process_exists(p)));
+    let killed = Instant::now();
+    nanny.signal(Signal::SIGKILL);
+    assert_all_gone(&pids);
+    let gone = killed.elapsed();
+    assert!(
+        gone < Duration::from_secs(1),
+        "the workers outlived the nanny by {gone:?}"
+    );
+}
+
+/// Issue 11 section 4: a worker that ignores SIGTERM and allocates as fast as it can is
+/// killed near its memory limit (well under twice the limit), not after --stop-timeout.
+#[test]
+fn a_fast_allocator_that_ignores_sigterm_is_killed_near_the_limit() {
+    if std::process::Command::new("python3")
+        .arg("-c")
+        .arg("pass")
+        .status()
+        .map(|s| !s.success())
+        .unwrap_or(true)
+    {
+        eprintln!("skipped: no python3");
+        return;
+    }
+    let h = Harness::new("nanny-hog", "10s");
+    let script = r#"
+import signal
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+chunks = []
+while True:
+    chunks.append(b"x" * (4 << 20))
+    print(len(chunks) * 4, flush=True)
+"#;
+    let mut nanny = Nanny::start(
+        &h,
+        "nanny",
+        &[
+            "nanny",
+            "--memory-limit",
+            "256MiB",
+            "--max-restarts",
+            "1",
+            "--stop-timeout",
+            "30s",
+            "--",
+            "python3",
+            "-c",
+            script,
+        ],
+    );
+    let started = Instant::now();
+    let out = nanny.wait(SOON);
+    let took = started.elapsed();
+    assert_eq!(out.code(), 1, "given up after the memory kill: {out:?}");
+    assert!(out.stderr.contains("over the limit of 256 MiB"), "{out:?}");
+    assert!(
+        out.stderr.contains("was killed by signal 9 (SIGKILL)"),
+        "{out:?}"
+    );
+    assert!(
+        took < Duration::from_secs(15),
+        "not the 30s stop timeout: {took:?}"
+    );
+    let peak: u64 = out
+        .stdout
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .max()
+        .unwrap_or(0);
+    assert!(peak >= 200, "the worker allocated: {peak} MiB\n{out:?}");
+    assert!(
+        peak < 512,
+        "the worker reached {peak} MiB over a 256 MiB limit\n{}",
+        out.stderr
+    );
 }

@@ -366,3 +366,31 @@ fn completions_survive_a_coordinator_restart() {
     assert_eq!(export["failures"], 1, "failed attempts are durable too");
     assert_eq!(export["group"], "nightly");
 }
+
+/// Issue 11 for `turnstile once`: `kill -9` of the runner takes its command's whole tree
+/// along at once, and the runner that takes the job over never overlaps it.
+fn killed_once_takes_its_command_along(backend: Backend) {
+    let w = World::new("once-kill9-tree", backend, "1s");
+    let granted = common::killed_wrapper_takes_its_command_along(
+        &w.h,
+        |a| w.command(a),
+        &["once", "k9", "--", "sh", "-c"],
+        &["once", "k9", "--wait", "--", "sh", "-c"],
+    );
+    if let Backend::File = backend {
+        assert!(
+            granted < Duration::from_secs(5),
+            "the dead runner's lock was not reclaimed at once: {granted:?}"
+        );
+    }
+}
+
+#[test]
+fn killed_once_takes_its_command_along_on_the_coordinator() {
+    killed_once_takes_its_command_along(Backend::Tcp);
+}
+
+#[test]
+fn killed_once_takes_its_command_along_on_a_shared_directory() {
+    killed_once_takes_its_command_along(Backend::File);
+}

@@ -135,10 +135,16 @@ impl Ident {
         let Ok(pid) = i32::try_from(other.pid) else {
             return false;
         };
-        matches!(
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
-            Err(nix::errno::Errno::ESRCH)
-        )
+        match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+            Err(nix::errno::Errno::ESRCH) => true,
+            // A zombie has exited and only waits for its parent (init may be slow) to reap
+            // it: it can no longer act.
+            Ok(()) => fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| Some(s.rsplit_once(')')?.1.trim_start().starts_with('Z')))
+                .unwrap_or(false),
+            Err(_) => false,
+        }
     }
 }
 
@@ -176,13 +182,35 @@ pub(crate) struct Record {
     pub start_ms: u64,
     pub nonce: u64,
     pub who: Ident,
+    /// More processes of `who`'s host whose life keeps the record alive (optional
+    /// `also_pids=P,Q`; records of older clients lack it).
+    pub also_pids: Vec<u32>,
 }
 
 impl Record {
+    /// Whether the holder and every process in `also_pids` are known to be gone (see
+    /// [`Ident::knows_dead`]).
+    pub(crate) fn holder_dead(&self, me: &Ident) -> bool {
+        me.knows_dead(&self.who)
+            && self.also_pids.iter().all(|&pid| {
+                me.knows_dead(&Ident {
+                    pid,
+                    ..self.who.clone()
+                })
+            })
+    }
+
     /// The bytes of the record.
     pub(crate) fn encode(&self) -> Vec<u8> {
+        let also = if self.also_pids.is_empty() {
+            String::new()
+        } else {
+            let pids: Vec<String> = self.also_pids.iter().map(u32::to_string).collect();
+            format!(" also_pids={}", pids.join(","))
+        };
+        // The heartbeat counter stays last: `next_beat` finds it at a fixed distance from the end.
         format!(
-            "turnstile-lease-v1 lease={} session={:016x} weight={} token={} ttl_ms={} start_ms={} nonce={:016x} host={} boot={} pidns={} pid={}{BEAT_KEY}{:016x}\n",
+            "turnstile-lease-v1 lease={} session={:016x} weight={} token={} ttl_ms={} start_ms={} nonce={:016x} host={} boot={} pidns={} pid={}{also}{BEAT_KEY}{:016x}\n",
             self.lease,
             self.session,
             self.weight,
@@ -222,6 +250,7 @@ impl Record {
                 pidns: String::new(),
                 pid: 0,
             },
+            also_pids: Vec::new(),
         };
         let mut seen = 0u32;
         for w in words {
@@ -238,6 +267,14 @@ impl Record {
                 "boot" => r.who.boot = v.to_owned(),
                 "pidns" => r.who.pidns = v.to_owned(),
                 "pid" => r.who.pid = v.parse().ok()?,
+                "also_pids" => {
+                    r.also_pids = v
+                        .split(',')
+                        .map(str::parse)
+                        .collect::<Result<_, _>>()
+                        .ok()?;
+                    continue; // optional: not counted
+                }
                 _ => continue,
             }
             seen += 1;
@@ -609,6 +646,7 @@ mod tests {
             start_ms: 1,
             nonce: 5,
             who: Ident::current(),
+            also_pids: Vec::new(),
         };
         let bytes = r.encode();
         assert_eq!(Record::decode(&bytes), Some(r.clone()));
@@ -629,6 +667,25 @@ mod tests {
         assert_eq!(next_beat(old), old.to_vec());
         assert!(same_acquire(old, old) && !same_acquire(old, &bytes));
         assert_eq!(Record::decode(b"\xff\xfe garbage"), None);
+        // The optional list of pids that also keep the record alive.
+        let with = Record {
+            also_pids: vec![12, 34],
+            ..r.clone()
+        };
+        let bytes = with.encode();
+        assert!(String::from_utf8_lossy(&bytes).contains(" also_pids=12,34 beat="));
+        assert_eq!(Record::decode(&bytes), Some(with.clone()));
+        for n in 0..bytes.len() {
+            assert_ne!(
+                Record::decode(&bytes[..n]).as_ref(),
+                Some(&with),
+                "truncated at {n}"
+            );
+        }
+        assert_eq!(
+            Record::decode(&r.encode()).map(|r| r.also_pids),
+            Some(vec![])
+        );
         assert_eq!(
             parse_capacity(b"3\nname with spaces\n"),
             Some((3, "name with spaces".into()))

@@ -65,7 +65,8 @@
 //! that client has itself seen it unchanged (the same bytes and the same mtime, every look a
 //! fresh open) for its owner's whole TTL (written in the record), measured on the client's
 //! own monotonic clock from the end of the first look that found those bytes — or at once
-//! when it names a process of this host, boot and pid namespace that no longer exists. An
+//! when it names a process of this host, boot and pid namespace that no longer exists (a
+//! zombie counts as gone) and every process in its optional `also_pids` is gone too. An
 //! unparsable record is judged the same way with the default TTL (10 s), or the client's TTL
 //! if longer. Queue tickets, job locks (which are semaphores) and held slots all follow this
 //! one rule (`Inner::staleness`); each client keeps its observations in memory, by path.
@@ -87,13 +88,20 @@
 //! file system's clock, read from `DIR/.clock`, is shown as not running), and nothing else
 //! uses that guess.
 //!
+//! `also_pids` comes from `Options::also_alive_pids`: processes that may still act for the
+//! holder after it died. `turnstile run` names its guard, which kills the command's tree when
+//! `run` dies and exits only once that tree is gone; so the immediate reclaim of a dead
+//! holder's lease waits for its command to be gone, not only for `run`.
+//!
 //! # Why it is safe
 //!
 //! - **Capacity is never exceeded:** a permit *is* a `slot-<i>` file with `i < capacity`, and
 //!   `link` creates a name only if it does not exist, so at most `capacity` slot files exist
 //!   and each has one owner. A slot file is removed only by its owner (release), by a closer
 //!   or a supervisor (`close`, `end_session`, after which the owner learns that its lease is
-//!   lost at its next heartbeat), or by a reclaimer once it is stale.
+//!   lost at its next heartbeat), or by a reclaimer once it is stale. A record taken at once
+//!   because its holder died is taken only once every process named in it (holder and
+//!   `also_pids`) is gone, so nothing that acted under it can still run.
 //! - **A reclaimed owner has already given up:** an owner counts its lease alive only until
 //!   90% of the TTL after the start `s` of its last *successful* heartbeat — one that wrote a
 //!   new counter value into its record, closed the file without error (on NFS the data is then
@@ -245,6 +253,8 @@ struct Inner {
     session: u64,
     ttl: Duration,
     who: Ident,
+    /// Local processes whose life also keeps our records alive (`Options::also_alive_pids`).
+    also_pids: Vec<u32>,
     next_lease: AtomicU64,
     held: Mutex<HashMap<u64, Held>>,
     /// The highest token seen per semaphore directory.
@@ -409,6 +419,7 @@ impl FileBackend {
             session: options.session_id.unwrap_or_else(random_id),
             ttl,
             who: Ident::current(),
+            also_pids: options.also_alive_pids,
             next_lease: AtomicU64::new(crate::lease_id_base()),
             held: Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
@@ -554,7 +565,7 @@ impl Inner {
     /// it names a dead process of this host, so it is stale at once.
     fn judge(&self, bytes: &[u8]) -> Result<(Duration, Stale), Stale> {
         match Record::decode(bytes) {
-            Some(r) if self.who.knows_dead(&r.who) => Err(Stale::DeadProcess {
+            Some(r) if r.holder_dead(&self.who) => Err(Stale::DeadProcess {
                 host: r.who.host,
                 pid: r.who.pid,
             }),
@@ -855,6 +866,7 @@ impl Inner {
             start_ms: disk::unix_ms(),
             nonce: random_id(),
             who: self.who.clone(),
+            also_pids: self.also_pids.clone(),
         };
         let mut guard = TicketGuard {
             sem_dir,

@@ -35,14 +35,16 @@
 //! unreachable for DUR, and exits 69. Once its workers are reaped, the nanny waits at most
 //! [`FLUSH_TIMEOUT`] for the coordinator.
 
+mod cgroup;
 mod policy;
-mod procfs;
+pub(crate) mod procfs;
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use anyhow::Context;
 use nix::errno::Errno;
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -53,9 +55,11 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 use turnstile_client::{Client, Options, SESSION_ENV, URL_ENV};
 
+use self::cgroup::Cgroups;
 use self::policy::Restart;
 use self::policy::{Backoff, Decision, End, Exit, History, Policy, StartLimit};
 use self::procfs::{format_size, Table};
+use crate::guard::{Link, Listener, Started};
 use crate::run::Signals;
 use crate::{parse_duration, parse_size, UrlArg};
 
@@ -66,8 +70,17 @@ pub const WORKER_ENV: &str = "TURNSTILE_WORKER";
 /// with a failure.
 const EXIT_WORKERS_FAILED: u8 = 1;
 
-/// How often memory is sampled when `--memory-limit` is set.
-const SAMPLE_EVERY: Duration = Duration::from_millis(500);
+/// How often memory is sampled when `--memory-limit` is set (only the workers' trees are
+/// read: a `children` and a `statm` file per process)...
+const SAMPLE_EVERY: Duration = Duration::from_millis(50);
+/// ... and how often while a worker uses more than half its limit, so that a fast allocator
+/// is caught near the limit.
+const SAMPLE_NEAR: Duration = Duration::from_millis(10);
+/// The longest a worker over its memory limit has between SIGTERM and SIGKILL; none past
+/// twice the limit, and none once it grows further.
+const MEMORY_GRACE: Duration = Duration::from_secs(1);
+/// Growth after SIGTERM that counts as "still growing" (RSS jitters by a few pages).
+const MEMORY_SLACK: u64 = 1 << 20;
 /// First and longest wait between two looks for the leftover processes of a stopping worker:
 /// after SIGKILL they are gone within milliseconds, so look again soon, then less often.
 const FIRST_CHECK: Duration = Duration::from_millis(5);
@@ -110,7 +123,10 @@ pub struct NannyArgs {
     #[arg(long, value_name = "DUR", default_value = "1m", value_parser = parse_duration, requires = "max_restarts")]
     within: Duration,
     /// Stop and restart a worker whose processes together use more resident memory than this
-    /// (e.g. 512MiB, 2GiB), whatever --restart says. Sampled every 500ms.
+    /// (e.g. 512MiB, 2GiB), whatever --restart says: SIGTERM, then SIGKILL after 1s, or at
+    /// once if it keeps growing or uses twice the limit. Enforced by the kernel (cgroup v2
+    /// memory.max) where the nanny can create cgroups, else sampled every 50ms (10ms near
+    /// the limit).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     memory_limit: Option<u64>,
     /// After SIGTERM, how long a worker's processes have to exit before they get SIGKILL.
@@ -188,27 +204,54 @@ pub async fn nanny(args: NannyArgs) -> anyhow::Result<ExitCode> {
     let mut sigchld = signal(SignalKind::child())?;
     let command = args.command;
     let env = args.env;
+    // Each worker runs under a guard that connects here: if the nanny dies, even by SIGKILL,
+    // every guard kills its worker's whole tree.
+    let listener = Listener::bind().context("cannot listen for the workers' guards")?;
+    let mut links = HashMap::new();
+    let cgroups = args.memory_limit.and_then(|limit| match Cgroups::setup(limit) {
+        Ok(groups) => {
+            info!(
+                "memory limit {}: enforced by the kernel (a cgroup v2 group per worker under {}, memory.max)",
+                format_size(limit),
+                groups.parent().display()
+            );
+            Some(groups)
+        }
+        Err(why) => {
+            info!(
+                "memory limit {}: sampled every {}ms, since the kernel cannot enforce it here ({why})",
+                format_size(limit),
+                SAMPLE_EVERY.as_millis()
+            );
+            None
+        }
+    });
     // A command that cannot be started at all is a usage error, reported like `turnstile
     // run` does, rather than a crash loop.
     let first_session = turnstile_client::new_session_id();
-    let first = match spawn(&command, &env, &url, 0, first_session) {
-        Ok(pid) => {
-            info!("worker 0 started (pid {pid}): {}", command.join(" "));
+    let first = match spawn(
+        &listener,
+        cgroups.as_ref(),
+        &command,
+        &env,
+        &url,
+        0,
+        first_session,
+    ) {
+        Ok((pid, cmd, link)) => {
+            info!("worker 0 started (pid {cmd}): {}", command.join(" "));
+            links.insert(pid, link);
             State::Running(Run {
                 pid,
+                cmd,
                 session: first_session,
                 started: Instant::now(),
                 exit: None,
             })
         }
-        Err(e) => {
-            eprintln!("turnstile: cannot run {:?}: {e}", command[0]);
-            let code = if e.kind() == std::io::ErrorKind::NotFound {
-                127
-            } else {
-                126
-            };
-            return Ok(ExitCode::from(code));
+        Err(f) => {
+            eprintln!("turnstile: {}", f.message);
+            return Ok(ExitCode::from(f.code));
         }
     };
     let mut n = Nanny {
@@ -219,6 +262,9 @@ pub async fn nanny(args: NannyArgs) -> anyhow::Result<ExitCode> {
         env,
         command,
         url: url.clone(),
+        listener,
+        links,
+        cgroups,
         page_size: procfs::page_size(),
         workers: (0..args.workers)
             .map(|i| Worker {
@@ -258,10 +304,12 @@ pub async fn nanny(args: NannyArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(code))
 }
 
-/// One run of a worker: its leader process, which leads the process group, and its session.
+/// One run of a worker: its leader process (the worker's guard), which leads the process
+/// group, the command's pid (for messages), and its session.
 #[derive(Clone, Copy, Debug)]
 struct Run {
     pid: i32,
+    cmd: i32,
     session: u64,
     started: Instant,
     /// How the leader ended, once it is reaped.
@@ -293,6 +341,8 @@ struct Stop {
     /// When to look for leftovers again, and the interval after that.
     next_check: Instant,
     check_every: Duration,
+    /// For a stop over `--memory-limit`: the memory its processes used at SIGTERM.
+    rss: u64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -328,6 +378,12 @@ struct Nanny {
     env: Vec<(String, String)>,
     command: Vec<String>,
     url: String,
+    listener: Listener,
+    /// The connection to each live guard, by the guard's pid. Dropping one makes that guard
+    /// kill its worker's tree, so a link is dropped only once its guard is reaped.
+    links: HashMap<i32, Link>,
+    /// Worker cgroups, when the kernel enforces `--memory-limit`.
+    cgroups: Option<Cgroups>,
     page_size: u64,
     workers: Vec<Worker>,
     /// Whether a stop signal arrived.
@@ -344,8 +400,16 @@ struct Nanny {
 }
 
 impl Nanny {
-    fn spawn(&self, index: usize, session: u64) -> std::io::Result<i32> {
-        spawn(&self.command, &self.env, &self.url, index, session)
+    fn spawn(&self, index: usize, session: u64) -> Result<(i32, i32, Link), StartFailure> {
+        spawn(
+            &self.listener,
+            self.cgroups.as_ref(),
+            &self.command,
+            &self.env,
+            &self.url,
+            index,
+            session,
+        )
     }
 
     /// Reaps every child that has exited, and notes the exit of worker leaders.
@@ -384,6 +448,7 @@ impl Nanny {
     }
 
     fn on_exit(&mut self, pid: i32, exit: Exit) {
+        self.links.remove(&pid);
         let now = Instant::now();
         let Some(i) = self.workers.iter().position(|w| match w.state {
             State::Running(run) => run.pid == pid,
@@ -395,6 +460,8 @@ impl Nanny {
         };
         match self.workers[i].state {
             State::Running(run) => {
+                // The guard mirrors how the command ended.
+                let pid = run.cmd;
                 if exit.success() {
                     info!("worker {i} (pid {pid}) {exit}");
                 } else {
@@ -410,10 +477,11 @@ impl Nanny {
                     killed: false,
                     next_check: now,
                     check_every: FIRST_CHECK,
+                    rss: 0,
                 });
             }
             State::Stopping(mut stop) => {
-                info!("worker {i} (pid {pid}) {exit}");
+                info!("worker {i} (pid {}) {exit}", stop.run.cmd);
                 stop.run.exit = Some(exit);
                 stop.next_check = now;
                 stop.check_every = FIRST_CHECK;
@@ -450,8 +518,8 @@ impl Nanny {
         self.step_rolling(now);
         if let Some(limit) = self.memory_limit {
             if now >= self.next_sample {
-                self.next_sample = now + SAMPLE_EVERY;
-                self.sample(limit, now, &mut table);
+                let near = self.sample(limit, now, &mut table);
+                self.next_sample = now + if near { SAMPLE_NEAR } else { SAMPLE_EVERY };
             }
         }
     }
@@ -459,18 +527,21 @@ impl Nanny {
     fn start(&mut self, i: usize, now: Instant) {
         let session = turnstile_client::new_session_id();
         match self.spawn(i, session) {
-            Ok(pid) => {
-                info!("worker {i} started (pid {pid})");
+            Ok((pid, cmd, link)) => {
+                info!("worker {i} started (pid {cmd})");
+                self.links.insert(pid, link);
                 self.workers[i].state = State::Running(Run {
                     pid,
+                    cmd,
                     session,
                     started: now,
                     exit: None,
                 });
             }
-            Err(e) => {
-                warn!("worker {i}: cannot run {:?}: {e}", self.command[0]);
-                self.decide(i, now, now, End::Exited(Exit::Code(127)), Exit::Code(127));
+            Err(f) => {
+                warn!("worker {i}: {}", f.message);
+                let exit = Exit::Code(i32::from(f.code));
+                self.decide(i, now, now, End::Exited(exit), exit);
             }
         }
     }
@@ -500,9 +571,14 @@ impl Nanny {
                         "worker {i}: killing {} process(es) it left behind",
                         members.len()
                     ),
+                    Cause::Memory => warn!(
+                        "worker {i} (pid {}) is still over its memory limit: sending SIGKILL to {} process(es)",
+                        stop.run.cmd,
+                        members.len()
+                    ),
                     _ => warn!(
                         "worker {i} (pid {}) did not stop within {}: sending SIGKILL to {} process(es)",
-                        stop.run.pid,
+                        stop.run.cmd,
                         humantime::format_duration(self.stop_timeout),
                         members.len()
                     ),
@@ -519,13 +595,20 @@ impl Nanny {
     /// not.
     fn finish(&mut self, i: usize, stop: Stop, now: Instant) {
         let run = stop.run;
-        self.sessions.end(i, run.pid, run.session);
+        // A worker whose process the kernel killed over memory.max ended over its limit,
+        // even if its death was noticed before the next sample.
+        let oom = self.cgroups.as_ref().is_some_and(|g| g.oom_kills(i) > 0);
+        if let Some(groups) = &self.cgroups {
+            groups.remove(i);
+        }
+        self.sessions.end(i, run.cmd, run.session);
         let exit = run.exit.unwrap_or(Exit::Unknown);
         if self.stopping {
             self.workers[i].state = State::Ended { failed: false };
             return;
         }
         let end = match stop.cause {
+            _ if oom => End::OverMemory,
             Cause::Died | Cause::Shutdown => End::Exited(exit),
             Cause::Memory => End::OverMemory,
             Cause::Rolling => End::Rolling,
@@ -574,41 +657,152 @@ impl Nanny {
     }
 
     /// Starts stopping a running worker: SIGTERM to all its processes now, SIGKILL at the
-    /// deadline.
+    /// deadline (`--stop-timeout`).
     fn begin_stop(&mut self, i: usize, cause: Cause, now: Instant, table: &mut Option<Table>) {
+        self.begin_stop_within(i, cause, now, self.stop_timeout, 0, table);
+    }
+
+    /// Starts stopping a running worker: SIGTERM to all its processes now, SIGKILL after
+    /// `grace` (at once if it is zero). `rss` is its memory use, for a stop over the limit.
+    fn begin_stop_within(
+        &mut self,
+        i: usize,
+        cause: Cause,
+        now: Instant,
+        grace: Duration,
+        rss: u64,
+        table: &mut Option<Table>,
+    ) {
         let State::Running(run) = self.workers[i].state else {
             return;
         };
         let table = table.get_or_insert_with(read_table);
         let members = self.members(i, &run, table);
-        signal_all(run.pid, &members, Signal::SIGTERM);
+        let at_once = grace.is_zero();
+        signal_all(
+            run.pid,
+            &members,
+            if at_once {
+                Signal::SIGKILL
+            } else {
+                Signal::SIGTERM
+            },
+        );
         self.workers[i].state = State::Stopping(Stop {
             run,
             cause,
-            kill_at: now + self.stop_timeout,
-            killed: false,
+            kill_at: now + grace,
+            killed: at_once,
             next_check: now,
             check_every: FIRST_CHECK,
+            rss,
         });
     }
 
-    fn sample(&mut self, limit: u64, now: Instant, table: &mut Option<Table>) {
-        for i in 0..self.workers.len() {
-            let State::Running(run) = self.workers[i].state else {
-                continue;
-            };
-            let t = table.get_or_insert_with(read_table);
-            let rss = t.rss_bytes(&self.members(i, &run, t), self.page_size);
-            if rss > limit {
-                warn!(
-                    "worker {i} (pid {}) uses {}, over the limit of {}: restarting",
-                    run.pid,
-                    format_size(rss),
-                    format_size(limit)
-                );
-                self.begin_stop(i, Cause::Memory, now, table);
+    /// The resident memory of the processes of `run`, a live run of worker `i`. While its
+    /// guard lives, every process of the worker is in the guard's tree (it is a child
+    /// subreaper), so only that tree is read; without `children` files in `/proc`, the
+    /// whole process table is.
+    fn rss(&self, i: usize, run: &Run, table: &mut Option<Table>) -> u64 {
+        if run.exit.is_none() {
+            if let Some(tree) = procfs::descendants(run.pid) {
+                let pages = std::iter::once(run.pid)
+                    .chain(tree)
+                    .filter_map(procfs::resident_pages)
+                    .fold(0, u64::saturating_add);
+                return pages.saturating_mul(self.page_size);
             }
         }
+        let t = table.get_or_insert_with(read_table);
+        t.rss_bytes(&self.members(i, run, t), self.page_size)
+    }
+
+    /// Checks the memory of every running worker, and of those stopping for their memory
+    /// (a worker that still grows after SIGTERM, or passes twice the limit, gets SIGKILL at
+    /// once). Returns whether some worker uses more than half the limit.
+    fn sample(&mut self, limit: u64, now: Instant, table: &mut Option<Table>) -> bool {
+        let mut near = false;
+        for i in 0..self.workers.len() {
+            match self.workers[i].state {
+                State::Running(run) if self.cgroups.is_some() => {
+                    let kills = self.cgroups.as_ref().map_or(0, |g| g.oom_kills(i));
+                    if kills > 0 {
+                        warn!(
+                            "worker {i} (pid {}) went over the limit of {}: the kernel killed {kills} of its processes; restarting (SIGKILL to the rest)",
+                            run.cmd,
+                            format_size(limit)
+                        );
+                        self.begin_stop_within(i, Cause::Memory, now, Duration::ZERO, 0, table);
+                    }
+                }
+                State::Running(run) => {
+                    let rss = self.rss(i, &run, table);
+                    near |= rss > limit / 2;
+                    if rss <= limit {
+                        continue;
+                    }
+                    let twice = rss > limit.saturating_mul(2);
+                    let grace = if twice {
+                        Duration::ZERO
+                    } else {
+                        MEMORY_GRACE.min(self.stop_timeout)
+                    };
+                    warn!(
+                        "worker {i} (pid {}) uses {}, over the limit of {}: restarting ({})",
+                        run.cmd,
+                        format_size(rss),
+                        format_size(limit),
+                        if twice {
+                            "SIGKILL: over twice the limit".to_owned()
+                        } else {
+                            format!(
+                                "SIGTERM, SIGKILL within {} or as soon as it grows",
+                                humantime::format_duration(grace)
+                            )
+                        }
+                    );
+                    self.begin_stop_within(i, Cause::Memory, now, grace, rss, table);
+                }
+                // With cgroups the kernel bounds the memory of a stopping worker too.
+                _ if self.cgroups.is_some() => {}
+                State::Stopping(mut stop)
+                    if stop.cause == Cause::Memory && !stop.killed && stop.run.exit.is_none() =>
+                {
+                    let rss = self.rss(i, &stop.run, table);
+                    near = true;
+                    if rss > limit.saturating_mul(2) || rss > stop.rss.saturating_add(MEMORY_SLACK)
+                    {
+                        warn!(
+                            "worker {i} (pid {}) still grows after SIGTERM ({}): SIGKILL now",
+                            stop.run.cmd,
+                            format_size(rss)
+                        );
+                        stop.kill_at = now;
+                        self.workers[i].state = State::Stopping(stop);
+                    }
+                }
+                // Stopping for another reason (a signal, SIGHUP) with the full stop timeout:
+                // over the limit, it gets the memory grace at most.
+                State::Stopping(mut stop) if !stop.killed && stop.run.exit.is_none() => {
+                    let rss = self.rss(i, &stop.run, table);
+                    near |= rss > limit / 2;
+                    let by = now + MEMORY_GRACE;
+                    if rss > limit && stop.kill_at > by {
+                        warn!(
+                            "worker {i} (pid {}) uses {}, over the limit of {}, while it stops: SIGKILL within {}",
+                            stop.run.cmd,
+                            format_size(rss),
+                            format_size(limit),
+                            humantime::format_duration(MEMORY_GRACE)
+                        );
+                        stop.kill_at = by;
+                        self.workers[i].state = State::Stopping(stop);
+                    }
+                }
+                _ => {}
+            }
+        }
+        near
     }
 
     fn step_rolling(&mut self, now: Instant) {
@@ -637,7 +831,7 @@ impl Nanny {
             State::Running(run) => {
                 info!(
                     "worker {i} (pid {}): stopping for a rolling restart",
-                    run.pid
+                    run.cmd
                 );
                 self.begin_stop(i, Cause::Rolling, now, &mut None);
             }
@@ -811,6 +1005,9 @@ impl Nanny {
                 State::Stopping(stop) => {
                     if !stop.killed {
                         wake = wake.min(stop.kill_at);
+                        if self.memory_limit.is_some() {
+                            wake = wake.min(self.next_sample);
+                        }
                     }
                     if stop.run.exit.is_some() {
                         wake = wake.min(stop.next_check);
@@ -839,18 +1036,30 @@ impl Nanny {
     }
 }
 
-/// Starts worker `index`'s command in a process group of its own. The `Child` handle is
-/// dropped: [`Nanny::reap`] waits for every child.
+/// Why a worker could not be started: the exit code and the message, as `turnstile run`
+/// gives them (127 for a command not found, 126 for one that cannot be run).
+struct StartFailure {
+    code: u8,
+    message: String,
+}
+
+/// Starts worker `index`'s command under a guard, in a process group of its own (the
+/// guard's). The `Child` handle is dropped: [`Nanny::reap`] waits for every child. Returns
+/// the guard's pid, the command's and the link that keeps the guard's worker alive.
+#[allow(clippy::too_many_arguments)]
 fn spawn(
+    listener: &Listener,
+    cgroups: Option<&Cgroups>,
     command: &[String],
     env: &[(String, String)],
     url: &str,
     index: usize,
     session: u64,
-) -> std::io::Result<i32> {
+) -> Result<(i32, i32, Link), StartFailure> {
     use std::os::unix::process::CommandExt;
-    let child = std::process::Command::new(&command[0])
-        .args(&command[1..])
+    // The nanny kills and reports what a dead worker left behind itself.
+    let child = listener
+        .command(command, true)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .env(WORKER_ENV, index.to_string())
         .env(URL_ENV, url)
@@ -859,8 +1068,31 @@ fn spawn(
         // SIGTTIN; workers do not share the nanny's input.
         .stdin(std::process::Stdio::null())
         .process_group(0)
-        .spawn()?;
-    Ok(i32::try_from(child.id()).unwrap_or(i32::MAX))
+        .spawn()
+        .map_err(|e| StartFailure {
+            code: 1,
+            message: format!("cannot start a guard process: {e}"),
+        })?;
+    let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
+    let broken = |e: std::io::Error| {
+        // Reaped by `Nanny::reap` like any child.
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        StartFailure {
+            code: 1,
+            message: format!("the guard process failed: {e}"),
+        }
+    };
+    let mut link = listener.accept(child.id()).map_err(broken)?;
+    // In its group before the command starts, so that everything it forks is too.
+    if let Some(groups) = cgroups {
+        if let Err(e) = groups.enter(index, pid) {
+            warn!("worker {index}: cannot put it in a cgroup of its own ({e}): its memory is not limited this run");
+        }
+    }
+    match link.start(&[]).map_err(broken)? {
+        Started::Running(cmd) => Ok((pid, cmd, link)),
+        Started::Failed { code, message } => Err(StartFailure { code, message }),
+    }
 }
 
 /// The leader pid of a worker whose leader has not been reaped yet.

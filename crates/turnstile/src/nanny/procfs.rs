@@ -153,6 +153,55 @@ impl Table {
     }
 }
 
+/// Whether this kernel lists a process's children in `/proc/PID/task/TID/children`
+/// (`CONFIG_PROC_CHILDREN`, on in the usual distribution kernels).
+pub fn has_children_files() -> bool {
+    std::path::Path::new("/proc/thread-self/children").exists()
+}
+
+/// The children of `pid` (forked by any of its threads), from its `children` files; empty
+/// when it is gone.
+pub fn children_of(pid: i32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for task in tasks.flatten() {
+        let Ok(list) = std::fs::read_to_string(task.path().join("children")) else {
+            continue;
+        };
+        out.extend(
+            list.split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok()),
+        );
+    }
+    out
+}
+
+/// Every descendant of `pid` (not `pid` itself), found by walking `children` files: the cost
+/// is that of the tree, not of every process on the machine. `None` if the kernel has no
+/// `children` files (then use [`Table::read`]).
+pub fn descendants(pid: i32) -> Option<BTreeSet<i32>> {
+    if !has_children_files() {
+        return None;
+    }
+    let mut seen = BTreeSet::new();
+    let mut stack = children_of(pid);
+    while let Some(p) = stack.pop() {
+        if seen.insert(p) {
+            stack.extend(children_of(p));
+        }
+    }
+    Some(seen)
+}
+
+/// The resident memory of `pid` in pages, from `/proc/PID/statm` (the cheapest file that has
+/// it); `None` when it is gone.
+pub fn resident_pages(pid: i32) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    statm.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Whether the environment `pid` started with contains the entry `entry` (`KEY=VALUE`).
 /// `false` when it cannot be read (the process is gone, or belongs to another user).
 pub fn environ_contains(pid: i32, entry: &str) -> bool {

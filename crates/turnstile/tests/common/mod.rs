@@ -8,7 +8,7 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
-use std::os::unix::process::CommandExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -497,4 +497,78 @@ pub fn read_holds(log: &str) -> Holds {
         starts,
         max_overlap: usize::try_from(max).unwrap_or(0),
     }
+}
+
+/// The command of a wrapper that a test kills: a tree of processes (a background child, a
+/// child shell with a child of its own, an orphan that left the process group with `setsid`,
+/// and the shell itself), whose 5 pids it appends to `$DIR/pids`; then `$DIR/ready`.
+pub const TREE_SCRIPT: &str = r#"sleep 300 & echo $! >> "$DIR/pids"
+    sh -c 'sleep 300 & echo $! >> "$DIR/pids"; wait' &
+    echo $! >> "$DIR/pids"
+    sh -c 'setsid sleep 300 & echo $! >> "$DIR/pids"'
+    echo $$ >> "$DIR/pids"
+    until [ "$(wc -l < "$DIR/pids")" -ge 5 ]; do sleep 0.01; done
+    echo ready > "$DIR/ready"
+    wait"#;
+
+/// The command of the next holder after a killed one: it writes to `$DIR/second` the pids of
+/// `$DIR/pids` that are still alive as it starts (nothing, if the slot was never shared).
+pub const SECOND_SCRIPT: &str = r#"for p in $(cat "$DIR/pids"); do
+        if kill -0 "$p" 2>/dev/null; then echo "alive $p"; fi
+    done > "$DIR/second.tmp"
+    mv "$DIR/second.tmp" "$DIR/second""#;
+
+/// Issue 11's first repro, for any wrapper (`run`, `once`) and backend: `first` runs
+/// [`TREE_SCRIPT`] (its arguments end with `sh -c`), `second` [`SECOND_SCRIPT`]; `command`
+/// turns arguments into a `turnstile` command for the backend. After `kill -9` of the first
+/// wrapper, every process of its command is gone within 1 s, and the second holder, started
+/// right after the kill, never runs while one of them lives. Returns how long after the kill
+/// the second holder was granted.
+pub fn killed_wrapper_takes_its_command_along(
+    h: &Harness,
+    command: impl Fn(&[&str]) -> Command,
+    first: &[&str],
+    second: &[&str],
+) -> Duration {
+    let mut first_args = first.to_vec();
+    first_args.push(TREE_SCRIPT);
+    let mut wrapper = h.spawn_command("first", command(&first_args));
+    h.dir.wait_for("ready");
+    let pids: Vec<i32> = h
+        .dir
+        .read("pids")
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.trim().parse().expect("a pid"))
+        .collect();
+    assert_eq!(pids.len(), 5, "{pids:?}");
+    assert!(pids.iter().all(|&p| process_exists(p)), "{pids:?}");
+
+    let killed = Instant::now();
+    wrapper.signal(Signal::SIGKILL);
+    let mut second_args = second.to_vec();
+    second_args.push(SECOND_SCRIPT);
+    let mut next = h.spawn_command("second", command(&second_args));
+    wait_until("the killed wrapper's command tree to die", SOON, || {
+        pids.iter().all(|&p| !process_exists(p)).then_some(())
+    });
+    let gone = killed.elapsed();
+    assert!(
+        gone < Duration::from_secs(1),
+        "the command outlived its wrapper by {gone:?}"
+    );
+    let report = h.dir.wait_for("second");
+    let granted = killed.elapsed();
+    assert_eq!(
+        report, "",
+        "the next holder ran while the killed holder's command still ran"
+    );
+    let out = next.wait(SOON);
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert_eq!(
+        wrapper.wait(SOON).status.signal(),
+        Some(9),
+        "the wrapper died by SIGKILL"
+    );
+    granted
 }
