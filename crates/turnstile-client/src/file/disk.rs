@@ -660,7 +660,11 @@ mod tests {
         assert!(same_acquire(&beat, &bytes));
         assert_eq!(Record::decode(&beat), Some(r.clone()));
         assert_ne!(next_beat(&beat), beat);
-        let other = Record { nonce: 6, ..r }.encode();
+        let other = Record {
+            nonce: 6,
+            ..r.clone()
+        }
+        .encode();
         assert!(!same_acquire(&other, &bytes));
         // A record of an older version (no counter) is its own identity.
         let old = b"turnstile-lease-v1 lease=1\n";
@@ -733,6 +737,7 @@ mod tests {
             start_ms: 0,
             nonce: 4,
             who: Ident::current(),
+            also_pids: Vec::new(),
         };
         let ours = r.encode();
         // A name a reclaimer removed is never created again.
