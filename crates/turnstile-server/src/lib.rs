@@ -109,8 +109,9 @@ pub struct RecoveryReport {
     pub sessions: usize,
     /// Held leases after recovery.
     pub leases: usize,
-    /// Where a torn tail was cut off, if one was.
-    pub truncated: Option<(PathBuf, u64)>,
+    /// The torn tail cut off the log, if there was one: where, and the side file that keeps
+    /// the cut bytes.
+    pub truncated: Option<turnstile_wal::Cut>,
 }
 
 /// A coordinator with its state loaded, ready to serve.
