@@ -1107,6 +1107,30 @@ impl Coordinator {
             .unwrap_or_else(|| Arc::from(""))
     }
 
+    /// The leases `session` holds (granted, not queued; job leases too), in no particular
+    /// order, or `None` if there is no such session. A client that resumes its session after a
+    /// restart compares them with the leases it believes it holds: a grant whose record the
+    /// restarted coordinator lost (a damaged log tail) is missing here, and its holder must be
+    /// told.
+    pub fn held_leases(&self, session: SessionId) -> Option<Vec<LeaseId>> {
+        let s = self.sessions.get(&session)?;
+        Some(
+            s.leases
+                .iter()
+                .copied()
+                .filter(|&lease| {
+                    matches!(
+                        self.leases.get(&(session, lease)),
+                        Some(Lease {
+                            state: LeaseState::Held { .. },
+                            ..
+                        })
+                    )
+                })
+                .collect(),
+        )
+    }
+
     /// Number of open sessions.
     pub fn session_count(&self) -> usize {
         self.sessions.len()

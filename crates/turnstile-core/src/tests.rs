@@ -764,3 +764,26 @@ fn views_list_waiters_in_queue_order_with_their_age() {
     );
     assert!(stats[0].holders.is_empty() && stats[0].waiters.is_empty());
 }
+
+#[test]
+fn held_leases_lists_the_granted_leases_of_a_session_only() {
+    let mut t = Check::new();
+    assert_eq!(t.c.held_leases(SessionId(1)), None);
+    t.open(1);
+    t.open(2);
+    t.ensure("db", 1).expect("ensure");
+    t.acquire(1, 10, "db", 1);
+    t.acquire(2, 20, "db", 1); // queued behind lease 10
+    assert_eq!(t.c.held_leases(SessionId(1)), Some(vec![LeaseId(10)]));
+    assert_eq!(t.c.held_leases(SessionId(2)), Some(vec![]));
+    // Replay of a log that lost the grant's record: the session is back without the lease.
+    let mut replayed = Coordinator::new();
+    let lost_grant = t
+        .log
+        .iter()
+        .filter(|r| !matches!(r, Record::Granted { lease, .. } if *lease == LeaseId(10)));
+    for r in lost_grant {
+        replayed.apply(t.now, r);
+    }
+    assert_eq!(replayed.held_leases(SessionId(1)), Some(vec![]));
+}
