@@ -899,7 +899,8 @@ impl Driver {
         let held: std::collections::HashSet<u64> = held.iter().copied().collect();
         self.leases.retain(|lease, lost| {
             let keep = held.contains(lease);
-            if !keep {
+            // A closed channel is a permit already released or dropped: nothing to tell.
+            if !keep && !lost.is_closed() {
                 tracing::warn!(
                     lease,
                     "the coordinator no longer has this lease (found on resuming the session)"

@@ -88,6 +88,8 @@ struct Proxy {
     cut: watch::Sender<bool>,
     /// Connections forwarded to the server (refused ones not counted).
     forwarded: Arc<AtomicUsize>,
+    /// Forwarded connections still open.
+    open: Arc<AtomicUsize>,
 }
 
 impl Proxy {
@@ -99,6 +101,8 @@ impl Proxy {
         let count = forwarded.clone();
         let upstream = Arc::new(std::sync::Mutex::new(upstream));
         let target = upstream.clone();
+        let open = Arc::new(AtomicUsize::new(0));
+        let still_open = open.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((mut down, _)) = listener.accept().await else {
@@ -111,16 +115,19 @@ impl Proxy {
                 count.fetch_add(1, Ordering::SeqCst);
                 let mut cut_rx = cut_rx.clone();
                 let upstream = *target.lock().unwrap_or_else(|e| e.into_inner());
+                let open = still_open.clone();
+                open.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
-                    let Ok(mut up) = TcpStream::connect(upstream).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
-                        _ = cut_rx.wait_for(|&cut| cut) => {}
+                    if let Ok(mut up) = TcpStream::connect(upstream).await {
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+                            _ = cut_rx.wait_for(|&cut| cut) => {}
+                        }
                     }
                     // Both sockets are dropped here: the client and the server each see the
                     // connection end.
+                    drop(down);
+                    open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
@@ -129,6 +136,20 @@ impl Proxy {
             upstream,
             cut,
             forwarded,
+            open,
+        }
+    }
+
+    /// Waits until every forwarded connection is closed (after a [`Proxy::cut`]: a restore
+    /// right after it could otherwise come before a connection's task saw the cut).
+    async fn wait_closed(&self) {
+        let deadline = Instant::now() + PATIENCE;
+        while self.open.load(Ordering::SeqCst) > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "connections still open after a cut"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
@@ -236,6 +257,7 @@ async fn a_lease_the_coordinator_forgot_is_reported_lost_on_resume() {
         .expect("open the session on the second server");
     restored.semaphore(name, 1).await.expect("ensure");
     proxy.cut();
+    proxy.wait_closed().await;
     proxy.retarget(second.addr);
     proxy.restore();
 
@@ -287,6 +309,7 @@ async fn a_lease_lost_while_disconnected_is_reported_on_resume() {
         .expect("acquire");
     // Once cut, nothing the server sends on the old connection reaches the client.
     proxy.cut();
+    proxy.wait_closed().await;
     observer.close(name).await.expect("close");
     proxy.restore();
     let reason = timeout(PATIENCE, permit.lost())
