@@ -42,9 +42,10 @@
 //!   says who holds the directory, is written).
 //!
 //! A torn tail cannot be told from damage to the very last frames of a log, which may have
-//! been acknowledged (a disk that lost a synced write). Clients cover that case: a client
-//! that resumes its session asks the coordinator which of its leases it still has, and reports
-//! the others lost.
+//! been acknowledged (a disk that lost a synced write). The coordinator and its clients cover
+//! that case: the server moves its fencing counters past the most grants the cut bytes could
+//! hold ([`Cut::grants_at_most`]), and a client that resumes its session asks which of its
+//! leases the coordinator still has, and reports the others lost.
 #![deny(missing_docs)]
 
 pub mod record;
@@ -131,6 +132,16 @@ pub struct Cut {
     pub bytes: u64,
     /// The file that holds the cut bytes, written and synced before the cut.
     pub saved_to: PathBuf,
+}
+
+impl Cut {
+    /// The most grants the cut bytes can have held. They are normally a write the crash
+    /// interrupted, never acknowledged; but damage to the very end of a log looks the same,
+    /// so a coordinator moves its fencing counters on by this much, and no token of a lost
+    /// grant is handed out twice.
+    pub fn grants_at_most(&self) -> u64 {
+        self.bytes / record::MIN_GRANT_FRAME as u64 + 1
+    }
 }
 
 /// An open data directory: holds the lock and appends to the current segment.

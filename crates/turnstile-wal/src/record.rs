@@ -26,6 +26,10 @@ use turnstile_core::{Completion, LeaseId, Record, SessionId, Token};
 /// Bytes of a frame header (length, body checksum, header checksum).
 pub const FRAME_HEADER: usize = 12;
 
+/// The smallest frame of a grant (a one-byte semaphore name): a damaged stretch of `n` bytes
+/// held at most `n / MIN_GRANT_FRAME` grants.
+pub const MIN_GRANT_FRAME: usize = FRAME_HEADER + 1 + 8 + 8 + 8 + 4 + 2 + 1;
+
 /// The largest body a frame may have. Real records are under 300 bytes; a larger length field
 /// is damage.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -484,6 +488,22 @@ mod tests {
             decode(body),
             Ok(Body::Record(Record::SessionOpened { client, .. })) if client.is_empty()
         ));
+    }
+
+    #[test]
+    fn the_smallest_grant_frame_is_min_grant_frame() {
+        let mut buf = Vec::new();
+        encode(
+            &Record::Granted {
+                session: SessionId(1),
+                lease: LeaseId(1),
+                semaphore: Arc::from("x"),
+                weight: 1,
+                token: Token(1),
+            },
+            &mut buf,
+        );
+        assert_eq!(buf.len(), MIN_GRANT_FRAME);
     }
 
     #[test]

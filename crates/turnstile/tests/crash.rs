@@ -243,7 +243,8 @@ fn outage_of_a_third_of_the_ttl_costs_no_lease() {
 /// off (keeping its bytes in a side file named in its log) and recovers the session without
 /// the lease. When the holder resumes its session it must learn that its lease is gone: its
 /// command is stopped and it exits 76, rather than running on beside the next holder, whom
-/// the coordinator will grant the same permit (and the same fencing token).
+/// the coordinator will grant the same permit — with a greater fencing token, since it moved
+/// its counters past every grant the cut bytes could have held.
 #[test]
 fn a_holder_whose_grant_the_log_lost_is_stopped() {
     let scenario = Scenario {
@@ -282,7 +283,8 @@ fn a_holder_whose_grant_the_log_lost_is_stopped() {
             "--",
             "sh",
             "-c",
-            r#"echo $$ > "$DIR/pid.tmp" && mv "$DIR/pid.tmp" "$DIR/pid" && exec sleep 60"#,
+            r#"echo $TURNSTILE_FENCING_TOKEN > "$DIR/token"
+               echo $$ > "$DIR/pid.tmp" && mv "$DIR/pid.tmp" "$DIR/pid" && exec sleep 60"#,
         ],
     );
     let command: i32 = dir.wait_for("pid").trim().parse().expect("a pid");
@@ -328,12 +330,35 @@ fn a_holder_whose_grant_the_log_lost_is_stopped() {
         log.contains("torn") && log.contains(&*side.to_string_lossy()),
         "{log}"
     );
-    // And the permit is free for the next holder.
-    let mut next = run("next", &["run", "forgotten", "--limit", "1", "--", "true"]);
+    // The permit is free for the next holder, whose token is above the forgotten one: the
+    // restarted server moved its fencing counters past every grant the cut bytes could hold.
+    let mut next = run(
+        "next",
+        &[
+            "run",
+            "forgotten",
+            "--limit",
+            "1",
+            "--",
+            "sh",
+            "-c",
+            r#"echo $TURNSTILE_FENCING_TOKEN > "$DIR/next-token""#,
+        ],
+    );
     let status = common::wait_until("the next holder to finish", SOON, || {
         next.0.try_wait().expect("try_wait")
     });
     assert_eq!(status.code(), Some(0), "{status:?}");
+    let token = |name: &str| -> u64 {
+        let text = std::fs::read_to_string(dir.join(name)).expect("a token file");
+        text.trim().parse().expect("a token")
+    };
+    assert!(
+        token("next-token") > token("token"),
+        "the forgotten holder's token {} was handed out again ({})",
+        token("token"),
+        token("next-token")
+    );
 }
 
 /// Where the last frame of a log segment (format 2: an 8-byte header, then frames of
