@@ -28,14 +28,17 @@
 //! # Damage
 //!
 //! A frame is bad when its header checksum, its length or its body checksum is wrong, or when
-//! the file ends inside it. What a bad frame means is decided without trusting anything in
-//! it: recovery looks for a good frame (both checksums hold and the body decodes) at **every
-//! byte offset** after the bad one.
+//! the file ends inside it. A frame **runs past the end** when less than a header is left, or
+//! when its header checksum holds (so its length is the real one) and the body is cut short:
+//! only a write cut short leaves that. For any other bad frame, what it means is decided
+//! without trusting anything in it: recovery looks for a good frame (both checksums hold and
+//! the body decodes) at **every byte offset** after the bad one.
 //!
-//! - If there is none, and the bad frame is in the **last segment**, it is a torn tail: a
-//!   write that the crash interrupted. No reply was sent for it (replies wait for the sync), so
-//!   recovery cuts it off — but first copies the cut bytes to `wal-<gen>.log.torn-<offset>`
-//!   (synced), and logs the file, the offset and the copy. Nothing is ever destroyed.
+//! - If the bad frame runs past the end, or no good frame follows it, and it is in the **last
+//!   segment**, it is a torn tail: a write that the crash interrupted. No reply was sent for
+//!   it (replies wait for the sync), so recovery cuts it off — but first copies the cut bytes
+//!   to `wal-<gen>.log.torn-<offset>` (synced), and logs the file, the offset and the copy.
+//!   Nothing is ever destroyed.
 //! - Otherwise — a good frame follows, or the segment is not the last, or the file is a
 //!   snapshot — it is damage to data that was acknowledged. Recovery stops with
 //!   [`WalError::Corrupt`], naming the file and offset, and changes no file (only `LOCK`, which
@@ -477,8 +480,15 @@ fn read_segment(
                 }
                 Err(e) => return Err(corrupt(offset, e.0.into())),
             },
-            Frame::Bad { why } => {
-                if let Some(later) = next_valid_frame(&buf, offset + 1) {
+            Frame::Bad { why, past_end } => {
+                // A frame that runs past the end is a write cut short; any other bad frame is
+                // a torn tail only if no good frame starts anywhere after it.
+                let later = if past_end {
+                    None
+                } else {
+                    next_valid_frame(&buf, offset + 1)
+                };
+                if let Some(later) = later {
                     return Err(corrupt(
                         offset,
                         format!("{why}, and a good record follows at offset {later}"),
@@ -542,7 +552,7 @@ fn read_snapshot(path: &Path) -> Result<Vec<Record>, WalError> {
                 Err(e) => return Err(corrupt(offset, e.0)),
             },
             Frame::End => return Err(corrupt(offset, "snapshot has no end frame")),
-            Frame::Bad { why } => return Err(corrupt(offset, why)),
+            Frame::Bad { why, .. } => return Err(corrupt(offset, why)),
         }
     }
 }

@@ -187,7 +187,13 @@ pub(crate) enum Frame<'a> {
     /// The file ends exactly here.
     End,
     /// Not a good frame: cut short, bad length, or bad checksum.
-    Bad { why: &'static str },
+    Bad {
+        why: &'static str,
+        /// The file ends inside the frame: less than a header is left, or the header holds
+        /// (so its length is the real one) and the body runs past the end. Only a write cut
+        /// short leaves that; nothing after it can be a frame of its own.
+        past_end: bool,
+    },
 }
 
 /// Reads the frame at `offset` of `buf`. The length is believed only once the header's own
@@ -200,6 +206,7 @@ pub(crate) fn frame_at(buf: &[u8], offset: usize) -> Frame<'_> {
     let Some(header) = rest.get(..FRAME_HEADER) else {
         return Frame::Bad {
             why: "frame header cut short",
+            past_end: true,
         };
     };
     let word =
@@ -207,22 +214,26 @@ pub(crate) fn frame_at(buf: &[u8], offset: usize) -> Frame<'_> {
     if crc32fast::hash(&header[..8]) != word(8) {
         return Frame::Bad {
             why: "frame header checksum mismatch (damaged length or checksum)",
+            past_end: false,
         };
     }
     let len = word(0) as usize;
     if len == 0 || len > MAX_BODY {
         return Frame::Bad {
             why: "frame length out of range",
+            past_end: false,
         };
     }
     let Some(body) = rest.get(FRAME_HEADER..FRAME_HEADER + len) else {
         return Frame::Bad {
             why: "frame body cut short",
+            past_end: true,
         };
     };
     if crc32fast::hash(body) != word(4) {
         return Frame::Bad {
             why: "checksum mismatch",
+            past_end: false,
         };
     }
     Frame::Good {
@@ -562,7 +573,7 @@ mod tests {
                 let mut damaged = buf.clone();
                 damaged[offset + i] ^= bit;
                 assert!(
-                    matches!(frame_at(&damaged, offset), Frame::Bad { why } if why.contains("header")),
+                    matches!(frame_at(&damaged, offset), Frame::Bad { why, .. } if why.contains("header")),
                     "frame at {offset}: flip {bit:#04x} of length byte {i}"
                 );
                 // The next frame is still found by its own checksums.

@@ -626,3 +626,44 @@ fn a_bad_tail_of_an_older_segment_is_refused() {
     );
     assert_eq!(fs::read(wal_path(&s.0, 0)).expect("read"), old);
 }
+
+/// A frame cut short whose header holds is a torn write, even if its partial body happens to
+/// hold the bytes of a good frame (a failure reason is free text): the scan for a later frame
+/// is only for frames whose length cannot be trusted.
+#[test]
+fn a_cut_short_frame_with_a_good_header_is_torn_whatever_its_body_holds() {
+    let s = Scratch::new("embedded");
+    fs::create_dir_all(&s.0).expect("mkdir");
+    // A frame that is plain ASCII, so that it can be a failure reason.
+    let inner = (1..100_000)
+        .map(|i| {
+            let mut f = Vec::new();
+            record::encode(&rec(i), &mut f);
+            f
+        })
+        .find(|f| f.is_ascii())
+        .expect("some frame is ASCII");
+    let job = Record::Job {
+        name: Arc::from("j"),
+        group: Some(Arc::from(
+            std::str::from_utf8(&inner).expect("ASCII is UTF-8"),
+        )),
+        completion: None,
+        failures: 1,
+        last_failure: Some(Arc::from("exited with status 1")),
+    };
+    let mut bytes = WAL_MAGIC.to_vec();
+    record::encode(&rec(1), &mut bytes);
+    let start = bytes.len();
+    record::encode(&job, &mut bytes);
+    bytes.truncate(bytes.len() - 1); // the job frame is cut short after the inner frame
+    let at = (start..bytes.len())
+        .find(|&i| bytes[i..].starts_with(&inner))
+        .expect("the inner frame is in the file");
+    assert!(record::valid_frame_at(&bytes, at));
+    let path = wal_path(&s.0, 0);
+    fs::write(&path, &bytes).expect("write");
+    let (_, got) = Log::open(&s.0).expect("a torn tail, not damage");
+    assert_eq!(got.records, vec![rec(1)]);
+    assert_eq!(got.truncated.map(|c| c.offset), Some(start as u64));
+}
