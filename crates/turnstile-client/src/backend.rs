@@ -90,6 +90,12 @@ pub trait Backend: Send + Sync + 'static {
     /// This client's session id.
     fn session_id(&self) -> u64;
 
+    /// How long the backend has not answered, while it cannot be reached; `None` while it
+    /// answers, and for backends that cannot tell.
+    fn unreachable_for(&self) -> Option<Duration> {
+        None
+    }
+
     /// Starts an attempt at run-once job `job`: [`JobBegin::Completed`] if it has completed,
     /// else the job's exclusive lease ([`JobBegin::Run`]). If another attempt holds the lease,
     /// `timeout` zero answers [`JobBegin::Running`]; otherwise the attempt waits (at most

@@ -112,7 +112,9 @@ impl JobAttempt {
     /// Records the job's completion (with this attempt's start and duration) and releases the
     /// lease; no later attempt will run the job until it is reset. Fails with
     /// [`Error::LeaseLost`] if the lease was lost first: then nothing is recorded, and
-    /// another attempt may already be running the job.
+    /// another attempt may already be running the job; with [`Error::Unavailable`] if the
+    /// coordinator could not be reached before the lease expired: then the completion may
+    /// not be recorded, and the job may run again.
     pub async fn succeed(mut self) -> Result<(), Error> {
         let duration = self.clock.elapsed();
         let end = JobEnd::Succeeded {

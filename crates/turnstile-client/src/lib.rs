@@ -18,6 +18,14 @@
 //! that was not answered. Acquires are retried with the same lease id, which the coordinator
 //! treats as the same acquire, so a retry never takes a second permit.
 //!
+//! Every call has a deadline that holds whatever the network does: a wait with a timeout
+//! returns by it (plus at most half a second) with [`Error::TimedOut`] if the coordinator
+//! answered, else [`Error::Unavailable`]; a wait without one keeps trying (and logs a calm
+//! "still trying" line at a growing interval); a call that does not wait gives up after one
+//! session TTL; a release or a job's completion gives up once the lease has surely expired on
+//! the coordinator. [`Error::is_unavailable`] tells "cannot be reached" from every other
+//! failure. [`Options::connect_timeout`] retries the first connection.
+//!
 //! If the session is lost (it expired while the client was cut off, or the semaphore was
 //! closed), each affected [`Permit`] learns of it through [`Permit::lost`]. A client that has
 //! not heard from the coordinator for a whole TTL treats its leases as lost without waiting to
@@ -106,7 +114,19 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// The acquire's timeout passed before a permit was free.
+    /// The coordinator did not answer in time: a wait's deadline passed while it could not be
+    /// reached (disconnected, or connected and silent), a call that does not wait got no
+    /// answer within the session TTL, or a release or a job's completion could not be
+    /// delivered before the lease expired on its own. Unlike [`Error::TimedOut`], this says
+    /// nothing about how busy the semaphore is.
+    #[error("the coordinator at {addr} cannot be reached (no answer for {:.1}s)", silent_for.as_secs_f64())]
+    Unavailable {
+        /// The address.
+        addr: String,
+        /// How long the coordinator had not answered when the call gave up.
+        silent_for: Duration,
+    },
+    /// The acquire's timeout passed before a permit was free, on a coordinator that answers.
     #[error("timed out waiting for a permit")]
     TimedOut,
     /// The session ended (it expired while the client was cut off, or a supervisor ended it)
@@ -140,6 +160,33 @@ impl Error {
             Error::Rejected { code, .. } => Some(*code),
             Error::TimedOut => Some(ErrorCode::TimedOut),
             _ => None,
+        }
+    }
+
+    /// Whether the backend could not be reached (EX_UNAVAILABLE, exit 69 in the CLI): the
+    /// coordinator did not accept or answer ([`Error::Connect`], [`Error::Unavailable`]), or
+    /// the file backend's directory gave an error of a lost mount or network (`ESTALE`,
+    /// `EIO`, `ENOTCONN`, `ETIMEDOUT`, `EHOSTDOWN`, `EHOSTUNREACH`, `ENETUNREACH`,
+    /// `ENETDOWN`). A refusal, a bad URL or a missing permission is not "unavailable": trying
+    /// again later would not help.
+    pub fn is_unavailable(&self) -> bool {
+        use nix::errno::Errno;
+        match self {
+            Error::Connect { .. } | Error::Unavailable { .. } => true,
+            Error::Storage { source, .. } => source.raw_os_error().is_some_and(|e| {
+                [
+                    Errno::ESTALE,
+                    Errno::EIO,
+                    Errno::ENOTCONN,
+                    Errno::ETIMEDOUT,
+                    Errno::EHOSTDOWN,
+                    Errno::EHOSTUNREACH,
+                    Errno::ENETUNREACH,
+                    Errno::ENETDOWN,
+                ]
+                .contains(&Errno::from_raw(e))
+            }),
+            _ => false,
         }
     }
 }
@@ -187,6 +234,12 @@ pub struct Options {
     pub session_id: Option<u64>,
     /// A name for logs and status pages; `None` uses "host:pid".
     pub client_name: Option<String>,
+    /// How long to keep trying the first connection to a coordinator (refused, reset, no
+    /// answer) with backoff before [`Client::connect_with`] fails with [`Error::Connect`], so
+    /// that a coordinator that is restarting is not taken for a missing one. `None`: one
+    /// attempt, which fails at once if the connection is refused. Either way one attempt
+    /// (connect and handshake) never takes longer than what is left of this, nor 5 s.
+    pub connect_timeout: Option<Duration>,
 }
 
 /// A connection to a turnstile backend. Cheap to clone; the session ends when the last clone
@@ -268,6 +321,13 @@ impl Client {
     /// This client's session id.
     pub fn session_id(&self) -> u64 {
         self.backend.session_id()
+    }
+
+    /// How long the backend has not answered, while it cannot be reached: `None` while it
+    /// answers (or for backends that cannot tell, such as `file://`). A supervisor uses it to
+    /// give up on a coordinator that stays away (`turnstile nanny --death-timeout`).
+    pub fn unreachable_for(&self) -> Option<Duration> {
+        self.backend.unreachable_for()
     }
 
     /// Ends the session cleanly: every lease it holds is released at once.
@@ -415,7 +475,10 @@ impl Permit {
         }
     }
 
-    /// Releases the permit and waits for the backend to confirm.
+    /// Releases the permit and waits for the backend to confirm. On the coordinator, a release
+    /// that cannot be delivered is retried only until the lease has surely expired there
+    /// (the last contact plus the session TTL); then it fails with [`Error::Unavailable`], and
+    /// the lease is free anyway.
     pub async fn release(mut self) -> Result<(), Error> {
         self.released = true;
         if self.lost_reason().is_some() {
@@ -562,6 +625,32 @@ mod tests {
             let e = parse_url(bad).err().expect("rejected");
             assert!(e.to_string().contains(bad), "{e}");
         }
+    }
+
+    #[test]
+    fn unavailable_is_what_retrying_later_could_cure() {
+        use nix::errno::Errno;
+        let io = |e: Errno| std::io::Error::from_raw_os_error(e as i32);
+        let storage = |e| Error::Storage {
+            path: "/mnt/shared".into(),
+            source: io(e),
+        };
+        // The file backend's directory on a lost mount follows the coordinator's table.
+        for e in [Errno::ESTALE, Errno::EIO, Errno::ENOTCONN] {
+            assert!(storage(e).is_unavailable(), "{e}");
+        }
+        assert!(!storage(Errno::EACCES).is_unavailable());
+        let gone = Error::Unavailable {
+            addr: "h:1".into(),
+            silent_for: Duration::from_secs(3),
+        };
+        assert!(gone.is_unavailable());
+        let refused = Error::Connect {
+            addr: "h:1".into(),
+            source: io(Errno::ECONNREFUSED),
+        };
+        assert!(refused.is_unavailable());
+        assert!(!Error::TimedOut.is_unavailable());
     }
 
     #[test]

@@ -7,9 +7,23 @@
 //! safe because every request is idempotent on the coordinator (an acquire is named by its
 //! lease id; a repeated release answers "unknown lease", which a re-sent release takes as
 //! success).
+//!
+//! # Deadlines
+//!
+//! Every call has a deadline that holds whatever the network does, because it is kept on the
+//! caller's side of the channel, not by the driver: a wait with a timeout gives up at its
+//! deadline plus [`ANSWER_GRACE`] (the time the coordinator's own "timed out" answer needs to
+//! arrive) — with [`Error::TimedOut`] if the coordinator answers, else
+//! [`Error::Unavailable`]; a call that does not wait gives up after one session TTL without
+//! an answer (a coordinator restart within the TTL stays invisible); a release or a job's
+//! completion gives up once the lease has surely expired on the coordinator (the last contact
+//! plus the TTL). The driver itself never blocks on the network for long: connection attempts
+//! run beside its loop, each bounded, and a link on which even keep-alives go unanswered is
+//! dropped and re-made. While the coordinator is away it says so calmly, at a growing interval
+//! ([`Notice`]), never once per retry.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +40,25 @@ use turnstile_proto::{
 use crate::backend::{Backend, BoxFuture, Grant, JobBegin, JobEnd};
 use crate::{random_id, Error, GroupSummary, JobCompletion, JobRunner, LostReason, Options};
 
+/// The longest one connection attempt (connect and handshake) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long after a wait's deadline the coordinator's "timed out" answer may still arrive
+/// before the wait gives up on its own (the deadline then holds within half a second).
+pub(crate) const ANSWER_GRACE: Duration = Duration::from_millis(400);
+/// How long shutting down waits for the coordinator to confirm the end of the session; after
+/// that the session's leases expire by its TTL.
+const SHUTDOWN_WAIT: Duration = Duration::from_millis(500);
+/// A write that cannot go out within this is taken for a dead link.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long before the end of `connect_timeout` the last attempt of the first connection
+/// starts.
+const LAST_TRY: Duration = Duration::from_millis(50);
+/// Longest wait between two attempts of the first connection.
+const MAX_FIRST_BACKOFF: Duration = Duration::from_secs(1);
+/// When the first "still trying" line is shown, and the first interval between two.
+const NOTICE_FIRST: Duration = Duration::from_secs(5);
+/// The interval between "still trying" lines doubles up to this.
+const NOTICE_MAX: Duration = Duration::from_secs(600);
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// Reconnect attempts are also at most `TTL/BACKOFF_TTL_DIVISOR` apart (plus jitter), so that
@@ -146,6 +178,9 @@ enum Cmd {
     Forget {
         lease: u64,
     },
+    /// Send a keep-alive now: a caller whose deadline passed wants to know whether the
+    /// coordinator answers.
+    Probe,
     Shutdown {
         reply: oneshot::Sender<()>,
     },
@@ -170,11 +205,95 @@ pub(crate) struct TcpBackend {
     tx: mpsc::UnboundedSender<Cmd>,
     session: Arc<AtomicU64>,
     next_lease: AtomicU64,
+    health: Arc<Health>,
+    addr: String,
+}
+
+/// What callers know of the driver's link, to judge a deadline that passed: whether the
+/// coordinator answers, and until when the session's leases surely live. Times are
+/// milliseconds since `epoch`, so that they fit in atomics.
+struct Health {
+    epoch: Instant,
+    connected: AtomicBool,
+    /// When the coordinator last sent anything.
+    last_heard: AtomicU64,
+    /// The driver's `last_contact`: the session lives on the coordinator until this plus
+    /// the TTL at the latest.
+    last_contact: AtomicU64,
+    ttl_ms: AtomicU64,
+    /// Since when the coordinator has not answered, while it cannot be reached; `NEVER`
+    /// while it answers.
+    away_since: AtomicU64,
+}
+
+const NEVER: u64 = u64::MAX;
+
+impl Health {
+    fn new(now: Instant, ttl: Duration) -> Health {
+        Health {
+            epoch: now,
+            connected: AtomicBool::new(true),
+            last_heard: AtomicU64::new(0),
+            last_contact: AtomicU64::new(0),
+            ttl_ms: AtomicU64::new(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
+            away_since: AtomicU64::new(NEVER),
+        }
+    }
+
+    fn ms(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.epoch).as_millis()).unwrap_or(NEVER - 1)
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.epoch + Duration::from_millis(ms)
+    }
+
+    fn ttl(&self) -> Duration {
+        Duration::from_millis(self.ttl_ms.load(Ordering::Relaxed))
+    }
+
+    /// Whether the coordinator answers: connected, and heard from since `probe` (when a
+    /// keep-alive was asked for).
+    fn heard_since(&self, probe: Instant) -> bool {
+        self.connected.load(Ordering::Relaxed)
+            && self.last_heard.load(Ordering::Relaxed) >= self.ms(probe)
+    }
+
+    /// When the session's leases have surely expired on the coordinator, unless it hears
+    /// from us before.
+    fn lease_gone_at(&self) -> Instant {
+        self.at(self.last_contact.load(Ordering::Relaxed)) + self.ttl()
+    }
+
+    fn silent_for(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.at(self.last_heard.load(Ordering::Relaxed)))
+    }
+
+    fn unreachable_for(&self, now: Instant) -> Option<Duration> {
+        match self.away_since.load(Ordering::Relaxed) {
+            NEVER => None,
+            since => Some(now.saturating_duration_since(self.at(since))),
+        }
+    }
+}
+
+/// How long a caller waits for the answer to its request.
+#[derive(Clone, Copy, Debug)]
+enum Until {
+    /// As long as it takes (a wait without a timeout): the driver keeps trying.
+    Answered,
+    /// A wait with this deadline: the coordinator answers "timed out" by then if it can.
+    Wait(Instant),
+    /// A call that does not wait: one session TTL.
+    Call,
+    /// A release or a job's end: until the lease has surely expired on the coordinator.
+    LeaseGone,
 }
 
 impl TcpBackend {
     /// Connects, opens the session, and starts the driver. Fails if the first connection
-    /// fails: a coordinator that was never reachable is a configuration error, not a blip.
+    /// fails (after `options.connect_timeout` of retries, if given): a coordinator that was
+    /// never reachable is a configuration error or an outage, not a blip.
     pub(crate) async fn connect(addr: String, options: Options) -> Result<TcpBackend, Error> {
         // A session given to us (by a supervisor, through TURNSTILE_SESSION) may be shared with
         // other clients of the same worker: on shutdown, release our own leases and leave the
@@ -186,16 +305,22 @@ impl TcpBackend {
             .map(|d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX).max(1))
             .unwrap_or(0);
         let name = options.client_name.clone().unwrap_or_else(default_name);
-        let (link, ttl) = open_link(
+        let (link, ttl) = first_link(
             &addr,
             &name,
-            proto::Request::OpenSession { session, ttl_ms },
+            Hello::Open { session, ttl_ms },
+            options.connect_timeout,
         )
-        .await??;
+        .await?;
         let (tx, rx) = mpsc::unbounded_channel();
         let session_cell = Arc::new(AtomicU64::new(session));
         let now = Instant::now();
+        let health = Arc::new(Health::new(now, ttl));
         let driver = Driver {
+            health: health.clone(),
+            connecting: None,
+            awaiting_since: None,
+            notice: None,
             addr,
             name,
             ttl_ms,
@@ -213,12 +338,71 @@ impl TcpBackend {
             next_attempt: now,
             borrowed,
         };
+        let addr = driver.addr.clone();
         tokio::spawn(driver.run());
         Ok(TcpBackend {
             tx,
             session: session_cell,
             next_lease: AtomicU64::new(crate::lease_id_base()),
+            health,
+            addr,
         })
+    }
+
+    fn unavailable(&self) -> Error {
+        Error::Unavailable {
+            addr: self.addr.clone(),
+            silent_for: self.health.silent_for(Instant::now()),
+        }
+    }
+
+    /// Waits for the answer to a request, at most as `until` says (see the module doc).
+    async fn answer(
+        &self,
+        mut rx: oneshot::Receiver<Result<Answer, Error>>,
+        until: Until,
+    ) -> Result<Answer, Error> {
+        let closed = |r: Result<Result<Answer, Error>, oneshot::error::RecvError>| {
+            r.map_err(|_| Error::Shutdown)?
+        };
+        match until {
+            Until::Answered => closed(rx.await),
+            Until::Wait(deadline) => {
+                if let Ok(r) = tokio::time::timeout_at(deadline, &mut rx).await {
+                    return closed(r);
+                }
+                // The coordinator's "timed out" is on its way if it answers at all; a ping
+                // tells a coordinator that answers late from one that does not answer.
+                if !self.health.connected.load(Ordering::Relaxed) {
+                    return Err(self.unavailable());
+                }
+                let probe = Instant::now();
+                let _ = self.tx.send(Cmd::Probe);
+                match tokio::time::timeout_at(deadline + ANSWER_GRACE, &mut rx).await {
+                    Ok(r) => closed(r),
+                    Err(_) if self.health.heard_since(probe) => Err(Error::TimedOut),
+                    Err(_) => Err(self.unavailable()),
+                }
+            }
+            Until::Call => {
+                let deadline = Instant::now() + self.health.ttl().max(Duration::from_secs(1));
+                match tokio::time::timeout_at(deadline, &mut rx).await {
+                    Ok(r) => closed(r),
+                    Err(_) => Err(self.unavailable()),
+                }
+            }
+            Until::LeaseGone => loop {
+                // The mark moves on as keep-alives are answered: look again when it passes.
+                let gone = self.health.lease_gone_at();
+                match tokio::time::timeout_at(gone, &mut rx).await {
+                    Ok(r) => return closed(r),
+                    Err(_) if Instant::now() >= self.health.lease_gone_at() => {
+                        return Err(self.unavailable())
+                    }
+                    Err(_) => {}
+                }
+            },
+        }
     }
 
     /// Sends a request that takes a lease (an acquire or a job attempt) and waits for its
@@ -227,6 +411,7 @@ impl TcpBackend {
         &self,
         lease: u64,
         req: Req,
+        until: Until,
     ) -> Result<(Answer, watch::Receiver<Option<LostReason>>), Error> {
         let (lost_tx, lost_rx) = watch::channel(None);
         let (reply, rx) = oneshot::channel();
@@ -242,12 +427,13 @@ impl TcpBackend {
             lease,
             armed: true,
         };
-        let answer = rx.await.map_err(|_| Error::Shutdown)?;
+        // On an early return (a deadline), the guard withdraws the acquire.
+        let answer = self.answer(rx, until).await?;
         guard.armed = false;
-        Ok((answer?, lost_rx))
+        Ok((answer, lost_rx))
     }
 
-    async fn call(&self, req: Req) -> Result<Answer, Error> {
+    async fn call(&self, req: Req, until: Until) -> Result<Answer, Error> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Cmd::Call {
@@ -256,7 +442,7 @@ impl TcpBackend {
                 lost: None,
             })
             .map_err(|_| Error::Shutdown)?;
-        rx.await.map_err(|_| Error::Shutdown)?
+        self.answer(rx, until).await
     }
 }
 
@@ -278,10 +464,13 @@ impl Drop for AcquireGuard<'_> {
 impl Backend for TcpBackend {
     fn ensure<'a>(&'a self, name: &'a str, capacity: u32) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(async move {
-            self.call(Req::Ensure {
-                name: name.to_owned(),
-                capacity,
-            })
+            self.call(
+                Req::Ensure {
+                    name: name.to_owned(),
+                    capacity,
+                },
+                Until::Call,
+            )
             .await
             .map(drop)
         })
@@ -295,13 +484,15 @@ impl Backend for TcpBackend {
     ) -> BoxFuture<'a, Result<Grant, Error>> {
         Box::pin(async move {
             let lease = self.next_lease.fetch_add(1, Ordering::Relaxed);
+            let deadline = timeout.map(|t| Instant::now() + t);
             let req = Req::Acquire {
                 lease,
                 weight,
-                deadline: timeout.map(|t| Instant::now() + t),
+                deadline,
                 name: name.to_owned(),
             };
-            let (answer, lost_rx) = self.call_for_lease(lease, req).await?;
+            let until = deadline.map_or(Until::Answered, Until::Wait);
+            let (answer, lost_rx) = self.call_for_lease(lease, req, until).await?;
             match answer {
                 Answer::Granted { token } => Ok(Grant {
                     lease,
@@ -316,7 +507,11 @@ impl Backend for TcpBackend {
     }
 
     fn release(&self, lease: u64) -> BoxFuture<'_, Result<(), Error>> {
-        Box::pin(async move { self.call(Req::Release { lease }).await.map(drop) })
+        Box::pin(async move {
+            self.call(Req::Release { lease }, Until::LeaseGone)
+                .await
+                .map(drop)
+        })
     }
 
     fn release_in_background(&self, lease: u64) {
@@ -325,9 +520,12 @@ impl Backend for TcpBackend {
 
     fn close<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(async move {
-            self.call(Req::Close {
-                name: name.to_owned(),
-            })
+            self.call(
+                Req::Close {
+                    name: name.to_owned(),
+                },
+                Until::Call,
+            )
             .await
             .map(drop)
         })
@@ -336,9 +534,12 @@ impl Backend for TcpBackend {
     fn status<'a>(&'a self, name: Option<&'a str>) -> BoxFuture<'a, Result<StatusDoc, Error>> {
         Box::pin(async move {
             let answer = self
-                .call(Req::Status {
-                    name: name.unwrap_or("").to_owned(),
-                })
+                .call(
+                    Req::Status {
+                        name: name.unwrap_or("").to_owned(),
+                    },
+                    Until::Call,
+                )
                 .await?;
             let Answer::Status(json) = answer else {
                 return Err(Error::Protocol(format!(
@@ -351,7 +552,11 @@ impl Backend for TcpBackend {
     }
 
     fn end_session(&self, session: u64) -> BoxFuture<'_, Result<(), Error>> {
-        Box::pin(async move { self.call(Req::EndSession { session }).await.map(drop) })
+        Box::pin(async move {
+            self.call(Req::EndSession { session }, Until::Call)
+                .await
+                .map(drop)
+        })
     }
 
     fn shutdown(&self) -> BoxFuture<'_, Result<(), Error>> {
@@ -360,13 +565,18 @@ impl Backend for TcpBackend {
             if self.tx.send(Cmd::Shutdown { reply }).is_err() {
                 return Ok(()); // already shut down
             }
-            let _ = rx.await;
+            // The driver bounds its own wait; this bounds a driver stuck in a write.
+            let _ = tokio::time::timeout(SHUTDOWN_WAIT + WRITE_TIMEOUT, rx).await;
             Ok(())
         })
     }
 
     fn session_id(&self) -> u64 {
         self.session.load(Ordering::Relaxed)
+    }
+
+    fn unreachable_for(&self) -> Option<Duration> {
+        self.health.unreachable_for(Instant::now())
     }
 
     fn begin_job<'a>(
@@ -377,13 +587,15 @@ impl Backend for TcpBackend {
     ) -> BoxFuture<'a, Result<JobBegin, Error>> {
         Box::pin(async move {
             let lease = self.next_lease.fetch_add(1, Ordering::Relaxed);
+            let deadline = timeout.map(|t| Instant::now() + t);
             let req = Req::BeginJob {
                 lease,
-                deadline: timeout.map(|t| Instant::now() + t),
+                deadline,
                 job: job.to_owned(),
                 group: group.unwrap_or("").to_owned(),
             };
-            let (answer, lost) = self.call_for_lease(lease, req).await?;
+            let until = deadline.map_or(Until::Answered, Until::Wait);
+            let (answer, lost) = self.call_for_lease(lease, req, until).await?;
             match answer {
                 Answer::Granted { token } => Ok(JobBegin::Run(Grant { lease, token, lost })),
                 Answer::JobCompleted(done) => Ok(JobBegin::Completed(done)),
@@ -421,16 +633,19 @@ impl Backend for TcpBackend {
                     reason: reason.to_owned(),
                 },
             };
-            self.call(req).await.map(drop)
+            self.call(req, Until::LeaseGone).await.map(drop)
         })
     }
 
     fn reset_job<'a>(&'a self, job: &'a str) -> BoxFuture<'a, Result<bool, Error>> {
         Box::pin(async move {
             match self
-                .call(Req::ResetJob {
-                    job: job.to_owned(),
-                })
+                .call(
+                    Req::ResetJob {
+                        job: job.to_owned(),
+                    },
+                    Until::Call,
+                )
                 .await?
             {
                 Answer::JobReset(was) => Ok(was),
@@ -450,13 +665,17 @@ impl Backend for TcpBackend {
         Box::pin(async move {
             // Wait ids share the lease id space, so they never collide with a lease.
             let wait = self.next_lease.fetch_add(1, Ordering::Relaxed);
+            let deadline = timeout.map(|t| Instant::now() + t);
             let req = Req::WaitGroup {
                 wait,
                 jobs,
-                deadline: timeout.map(|t| Instant::now() + t),
+                deadline,
                 group: group.to_owned(),
             };
-            match self.call(req).await? {
+            match self
+                .call(req, deadline.map_or(Until::Answered, Until::Wait))
+                .await?
+            {
                 Answer::GroupSettled(summary) => Ok(summary),
                 other => Err(Error::Protocol(format!(
                     "unexpected answer to a group wait: {other:?}"
@@ -473,19 +692,109 @@ fn default_name() -> String {
     format!("{host}:{}", std::process::id())
 }
 
-/// Connects, says hello and sends the session request; waits for both answers. The outer
-/// error is a failure to talk at all; the inner one is the coordinator's answer to the
-/// session request.
-async fn open_link(
+/// The session request that follows the hello on a new link.
+#[derive(Clone, Copy, Debug)]
+enum Hello {
+    Open { session: u64, ttl_ms: u32 },
+    Resume { session: u64 },
+}
+
+/// The outcome of one connection attempt: see [`open_link`].
+type Opened = Result<Result<(Link, Duration), Error>, Error>;
+
+/// The first connection: retried with backoff while it fails to connect (refused, reset, no
+/// answer) and `retry_for` (from the first attempt) is not over; one attempt without it. A
+/// refusal by the coordinator (such as a protocol version it does not speak) is not retried.
+async fn first_link(
     addr: &str,
     name: &str,
-    session_req: proto::Request<'_>,
-) -> Result<Result<(Link, Duration), Error>, Error> {
+    hello: Hello,
+    retry_for: Option<Duration>,
+) -> Result<(Link, Duration), Error> {
+    let started = Instant::now();
+    let end = retry_for.map(|t| started + t);
+    let mut backoff = MIN_BACKOFF;
+    let mut notice = Notice::new(started);
+    loop {
+        let attempt_end = match end {
+            Some(end) => end.min(Instant::now() + CONNECT_TIMEOUT),
+            None => Instant::now() + CONNECT_TIMEOUT,
+        };
+        let e = match open_link(addr.to_owned(), name.to_owned(), hello, attempt_end).await {
+            Ok(opened) => return opened,
+            Err(e) => e,
+        };
+        let Some(end) = end else { return Err(e) };
+        // The last attempt comes just before the end, so that the whole time is tried.
+        let last = end.checked_sub(LAST_TRY).unwrap_or(end);
+        let now = Instant::now();
+        if now >= last {
+            return Err(e);
+        }
+        let jitter = Duration::from_millis(random_id() % (backoff.as_millis() as u64 / 2 + 1));
+        let next = (now + backoff + jitter).min(last);
+        tracing::debug!(error = ?e, "first connection failed; trying again");
+        loop {
+            let due = notice.due();
+            if due >= next {
+                break;
+            }
+            tokio::time::sleep_until(due).await;
+            notice.show(addr, Instant::now());
+        }
+        tokio::time::sleep_until(next).await;
+        backoff = (backoff * 2).min(MAX_FIRST_BACKOFF);
+    }
+}
+
+/// The calm "still trying" line while the coordinator is away: first after
+/// [`NOTICE_FIRST`] without an answer, then at doubling intervals up to [`NOTICE_MAX`].
+#[derive(Debug)]
+struct Notice {
+    since: Instant,
+    next: Instant,
+    every: Duration,
+    shown: bool,
+}
+
+impl Notice {
+    fn new(since: Instant) -> Notice {
+        Notice {
+            since,
+            next: since + NOTICE_FIRST,
+            every: NOTICE_FIRST,
+            shown: false,
+        }
+    }
+
+    fn due(&self) -> Instant {
+        self.next
+    }
+
+    fn show(&mut self, addr: &str, now: Instant) {
+        let secs = now.saturating_duration_since(self.since).as_secs();
+        tracing::warn!("the coordinator at {addr} has not answered for {secs}s; still trying");
+        self.shown = true;
+        self.every = (self.every * 2).min(NOTICE_MAX);
+        self.next = now + self.every;
+    }
+}
+
+/// Connects, says hello and sends the session request; waits for both answers, all by
+/// `deadline`. The outer error is a failure to talk at all; the inner one is the
+/// coordinator's answer to the session request. Owns its arguments, so that the driver can
+/// run it beside its loop.
+async fn open_link(addr: String, name: String, hello: Hello, deadline: Instant) -> Opened {
+    let addr = addr.as_str();
     let connect_err = |source| Error::Connect {
         addr: addr.to_owned(),
         source,
     };
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+    let session_req = match hello {
+        Hello::Open { session, ttl_ms } => proto::Request::OpenSession { session, ttl_ms },
+        Hello::Resume { session } => proto::Request::ResumeSession { session },
+    };
+    let stream = tokio::time::timeout_at(deadline, TcpStream::connect(addr))
         .await
         .map_err(|_| connect_err(std::io::ErrorKind::TimedOut.into()))?
         .map_err(connect_err)?;
@@ -495,7 +804,7 @@ async fn open_link(
     let hello = proto::Request::Hello {
         magic: proto::MAGIC,
         version: proto::VERSION,
-        client: name,
+        client: &name,
     };
     encode_request(1, &hello, &mut out);
     encode_request(2, &session_req, &mut out);
@@ -551,7 +860,7 @@ async fn open_link(
         }
         Ok(())
     };
-    tokio::time::timeout(CONNECT_TIMEOUT, read)
+    tokio::time::timeout_at(deadline, read)
         .await
         .map_err(|_| connect_err(std::io::ErrorKind::TimedOut.into()))??;
     Ok(session_result.map(|()| (link, ttl)))
@@ -584,6 +893,34 @@ struct Driver {
     /// and withdraws our waits, but does not close the session. Cleared when the session is
     /// lost and replaced by one of our own.
     borrowed: bool,
+    /// What callers see of the link (see [`Health`]).
+    health: Arc<Health>,
+    /// A connection attempt under way, beside the loop, so that commands (a shutdown) are
+    /// still served while it connects.
+    connecting: Option<Connecting>,
+    /// When a keep-alive went out with nothing heard from the coordinator since: a link on
+    /// which that lasts [`Driver::silence_limit`] is dead (the peer is gone, or a network
+    /// drops everything), and is re-made.
+    awaiting_since: Option<Instant>,
+    /// The "still trying" line, while the coordinator is away.
+    notice: Option<Notice>,
+}
+
+/// A connection attempt that runs beside the driver's loop.
+struct Connecting {
+    attempt: BoxFuture<'static, Opened>,
+    started: Instant,
+    /// The new session this attempt opens, if it does not resume the current one.
+    fresh: Option<u64>,
+}
+
+/// Runs the connection attempt, if there is one; pending forever otherwise, so that it can
+/// sit in a `select!` arm. The caller takes the attempt out once it has finished.
+async fn attempt_done(c: &mut Option<Connecting>) -> (Opened, Instant, Option<u64>) {
+    match c {
+        Some(c) => ((&mut c.attempt).await, c.started, c.fresh),
+        None => std::future::pending().await,
+    }
 }
 
 impl Driver {
@@ -593,6 +930,8 @@ impl Driver {
             // Give up a little before the coordinator may: clocks on two machines run at
             // slightly different rates, and our timer fires a little late under load.
             let presumed_lost_at = self.last_contact + self.ttl - self.ttl / SAFETY_DIVISOR;
+            let silent_at = self.awaiting_since.map(|t| t + self.silence_limit());
+            let notice_at = self.notice.as_ref().map(Notice::due);
             tokio::select! {
                 cmd = self.rx.recv() => match cmd {
                     Some(Cmd::Shutdown { reply }) => {
@@ -608,18 +947,40 @@ impl Driver {
                     }
                 },
                 r = read_more(&mut self.link) => match r {
-                    Ok(()) => self.on_frames().await,
+                    Ok(()) => {
+                        self.heard();
+                        self.on_frames().await
+                    }
                     Err(why) => self.disconnected(&why),
                 },
                 _ = tokio::time::sleep_until(keepalive_at), if self.link.is_some() => {
-                    self.last_keepalive = Instant::now();
+                    let now = Instant::now();
+                    self.last_keepalive = now;
+                    self.awaiting_since.get_or_insert(now);
                     self.submit(Req::KeepAlive, None, None).await;
                 }
-                _ = tokio::time::sleep_until(self.next_attempt), if self.link.is_none() => {
-                    self.reconnect().await;
+                _ = tokio::time::sleep_until(silent_at.unwrap_or_else(Instant::now)),
+                    if self.link.is_some() && silent_at.is_some() => {
+                    let limit = self.silence_limit();
+                    self.disconnected(&format!("no answer for {limit:?}"));
+                }
+                _ = tokio::time::sleep_until(self.next_attempt),
+                    if self.link.is_none() && self.connecting.is_none() => {
+                    self.reconnect(None);
+                }
+                (opened, started, fresh) = attempt_done(&mut self.connecting) => {
+                    self.connecting = None;
+                    self.on_attempt(opened, started, fresh).await;
+                }
+                _ = tokio::time::sleep_until(notice_at.unwrap_or_else(Instant::now)),
+                    if notice_at.is_some() => {
+                    if let Some(notice) = &mut self.notice {
+                        notice.show(&self.addr, Instant::now());
+                    }
                 }
                 _ = tokio::time::sleep_until(presumed_lost_at), if !self.leases.is_empty() => {
-                    tracing::warn!("no answer from the coordinator for a whole TTL; leases presumed lost");
+                    // Each permit's `lost` says so; `turnstile run` prints it in its own words.
+                    tracing::debug!("no answer from the coordinator for a whole TTL; leases presumed lost");
                     self.abandoned.extend(self.leases.keys().copied());
                     self.lose_all(LostReason::Unreachable);
                     // Push the contact mark forward so this arm does not spin.
@@ -642,6 +1003,12 @@ impl Driver {
             Cmd::Forget { lease } => {
                 self.leases.remove(&lease);
                 self.submit(Req::Release { lease }, None, None).await;
+            }
+            Cmd::Probe => {
+                if self.link.is_some() {
+                    self.awaiting_since.get_or_insert(Instant::now());
+                    self.submit(Req::KeepAlive, None, None).await;
+                }
             }
             Cmd::Shutdown { .. } => {}
         }
@@ -674,59 +1041,106 @@ impl Driver {
 
     async fn write(&mut self, frame: &[u8]) {
         if let Some(link) = &mut self.link {
-            if let Err(e) = link.wr.write_all(frame).await {
-                self.disconnected(&format!("write failed: {e}"));
+            // Bounded, so that a peer that stopped reading cannot stall the loop.
+            match tokio::time::timeout(WRITE_TIMEOUT, link.wr.write_all(frame)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => self.disconnected(&format!("write failed: {e}")),
+                Err(_) => self.disconnected("a write did not go out"),
             }
         }
     }
 
+    /// How long a keep-alive may go unanswered before the link counts as dead: long enough
+    /// for a loaded coordinator, short enough to re-make the link well within the TTL.
+    fn silence_limit(&self) -> Duration {
+        (self.ttl / 3).clamp(Duration::from_millis(500), Duration::from_secs(10))
+    }
+
+    /// Bytes came from the coordinator.
+    fn heard(&mut self) {
+        self.awaiting_since = None;
+        let now = self.health.ms(Instant::now());
+        self.health.last_heard.store(now, Ordering::Relaxed);
+    }
+
+    /// Moves the contact mark (see `last_contact`), for callers too.
+    fn contact(&mut self, at: Instant) {
+        self.last_contact = at;
+        let at = self.health.ms(at);
+        self.health.last_contact.store(at, Ordering::Relaxed);
+    }
+
     fn disconnected(&mut self, why: &str) {
         if self.link.take().is_some() {
-            tracing::warn!(addr = %self.addr, why, "lost the connection to the coordinator; reconnecting");
+            // Quiet: a restart of the coordinator must stay invisible. The notice says so if
+            // the coordinator stays away.
+            tracing::debug!(addr = %self.addr, why, "lost the connection to the coordinator; reconnecting");
             self.backoff = MIN_BACKOFF;
             self.next_attempt = Instant::now();
+            self.awaiting_since = None;
+            self.health.connected.store(false, Ordering::Relaxed);
+            let heard = self.health.last_heard.load(Ordering::Relaxed);
+            let _ = self.health.away_since.compare_exchange(
+                NEVER,
+                heard,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            if self.notice.is_none() {
+                self.notice = Some(Notice::new(self.health.at(heard)));
+            }
         }
     }
 
-    async fn reconnect(&mut self) {
+    /// Starts a connection attempt beside the loop: resuming the session, or opening the
+    /// `fresh` one.
+    fn reconnect(&mut self, fresh: Option<u64>) {
         // The coordinator refreshes the session when the resume arrives, which is after this.
-        let attempt_started = Instant::now();
-        let session = self.session.load(Ordering::Relaxed);
-        let opened = match open_link(
-            &self.addr,
-            &self.name,
-            proto::Request::ResumeSession { session },
-        )
-        .await
-        {
-            Ok(Ok(ok)) => Some(ok),
-            Ok(Err(e)) if e.code() == Some(ErrorCode::SessionNotFound) => {
+        let started = Instant::now();
+        let hello = match fresh {
+            Some(session) => Hello::Open {
+                session,
+                ttl_ms: self.ttl_ms,
+            },
+            None => Hello::Resume {
+                session: self.session.load(Ordering::Relaxed),
+            },
+        };
+        let limit = (self.ttl / 2).clamp(Duration::from_millis(500), CONNECT_TIMEOUT);
+        self.connecting = Some(Connecting {
+            attempt: Box::pin(open_link(
+                self.addr.clone(),
+                self.name.clone(),
+                hello,
+                started + limit,
+            )),
+            started,
+            fresh,
+        });
+    }
+
+    /// A connection attempt finished.
+    async fn on_attempt(&mut self, opened: Opened, attempt_started: Instant, fresh: Option<u64>) {
+        let opened = match opened {
+            Ok(Ok(ok)) => {
+                if let Some(fresh) = fresh {
+                    self.session.store(fresh, Ordering::Relaxed);
+                    self.borrowed = false;
+                }
+                Some(ok)
+            }
+            Ok(Err(e)) if fresh.is_none() && e.code() == Some(ErrorCode::SessionNotFound) => {
                 // The session expired while we were away: its leases are gone. Carry on with
                 // a new session, so that waiting and future acquires still work.
+                let session = self.session.load(Ordering::Relaxed);
                 tracing::warn!(
                     session = format_args!("{session:016x}"),
                     "session expired while disconnected"
                 );
                 self.lose_all(LostReason::Expired);
                 self.abandoned.clear();
-                let fresh = random_id();
-                match open_link(
-                    &self.addr,
-                    &self.name,
-                    proto::Request::OpenSession {
-                        session: fresh,
-                        ttl_ms: self.ttl_ms,
-                    },
-                )
-                .await
-                {
-                    Ok(Ok(ok)) => {
-                        self.session.store(fresh, Ordering::Relaxed);
-                        self.borrowed = false;
-                        Some(ok)
-                    }
-                    _ => None,
-                }
+                self.reconnect(Some(random_id()));
+                return;
             }
             Ok(Err(e)) | Err(e) => {
                 tracing::debug!(error = ?e, "reconnect failed");
@@ -742,11 +1156,21 @@ impl Driver {
             self.backoff = (self.backoff * 2).min(max);
             return;
         };
-        tracing::info!(addr = %self.addr, "reconnected to the coordinator");
+        tracing::debug!(addr = %self.addr, "reconnected to the coordinator");
+        if self.notice.take().is_some_and(|n| n.shown) {
+            tracing::info!("the coordinator at {} answers again", self.addr);
+        }
         self.ttl = ttl;
         self.link = Some(link);
         let now = Instant::now();
-        self.last_contact = attempt_started;
+        self.health.ttl_ms.store(
+            u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        self.heard();
+        self.health.connected.store(true, Ordering::Relaxed);
+        self.health.away_since.store(NEVER, Ordering::Relaxed);
+        self.contact(attempt_started);
         self.last_keepalive = now;
         let mut frames = Vec::new();
         for (id, p) in &mut self.pending {
@@ -817,7 +1241,7 @@ impl Driver {
         let session_alive =
             !matches!(&result, Err(e) if e.code() == Some(ErrorCode::SessionNotFound));
         if session_alive && p.req.refreshes_session() && p.sent_at > self.last_contact {
-            self.last_contact = p.sent_at;
+            self.contact(p.sent_at);
         }
         if !session_alive {
             self.session_gone(LostReason::Expired).await;
@@ -918,6 +1342,8 @@ impl Driver {
     }
 
     async fn close_session(&mut self) {
+        // Nobody is connected to tell: the TTL ends the session on the coordinator.
+        self.connecting = None;
         if self.link.is_none() {
             return;
         }
@@ -948,7 +1374,7 @@ impl Driver {
                 }
             }
         };
-        let _ = tokio::time::timeout(Duration::from_secs(2), wait).await;
+        let _ = tokio::time::timeout(SHUTDOWN_WAIT, wait).await;
     }
 }
 

@@ -560,3 +560,216 @@ async fn blocking_facade_from_a_plain_thread() {
     );
     drop(permit);
 }
+
+#[path = "../../turnstile/tests/common/proxy.rs"]
+mod fault_proxy;
+
+/// What the coordinator does in a library deadline case.
+#[derive(Clone, Copy, Debug)]
+enum Away {
+    /// Connections close and are refused (killed, host down).
+    Gone,
+    /// Connections stay open and nothing answers (a partition).
+    Blackholed,
+    /// Refusing before the call starts: the call is made while the client reconnects.
+    Reconnecting,
+}
+
+/// How late after its deadline a call may return (issue 19: the deadline plus 0.5 s).
+const OVERSHOOT: Duration = Duration::from_millis(500);
+
+/// One case of [`waits_end_by_their_deadline_when_the_coordinator_is_away`]: a wait of 2 s
+/// through a proxy, the proxy failing once the wait has reached the coordinator. Returns how
+/// far past the deadline the call returned.
+async fn deadline_case(server: &TestServer, i: usize, group: bool, away: Away) -> Duration {
+    let limit = Duration::from_secs(2);
+    let proxy = fault_proxy::FaultProxy::start(server.addr);
+    let options = Options {
+        session_ttl: Some(Duration::from_secs(3)),
+        ..Default::default()
+    };
+    let client = Client::connect_with(&proxy.url(), options)
+        .await
+        .expect("connect through the proxy");
+    // Something to wait behind, held directly on the coordinator.
+    let direct = server.client().await;
+    let name = format!("deadline-{i}");
+    let mut _running = None;
+    let mut _holder = None;
+    if group {
+        match direct.try_begin_job(&format!("job-{i}"), Some(&name)).await {
+            Ok(turnstile_client::JobStart::Run(a)) => _running = Some(a),
+            other => panic!("the job runs: {other:?}"),
+        }
+    } else {
+        let sem = direct.semaphore(&name, 1).await.expect("ensure");
+        _holder = Some(sem.acquire().await.expect("the holder"));
+    }
+    let sem = client
+        .semaphore(&name, 1)
+        .await
+        .expect("ensure via the proxy");
+    if let Away::Reconnecting = away {
+        proxy.refuse();
+    }
+    let sent = proxy.up_bytes();
+    let started = Instant::now();
+    let call = {
+        let client = client.clone();
+        let name = name.clone();
+        tokio::spawn(async move {
+            if group {
+                client.wait_group(&name, 1, Some(limit)).await.map(drop)
+            } else {
+                sem.acquire_timeout(limit).await.map(drop)
+            }
+        })
+    };
+    if !matches!(away, Away::Reconnecting) {
+        // The wait reached the coordinator (its bytes passed the proxy), then the fault.
+        let t = Instant::now();
+        while proxy.up_bytes() == sent {
+            assert!(t.elapsed() < PATIENCE, "the wait never went out");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        match away {
+            Away::Gone => proxy.gone(),
+            Away::Blackholed => proxy.blackhole(),
+            Away::Reconnecting => {}
+        }
+    }
+    let r = timeout(limit + PATIENCE, call)
+        .await
+        .expect("the call returned at all")
+        .expect("task");
+    let took = started.elapsed();
+    let what = format!(
+        "{} with the coordinator {away:?}",
+        if group {
+            "wait_group"
+        } else {
+            "acquire_timeout"
+        }
+    );
+    match r {
+        Err(e) if e.is_unavailable() => {}
+        other => panic!("{what}: expected Unavailable, got {other:?}"),
+    }
+    assert!(
+        took <= limit + OVERSHOOT,
+        "{what}: returned {took:?} after a {limit:?} timeout"
+    );
+    eprintln!("{what}: returned after {took:?} (timeout {limit:?})");
+    took.saturating_sub(limit)
+}
+
+/// Issue 19: `acquire_timeout` and `wait_group` with a timeout return `Error::Unavailable`
+/// within the deadline (+0.5 s) when the coordinator is gone, blackholed, or refusing while
+/// the client reconnects; all six cases run at once against one coordinator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waits_end_by_their_deadline_when_the_coordinator_is_away() {
+    let server = TestServer::with_ttl(Duration::from_secs(3)).await;
+    let mut cases = Vec::new();
+    for (i, (group, away)) in [false, true]
+        .into_iter()
+        .flat_map(|g| [Away::Gone, Away::Blackholed, Away::Reconnecting].map(|a| (g, a)))
+        .enumerate()
+    {
+        cases.push(deadline_case(&server, i, group, away));
+    }
+    let overshoots = futures_join_all(cases).await;
+    let worst = overshoots.iter().max().copied().unwrap_or_default();
+    eprintln!("worst overshoot of a library deadline: {worst:?}");
+}
+
+/// Runs futures concurrently on this task (no extra dependency for `join_all`).
+async fn futures_join_all<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
+    let mut set = Vec::new();
+    for f in futs {
+        set.push(Box::pin(f));
+    }
+    let mut out: Vec<Option<F::Output>> = set.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in set.iter_mut().enumerate() {
+            if out[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => out[i] = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter()
+        .map(|v| v.expect("every future finished"))
+        .collect()
+}
+
+/// Issue 19: a release that cannot be delivered is given up once the lease has surely
+/// expired on the coordinator (last contact + TTL), with `Error::Unavailable`; and the first
+/// connection is retried for `connect_timeout`, bounded, against a refusing and a
+/// blackholing address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn releases_and_first_connections_are_bounded() {
+    let ttl = Duration::from_secs(3);
+    let server = TestServer::with_ttl(ttl).await;
+    let proxy = fault_proxy::FaultProxy::start(server.addr);
+    let options = Options {
+        session_ttl: Some(ttl),
+        ..Default::default()
+    };
+    let client = Client::connect_with(&proxy.url(), options.clone())
+        .await
+        .expect("connect");
+    let permit = client
+        .semaphore("release-gone", 1)
+        .await
+        .expect("ensure")
+        .acquire()
+        .await
+        .expect("acquire");
+    let gone_at = Instant::now();
+    proxy.gone();
+    let r = timeout(ttl + PATIENCE, permit.release())
+        .await
+        .expect("the release returned at all");
+    let took = gone_at.elapsed();
+    assert!(matches!(&r, Err(e) if e.is_unavailable()), "{r:?}");
+    assert!(took <= ttl + OVERSHOOT, "the release took {took:?}");
+
+    // First connections: refused, and accepted but never answered.
+    for away in [Away::Gone, Away::Blackholed] {
+        let proxy = fault_proxy::FaultProxy::start(server.addr);
+        match away {
+            Away::Gone => proxy.refuse(),
+            _ => proxy.blackhole(),
+        }
+        let limit = Duration::from_millis(1500);
+        let options = Options {
+            connect_timeout: Some(limit),
+            ..options.clone()
+        };
+        let started = Instant::now();
+        let r = Client::connect_with(&proxy.url(), options).await;
+        let took = started.elapsed();
+        assert!(
+            matches!(&r, Err(e) if e.is_unavailable()),
+            "{away:?}: {r:?}"
+        );
+        assert!(
+            took <= limit + OVERSHOOT,
+            "{away:?}: connecting took {took:?}"
+        );
+        // A refused first connection is retried while the time lasts, not given up at once.
+        if let Away::Gone = away {
+            assert!(took >= limit / 2, "gave up after {took:?}");
+        }
+    }
+}

@@ -1,19 +1,20 @@
 //! The shared-directory backend (`file:///DIR`): the conformance suite, plus what only this
-//! backend has — stale records (by age on the file system's clock), garbage files, unusable
-//! directories.
+//! backend has — stale records (seen unchanged for a TTL, whatever their mtimes say), clock
+//! steps, garbage files, unusable directories.
 //!
 //! Every test works in a fresh directory under the system's temporary directory, removed when
 //! the test ends.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::time::{timeout, Instant};
 use turnstile_client::{Client, Error, ErrorCode, JobAttempt, JobStart, LostReason, Options};
 
 mod conformance;
-use conformance::{hex, job_status, status_of, Fixture, PATIENCE, QUIET};
+use conformance::{hex, job_status, status_of, wait_for_status, Fixture, PATIENCE, QUIET};
 
 conformance_suite!(file, Scratch::new());
 
@@ -80,14 +81,23 @@ impl Fixture for Scratch {
 
 /// Writes `content` to `path` and sets its modification time `age` into the past.
 fn plant(path: &Path, content: &[u8], age: Duration) {
+    plant_at(path, content, SystemTime::now() - age);
+}
+
+/// Writes `content` to `path` with the modification time `mtime`.
+fn plant_at(path: &Path, content: &[u8], mtime: SystemTime) {
     std::fs::write(path, content).expect("write the planted file");
     let file = std::fs::File::options()
         .write(true)
         .open(path)
         .expect("open the planted file");
-    file.set_modified(SystemTime::now() - age)
+    file.set_modified(mtime)
         .expect("set the planted file's mtime");
 }
+
+/// How long a fresh client watches an unreadable record before it reclaims it: the default
+/// TTL (10 s), with room for a loaded machine.
+const UNREADABLE_PATIENCE: Duration = Duration::from_secs(25);
 
 /// A well-formed lease record of a process on another host (so only its age can make it
 /// stale).
@@ -144,10 +154,11 @@ async fn unusable_directory_is_one_clear_error() {
     }
 }
 
-/// Garbage and truncated slot files count as held while fresh, are reclaimed once old, and
-/// never make anything panic; status skips them as holders.
+/// Garbage and truncated slot files count as held until a client has seen them unchanged
+/// for the default TTL (however old their mtimes), are reclaimed then, and never make
+/// anything panic; status skips them as holders.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn garbage_slot_files_are_reclaimed_once_old() {
+async fn garbage_slot_files_are_reclaimed_once_seen_unchanged_for_a_ttl() {
     let dir = Scratch::new();
     let client = dir.client().await;
     let sem = client.semaphore("g", 2).await.expect("ensure");
@@ -162,39 +173,38 @@ async fn garbage_slot_files_are_reclaimed_once_old() {
         &good.as_bytes()[..good.len() / 2],
         Duration::ZERO,
     );
-    // Fresh: they might be a holder we do not understand, so they are respected.
+    // A garbage ticket at the head of another semaphore's queue, as old as can be.
+    let sem2 = client.semaphore("g2", 1).await.expect("ensure");
+    plant(
+        &dir.sem("g2").join("queue").join("00000000000000000001"),
+        b"",
+        HOUR,
+    );
+    // Seen for the first time: they might be a holder we do not understand (or one whose
+    // file server's clock jumped), so they are respected.
     assert!(sem.try_acquire().await.expect("try").is_none());
+    assert!(sem2.try_acquire().await.expect("try").is_none());
     let st = status_of(&client, "g").await;
     assert_eq!((st.in_use, st.holders.len()), (2, 0), "{st:?}");
 
-    // Old: reclaimed.
-    plant(&dir.sem("g").join("slot-0"), b"\xff\xfegarbage", HOUR);
-    plant(
-        &dir.sem("g").join("slot-1"),
-        &good.as_bytes()[..good.len() / 2],
-        HOUR,
+    // Unchanged for the default TTL: reclaimed, slots and ticket alike.
+    let (slots, ticket) = tokio::join!(
+        timeout(UNREADABLE_PATIENCE, sem.acquire_many(2)),
+        timeout(UNREADABLE_PATIENCE, sem2.acquire()),
     );
-    let permit = timeout(PATIENCE, sem.acquire_many(2))
-        .await
-        .expect("the old garbage is reclaimed")
+    let permit = slots
+        .expect("the garbage slots are reclaimed")
         .expect("acquire");
     let st = status_of(&client, "g").await;
     assert_eq!(st.holders.len(), 1);
     assert_eq!(st.holders[0].weight, 2);
     assert_eq!(st.holders[0].session, hex(client.session_id()));
     permit.release().await.expect("release");
-
-    // A garbage ticket at the head of the queue does not block the queue forever either.
-    plant(
-        &dir.sem("g").join("queue").join("00000000000000000001"),
-        b"",
-        HOUR,
+    drop(
+        ticket
+            .expect("the garbage ticket is reclaimed")
+            .expect("acquire"),
     );
-    let permit = timeout(PATIENCE, sem.acquire())
-        .await
-        .expect("the old garbage ticket is reclaimed")
-        .expect("acquire");
-    drop(permit);
 }
 
 /// A damaged capacity file is a clear error, not a panic and not a silent default.
@@ -221,9 +231,9 @@ async fn damaged_capacity_file_is_a_clear_error() {
     client.status(None).await.expect("status");
 }
 
-/// A lease whose owner stopped refreshing it is reclaimed once it is older than the owner's
-/// TTL by the file system's clock, and not before; a live holder with a short TTL keeps its
-/// lease for as long as it lives.
+/// A lease whose owner stopped refreshing it is reclaimed once a waiter has seen it unchanged
+/// for the owner's TTL, and not before; a live holder with a short TTL keeps its lease for
+/// as long as it lives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_leases_are_reclaimed_after_their_ttl_and_live_ones_are_not() {
     let dir = Scratch::new();
@@ -261,6 +271,158 @@ async fn stale_leases_are_reclaimed_after_their_ttl_and_live_ones_are_not() {
     );
     assert!(p.fencing_token() > token);
     drop(p);
+}
+
+/// Which way a clock step moves the mtimes of the records.
+#[derive(Clone, Copy, Debug)]
+enum Step {
+    /// An hour into the past, as a forward step of the file server's clock makes every
+    /// record look (the issue's `touch -m -d '-1 hour'`).
+    Back,
+    /// An hour into the future, as a backward step makes it look.
+    Ahead,
+}
+
+/// Sets the mtime of every slot file and ticket of the semaphore directory `sem_dir` to one
+/// time an hour back or ahead, over and over (the holders' heartbeats move them back to
+/// "now"), until `stop` is set: the mtimes then hardly ever change between two looks of a
+/// waiter, and only the records' bytes show that their owners live. Files that vanish
+/// meanwhile are skipped. Returns how many mtimes it set.
+fn keep_stepping(sem_dir: &Path, step: Step, stop: &AtomicBool) -> u64 {
+    let when = match step {
+        Step::Back => SystemTime::now() - HOUR,
+        Step::Ahead => SystemTime::now() + HOUR,
+    };
+    let mut set = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let mut paths = Vec::new();
+        for dir in [sem_dir.to_owned(), sem_dir.join("queue")] {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with("slot-") || name.bytes().all(|b| b.is_ascii_digit()) {
+                    paths.push(entry.path());
+                }
+            }
+        }
+        for path in paths {
+            // Without O_CREAT or O_TRUNC: the bytes stay as they are.
+            if let Ok(file) = std::fs::File::options().write(true).open(&path) {
+                if file.set_modified(when).is_ok() {
+                    set += 1;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    set
+}
+
+/// A clock step on the shared directory, either way, never hands a live lease (or a live
+/// waiter's place) to anybody: with the mtimes of the holder's slot file and the waiters'
+/// tickets set an hour back, then an hour ahead, again and again for several TTLs, neither
+/// waiter is granted while the holder lives and the holder keeps its lease; when it
+/// releases, the waiters are served in their order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clock_steps_either_way_never_grant_a_live_lease() {
+    let dir = Scratch::new();
+    let ttl = Duration::from_secs(1);
+    let holder = dir.client_with_ttl(ttl).await;
+    let first = dir.client_with_ttl(ttl).await;
+    let second = dir.client_with_ttl(ttl).await;
+    let permit = holder
+        .semaphore("c", 1)
+        .await
+        .expect("ensure")
+        .acquire()
+        .await
+        .expect("acquire");
+    let sem1 = first.semaphore("c", 1).await.expect("ensure");
+    let sem2 = second.semaphore("c", 1).await.expect("ensure");
+    let w1 = tokio::spawn(async move { sem1.acquire().await });
+    wait_for_status(&holder, "c", "the first waiter", |st| st.queued == 1).await;
+    let w2 = tokio::spawn(async move { sem2.acquire().await });
+    wait_for_status(&holder, "c", "the second waiter", |st| st.queued == 2).await;
+
+    let sem_dir = dir.sem("c");
+    let slot = sem_dir.join("slot-0");
+    let record = std::fs::read(&slot).expect("the holder's slot file");
+    for step in [Step::Back, Step::Ahead] {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stepper = {
+            let (sem_dir, stop) = (sem_dir.clone(), stop.clone());
+            std::thread::spawn(move || keep_stepping(&sem_dir, step, &stop))
+        };
+        // Well over a TTL for either waiter to (wrongly) take the slot or the head.
+        tokio::time::sleep(4 * ttl).await;
+        stop.store(true, Ordering::Relaxed);
+        let set = stepper.join().expect("the stepper thread");
+        assert!(set > 100, "the step was applied only {set} times");
+        assert!(
+            !w1.is_finished() && !w2.is_finished(),
+            "a waiter was granted the live holder's lease after a step {step:?}"
+        );
+        assert_eq!(permit.lost_reason(), None, "after a step {step:?}");
+    }
+    // What keeps it alive is its heartbeat changing the bytes (the mtimes were ours).
+    let now = std::fs::read(&slot).expect("the holder's slot file");
+    assert_ne!(now, record, "the heartbeat rewrites the record's bytes");
+    assert_eq!(now.len(), record.len(), "in place, at the same length");
+    permit.release().await.expect("release");
+    let p1 = timeout(PATIENCE, w1)
+        .await
+        .expect("the first waiter is served")
+        .expect("join")
+        .expect("acquire");
+    assert!(!w2.is_finished(), "the second waiter kept its place");
+    drop(p1);
+    let p2 = timeout(PATIENCE, w2)
+        .await
+        .expect("the second waiter is served")
+        .expect("join")
+        .expect("acquire");
+    drop(p2);
+}
+
+/// A holder on another host that died (its record is never rewritten again, and its pid
+/// cannot be checked from here) is reclaimed by a fresh client once that client has seen
+/// the record unchanged for the holder's TTL — not before, even with an mtime an hour in
+/// the past, and not never, with an mtime an hour in the future. A dead waiter's ticket
+/// likewise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_holder_elsewhere_is_reclaimed_after_one_ttl_of_observation() {
+    const RECORD_TTL: Duration = Duration::from_millis(1500);
+    let dir = Scratch::new();
+    let client = dir.client_with_ttl(Duration::from_secs(1)).await;
+    let sem = client.semaphore("d", 1).await.expect("ensure");
+    let record = foreign_record(1500);
+    let cases = [
+        (dir.sem("d").join("slot-0"), SystemTime::now() - HOUR),
+        (
+            dir.sem("d").join("queue").join("00000000000000000001"),
+            SystemTime::now() + HOUR,
+        ),
+    ];
+    for (path, mtime) in cases {
+        plant_at(&path, &record, mtime);
+        let started = Instant::now();
+        let p = timeout(PATIENCE, sem.acquire())
+            .await
+            .unwrap_or_else(|_| panic!("{} never reclaimed", path.display()))
+            .expect("acquire");
+        let waited = started.elapsed();
+        assert!(
+            waited >= RECORD_TTL,
+            "{} reclaimed after {waited:?}, before a TTL of observation",
+            path.display()
+        );
+        assert!(
+            waited < RECORD_TTL + Duration::from_secs(5),
+            "{} reclaimed only after {waited:?}",
+            path.display()
+        );
+        assert!(!path.exists() || std::fs::read(&path).ok() != Some(record.clone()));
+        p.release().await.expect("release");
+    }
 }
 
 /// `end_session` takes a session's leases away; the holder hears that its lease is lost
@@ -490,7 +652,8 @@ async fn dead_runner_is_taken_over_at_once_and_counted() {
     attempt.succeed().await.expect("succeed");
     assert_eq!(job_status(&client, "dead-1").await.last_failure, None);
 
-    // A stale holder on another host, with nobody waiting: a group wait reclaims it.
+    // A stale holder on another host, with nobody waiting: a group wait reclaims it, once
+    // it has seen it unchanged for its TTL (its old mtime does not hurry it).
     run(client
         .try_begin_job("dead-2", Some("d"))
         .await
@@ -503,10 +666,16 @@ async fn dead_runner_is_taken_over_at_once_and_counted() {
         &foreign_record(1000),
         HOUR,
     );
+    let started = Instant::now();
     let g = client
-        .wait_group("d", 1, Some(Duration::ZERO))
+        .wait_group("d", 1, Some(PATIENCE))
         .await
         .expect("settled: one completed, none running");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "reclaimed before a TTL of observation: {:?}",
+        started.elapsed()
+    );
     assert_eq!((g.jobs, g.completed, g.running, g.failures), (2, 1, 0, 4));
     let st = job_status(&client, "dead-2").await;
     assert!(

@@ -5,6 +5,7 @@
 mod bench;
 mod nanny;
 mod once;
+mod reach;
 mod run;
 mod serve;
 mod status;
@@ -14,10 +15,34 @@ use std::time::Duration;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
-/// Exit code when an acquire timed out (EX_TEMPFAIL: try again later).
+/// Exit code when the backend cannot be reached (EX_UNAVAILABLE); see [`EXIT_CODES`].
+pub const EXIT_UNAVAILABLE: u8 = 69;
+/// Exit code when an acquire timed out on a coordinator that answers (EX_TEMPFAIL: try again
+/// later).
 pub const EXIT_TIMEOUT: u8 = 75;
 /// Exit code when the lease was lost while the command ran and the command was stopped.
 pub const EXIT_LOST: u8 = 76;
+
+/// The one table of exit codes, shown by every client command's `--help` (and in README.md).
+pub const EXIT_CODES: &str = "\
+Exit codes (the same for every command and backend):
+  0        done: CMD exited 0, a job was skipped (completed, or running elsewhere),
+           a group settled, a nanny was stopped by a signal
+  CMD's    run and once exit with CMD's own code, 128+N if CMD was killed by signal N
+  1        any other error: a bad URL, a refused request (capacity mismatch, no such
+           semaphore), a nanny whose workers ended and one of them failed
+  2        bad arguments
+  69       the coordinator (or the file:// directory) cannot be reached: at the deadline of
+           a wait (--timeout); for run, once and wait, when the first connection still fails
+           after --connect-timeout (retried, so that a restart stays invisible); for status
+           and close, at once (no retry); once: CMD succeeded but its completion could not be
+           recorded, so the job may run again; nanny: unreachable for --death-timeout
+  75       still busy at --timeout, on a coordinator that answers
+  76       the lease was lost while CMD ran, and CMD was stopped
+  126/127  CMD cannot be run / was not found
+  128+N    turnstile itself was stopped by signal N before CMD ran
+A release that cannot be delivered does not change run's code: it exits with CMD's code
+and says that the lease expired on its own.";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -95,13 +120,17 @@ enum Command {
     /// and a dashboard.
     Serve(serve::ServeArgs),
     /// Run a command while holding a slot of a semaphore.
+    #[command(after_help = EXIT_CODES)]
     Run(run::RunArgs),
     /// Run a job once and only once: skip it if it has completed (or runs elsewhere), record
     /// its completion when the command exits 0.
+    #[command(after_help = EXIT_CODES)]
     Once(once::OnceArgs),
     /// Wait until no job of a group is running (and, with --jobs N, N have completed).
+    #[command(after_help = EXIT_CODES)]
     Wait(once::WaitArgs),
     /// Show semaphores (holders, queues) and job groups (completed, running, failed).
+    #[command(after_help = EXIT_CODES)]
     Status {
         /// Only this semaphore.
         name: Option<String>,
@@ -118,6 +147,7 @@ enum Command {
         url: UrlArg,
     },
     /// Close a semaphore: waiters fail, holders lose their leases, later acquires fail.
+    #[command(after_help = EXIT_CODES)]
     Close {
         /// The semaphore.
         name: String,
@@ -142,7 +172,9 @@ enum Command {
     /// Exit status: 0 after SIGTERM, SIGINT or SIGQUIT, or when every worker has ended and
     /// none needed a restart (--restart on-failure or never); 1 when every worker has ended
     /// and one of them was given up on (--max-restarts) or failed, or on any other error;
-    /// 126 or 127 if CMD cannot be run; 2 for bad arguments.
+    /// 69 when the coordinator was unreachable for --death-timeout; 126 or 127 if CMD cannot
+    /// be run; 2 for bad arguments.
+    #[command(after_help = EXIT_CODES)]
     Nanny(nanny::NannyArgs),
     /// Load generator: acquire+release pairs per second and their latency.
     Bench(bench::BenchArgs),
@@ -200,8 +232,22 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("turnstile: {e:#}");
-            ExitCode::FAILURE
+            exit_code_of(&e)
         }
+    }
+}
+
+/// The exit code of an error (see [`EXIT_CODES`]): 69 when the backend cannot be reached,
+/// wherever in the chain that error sits; 1 otherwise.
+fn exit_code_of(e: &anyhow::Error) -> ExitCode {
+    let unavailable = e.chain().any(|c| {
+        c.downcast_ref::<turnstile_client::Error>()
+            .is_some_and(turnstile_client::Error::is_unavailable)
+    });
+    if unavailable {
+        ExitCode::from(EXIT_UNAVAILABLE)
+    } else {
+        ExitCode::FAILURE
     }
 }
 
@@ -275,6 +321,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Close { name, url } => runtime()?.block_on(async {
+            // A call that does not wait: one attempt, so an absent coordinator is 69 at once.
             let client = turnstile_client::Client::connect(&url.get()).await?;
             client.close(&name).await?;
             client.shutdown().await?;

@@ -6,11 +6,12 @@ use std::time::{Duration, SystemTime};
 
 use turnstile_client::{Client, Error, GroupSummary, JobCompletion, JobStart};
 
+use crate::reach::{self, ConnectArg};
 use crate::run::{
     describe, exit_code, interruptible, spawn, supervise, Interrupted, OnLost, Signals, StatusLine,
     Supervised, PROGRESS_EVERY,
 };
-use crate::{parse_duration, UrlArg, EXIT_LOST, EXIT_TIMEOUT};
+use crate::{parse_duration, UrlArg, EXIT_LOST, EXIT_TIMEOUT, EXIT_UNAVAILABLE};
 
 /// Arguments of `turnstile once`.
 #[derive(clap::Args, Debug)]
@@ -24,9 +25,12 @@ pub struct OnceArgs {
     /// it fails or dies. Without it, skip at once.
     #[arg(long)]
     wait: bool,
-    /// With --wait, give up waiting after this long (exit 75).
+    /// With --wait, give up waiting after this long, connecting included (exit 75 if the job
+    /// still runs elsewhere; 69 if the coordinator cannot be reached).
     #[arg(long, requires = "wait", value_parser = parse_duration)]
     timeout: Option<Duration>,
+    #[command(flatten)]
+    connect: ConnectArg,
     /// Forget the job's completion (and failed attempts) instead of running it, so that its
     /// next `once` runs it again.
     #[arg(long, conflicts_with_all = ["group", "wait", "timeout", "command"])]
@@ -46,10 +50,13 @@ pub struct OnceArgs {
 
 /// Runs `turnstile once`. Exit codes: 0 when the job ran and succeeded or was skipped (done
 /// or running elsewhere), the command's own code when it failed, 75 when `--timeout` passed,
-/// 76 when the job's lease was lost (its completion is then not recorded).
+/// 76 when the job's lease was lost (its completion is then not recorded), 69 when the
+/// coordinator could not be reached (also when the job succeeded but its completion could
+/// not be recorded: it may run again).
 pub async fn once(args: OnceArgs) -> anyhow::Result<ExitCode> {
     let url = args.url.get();
-    let client = Client::connect(&url).await?;
+    let deadline = reach::deadline(args.timeout);
+    let client = reach::connect(&url, args.connect.connect_timeout, deadline).await?;
     if args.reset {
         let was = client.reset_job(&args.job).await;
         let _ = client.shutdown().await;
@@ -66,7 +73,10 @@ pub async fn once(args: OnceArgs) -> anyhow::Result<ExitCode> {
         match (args.wait, args.timeout) {
             (false, _) => client.try_begin_job(&args.job, group).await,
             (true, None) => client.begin_job(&args.job, group).await,
-            (true, Some(t)) => client.begin_job_timeout(&args.job, group, t).await,
+            (true, Some(_)) => {
+                let left = deadline.map(reach::left).unwrap_or_default();
+                client.begin_job_timeout(&args.job, group, left).await
+            }
         }
     };
     let mut line = StatusLine::new(args.wait && std::io::stderr().is_terminal());
@@ -149,31 +159,68 @@ pub async fn once(args: OnceArgs) -> anyhow::Result<ExitCode> {
             drop(attempt);
             EXIT_LOST
         }
-        Supervised::Exited(status) if status.success() => match attempt.succeed().await {
-            Ok(()) => 0,
-            Err(Error::LeaseLost(reason)) => {
-                eprintln!(
+        Supervised::Exited(status) if status.success() => {
+            match finish(&mut sigs, attempt.succeed()).await {
+                Some(Ok(())) => 0,
+                Some(Err(e)) if e.is_unavailable() => {
+                    eprintln!(
+                    "turnstile: job {:?} succeeded, but its completion could not be recorded: {e}; the job may run again",
+                    args.job
+                );
+                    EXIT_UNAVAILABLE
+                }
+                None => {
+                    eprintln!(
+                    "turnstile: job {:?} succeeded, but turnstile was stopped before its completion was recorded; the job may run again",
+                    args.job
+                );
+                    EXIT_UNAVAILABLE
+                }
+                Some(Err(Error::LeaseLost(reason))) => {
+                    eprintln!(
                     "turnstile: job {:?} succeeded, but its lease was lost ({reason}) first: its completion is not recorded and another runner may run it",
                     args.job
                 );
-                EXIT_LOST
+                    EXIT_LOST
+                }
+                Some(Err(e)) => {
+                    let _ = client.shutdown().await;
+                    return Err(anyhow::Error::new(e)
+                        .context(format!("recording the completion of job {:?}", args.job)));
+                }
             }
-            Err(e) => {
-                let _ = client.shutdown().await;
-                return Err(anyhow::Error::new(e)
-                    .context(format!("recording the completion of job {:?}", args.job)));
-            }
-        },
+        }
         Supervised::Exited(status) => {
             let how = describe(status);
-            if let Err(e) = attempt.fail(&how).await {
-                eprintln!("turnstile: warning: could not record the failed attempt: {e}");
+            match finish(&mut sigs, attempt.fail(&how)).await {
+                Some(Ok(())) => {}
+                Some(Err(e)) => {
+                    eprintln!("turnstile: warning: could not record the failed attempt: {e}")
+                }
+                None => eprintln!(
+                    "turnstile: warning: stopped before the failed attempt was recorded; its lease expires on its own"
+                ),
             }
             exit_code(status)
         }
     };
     let _ = client.shutdown().await;
     Ok(ExitCode::from(code))
+}
+
+/// How long recording a job's end may take once a stop signal was passed on to the command.
+const FINISH_ON_STOP: Duration = Duration::from_millis(500);
+
+/// Records a job's end (`step`): the library gives up once the lease has surely expired on
+/// the coordinator; a stop signal cuts that short (`None`).
+async fn finish<T>(sigs: &mut Signals, step: impl std::future::Future<Output = T>) -> Option<T> {
+    if sigs.stop_requested() {
+        return tokio::time::timeout(FINISH_ON_STOP, step).await.ok();
+    }
+    tokio::select! {
+        r = step => Some(r),
+        _ = sigs.recv() => None,
+    }
 }
 
 /// While `once --wait` waits for a job that runs elsewhere, shows on a terminal who runs it
@@ -239,21 +286,25 @@ pub struct WaitArgs {
     /// Also wait until at least this many of its jobs have completed.
     #[arg(long, default_value_t = 0)]
     jobs: u32,
-    /// Give up after this long (exit 75).
+    /// Give up after this long, connecting included (exit 75 if the group is not settled; 69
+    /// if the coordinator cannot be reached).
     #[arg(long, value_parser = parse_duration)]
     timeout: Option<Duration>,
+    #[command(flatten)]
+    connect: ConnectArg,
     #[command(flatten)]
     url: UrlArg,
 }
 
 /// Runs `turnstile wait`: exit 0 once no job of the group runs and `--jobs` have completed,
-/// 75 on timeout.
+/// 75 on timeout, 69 when the coordinator cannot be reached.
 pub async fn wait(args: WaitArgs) -> anyhow::Result<ExitCode> {
-    let client = Client::connect(&args.url.get()).await?;
-    let mut sigs = Signals::new()?;
     let started = SystemTime::now();
+    let deadline = reach::deadline(args.timeout);
+    let client = reach::connect(&args.url.get(), args.connect.connect_timeout, deadline).await?;
+    let mut sigs = Signals::new()?;
     let waited = interruptible(
-        client.wait_group(&args.group, args.jobs, args.timeout),
+        client.wait_group(&args.group, args.jobs, deadline.map(reach::left)),
         std::future::pending(),
         &mut sigs,
     )
@@ -276,6 +327,10 @@ pub async fn wait(args: WaitArgs) -> anyhow::Result<ExitCode> {
                 args.group
             );
             Ok(ExitCode::from(EXIT_TIMEOUT))
+        }
+        Err(e) if e.is_unavailable() => {
+            Err(anyhow::Error::new(e)
+                .context(format!("gave up waiting for group {:?}", args.group)))
         }
         Err(e) => Err(e.into()),
     }

@@ -11,6 +11,7 @@ use nix::unistd::Pid;
 use tokio::signal::unix::{signal, SignalKind};
 use turnstile_client::{Client, Error, ErrorCode, Permit, StatusDoc};
 
+use crate::reach::{self, ConnectArg};
 use crate::{parse_duration, UrlArg, EXIT_LOST, EXIT_TIMEOUT};
 
 /// What to do when the lease is lost while the command runs.
@@ -34,9 +35,12 @@ pub struct RunArgs {
     /// Slots to hold.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     weight: u32,
-    /// Give up waiting after this long (exit 75).
+    /// Give up waiting after this long, connecting included (exit 75 if the semaphore is
+    /// still busy; 69 if the coordinator cannot be reached).
     #[arg(long, value_parser = parse_duration)]
     timeout: Option<Duration>,
+    #[command(flatten)]
+    connect: ConnectArg,
     /// What to do if the lease is lost while the command runs.
     #[arg(long, value_enum, default_value = "kill")]
     on_lost: OnLost,
@@ -52,17 +56,21 @@ pub struct RunArgs {
 
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let url = args.url.get();
-    let client = Client::connect(&url).await?;
+    let deadline = reach::deadline(args.timeout);
+    let client = reach::connect(&url, args.connect.connect_timeout, deadline).await?;
     let sem = match args.limit {
-        Some(limit) => client.semaphore(&args.name, limit).await?,
+        Some(limit) => {
+            let ensure = client.semaphore(&args.name, limit);
+            reach::by(deadline, &client, &url, ensure).await?
+        }
         None => client.existing_semaphore(&args.name),
     };
     // Signals are caught from here on, so that a signal while waiting withdraws the acquire
     // cleanly (the session is closed below) instead of killing us with the lease queued.
     let mut sigs = Signals::new()?;
     let acquire = async {
-        match args.timeout {
-            Some(t) => sem.acquire_many_timeout(args.weight, t).await,
+        match deadline {
+            Some(d) => sem.acquire_many_timeout(args.weight, reach::left(d)).await,
             None => sem.acquire_many(args.weight).await,
         }
     };
@@ -95,6 +103,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 "semaphore {:?} does not exist; pass --limit N to create it",
                 args.name
             )
+        }
+        Err(e) if e.is_unavailable() => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "gave up waiting for {} slot(s) of {:?}",
+                args.weight, args.name
+            )))
         }
         Err(e) => return Err(e.into()),
     };
@@ -134,9 +148,41 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
     };
     // Release before exiting so the next waiter starts at once, not after a TTL.
-    let _ = permit.release().await;
+    let what = format!("the lease on {:?}", args.name);
+    release(permit, &mut sigs, &what).await;
     let _ = client.shutdown().await;
     Ok(ExitCode::from(exit_code(status)))
+}
+
+/// How long the release may take once a stop signal was passed on to the command: whoever
+/// sent it wants us gone, and the lease expires on its own anyway.
+const RELEASE_ON_STOP: Duration = Duration::from_millis(500);
+
+/// Releases the lease once the command has ended. The library retries an undeliverable
+/// release only until the lease has surely expired on the coordinator; a stop signal cuts
+/// that short. Either way the exit code stays the command's, and one line says what became
+/// of the lease.
+async fn release(permit: Permit, sigs: &mut Signals, what: &str) {
+    let released = if sigs.stop_requested() {
+        tokio::time::timeout(RELEASE_ON_STOP, permit.release())
+            .await
+            .ok()
+    } else {
+        tokio::select! {
+            r = permit.release() => Some(r),
+            _ = sigs.recv() => None,
+        }
+    };
+    match released {
+        Some(Ok(())) => {}
+        Some(Err(e)) if e.is_unavailable() => {
+            eprintln!("turnstile: the release of {what} was not delivered: {e}; the lease expired on its own");
+        }
+        Some(Err(e)) => eprintln!("turnstile: warning: the release of {what} failed: {e}"),
+        None => eprintln!(
+            "turnstile: the release of {what} was not delivered before turnstile was stopped; the lease expires on its own within the session TTL"
+        ),
+    }
 }
 
 /// How a wait that a signal may cut short ended.
@@ -389,6 +435,8 @@ pub(crate) struct Signals {
     term: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
     quit: tokio::signal::unix::Signal,
+    /// Whether a stop signal (SIGINT, SIGTERM, SIGQUIT) was received.
+    stop: bool,
 }
 
 impl Signals {
@@ -398,16 +446,25 @@ impl Signals {
             term: signal(SignalKind::terminate())?,
             hup: signal(SignalKind::hangup())?,
             quit: signal(SignalKind::quit())?,
+            stop: false,
         })
     }
 
     pub(crate) async fn recv(&mut self) -> Signal {
-        tokio::select! {
+        let sig = tokio::select! {
             _ = self.int.recv() => Signal::SIGINT,
             _ = self.term.recv() => Signal::SIGTERM,
             _ = self.hup.recv() => Signal::SIGHUP,
             _ = self.quit.recv() => Signal::SIGQUIT,
-        }
+        };
+        self.stop |= sig != Signal::SIGHUP;
+        sig
+    }
+
+    /// Whether a stop signal has been received (and, while a command ran, passed on to it):
+    /// what is left to do must then be quick.
+    pub(crate) fn stop_requested(&self) -> bool {
+        self.stop
     }
 }
 

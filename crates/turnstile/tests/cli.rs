@@ -223,10 +223,14 @@ fn errors_are_one_line() {
         "1",
         "--url",
         "tcp://127.0.0.1:1",
+        // Retried this long (a restarting coordinator refuses for a moment), then exit 69.
+        "--connect-timeout",
+        "1s",
         "--",
         "true",
     ]);
     out.assert_one_line_error(&["cannot connect", "127.0.0.1:1"]);
+    assert_eq!(out.code(), 69, "EX_UNAVAILABLE: {out:?}");
     assert_eq!(
         out.stderr.matches("refused").count(),
         1,

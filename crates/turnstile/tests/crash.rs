@@ -818,7 +818,9 @@ impl Worker {
             .await;
             let permit = match acquired {
                 Ok(Ok(permit)) => permit,
-                Ok(Err(Error::TimedOut)) => {
+                // A deadline that passes while the coordinator is down for a restart ends the
+                // wait as "unreachable" (issue 19): a timeout all the same.
+                Ok(Err(Error::TimedOut | Error::Unavailable { .. })) => {
                     self.shared.timeouts.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }

@@ -7,7 +7,9 @@
 mod common;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use common::{read_holds, Harness, HOLD_SCRIPT, SOON};
 use nix::sys::signal::Signal;
@@ -129,6 +131,78 @@ fn slot_of_a_killed_local_holder_is_reclaimed_at_once() {
     );
     let second: u64 = out.stdout.trim().parse().expect("token");
     assert!(second > first, "tokens increase: {first} then {second}");
+}
+
+/// A clock step of the file server, simulated as in the issue (`touch -m -d '-1 hour'` on
+/// the live holder's slot file, kept up against its heartbeats; then an hour ahead): the
+/// waiting `turnstile run` starts its command only after the holder's command ended.
+#[test]
+fn clock_step_on_the_holders_slot_does_not_start_the_waiter() {
+    let h = Harness::new("file-clock-step", "10s");
+    let holder_script = r#"echo "start $TURNSTILE_FENCING_TOKEN $(date +%s%N)" >> "$DIR/events"
+        touch "$DIR/held"
+        sleep 5
+        echo "end $TURNSTILE_FENCING_TOKEN $(date +%s%N)" >> "$DIR/events""#;
+    let mut holder = h.spawn_command(
+        "holder",
+        file_command(
+            &h,
+            &[
+                "run",
+                "step",
+                "--limit",
+                "1",
+                "--",
+                "sh",
+                "-c",
+                holder_script,
+            ],
+        ),
+    );
+    h.dir.wait_for("held");
+    let mut waiter = h.spawn_command(
+        "waiter",
+        file_command(
+            &h,
+            &["run", "step", "--limit", "1", "--", "sh", "-c", HOLD_SCRIPT],
+        ),
+    );
+    let slot = h.dir.join("sems").join("step").join("slot-0");
+    let stop = Arc::new(AtomicBool::new(false));
+    let stepper = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                // An hour back for 2 s, then an hour ahead.
+                let when = if started.elapsed() < Duration::from_secs(2) {
+                    SystemTime::now() - Duration::from_secs(3600)
+                } else {
+                    SystemTime::now() + Duration::from_secs(3600)
+                };
+                if let Ok(file) = std::fs::File::options().write(true).open(&slot) {
+                    let _ = file.set_modified(when);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let out = holder.wait(SOON);
+    stop.store(true, Ordering::Relaxed);
+    stepper.join().expect("the stepper thread");
+    assert_eq!(
+        out.code(),
+        0,
+        "the holder lost its lease to the waiter: {out:?}"
+    );
+    let out = waiter.wait(SOON);
+    assert_eq!(out.code(), 0, "{out:?}");
+    let holds = read_holds(&h.dir.read("events").expect("the commands wrote events"));
+    assert_eq!(holds.starts.len(), 2);
+    assert_eq!(
+        holds.max_overlap, 1,
+        "the waiter ran while the holder still held the slot"
+    );
 }
 
 /// With neither --url nor TURNSTILE_URL, `turnstile run` uses the file backend in

@@ -1,9 +1,11 @@
-//! The on-disk pieces of the file backend: semaphore names as file names, the lease record,
-//! and the few file operations it builds on (write-then-link claims, fd-checked touches, and
-//! the rename-based reclaim). Nothing here keeps state or knows about tokio.
+//! The on-disk pieces of the file backend: semaphore names as file names, the lease record
+//! and its heartbeat counter, and the few file operations it builds on (write-then-link
+//! claims, fd-checked in-place heartbeats, and the rename-based reclaim). Nothing here keeps
+//! state or knows about tokio.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::IntoRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -161,7 +163,9 @@ fn word(s: &str) -> String {
 
 /// What a slot file (a held permit), a queue ticket or a token file says: one line of
 /// `key=value` words. The nonce makes every record unique, so that "the same content" means
-/// "the same acquire".
+/// "the same acquire". The line ends with the heartbeat counter (` beat=` and 16 hex digits),
+/// which its owner bumps at every heartbeat (see [`next_beat`]): everything before it is the
+/// record's identity ([`same_acquire`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Record {
     pub lease: u64,
@@ -178,7 +182,7 @@ impl Record {
     /// The bytes of the record.
     pub(crate) fn encode(&self) -> Vec<u8> {
         format!(
-            "turnstile-lease-v1 lease={} session={:016x} weight={} token={} ttl_ms={} start_ms={} nonce={:016x} host={} boot={} pidns={} pid={}\n",
+            "turnstile-lease-v1 lease={} session={:016x} weight={} token={} ttl_ms={} start_ms={} nonce={:016x} host={} boot={} pidns={} pid={}{BEAT_KEY}{:016x}\n",
             self.lease,
             self.session,
             self.weight,
@@ -189,12 +193,14 @@ impl Record {
             self.who.host,
             self.who.boot,
             self.who.pidns,
-            self.who.pid
+            self.who.pid,
+            0
         )
         .into_bytes()
     }
 
-    /// Parses a record; `None` for anything else (garbage, a truncated file).
+    /// Parses a record (the heartbeat counter is not part of it, and may be missing: older
+    /// versions wrote none); `None` for anything else (garbage, a truncated file).
     pub(crate) fn decode(bytes: &[u8]) -> Option<Record> {
         let text = std::str::from_utf8(bytes).ok()?;
         let line = text.strip_suffix('\n')?; // a truncated record lacks its newline
@@ -237,6 +243,48 @@ impl Record {
             seen += 1;
         }
         (seen >= 11 && r.ttl_ms > 0).then_some(r)
+    }
+}
+
+/// The key of the heartbeat counter, the last word of a lease record.
+const BEAT_KEY: &str = " beat=";
+/// The length of the counter's tail: the key, 16 hex digits and the newline. Fixed, so that
+/// a heartbeat rewrites the file in place without changing its length.
+const BEAT_TAIL: usize = BEAT_KEY.len() + 16 + 1;
+
+/// The heartbeat counter of a record, and the bytes before it (the record's identity).
+fn split_beat(bytes: &[u8]) -> (&[u8], Option<u64>) {
+    let Some(cut) = bytes.len().checked_sub(BEAT_TAIL) else {
+        return (bytes, None);
+    };
+    let (head, tail) = bytes.split_at(cut);
+    let counter = tail
+        .strip_prefix(BEAT_KEY.as_bytes())
+        .and_then(|t| t.strip_suffix(b"\n"))
+        .and_then(|digits| std::str::from_utf8(digits).ok())
+        .and_then(|digits| u64::from_str_radix(digits, 16).ok());
+    match counter {
+        Some(n) => (head, Some(n)),
+        None => (bytes, None),
+    }
+}
+
+/// Whether two records are the same acquire: equal but for their heartbeat counters (so a
+/// read torn between two heartbeats of one owner is still recognised as that owner's).
+pub(crate) fn same_acquire(a: &[u8], b: &[u8]) -> bool {
+    split_beat(a).0 == split_beat(b).0
+}
+
+/// The record `bytes` with its heartbeat counter increased by one: what the owner writes at
+/// its next heartbeat. Records without a counter (not ours to beat) come back unchanged.
+pub(crate) fn next_beat(bytes: &[u8]) -> Vec<u8> {
+    match split_beat(bytes) {
+        (head, Some(n)) => {
+            let mut out = head.to_vec();
+            out.extend_from_slice(format!("{BEAT_KEY}{:016x}\n", n.wrapping_add(1)).as_bytes());
+            out
+        }
+        (_, None) => bytes.to_vec(),
     }
 }
 
@@ -301,7 +349,8 @@ impl Completion {
     }
 }
 
-/// Milliseconds since the Unix epoch on this machine's clock (only for display: ages).
+/// Milliseconds since the Unix epoch on this machine's clock (only for display: ages, and
+/// unique file names).
 pub(crate) fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -310,8 +359,10 @@ pub(crate) fn unix_ms() -> u64 {
 }
 
 /// Reads a small file: its bytes (at most 4 KiB) and its modification time, both from one
-/// open file, so that they belong to the same inode (and, on NFS, the open revalidates the
-/// cached attributes).
+/// open file, so that they belong to the same inode. The file is opened afresh for every
+/// read, which on NFS revalidates the cached attributes and drops cached data that changed
+/// on the server (close-to-open consistency): a record rewritten by another host and closed
+/// there before this open is seen with its new bytes.
 pub(crate) fn read_with_mtime(path: &Path) -> io::Result<(Vec<u8>, SystemTime)> {
     let file = File::open(path)?;
     let mtime = file.metadata()?.modified()?;
@@ -382,7 +433,7 @@ pub(crate) fn claim(tmp: &Path, target: &Path, content: &[u8]) -> io::Result<boo
     match fs::hard_link(tmp, target) {
         Ok(()) => Ok(true),
         Err(e) => match read_small(target) {
-            Ok(bytes) if bytes == content => Ok(true),
+            Ok(bytes) if same_acquire(&bytes, content) => Ok(true),
             Ok(_) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
             // Gone again at once (reclaimed, closed): not ours either.
             Err(_) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
@@ -403,35 +454,56 @@ pub(crate) fn create_exclusive(dir: &Path, target: &Path, content: &[u8]) -> io:
 /// What a touch found.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Touch {
-    /// The file holds `content`; its modification time is now the file system's "now".
+    /// The file held our record and now holds `content`, as a fresh read confirmed.
     Alive,
-    /// The file is gone or holds something else: the lease or ticket was taken away.
+    /// The file is gone or holds somebody else's record: the lease or ticket was taken away.
     Gone,
 }
 
-/// Refreshes the modification time of `path` if, and only if, it still holds `content`: the
-/// file is opened, read and rewritten (the same bytes, so readers never see a partial
-/// record) through one descriptor, so the write can only land on our own inode — never on a
-/// record that replaced ours. The new mtime is set by the file system (the NFS server), so
-/// client clocks do not matter.
+/// One heartbeat of the record at `path`: if, and only if, it still holds our acquire
+/// (`content` is our record with its new counter, see [`next_beat`]), `content` is written
+/// over it in place, and then read back through a fresh open.
+///
+/// - The file is opened without `O_CREAT`: a name that a reclaimer removed is never
+///   created again (somebody else may own it by then), and the read, the check and the
+///   write go through one descriptor, so the write can only land on our own inode.
+/// - The counter is fixed-width, so the length never changes; a reader that sees a torn
+///   mix of the old and new bytes sees bytes that differ from both, which counts as "alive".
+/// - The descriptor is closed explicitly and its error checked: on NFS, `close` is where
+///   the data reaches the server (and where a failed write is reported).
+/// - The read-back proves that the name still led to our inode *after* the write landed;
+///   a reclaimer that renamed the file away before that would make it fail (`Gone`), and one
+///   that renames it later re-reads the new bytes and puts it back. This is what lets the
+///   owner count from the start of a successful touch (see the module doc of `file`).
+///
+/// A file that holds our acquire but not `content` on the read-back is an error (not
+/// `Gone`): the caller retries at once, and gives the lease up if that lasts.
 pub(crate) fn touch(path: &Path, content: &[u8]) -> io::Result<Touch> {
     let mut f = match OpenOptions::new().read(true).write(true).open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Touch::Gone),
+        Err(e) if missing(&e) => return Ok(Touch::Gone),
         Err(e) => return Err(e),
     };
     let mut bytes = Vec::new();
     (&mut f).take(MAX_RECORD).read_to_end(&mut bytes)?;
-    if bytes != content {
+    if bytes.len() != content.len() || !same_acquire(&bytes, content) {
         return Ok(Touch::Gone);
     }
     f.seek(SeekFrom::Start(0))?;
     f.write_all(content)?;
-    Ok(Touch::Alive)
+    nix::unistd::close(f.into_raw_fd()).map_err(io::Error::from)?;
+    match read_opt(path)? {
+        Some(back) if back == content => Ok(Touch::Alive),
+        Some(back) if same_acquire(&back, content) => {
+            Err(io::Error::other("a heartbeat could not be read back"))
+        }
+        _ => Ok(Touch::Gone),
+    }
 }
 
 /// The file system's current time: rewrites the probe file `DIR/.clock` and reads back its
-/// modification time.
+/// modification time. Used only where a clock step costs nothing that matters (a guess at
+/// staleness shown by `status`, pruning old `.ended` markers), never to reclaim a record.
 pub(crate) fn fs_now(root: &Path) -> io::Result<SystemTime> {
     let path = root.join(".clock");
     let mut f = OpenOptions::new()
@@ -461,14 +533,13 @@ pub(crate) enum Reclaimed {
     Kept,
 }
 
-/// Removes `path` if `still_dead(content, mtime)` holds for what it holds, such that of many
+/// Removes `path` if `still_dead(bytes, mtime)` holds for what it holds, such that of many
 /// processes doing this at once exactly one removes it, and a file that came alive meanwhile
-/// is put back: rename it to a private name (only one rename of a name succeeds), re-read it
-/// there, then delete it or link it back.
+/// is put back: rename it to a private name (only one rename of a name succeeds; it keeps
+/// the mtime), re-read it there (a fresh open), then delete it or link it back.
 pub(crate) fn reclaim(
     sem_dir: &Path,
     path: &Path,
-    seen: &[u8],
     still_dead: impl FnOnce(&[u8], SystemTime) -> bool,
 ) -> io::Result<Reclaimed> {
     let private = hidden_name(sem_dir, "reclaim");
@@ -478,7 +549,7 @@ pub(crate) fn reclaim(
         Err(e) => return Err(e),
     }
     let dead = match read_with_mtime(&private) {
-        Ok((bytes, mtime)) => bytes == seen && still_dead(&bytes, mtime),
+        Ok((bytes, mtime)) => still_dead(&bytes, mtime),
         Err(_) => false,
     };
     if !dead {
@@ -500,10 +571,10 @@ pub(crate) fn reclaim(
 /// (or put back if it is not ours). `Ok(true)` if this call removed it.
 pub(crate) fn remove_own(sem_dir: &Path, path: &Path, content: &[u8]) -> io::Result<bool> {
     match read_opt(path)? {
-        Some(bytes) if bytes == content => {}
+        Some(bytes) if same_acquire(&bytes, content) => {}
         _ => return Ok(false),
     }
-    Ok(reclaim(sem_dir, path, content, |_, _| true)? == Reclaimed::Removed)
+    Ok(reclaim(sem_dir, path, |bytes, _| same_acquire(bytes, content))? == Reclaimed::Removed)
 }
 
 #[cfg(test)]
@@ -540,10 +611,23 @@ mod tests {
             who: Ident::current(),
         };
         let bytes = r.encode();
-        assert_eq!(Record::decode(&bytes), Some(r));
+        assert_eq!(Record::decode(&bytes), Some(r.clone()));
         for n in 0..bytes.len() {
             assert_eq!(Record::decode(&bytes[..n]), None, "truncated at {n}");
         }
+        // Heartbeats change the bytes, keep the length and the identity, and the record.
+        let beat = next_beat(&bytes);
+        assert_ne!(beat, bytes);
+        assert_eq!(beat.len(), bytes.len());
+        assert!(same_acquire(&beat, &bytes));
+        assert_eq!(Record::decode(&beat), Some(r.clone()));
+        assert_ne!(next_beat(&beat), beat);
+        let other = Record { nonce: 6, ..r }.encode();
+        assert!(!same_acquire(&other, &bytes));
+        // A record of an older version (no counter) is its own identity.
+        let old = b"turnstile-lease-v1 lease=1\n";
+        assert_eq!(next_beat(old), old.to_vec());
+        assert!(same_acquire(old, old) && !same_acquire(old, &bytes));
         assert_eq!(Record::decode(b"\xff\xfe garbage"), None);
         assert_eq!(
             parse_capacity(b"3\nname with spaces\n"),
@@ -580,6 +664,47 @@ mod tests {
     }
 
     #[test]
+    fn heartbeats_rewrite_only_our_own_file_in_place() {
+        let dir = std::env::temp_dir().join(format!("turnstile-disk-touch-{}", random_id()));
+        fs::create_dir_all(&dir).expect("mkdir");
+        let r = Record {
+            lease: 1,
+            session: 2,
+            weight: 1,
+            token: 3,
+            ttl_ms: 1000,
+            start_ms: 0,
+            nonce: 4,
+            who: Ident::current(),
+        };
+        let ours = r.encode();
+        // A name a reclaimer removed is never created again.
+        let path = dir.join("slot-0");
+        assert_eq!(touch(&path, &next_beat(&ours)).expect("touch"), Touch::Gone);
+        assert!(!path.exists());
+        // Somebody else's record under our name is left alone.
+        let theirs = Record { nonce: 5, ..r }.encode();
+        fs::write(&path, &theirs).expect("write");
+        assert_eq!(touch(&path, &next_beat(&ours)).expect("touch"), Touch::Gone);
+        assert_eq!(fs::read(&path).expect("read"), theirs);
+        // Ours: every heartbeat leaves new bytes of the same length, on the same inode.
+        fs::write(&path, &ours).expect("write");
+        let link = dir.join("slot-1");
+        fs::hard_link(&path, &link).expect("link");
+        let mut content = ours.clone();
+        for _ in 0..3 {
+            let before = fs::read(&path).expect("read");
+            content = next_beat(&content);
+            assert_eq!(touch(&path, &content).expect("touch"), Touch::Alive);
+            let after = fs::read(&link).expect("read the other link");
+            assert_ne!(after, before);
+            assert_eq!(after, content);
+            assert_eq!(after.len(), ours.len());
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn remove_own_leaves_other_records_alone() {
         let dir = std::env::temp_dir().join(format!("turnstile-disk-own-{}", random_id()));
         fs::create_dir_all(&dir).expect("mkdir");
@@ -591,7 +716,7 @@ mod tests {
         assert!(!path.exists());
         assert!(!remove_own(&dir, &path, b"theirs").expect("gone already"));
         assert_eq!(
-            reclaim(&dir, &path, b"x", |_, _| true).expect("reclaim"),
+            reclaim(&dir, &path, |_, _| true).expect("reclaim"),
             Reclaimed::AlreadyGone
         );
         let _ = fs::remove_dir_all(&dir);

@@ -285,31 +285,40 @@ impl Inner {
         disk::replace(job_dir, &path, reason).map_err(|e| storage(&path, e))
     }
 
-    /// The live holder of a job's lock, if any. A stale one is not running; with `reclaim`,
-    /// it is also removed (counting the failed attempt), as the head of the lock's queue
-    /// would do.
+    /// The live holder of a job's lock, if any. With `clock` (for `status`, which must
+    /// answer at once), a holder that looks stale by the display-only guess is shown as not
+    /// running, and left alone. Without, a stale holder (by the rule that reclaims: seen
+    /// unchanged for a TTL, or a dead local process) is removed, counting the failed
+    /// attempt, as the head of the lock's queue would do.
     fn running(
         &self,
         job_dir: &Path,
-        clock: &mut FsClock<'_>,
-        reclaim: bool,
+        clock: Option<&mut FsClock<'_>>,
     ) -> Result<Option<Holder>, Error> {
         let lock_dir = job_dir.join(LOCK);
         let path = lock_dir.join(SLOT);
-        let (bytes, mtime) = match disk::read_with_mtime(&path) {
-            Ok(x) => x,
-            Err(e) if disk::missing(&e) => return Ok(None),
-            Err(e) => return Err(storage(&path, e)),
-        };
-        if self.staleness(&bytes, mtime, clock)?.is_none() {
-            return Ok(Some(
-                Record::decode(&bytes).map_or(Holder::Unreadable, Holder::Known),
-            ));
+        let holder =
+            |bytes: &[u8]| Some(Record::decode(bytes).map_or(Holder::Unreadable, Holder::Known));
+        if let Some(clock) = clock {
+            let (bytes, mtime) = match disk::read_with_mtime(&path) {
+                Ok(x) => x,
+                Err(e) if disk::missing(&e) => return Ok(None),
+                Err(e) => return Err(storage(&path, e)),
+            };
+            if self.looks_stale(&bytes, mtime, clock)? {
+                return Ok(None);
+            }
+            return Ok(holder(&bytes));
         }
-        if reclaim {
-            self.reap_slot(&lock_dir, Some(job_dir), &path, clock)?;
+        if self.reap_slot(&lock_dir, Some(job_dir), &path)? {
+            return Ok(None);
         }
-        Ok(None)
+        // Alive: read again for who it is (gone meanwhile: not running).
+        match disk::read_opt(&path) {
+            Ok(Some(bytes)) => Ok(holder(&bytes)),
+            Ok(None) => Ok(None),
+            Err(e) => Err(storage(&path, e)),
+        }
     }
 
     /// Forgets a grant that will not be used (no failed attempt: it never ran).
@@ -500,10 +509,6 @@ impl Inner {
         group: &str,
         group_dir: &Path,
     ) -> Result<(GroupSummary, Vec<PathBuf>), Error> {
-        let mut clock = FsClock {
-            root: &self.root,
-            now: None,
-        };
         let mut summary = GroupSummary::default();
         let mut members = Vec::new();
         for marker in visible_names(group_dir)? {
@@ -514,7 +519,7 @@ impl Inner {
             // The holder before the completion: a runner links its completion before it
             // frees the lock, so a job found without a holder after it completed is then
             // found completed.
-            let running = self.running(&job_dir, &mut clock, true)?.is_some();
+            let running = self.running(&job_dir, None)?.is_some();
             summary.jobs += 1;
             summary.running += u32::from(running);
             summary.completed += u32::from(read_done(&job_dir, true)?.exists());
@@ -571,8 +576,10 @@ impl Inner {
         }
     }
 
-    /// The `groups` and `jobs` of the status document. Read-only: a stale holder is shown
-    /// as not running, and left for an attempt or a group wait to reclaim. A job whose
+    /// The `groups` and `jobs` of the status document. Read-only, and at once: a holder
+    /// that looks stale by the display-only guess (`Inner::looks_stale`: an mtime older than
+    /// its TTL) is shown as not running, and left for an attempt or a group wait to judge
+    /// by the rule that reclaims. A job whose
     /// `lock/capacity` (which names it) is missing or damaged is left out.
     pub(super) fn job_status(
         &self,
@@ -617,7 +624,7 @@ impl Inner {
                 }),
             };
             let running = self
-                .running(&job_dir, &mut clock, false)?
+                .running(&job_dir, Some(&mut clock))?
                 .map(|holder| match holder {
                     Holder::Known(r) => RunningStatus {
                         client: client_of(&r.who.host, r.who.pid),

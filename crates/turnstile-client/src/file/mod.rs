@@ -4,7 +4,8 @@
 //! # On-disk layout
 //!
 //! ```text
-//! DIR/.clock                   probe file: rewritten to learn the file system's "now"
+//! DIR/.clock                   probe file: rewritten to learn the file system's "now" (for
+//!                              status's guess and pruning `.ended`; never for reclaiming)
 //! DIR/<name>/                  one semaphore; <name> percent-escaped (see `disk::dir_name`)
 //!     capacity                 "<capacity>\n<full name>\n", created once
 //!     closed                   exists once the semaphore is closed (never removed)
@@ -30,14 +31,17 @@
 //!
 //! A lease record is one line of `key=value` words: lease id, session, weight, token, TTL,
 //! grant time, a random nonce (so that equal bytes mean the same acquire), host, boot id, pid
-//! namespace and pid of the holder. A completion record (`done`) is one line too: the token
+//! namespace and pid of the holder, and last a heartbeat counter (`beat=` and 16 hex digits)
+//! that the holder bumps at every heartbeat; everything before the counter is the record's
+//! identity (`disk::same_acquire`). A completion record (`done`) is one line too: the token
 //! of the attempt that completed the job, its start (Unix ms, its runner's clock), its
 //! duration, and the runner's session, host and pid.
 //!
 //! Only operations that are atomic on POSIX file systems and on NFS are relied on: `link`
 //! (of a fully written temporary file; it fails if the name exists), `rename`, `mkdir` and
-//! `unlink`. Records are never modified in place except by rewriting the same bytes (to move
-//! their modification time).
+//! `unlink`. A record is modified in place only by its owner's heartbeat, which writes the
+//! record with its next counter value over the old one (same length) through a descriptor
+//! opened without `O_CREAT` (see `disk::touch`).
 //!
 //! # Acquiring
 //!
@@ -56,11 +60,32 @@
 //! # Liveness
 //!
 //! A background task rewrites the client's slot files every TTL/3, and a waiter rewrites its
-//! ticket as often; so a record's modification time, set by the file system, says when its
-//! owner was last alive. A record is *stale* when its age, measured against the file system's
-//! clock (read from `DIR/.clock` just rewritten, so client clocks do not matter), exceeds its
-//! owner's TTL — or at once when it names a process of this host, boot and pid namespace that
-//! no longer exists. An unparsable record is stale when older than the default TTL (10 s).
+//! ticket as often; each rewrite bumps the record's counter, so the bytes of a live owner's
+//! record never stay the same for long. A record is *stale*, for a client looking at it, when
+//! that client has itself seen it unchanged (the same bytes and the same mtime, every look a
+//! fresh open) for its owner's whole TTL (written in the record), measured on the client's
+//! own monotonic clock from the end of the first look that found those bytes — or at once
+//! when it names a process of this host, boot and pid namespace that no longer exists. An
+//! unparsable record is judged the same way with the default TTL (10 s), or the client's TTL
+//! if longer. Queue tickets, job locks (which are semaphores) and held slots all follow this
+//! one rule (`Inner::staleness`); each client keeps its observations in memory, by path.
+//!
+//! No timestamp is ever compared with another. The mtime is only one more thing that can
+//! change: a step of any clock, either way, changes an mtime at most, which restarts the wait
+//! (a delay, never a reclaim); and a holder of an older version, whose heartbeat rewrites the
+//! same bytes, still shows that it is alive by moving its mtime.
+//!
+//! What it costs: a client cannot know how long a record was unchanged before its first look,
+//! so it reclaims a dead holder of another host one whole TTL after that first look. A waiter
+//! already watching when the holder dies reclaims about one TTL after the holder's last
+//! heartbeat (plus up to 500 ms between the head's looks at held slots), as it did when mtimes
+//! were compared; a fresh process (a new waiter, a group wait) waits a full TTL from its
+//! arrival, where it used to wait only what was left of the TTL by the mtime. A dead remote
+//! ticket ahead of it costs a TTL of its own first (the slots are looked at only from the
+//! head). A dead process of this host is still reclaimed at once. `status` answers at once and
+//! so cannot observe: it shows a *guess* (a holder whose mtime is older than its TTL by the
+//! file system's clock, read from `DIR/.clock`, is shown as not running), and nothing else
+//! uses that guess.
 //!
 //! # Why it is safe
 //!
@@ -68,14 +93,38 @@
 //!   `link` creates a name only if it does not exist, so at most `capacity` slot files exist
 //!   and each has one owner. A slot file is removed only by its owner (release), by a closer
 //!   or a supervisor (`close`, `end_session`, after which the owner learns that its lease is
-//!   lost at its next heartbeat), or by a reclaimer once it is stale. An owner counts its lease
-//!   alive only until 90% of the TTL after its last successful rewrite began, and the
-//!   rewrite's mtime is no earlier than that, so by the time a record is stale its owner has
-//!   already given the lease up (the margin absorbs clock rates and late timers).
+//!   lost at its next heartbeat), or by a reclaimer once it is stale.
+//! - **A reclaimed owner has already given up:** an owner counts its lease alive only until
+//!   90% of the TTL after the start `s` of its last *successful* heartbeat — one that wrote a
+//!   new counter value into its record, closed the file without error (on NFS the data is then
+//!   on the server) and read the new bytes back by the slot's name. A reclaimer removes a
+//!   record only if it read the same bytes `B` at a look that ended at `t0` and at a look at
+//!   `t1 >= t0 + TTL` (its own monotonic clock), and read `B` once more after renaming the file
+//!   to its private name. Take a heartbeat that began after `t0`: it wrote bytes other than
+//!   `B` (the counter only grows). If its read-back came before the rename, the file held the
+//!   new bytes before the rename, so the re-read under the private name does not find `B`,
+//!   and the file is put back. If it came after the rename, it found the name gone or
+//!   somebody else's, and the heartbeat failed. So when a record is removed, its owner's last
+//!   successful heartbeat began at `s <= t0`, and the owner gave the lease up at
+//!   `s + 0.9 TTL <= t0 + 0.9 TTL` by its clock, while the reclaimer acts at `t0 + TTL` or
+//!   later by its own: in time, unless the owner's clock runs more than 10% slower than the
+//!   reclaimer's (real clock rates differ by far less; the rest of the margin absorbs late
+//!   timers). Neither a wall clock nor the file server's clock appears in this, so no step of
+//!   either can break it.
+//! - **Two equal reads mean nobody wrote in between:** every look opens the file afresh. On
+//!   NFS the open revalidates the file's attributes with the server and drops cached data if
+//!   they changed (close-to-open consistency), and the owner's close pushed its write there
+//!   first. A heartbeat keeps the length (the counter has a fixed width), so a read torn by a
+//!   concurrent heartbeat returns bytes unlike the last look's: a change, hence alive.
+//! - **A heartbeat never resurrects a name:** it opens the slot without `O_CREAT` and writes
+//!   through the descriptor it checked the bytes on, so it only ever writes its own inode,
+//!   and a name a reclaimer removed (somebody else's slot by then) is never created again.
+//!   The `k` slot files of a weighted lease are links of one file; every name is checked.
 //! - **Exactly one reclaimer wins:** a reclaimer renames the stale file to a private name; of
 //!   several renames of the same name only one succeeds (the others find it gone). The winner
-//!   re-reads the file under its private name and deletes it only if it holds the same bytes
-//!   and is still stale; if the owner rewrote it in between, it is linked back.
+//!   re-reads the file under its private name and deletes it only if it still holds the bytes
+//!   (and mtime: a rename keeps it) it saw unchanged; if the owner rewrote it in between, it
+//!   is linked back.
 //! - **Tokens strictly increase:** a grant takes `tokens/<max+1>` by link, trying upward on a
 //!   clash, so no number is handed out twice; the highest token file is never pruned, so
 //!   `max` never goes down. Grants take their token while at the head of the queue, before
@@ -139,7 +188,13 @@
 //! operations, but a hung NFS mount blocks the caller); there are no counters
 //! (`acquired_total` and friends are 0) and no wait statistics; a reclaim that races with a
 //! heartbeat at the very edge of the TTL, while a second process wrongly believes it is the
-//! head, can cost the owner its lease (it learns so at its next heartbeat). A runner that dies
+//! head, can cost the owner its lease (the heartbeat's read-back tells it). The owner's rule
+//! runs on the monotonic clock, which stops while its host is suspended: like a stopped
+//! process, a host that resumes after more than a TTL may act on its lease until its next
+//! heartbeat (at most TTL/3 later) tells it otherwise; fencing tokens are the defence there.
+//! Old `.ended` markers are pruned by their age on the file system's clock, so a clock step
+//! can prune a fresh one: its owner then reports its lease as expired rather than ended (the
+//! reason only). A runner that dies
 //! while nobody attempts its job or waits for its group stays counted as not running but not
 //! yet failed (status does not reclaim) until someone does. A job's runner is named by
 //! `host:pid` (the `client_name` option is not recorded on disk).
@@ -174,6 +229,9 @@ const MIN_POLL: Duration = Duration::from_millis(5);
 const MAX_POLL: Duration = Duration::from_millis(200);
 /// How often the head of the queue examines held slots for staleness when it cannot claim.
 const SCAN_EVERY: Duration = Duration::from_millis(500);
+/// Observations of records not looked at for this long are forgotten (only to bound memory:
+/// forgetting one merely restarts its TTL of observation).
+const FORGET_AFTER: Duration = Duration::from_secs(600);
 /// Token files kept below the newest.
 const KEEP_TOKENS: u64 = 1000;
 
@@ -191,7 +249,69 @@ struct Inner {
     held: Mutex<HashMap<u64, Held>>,
     /// The highest token seen per semaphore directory.
     tokens: Mutex<HashMap<PathBuf, u64>>,
+    /// What this client last saw in the records it judges, and since when (see "Liveness").
+    seen: Mutex<Observations>,
     shut: AtomicBool,
+}
+
+/// The records this client has looked at: by path, the bytes and modification time of its
+/// last look, and since when (on this client's monotonic clock) they have been the same.
+struct Observations {
+    records: HashMap<PathBuf, Seen>,
+    pruned: Instant,
+}
+
+struct Seen {
+    bytes: Vec<u8>,
+    mtime: Option<SystemTime>,
+    /// The end of the first look that found these bytes and this mtime.
+    since: Instant,
+    /// The end of the latest look.
+    last: Instant,
+}
+
+impl Observations {
+    /// Records a look at `path` that ended at `now` and found `bytes` and `mtime`. Returns
+    /// for how long the record has been seen unchanged: zero if it changed (or is new to us).
+    /// Any difference counts as a change, whatever its cause (a heartbeat, a read torn by
+    /// one, an older version's rewrite of the same bytes that moved the mtime, a clock step
+    /// applied to the mtime): a change only restarts the wait, so mistaking a change costs a
+    /// delay, never a second holder.
+    fn look(
+        &mut self,
+        path: &Path,
+        bytes: &[u8],
+        mtime: Option<SystemTime>,
+        now: Instant,
+    ) -> Duration {
+        if now.saturating_duration_since(self.pruned) >= FORGET_AFTER {
+            self.pruned = now;
+            self.records
+                .retain(|_, s| now.saturating_duration_since(s.last) < FORGET_AFTER);
+        }
+        match self.records.get_mut(path) {
+            Some(s) if s.bytes == bytes && s.mtime == mtime => {
+                s.last = now;
+                now.saturating_duration_since(s.since)
+            }
+            _ => {
+                self.records.insert(
+                    path.to_owned(),
+                    Seen {
+                        bytes: bytes.to_vec(),
+                        mtime,
+                        since: now,
+                        last: now,
+                    },
+                );
+                Duration::ZERO
+            }
+        }
+    }
+
+    fn forget(&mut self, path: &Path) {
+        self.records.remove(path);
+    }
 }
 
 /// A lease this client holds.
@@ -222,9 +342,9 @@ struct Target<'a> {
 enum Stale {
     /// It names a process of this host, boot and pid namespace that no longer exists.
     DeadProcess { host: String, pid: u32 },
-    /// It was not refreshed for longer than its owner's TTL.
+    /// This client saw it unchanged for its owner's whole TTL.
     Expired,
-    /// It cannot be parsed and is older than the default TTL.
+    /// It cannot be parsed, and this client saw it unchanged for the default TTL.
     Unreadable,
 }
 
@@ -292,6 +412,10 @@ impl FileBackend {
             next_lease: AtomicU64::new(crate::lease_id_base()),
             held: Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
+            seen: Mutex::new(Observations {
+                records: HashMap::new(),
+                pruned: Instant::now(),
+            }),
             shut: AtomicBool::new(false),
         });
         tokio::spawn(heartbeat(Arc::downgrade(&inner)));
@@ -310,7 +434,8 @@ async fn heartbeat(inner: Weak<Inner>) {
     }
 }
 
-/// A clock reading of the file system, taken at most once per use.
+/// A clock reading of the file system, taken at most once per use. For display only (the
+/// guess at staleness that `status` shows): nothing is reclaimed by it.
 struct FsClock<'a> {
     root: &'a Path,
     now: Option<SystemTime>,
@@ -425,62 +550,86 @@ impl Inner {
         sem_dir.join("closed").exists()
     }
 
-    /// Whether (and why) the record `bytes` with modification time `mtime` is stale. The
-    /// file system's clock is read only if the record does not name a dead local process.
-    fn staleness(
+    /// The TTL a record's owner keeps it alive by, and what it is if it goes stale; `Err`:
+    /// it names a dead process of this host, so it is stale at once.
+    fn judge(&self, bytes: &[u8]) -> Result<(Duration, Stale), Stale> {
+        match Record::decode(bytes) {
+            Some(r) if self.who.knows_dead(&r.who) => Err(Stale::DeadProcess {
+                host: r.who.host,
+                pid: r.who.pid,
+            }),
+            Some(r) => Ok((Duration::from_millis(r.ttl_ms), Stale::Expired)),
+            None => Ok((self.ttl.max(DEFAULT_TTL), Stale::Unreadable)),
+        }
+    }
+
+    /// Whether (and why) the record at `path`, just read as `bytes` and `mtime` (by a
+    /// fresh open), is stale: it names a dead process of this host, or this client has now
+    /// seen it unchanged for its owner's whole TTL, on its own monotonic clock. No two
+    /// timestamps are compared, so no clock step can make a live record stale.
+    fn staleness(&self, path: &Path, bytes: &[u8], mtime: Option<SystemTime>) -> Option<Stale> {
+        let (ttl, stale) = match self.judge(bytes) {
+            Ok(x) => x,
+            Err(dead) => return Some(dead),
+        };
+        // Taken after the read, so that the wait counts from after it.
+        let now = Instant::now();
+        let unchanged = lock(&self.seen).look(path, bytes, mtime, now);
+        (unchanged >= ttl).then_some(stale)
+    }
+
+    /// A guess, for display only, at whether a record is stale: it names a dead process
+    /// of this host, or its modification time is older than its TTL by the file system's
+    /// clock. A clock step makes the guess wrong; it is never used to reclaim.
+    fn looks_stale(
         &self,
         bytes: &[u8],
         mtime: SystemTime,
         clock: &mut FsClock<'_>,
-    ) -> Result<Option<Stale>, Error> {
-        let (ttl, stale) = match Record::decode(bytes) {
-            Some(r) if self.who.knows_dead(&r.who) => {
-                return Ok(Some(Stale::DeadProcess {
-                    host: r.who.host,
-                    pid: r.who.pid,
-                }))
-            }
-            Some(r) => (Duration::from_millis(r.ttl_ms), Stale::Expired),
-            None => (self.ttl.max(DEFAULT_TTL), Stale::Unreadable),
-        };
-        Ok((disk::age(clock.get()?, mtime) > ttl).then_some(stale))
+    ) -> Result<bool, Error> {
+        Ok(match self.judge(bytes) {
+            Err(_) => true,
+            Ok((ttl, _)) => disk::age(clock.get()?, mtime) > ttl,
+        })
     }
 
     /// Looks at `path`; if it is stale, reclaims it.
-    fn reap(&self, sem_dir: &Path, path: &Path, clock: &mut FsClock<'_>) -> Result<Reap, Error> {
+    fn reap(&self, sem_dir: &Path, path: &Path) -> Result<Reap, Error> {
         let (bytes, mtime) = match disk::read_with_mtime(path) {
             Ok(x) => x,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Reap::Gone),
+            Err(e) if disk::missing(&e) => {
+                lock(&self.seen).forget(path);
+                return Ok(Reap::Gone);
+            }
             Err(e) => return Err(storage(path, e)),
         };
-        let Some(stale) = self.staleness(&bytes, mtime, clock)? else {
+        let Some(stale) = self.staleness(path, &bytes, Some(mtime)) else {
             return Ok(Reap::Alive);
         };
-        // Re-checked under the private name; an error there counts as alive (put back).
-        let outcome = disk::reclaim(sem_dir, path, &bytes, |b, m| {
-            self.staleness(b, m, clock).ok().flatten().is_some()
+        // Re-read under the private name: removed only if it still holds exactly the bytes
+        // (and mtime) that were seen unchanged; an owner's heartbeat in between puts it back.
+        let outcome = disk::reclaim(sem_dir, path, |now, now_mtime| {
+            now == bytes.as_slice() && now_mtime == mtime
         })
         .map_err(|e| storage(path, e))?;
         Ok(match outcome {
             disk::Reclaimed::Removed => {
+                lock(&self.seen).forget(path);
                 tracing::info!(path = %path.display(), why = ?stale, "reclaimed a stale lease or ticket");
                 Reap::Reclaimed(stale)
             }
-            disk::Reclaimed::AlreadyGone => Reap::Gone,
+            disk::Reclaimed::AlreadyGone => {
+                lock(&self.seen).forget(path);
+                Reap::Gone
+            }
             disk::Reclaimed::Kept => Reap::Alive,
         })
     }
 
     /// [`reap`](Inner::reap) for a held slot: reclaiming the holder of a job's lock counts
     /// a failed attempt of the job (by the one reclaimer that removed it).
-    fn reap_slot(
-        &self,
-        sem_dir: &Path,
-        job: Option<&Path>,
-        path: &Path,
-        clock: &mut FsClock<'_>,
-    ) -> Result<bool, Error> {
-        let reap = self.reap(sem_dir, path, clock)?;
+    fn reap_slot(&self, sem_dir: &Path, job: Option<&Path>, path: &Path) -> Result<bool, Error> {
+        let reap = self.reap(sem_dir, path)?;
         if let (Reap::Reclaimed(stale), Some(job_dir)) = (&reap, job) {
             self.count_failure(job_dir, &stale.as_failure());
         }
@@ -555,12 +704,8 @@ impl Inner {
             guard.ticket = Some(self.take_ticket(sem_dir, &guard.content)?);
             return Ok(None);
         }
-        let mut clock = FsClock {
-            root: &self.root,
-            now: None,
-        };
         for path in tickets.range(..mine).map(|(_, p)| p) {
-            if !self.reap(sem_dir, path, &mut clock)?.gone() {
+            if !self.reap(sem_dir, path)?.gone() {
                 return Ok(None); // a live waiter is ahead of us
             }
         }
@@ -574,7 +719,7 @@ impl Inner {
                 if free.len() >= weight {
                     break;
                 }
-                if self.reap_slot(sem_dir, target.job, path, &mut clock)? {
+                if self.reap_slot(sem_dir, target.job, path)? {
                     free.push(*i);
                 }
             }
@@ -741,6 +886,9 @@ impl Inner {
             if now >= last_touch + self.ttl / 3 {
                 last_touch = now;
                 if let Some((_, path)) = &guard.ticket {
+                    // A new counter at every attempt, so a write that landed although it
+                    // reported an error is never "refreshed" again with the same bytes.
+                    guard.content = disk::next_beat(&guard.content);
                     let touched =
                         disk::touch(path, &guard.content).map_err(|e| storage(path, e))?;
                     if touched == Touch::Gone {
@@ -778,13 +926,16 @@ impl Inner {
 
     /// Whether a lease is still ours, refreshing it if so: its last refresh began less than
     /// [`give_up`](Inner::give_up) ago, and every slot file still holds our record. The
-    /// refresh restarts the TTL a reclaimer must wait out, so a step taken right after it
-    /// (recording a job's end) is taken while nobody else can hold the lease.
+    /// refresh changes the record's bytes, which restarts the TTL a reclaimer must wait out,
+    /// so a step taken right after it (recording a job's end) is taken while nobody else can
+    /// hold the lease. A new counter at every attempt, so that a write that landed although
+    /// it reported an error is never "refreshed" again with the same bytes.
     fn still_held(&self, h: &mut Held) -> Result<bool, Error> {
         let started = Instant::now();
         if started >= h.last_ok + self.give_up() {
             return Ok(false);
         }
+        h.content = disk::next_beat(&h.content);
         for slot in &h.slots {
             if disk::touch(slot, &h.content).map_err(|e| storage(slot, e))? == Touch::Gone {
                 return Ok(false);
@@ -859,6 +1010,9 @@ impl Inner {
                 continue;
             }
             let mut outcome = Ok(Touch::Alive);
+            // A new counter at every attempt (see `still_held`); the slots of one lease are
+            // links of one file, so one new value serves them all.
+            h.content = disk::next_beat(&h.content);
             for slot in &h.slots {
                 outcome = disk::touch(slot, &h.content);
                 if outcome.as_ref().map_or(true, |t| *t == Touch::Gone) {

@@ -28,12 +28,19 @@
 //! backend the lease files are removed. Waiting for the leftovers first means no process of a
 //! dead worker can still be acting under a lease that was handed on. If the backend cannot
 //! be reached, the nanny logs one line and the session TTL frees the leases as before.
+//!
+//! A coordinator that goes away does not stop the nanny: its client says so calmly at a
+//! growing interval while the workers go on. With `--death-timeout DUR` (after Dask's
+//! Nanny), the nanny stops its workers as on SIGTERM once the coordinator has been
+//! unreachable for DUR, and exits 69. Once its workers are reaped, the nanny waits at most
+//! [`FLUSH_TIMEOUT`] for the coordinator.
 
 mod policy;
 mod procfs;
 
 use std::collections::{BTreeSet, VecDeque};
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -70,8 +77,14 @@ const IDLE: Duration = Duration::from_secs(5);
 /// Bounds on talking to the backend, which must never hold up the workers.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const END_SESSION_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long an exiting nanny waits for the session ends still in flight.
-const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an exiting nanny waits for the session ends still in flight: its workers are
+/// gone by then, and a session not ended expires by its TTL.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often `--death-timeout` looks at the coordinator's reachability.
+const DEATH_CHECK: Duration = Duration::from_millis(200);
+/// How often the nanny tries to connect while it has no client, for `--death-timeout` to
+/// notice a coordinator that comes (back).
+const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 
 /// Arguments of `turnstile nanny`.
 #[derive(clap::Args, Debug)]
@@ -106,6 +119,11 @@ pub struct NannyArgs {
     /// Set K=V in every worker's environment (repeatable).
     #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
     env: Vec<(String, String)>,
+    /// Stop the workers (as on SIGTERM) and exit 69 once the coordinator has been
+    /// unreachable for this long. Without it the nanny keeps supervising while the
+    /// coordinator is away.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    death_timeout: Option<Duration>,
     #[command(flatten)]
     url: UrlArg,
     /// The worker's command and its arguments.
@@ -217,11 +235,14 @@ pub async fn nanny(args: NannyArgs) -> anyhow::Result<ExitCode> {
         sweep_kill_at: None,
         next_sample: Instant::now() + SAMPLE_EVERY,
         sessions: SessionEnder::start(url),
+        death_timeout: args.death_timeout,
+        lost_coordinator: false,
     };
 
     let code = loop {
         n.reap();
         let now = Instant::now();
+        n.check_coordinator(now);
         n.advance(now);
         if let Some(code) = n.done(now) {
             break code;
@@ -316,6 +337,10 @@ struct Nanny {
     sweep_kill_at: Option<Instant>,
     next_sample: Instant,
     sessions: SessionEnder,
+    /// `--death-timeout`.
+    death_timeout: Option<Duration>,
+    /// Whether the workers were stopped because the coordinator stayed away (exit 69).
+    lost_coordinator: bool,
 }
 
 impl Nanny {
@@ -652,6 +677,36 @@ impl Nanny {
             sig.as_str(),
             humantime::format_duration(self.stop_timeout)
         );
+        self.stop_all(now);
+    }
+
+    /// `--death-timeout`: stops the workers once the coordinator has been away that long.
+    fn check_coordinator(&mut self, now: Instant) {
+        let Some(limit) = self.death_timeout else {
+            return;
+        };
+        if self.stopping {
+            return;
+        }
+        let Some(away) = self.sessions.unreachable_for() else {
+            return;
+        };
+        if away < limit {
+            return;
+        }
+        error!(
+            "the coordinator at {} has not answered for {}s (--death-timeout {}): stopping the workers (SIGTERM, then SIGKILL after {})",
+            self.url,
+            away.as_secs(),
+            humantime::format_duration(limit),
+            humantime::format_duration(self.stop_timeout)
+        );
+        self.lost_coordinator = true;
+        self.stop_all(now);
+    }
+
+    /// Stops every worker: SIGTERM now, SIGKILL after `--stop-timeout`.
+    fn stop_all(&mut self, now: Instant) {
         self.stopping = true;
         self.rolling = None;
         let mut table = None;
@@ -724,7 +779,11 @@ impl Nanny {
         }
         if self.stopping {
             info!("every worker has stopped");
-            return Some(0);
+            return Some(if self.lost_coordinator {
+                crate::EXIT_UNAVAILABLE
+            } else {
+                0
+            });
         }
         let failed = self
             .workers
@@ -765,6 +824,9 @@ impl Nanny {
         }
         if self.rolling.is_some() {
             wake = wake.min(now + MAX_CHECK);
+        }
+        if self.death_timeout.is_some() && !self.stopping {
+            wake = wake.min(now + DEATH_CHECK);
         }
         if self
             .workers
@@ -834,6 +896,42 @@ fn read_table() -> Table {
 struct SessionEnder {
     tx: mpsc::UnboundedSender<Ending>,
     task: tokio::task::JoinHandle<()>,
+    reach: Arc<Mutex<Reach>>,
+}
+
+/// What the nanny knows of its backend, for `--death-timeout`.
+#[derive(Default)]
+struct Reach {
+    /// The nanny's client, while it has one: it knows how long the coordinator has been away.
+    client: Option<Client>,
+    /// Since when connecting has failed, while there is no client.
+    down_since: Option<Instant>,
+}
+
+impl Reach {
+    fn connected(&mut self, client: Client) {
+        self.client = Some(client);
+        self.down_since = None;
+    }
+
+    /// A connection attempt failed: the backend counts as away since the earliest failure
+    /// or the moment the last client lost it.
+    fn failed(&mut self, now: Instant) {
+        let away = self
+            .client
+            .take()
+            .and_then(|c| c.unreachable_for())
+            .and_then(|d| now.checked_sub(d));
+        let since = away.unwrap_or(now);
+        self.down_since = Some(self.down_since.map_or(since, |t| t.min(since)));
+    }
+}
+
+fn lock(reach: &Mutex<Reach>) -> std::sync::MutexGuard<'_, Reach> {
+    // Nothing panics while holding it; a poisoned lock still holds consistent data.
+    reach
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 struct Ending {
@@ -845,8 +943,19 @@ struct Ending {
 impl SessionEnder {
     fn start(url: String) -> SessionEnder {
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(end_sessions(url, rx));
-        SessionEnder { tx, task }
+        let reach = Arc::new(Mutex::new(Reach::default()));
+        let task = tokio::spawn(end_sessions(url, rx, reach.clone()));
+        SessionEnder { tx, task, reach }
+    }
+
+    /// How long the backend has been unreachable; `None` while it answers (or until the
+    /// first connection has been tried).
+    fn unreachable_for(&self) -> Option<Duration> {
+        let reach = lock(&self.reach);
+        match &reach.client {
+            Some(c) => c.unreachable_for(),
+            None => reach.down_since.map(|t| t.elapsed()),
+        }
     }
 
     fn end(&self, worker: usize, pid: i32, session: u64) {
@@ -869,17 +978,47 @@ impl SessionEnder {
     }
 }
 
-async fn end_sessions(url: String, mut rx: mpsc::UnboundedReceiver<Ending>) {
+async fn end_sessions(
+    url: String,
+    mut rx: mpsc::UnboundedReceiver<Ending>,
+    reach: Arc<Mutex<Reach>>,
+) {
     // Connect before the first death, so that it is not paid for then; failure is retried
-    // at the first death.
-    let mut client = connect(&url).await.ok();
-    while let Some(job) = rx.recv().await {
+    // at the first death, and quietly every RECONNECT_EVERY.
+    let mut client = match connect(&url).await {
+        Ok(c) => {
+            lock(&reach).connected(c.clone());
+            Some(c)
+        }
+        Err(_) => {
+            lock(&reach).failed(Instant::now());
+            None
+        }
+    };
+    loop {
+        let job = tokio::select! {
+            job = rx.recv() => match job {
+                Some(job) => job,
+                None => break,
+            },
+            _ = tokio::time::sleep(RECONNECT_EVERY), if client.is_none() => {
+                if let Ok(c) = connect(&url).await {
+                    lock(&reach).connected(c.clone());
+                    client = Some(c);
+                }
+                continue;
+            }
+        };
         let who = format!("worker {} (pid {})", job.worker, job.pid);
         let c = match &client {
             Some(c) => c.clone(),
             None => match connect(&url).await {
-                Ok(c) => client.insert(c).clone(),
+                Ok(c) => {
+                    lock(&reach).connected(c.clone());
+                    client.insert(c).clone()
+                }
                 Err(e) => {
+                    lock(&reach).failed(Instant::now());
                     warn!("{who}: cannot end its session: {e:#}; its leases are freed when the session TTL passes");
                     continue;
                 }
@@ -892,6 +1031,7 @@ async fn end_sessions(url: String, mut rx: mpsc::UnboundedReceiver<Ending>) {
                     "{who}: cannot end its session: {:#}; its leases are freed when the session TTL passes",
                     anyhow::Error::from(e)
                 );
+                // The client in `reach` still tells how long the backend has been away.
                 client = None;
             }
             Err(_) => {
