@@ -203,6 +203,10 @@ pub enum LostReason {
     /// The client could not reach the coordinator for a whole TTL, so the coordinator has
     /// presumably expired the session and given the permits away.
     Unreachable,
+    /// The client resumed its session after a reconnect, and the coordinator does not list
+    /// the lease among the session's (it lost the record of the grant — a damaged end of its
+    /// log — or the lease ended while the client was away). It may have been given away.
+    Forgotten,
 }
 
 impl fmt::Display for LostReason {
@@ -213,6 +217,9 @@ impl fmt::Display for LostReason {
             LostReason::SessionEnded => "the session was ended by a supervisor",
             LostReason::Unreachable => {
                 "the coordinator was unreachable for longer than the session TTL"
+            }
+            LostReason::Forgotten => {
+                "the coordinator no longer has the lease (found on resuming the session)"
             }
         })
     }

@@ -122,6 +122,8 @@ enum Req {
         deadline: Option<Instant>,
         group: String,
     },
+    /// Which leases the session holds: sent after every resume (see `Driver::reconcile`).
+    Leases,
 }
 
 impl Req {
@@ -145,7 +147,8 @@ impl Req {
             | Req::BeginJob { .. }
             | Req::FinishJob { .. }
             | Req::ResetJob { .. }
-            | Req::WaitGroup { .. } => false,
+            | Req::WaitGroup { .. }
+            | Req::Leases => false,
         }
     }
 }
@@ -1179,6 +1182,9 @@ impl Driver {
         for lease in std::mem::take(&mut self.abandoned) {
             self.submit(Req::Release { lease }, None, None).await;
         }
+        if !self.leases.is_empty() {
+            self.submit(Req::Leases, None, None).await;
+        }
     }
 
     async fn on_frames(&mut self) {
@@ -1219,6 +1225,10 @@ impl Driver {
             OwnedReply::Answer(answer) => Ok(answer),
             OwnedReply::SessionOpened(ttl) => {
                 self.ttl = ttl;
+                Ok(Answer::Done)
+            }
+            OwnedReply::Leases(held) => {
+                self.reconcile(&held);
                 Ok(Answer::Done)
             }
             OwnedReply::Error(code, message) => Err(match code {
@@ -1301,6 +1311,28 @@ impl Driver {
             None,
         )
         .await;
+    }
+
+    /// The answer to the `Leases` sent after a resume: every lease we count as held that the
+    /// coordinator does not list is lost. A restarted coordinator may have lost the record of
+    /// a grant (a damaged end of its log), and a lease may have ended while we were away
+    /// without its event reaching us; either way the holder must stop, never silently keep
+    /// it. The answer cannot miss a lease we heard granted: the coordinator sends it ahead of
+    /// the reply of any grant decided after it, and a lease granted before it is listed.
+    fn reconcile(&mut self, held: &[u64]) {
+        let held: std::collections::HashSet<u64> = held.iter().copied().collect();
+        self.leases.retain(|lease, lost| {
+            let keep = held.contains(lease);
+            // A closed channel is a permit already released or dropped: nothing to tell.
+            if !keep && !lost.is_closed() {
+                tracing::warn!(
+                    lease,
+                    "the coordinator no longer has this lease (found on resuming the session)"
+                );
+                let _ = lost.send(Some(LostReason::Forgotten));
+            }
+            keep
+        });
     }
 
     fn lose_all(&mut self, reason: LostReason) {
@@ -1422,6 +1454,7 @@ fn encode(id: u32, req: &Req, out: &mut Vec<u8>) {
             timeout_ms: timeout_left(*deadline),
             group,
         },
+        Req::Leases => proto::Request::Leases,
     };
     encode_request(id, &wire, out);
 }
@@ -1451,6 +1484,8 @@ enum OwnedReply {
     Error(ErrorCode, String),
     LeaseLost(u64, LostReason),
     SessionLost(LostReason),
+    /// The session's held leases.
+    Leases(Vec<u64>),
 }
 
 fn lost_reason(r: proto::LostReason) -> LostReason {
@@ -1508,5 +1543,6 @@ fn owned(r: proto::Reply<'_>) -> OwnedReply {
             running,
             failures,
         })),
+        proto::Reply::Leases { leases } => OwnedReply::Leases(leases.iter().collect()),
     }
 }

@@ -83,9 +83,13 @@ impl Fixture for TestServer {
 /// A TCP proxy in front of the server that can be cut and restored.
 struct Proxy {
     addr: SocketAddr,
+    /// Where new connections go: [`Proxy::retarget`] stands in for a coordinator restart.
+    upstream: Arc<std::sync::Mutex<SocketAddr>>,
     cut: watch::Sender<bool>,
     /// Connections forwarded to the server (refused ones not counted).
     forwarded: Arc<AtomicUsize>,
+    /// Forwarded connections still open.
+    open: Arc<AtomicUsize>,
 }
 
 impl Proxy {
@@ -95,6 +99,10 @@ impl Proxy {
         let (cut, cut_rx) = watch::channel(false);
         let forwarded = Arc::new(AtomicUsize::new(0));
         let count = forwarded.clone();
+        let upstream = Arc::new(std::sync::Mutex::new(upstream));
+        let target = upstream.clone();
+        let open = Arc::new(AtomicUsize::new(0));
+        let still_open = open.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((mut down, _)) = listener.accept().await else {
@@ -106,24 +114,48 @@ impl Proxy {
                 }
                 count.fetch_add(1, Ordering::SeqCst);
                 let mut cut_rx = cut_rx.clone();
+                let upstream = *target.lock().unwrap_or_else(|e| e.into_inner());
+                let open = still_open.clone();
+                open.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
-                    let Ok(mut up) = TcpStream::connect(upstream).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
-                        _ = cut_rx.wait_for(|&cut| cut) => {}
+                    if let Ok(mut up) = TcpStream::connect(upstream).await {
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+                            _ = cut_rx.wait_for(|&cut| cut) => {}
+                        }
                     }
                     // Both sockets are dropped here: the client and the server each see the
                     // connection end.
+                    drop(down);
+                    open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
         Proxy {
             addr,
+            upstream,
             cut,
             forwarded,
+            open,
         }
+    }
+
+    /// Waits until every forwarded connection is closed (after a [`Proxy::cut`]: a restore
+    /// right after it could otherwise come before a connection's task saw the cut).
+    async fn wait_closed(&self) {
+        let deadline = Instant::now() + PATIENCE;
+        while self.open.load(Ordering::SeqCst) > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "connections still open after a cut"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Sends new connections to `upstream` from now on.
+    fn retarget(&self, upstream: SocketAddr) {
+        *self.upstream.lock().unwrap_or_else(|e| e.into_inner()) = upstream;
     }
 
     fn url(&self) -> String {
@@ -185,6 +217,105 @@ async fn short_disconnection_keeps_the_lease() {
     permit.release().await.expect("release after the outage");
     let st = status_of(&observer, name).await;
     assert_eq!((st.in_use, st.released_total, st.expired_total), (0, 1, 0));
+}
+
+/// A client comes back to a coordinator that has its session but not its lease — what a
+/// restarted coordinator whose log lost the grant's record looks like (the proxy moves the
+/// client to a second server that has only the session). The client must learn it on
+/// resuming: the permit reports itself lost, instead of being kept while another client is
+/// granted the same permit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_the_coordinator_forgot_is_reported_lost_on_resume() {
+    let ttl = Duration::from_secs(5);
+    let first = TestServer::with_ttl(ttl).await;
+    let proxy = Proxy::start(first.addr).await;
+    let options = Options {
+        session_ttl: Some(ttl),
+        ..Default::default()
+    };
+    let client = Client::connect_with(&proxy.url(), options.clone())
+        .await
+        .expect("connect through the proxy");
+    let name = "forgotten";
+    let permit = client
+        .semaphore(name, 1)
+        .await
+        .expect("ensure")
+        .acquire()
+        .await
+        .expect("acquire");
+    let session = client.session_id();
+
+    // The "restarted" coordinator: it knows the semaphore and the session, not the grant.
+    let second = TestServer::with_ttl(ttl).await;
+    let same_session = Options {
+        session_id: Some(session),
+        ..options
+    };
+    let restored = Client::connect_with(&second.url(), same_session)
+        .await
+        .expect("open the session on the second server");
+    restored.semaphore(name, 1).await.expect("ensure");
+    proxy.cut();
+    proxy.wait_closed().await;
+    proxy.retarget(second.addr);
+    proxy.restore();
+
+    let reason = timeout(PATIENCE, permit.lost())
+        .await
+        .expect("the permit is told it is lost once the client resumes its session");
+    assert_eq!(reason, LostReason::Forgotten);
+    assert_eq!(
+        client.session_id(),
+        session,
+        "the session itself was resumed"
+    );
+    // The client goes on working on the new coordinator.
+    let other = second.client().await;
+    let taken = other.semaphore(name, 1).await.expect("ensure");
+    let p2 = timeout(PATIENCE, taken.acquire())
+        .await
+        .expect("the permit is free")
+        .expect("acquire");
+    p2.release().await.expect("release");
+    let again = timeout(PATIENCE, client.semaphore(name, 1))
+        .await
+        .expect("the client still works")
+        .expect("ensure");
+    let p3 = timeout(PATIENCE, again.acquire())
+        .await
+        .expect("acquire in time")
+        .expect("acquire");
+    p3.release().await.expect("release");
+    drop(permit);
+    let _ = restored.shutdown().await;
+}
+
+/// A semaphore closed while its holder is disconnected: the `LeaseLost` event went to no
+/// connection, so the holder learns of it when it resumes and asks for its leases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_lost_while_disconnected_is_reported_on_resume() {
+    let server = TestServer::with_ttl(Duration::from_secs(5)).await;
+    let proxy = Proxy::start(server.addr).await;
+    let client = Client::connect(&proxy.url()).await.expect("connect");
+    let observer = server.client().await;
+    let name = "closed-away";
+    let permit = client
+        .semaphore(name, 1)
+        .await
+        .expect("ensure")
+        .acquire()
+        .await
+        .expect("acquire");
+    // Once cut, nothing the server sends on the old connection reaches the client.
+    proxy.cut();
+    proxy.wait_closed().await;
+    observer.close(name).await.expect("close");
+    proxy.restore();
+    let reason = timeout(PATIENCE, permit.lost())
+        .await
+        .expect("the permit is told it is lost once the client resumes its session");
+    assert_eq!(reason, LostReason::Forgotten);
 }
 
 /// A cut longer than the TTL: the permit is lost before it is given away; the client recovers.

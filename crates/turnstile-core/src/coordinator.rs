@@ -1107,6 +1107,53 @@ impl Coordinator {
             .unwrap_or_else(|| Arc::from(""))
     }
 
+    /// Moves the fencing counter of every semaphore (and job lock) `n` tokens on, each with a
+    /// durable record. For a shell whose recovery cut a damaged end off the log: grants
+    /// recorded there may have been acknowledged, and their tokens must not be handed out
+    /// again — a resource that checks tokens then refuses the forgotten holder once the next
+    /// one has used it. (A semaphore whose creation was in the cut part is not known, and
+    /// starts again from token 1.)
+    pub fn skip_tokens(&mut self, n: u64, out: &mut Vec<Effect>) {
+        let mut names: Vec<Arc<str>> = self.semaphores.keys().cloned().collect();
+        names.sort();
+        for name in names {
+            let Some(s) = self.semaphores.get_mut(&name) else {
+                continue;
+            };
+            s.next_token = s.next_token.saturating_add(n);
+            out.push(Effect::Persist(Record::Semaphore {
+                name: s.name.clone(),
+                capacity: s.capacity,
+                closed: s.closed,
+                next_token: s.next_token,
+            }));
+        }
+    }
+
+    /// The leases `session` holds (granted, not queued; job leases too), in no particular
+    /// order, or `None` if there is no such session. A client that resumes its session after a
+    /// restart compares them with the leases it believes it holds: a grant whose record the
+    /// restarted coordinator lost (a damaged log tail) is missing here, and its holder must be
+    /// told.
+    pub fn held_leases(&self, session: SessionId) -> Option<Vec<LeaseId>> {
+        let s = self.sessions.get(&session)?;
+        Some(
+            s.leases
+                .iter()
+                .copied()
+                .filter(|&lease| {
+                    matches!(
+                        self.leases.get(&(session, lease)),
+                        Some(Lease {
+                            state: LeaseState::Held { .. },
+                            ..
+                        })
+                    )
+                })
+                .collect(),
+        )
+    }
+
     /// Number of open sessions.
     pub fn session_count(&self) -> usize {
         self.sessions.len()

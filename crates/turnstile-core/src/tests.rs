@@ -764,3 +764,88 @@ fn views_list_waiters_in_queue_order_with_their_age() {
     );
     assert!(stats[0].holders.is_empty() && stats[0].waiters.is_empty());
 }
+
+#[test]
+fn held_leases_lists_the_granted_leases_of_a_session_only() {
+    let mut t = Check::new();
+    assert_eq!(t.c.held_leases(SessionId(1)), None);
+    t.open(1);
+    t.open(2);
+    t.ensure("db", 1).expect("ensure");
+    t.acquire(1, 10, "db", 1);
+    t.acquire(2, 20, "db", 1); // queued behind lease 10
+    assert_eq!(t.c.held_leases(SessionId(1)), Some(vec![LeaseId(10)]));
+    assert_eq!(t.c.held_leases(SessionId(2)), Some(vec![]));
+    // Replay of a log that lost the grant's record: the session is back without the lease.
+    let mut replayed = Coordinator::new();
+    let lost_grant = t
+        .log
+        .iter()
+        .filter(|r| !matches!(r, Record::Granted { lease, .. } if *lease == LeaseId(10)));
+    for r in lost_grant {
+        replayed.apply(t.now, r);
+    }
+    assert_eq!(replayed.held_leases(SessionId(1)), Some(vec![]));
+}
+
+#[test]
+fn skip_tokens_moves_every_counter_on_durably() {
+    let mut t = Check::new();
+    t.open(1);
+    t.ensure("a", 1).expect("ensure");
+    t.ensure("b", 2).expect("ensure");
+    let (_, out) = t.acquire(1, 1, "a", 1);
+    assert!(out.iter().any(|e| matches!(
+        e,
+        Effect::Reply {
+            outcome: Ok(Reply::Granted { token: Token(1) }),
+            ..
+        }
+    )));
+    let mut out = Vec::new();
+    t.c.skip_tokens(10, &mut out);
+    assert_eq!(out.len(), 2, "one record per semaphore: {out:?}");
+    // Replaying the log with these records gives the same counters.
+    let mut replayed = Coordinator::new();
+    for r in t.log.iter().chain(out.iter().filter_map(|e| match e {
+        Effect::Persist(r) => Some(r),
+        _ => None,
+    })) {
+        replayed.apply(t.now, r);
+    }
+    for c in [&mut t.c, &mut replayed] {
+        let mut out = Vec::new();
+        c.handle(
+            Time::ZERO,
+            Tag(999),
+            Request::OpenSession {
+                session: SessionId(2),
+                ttl: TTL,
+                client: "t",
+            },
+            &mut out,
+        );
+        c.handle(
+            Time::ZERO,
+            Tag(1000),
+            Request::Acquire {
+                session: SessionId(2),
+                lease: LeaseId(2),
+                name: "b",
+                weight: 1,
+                timeout: None,
+            },
+            &mut out,
+        );
+        assert!(
+            out.iter().any(|e| matches!(
+                e,
+                Effect::Reply {
+                    outcome: Ok(Reply::Granted { token: Token(11) }),
+                    ..
+                }
+            )),
+            "{out:?}"
+        );
+    }
+}

@@ -145,6 +145,10 @@ pub enum Request<'a> {
         /// The group.
         group: &'a str,
     },
+    /// Asks which leases the bound session holds: a client sends it after `ResumeSession` and
+    /// reports lost every lease it counts as held that the answer lacks (the coordinator may
+    /// have lost the record of a grant). Answered by [`Reply::Leases`].
+    Leases,
 }
 
 /// A reply or event from server to client.
@@ -241,6 +245,68 @@ pub enum Reply<'a> {
         /// Why.
         reason: LostReason,
     },
+    /// Answers `Leases`: the held (not queued) leases of the bound session.
+    Leases {
+        /// Their ids, in no particular order.
+        leases: LeaseIds<'a>,
+    },
+}
+
+/// The lease ids of a [`Reply::Leases`]: a slice of ids to encode, or the ids as they lie in a
+/// received frame (8 bytes each, big-endian), read without copying.
+#[derive(Clone, Copy)]
+pub struct LeaseIds<'a>(Ids<'a>);
+
+#[derive(Clone, Copy)]
+enum Ids<'a> {
+    Slice(&'a [u64]),
+    Wire(&'a [u8]),
+}
+
+impl<'a> LeaseIds<'a> {
+    /// The ids of `ids`, to encode.
+    pub fn new(ids: &'a [u64]) -> LeaseIds<'a> {
+        LeaseIds(Ids::Slice(ids))
+    }
+
+    /// How many ids there are.
+    pub fn len(&self) -> usize {
+        match self.0 {
+            Ids::Slice(ids) => ids.len(),
+            Ids::Wire(bytes) => bytes.len() / 8,
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The ids.
+    pub fn iter(&self) -> impl Iterator<Item = u64> + 'a {
+        let (slice, wire): (&'a [u64], &'a [u8]) = match self.0 {
+            Ids::Slice(ids) => (ids, &[]),
+            Ids::Wire(bytes) => (&[], bytes),
+        };
+        slice.iter().copied().chain(
+            wire.chunks_exact(8)
+                .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])),
+        )
+    }
+}
+
+impl PartialEq for LeaseIds<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for LeaseIds<'_> {}
+
+impl fmt::Debug for LeaseIds<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
 }
 
 /// Why a lease or session was taken away.
@@ -361,6 +427,7 @@ const BEGIN_JOB: u8 = 0x0D;
 const FINISH_JOB: u8 = 0x0E;
 const RESET_JOB: u8 = 0x0F;
 const WAIT_GROUP: u8 = 0x10;
+const LEASES: u8 = 0x11;
 
 const HELLO_OK: u8 = 0x81;
 const SESSION_OPENED: u8 = 0x82;
@@ -372,6 +439,7 @@ const JOB_COMPLETED: u8 = 0x87;
 const JOB_BUSY: u8 = 0x88;
 const JOB_RESET: u8 = 0x89;
 const GROUP_SETTLED: u8 = 0x8A;
+const LEASE_LIST: u8 = 0x8B;
 const LEASE_LOST: u8 = 0xC0;
 const SESSION_LOST: u8 = 0xC1;
 const ERROR: u8 = 0xFF;
@@ -419,7 +487,7 @@ pub fn encode_request(id: u32, request: &Request<'_>, buf: &mut Vec<u8>) {
         Request::ResumeSession { session } | Request::EndSession { session } => {
             buf.extend_from_slice(&session.to_be_bytes());
         }
-        Request::KeepAlive | Request::CloseSession | Request::Ping => {}
+        Request::KeepAlive | Request::CloseSession | Request::Ping | Request::Leases => {}
         Request::Ensure { capacity, name } => {
             buf.extend_from_slice(&capacity.to_be_bytes());
             put_str(buf, name);
@@ -495,6 +563,7 @@ fn kind_of_request(r: &Request<'_>) -> u8 {
         Request::FinishJob { .. } => FINISH_JOB,
         Request::ResetJob { .. } => RESET_JOB,
         Request::WaitGroup { .. } => WAIT_GROUP,
+        Request::Leases => LEASES,
     }
 }
 
@@ -551,6 +620,7 @@ pub fn decode_request(payload: &[u8]) -> Result<(u32, Request<'_>), DecodeError>
             timeout_ms: r.u32()?,
             group: r.str()?,
         },
+        LEASES => Request::Leases,
         other => return Err(DecodeError::UnknownKind(other)),
     };
     r.end()?;
@@ -573,6 +643,7 @@ pub fn encode_reply(id: u32, reply: &Reply<'_>, buf: &mut Vec<u8>) {
         Reply::JobBusy { .. } => JOB_BUSY,
         Reply::JobReset { .. } => JOB_RESET,
         Reply::GroupSettled { .. } => GROUP_SETTLED,
+        Reply::Leases { .. } => LEASE_LIST,
     };
     let start = begin(buf, id, kind);
     match *reply {
@@ -646,6 +717,14 @@ pub fn encode_reply(id: u32, reply: &Reply<'_>, buf: &mut Vec<u8>) {
             buf.extend_from_slice(&running.to_be_bytes());
             buf.extend_from_slice(&failures.to_be_bytes());
         }
+        Reply::Leases { leases } => {
+            // The frame limit a client accepts (64 MiB) holds millions of ids.
+            let count = u32::try_from(leases.len()).unwrap_or(u32::MAX);
+            buf.extend_from_slice(&count.to_be_bytes());
+            for lease in leases.iter().take(count as usize) {
+                buf.extend_from_slice(&lease.to_be_bytes());
+            }
+        }
     }
     finish(buf, start);
 }
@@ -703,6 +782,15 @@ pub fn decode_reply(payload: &[u8]) -> Result<(u32, Reply<'_>), DecodeError> {
             running: r.u32()?,
             failures: r.u64()?,
         },
+        LEASE_LIST => {
+            let count = r.u32()? as usize;
+            let bytes = count
+                .checked_mul(8)
+                .ok_or(DecodeError::Truncated("lease list"))?;
+            Reply::Leases {
+                leases: LeaseIds(Ids::Wire(r.take(bytes, "lease list")?)),
+            }
+        }
         other => return Err(DecodeError::UnknownKind(other)),
     };
     r.end()?;
@@ -842,6 +930,7 @@ mod tests {
                 ttl_ms: 10_000,
             },
             Request::ResumeSession { session: 3 },
+            Request::Leases,
             Request::KeepAlive,
             Request::CloseSession,
             Request::EndSession { session: 9 },
@@ -936,9 +1025,37 @@ mod tests {
                 running: 0,
                 failures: 2,
             },
+            Reply::Leases {
+                leases: LeaseIds::new(&[]),
+            },
+            Reply::Leases {
+                leases: LeaseIds::new(&[1, u64::MAX, 0x0102_0304_0506_0708]),
+            },
         ] {
             roundtrip_reply(0, reply);
         }
+    }
+
+    #[test]
+    fn the_leases_reply_is_laid_out_as_documented() {
+        let mut buf = Vec::new();
+        let leases = LeaseIds::new(&[7, 0x0100]);
+        encode_reply(3, &Reply::Leases { leases }, &mut buf);
+        #[rustfmt::skip]
+        let want = [
+            0, 0, 0, 25,   // length
+            0x8B,          // kind Leases
+            0, 0, 0, 3,    // request id
+            0, 0, 0, 2,    // count
+            0, 0, 0, 0, 0, 0, 0, 7,
+            0, 0, 0, 0, 0, 0, 1, 0,
+        ];
+        assert_eq!(buf, want);
+        // A count that promises more ids than the frame holds is an error, not a panic.
+        let short = [
+            0x8B, 0, 0, 0, 3, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0, 0, 0, 0, 7,
+        ];
+        assert!(decode_reply(&short).is_err());
     }
 
     #[test]

@@ -25,7 +25,7 @@ mod status;
 
 pub use codec::{
     decode_reply, decode_request, encode_reply, encode_request, split_frame, DecodeError,
-    ErrorCode, LostReason, Reply, Request,
+    ErrorCode, LeaseIds, LostReason, Reply, Request,
 };
 pub use status::{
     CompletionStatus, GroupStatus, HolderStatus, JobStatus, RunningStatus, SemaphoreStatus,

@@ -166,6 +166,10 @@ impl Conn {
                 self.reply_ok(kind, id, &proto::Reply::Status { json: &json });
                 return Ok(());
             }
+            proto::Request::Leases => {
+                self.reply_leases(kind, id);
+                return Ok(());
+            }
             proto::Request::OpenSession { session, ttl_ms } => {
                 let ttl = match self.ttl(ttl_ms) {
                     Ok(ttl) => ttl,
@@ -356,6 +360,29 @@ impl Conn {
         Ok(ttl)
     }
 
+    /// Answers `Leases` with the bound session's held leases. The reply is queued while the
+    /// state lock is held, so that it leaves before the reply of any grant decided after it:
+    /// a client that heard of a grant before this answer finds the lease in it.
+    fn reply_leases(&self, kind: Kind, id: u32) {
+        let Some(session) = self.session else {
+            let message = "open or resume a session on this connection first";
+            self.reply_error(kind, id, ErrorCode::NoSession, message);
+            return;
+        };
+        let st = self.shared.lock();
+        match st.core.held_leases(session) {
+            Some(held) => {
+                let held: Vec<u64> = held.into_iter().map(|l| l.0).collect();
+                let leases = proto::LeaseIds::new(&held);
+                self.reply_ok(kind, id, &proto::Reply::Leases { leases });
+            }
+            None => {
+                let message = format!("session {:016x} not found", session.0);
+                self.reply_error(kind, id, ErrorCode::SessionNotFound, &message);
+            }
+        }
+    }
+
     fn bind(&mut self, session: SessionId) {
         self.session = Some(session);
         self.shared.lock().bind(session, self.id);
@@ -381,6 +408,7 @@ fn wire_kind(request: &proto::Request<'_>) -> Kind {
         proto::Request::FinishJob { .. } => Kind::FinishJob,
         proto::Request::ResetJob { .. } => Kind::ResetJob,
         proto::Request::WaitGroup { .. } => Kind::WaitGroup,
+        proto::Request::Leases => Kind::Leases,
     }
 }
 

@@ -29,7 +29,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
-use turnstile_core::{Coordinator, Time};
+use turnstile_core::{Coordinator, Effect, Time};
 
 pub use crate::durable::FsyncMode;
 use crate::durable::WalQueue;
@@ -109,8 +109,9 @@ pub struct RecoveryReport {
     pub sessions: usize,
     /// Held leases after recovery.
     pub leases: usize,
-    /// Where a torn tail was cut off, if one was.
-    pub truncated: Option<(PathBuf, u64)>,
+    /// The torn tail cut off the log, if there was one: where, and the side file that keeps
+    /// the cut bytes.
+    pub truncated: Option<turnstile_wal::Cut>,
 }
 
 /// A coordinator with its state loaded, ready to serve.
@@ -134,9 +135,24 @@ impl Server {
                 fsync,
                 snapshot_bytes,
             } => {
-                let (log, recovery) = turnstile_wal::Log::open(path)?;
+                let (mut log, mut recovery) = turnstile_wal::Log::open(path)?;
                 for record in &recovery.records {
                     core.apply(Time::ZERO, record);
+                }
+                if let Some(cut) = &recovery.truncated {
+                    // The cut bytes may have held acknowledged grants (damage to the very end
+                    // of the log looks like a torn write): never hand their tokens out again.
+                    let mut effects = Vec::new();
+                    core.skip_tokens(cut.grants_at_most(), &mut effects);
+                    let mut frames = Vec::new();
+                    for effect in &effects {
+                        if let Effect::Persist(record) = effect {
+                            turnstile_wal::record::encode(record, &mut frames);
+                        }
+                    }
+                    log.append(&frames)?;
+                    log.sync()?;
+                    recovery.log_bytes += frames.len() as u64;
                 }
                 report.records = recovery.records.len();
                 report.from_snapshot = recovery.from_snapshot;

@@ -39,6 +39,7 @@ pub(crate) enum Kind {
     FinishJob,
     ResetJob,
     WaitGroup,
+    Leases,
     Invalid,
 }
 
@@ -61,6 +62,7 @@ const KIND_NAMES: [&str; KINDS] = [
     "finish_job",
     "reset_job",
     "wait_group",
+    "leases",
     "invalid",
 ];
 

@@ -76,6 +76,8 @@ enum Msg {
     SessionLost(u64),
     /// A job or group answer: these tests look only at its kind.
     Job(String),
+    /// The held leases of the session, sorted.
+    Leases(Vec<u64>),
 }
 
 fn owned(reply: Reply<'_>) -> Msg {
@@ -89,6 +91,11 @@ fn owned(reply: Reply<'_>) -> Msg {
         Reply::Error { code, message } => Msg::Error(code, message.to_owned()),
         Reply::LeaseLost { lease, .. } => Msg::LeaseLost(lease),
         Reply::SessionLost { session, .. } => Msg::SessionLost(session),
+        Reply::Leases { leases } => {
+            let mut ids: Vec<u64> = leases.iter().collect();
+            ids.sort_unstable();
+            Msg::Leases(ids)
+        }
         other @ (Reply::JobCompleted { .. }
         | Reply::JobBusy { .. }
         | Reply::JobReset { .. }
@@ -708,5 +715,56 @@ async fn leases_outlive_connections_until_the_ttl() {
     assert!(
         matches!(reply, Msg::Error(ErrorCode::SessionNotFound, _)),
         "{reply:?}"
+    );
+}
+
+/// `Leases` answers with the held (not queued) leases of the bound session, needs a bound
+/// session, and tells a session that is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_lists_the_held_leases_of_the_bound_session() {
+    let server = TestServer::start().await;
+    let mut unbound = Raw::connect(server.addr).await;
+    unbound.hello().await;
+    let msg = unbound.call(&Request::Leases).await;
+    assert!(
+        matches!(msg, Msg::Error(ErrorCode::NoSession, _)),
+        "{msg:?}"
+    );
+
+    let mut a = Raw::with_session(server.addr, 0xa, 0).await;
+    let mut b = Raw::with_session(server.addr, 0xb, 0).await;
+    assert_eq!(a.call(&Request::Leases).await, Msg::Leases(vec![]));
+    for (name, capacity) in [("one", 1), ("two", 2)] {
+        assert_eq!(a.call(&Request::Ensure { capacity, name }).await, Msg::Done);
+    }
+    let acquire = |lease, name| Request::Acquire {
+        lease,
+        weight: 1,
+        timeout_ms: NO_TIMEOUT,
+        name,
+    };
+    assert!(matches!(b.call(&acquire(1, "one")).await, Msg::Granted(_)));
+    assert!(matches!(a.call(&acquire(7, "two")).await, Msg::Granted(_)));
+    assert!(matches!(a.call(&acquire(5, "two")).await, Msg::Granted(_)));
+    let queued = a.send(&acquire(9, "one")).await; // waits behind b's lease
+    assert_eq!(a.call(&Request::Leases).await, Msg::Leases(vec![5, 7]));
+    assert_eq!(b.call(&Request::Leases).await, Msg::Leases(vec![1]));
+    // A second connection bound to the same session sees the same leases.
+    let mut a2 = Raw::connect(server.addr).await;
+    a2.hello().await;
+    let resumed = a2.call(&Request::ResumeSession { session: 0xa }).await;
+    assert!(matches!(resumed, Msg::SessionOpened { .. }), "{resumed:?}");
+    assert_eq!(a2.call(&Request::Leases).await, Msg::Leases(vec![5, 7]));
+    // Once b lets go, the queued acquire is held and listed.
+    assert_eq!(b.call(&Request::CloseSession).await, Msg::Done);
+    assert!(matches!(a.reply_to(queued).await, Msg::Granted(_)));
+    assert_eq!(a.call(&Request::Leases).await, Msg::Leases(vec![5, 7, 9]));
+    // A session that ended is reported gone.
+    assert_eq!(
+        b.call(&Request::Leases).await,
+        Msg::Error(
+            ErrorCode::SessionNotFound,
+            format!("session {:016x} not found", 0xb)
+        )
     );
 }

@@ -4,14 +4,21 @@
 //! # Layout of a data directory
 //!
 //! ```text
-//! LOCK                      held with an exclusive lock by the one server using the directory
-//! snap-<gen>.snap           the state at the start of generation <gen> (16 hex digits)
-//! wal-<gen>.log             the records appended during generation <gen>
+//! LOCK                          held with an exclusive lock by the one server using the directory
+//! snap-<gen>.snap               the state at the start of generation <gen> (16 hex digits)
+//! snap-<gen>.snap.tmp           a snapshot being written (removed by the next start)
+//! wal-<gen>.log                 the records appended during generation <gen>
+//! wal-<gen>.log.torn-<offset>   bytes recovery cut off the end of that log, kept as evidence
 //! ```
 //!
-//! A log segment is the 8 bytes `TSTLWAL\x01` followed by frames (see [`record`]). A snapshot
-//! is `TSTLSNP\x01`, then the frames of the records that rebuild the state, then an end frame
-//! that holds their count.
+//! Files of any other name are not ours and are never touched.
+//!
+//! A log segment is the 8 bytes `TSTLWAL\x02` followed by frames (see [`record`]: each frame's
+//! length is covered by a header checksum of its own). A snapshot is `TSTLSNP\x02`, then the
+//! frames of the records that rebuild the state, then an end frame that holds their count.
+//! Format 1 (`\x01`, whose frames had no header checksum) was written only by pre-release
+//! builds; it is refused with a message that says so rather than read, so that no reader of
+//! the old, weaker frames remains to be kept safe.
 //!
 //! Recovery loads the newest snapshot and replays every segment from its generation on.
 //! Taking a snapshot ([`Log::rotate`]) writes `snap-<g+1>` to a temporary file, syncs it,
@@ -20,12 +27,28 @@
 //!
 //! # Damage
 //!
-//! - A record cut short or garbled at the **end of the last segment** is a torn write from a
-//!   crash. No reply was sent for it (replies wait for the sync), so recovery cuts it off and
-//!   logs where.
-//! - A bad record **followed by good ones**, or anywhere in an older segment or a snapshot, is
-//!   damage to data that was acknowledged. Recovery stops with [`WalError::Corrupt`], naming
-//!   the file and offset, and changes nothing.
+//! A frame is bad when its header checksum, its length or its body checksum is wrong, or when
+//! the file ends inside it. A frame **runs past the end** when less than a header is left, or
+//! when its header checksum holds (so its length is the real one) and the body is cut short:
+//! only a write cut short leaves that. For any other bad frame, what it means is decided
+//! without trusting anything in it: recovery looks for a good frame (both checksums hold and
+//! the body decodes) at **every byte offset** after the bad one.
+//!
+//! - If the bad frame runs past the end, or no good frame follows it, and it is in the **last
+//!   segment**, it is a torn tail: a write that the crash interrupted. No reply was sent for
+//!   it (replies wait for the sync), so recovery cuts it off — but first copies the cut bytes
+//!   to `wal-<gen>.log.torn-<offset>` (synced), and logs the file, the offset and the copy.
+//!   Nothing is ever destroyed.
+//! - Otherwise — a good frame follows, or the segment is not the last, or the file is a
+//!   snapshot — it is damage to data that was acknowledged. Recovery stops with
+//!   [`WalError::Corrupt`], naming the file and offset, and changes no file (only `LOCK`, which
+//!   says who holds the directory, is written).
+//!
+//! A torn tail cannot be told from damage to the very last frames of a log, which may have
+//! been acknowledged (a disk that lost a synced write). The coordinator and its clients cover
+//! that case: the server moves its fencing counters past the most grants the cut bytes could
+//! hold ([`Cut::grants_at_most`]), and a client that resumes its session asks which of its
+//! leases the coordinator still has, and reports the others lost.
 #![deny(missing_docs)]
 
 pub mod record;
@@ -38,8 +61,13 @@ use turnstile_core::Record;
 
 use crate::record::{decode, frame_at, Body, Frame};
 
-const WAL_MAGIC: &[u8; 8] = b"TSTLWAL\x01";
-const SNAP_MAGIC: &[u8; 8] = b"TSTLSNP\x01";
+const WAL_MAGIC: &[u8; 8] = b"TSTLWAL\x02";
+const SNAP_MAGIC: &[u8; 8] = b"TSTLSNP\x02";
+/// The magics of format 1, recognised only to name them in the refusal.
+const WAL_MAGIC_V1: &[u8; 8] = b"TSTLWAL\x01";
+const SNAP_MAGIC_V1: &[u8; 8] = b"TSTLSNP\x01";
+const V1_REFUSED: &str = "written in log format 1 by a pre-release turnstile, which this \
+                          version does not read (start it on an empty data directory)";
 
 /// What can go wrong with a data directory.
 #[derive(Debug, thiserror::Error)]
@@ -90,10 +118,33 @@ pub struct Recovery {
     pub records: Vec<Record>,
     /// Records that came from the snapshot (the first ones of `records`).
     pub from_snapshot: usize,
-    /// Where a torn tail was cut off, if one was.
-    pub truncated: Option<(PathBuf, u64)>,
+    /// The torn tail that was cut off, if one was.
+    pub truncated: Option<Cut>,
     /// Bytes of log after the snapshot, to decide when the next snapshot is due.
     pub log_bytes: u64,
+}
+
+/// A torn tail that recovery cut off the end of the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cut {
+    /// The log segment.
+    pub file: PathBuf,
+    /// Where the torn frame started: the segment's length now.
+    pub offset: u64,
+    /// How many bytes were cut.
+    pub bytes: u64,
+    /// The file that holds the cut bytes, written and synced before the cut.
+    pub saved_to: PathBuf,
+}
+
+impl Cut {
+    /// The most grants the cut bytes can have held. They are normally a write the crash
+    /// interrupted, never acknowledged; but damage to the very end of a log looks the same,
+    /// so a coordinator moves its fencing counters on by this much, and no token of a lost
+    /// grant is handed out twice.
+    pub fn grants_at_most(&self) -> u64 {
+        self.bytes / record::MIN_GRANT_FRAME as u64 + 1
+    }
 }
 
 /// An open data directory: holds the lock and appends to the current segment.
@@ -113,9 +164,6 @@ impl Log {
         fs::create_dir_all(dir).map_err(io_err("cannot create data directory", dir))?;
         let lock = lock_dir(dir)?;
         let mut files = list(dir)?;
-        for tmp in &files.tmp {
-            let _ = fs::remove_file(tmp);
-        }
         let mut recovery = Recovery::default();
         let base = match files.snapshots.last() {
             Some(&gen) => {
@@ -139,15 +187,38 @@ impl Log {
             }
         }
         let last = files.segments.last().copied();
+        // Read everything before changing anything: a refusal must leave the files as found.
+        let mut torn = None;
         for &gen in &files.segments {
             let path = wal_path(dir, gen);
             let is_last = Some(gen) == last;
             let (bytes, cut) = read_segment(&path, is_last, &mut recovery.records)?;
             recovery.log_bytes += bytes;
-            if let Some(offset) = cut {
-                tracing::warn!(file = %path.display(), offset, "cut off a torn record at the end of the log (a write the crash interrupted; it was never acknowledged)");
-                recovery.truncated = Some((path.clone(), offset));
+            if let Some((offset, tail)) = cut {
+                torn = Some((path, offset, tail));
             }
+        }
+        if let Some((path, offset, tail)) = torn {
+            let saved_to = save_torn_tail(&path, offset, &tail)?;
+            truncate(&path, offset)?;
+            tracing::warn!(
+                file = %path.display(),
+                offset,
+                bytes = tail.len(),
+                saved_to = %saved_to.display(),
+                "cut off a torn record at the end of the log (a write the crash interrupted; \
+                 no good record follows it); the cut bytes are kept in saved_to"
+            );
+            recovery.truncated = Some(Cut {
+                file: path,
+                offset,
+                bytes: tail.len() as u64,
+                saved_to,
+            });
+        }
+        // A snapshot being written when the last server stopped; never one we recovered from.
+        for tmp in &files.tmp {
+            let _ = fs::remove_file(tmp);
         }
         // Files older than the snapshot are leftovers of an interrupted rotation.
         remove_older(dir, base);
@@ -199,7 +270,7 @@ impl Log {
         self.sync()?;
         let next = self.generation + 1;
         let path = snap_path(&self.dir, next);
-        let tmp = path.with_extension("snap.tmp");
+        let tmp = snap_tmp_path(&self.dir, next);
         let mut buf = Vec::with_capacity(64 + snapshot.len() * 48);
         buf.extend_from_slice(SNAP_MAGIC);
         for r in snapshot {
@@ -262,7 +333,9 @@ fn list(dir: &Path) -> Result<Files, WalError> {
         let entry = entry.map_err(io_err("cannot list", dir))?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        if name.ends_with(".tmp") {
+        // Only the temporary files our own naming scheme makes: anything else called *.tmp
+        // may be someone else's.
+        if parse_gen(name, "snap-", ".snap.tmp").is_some() {
             files.tmp.push(entry.path());
         } else if let Some(gen) = parse_gen(name, "snap-", ".snap") {
             files.snapshots.push(gen);
@@ -286,6 +359,44 @@ fn wal_path(dir: &Path, gen: u64) -> PathBuf {
 
 fn snap_path(dir: &Path, gen: u64) -> PathBuf {
     dir.join(format!("snap-{gen:016x}.snap"))
+}
+
+fn snap_tmp_path(dir: &Path, gen: u64) -> PathBuf {
+    dir.join(format!("snap-{gen:016x}.snap.tmp"))
+}
+
+/// Copies the bytes about to be cut off `path` at `offset` to a side file of their own
+/// (`<segment>.torn-<offset>`, or with `.1`, `.2`... if that exists), synced, and returns its
+/// path. Recovery cuts only once this has succeeded.
+fn save_torn_tail(path: &Path, offset: u64, tail: &[u8]) -> Result<PathBuf, WalError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let base = format!(
+        "{}.torn-{offset}",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
+    );
+    for n in 0u32.. {
+        let name = if n == 0 {
+            base.clone()
+        } else {
+            format!("{base}.{n}")
+        };
+        let side = dir.join(name);
+        let mut file = match OpenOptions::new().write(true).create_new(true).open(&side) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(io_err("cannot create", &side)(e)),
+        };
+        file.write_all(tail)
+            .map_err(io_err("cannot write", &side))?;
+        file.sync_all().map_err(io_err("cannot sync", &side))?;
+        sync_dir(dir)?;
+        return Ok(side);
+    }
+    Err(io_err("cannot find a free name beside", path)(
+        io::ErrorKind::AlreadyExists.into(),
+    ))
 }
 
 fn remove_older(dir: &Path, gen: u64) {
@@ -324,13 +435,17 @@ fn open_segment(dir: &Path, gen: u64) -> Result<(File, u64), WalError> {
     Ok((file, len))
 }
 
-/// Reads one segment's records into `out`. Returns the segment's length after recovery, and
-/// the offset where a torn tail was cut off (only in the last segment).
+/// A torn tail found by [`read_segment`]: where it starts, and its bytes.
+type TornTail = (u64, Vec<u8>);
+
+/// Reads one segment's records into `out`. Returns the segment's length once a torn tail is
+/// cut off, and, if there is one (only in the last segment), where it starts and its bytes.
+/// Changes nothing on disk.
 fn read_segment(
     path: &Path,
     is_last: bool,
     out: &mut Vec<Record>,
-) -> Result<(u64, Option<u64>), WalError> {
+) -> Result<(u64, Option<TornTail>), WalError> {
     let buf = fs::read(path).map_err(io_err("cannot read", path))?;
     let corrupt = |offset: usize, why: String| WalError::Corrupt {
         file: path.to_owned(),
@@ -340,8 +455,11 @@ fn read_segment(
     if buf.len() < WAL_MAGIC.len() || &buf[..WAL_MAGIC.len()] != WAL_MAGIC {
         if is_last && WAL_MAGIC.starts_with(&buf) {
             // Created but its header not (fully) written when the crash came: empty.
-            truncate(path, 0)?;
-            return Ok((0, (!buf.is_empty()).then_some(0)));
+            let torn = (!buf.is_empty()).then_some((0, buf));
+            return Ok((0, torn));
+        }
+        if buf.starts_with(WAL_MAGIC_V1) {
+            return Err(corrupt(0, V1_REFUSED.into()));
         }
         return Err(corrupt(
             0,
@@ -362,26 +480,36 @@ fn read_segment(
                 }
                 Err(e) => return Err(corrupt(offset, e.0.into())),
             },
-            Frame::Bad { why } => {
-                if is_last && !good_frame_follows(&buf, offset) {
-                    truncate(path, offset as u64)?;
-                    return Ok((offset as u64, Some(offset as u64)));
+            Frame::Bad { why, past_end } => {
+                // A frame that runs past the end is a write cut short; any other bad frame is
+                // a torn tail only if no good frame starts anywhere after it.
+                let later = if past_end {
+                    None
+                } else {
+                    next_valid_frame(&buf, offset + 1)
+                };
+                if let Some(later) = later {
+                    return Err(corrupt(
+                        offset,
+                        format!("{why}, and a good record follows at offset {later}"),
+                    ));
                 }
-                return Err(corrupt(offset, why.into()));
+                if !is_last {
+                    return Err(corrupt(
+                        offset,
+                        format!("{why}, in a log that is not the last"),
+                    ));
+                }
+                return Ok((offset as u64, Some((offset as u64, buf[offset..].to_vec()))));
             }
         }
     }
 }
 
-/// Whether a good frame follows the bad one at `offset`, judging by its length field: then
-/// the damage is in the middle of acknowledged data, not a torn tail.
-fn good_frame_follows(buf: &[u8], offset: usize) -> bool {
-    let Some(len) = buf.get(offset..offset + 4) else {
-        return false;
-    };
-    let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
-    let next = offset + record::FRAME_HEADER + len;
-    len <= record::MAX_BODY && next < buf.len() && matches!(frame_at(buf, next), Frame::Good { .. })
+/// The first offset at or after `from` where a good frame starts, trying every byte: the bad
+/// frame before it may have a damaged length, so where it claims to end means nothing.
+fn next_valid_frame(buf: &[u8], from: usize) -> Option<usize> {
+    (from..buf.len()).find(|&at| record::valid_frame_at(buf, at))
 }
 
 fn truncate(path: &Path, len: u64) -> Result<(), WalError> {
@@ -401,6 +529,9 @@ fn read_snapshot(path: &Path) -> Result<Vec<Record>, WalError> {
         why: why.to_owned(),
     };
     if buf.len() < SNAP_MAGIC.len() || &buf[..SNAP_MAGIC.len()] != SNAP_MAGIC {
+        if buf.starts_with(SNAP_MAGIC_V1) {
+            return Err(corrupt(0, V1_REFUSED));
+        }
         return Err(corrupt(0, "not a turnstile snapshot (bad header)"));
     }
     let mut records = Vec::new();
@@ -421,7 +552,7 @@ fn read_snapshot(path: &Path) -> Result<Vec<Record>, WalError> {
                 Err(e) => return Err(corrupt(offset, e.0)),
             },
             Frame::End => return Err(corrupt(offset, "snapshot has no end frame")),
-            Frame::Bad { why } => return Err(corrupt(offset, why)),
+            Frame::Bad { why, .. } => return Err(corrupt(offset, why)),
         }
     }
 }

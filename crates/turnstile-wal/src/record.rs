@@ -1,18 +1,34 @@
 //! The on-disk encoding of core records: the only code that knows how a [`Record`] looks in a
 //! file.
 //!
-//! A frame is `len: u32 LE | crc32: u32 LE | body (len bytes)`, where the CRC-32 (IEEE) covers
-//! the body. A body is a one-byte type followed by the fields; strings are a `u16` length and
-//! UTF-8 bytes. Little-endian, unlike the wire protocol: files are read by this crate only, and
-//! every machine it runs on is little-endian.
+//! A frame (format 2) is
+//!
+//! ```text
+//! len: u32 LE | body_crc: u32 LE | header_crc: u32 LE | body (len bytes)
+//! ```
+//!
+//! where `body_crc` is the CRC-32 (IEEE) of the body and `header_crc` the CRC-32 of the eight
+//! bytes before it. The header checksum is what makes the length trustworthy: in format 1
+//! (`len | crc | body`) a flipped bit in a length was only noticed as a bad body checksum, so
+//! recovery could not tell where the next frame started, and took damage in the middle of a
+//! log for a torn tail. Now a damaged length fails its own checksum, and recovery looks for a
+//! later good frame at every byte offset ([`valid_frame_at`]) instead of trusting it.
+//!
+//! A body is a one-byte type followed by the fields; strings are a `u16` length and UTF-8
+//! bytes. Little-endian, unlike the wire protocol: files are read by this crate only, and every
+//! machine it runs on is little-endian.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use turnstile_core::{Completion, LeaseId, Record, SessionId, Token};
 
-/// Bytes of a frame header (length and checksum).
-pub const FRAME_HEADER: usize = 8;
+/// Bytes of a frame header (length, body checksum, header checksum).
+pub const FRAME_HEADER: usize = 12;
+
+/// The smallest frame of a grant (a one-byte semaphore name): a damaged stretch of `n` bytes
+/// held at most `n / MIN_GRANT_FRAME` grants.
+pub const MIN_GRANT_FRAME: usize = FRAME_HEADER + 1 + 8 + 8 + 8 + 4 + 2 + 1;
 
 /// The largest body a frame may have. Real records are under 300 bytes; a larger length field
 /// is damage.
@@ -139,7 +155,7 @@ pub(crate) fn encode_snapshot_end(count: u64, out: &mut Vec<u8>) {
     seal(out, start);
 }
 
-/// Fills in the length and checksum of the frame that starts at `start`.
+/// Fills in the length and checksums of the frame that starts at `start`.
 fn seal(out: &mut [u8], start: usize) {
     let body = &out[start + FRAME_HEADER..];
     // Bodies are bounded by a 255-byte name plus fixed fields, far below u32::MAX.
@@ -147,6 +163,8 @@ fn seal(out: &mut [u8], start: usize) {
     let crc = crc32fast::hash(body);
     out[start..start + 4].copy_from_slice(&len.to_le_bytes());
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    let header_crc = crc32fast::hash(&out[start..start + 8]);
+    out[start + 8..start + 12].copy_from_slice(&header_crc.to_le_bytes());
 }
 
 fn micros(d: Duration) -> u64 {
@@ -169,40 +187,68 @@ pub(crate) enum Frame<'a> {
     /// The file ends exactly here.
     End,
     /// Not a good frame: cut short, bad length, or bad checksum.
-    Bad { why: &'static str },
+    Bad {
+        why: &'static str,
+        /// The file ends inside the frame: less than a header is left, or the header holds
+        /// (so its length is the real one) and the body runs past the end. Only a write cut
+        /// short leaves that; nothing after it can be a frame of its own.
+        past_end: bool,
+    },
 }
 
-/// Reads the frame at `offset` of `buf`.
+/// Reads the frame at `offset` of `buf`. The length is believed only once the header's own
+/// checksum holds.
 pub(crate) fn frame_at(buf: &[u8], offset: usize) -> Frame<'_> {
     let rest = &buf[offset.min(buf.len())..];
     if rest.is_empty() {
         return Frame::End;
     }
-    if rest.len() < FRAME_HEADER {
+    let Some(header) = rest.get(..FRAME_HEADER) else {
         return Frame::Bad {
             why: "frame header cut short",
+            past_end: true,
+        };
+    };
+    let word =
+        |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+    if crc32fast::hash(&header[..8]) != word(8) {
+        return Frame::Bad {
+            why: "frame header checksum mismatch (damaged length or checksum)",
+            past_end: false,
         };
     }
-    let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-    let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
+    let len = word(0) as usize;
     if len == 0 || len > MAX_BODY {
         return Frame::Bad {
             why: "frame length out of range",
+            past_end: false,
         };
     }
     let Some(body) = rest.get(FRAME_HEADER..FRAME_HEADER + len) else {
         return Frame::Bad {
             why: "frame body cut short",
+            past_end: true,
         };
     };
-    if crc32fast::hash(body) != crc {
+    if crc32fast::hash(body) != word(4) {
         return Frame::Bad {
             why: "checksum mismatch",
+            past_end: false,
         };
     }
     Frame::Good {
         body,
         next: offset + FRAME_HEADER + len,
+    }
+}
+
+/// Whether a whole frame that decodes starts at `offset`: both checksums hold and the body is
+/// a record or a snapshot end. Recovery asks this at every offset after a bad frame, so that
+/// what it decides never rests on a length that may be the damaged part.
+pub(crate) fn valid_frame_at(buf: &[u8], offset: usize) -> bool {
+    match frame_at(buf, offset) {
+        Frame::Good { body, .. } => decode(body).is_ok(),
+        Frame::End | Frame::Bad { .. } => false,
     }
 }
 
@@ -456,6 +502,22 @@ mod tests {
     }
 
     #[test]
+    fn the_smallest_grant_frame_is_min_grant_frame() {
+        let mut buf = Vec::new();
+        encode(
+            &Record::Granted {
+                session: SessionId(1),
+                lease: LeaseId(1),
+                semaphore: Arc::from("x"),
+                weight: 1,
+                token: Token(1),
+            },
+            &mut buf,
+        );
+        assert_eq!(buf.len(), MIN_GRANT_FRAME);
+    }
+
+    #[test]
     fn every_record_roundtrips() {
         let mut buf = Vec::new();
         for r in samples() {
@@ -482,9 +544,9 @@ mod tests {
                 "cut at {cut}"
             );
         }
-        for i in 0..buf.len() {
+        for (i, bit) in (0..buf.len()).flat_map(|i| (0..8).map(move |b| (i, 1u8 << b))) {
             let mut damaged = buf.clone();
-            damaged[i] ^= 0x40;
+            damaged[i] ^= bit;
             assert!(
                 !matches!(frame_at(&damaged, 0), Frame::Good { .. })
                     || decode(match frame_at(&damaged, 0) {
@@ -492,9 +554,34 @@ mod tests {
                         _ => unreachable!(),
                     })
                     .is_err(),
-                "flip at byte {i} went unnoticed"
+                "flip of bit {bit:#04x} at byte {i} went unnoticed"
             );
         }
+    }
+
+    /// The format-1 hole: a flipped bit in a length field made the reader skip to the wrong
+    /// place. Now every such flip fails the header checksum, whatever the body.
+    #[test]
+    fn a_flipped_length_bit_fails_the_header_checksum() {
+        let mut buf = Vec::new();
+        for r in samples() {
+            encode(&r, &mut buf);
+        }
+        let mut offset = 0;
+        while let Frame::Good { next, .. } = frame_at(&buf, offset) {
+            for (i, bit) in (0..4).flat_map(|i| (0..8).map(move |b| (i, 1u8 << b))) {
+                let mut damaged = buf.clone();
+                damaged[offset + i] ^= bit;
+                assert!(
+                    matches!(frame_at(&damaged, offset), Frame::Bad { why, .. } if why.contains("header")),
+                    "frame at {offset}: flip {bit:#04x} of length byte {i}"
+                );
+                // The next frame is still found by its own checksums.
+                assert!(next == buf.len() || valid_frame_at(&damaged, next));
+            }
+            offset = next;
+        }
+        assert_eq!(offset, buf.len());
     }
 
     proptest! {

@@ -47,6 +47,12 @@
 //! acknowledged completion survives with its token, and no job is granted after its
 //! completion.
 //!
+//! Invariant 1 also checks, at every restart, that a resuming client's reconciliation of its
+//! leases (it asks the coordinator which it still holds) never reports a lease lost that the
+//! coordinator has. The opposite case has a test of its own: a holder whose grant the log
+//! lost (its last frame cut short after the kill) is told its lease is lost, and
+//! `turnstile run` stops its command and exits 76.
+//!
 //! # Longer soaks
 //!
 //! `TURNSTILE_CRASH_ROUNDS` sets the number of kills of the `--fsync batch` test (default
@@ -67,7 +73,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -227,6 +233,164 @@ fn outage_of_a_third_of_the_ttl_costs_no_lease() {
         permit.release().await.expect("release");
         client.shutdown().await.expect("shutdown");
     });
+}
+
+/// A holder whose grant the restarted coordinator no longer has is told so, and stops.
+///
+/// `turnstile run` holds the only permit of a semaphore, with `--fsync always`; the server is
+/// killed, and the grant's record — the last frame of the log — is cut short, as a torn
+/// write or a damaged end of the log would leave it. The restarted server cuts the torn frame
+/// off (keeping its bytes in a side file named in its log) and recovers the session without
+/// the lease. When the holder resumes its session it must learn that its lease is gone: its
+/// command is stopped and it exits 76, rather than running on beside the next holder, whom
+/// the coordinator will grant the same permit — with a greater fencing token, since it moved
+/// its counters past every grant the cut bytes could have held.
+#[test]
+fn a_holder_whose_grant_the_log_lost_is_stopped() {
+    let scenario = Scenario {
+        name: "forgotten",
+        fsync: "always",
+        snapshot_every: None,
+        rounds: 0,
+    };
+    let dir = Scratch::new("crash-forgotten");
+    let mut server = CrashServer::new(&dir, &scenario);
+    server.start();
+    let url = server.url();
+    let run = |label: &str, args: &[&str]| -> Group {
+        let out = |ext: &str| File::create(dir.join(&format!("{label}.{ext}"))).expect("create");
+        let child = Command::new(BIN)
+            .args(args)
+            .env("TURNSTILE_URL", &url)
+            .env("DIR", dir.join(""))
+            .env_remove("RUST_LOG")
+            .env_remove("TURNSTILE_SESSION")
+            .stdin(Stdio::null())
+            .stdout(out("stdout"))
+            .stderr(out("stderr"))
+            .process_group(0)
+            .spawn()
+            .expect("spawn turnstile run");
+        Group(child)
+    };
+    let mut holder = run(
+        "holder",
+        &[
+            "run",
+            "forgotten",
+            "--limit",
+            "1",
+            "--",
+            "sh",
+            "-c",
+            r#"echo $TURNSTILE_FENCING_TOKEN > "$DIR/token"
+               echo $$ > "$DIR/pid.tmp" && mv "$DIR/pid.tmp" "$DIR/pid" && exec sleep 60"#,
+        ],
+    );
+    let command: i32 = dir.wait_for("pid").trim().parse().expect("a pid");
+    server.kill();
+
+    // The grant is the last record of the log (keep-alives are not logged): cut it short.
+    let wal = std::fs::read_dir(dir.join("data"))
+        .expect("list the data directory")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "log"))
+        .expect("a log segment");
+    let bytes = std::fs::read(&wal).expect("read the log");
+    let last = last_frame(&bytes);
+    assert_eq!(bytes[last + 12], 5, "the last record is the grant");
+    let cut = last + 7;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&wal)
+        .and_then(|f| f.set_len(cut as u64))
+        .expect("cut the log");
+    server.start();
+
+    let status = common::wait_until("the holder to exit", SOON, || {
+        holder.0.try_wait().expect("try_wait")
+    });
+    let stderr = std::fs::read_to_string(dir.join("holder.stderr")).unwrap_or_default();
+    assert_eq!(status.code(), Some(76), "{status:?}: {stderr}");
+    assert!(stderr.contains("lost"), "{stderr}");
+    common::wait_until("the command to be gone", Duration::from_secs(2), || {
+        (!common::process_exists(command)).then_some(())
+    });
+    // The restarted server said what it cut, and kept the bytes.
+    let side = wal.with_file_name(format!(
+        "{}.torn-{last}",
+        wal.file_name().expect("a file name").to_string_lossy()
+    ));
+    assert_eq!(
+        std::fs::read(&side).expect("the side file"),
+        &bytes[last..cut]
+    );
+    let log = std::fs::read_to_string(&server.log).expect("the server log");
+    assert!(
+        log.contains("torn") && log.contains(&*side.to_string_lossy()),
+        "{log}"
+    );
+    // The permit is free for the next holder, whose token is above the forgotten one: the
+    // restarted server moved its fencing counters past every grant the cut bytes could hold.
+    let mut next = run(
+        "next",
+        &[
+            "run",
+            "forgotten",
+            "--limit",
+            "1",
+            "--",
+            "sh",
+            "-c",
+            r#"echo $TURNSTILE_FENCING_TOKEN > "$DIR/next-token""#,
+        ],
+    );
+    let status = common::wait_until("the next holder to finish", SOON, || {
+        next.0.try_wait().expect("try_wait")
+    });
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    let token = |name: &str| -> u64 {
+        let text = std::fs::read_to_string(dir.join(name)).expect("a token file");
+        text.trim().parse().expect("a token")
+    };
+    assert!(
+        token("next-token") > token("token"),
+        "the forgotten holder's token {} was handed out again ({})",
+        token("token"),
+        token("next-token")
+    );
+}
+
+/// Where the last frame of a log segment (format 2: an 8-byte header, then frames of
+/// `len u32 LE | body crc | header crc | body`) starts.
+fn last_frame(log: &[u8]) -> usize {
+    assert_eq!(&log[..8], b"TSTLWAL\x02", "a log segment of format 2");
+    let mut at = 8;
+    loop {
+        let len = u32::from_le_bytes(log[at..at + 4].try_into().expect("4 bytes")) as usize;
+        let next = at + 12 + len;
+        if next >= log.len() {
+            assert_eq!(next, log.len(), "whole frames");
+            return at;
+        }
+        at = next;
+    }
+}
+
+/// A `turnstile` process leading a process group of its own; the group is killed on drop.
+struct Group(Child);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.0.id()) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Run-once jobs across SIGKILLs: [`JOB_RUNNERS`] clients work through the same [`JOBS`] jobs
