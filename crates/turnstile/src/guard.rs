@@ -29,7 +29,8 @@
 //! - The command keeps the guard's process group and terminal, which are the wrapper's
 //!   (`run` and `once`) or the worker's own group (the nanny), and its stdin/stdout/stderr.
 //! - Signals: the guard blocks every signal and reads them from a signalfd, so none kills it
-//!   while the command lives (std resets the signal mask in the command it spawns). It never
+//!   while the command lives (std does not reset the mask of what it spawns, so the command
+//!   is started through `turnstile __exec`, which clears the mask and `exec`s it). It never
 //!   passes on a signal it receives itself: a signal sent to the process group (a terminal's
 //!   Ctrl-C, the nanny's `killpg`) reaches the command directly. What the wrapper forwards
 //!   comes as a `signal N` message, and the guard passes it on unless the same signal reached
