@@ -355,7 +355,9 @@ impl SemaphoreCore {
                 None => sem.acquire_many(weight).await,
                 Some(t) => sem.acquire_many_timeout(weight, t).await,
             };
-            Python::attach(|py| {
+            // `try_attach`: at interpreter shutdown there is nobody left to tell (and `attach`
+            // would panic); a permit not handed over is dropped, which releases it.
+            Python::try_attach(|py| {
                 let core = core.get();
                 let args = match out {
                     Ok(permit) => match Py::new(py, core.lease(rt2, permit)) {
@@ -588,7 +590,7 @@ impl Lease {
                 }
                 tokio::time::sleep(LOST_POLL).await;
             };
-            Python::attach(|py| {
+            Python::try_attach(|py| {
                 if let Err(e) = callback.call1(py, (lost_name(reason),)) {
                     e.write_unraisable(py, None);
                 }
