@@ -12,7 +12,10 @@ use turnstile_client::blocking::Client;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let url = args.next().ok_or("usage: blocking_pairs URL SECONDS")?;
-    let seconds: f64 = args.next().ok_or("usage: blocking_pairs URL SECONDS")?.parse()?;
+    let seconds: f64 = args
+        .next()
+        .ok_or("usage: blocking_pairs URL SECONDS")?
+        .parse()?;
     let client = Client::connect(&url)?;
     let name = format!("bench-rust-blocking-{}", std::process::id());
     let sem = client.semaphore(&name, 1)?;
