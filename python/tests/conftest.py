@@ -19,9 +19,9 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
-#: The session TTL of the test coordinator: short, so that a SIGKILLed holder's slot comes
-#: back quickly, yet far above a loaded machine's scheduling hiccups.
-SESSION_TTL = "2s"
+#: The test coordinator's default session TTL: long, so that a test whose dead holder's slot
+#: comes back quickly shows that the client's own `session_ttl` (shorter) was used.
+SESSION_TTL = "30s"
 
 #: Deadline for things that take well under a second on an idle machine.
 SOON = 30.0
