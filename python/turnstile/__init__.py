@@ -308,6 +308,9 @@ class Semaphore:
         the meantime)."""
         self._check()
         loop = asyncio.get_running_loop()
+        if not self._core.connected:
+            # Connecting (once per process) waits for the backend: not on the event loop.
+            await loop.run_in_executor(None, self._core.connect)
         fut: asyncio.Future[Any] = loop.create_future()
 
         def settle(lease: Any, error: Optional[BaseException]) -> None:

@@ -8,6 +8,9 @@ class SemaphoreCore:
     def __init__(
         self, url: str, name: str, capacity: int, session_ttl: Optional[float] = None
     ) -> None: ...
+    @property
+    def connected(self) -> bool:
+        """Whether this process has connected."""
     def connect(self) -> None:
         """Connects and creates (or checks) the semaphore."""
     def acquire(self, timeout: Optional[float] = None, weight: int = 1) -> Optional[Lease]:

@@ -334,6 +334,14 @@ impl SemaphoreCore {
         })
     }
 
+    /// Whether this process has connected (so that calls do not wait to connect first).
+    #[getter]
+    fn connected(&self) -> bool {
+        lock(&self.handle)
+            .as_ref()
+            .is_some_and(|(pid, _)| *pid == std::process::id())
+    }
+
     /// Connects (if this process has not yet) and creates or checks the semaphore.
     fn connect(&self, py: Python<'_>) -> PyResult<()> {
         self.handle(py).map(drop)
