@@ -18,6 +18,12 @@ def init_worker(sem) -> None:
     WORKER_SEM = sem
 
 
+def wait_for_all(barrier) -> None:
+    """A Pool initializer: every worker waits until all have started, so that a loaded
+    machine starting them slowly cannot leave one worker to run every task alone."""
+    barrier.wait(timeout=120)
+
+
 def critical(i: int, sem=None, hold: float = 0.05):
     """Holds `sem` (or the initializer's) for `hold` seconds: (i, start, end, pid)."""
     sem = sem if sem is not None else WORKER_SEM

@@ -14,7 +14,14 @@ import pytest
 
 import turnstile
 from conftest import SOON, wait_until
-from helpers import critical, critical_args, hold_and_die, init_worker, max_overlap
+from helpers import (
+    critical,
+    critical_args,
+    hold_and_die,
+    init_worker,
+    max_overlap,
+    wait_for_all,
+)
 
 START_METHODS = ["fork", "spawn"]
 
@@ -23,7 +30,7 @@ START_METHODS = ["fork", "spawn"]
 def test_pool_map_limits_to_two(url, name, method):
     sem = turnstile.Semaphore(max_leases=2, name=name, url=url)
     ctx = multiprocessing.get_context(method)
-    with ctx.Pool(4) as pool:
+    with ctx.Pool(4, initializer=wait_for_all, initargs=(ctx.Barrier(4),)) as pool:
         results = pool.map(critical_args, [(i, sem) for i in range(40)], chunksize=1)
     assert sorted(r[0] for r in results) == list(range(40))
     most = max_overlap([(r[1], r[2]) for r in results])
