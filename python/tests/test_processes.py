@@ -93,6 +93,30 @@ def test_fork_child_gets_its_own_session(url, name):
     assert sem.release() is True
 
 
+def _child_with_inherited_lease(lease, queue):
+    try:
+        queue.put((lease.held, lease.lost, lease.wait_lost(timeout=5), lease.release()))
+    except BaseException as e:
+        queue.put(repr(e))
+
+
+def test_inherited_lease_is_inert_in_a_fork_child(url, name):
+    sem = turnstile.Semaphore(max_leases=1, name=name, url=url)
+    assert sem.acquire()
+    lease = sem.lease
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_with_inherited_lease, args=(lease, queue))
+    child.start()
+    out = queue.get(timeout=SOON)
+    child.join(SOON)
+    # Not held by the child, not waited on (the parent's runtime has no threads there), not
+    # released by it.
+    assert out == (False, None, None, False), out
+    assert lease.held and sem.get_value() == 1
+    assert sem.release() is True
+
+
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_sigkilled_pool_worker_slot_comes_back(url, name, method, tmp_path):
     # On tcp the slot comes back when the dead worker's session expires: after the TTL the

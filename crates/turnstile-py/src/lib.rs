@@ -546,6 +546,9 @@ impl Lease {
     /// Why the lease was lost ("expired", "closed", "session ended", "unreachable"), or `None`.
     #[getter]
     fn lost(&self) -> Option<&'static str> {
+        if self.pid != std::process::id() {
+            return None;
+        }
         self.lost_reason().map(lost_name)
     }
 
@@ -587,6 +590,11 @@ impl Lease {
     #[pyo3(signature = (timeout=None))]
     fn wait_lost(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<&'static str>> {
         let timeout = seconds("timeout", timeout)?;
+        if self.pid != std::process::id() {
+            // Another process's lease (inherited through fork): its runtime has no threads
+            // here, and this process does not hold it.
+            return Ok(None);
+        }
         let permit = self.permit.clone();
         let reason = block(py, &self.rt, async move {
             let poll = async {
@@ -613,6 +621,9 @@ impl Lease {
     /// Calls `callback(reason)` on a runtime thread when the lease is lost (not when it is
     /// released).
     fn on_lost(&self, callback: Py<PyAny>) {
+        if self.pid != std::process::id() {
+            return; // another process's lease: see `wait_lost`
+        }
         let permit = self.permit.clone();
         self.rt.spawn(async move {
             let reason = loop {
@@ -654,6 +665,18 @@ impl Drop for JobAttempt {
     }
 }
 
+impl JobAttempt {
+    fn check_process(&self) -> PyResult<()> {
+        if self.pid == std::process::id() {
+            return Ok(());
+        }
+        Err(PyRuntimeError::new_err(format!(
+            "job `{}`: this attempt belongs to process {}, not to this one (a forked child)",
+            self.job, self.pid
+        )))
+    }
+}
+
 #[pymethods]
 impl JobAttempt {
     /// The job's name.
@@ -671,6 +694,9 @@ impl JobAttempt {
     /// Why the job's lease was lost, or `None`.
     #[getter]
     fn lost(&self) -> Option<&'static str> {
+        if self.pid != std::process::id() {
+            return None;
+        }
         lock(&self.inner)
             .as_ref()
             .and_then(|a| a.permit().lost_reason())
@@ -679,6 +705,7 @@ impl JobAttempt {
 
     /// Records the job's completion and releases its lease.
     fn succeed(&self, py: Python<'_>) -> PyResult<()> {
+        self.check_process()?;
         let Some(a) = lock(&self.inner).take() else {
             return Err(PyRuntimeError::new_err(format!(
                 "job `{}`: this attempt has already ended",
@@ -690,6 +717,7 @@ impl JobAttempt {
 
     /// Records a failed attempt (`reason` in words) and releases the lease.
     fn fail(&self, py: Python<'_>, reason: &str) -> PyResult<()> {
+        self.check_process()?;
         let Some(a) = lock(&self.inner).take() else {
             return Ok(());
         };
