@@ -177,7 +177,8 @@ class Lease:
     @property
     def lost(self) -> Optional[str]:
         """``None`` while held; else why it was lost: ``"expired"``, ``"closed"``,
-        ``"session ended"`` or ``"unreachable"``."""
+        ``"session ended"``, ``"unreachable"`` or ``"forgotten"`` (a restarted coordinator
+        no longer had it when the session was resumed)."""
         return self._native.lost
 
     @property

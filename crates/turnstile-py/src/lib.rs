@@ -233,6 +233,7 @@ fn lost_name(r: tc::LostReason) -> &'static str {
         tc::LostReason::Closed => "closed",
         tc::LostReason::SessionEnded => "session ended",
         tc::LostReason::Unreachable => "unreachable",
+        tc::LostReason::Forgotten => "forgotten",
     }
 }
 
