@@ -17,12 +17,22 @@ def test_fifty_tasks_at_most_n_inside(url, name):
     most = 0
     ticks = 0
 
+    full = None  # set once 3 are inside at the same time
+
     async def task():
         nonlocal inside, most
         async with sem:
             inside += 1
             most = max(most, inside)
-            await asyncio.sleep(0.01)
+            if inside == 3:
+                full.set()
+            # Stay inside until the semaphore has been seen full (so that "3 reached" does not
+            # depend on how fast the backend hands slots on), or for 2 s at most.
+            try:
+                await asyncio.wait_for(full.wait(), 2)
+            except asyncio.TimeoutError:
+                pass
+            await asyncio.sleep(0.005)
             inside -= 1
 
     async def ticker():
@@ -33,6 +43,8 @@ def test_fifty_tasks_at_most_n_inside(url, name):
             await asyncio.sleep(0.005)
 
     async def main():
+        nonlocal full
+        full = asyncio.Event()
         t = asyncio.ensure_future(ticker())
         await asyncio.wait_for(asyncio.gather(*(task() for _ in range(50))), 120)
         t.cancel()
