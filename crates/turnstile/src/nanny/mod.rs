@@ -678,10 +678,17 @@ impl Nanny {
         };
         let table = table.get_or_insert_with(read_table);
         let members = self.members(i, &run, table);
+        // The group signal reaches the group's members; a second, direct copy could land
+        // after a handler for the first has run and so be seen twice (a shell's TERM trap).
+        let outside: BTreeSet<i32> = members
+            .iter()
+            .copied()
+            .filter(|&pid| table.pgid(pid) != Some(run.pid))
+            .collect();
         let at_once = grace.is_zero();
         signal_all(
             run.pid,
-            &members,
+            &outside,
             if at_once {
                 Signal::SIGKILL
             } else {
@@ -1104,8 +1111,8 @@ fn leader(w: &Worker) -> Option<i32> {
     }
 }
 
-/// Sends `sig` to the worker's process group and to each of `members` (some may have left
-/// the group). A pid read from `/proc` a moment ago could in principle have been reused since;
+/// Sends `sig` to the worker's process group and to each of `members` (those that left the
+/// group, or all of them for SIGKILL, which cannot be seen twice). A pid read from `/proc` a moment ago could in principle have been reused since;
 /// that window is the same as for `kill $(pgrep ...)`, and pids cycle slowly.
 fn signal_all(group: i32, members: &BTreeSet<i32>, sig: Signal) {
     let _ = killpg(Pid::from_raw(group), sig);

@@ -65,6 +65,11 @@ pub struct Table {
 }
 
 impl Table {
+    /// The process group of `pid`, if it was seen.
+    pub fn pgid(&self, pid: i32) -> Option<i32> {
+        self.procs.get(&pid).map(|p| p.pgid)
+    }
+
     /// Reads every process from `/proc`. Processes that exit while it reads are skipped.
     pub fn read() -> io::Result<Table> {
         let mut procs = Vec::new();
