@@ -61,7 +61,9 @@ pub struct Config {
     pub min_session_ttl: Duration,
     /// Longest TTL a client may ask for.
     pub max_session_ttl: Duration,
-    /// Connections served at once; further ones wait in the listen backlog.
+    /// Connections served at once. At the cap, the oldest connection that has not completed
+    /// its handshake is dropped to make room; if every one has, further ones wait in the
+    /// listen backlog.
     pub max_connections: usize,
     /// Where the state lives.
     pub storage: Storage,
@@ -290,12 +292,20 @@ async fn serve(
     }
     tokio::pin!(shutdown);
     let result = loop {
-        let permit = tokio::select! {
-            _ = &mut shutdown => break Ok(()),
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break Ok(()), // the semaphore is never closed; treat as shutdown
-            },
+        let permit = match limit.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                // Full: a connection that has not said hello makes room for the next one, so
+                // that silent sockets cannot keep a real client waiting in the backlog.
+                gate.evict_oldest();
+                tokio::select! {
+                    _ = &mut shutdown => break Ok(()),
+                    p = limit.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break Ok(()), // never closed; treat as shutdown
+                    },
+                }
+            }
         };
         let accepted = tokio::select! {
             _ = &mut shutdown => break Ok(()),
