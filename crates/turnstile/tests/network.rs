@@ -12,6 +12,44 @@ use std::time::{Duration, Instant};
 
 use common::{http_get, wait_until, Harness, Scratch, Server, BIN, SOON};
 
+/// Runs `cmd` to its end, at most [`SOON`] (killed past that, so that a test of a server that
+/// does not refuse, or a client that retries, fails instead of hanging): code and stderr.
+fn run_bounded(mut cmd: Command) -> (Option<i32>, String) {
+    let err = tempfile_path();
+    let mut child = cmd
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err).expect("create the stderr file"))
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + SOON;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = std::fs::read_to_string(&err).unwrap_or_default();
+    let _ = std::fs::remove_file(&err);
+    (status.and_then(|s| s.code()), stderr)
+}
+
+fn tempfile_path() -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "network-{}-{}.stderr",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
 /// A harness whose coordinator wants `token` (and, if given, `admin`), with the token files in
 /// its scratch directory.
 fn with_tokens(test: &str, token: &str, admin: Option<&str>) -> (Server, Scratch) {
@@ -100,21 +138,17 @@ fn the_admin_token_guards_what_changes_other_clients_state() {
 
 #[test]
 fn serve_refuses_a_public_address_without_a_token() {
-    let out = Command::new(BIN)
-        .args([
-            "serve",
-            "--in-memory",
-            "--listen",
-            "0.0.0.0:0",
-            "--http",
-            "off",
-        ])
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run turnstile serve");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "serve",
+        "--in-memory",
+        "--listen",
+        "0.0.0.0:0",
+        "--http",
+        "off",
+    ]);
+    let (code, stderr) = run_bounded(cmd);
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains("refusing to listen on 0.0.0.0:0 without a token")
             && stderr.contains("--insecure"),
@@ -122,14 +156,11 @@ fn serve_refuses_a_public_address_without_a_token() {
     );
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     // The same for the HTTP port.
-    let out = Command::new(BIN)
-        .args(["serve", "--in-memory", "--listen", "127.0.0.1:0"])
-        .args(["--http", "0.0.0.0:0"])
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run turnstile serve");
-    assert_eq!(out.status.code(), Some(1));
+    let mut cmd = Command::new(BIN);
+    cmd.args(["serve", "--in-memory", "--listen", "127.0.0.1:0"])
+        .args(["--http", "0.0.0.0:0"]);
+    let (code, stderr) = run_bounded(cmd);
+    assert_eq!(code, Some(1), "{stderr}");
     // Loopback needs no token, and --insecure allows the rest (the server starts).
     let _ok = Server::start_with(&["--in-memory", "--http", "0.0.0.0:0", "--insecure"]);
 }
@@ -260,9 +291,10 @@ fn running_out_of_file_descriptors_is_survived_and_logged_sparingly() {
         }
     }
     let child = Kill(child);
-    let flood: Vec<TcpStream> = (0..200)
-        .filter_map(|_| TcpStream::connect(&addr).ok())
-        .collect();
+    // Bounded connects: a full listen backlog drops SYNs, and connect would retry for minutes.
+    let sock: std::net::SocketAddr = addr.parse().expect("an address");
+    let connect = || TcpStream::connect_timeout(&sock, Duration::from_millis(500)).ok();
+    let flood: Vec<TcpStream> = (0..200).filter_map(|_| connect()).collect();
     wait_until("the server to run out of descriptors", SOON, || {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         text.contains("accept failed").then_some(())
@@ -271,7 +303,7 @@ fn running_out_of_file_descriptors_is_survived_and_logged_sparingly() {
     let window = Instant::now();
     let mut more: Vec<TcpStream> = Vec::new();
     while window.elapsed() < Duration::from_secs(3) {
-        if let Ok(s) = TcpStream::connect(&addr) {
+        if let Some(s) = connect() {
             more.push(s);
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -281,14 +313,11 @@ fn running_out_of_file_descriptors_is_survived_and_logged_sparingly() {
     eprintln!("'accept failed' logged {lines} times in 3+ s of fd exhaustion");
     assert!(lines <= 2, "the log is flooded ({lines} lines):\n{text}");
     // A real client is served while the flood is still open.
-    let out = Command::new(BIN)
-        .args(["status", "--url", &format!("tcp://{addr}")])
-        .env_remove("RUST_LOG")
-        .env_remove("TURNSTILE_TOKEN_FILE")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run turnstile status");
-    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let mut cmd = Command::new(BIN);
+    cmd.args(["status", "--url", &format!("tcp://{addr}")])
+        .env_remove("TURNSTILE_TOKEN_FILE");
+    let (code, stderr) = run_bounded(cmd);
+    assert_eq!(code, Some(0), "{stderr}");
     drop((flood, more, child));
 }
 
