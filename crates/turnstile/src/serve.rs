@@ -664,6 +664,16 @@ mod tests {
             "http = \"127.0.0.1:1\"",
         );
         assert_eq!((s.http.value, s.http.source), (None, Source::Flag));
+        let s = resolve(
+            &["turnstile", "serve", "--insecure"],
+            "auth_token_file = \"/etc/t\"\ninsecure = false",
+        );
+        assert_eq!(
+            (s.auth_token_file.value, s.auth_token_file.source),
+            (Some(PathBuf::from("/etc/t")), Source::File)
+        );
+        assert_eq!((s.insecure.value, s.insecure.source), (true, Source::Flag));
+        assert_eq!(s.admin_token_file.value, None);
         let s = resolve(&["turnstile", "serve"], "http = \"off\"");
         assert_eq!((s.http.value, s.http.source), (None, Source::File));
         let s = resolve(&["turnstile", "serve", "--in-memory"], "in_memory = false");
@@ -719,6 +729,11 @@ mod tests {
             ("snapshot_every = \"64 parsecs\"", "key `snapshot_every`:"),
             ("snapshot_every = -5", "key `snapshot_every`"),
             ("log_format = \"xml\"", "key `log_format`:"),
+            ("insecure = 1", "key `insecure`: expected true or false"),
+            (
+                "auth_token_file = 5",
+                "key `auth_token_file`: expected a string",
+            ),
             (
                 "listen = \"127.0.0.1:1\"\nlisten = \"127.0.0.1:2\"",
                 "duplicate key (`listen`)",
