@@ -66,7 +66,6 @@ pub(crate) async fn serve(
         && listener
             .local_addr()
             .map_or(true, |a| !a.ip().is_loopback());
-    let token_needed = Arc::new(token_needed);
     let mut tasks = JoinSet::new();
     let mut backoff = Duration::from_millis(10);
     let mut accept_log = LogEvery::new(Duration::from_secs(10));
@@ -85,9 +84,8 @@ pub(crate) async fn serve(
                     continue;
                 };
                 let shared = shared.clone();
-                let token_needed = token_needed.clone();
                 tasks.spawn(async move {
-                    connection(&shared, stream, ticket, *token_needed).await;
+                    connection(&shared, stream, ticket, token_needed).await;
                     drop(permit);
                 });
             }
