@@ -62,6 +62,10 @@ pub const URL_ENV: &str = "TURNSTILE_URL";
 /// can end the session of a worker that dies). 16 hex digits.
 pub const SESSION_ENV: &str = "TURNSTILE_SESSION";
 
+/// The environment variable that names the file holding the coordinator's token (see
+/// [`Options::token`]).
+pub const TOKEN_FILE_ENV: &str = "TURNSTILE_TOKEN_FILE";
+
 /// The address a coordinator (`turnstile serve`) listens on by default. It is *not* what
 /// clients use when no URL is given: see [`default_url`].
 pub const DEFAULT_URL: &str = "tcp://127.0.0.1:7420";
@@ -226,7 +230,7 @@ impl fmt::Display for LostReason {
 }
 
 /// Settings for [`Client::connect_with`].
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct Options {
     /// The session TTL to ask for; `None` takes the server's default.
     pub session_ttl: Option<Duration>,
@@ -246,6 +250,10 @@ pub struct Options {
     /// run` names the process that kills its command when it dies, so that the lease is not
     /// handed on before the command is gone.
     pub also_alive_pids: Vec<u32>,
+    /// The token to present to a coordinator that requires one (`serve --auth-token-file`);
+    /// `None` reads the file named by `TURNSTILE_TOKEN_FILE`, if set. Never put a token on a
+    /// command line or in a URL, where `ps` and logs show it.
+    pub token: Option<String>,
 }
 
 /// A connection to a turnstile backend. Cheap to clone; the session ends when the last clone
@@ -545,8 +553,45 @@ fn parse_url(url: &str) -> Result<Target, Error> {
     }
 }
 
+impl fmt::Debug for Options {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Everything but the token, which must not end up in a log.
+        f.debug_struct("Options")
+            .field("session_ttl", &self.session_ttl)
+            .field("session_id", &self.session_id)
+            .field("client_name", &self.client_name)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("also_alive_pids", &self.also_alive_pids)
+            .field("token", &self.token.as_ref().map(|_| "(set)"))
+            .finish()
+    }
+}
+
+/// Reads a token file: its content without surrounding whitespace (a trailing newline), which
+/// must not be empty.
+pub fn read_token_file(path: &std::path::Path) -> Result<String, Error> {
+    let storage = |source| Error::Storage {
+        path: path.display().to_string(),
+        source,
+    };
+    let text = std::fs::read_to_string(path).map_err(storage)?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(storage(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "the token file is empty",
+        )));
+    }
+    Ok(token.to_owned())
+}
+
 impl Options {
     fn resolve(mut self) -> Result<Options, Error> {
+        if self.token.is_none() {
+            if let Some(path) = std::env::var_os(TOKEN_FILE_ENV) {
+                self.token = Some(read_token_file(std::path::Path::new(&path))?);
+            }
+        }
         if self.session_id.is_none() {
             if let Ok(s) = std::env::var(SESSION_ENV) {
                 let id = u64::from_str_radix(s.trim(), 16).ok().filter(|&id| id != 0);

@@ -305,9 +305,11 @@ impl TcpBackend {
             .map(|d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX).max(1))
             .unwrap_or(0);
         let name = options.client_name.clone().unwrap_or_else(default_name);
+        let token = options.token.clone().unwrap_or_default();
         let (link, ttl) = first_link(
             &addr,
             &name,
+            &token,
             Hello::Open { session, ttl_ms },
             options.connect_timeout,
         )
@@ -323,6 +325,8 @@ impl TcpBackend {
             notice: None,
             addr,
             name,
+            token,
+            refused: None,
             ttl_ms,
             session: session_cell.clone(),
             ttl,
@@ -708,6 +712,7 @@ type Opened = Result<Result<(Link, Duration), Error>, Error>;
 async fn first_link(
     addr: &str,
     name: &str,
+    token: &str,
     hello: Hello,
     retry_for: Option<Duration>,
 ) -> Result<(Link, Duration), Error> {
@@ -720,9 +725,20 @@ async fn first_link(
             Some(end) => end.min(Instant::now() + CONNECT_TIMEOUT),
             None => Instant::now() + CONNECT_TIMEOUT,
         };
-        let e = match open_link(addr.to_owned(), name.to_owned(), hello, attempt_end).await {
+        let e = match open_link(
+            addr.to_owned(),
+            name.to_owned(),
+            token.to_owned(),
+            hello,
+            attempt_end,
+        )
+        .await
+        {
             Ok(opened) => return opened,
-            Err(e) => e,
+            // Only a failure to talk at all may pass; a refusal (bad token, unsupported
+            // version) or a peer that is not a coordinator will say the same again.
+            Err(e @ Error::Connect { .. }) => e,
+            Err(e) => return Err(e),
         };
         let Some(end) = end else { return Err(e) };
         // The last attempt comes just before the end, so that the whole time is tried.
@@ -784,7 +800,13 @@ impl Notice {
 /// `deadline`. The outer error is a failure to talk at all; the inner one is the
 /// coordinator's answer to the session request. Owns its arguments, so that the driver can
 /// run it beside its loop.
-async fn open_link(addr: String, name: String, hello: Hello, deadline: Instant) -> Opened {
+async fn open_link(
+    addr: String,
+    name: String,
+    token: String,
+    hello: Hello,
+    deadline: Instant,
+) -> Opened {
     let addr = addr.as_str();
     let connect_err = |source| Error::Connect {
         addr: addr.to_owned(),
@@ -805,6 +827,7 @@ async fn open_link(addr: String, name: String, hello: Hello, deadline: Instant) 
         magic: proto::MAGIC,
         version: proto::VERSION,
         client: &name,
+        token: &token,
     };
     encode_request(1, &hello, &mut out);
     encode_request(2, &session_req, &mut out);
@@ -869,6 +892,11 @@ async fn open_link(addr: String, name: String, hello: Hello, deadline: Instant) 
 struct Driver {
     addr: String,
     name: String,
+    /// The token presented in every `Hello` (empty: none).
+    token: String,
+    /// The coordinator refused the handshake (a token it does not accept, a version it does
+    /// not speak): retrying cannot help, so every call fails with this from then on.
+    refused: Option<(ErrorCode, String)>,
     ttl_ms: u32,
     session: Arc<AtomicU64>,
     ttl: Duration,
@@ -965,7 +993,7 @@ impl Driver {
                     self.disconnected(&format!("no answer for {limit:?}"));
                 }
                 _ = tokio::time::sleep_until(self.next_attempt),
-                    if self.link.is_none() && self.connecting.is_none() => {
+                    if self.link.is_none() && self.connecting.is_none() && self.refused.is_none() => {
                     self.reconnect(None);
                 }
                 (opened, started, fresh) = attempt_done(&mut self.connecting) => {
@@ -990,8 +1018,20 @@ impl Driver {
         }
     }
 
+    /// The error every call gets once the coordinator refused the handshake.
+    fn refusal(&self) -> Error {
+        let (code, message) = self.refused.clone().unwrap_or((
+            ErrorCode::Handshake,
+            "the coordinator refused the handshake".into(),
+        ));
+        Error::Rejected { code, message }
+    }
+
     async fn on_cmd(&mut self, cmd: Cmd) {
         match cmd {
+            Cmd::Call { reply, .. } if self.refused.is_some() => {
+                let _ = reply.send(Err(self.refusal()));
+            }
             Cmd::Call { req, reply, lost } => {
                 if let Req::FinishJob { lease, .. } = req {
                     // The coordinator releases the lease as it records the end; from here no
@@ -1026,6 +1066,23 @@ impl Driver {
         self.next_id = self.next_id.wrapping_add(1).max(1);
         let mut frame = Vec::new();
         encode(id, &req, &mut frame);
+        let size = frame.len().saturating_sub(4);
+        if size > proto::MAX_REQUEST_FRAME {
+            // The coordinator would refuse it and close the connection, and every reconnect
+            // would send it again: fail the call here instead.
+            let message = format!(
+                "the request is {size} bytes, over the coordinator's limit of {} (a name or \
+                 reason too long?)",
+                proto::MAX_REQUEST_FRAME
+            );
+            if let Some(reply) = reply {
+                let _ = reply.send(Err(Error::Rejected {
+                    code: ErrorCode::TooLarge,
+                    message,
+                }));
+            }
+            return;
+        }
         self.pending.insert(
             id,
             Pending {
@@ -1111,6 +1168,7 @@ impl Driver {
             attempt: Box::pin(open_link(
                 self.addr.clone(),
                 self.name.clone(),
+                self.token.clone(),
                 hello,
                 started + limit,
             )),
@@ -1140,6 +1198,18 @@ impl Driver {
                 self.lose_all(LostReason::Expired);
                 self.abandoned.clear();
                 self.reconnect(Some(random_id()));
+                return;
+            }
+            Err(Error::Rejected { code, message }) => {
+                // The handshake itself was refused: no retry can fix that. Fail what waits,
+                // and every later call, with the coordinator's reason.
+                tracing::warn!(?code, "the coordinator refused the handshake: {message}");
+                self.refused = Some((code, message));
+                for (_, p) in std::mem::take(&mut self.pending) {
+                    if let Some(reply) = p.reply {
+                        let _ = reply.send(Err(self.refusal()));
+                    }
+                }
                 return;
             }
             Ok(Err(e)) | Err(e) => {
@@ -1200,7 +1270,26 @@ impl Driver {
                     }
                 }
                 Ok(None) => return,
-                Err(e) => return self.disconnected(&format!("bad frame from server: {e}")),
+                Err(e) => {
+                    if let proto::DecodeError::TooLarge { .. } = e {
+                        // The reply cannot be taken, and asking again would bring the same:
+                        // fail its request (named in the frame's header) rather than re-send
+                        // it after the reconnect.
+                        let id = link
+                            .buf
+                            .get(5..9)
+                            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+                        if let Some(p) = id.and_then(|id| self.pending.remove(&id)) {
+                            if let Some(reply) = p.reply {
+                                let _ = reply.send(Err(Error::Rejected {
+                                    code: ErrorCode::TooLarge,
+                                    message: format!("the coordinator's reply is too large: {e}"),
+                                }));
+                            }
+                        }
+                    }
+                    return self.disconnected(&format!("bad frame from server: {e}"));
+                }
             };
             self.on_reply(id, reply).await;
         }

@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio::time::{timeout, Instant};
-use turnstile_client::{blocking, Client, Error, LostReason, Options};
+use turnstile_client::{blocking, Client, Error, ErrorCode, LostReason, Options};
 use turnstile_server::Config;
 
 mod conformance;
@@ -772,4 +772,74 @@ async fn releases_and_first_connections_are_bounded() {
             assert!(took >= limit / 2, "gave up after {took:?}");
         }
     }
+}
+
+/// A coordinator that comes back wanting a token this client does not have: the refusal
+/// cannot change, so calls fail with it at once and the client stops reconnecting, instead of
+/// hammering the coordinator until each call's deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_handshake_on_reconnect_fails_calls_and_stops_retrying() {
+    let ttl = Duration::from_secs(5);
+    let open = TestServer::with_ttl(ttl).await;
+    let guarded = TestServer::start(Config {
+        session_ttl: ttl,
+        auth_token: Some("s3cret".into()),
+        ..Default::default()
+    })
+    .await;
+    let proxy = Proxy::start(open.addr).await;
+    let options = Options {
+        session_ttl: Some(ttl),
+        ..Default::default()
+    };
+    let client = Client::connect_with(&proxy.url(), options)
+        .await
+        .expect("connect through the proxy");
+    client.status(None).await.expect("status");
+    proxy.cut();
+    proxy.wait_closed().await;
+    proxy.retarget(guarded.addr);
+    proxy.restore();
+    let started = Instant::now();
+    let e = loop {
+        // The first calls may still be answered "unavailable" while the reconnect is under way.
+        match client.status(None).await {
+            Err(Error::Rejected { code, message }) => break (code, message),
+            Err(_) if started.elapsed() < PATIENCE => {}
+            other => panic!("expected the refusal, got {other:?}"),
+        }
+    };
+    assert_eq!(e.0, ErrorCode::Unauthorized, "{e:?}");
+    assert!(e.1.contains("token"), "{e:?}");
+    let attempts = proxy.forwarded();
+    // Later calls fail at once, and no more connections are made.
+    let again = Instant::now();
+    assert!(matches!(
+        client.status(None).await,
+        Err(Error::Rejected { .. })
+    ));
+    assert!(again.elapsed() < Duration::from_secs(1));
+    tokio::time::sleep(Duration::from_millis(500)).await; // a window to count attempts in
+    assert_eq!(proxy.forwarded(), attempts, "the client kept reconnecting");
+}
+
+/// A request too large for a frame fails at once with `TooLarge`, without costing the
+/// connection (the coordinator would close it, and a reconnect would send it again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_too_large_for_a_frame_fails_without_reconnecting() {
+    let server = TestServer::default().await;
+    let proxy = Proxy::start(server.addr).await;
+    let client = Client::connect(&proxy.url()).await.expect("connect");
+    let name = "n".repeat(70_000);
+    let started = Instant::now();
+    match client.status(Some(&name)).await {
+        Err(e) => assert_eq!(e.code(), Some(ErrorCode::TooLarge), "{e:?}"),
+        Ok(doc) => panic!("a status for a 70 kB name answered: {doc:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(2));
+    client
+        .status(None)
+        .await
+        .expect("the connection is still good");
+    assert_eq!(proxy.forwarded(), 1, "the client reconnected");
 }

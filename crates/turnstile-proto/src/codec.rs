@@ -42,6 +42,10 @@ pub enum Request<'a> {
         version: u16,
         /// A free-form client name for logs and status pages (host, pid, program).
         client: &'a str,
+        /// The shared secret of a server that requires one; empty for none. On the wire it is
+        /// an optional trailing string, absent when empty, so that a `Hello` from a client
+        /// older than this field still decodes (with an empty token).
+        token: &'a str,
     },
     /// Opens (or idempotently re-opens) a session and binds it to this connection.
     OpenSession {
@@ -385,6 +389,12 @@ error_codes! {
     NoSession = 4,
     /// The server is shutting down.
     ShuttingDown = 5,
+    /// The `Hello` carried no token, or a wrong one, for a server that requires one. The
+    /// server closes the connection; retrying with the same token cannot succeed.
+    Unauthorized = 6,
+    /// The request changes other clients' state (close a semaphore, reset a job, end another
+    /// session) and the server requires the admin token for that.
+    Forbidden = 7,
     /// An argument is out of range.
     InvalidArgument = 100,
     /// The semaphore exists with another capacity.
@@ -475,10 +485,14 @@ pub fn encode_request(id: u32, request: &Request<'_>, buf: &mut Vec<u8>) {
             magic,
             version,
             client,
+            token,
         } => {
             buf.extend_from_slice(&magic);
             buf.extend_from_slice(&version.to_be_bytes());
             put_str(buf, client);
+            if !token.is_empty() {
+                put_str(buf, token);
+            }
         }
         Request::OpenSession { session, ttl_ms } => {
             buf.extend_from_slice(&session.to_be_bytes());
@@ -577,6 +591,7 @@ pub fn decode_request(payload: &[u8]) -> Result<(u32, Request<'_>), DecodeError>
             magic: r.array()?,
             version: r.u16()?,
             client: r.str()?,
+            token: if r.buf.is_empty() { "" } else { r.str()? },
         },
         OPEN_SESSION => Request::OpenSession {
             session: r.u64()?,
@@ -917,6 +932,28 @@ mod tests {
         assert_eq!(decode_reply(payload).expect("decodes"), (id, reply));
     }
 
+    /// A `Hello` without a token is laid out exactly as before the token existed, so old
+    /// clients' handshakes decode, and reach a server without a token unchanged.
+    #[test]
+    fn a_hello_without_token_keeps_the_old_layout() {
+        let mut buf = Vec::new();
+        let hello = Request::Hello {
+            magic: MAGIC,
+            version: VERSION,
+            client: "ab",
+            token: "",
+        };
+        encode_request(1, &hello, &mut buf);
+        let old: &[u8] = &[
+            0, 0, 0, 15, HELLO, 0, 0, 0, 1, b'T', b'S', b'T', b'L', 0, 1, 0, 2, b'a', b'b',
+        ];
+        assert_eq!(buf, old);
+        let (payload, _) = split_frame(old, MAX_REQUEST_FRAME)
+            .expect("valid")
+            .expect("whole");
+        assert_eq!(decode_request(payload).expect("decodes"), (1, hello));
+    }
+
     #[test]
     fn every_message_roundtrips() {
         for req in [
@@ -924,6 +961,13 @@ mod tests {
                 magic: MAGIC,
                 version: VERSION,
                 client: "host:1234",
+                token: "",
+            },
+            Request::Hello {
+                magic: MAGIC,
+                version: VERSION,
+                client: "host:1234",
+                token: "s3cret",
             },
             Request::OpenSession {
                 session: u64::MAX,

@@ -13,6 +13,7 @@ use turnstile_proto::{
     NO_TIMEOUT,
 };
 
+use crate::gate::{same_secret, Ticket};
 use crate::metrics::{self, Kind};
 use crate::outbox::{Outbox, HIGH_WATER};
 use crate::state::{ConnId, Shared};
@@ -24,8 +25,11 @@ use crate::status::status_doc;
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     stream: TcpStream,
+    ticket: Ticket,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let handshake_by = tokio::time::Instant::now() + shared.config.handshake_timeout;
+    let mut admitted = false;
     let peer = stream.peer_addr().ok();
     // Replies are small and latency matters more than packet count; batching happens in the
     // outbox instead.
@@ -49,6 +53,7 @@ pub(crate) async fn serve(
         id: conn,
         session: None,
         greeted: false,
+        admin: false,
         client: String::new(),
     };
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
@@ -71,6 +76,10 @@ pub(crate) async fn serve(
             }
         }
         buf.drain(..start);
+        if conn_state.greeted && !admitted {
+            ticket.greeted();
+            admitted = true;
+        }
         outbox.flush(&wr);
         if outbox.pending() >= HIGH_WATER {
             outbox.wait_drained().await;
@@ -87,6 +96,18 @@ pub(crate) async fn serve(
                     message: "server is shutting down",
                 });
                 break "server shutting down".to_string();
+            }
+            _ = tokio::time::sleep_until(handshake_by), if !conn_state.greeted => {
+                outbox.push(0, &proto::Reply::Error {
+                    code: ErrorCode::Handshake,
+                    message: "no Hello in time",
+                });
+                break "no handshake in time".to_string();
+            }
+            _ = ticket.evicted.notified(), if !conn_state.greeted => {
+                // Not worth a reply: this socket has been silent longer than any other.
+                break "dropped to make room: too many connections without a handshake"
+                    .to_string();
             }
         }
     };
@@ -106,6 +127,9 @@ struct Conn {
     id: ConnId,
     session: Option<SessionId>,
     greeted: bool,
+    /// The client presented the admin token, or the server has none: it may change other
+    /// clients' state.
+    admin: bool,
     /// The client description from the handshake, given to the sessions opened here.
     client: String,
 }
@@ -124,6 +148,11 @@ impl Conn {
     fn reply_ok(&self, kind: Kind, id: u32, reply: &proto::Reply<'_>) {
         self.shared.metrics.request(kind, metrics::outcome(None));
         self.outbox.push_local(id, reply);
+    }
+
+    fn forbidden(&self, kind: Kind, id: u32, what: &str) {
+        let message = format!("{what} needs the admin token (the server has --admin-token-file)");
+        self.reply_error(kind, id, ErrorCode::Forbidden, &message);
     }
 
     fn protocol_error(&self, id: u32, e: &DecodeError) {
@@ -196,12 +225,30 @@ impl Conn {
                 self.bind(session);
                 Request::ResumeSession { session }
             }
-            proto::Request::EndSession { session } => Request::EndSession {
-                session: SessionId(session),
-            },
+            proto::Request::EndSession { session } => {
+                if !self.admin && self.session != Some(SessionId(session)) {
+                    self.forbidden(kind, id, "ending another client's session");
+                    return Ok(());
+                }
+                Request::EndSession {
+                    session: SessionId(session),
+                }
+            }
             proto::Request::Ensure { capacity, name } => Request::Ensure { name, capacity },
-            proto::Request::Close { name } => Request::Close { name },
-            proto::Request::ResetJob { job } => Request::ResetJob { job },
+            proto::Request::Close { name } => {
+                if !self.admin {
+                    self.forbidden(kind, id, "closing a semaphore");
+                    return Ok(());
+                }
+                Request::Close { name }
+            }
+            proto::Request::ResetJob { job } => {
+                if !self.admin {
+                    self.forbidden(kind, id, "resetting a job");
+                    return Ok(());
+                }
+                Request::ResetJob { job }
+            }
             proto::Request::KeepAlive
             | proto::Request::CloseSession
             | proto::Request::Acquire { .. }
@@ -297,6 +344,7 @@ impl Conn {
             magic,
             version,
             client,
+            token,
         } = request
         else {
             self.reply_error(
@@ -324,6 +372,26 @@ impl Conn {
             self.reply_error(kind, id, ErrorCode::Handshake, &message);
             return Err("unsupported version".into());
         }
+        let config = &self.shared.config;
+        let is_admin = config
+            .admin_token
+            .as_deref()
+            .is_some_and(|admin| same_secret(token, admin));
+        let admitted = match &config.auth_token {
+            None => true,
+            Some(t) => is_admin || same_secret(token, t),
+        };
+        if !admitted {
+            let message = if token.is_empty() {
+                "this server requires a token: give the client --token-file FILE or set \
+                 TURNSTILE_TOKEN_FILE"
+            } else {
+                "the token is not valid for this server"
+            };
+            self.reply_error(kind, id, ErrorCode::Unauthorized, message);
+            return Err("bad token".into());
+        }
+        self.admin = is_admin || config.admin_token.is_none();
         self.greeted = true;
         // The core refuses longer descriptions; cut rather than fail every later open.
         let mut end = client.len().min(turnstile_core::MAX_NAME_LEN);

@@ -9,9 +9,17 @@
 //! | `GET /v1/events?after=N` | the feed of notable events numbered above N (see `events.rs`) |
 //!
 //! A deliberately small HTTP/1.1 server: `GET` and `HEAD` only, one request per connection
-//! (`Connection: close`), a request head of at most [`MAX_HEAD`] bytes that must arrive within
-//! [`READ_TIMEOUT`], at most [`MAX_CONNECTIONS`] connections at once. That is all that a
-//! scraper, `curl` and a polling page need, and it keeps a heavy HTTP stack out of the build.
+//! (`Connection: close`), a request head of at most [`MAX_HEAD`] bytes that must arrive whole
+//! within [`READ_TIMEOUT`] (one deadline for the head, not per read, so a client that sends a
+//! byte a second gains nothing), at most [`MAX_READING`] connections still sending their head
+//! — a new one past that makes the oldest of them go, so the accept loop never waits and slow
+//! clients cannot starve a scraper — and at most [`MAX_CONNECTIONS`] in all. That is all that
+//! a scraper, `curl` and a polling page need, and it keeps a heavy HTTP stack out of the build
+//! (see ARCHITECTURE.md, "Why a hand-written HTTP port").
+//!
+//! On an address that is not loopback, a server with a token (`Config::auth_token`) asks for
+//! it as `Authorization: Bearer TOKEN` on every route but the dashboard page itself (which is
+//! static and holds no data).
 //! The port must never slow the coordinator down: handlers take the state lock only to copy
 //! numbers out (O(semaphores + jobs) for `/metrics`, never O(leases); the status routes copy
 //! what a `Status` request copies) and serialize outside it.
@@ -24,9 +32,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
+use crate::gate::{same_secret, Gate, Ticket};
 use crate::metrics::{self, CoreNumbers};
 use crate::state::Shared;
 use crate::status::status_doc;
+use crate::LogEvery;
 
 /// Longest request head (request line and headers) accepted.
 pub(crate) const MAX_HEAD: usize = 8 * 1024;
@@ -34,8 +44,11 @@ pub(crate) const MAX_HEAD: usize = 8 * 1024;
 pub(crate) const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a client has to take the response.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// HTTP connections served at once; more wait in the listen backlog.
-pub(crate) const MAX_CONNECTIONS: usize = 64;
+/// HTTP connections open at once; a new one past this is closed at once.
+pub(crate) const MAX_CONNECTIONS: usize = 1024;
+/// HTTP connections still sending their request head; a new one past this makes the oldest
+/// of them go.
+pub(crate) const MAX_READING: usize = 256;
 
 const DASHBOARD: &str = include_str!("dashboard.html");
 
@@ -46,32 +59,47 @@ pub(crate) async fn serve(
     mut stop: watch::Receiver<bool>,
 ) {
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let gate = Arc::new(Gate::new(MAX_READING, MAX_CONNECTIONS));
+    // A token is asked for only where others can reach the port: on loopback, whoever can
+    // connect can read the token file anyway.
+    let token_needed = shared.config.auth_token.is_some()
+        && listener
+            .local_addr()
+            .map_or(true, |a| !a.ip().is_loopback());
     let mut tasks = JoinSet::new();
+    let mut backoff = Duration::from_millis(10);
+    let mut accept_log = LogEvery::new(Duration::from_secs(10));
     loop {
-        let permit = tokio::select! {
-            _ = stop.changed() => break,
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break, // never closed
-            },
-        };
         let accepted = tokio::select! {
             _ = stop.changed() => break,
             a = listener.accept() => a,
         };
         match accepted {
-            Ok((stream, _)) => {
+            Ok((stream, peer)) => {
+                backoff = Duration::from_millis(10);
+                let Ok(permit) = limit.clone().try_acquire_owned() else {
+                    continue; // full of connections taking their responses: close this one
+                };
+                let Some(ticket) = gate.admit(peer.ip()) else {
+                    continue;
+                };
                 let shared = shared.clone();
                 tasks.spawn(async move {
-                    connection(&shared, stream).await;
+                    connection(&shared, stream, ticket, token_needed).await;
                     drop(permit);
                 });
             }
             Err(e) => {
-                // Out of file descriptors and the like: the protocol port matters more; back
-                // off rather than spin.
-                tracing::warn!(error = %e, "HTTP accept failed; retrying");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // Out of file descriptors and the like: give back a descriptor held by a
+                // client that has not even sent its request, back off rather than spin, and
+                // log once per interval.
+                gate.evict_oldest();
+                accept_log.note(&e);
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_millis(500));
             }
         }
         while tasks.try_join_next().is_some() {}
@@ -111,6 +139,7 @@ fn reason(code: u16) -> &'static str {
     match code {
         200 => "OK",
         400 => "Bad Request",
+        401 => "Unauthorized",
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
@@ -120,8 +149,13 @@ fn reason(code: u16) -> &'static str {
     }
 }
 
-async fn connection(shared: &Shared, mut stream: TcpStream) {
-    let head = tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await;
+async fn connection(shared: &Shared, mut stream: TcpStream, ticket: Ticket, token_needed: bool) {
+    let head = tokio::select! {
+        h = tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)) => h,
+        // The oldest of too many clients still sending their heads: make room.
+        _ = ticket.evicted.notified() => return,
+    };
+    ticket.greeted();
     let (route, response, head_only) = match head {
         Err(_) => (
             "other",
@@ -137,7 +171,13 @@ async fn connection(shared: &Shared, mut stream: TcpStream) {
         Ok(Ok(head)) => match parse_request_line(&head) {
             Err(why) => ("other", Response::error(400, why), false),
             Ok((method, target)) => {
-                let (route, response) = if method == "GET" || method == "HEAD" {
+                let path = target.split('?').next().unwrap_or_default();
+                let open = matches!(path, "/" | "/index.html");
+                let (route, response) = if token_needed && !open && !authorized(shared, &head) {
+                    let mut r = Response::error(401, "a bearer token is required");
+                    r.extra = "WWW-Authenticate: Bearer realm=\"turnstile\"\r\n";
+                    ("other", r)
+                } else if method == "GET" || method == "HEAD" {
                     handle(shared, target)
                 } else {
                     let mut r = Response::error(405, "only GET and HEAD are served");
@@ -167,6 +207,35 @@ async fn connection(shared: &Shared, mut stream: TcpStream) {
         stream.shutdown().await
     };
     let _ = tokio::time::timeout(WRITE_TIMEOUT, write).await;
+}
+
+/// Whether the request head carries `Authorization: Bearer` with the server's token (or its
+/// admin token).
+fn authorized(shared: &Shared, head: &[u8]) -> bool {
+    let Ok(head) = std::str::from_utf8(head) else {
+        return false;
+    };
+    let config = &shared.config;
+    head.split("\r\n").skip(1).any(|line| {
+        let Some((name, value)) = line.split_once(':') else {
+            return false;
+        };
+        if !name.trim().eq_ignore_ascii_case("authorization") {
+            return false;
+        }
+        let value = value.trim();
+        let Some(token) = value
+            .get(..7)
+            .filter(|s| s.eq_ignore_ascii_case("bearer "))
+            .map(|_| value[7..].trim())
+        else {
+            return false;
+        };
+        [&config.auth_token, &config.admin_token]
+            .into_iter()
+            .flatten()
+            .any(|t| same_secret(token, t))
+    })
 }
 
 enum HeadError {

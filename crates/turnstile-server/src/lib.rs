@@ -14,6 +14,7 @@
 mod conn;
 mod durable;
 mod events;
+mod gate;
 mod http;
 mod metrics;
 mod outbox;
@@ -60,10 +61,25 @@ pub struct Config {
     pub min_session_ttl: Duration,
     /// Longest TTL a client may ask for.
     pub max_session_ttl: Duration,
-    /// Connections served at once; further ones wait in the listen backlog.
+    /// Connections served at once. At the cap, the oldest connection that has not completed
+    /// its handshake is dropped to make room; if every one has, further ones wait in the
+    /// listen backlog.
     pub max_connections: usize,
     /// Where the state lives.
     pub storage: Storage,
+    /// The token every client must present in its `Hello`; `None` admits every client.
+    pub auth_token: Option<String>,
+    /// The token that also allows what changes other clients' state (closing a semaphore,
+    /// resetting a job, ending another session). `None`: every admitted client may. It is
+    /// also accepted where `auth_token` is asked for.
+    pub admin_token: Option<String>,
+    /// How long a new connection has to complete its handshake before it is dropped.
+    pub handshake_timeout: Duration,
+    /// Connections that have not completed their handshake, at most; past this the oldest of
+    /// them is dropped to make room, so that idle sockets cannot lock real clients out.
+    pub max_handshaking: usize,
+    /// Connections from one IP address at once; further ones from it are closed at once.
+    pub max_per_address: usize,
 }
 
 impl Default for Config {
@@ -74,6 +90,11 @@ impl Default for Config {
             max_session_ttl: Duration::from_secs(24 * 3600),
             max_connections: 16_384,
             storage: Storage::InMemory,
+            auth_token: None,
+            admin_token: None,
+            handshake_timeout: Duration::from_secs(5),
+            max_handshaking: 256,
+            max_per_address: 1024,
         }
     }
 }
@@ -258,6 +279,12 @@ async fn serve(
 ) -> Result<(), ServerError> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let limit = Arc::new(Semaphore::new(shared.config.max_connections));
+    let gate = Arc::new(gate::Gate::new(
+        shared.config.max_handshaking,
+        shared.config.max_per_address,
+    ));
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    let mut accept_log = LogEvery::new(ACCEPT_LOG_INTERVAL);
     let mut tasks = JoinSet::new();
     tasks.spawn(timer_loop(shared.clone(), stop_rx.clone()));
     if let Some(http) = http {
@@ -265,30 +292,52 @@ async fn serve(
     }
     tokio::pin!(shutdown);
     let result = loop {
-        let permit = tokio::select! {
-            _ = &mut shutdown => break Ok(()),
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break Ok(()), // the semaphore is never closed; treat as shutdown
-            },
+        let permit = match limit.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                // Full: a connection that has not said hello makes room for the next one, so
+                // that silent sockets cannot keep a real client waiting in the backlog.
+                gate.evict_oldest();
+                tokio::select! {
+                    _ = &mut shutdown => break Ok(()),
+                    p = limit.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break Ok(()), // never closed; treat as shutdown
+                    },
+                }
+            }
         };
         let accepted = tokio::select! {
             _ = &mut shutdown => break Ok(()),
             a = listener.accept() => a,
         };
         match accepted {
-            Ok((stream, _)) => {
+            Ok((stream, peer)) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                let Some(ticket) = gate.admit(peer.ip()) else {
+                    tracing::debug!(%peer, "too many connections from this address; closed");
+                    continue;
+                };
                 let shared = shared.clone();
                 let stop = stop_rx.clone();
                 tasks.spawn(async move {
-                    conn::serve(shared, stream, stop).await;
+                    conn::serve(shared, stream, ticket, stop).await;
                     drop(permit);
                 });
             }
             Err(e) if is_transient(&e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed; retrying");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // Out of file descriptors and the like. Give back the cheapest descriptor (a
+                // connection that has not even said hello), back off instead of spinning, and
+                // say so once per interval rather than once per attempt.
+                if is_fd_exhaustion(&e) {
+                    gate.evict_oldest();
+                }
+                accept_log.note(&e);
+                tokio::select! {
+                    _ = &mut shutdown => break Ok(()),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
             }
             Err(e) => break Err(ServerError::Accept(e)),
         }
@@ -298,6 +347,54 @@ async fn serve(
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
     result
+}
+
+/// The first wait after a failed accept; it doubles while accepts keep failing.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// The longest wait between two accepts that fail.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_millis(500);
+/// A failing accept is logged at most once per this interval.
+const ACCEPT_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// A warning that would repeat (a failing accept): logged at most once per interval, with the
+/// number of repeats left out since the last line.
+pub(crate) struct LogEvery {
+    every: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl LogEvery {
+    pub(crate) fn new(every: Duration) -> LogEvery {
+        LogEvery {
+            every,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    pub(crate) fn note(&mut self, e: &std::io::Error) {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < self.every)
+        {
+            self.suppressed += 1;
+            return;
+        }
+        tracing::warn!(
+            error = %e,
+            repeats = self.suppressed,
+            "accept failed; backing off (logged at most every {}s)",
+            self.every.as_secs()
+        );
+        self.last = Some(now);
+        self.suppressed = 0;
+    }
+}
+
+fn is_fd_exhaustion(e: &std::io::Error) -> bool {
+    e.raw_os_error().is_some_and(|c| c == 23 || c == 24) // ENFILE, EMFILE
 }
 
 fn is_transient(e: &std::io::Error) -> bool {

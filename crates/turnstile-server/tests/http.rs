@@ -357,6 +357,7 @@ impl Raw {
             magic: MAGIC,
             version: VERSION,
             client: "abandoned:1",
+            token: "",
         })
         .await;
         raw.call(&Request::OpenSession { session, ttl_ms }).await;

@@ -162,6 +162,7 @@ impl Raw {
                 magic: MAGIC,
                 version: VERSION,
                 client: "robustness test",
+                token: "",
             })
             .await;
         assert_eq!(reply, Msg::HelloOk { version: VERSION });
@@ -356,6 +357,7 @@ async fn garbage_is_refused_without_disturbing_others() {
                 magic: *b"HTTP",
                 version: VERSION,
                 client: "x",
+                token: "",
             },
         ))
         .await;
@@ -549,6 +551,7 @@ async fn session_and_handshake_errors() {
             magic: MAGIC,
             version: VERSION,
             client: "again",
+            token: "",
         })
         .await;
     raw.expect_error_and_close(id, &[ErrorCode::Handshake])
@@ -569,6 +572,7 @@ async fn session_and_handshake_errors() {
             magic: MAGIC,
             version: theirs,
             client: "from the future",
+            token: "",
         },
     ))
     .await;

@@ -576,6 +576,7 @@ impl RawConn {
             magic: turnstile_proto::MAGIC,
             version: turnstile_proto::VERSION,
             client: "bench",
+            token: "",
         })
         .await?;
         Ok(c)

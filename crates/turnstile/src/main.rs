@@ -63,6 +63,11 @@ struct Cli {
         default_value = "text"
     )]
     log_format: LogFormat,
+    /// The file holding the coordinator's token, for a coordinator that requires one (`serve
+    /// --auth-token-file`). A token is never taken on the command line or in the URL, where
+    /// `ps` and logs would show it. Passed on to the commands that run and nanny start.
+    #[arg(long, global = true, env = "TURNSTILE_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -230,6 +235,11 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
+    if let Some(path) = &cli.token_file {
+        // The client library reads the token from the file this names; the commands that
+        // `run` and `nanny` start inherit it. Set before any thread starts.
+        std::env::set_var(turnstile_client::TOKEN_FILE_ENV, path);
+    }
     let result = match cli.command {
         // No logging and no runtime: the guard is a small single-threaded process whose
         // signal mask must hold for its only thread.

@@ -67,6 +67,23 @@ pub struct ServeArgs {
     /// Snapshot the state and drop the older log after this much log (e.g. 64MiB).
     #[arg(long, env = "TURNSTILE_SNAPSHOT_EVERY", default_value = "64MiB", value_parser = parse_size)]
     snapshot_every: u64,
+    /// Require clients to present the token in this file (clients: --token-file or
+    /// TURNSTILE_TOKEN_FILE). On an address that is not loopback, the HTTP port asks for it
+    /// too, as a bearer token.
+    #[arg(long, env = "TURNSTILE_AUTH_TOKEN_FILE", value_name = "FILE")]
+    auth_token_file: Option<PathBuf>,
+    /// Only clients that present the token in this file may change other clients' state:
+    /// close a semaphore, reset a job, end another session (as a nanny does).
+    #[arg(long, env = "TURNSTILE_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// Listen on an address that is not loopback without a token: anyone who can reach the
+    /// port may then close any semaphore.
+    #[arg(
+        long,
+        env = "TURNSTILE_INSECURE",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    insecure: bool,
 }
 
 /// `--fsync` values.
@@ -168,6 +185,12 @@ pub struct Settings {
     pub snapshot_every: Set<u64>,
     /// Log format.
     pub log_format: Set<LogFormat>,
+    /// The clients' token file.
+    pub auth_token_file: Set<Option<PathBuf>>,
+    /// The admin token file.
+    pub admin_token_file: Set<Option<PathBuf>>,
+    /// Listening beyond loopback without a token is allowed.
+    pub insecure: Set<bool>,
 }
 
 /// The config file, parsed and checked: each key that is present, with its value.
@@ -182,10 +205,13 @@ pub struct FileConfig {
     fsync: Option<Fsync>,
     snapshot_every: Option<u64>,
     log_format: Option<LogFormat>,
+    auth_token_file: Option<PathBuf>,
+    admin_token_file: Option<PathBuf>,
+    insecure: Option<bool>,
 }
 
 /// Every key of the config file.
-const KEYS: [&str; 9] = [
+const KEYS: [&str; 12] = [
     "listen",
     "http",
     "session_ttl",
@@ -195,6 +221,9 @@ const KEYS: [&str; 9] = [
     "fsync",
     "snapshot_every",
     "log_format",
+    "auth_token_file",
+    "admin_token_file",
+    "insecure",
 ];
 
 impl FileConfig {
@@ -264,6 +293,11 @@ impl FileConfig {
                 "log_format" => {
                     config.log_format = Some(LogFormat::parse(text()?).map_err(with_key)?)
                 }
+                "auth_token_file" => config.auth_token_file = Some(PathBuf::from(text()?)),
+                "admin_token_file" => config.admin_token_file = Some(PathBuf::from(text()?)),
+                "insecure" => {
+                    config.insecure = Some(value.as_bool().ok_or_else(|| bad("true or false"))?)
+                }
                 _ => {
                     return Err(format!(
                         "unknown key `{key}` (known keys: {})",
@@ -330,6 +364,19 @@ impl ServeArgs {
                 file.snapshot_every,
             ),
             log_format: pick(matches, "log_format", log_format, file.log_format),
+            auth_token_file: pick(
+                matches,
+                "auth_token_file",
+                self.auth_token_file.clone(),
+                file.auth_token_file.map(Some),
+            ),
+            admin_token_file: pick(
+                matches,
+                "admin_token_file",
+                self.admin_token_file.clone(),
+                file.admin_token_file.map(Some),
+            ),
+            insecure: pick(matches, "insecure", self.insecure, file.insecure),
         }
     }
 
@@ -391,6 +438,25 @@ impl Settings {
             quoted(self.log_format.value.name()),
             self.log_format.source,
         );
+        let mut unset = Vec::new();
+        for (key, set) in [
+            ("auth_token_file", &self.auth_token_file),
+            ("admin_token_file", &self.admin_token_file),
+        ] {
+            match &set.value {
+                Some(path) => line(key, quoted(&path.to_string_lossy()), set.source),
+                // TOML has no "none": leave the key out, and say so.
+                None => unset.push(format!("# {key} is not set  # {}", set.source.name())),
+            }
+        }
+        line(
+            "insecure",
+            self.insecure.value.to_string(),
+            self.insecure.source,
+        );
+        for l in unset {
+            let _ = writeln!(out, "{l}");
+        }
         out
     }
 
@@ -408,12 +474,35 @@ impl Settings {
                 snapshot_bytes: self.snapshot_every.value.max(4096),
             }
         };
+        let token = |set: &Set<Option<PathBuf>>, key: &str| -> anyhow::Result<Option<String>> {
+            let Some(path) = &set.value else {
+                return Ok(None);
+            };
+            turnstile_client::read_token_file(path)
+                .map(Some)
+                .with_context(|| format!("{key} ({})", set.source.name()))
+        };
         let config = turnstile_server::Config {
             session_ttl: self.session_ttl.value,
             max_connections: self.max_connections.value.max(1),
             storage,
+            auth_token: token(&self.auth_token_file, "auth_token_file")?,
+            admin_token: token(&self.admin_token_file, "admin_token_file")?,
             ..turnstile_server::Config::default()
         };
+        if config.auth_token.is_none() && !self.insecure.value {
+            let exposed = [Some(self.listen.value), self.http.value]
+                .into_iter()
+                .flatten()
+                .find(|a| !a.ip().is_loopback());
+            if let Some(addr) = exposed {
+                anyhow::bail!(
+                    "refusing to listen on {addr} without a token: anyone who can reach it \
+                     could close any semaphore; give --auth-token-file FILE, or --insecure to \
+                     accept that"
+                );
+            }
+        }
         let ttl = config.session_ttl;
         if ttl < config.min_session_ttl || ttl > config.max_session_ttl {
             anyhow::bail!(
@@ -431,6 +520,9 @@ impl Settings {
 /// Runs the coordinator with these settings until SIGINT or SIGTERM.
 pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let config = settings.server_config()?;
+    if config.auth_token.is_none() && settings.insecure.value {
+        tracing::warn!("--insecure: clients are not asked for a token");
+    }
     let storage = match &config.storage {
         turnstile_server::Storage::InMemory => "in memory".to_owned(),
         turnstile_server::Storage::Dir { path, fsync, .. } => {
@@ -572,6 +664,16 @@ mod tests {
             "http = \"127.0.0.1:1\"",
         );
         assert_eq!((s.http.value, s.http.source), (None, Source::Flag));
+        let s = resolve(
+            &["turnstile", "serve", "--insecure"],
+            "auth_token_file = \"/etc/t\"\ninsecure = false",
+        );
+        assert_eq!(
+            (s.auth_token_file.value, s.auth_token_file.source),
+            (Some(PathBuf::from("/etc/t")), Source::File)
+        );
+        assert_eq!((s.insecure.value, s.insecure.source), (true, Source::Flag));
+        assert_eq!(s.admin_token_file.value, None);
         let s = resolve(&["turnstile", "serve"], "http = \"off\"");
         assert_eq!((s.http.value, s.http.source), (None, Source::File));
         let s = resolve(&["turnstile", "serve", "--in-memory"], "in_memory = false");
@@ -627,6 +729,11 @@ mod tests {
             ("snapshot_every = \"64 parsecs\"", "key `snapshot_every`:"),
             ("snapshot_every = -5", "key `snapshot_every`"),
             ("log_format = \"xml\"", "key `log_format`:"),
+            ("insecure = 1", "key `insecure`: expected true or false"),
+            (
+                "auth_token_file = 5",
+                "key `auth_token_file`: expected a string",
+            ),
             (
                 "listen = \"127.0.0.1:1\"\nlisten = \"127.0.0.1:2\"",
                 "duplicate key (`listen`)",

@@ -113,6 +113,7 @@ fn settings_precedence_flag_env_file_default() {
             ("TURNSTILE_LISTEN", "127.0.0.1:9101"),
             ("TURNSTILE_SESSION_TTL", "5s"),
             ("TURNSTILE_LOG_FORMAT", "json"),
+            ("TURNSTILE_AUTH_TOKEN_FILE", "/etc/turnstile/token"),
         ],
         &["--listen", "127.0.0.1:9201"],
     );
@@ -126,6 +127,9 @@ fn settings_precedence_flag_env_file_default() {
         "fsync = \"always\"  # config file",
         "snapshot_every = 67108864  # default",
         "log_format = \"json\"  # environment",
+        "auth_token_file = \"/etc/turnstile/token\"  # environment",
+        "insecure = false  # default",
+        "# admin_token_file is not set  # default",
     ];
     assert_eq!(printed.lines().collect::<Vec<_>>(), expected, "{printed}");
 
