@@ -33,11 +33,13 @@
 //!
 //! The URL picks the backend: `tcp://HOST:PORT` is the coordinator; `file:///path/to/dir` needs
 //! no server: the semaphores live in a directory shared by every process that uses them (on
-//! one host, or on many through NFS). See [`Backend`] for the interface the backends share. [`blocking`] wraps the async API for code without a runtime.
+//! one host, or on many through NFS); `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]` keeps them
+//! in an etcd cluster, again with no turnstile server. See [`Backend`] for the interface the backends share. [`blocking`] wraps the async API for code without a runtime.
 #![deny(missing_docs)]
 
 mod backend;
 pub mod blocking;
+mod etcd;
 mod file;
 mod job;
 mod tcp;
@@ -285,6 +287,7 @@ impl Client {
         let backend: Arc<dyn Backend> = match parse_url(url)? {
             Target::Tcp(addr) => Arc::new(tcp::TcpBackend::connect(addr, options).await?),
             Target::File(dir) => Arc::new(file::FileBackend::open(dir, options).await?),
+            Target::Etcd(url) => Arc::new(etcd::EtcdBackend::connect(url, options).await?),
         };
         Ok(Client { backend })
     }
@@ -505,6 +508,7 @@ impl Drop for Permit {
 enum Target {
     Tcp(String),
     File(std::path::PathBuf),
+    Etcd(etcd::EtcdUrl),
 }
 
 fn parse_url(url: &str) -> Result<Target, Error> {
@@ -539,8 +543,11 @@ fn parse_url(url: &str) -> Result<Target, Error> {
             }
             Ok(Target::File(std::path::PathBuf::from(path)))
         }
+        "etcd" => etcd::parse_url(rest)
+            .map(Target::Etcd)
+            .map_err(|why| bad(&why)),
         other => Err(bad(&format!(
-            "unknown scheme {other:?}; this build knows tcp:// and file://"
+            "unknown scheme {other:?}; this build knows tcp://, file:// and etcd://"
         ))),
     }
 }
