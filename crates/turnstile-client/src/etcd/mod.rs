@@ -994,11 +994,17 @@ impl Inner {
 
     async fn status(&self, name: Option<&str>) -> Result<StatusDoc, Error> {
         self.check_open()?;
-        let base = match name {
-            Some(n) => self.key(&format!("s/{}/", esc(n))),
-            None => self.key(""),
+        // One semaphore: its own keys. Otherwise (and for a job of that name) everything,
+        // since a group's figures need its jobs' keys.
+        let (mut all, _) = match name {
+            Some(n) => self.list(&self.key(&format!("s/{}/", esc(n)))).await?,
+            None => self.list(&self.key("")).await?,
         };
-        let (all, _) = self.list(&base).await?;
+        if let Some(n) = name {
+            if all.is_empty() {
+                all = self.list(&self.key(&format!("j/{}/", esc(n)))).await?.0;
+            }
+        }
         let root = self.key("");
         let mut sems: HashMap<String, (Value, Vec<Kv>)> = HashMap::new();
         let mut jobs: HashMap<String, (Value, Vec<Kv>)> = HashMap::new();
@@ -1409,6 +1415,9 @@ impl Inner {
                         .unwrap_or(0);
                     meta["done"] = json!({"client": self.client, "token": h.token,
                         "started_ms": started_ms, "duration_ms": duration.as_millis() as u64});
+                    // As on the other backends, a completion clears the last failure's
+                    // reason (the count stays until a reset).
+                    meta["last_failure"] = Value::Null;
                 }
                 JobEnd::Failed { reason } => {
                     let f = meta.get("failures").and_then(Value::as_u64).unwrap_or(0);
