@@ -182,7 +182,10 @@ async fn leader_killed_under_load() {
     for (i, &(t, tok)) in after.iter().enumerate() {
         for &(t2, tok2) in &after[i + 1..] {
             if t2 > t + Duration::from_millis(250) {
-                assert!(tok2 > tok, "grant {tok2} came well after {tok} with a smaller token");
+                assert!(
+                    tok2 > tok,
+                    "grant {tok2} came well after {tok} with a smaller token"
+                );
             }
         }
     }

@@ -178,3 +178,71 @@ fn bad_and_absent_etcd_urls() {
     let out = h.spawn_command("absent", cmd).wait(SOON);
     assert_eq!(out.code(), 69, "{out:?}");
 }
+
+/// Under `turnstile nanny`, a worker holding a slot that is killed with SIGKILL has its
+/// session ended by the nanny (its etcd lease revoked): the waiter gets the slot at once, long
+/// before the 10 s TTL.
+#[test]
+fn a_killed_nanny_workers_slot_goes_to_the_waiter_at_once() {
+    let etcd = Etcd::start();
+    let h = Harness::new("etcd-nanny", "10s");
+    let holder_script = r#"worker=$(cut -d' ' -f4 /proc/$PPID/stat)
+echo "$worker $TURNSTILE_FENCING_TOKEN" > "$DIR/holder.tmp" && mv "$DIR/holder.tmp" "$DIR/holder"; exec sleep 1000"#;
+    let mut nanny = h.spawn_command(
+        "nanny",
+        etcd_command(
+            &h,
+            &etcd,
+            &[
+                "nanny",
+                "--restart",
+                "never",
+                "--",
+                common::BIN,
+                "run",
+                "x",
+                "--limit",
+                "1",
+                "--",
+                "sh",
+                "-c",
+                holder_script,
+            ],
+        ),
+    );
+    let holder = h.dir.wait_for("holder");
+    let mut fields = holder.split_whitespace();
+    let worker: i32 = fields.next().and_then(|w| w.parse().ok()).expect("a pid");
+    let token: u64 = fields.next().and_then(|t| t.parse().ok()).expect("a token");
+    let _waiter = h.spawn_command(
+        "waiter",
+        etcd_command(
+            &h,
+            &etcd,
+            &[
+                "run", "x", "--limit", "1", "--", "sh", "-c",
+                r#"echo "$TURNSTILE_FENCING_TOKEN" > "$DIR/marker.tmp" && mv "$DIR/marker.tmp" "$DIR/marker""#,
+            ],
+        ),
+    );
+    common::wait_until("the waiter to queue", SOON, || {
+        let out = h
+            .spawn_command("st", etcd_command(&h, &etcd, &["status", "x", "--json"]))
+            .wait(SOON);
+        let doc: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
+        (doc["semaphores"][0]["queued"] == 1).then_some(())
+    });
+    let killed = Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(worker), Signal::SIGKILL)
+        .expect("kill the worker");
+    let marker = h.dir.wait_for("marker");
+    let took = killed.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "the waiter got the slot {took:?} after the kill (session TTL 10 s)"
+    );
+    let next: u64 = marker.trim().parse().expect("a token");
+    assert!(next > token, "fencing tokens rise: {token} then {next}");
+    let out = nanny.wait(SOON);
+    assert_eq!(out.code(), 1, "{out:?}");
+}
