@@ -58,6 +58,9 @@ const MIN_TTL: Duration = Duration::from_secs(2);
 const ATTEMPT: Duration = Duration::from_secs(2);
 /// A watch that has said nothing for this long is re-opened (it may sit on a hung member).
 const WATCH_QUIET: Duration = Duration::from_secs(3);
+/// How long after a grant its holder starts watching its key (for a close, or the end of
+/// its lease noticed by another client): see [`Inner::hold`].
+const HOLDER_WATCH_DELAY: Duration = Duration::from_millis(200);
 /// The longest name, as on the coordinator.
 const MAX_NAME_LEN: usize = 255;
 
@@ -690,6 +693,9 @@ impl Inner {
         let (wkey, wcap) = (key.clone(), cap.clone());
         let etcd_lease = self.lease.load(Ordering::SeqCst);
         let task = tokio::spawn(async move {
+            // A watch replays from `from`, so opening it late misses nothing; most holds
+            // are short and end before it, and then cost no watch at all.
+            tokio::time::sleep(HOLDER_WATCH_DELAY).await;
             let mut from = from;
             loop {
                 let Ok(mut s) = inner.open_watch(&wkey, false, from, true, None).await else {
@@ -751,17 +757,27 @@ impl Inner {
             inner: self.clone(),
             key: Some(key.clone()),
         };
+        // One round trip: create the key (unless a retry did), and read the capacity and the
+        // queue as of that revision.
+        let mut whole_queue = range_prefix(&queue);
+        whole_queue["sort_target"] = json!("CREATE");
+        whole_queue["sort_order"] = json!("ASCEND");
         let r = self
             .txn(txn(
                 vec![absent(&key)],
                 vec![
                     put(&key, &record, etcd_lease),
                     json!({"request_range": range(&cap_key)}),
+                    json!({ "request_range": whole_queue.clone() }),
                 ],
-                vec![json!({"request_range": range(&cap_key)})],
+                vec![
+                    json!({"request_range": range(&cap_key)}),
+                    json!({ "request_range": whole_queue }),
+                ],
             ))
             .await?;
-        let cap_part = txn_part(&r, if succeeded(&r) { 1 } else { 0 });
+        let first = if succeeded(&r) { 1 } else { 0 };
+        let cap_part = txn_part(&r, first);
         let Some(cap) = kvs(&cap_part).into_iter().next() else {
             guard.now().await;
             return Err(no_such(name));
@@ -784,7 +800,7 @@ impl Inner {
                 ),
             });
         }
-        let (queued, rev) = self.list(&queue).await?;
+        let (queued, rev) = (kvs(&txn_part(&r, first + 1)), header_rev(&r));
         let Some(me) = queued.iter().find(|kv| kv.key == key) else {
             guard.disarm();
             return Err(self.gone(name, &cap_key, etcd_lease).await);
