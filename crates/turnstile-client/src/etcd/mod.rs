@@ -345,7 +345,9 @@ impl Etcd {
             }
             self.fail_over(i);
             tries += 1;
-            if tries % self.endpoints.len() == 0 {
+            if tries == self.endpoints.len() {
+                // Every member failed once: pause before the next round.
+                tries = 0;
                 let pause = Duration::from_millis(100)
                     .min(deadline.saturating_duration_since(Instant::now()));
                 tokio::time::sleep(pause).await;
@@ -701,23 +703,17 @@ impl Inner {
                 let Ok(mut s) = inner.open_watch(&wkey, false, from, true, None).await else {
                     return;
                 };
-                loop {
-                    match tokio::time::timeout(WATCH_QUIET, s.next()).await {
-                        Ok(Ok(msg)) => {
-                            let events = msg.get("events").and_then(Value::as_array);
-                            for ev in events.into_iter().flatten() {
-                                let kv = ev.get("kv").map(kv_of);
-                                if let Some(kv) = kv {
-                                    from = from.max(kv.modr + 1);
-                                }
-                                if ev.get("type").and_then(Value::as_str) == Some("DELETE") {
-                                    let reason = inner.why_lost(wcap.as_deref(), etcd_lease).await;
-                                    inner.lose(lease, reason);
-                                    return;
-                                }
-                            }
+                while let Ok(Ok(msg)) = tokio::time::timeout(WATCH_QUIET, s.next()).await {
+                    let events = msg.get("events").and_then(Value::as_array);
+                    for ev in events.into_iter().flatten() {
+                        if let Some(kv) = ev.get("kv").map(kv_of) {
+                            from = from.max(kv.modr + 1);
                         }
-                        _ => break,
+                        if ev.get("type").and_then(Value::as_str) == Some("DELETE") {
+                            let reason = inner.why_lost(wcap.as_deref(), etcd_lease).await;
+                            inner.lose(lease, reason);
+                            return;
+                        }
                     }
                 }
             }

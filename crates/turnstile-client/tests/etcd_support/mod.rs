@@ -1,6 +1,7 @@
 //! Starts etcd members for tests: Debian's `etcd` binary on free loopback ports, with its data
-//! in a fresh directory, stopped by PID when dropped. A missing `etcd` fails the test loudly:
-//! the test command (`.ci/run`) installs it (`apt-get install etcd-server`).
+//! in a fresh directory, stopped by PID when dropped. A missing `etcd` is installed once
+//! (`apt-get install etcd-server`, as `.ci/run` also does), and fails the test loudly if that
+//! is not possible: the etcd tests never pass by skipping.
 #![allow(dead_code)] // each test binary uses the part it needs
 
 use std::net::TcpListener;
@@ -12,23 +13,56 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-/// The etcd binary: `$ETCD_BIN`, else `etcd` on the PATH (Debian: `/usr/bin/etcd`).
+/// The etcd binary: `$ETCD_BIN`, else `etcd` on the PATH (Debian: `/usr/bin/etcd`). When it
+/// is missing, installs Debian's `etcd-server` once (as root, or with `sudo -n`), so that the
+/// README's test command needs no set-up; if that fails too, the test fails loudly.
 pub fn etcd_binary() -> PathBuf {
+    static INSTALL: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
     if let Some(p) = std::env::var_os("ETCD_BIN") {
         return PathBuf::from(p);
     }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    for dir in std::env::split_paths(&path) {
-        let candidate = dir.join("etcd");
-        if candidate.is_file() {
-            return candidate;
-        }
+    if let Some(p) = on_path("etcd") {
+        return p;
+    }
+    let mut tried = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+    if !*tried {
+        *tried = true;
+        eprintln!("etcd is missing: installing Debian's etcd-server for the etcd backend's tests");
+        let root = nix::unistd::geteuid().is_root();
+        let apt = |args: &[&str]| {
+            let mut cmd = if root {
+                Command::new("apt-get")
+            } else {
+                let mut c = Command::new("sudo");
+                c.args(["-n", "apt-get"]);
+                c
+            };
+            cmd.args(args)
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let _ =
+            apt(&["update", "-qq"]) && apt(&["install", "-y", "-qq", "etcd-server", "etcd-client"]);
+    }
+    if let Some(p) = on_path("etcd") {
+        return p;
     }
     panic!(
-        "\n\n*** etcd is not installed: the etcd backend's tests need it. ***\n\
+        "\n\n*** etcd is not installed, and installing it failed: the etcd backend's tests need it. ***\n\
          Install it with `apt-get install -y etcd-server` (the test command .ci/run does this),\n\
          or point ETCD_BIN at an etcd 3.4+ binary.\n\n"
     );
+}
+
+fn on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])
+        .map(|d| d.join(name))
+        .find(|c| c.is_file())
 }
 
 fn free_port() -> u16 {
