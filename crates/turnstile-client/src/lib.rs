@@ -624,6 +624,9 @@ mod tests {
         assert!(
             matches!(parse_url("file://localhost/a"), Ok(Target::File(p)) if p == std::path::Path::new("/a"))
         );
+        assert!(
+            matches!(parse_url("etcd://a:1,b:2/team"), Ok(Target::Etcd(u)) if u.endpoints == ["a:1", "b:2"] && u.prefix == "team")
+        );
         assert!(default_url().starts_with("file:///"));
         for bad in [
             "file://",
@@ -634,6 +637,8 @@ mod tests {
             "tcp://host",
             "tcp://host:99999",
             "http://x:1",
+            "etcd://",
+            "etcd://host",
         ] {
             let e = parse_url(bad).err().expect("rejected");
             assert!(e.to_string().contains(bad), "{e}");
