@@ -196,3 +196,46 @@ async fn leader_killed_under_load() {
         after.len()
     );
 }
+
+/// A timed acquire whose deadline passes while etcd is unreachable (SIGSTOP) ends in
+/// `Unavailable` within half a second of its deadline, and its queued key is still withdrawn
+/// once etcd is back: it does not block the queue for as long as its client lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_acquire_is_withdrawn_after_etcd_comes_back() {
+    let etcd = Etcd::start();
+    let (a, b) = (
+        Client::connect(&etcd.url("withdraw"))
+            .await
+            .expect("connect"),
+        Client::connect(&etcd.url("withdraw"))
+            .await
+            .expect("connect"),
+    );
+    let sem_a = a.semaphore("m", 1).await.expect("ensure");
+    let sem_b = b.semaphore("m", 1).await.expect("ensure");
+    let held = sem_a.acquire().await.expect("a holds");
+    let waiter = tokio::spawn(async move {
+        let started = Instant::now();
+        let r = sem_b.acquire_timeout(Duration::from_secs(1)).await;
+        (r.map(drop), started.elapsed(), sem_b)
+    });
+    wait_for_status(&a, "m", "b queued", |s| s.queued == 1).await;
+    etcd.signal(0, nix::sys::signal::Signal::SIGSTOP);
+    let (result, took, _sem_b) = tokio::time::timeout(PATIENCE, waiter)
+        .await
+        .expect("the timed acquire returns")
+        .expect("task");
+    etcd.signal(0, nix::sys::signal::Signal::SIGCONT);
+    let err = result.expect_err("etcd was stopped");
+    assert!(err.is_unavailable(), "{err:?}");
+    assert!(
+        took < Duration::from_millis(2500),
+        "returned after {took:?}"
+    );
+    held.release().await.expect("release");
+    wait_for_status(&a, "m", "b's key withdrawn", |s| {
+        s.in_use == 0 && s.queued == 0
+    })
+    .await;
+    assert!(sem_a.try_acquire().await.expect("try").is_some());
+}

@@ -173,6 +173,14 @@ fn no_such(name: &str) -> Error {
     }
 }
 
+/// The tombstone of queue key `.../q/LEASE`: `.../x/LEASE`.
+fn tomb_of(key: &str) -> String {
+    match key.rsplit_once("/q/") {
+        Some((dir, lease)) => format!("{dir}/x/{lease}"),
+        None => format!("{key}/x"),
+    }
+}
+
 /// An int64 as the gateway writes it (a string; absent when zero).
 fn num(v: &Value, field: &str) -> i64 {
     match v.get(field) {
@@ -386,7 +394,12 @@ pub(crate) struct EtcdBackend {
     keepalive: JoinHandle<()>,
 }
 
-/// Deletes a queued key if the acquire that made it is dropped or gives up.
+/// Withdraws a queued key if the acquire that made it is dropped or gives up. A withdrawal
+/// leaves a tombstone (`.../x/LEASE`, bound to the client's lease) in the same txn that
+/// deletes the key, and the create txn requires the tombstone to be absent: so a create that
+/// etcd applies only after the withdrawal (it was in flight when the acquire was dropped)
+/// creates nothing, instead of leaving a key that would hold its place while the client
+/// lives.
 struct Withdraw {
     inner: Arc<Inner>,
     key: Option<String>,
@@ -397,10 +410,13 @@ impl Withdraw {
         self.key = None;
     }
 
-    async fn now(&mut self) {
-        if let Some(key) = self.key.take() {
-            let _ = self.inner.delete_key(&key).await;
+    /// Withdraws now; if etcd cannot be reached, the drop retries in the background.
+    async fn now(&mut self) -> Result<(), Error> {
+        if let Some(key) = self.key.clone() {
+            self.inner.withdraw(&key).await?;
+            self.key = None;
         }
+        Ok(())
     }
 }
 
@@ -410,7 +426,7 @@ impl Drop for Withdraw {
             let inner = self.inner.clone();
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(async move {
-                    let _ = inner.delete_key(&key).await;
+                    let _ = inner.withdraw(&key).await;
                 });
             }
         }
@@ -489,6 +505,18 @@ impl Inner {
         body["sort_order"] = json!("ASCEND");
         let r = self.call("/v3/kv/range", &body).await?;
         Ok((kvs(&r), header_rev(&r)))
+    }
+
+    /// Deletes a queued key and leaves its tombstone (see [`Withdraw`]).
+    async fn withdraw(&self, key: &str) -> Result<(), Error> {
+        let lease = self.lease.load(Ordering::SeqCst);
+        self.txn(txn(
+            vec![],
+            vec![put(&tomb_of(key), &json!({}), lease), delete(key)],
+            vec![],
+        ))
+        .await
+        .map(drop)
     }
 
     async fn delete_key(&self, key: &str) -> Result<(), Error> {
@@ -760,7 +788,7 @@ impl Inner {
         whole_queue["sort_order"] = json!("ASCEND");
         let r = self
             .txn(txn(
-                vec![absent(&key)],
+                vec![absent(&key), absent(&tomb_of(&key))],
                 vec![
                     put(&key, &record, etcd_lease),
                     json!({"request_range": range(&cap_key)}),
@@ -775,7 +803,7 @@ impl Inner {
         let first = if succeeded(&r) { 1 } else { 0 };
         let cap_part = txn_part(&r, first);
         let Some(cap) = kvs(&cap_part).into_iter().next() else {
-            guard.now().await;
+            let _ = guard.now().await;
             return Err(no_such(name));
         };
         let capacity = cap
@@ -784,11 +812,11 @@ impl Inner {
             .and_then(Value::as_u64)
             .unwrap_or(0);
         if cap.value.get("closed").and_then(Value::as_bool) == Some(true) {
-            guard.now().await;
+            let _ = guard.now().await;
             return Err(closed(name));
         }
         if u64::from(weight) > capacity {
-            guard.now().await;
+            let _ = guard.now().await;
             return Err(Error::Rejected {
                 code: ErrorCode::WeightExceedsCapacity,
                 message: format!(
@@ -834,14 +862,8 @@ impl Inner {
             Err(WaitEnd::TimedOut) => {
                 // Give the withdrawal half a second: if etcd does not take it, it is not
                 // a busy semaphore but an unreachable store.
-                let w = tokio::time::timeout(Duration::from_millis(500), async {
-                    let k = guard.key.take();
-                    match k {
-                        Some(k) => self.delete_key(&k).await,
-                        None => Ok(()),
-                    }
-                })
-                .await;
+                // (If it is cut short, the guard's drop retries it in the background.)
+                let w = tokio::time::timeout(Duration::from_millis(500), guard.now()).await;
                 match w {
                     Ok(Ok(())) => Err(Error::TimedOut),
                     _ => Err(self.etcd.unavailable()),
@@ -1312,7 +1334,7 @@ impl Inner {
         };
         let r = self
             .txn(txn(
-                vec![absent(&key)],
+                vec![absent(&key), absent(&tomb_of(&key))],
                 vec![
                     put(&key, &record, etcd_lease),
                     json!({"request_range": range(&meta_key)}),
@@ -1325,7 +1347,7 @@ impl Inner {
             .next()
             .map(|kv| kv.value);
         if let Some(done) = meta.as_ref().and_then(done_of) {
-            guard.now().await;
+            let _ = guard.now().await;
             return Ok(JobBegin::Completed(completion_of(done)));
         }
         let (queued, rev) = self.list(&queue).await?;
@@ -1341,7 +1363,7 @@ impl Inner {
         let token = me.create as u64;
         if timeout == Some(Duration::ZERO) {
             if let Some(head) = queued.first().filter(|h| h.key != key) {
-                guard.now().await;
+                let _ = guard.now().await;
                 let t = head.value.get("t").and_then(Value::as_u64).unwrap_or(0);
                 return Ok(JobBegin::Running(JobRunner {
                     client: head
@@ -1366,7 +1388,7 @@ impl Inner {
                 return Err(Error::SessionLost);
             }
             Err(WaitEnd::TimedOut) => {
-                guard.now().await;
+                let _ = guard.now().await;
                 return Err(Error::TimedOut);
             }
             Err(WaitEnd::Failed(e)) => return Err(e),
@@ -1378,7 +1400,7 @@ impl Inner {
             let (mut meta, modr) = kv.map_or((json!({}), 0), |kv| (kv.value, kv.modr));
             if let Some(done) = done_of(&meta) {
                 let c = completion_of(done);
-                guard.now().await;
+                let _ = guard.now().await;
                 return Ok(JobBegin::Completed(c));
             }
             if meta.get("running").is_some_and(|r| !r.is_null()) {
@@ -1514,7 +1536,11 @@ impl Inner {
             if meta.get("group").and_then(Value::as_str) != Some(group) {
                 continue;
             }
-            let queue: Vec<Kv> = kvs.into_iter().filter(|kv| kv.key != meta_key).collect();
+            let attempts = self.job_queue(&job);
+            let queue: Vec<Kv> = kvs
+                .into_iter()
+                .filter(|kv| kv.key.starts_with(&attempts))
+                .collect();
             let st = job_status(job, &meta, queue);
             s.jobs += 1;
             s.completed += u32::from(st.completed.is_some());
