@@ -8,6 +8,9 @@
 //!   turnstile lease id (so a retried create is the same key). Its create revision orders the
 //!   queue and is the fencing token: strictly increasing per semaphore, but not dense (every
 //!   write anywhere in the cluster takes a revision).
+//! - `s/NAME/x/LEASE`: the tombstone of a withdrawn acquire (a dropped or timed-out one),
+//!   written in the txn that deletes its key and bound to the same etcd lease; the create
+//!   txn requires it absent, so a create that etcd applies late cannot revive the key.
 //! - `j/JOB/meta` (group, completion, failures, the running token) and `j/JOB/q/LEASE` (the
 //!   attempts: a capacity-1 queue); `g/GROUP/JOB` lists a group's jobs.
 //! - `c/SESSION/ETCDLEASE`: which etcd leases carry a session (several clients may share one);
