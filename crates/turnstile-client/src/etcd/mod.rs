@@ -522,10 +522,6 @@ impl Inner {
         .map(drop)
     }
 
-    async fn delete_key(&self, key: &str) -> Result<(), Error> {
-        self.call("/v3/kv/deleterange", &range(key)).await.map(drop)
-    }
-
     /// Grants a fresh etcd lease and records it under the session.
     async fn new_lease(&self, deadline: Instant) -> Result<i64, Error> {
         let secs = self.ttl.as_secs().max(1);
