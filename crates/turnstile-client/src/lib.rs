@@ -33,11 +33,13 @@
 //!
 //! The URL picks the backend: `tcp://HOST:PORT` is the coordinator; `file:///path/to/dir` needs
 //! no server: the semaphores live in a directory shared by every process that uses them (on
-//! one host, or on many through NFS). See [`Backend`] for the interface the backends share. [`blocking`] wraps the async API for code without a runtime.
+//! one host, or on many through NFS); `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]` keeps them
+//! in an etcd cluster, again with no turnstile server. See [`Backend`] for the interface the backends share. [`blocking`] wraps the async API for code without a runtime.
 #![deny(missing_docs)]
 
 mod backend;
 pub mod blocking;
+mod etcd;
 mod file;
 mod job;
 mod tcp;
@@ -293,6 +295,7 @@ impl Client {
         let backend: Arc<dyn Backend> = match parse_url(url)? {
             Target::Tcp(addr) => Arc::new(tcp::TcpBackend::connect(addr, options).await?),
             Target::File(dir) => Arc::new(file::FileBackend::open(dir, options).await?),
+            Target::Etcd(url) => Arc::new(etcd::EtcdBackend::connect(url, options).await?),
         };
         Ok(Client { backend })
     }
@@ -513,6 +516,7 @@ impl Drop for Permit {
 enum Target {
     Tcp(String),
     File(std::path::PathBuf),
+    Etcd(etcd::EtcdUrl),
 }
 
 fn parse_url(url: &str) -> Result<Target, Error> {
@@ -547,8 +551,11 @@ fn parse_url(url: &str) -> Result<Target, Error> {
             }
             Ok(Target::File(std::path::PathBuf::from(path)))
         }
+        "etcd" => etcd::parse_url(rest)
+            .map(Target::Etcd)
+            .map_err(|why| bad(&why)),
         other => Err(bad(&format!(
-            "unknown scheme {other:?}; this build knows tcp:// and file://"
+            "unknown scheme {other:?}; this build knows tcp://, file:// and etcd://"
         ))),
     }
 }
@@ -662,6 +669,9 @@ mod tests {
         assert!(
             matches!(parse_url("file://localhost/a"), Ok(Target::File(p)) if p == std::path::Path::new("/a"))
         );
+        assert!(
+            matches!(parse_url("etcd://a:1,b:2/team"), Ok(Target::Etcd(u)) if u.endpoints == ["a:1", "b:2"] && u.prefix == "team")
+        );
         assert!(default_url().starts_with("file:///"));
         for bad in [
             "file://",
@@ -672,6 +682,8 @@ mod tests {
             "tcp://host",
             "tcp://host:99999",
             "http://x:1",
+            "etcd://",
+            "etcd://host",
         ] {
             let e = parse_url(bad).err().expect("rejected");
             assert!(e.to_string().contains(bad), "{e}");

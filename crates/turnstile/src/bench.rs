@@ -29,6 +29,11 @@ pub enum Scenario {
     Echo,
     /// The lock pair on a Redis server (`--redis`): `SET bench-r-I 1 NX PX 10000`, `DEL`.
     Redis,
+    /// etcd's own lock on the etcd of `--url etcd://HOST:PORT`: the v3 Lock RPC (what
+    /// `etcdctl lock` uses), `/v3/lock/lock` then `/v3/lock/unlock` on a name per client
+    /// (`bench-l-I`), through the same JSON gateway and the same kind of HTTP/1.1 requests
+    /// as the etcd backend, under a lease granted once per client.
+    EtcdLock,
     /// `--clients` idle sessions that only keep alive (no acquires) for `--duration`; reports
     /// the coordinator's CPU time over that time (it must be a child of the bench, no --url).
     Keepalive,
@@ -129,6 +134,8 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         echo(&args).await?
     } else if args.scenario == Scenario::Redis {
         redis(&args).await?
+    } else if args.scenario == Scenario::EtcdLock {
+        etcd_lock(&args).await?
     } else {
         let mut server = None;
         let url = match &args.url {
@@ -161,7 +168,10 @@ fn report(args: &BenchArgs, o: &Outcome) {
     };
     let rate = o.pairs as f64 / o.elapsed.as_secs_f64();
     let mut scenario = format!("{:?}", args.scenario).to_lowercase();
-    if !matches!(args.scenario, Scenario::Echo | Scenario::Redis) {
+    if !matches!(
+        args.scenario,
+        Scenario::Echo | Scenario::Redis | Scenario::EtcdLock
+    ) {
         if args.url.is_none() {
             scenario = format!("{scenario}/{:?}", args.storage).to_lowercase();
         }
@@ -442,6 +452,102 @@ async fn redis(args: &BenchArgs) -> anyhow::Result<Outcome> {
     let mut outcome = collect(tasks, args.duration).await?;
     outcome.errors = errors.load(Ordering::Relaxed);
     Ok(outcome)
+}
+
+/// The etcd peer: each client grants a lease, then loops lock/unlock of its own name with the
+/// v3 Lock RPC through etcd's JSON gateway, timing the pair as the other scenarios do.
+async fn etcd_lock(args: &BenchArgs) -> anyhow::Result<Outcome> {
+    let url = args
+        .url
+        .as_deref()
+        .and_then(|u| u.strip_prefix("etcd://"))
+        .context("--scenario etcd-lock needs --url etcd://HOST:PORT")?;
+    let addr = url.split(['/', ',']).next().unwrap_or(url).to_owned();
+    let errors = Arc::new(AtomicU64::new(0));
+    let window = Window::new(args);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..args.clients {
+        let granted = etcd_post(&addr, "/v3/lease/grant", r#"{"TTL":"30"}"#)
+            .await
+            .with_context(|| format!("granting a lease on etcd at {addr}"))?;
+        let lease = granted["ID"].as_str().unwrap_or("0").to_owned();
+        let lock = format!(
+            r#"{{"name":"{}","lease":"{lease}"}}"#,
+            ascii_base64(&format!("bench-l-{i}"))
+        );
+        let errors = errors.clone();
+        let addr = addr.clone();
+        tasks.spawn(async move {
+            let (_, n, lat) = window
+                .drive((), &errors, |()| {
+                    let (addr, lock) = (addr.clone(), lock.clone());
+                    async move {
+                        let ok = match etcd_post(&addr, "/v3/lock/lock", &lock).await {
+                            Ok(v) => match v["key"].as_str() {
+                                Some(key) => {
+                                    let unlock = format!(r#"{{"key":"{key}"}}"#);
+                                    etcd_post(&addr, "/v3/lock/unlock", &unlock).await.is_ok()
+                                }
+                                None => false,
+                            },
+                            Err(_) => false,
+                        };
+                        ((), Some(ok))
+                    }
+                })
+                .await;
+            let revoke = format!(r#"{{"ID":"{lease}"}}"#);
+            let _ = etcd_post(&addr, "/v3/lease/revoke", &revoke).await;
+            (n, lat)
+        });
+    }
+    let mut outcome = collect(tasks, args.duration).await?;
+    outcome.errors = errors.load(Ordering::Relaxed);
+    Ok(outcome)
+}
+
+/// One POST to etcd's JSON gateway on a fresh connection (`Connection: close`), as the etcd
+/// backend sends them; the JSON answer.
+async fn etcd_post(addr: &str, path: &str, body: &str) -> anyhow::Result<serde_json::Value> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await?;
+    let text = String::from_utf8_lossy(&out);
+    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
+    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "etcd answered {head:?}");
+    // etcd's gateway answers unary calls without chunking, but be lenient: take the first
+    // line that is JSON.
+    let json = body
+        .lines()
+        .find(|l| l.trim_start().starts_with('{'))
+        .context("no JSON in the answer")?;
+    Ok(serde_json::from_str(json)?)
+}
+
+/// Standard base64 of an ASCII name, as etcd's JSON gateway takes `bytes`.
+fn ascii_base64(text: &str) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in text.as_bytes().chunks(3) {
+        let n = c
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..4 {
+            out.push(if i <= c.len() {
+                ABC[(n >> (18 - 6 * i) & 63) as usize] as char
+            } else {
+                '='
+            });
+        }
+    }
+    out
 }
 
 /// A command in the Redis protocol (RESP): an array of bulk strings.

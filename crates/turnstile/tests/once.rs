@@ -3,6 +3,8 @@
 
 #[allow(dead_code)] // the helpers serve several test binaries
 mod common;
+#[path = "../../turnstile-client/tests/etcd_support/mod.rs"]
+mod etcd_support;
 
 use std::process::Command;
 use std::time::Duration;
@@ -15,12 +17,15 @@ use serde_json::Value;
 enum Backend {
     Tcp,
     File,
+    Etcd,
 }
 
 /// A harness whose commands use `backend`.
 struct World {
     h: Harness,
     backend: Backend,
+    /// The etcd member of [`Backend::Etcd`] (its sessions keep the default TTL of 10 s).
+    etcd: Option<etcd_support::Etcd>,
 }
 
 impl World {
@@ -28,6 +33,7 @@ impl World {
         World {
             h: Harness::new(&format!("{test}-{backend:?}"), session_ttl),
             backend,
+            etcd: matches!(backend, Backend::Etcd).then(etcd_support::Etcd::start),
         }
     }
 
@@ -38,6 +44,9 @@ impl World {
                 "TURNSTILE_URL",
                 format!("file://{}", self.h.dir.join("sems").display()),
             );
+        }
+        if let Some(etcd) = &self.etcd {
+            cmd.env("TURNSTILE_URL", etcd.url("once"));
         }
         cmd.env("TURNSTILE_BIN", BIN);
         cmd
@@ -146,6 +155,11 @@ fn runners_run_each_job_once_on_a_shared_directory() {
     runners_run_each_job_once(Backend::File);
 }
 
+#[test]
+fn runners_run_each_job_once_on_etcd() {
+    runners_run_each_job_once(Backend::Etcd);
+}
+
 /// A runner killed with SIGKILL mid-job (with its command): another runner, waiting, takes
 /// the job over and completes it; later runners skip it; the kill counts as a failed attempt.
 fn killed_runner_is_taken_over(backend: Backend) {
@@ -219,6 +233,11 @@ fn killed_runner_is_taken_over_on_the_coordinator() {
 #[test]
 fn killed_runner_is_taken_over_on_a_shared_directory() {
     killed_runner_is_taken_over(Backend::File);
+}
+
+#[test]
+fn killed_runner_is_taken_over_on_etcd() {
+    killed_runner_is_taken_over(Backend::Etcd);
 }
 
 /// Skipping a job that runs elsewhere, a failure that is retried, `--reset`, a command that
@@ -326,6 +345,11 @@ fn skips_failures_and_resets_on_a_shared_directory() {
     skips_failures_and_resets(Backend::File);
 }
 
+#[test]
+fn skips_failures_and_resets_on_etcd() {
+    skips_failures_and_resets(Backend::Etcd);
+}
+
 /// On the coordinator, completions are durable: they survive a crash (SIGKILL) and restart.
 #[test]
 fn completions_survive_a_coordinator_restart() {
@@ -393,4 +417,9 @@ fn killed_once_takes_its_command_along_on_the_coordinator() {
 #[test]
 fn killed_once_takes_its_command_along_on_a_shared_directory() {
     killed_once_takes_its_command_along(Backend::File);
+}
+
+#[test]
+fn killed_once_takes_its_command_along_on_etcd() {
+    killed_once_takes_its_command_along(Backend::Etcd);
 }

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Turnstile's etcd backend against etcd's own lock (the v3 Lock RPC that `etcdctl lock` uses),
+# on one etcd started here (free loopback port, data in a temp dir, stopped by PID), driven by
+# the same load generator through the same JSON gateway: ROUNDS interleaved rounds of
+# (etcd lock, turnstile uncontended) for 1 and 64 clients, then the median ratios.
+#
+#   bash bench/vs-etcd.sh
+#   ROUNDS=5 DURATION=5s bash bench/vs-etcd.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v etcd >/dev/null || { echo "etcd is missing: apt-get install -y etcd-server" >&2; exit 1; }
+cargo build --release -p turnstile --quiet
+T=target/release/turnstile
+ROUNDS=${ROUNDS:-3}
+D=${DURATION:-4s}
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+CP=$(port) PP=$(port)
+DIR=$(mktemp -d)
+etcd --data-dir "$DIR/data" --listen-client-urls "http://127.0.0.1:$CP" \
+  --advertise-client-urls "http://127.0.0.1:$CP" --listen-peer-urls "http://127.0.0.1:$PP" \
+  --initial-advertise-peer-urls "http://127.0.0.1:$PP" \
+  --initial-cluster "default=http://127.0.0.1:$PP" >"$DIR/etcd.log" 2>&1 &
+ETCD_PID=$!
+trap 'kill "$ETCD_PID" 2>/dev/null; wait "$ETCD_PID" 2>/dev/null; rm -rf "$DIR"' EXIT
+until curl -fs "http://127.0.0.1:$CP/health" >/dev/null 2>&1; do sleep 0.1; done
+URL="etcd://127.0.0.1:$CP/bench"
+
+rate() { sed -E 's/.*"pairs_per_sec":([0-9.]+).*/\1/'; }
+median() { printf '%s\n' "$@" | sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+for clients in 1 64; do
+  common=(--json --duration "$D" --warmup 1s --clients "$clients" --url "$URL")
+  ratios=()
+  printf '%-6s %8s %10s %12s %8s\n' round clients etcd-lock turnstile ratio
+  for r in $(seq "$ROUNDS"); do
+    lock=$("$T" bench "${common[@]}" --scenario etcd-lock | rate)
+    ours=$("$T" bench "${common[@]}" --scenario uncontended | rate)
+    q=$(awk -v a="$ours" -v b="$lock" 'BEGIN { printf "%.2f", a / b }')
+    ratios+=("$q")
+    printf '%-6s %8s %10.0f %12.0f %7sx\n' "$r" "$clients" "$lock" "$ours" "$q"
+  done
+  echo "median over $ROUNDS rounds, $clients clients: turnstile on etcd = $(median "${ratios[@]}")x etcd's lock"
+done

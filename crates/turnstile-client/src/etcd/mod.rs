@@ -1,0 +1,1775 @@
+//! The etcd backend (`etcd://HOST:PORT,HOST2:PORT[/PREFIX]`): semaphores and run-once jobs
+//! kept in an etcd cluster, with no turnstile server. It speaks etcd's gRPC JSON gateway
+//! (`/v3/...` on the client port) through the small HTTP client in [`http`].
+//!
+//! # Layout (under `PREFIX/`, default `turnstile/`; names escaped so they hold no `/`)
+//! - `s/NAME/cap`: `{"capacity":N,"closed":bool}`, created once by a create-if-absent txn.
+//! - `s/NAME/q/LEASE`: one key per acquire, bound to the client's etcd lease, named by the
+//!   turnstile lease id (so a retried create is the same key). Its create revision orders the
+//!   queue and is the fencing token: strictly increasing per semaphore, but not dense (every
+//!   write anywhere in the cluster takes a revision).
+//! - `s/NAME/x/LEASE`: the tombstone of a withdrawn acquire (a dropped or timed-out one),
+//!   written in the txn that deletes its key and bound to the same etcd lease; the create
+//!   txn requires it absent, so a create that etcd applies late cannot revive the key.
+//! - `j/JOB/meta` (group, completion, failures, the running token) and `j/JOB/q/LEASE` (the
+//!   attempts: a capacity-1 queue); `g/GROUP/JOB` lists a group's jobs.
+//! - `c/SESSION/ETCDLEASE`: which etcd leases carry a session (several clients may share one);
+//!   `e/ETCDLEASE`: written by `end_session` before it revokes a lease, so that its owner can
+//!   tell "ended by a supervisor" from "expired".
+//!
+//! # Waiting
+//! A key holds when the weights of all keys created before it plus its own fit the capacity.
+//! Keys ahead of a waiter can only go away, so the waiter reads the queue once, keeps the
+//! keys ahead of it, and watches deletions (`NOPUT`) under the queue from that revision: it
+//! does not re-read the store on events about keys behind it, and it is granted without any
+//! further request when the last key in its way goes. A watch silent for [`WATCH_QUIET`] is
+//! re-opened (on the endpoint in use then), so a member that hangs does not hold a waiter.
+//!
+//! # Sessions and deadlines
+//! Each client grants its own etcd lease (TTL = the session TTL, at least etcd's minimum of
+//! 2 s) and keeps it alive at a third of the TTL. When no keep-alive has been acknowledged
+//! for 90% of the TTL the client treats its leases as lost ([`LostReason::Unreachable`]);
+//! when etcd says the lease is gone they are lost as expired (or ended). Every request has a
+//! deadline, fails over between the endpoints, and ends in [`Error::Unavailable`] when no
+//! member answers in time.
+
+mod http;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use tokio::task::{AbortHandle, JoinHandle};
+use tokio::time::Instant;
+use turnstile_proto::{
+    CompletionStatus, ErrorCode, GroupStatus, HolderStatus, JobStatus, RunningStatus,
+    SemaphoreStatus, StatusDoc, WaiterStatus,
+};
+
+use self::http::{b64, unb64, Fault, Stream};
+use crate::backend::{BoxFuture, Grant, JobBegin, JobEnd};
+use crate::{Backend, Error, GroupSummary, JobCompletion, JobRunner, LostReason, Options};
+
+/// The session TTL when none is asked for (as on the other backends).
+const DEFAULT_TTL: Duration = Duration::from_secs(10);
+/// etcd's smallest lease TTL with its default election timeout (1 s): ceil(1.5 s).
+const MIN_TTL: Duration = Duration::from_secs(2);
+/// The longest one request to one member may take before the next member is tried.
+const ATTEMPT: Duration = Duration::from_secs(2);
+/// A watch that has said nothing for this long is re-opened (it may sit on a hung member).
+const WATCH_QUIET: Duration = Duration::from_secs(3);
+/// How long after a grant its holder starts watching its key (for a close, or the end of
+/// its lease noticed by another client): see [`Inner::hold`].
+const HOLDER_WATCH_DELAY: Duration = Duration::from_millis(200);
+/// The longest name, as on the coordinator.
+const MAX_NAME_LEN: usize = 255;
+
+/// An `etcd://` URL, parsed.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct EtcdUrl {
+    /// `host:port` of each member.
+    pub(crate) endpoints: Vec<String>,
+    /// The key prefix, without its trailing `/`.
+    pub(crate) prefix: String,
+}
+
+/// Parses what follows `etcd://`: `HOST:PORT[,HOST:PORT...][/PREFIX]`.
+pub(crate) fn parse_url(rest: &str) -> Result<EtcdUrl, String> {
+    let (hosts, prefix) = match rest.split_once('/') {
+        Some((h, p)) => (h, p.trim_matches('/')),
+        None => (rest, ""),
+    };
+    let mut endpoints = Vec::new();
+    for h in hosts.split(',').filter(|h| !h.is_empty()) {
+        let Some((host, port)) = h.rsplit_once(':') else {
+            return Err(format!("endpoint {h:?} has no port: expected HOST:PORT"));
+        };
+        if host.is_empty() || port.parse::<u16>().is_err() {
+            return Err(format!("endpoint {h:?} is not HOST:PORT"));
+        }
+        endpoints.push(h.to_owned());
+    }
+    if endpoints.is_empty() {
+        return Err("expected etcd://HOST:PORT[,HOST:PORT...][/PREFIX]".into());
+    }
+    if prefix.chars().any(char::is_control) {
+        return Err("the prefix contains a control character".into());
+    }
+    Ok(EtcdUrl {
+        endpoints,
+        prefix: if prefix.is_empty() {
+            "turnstile".into()
+        } else {
+            prefix.into()
+        },
+    })
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Escapes a name so that it holds no `/` (which would nest one name's keys in another's).
+fn esc(name: &str) -> String {
+    name.replace('%', "%25").replace('/', "%2F")
+}
+
+fn unesc(name: &str) -> String {
+    name.replace("%2F", "/").replace("%25", "%")
+}
+
+/// The end of the key range of everything under `prefix`.
+fn range_end(prefix: &str) -> String {
+    let mut b = prefix.as_bytes().to_vec();
+    while let Some(&last) = b.last() {
+        if last < 0xff {
+            if let Some(l) = b.last_mut() {
+                *l += 1;
+            }
+            break;
+        }
+        b.pop();
+    }
+    b64(&b)
+}
+
+fn invalid(message: String) -> Error {
+    Error::Rejected {
+        code: ErrorCode::InvalidArgument,
+        message,
+    }
+}
+
+fn validate(what: &str, name: &str) -> Result<(), Error> {
+    if name.is_empty() {
+        return Err(invalid(format!("{what} is empty")));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(invalid(format!(
+            "{what} is {} bytes long; the limit is {MAX_NAME_LEN}",
+            name.len()
+        )));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(invalid(format!("{what} contains a control character")));
+    }
+    Ok(())
+}
+
+fn closed(name: &str) -> Error {
+    Error::Rejected {
+        code: ErrorCode::Closed,
+        message: format!("semaphore {name:?} is closed"),
+    }
+}
+
+fn no_such(name: &str) -> Error {
+    Error::Rejected {
+        code: ErrorCode::NoSuchSemaphore,
+        message: format!("no semaphore {name:?}"),
+    }
+}
+
+/// The tombstone of queue key `.../q/LEASE`: `.../x/LEASE`.
+fn tomb_of(key: &str) -> String {
+    match key.rsplit_once("/q/") {
+        Some((dir, lease)) => format!("{dir}/x/{lease}"),
+        None => format!("{key}/x"),
+    }
+}
+
+/// An int64 as the gateway writes it (a string; absent when zero).
+fn num(v: &Value, field: &str) -> i64 {
+    match v.get(field) {
+        Some(Value::String(s)) => s.parse().unwrap_or(0),
+        Some(Value::Number(n)) => n.as_i64().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+fn header_rev(v: &Value) -> i64 {
+    v.get("header").map(|h| num(h, "revision")).unwrap_or(0)
+}
+
+/// A key-value pair from a response.
+#[derive(Clone, Debug)]
+struct Kv {
+    key: String,
+    value: Value,
+    create: i64,
+    modr: i64,
+    lease: i64,
+}
+
+fn kv_of(v: &Value) -> Kv {
+    let text = |f: &str| {
+        v.get(f)
+            .and_then(Value::as_str)
+            .and_then(unb64)
+            .unwrap_or_default()
+    };
+    Kv {
+        key: String::from_utf8_lossy(&text("key")).into_owned(),
+        value: serde_json::from_slice(&text("value")).unwrap_or(Value::Null),
+        create: num(v, "create_revision"),
+        modr: num(v, "mod_revision"),
+        lease: num(v, "lease"),
+    }
+}
+
+fn kvs(resp: &Value) -> Vec<Kv> {
+    resp.get("kvs")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().map(kv_of).collect())
+        .unwrap_or_default()
+}
+
+/// The `i`th response of a txn (a range's body, or whatever the op returned).
+fn txn_part(resp: &Value, i: usize) -> Value {
+    resp.get("responses")
+        .and_then(|r| r.get(i))
+        .and_then(|r| {
+            r.get("response_range")
+                .or_else(|| r.get("response_put"))
+                .or_else(|| r.get("response_delete_range"))
+        })
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+fn succeeded(resp: &Value) -> bool {
+    resp.get("succeeded").and_then(Value::as_bool) == Some(true)
+}
+
+fn range(key: &str) -> Value {
+    json!({"key": b64(key.as_bytes())})
+}
+
+fn range_prefix(prefix: &str) -> Value {
+    json!({"key": b64(prefix.as_bytes()), "range_end": range_end(prefix)})
+}
+
+fn put(key: &str, value: &Value, lease: i64) -> Value {
+    let mut p = json!({"key": b64(key.as_bytes()), "value": b64(value.to_string().as_bytes())});
+    if lease != 0 {
+        p["lease"] = json!(lease.to_string());
+    }
+    json!({ "request_put": p })
+}
+
+fn delete(key: &str) -> Value {
+    json!({"request_delete_range": {"key": b64(key.as_bytes())}})
+}
+
+fn delete_prefix(prefix: &str) -> Value {
+    json!({"request_delete_range": range_prefix(prefix)})
+}
+
+fn absent(key: &str) -> Value {
+    json!({"target": "CREATE", "key": b64(key.as_bytes()), "create_revision": "0", "result": "EQUAL"})
+}
+
+fn exists(key: &str) -> Value {
+    json!({"target": "VERSION", "key": b64(key.as_bytes()), "version": "0", "result": "GREATER"})
+}
+
+fn unchanged(key: &str, modr: i64) -> Value {
+    json!({"target": "MOD", "key": b64(key.as_bytes()), "mod_revision": modr.to_string(), "result": "EQUAL"})
+}
+
+fn txn(compare: Vec<Value>, success: Vec<Value>, failure: Vec<Value>) -> Value {
+    json!({"compare": compare, "success": success, "failure": failure})
+}
+
+/// The members and which one is in use.
+struct Etcd {
+    endpoints: Vec<String>,
+    current: AtomicUsize,
+    label: String,
+    last_ok: Mutex<Instant>,
+}
+
+impl Etcd {
+    fn silent_for(&self) -> Duration {
+        self.last_ok.lock().map(|t| t.elapsed()).unwrap_or_default()
+    }
+
+    fn unavailable(&self) -> Error {
+        Error::Unavailable {
+            addr: self.label.clone(),
+            silent_for: self.silent_for(),
+        }
+    }
+
+    fn endpoint(&self) -> (usize, &str) {
+        let i = self.current.load(Ordering::Relaxed) % self.endpoints.len();
+        (i, &self.endpoints[i])
+    }
+
+    /// Moves on from endpoint `i` (unless another request already did).
+    fn fail_over(&self, i: usize) {
+        let _ = self.current.compare_exchange(
+            i,
+            (i + 1) % self.endpoints.len(),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// One request, tried on the members in turn until `deadline`.
+    async fn call(&self, path: &str, body: &Value, deadline: Instant) -> Result<Value, Error> {
+        let mut tries = 0usize;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(self.unavailable());
+            }
+            let (i, addr) = self.endpoint();
+            let attempt = ATTEMPT.min(deadline - now);
+            match tokio::time::timeout(attempt, http::post(addr, path, body)).await {
+                Ok(Ok(v)) => {
+                    if let Ok(mut t) = self.last_ok.lock() {
+                        *t = Instant::now();
+                    }
+                    return Ok(v);
+                }
+                Ok(Err(f)) if !f.retryable() => {
+                    if let Ok(mut t) = self.last_ok.lock() {
+                        *t = Instant::now();
+                    }
+                    let message = match f {
+                        Fault::Status { message, .. } => message,
+                        Fault::Io(e) => e.to_string(),
+                    };
+                    return Err(Error::Protocol(format!("etcd at {addr}: {message}")));
+                }
+                Ok(Err(f)) => {
+                    tracing::debug!(addr, ?f, "etcd request failed; trying the next member")
+                }
+                Err(_) => tracing::debug!(addr, "etcd request timed out; trying the next member"),
+            }
+            self.fail_over(i);
+            tries += 1;
+            if tries == self.endpoints.len() {
+                // Every member failed once: pause before the next round.
+                tries = 0;
+                let pause = Duration::from_millis(100)
+                    .min(deadline.saturating_duration_since(Instant::now()));
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+}
+
+/// A lease this client holds.
+struct Held {
+    key: String,
+    /// The job, for a job's attempt.
+    job: Option<String>,
+    token: u64,
+    lost: watch::Sender<Option<LostReason>>,
+    watcher: Option<AbortHandle>,
+}
+
+struct Inner {
+    etcd: Etcd,
+    prefix: String,
+    session: u64,
+    client: String,
+    ttl: Duration,
+    /// The etcd lease that carries this client's keys.
+    lease: AtomicI64,
+    next_lease: AtomicU64,
+    grants: Mutex<HashMap<u64, Held>>,
+    shut: AtomicBool,
+    last_ack: Mutex<Instant>,
+}
+
+/// The etcd backend.
+pub(crate) struct EtcdBackend {
+    inner: Arc<Inner>,
+    keepalive: JoinHandle<()>,
+}
+
+/// Withdraws a queued key if the acquire that made it is dropped or gives up. A withdrawal
+/// leaves a tombstone (`.../x/LEASE`, bound to the client's lease) in the same txn that
+/// deletes the key, and the create txn requires the tombstone to be absent: so a create that
+/// etcd applies only after the withdrawal (it was in flight when the acquire was dropped)
+/// creates nothing, instead of leaving a key that would hold its place while the client
+/// lives.
+struct Withdraw {
+    inner: Arc<Inner>,
+    key: Option<String>,
+}
+
+impl Withdraw {
+    fn disarm(&mut self) {
+        self.key = None;
+    }
+
+    /// Withdraws now; if etcd cannot be reached, the drop retries in the background.
+    async fn now(&mut self) -> Result<(), Error> {
+        if let Some(key) = self.key.clone() {
+            self.inner.withdraw(&key).await?;
+            self.key = None;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Withdraw {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            let inner = self.inner.clone();
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = inner.withdraw(&key).await;
+                });
+            }
+        }
+    }
+}
+
+/// How a wait in a queue ended, other than by a grant.
+enum WaitEnd {
+    /// Our own key went away (closed, or our lease ended).
+    Deleted,
+    /// The deadline passed.
+    TimedOut,
+    /// A request failed.
+    Failed(Error),
+}
+
+impl Inner {
+    fn key(&self, rest: &str) -> String {
+        format!("{}/{rest}", self.prefix)
+    }
+
+    fn cap_key(&self, name: &str) -> String {
+        self.key(&format!("s/{}/cap", esc(name)))
+    }
+
+    fn queue(&self, name: &str) -> String {
+        self.key(&format!("s/{}/q/", esc(name)))
+    }
+
+    fn meta_key(&self, job: &str) -> String {
+        self.key(&format!("j/{}/meta", esc(job)))
+    }
+
+    fn job_queue(&self, job: &str) -> String {
+        self.key(&format!("j/{}/q/", esc(job)))
+    }
+
+    fn session_dir(&self, session: u64) -> String {
+        self.key(&format!("c/{session:016x}/"))
+    }
+
+    fn ended_key(&self, lease: i64) -> String {
+        self.key(&format!("e/{lease:016x}"))
+    }
+
+    /// The deadline of a call that does not wait: one session TTL.
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.ttl
+    }
+
+    fn check_open(&self) -> Result<(), Error> {
+        if self.shut.load(Ordering::SeqCst) {
+            Err(Error::Shutdown)
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn call(&self, path: &str, body: &Value) -> Result<Value, Error> {
+        self.etcd.call(path, body, self.deadline()).await
+    }
+
+    async fn txn(&self, body: Value) -> Result<Value, Error> {
+        self.call("/v3/kv/txn", &body).await
+    }
+
+    async fn get(&self, key: &str) -> Result<(Option<Kv>, i64), Error> {
+        let r = self.call("/v3/kv/range", &range(key)).await?;
+        Ok((kvs(&r).into_iter().next(), header_rev(&r)))
+    }
+
+    /// Everything under `prefix` in create order, and the revision read at.
+    async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64), Error> {
+        let mut body = range_prefix(prefix);
+        body["sort_target"] = json!("CREATE");
+        body["sort_order"] = json!("ASCEND");
+        let r = self.call("/v3/kv/range", &body).await?;
+        Ok((kvs(&r), header_rev(&r)))
+    }
+
+    /// Deletes a queued key and leaves its tombstone (see [`Withdraw`]).
+    async fn withdraw(&self, key: &str) -> Result<(), Error> {
+        let lease = self.lease.load(Ordering::SeqCst);
+        self.txn(txn(
+            vec![],
+            vec![put(&tomb_of(key), &json!({}), lease), delete(key)],
+            vec![],
+        ))
+        .await
+        .map(drop)
+    }
+
+    /// Grants a fresh etcd lease and records it under the session.
+    async fn new_lease(&self, deadline: Instant) -> Result<i64, Error> {
+        let secs = self.ttl.as_secs().max(1);
+        let r = self
+            .etcd
+            .call(
+                "/v3/lease/grant",
+                &json!({"TTL": secs.to_string()}),
+                deadline,
+            )
+            .await?;
+        let lease = num(&r, "ID");
+        if lease == 0 {
+            return Err(Error::Protocol(format!("etcd granted no lease: {r}")));
+        }
+        let key = format!("{}{lease:016x}", self.session_dir(self.session));
+        let body = json!({"key": b64(key.as_bytes()), "value": b64(json!({"client": self.client}).to_string().as_bytes()), "lease": lease.to_string()});
+        self.etcd.call("/v3/kv/put", &body, deadline).await?;
+        self.lease.store(lease, Ordering::SeqCst);
+        Ok(lease)
+    }
+
+    async fn revoke(&self, lease: i64, deadline: Instant) -> Result<(), Error> {
+        match self
+            .etcd
+            .call(
+                "/v3/lease/revoke",
+                &json!({"ID": lease.to_string()}),
+                deadline,
+            )
+            .await
+        {
+            Err(Error::Protocol(m)) if m.contains("not found") => Ok(()),
+            other => other.map(drop),
+        }
+    }
+
+    /// Why a key of ours (bound to `lease`) went away.
+    async fn why_lost(&self, cap: Option<&str>, lease: i64) -> LostReason {
+        if let Some(cap) = cap {
+            if let Ok((Some(kv), _)) = self.get(cap).await {
+                if kv.value.get("closed").and_then(Value::as_bool) == Some(true) {
+                    return LostReason::Closed;
+                }
+            }
+        }
+        match self.get(&self.ended_key(lease)).await {
+            Ok((Some(_), _)) => LostReason::SessionEnded,
+            _ => LostReason::Expired,
+        }
+    }
+
+    fn lose(&self, lease: u64, reason: LostReason) {
+        let held = self.grants.lock().ok().and_then(|mut g| g.remove(&lease));
+        if let Some(h) = held {
+            let _ = h.lost.send(Some(reason));
+            if let Some(w) = h.watcher {
+                w.abort();
+            }
+        }
+    }
+
+    fn lose_all(&self, reason: LostReason) {
+        let all: Vec<u64> = self
+            .grants
+            .lock()
+            .map(|g| g.keys().copied().collect())
+            .unwrap_or_default();
+        for l in all {
+            self.lose(l, reason);
+        }
+    }
+
+    fn take(&self, lease: u64) -> Option<Held> {
+        let h = self.grants.lock().ok()?.remove(&lease)?;
+        if let Some(w) = &h.watcher {
+            w.abort();
+        }
+        Some(h)
+    }
+
+    /// Opens a watch of deletions of `key` (or of everything under it with `prefix`) from
+    /// revision `from`, on the endpoint in use, failing over until `deadline`.
+    async fn open_watch(
+        &self,
+        key: &str,
+        prefix: bool,
+        from: i64,
+        deletes_only: bool,
+        deadline: Option<Instant>,
+    ) -> Result<Stream, WaitEnd> {
+        let mut req = json!({"key": b64(key.as_bytes()), "start_revision": from.to_string()});
+        if prefix {
+            req["range_end"] = json!(range_end(key));
+        }
+        if deletes_only {
+            req["filters"] = json!(["NOPUT"]);
+        }
+        let body = json!({ "create_request": req });
+        loop {
+            let (i, addr) = self.etcd.endpoint();
+            let mut attempt = ATTEMPT;
+            if let Some(d) = deadline {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(WaitEnd::TimedOut);
+                }
+                attempt = attempt.min(left);
+            }
+            match tokio::time::timeout(attempt, Stream::open(addr, "/v3/watch", &body)).await {
+                Ok(Ok(s)) => return Ok(s),
+                Ok(Err(f)) if !f.retryable() => {
+                    return Err(WaitEnd::Failed(Error::Protocol(format!(
+                        "etcd watch at {addr}: {f:?}"
+                    ))))
+                }
+                _ => {
+                    self.etcd.fail_over(i);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    /// Waits until the keys in `ahead` (key -> weight) weigh at most `room`, watching
+    /// deletions under `queue` from revision `from`. Returns the revision to go on from.
+    async fn wait_turn(
+        &self,
+        queue: &str,
+        mine: &str,
+        mut ahead: HashMap<String, u64>,
+        room: u64,
+        mut from: i64,
+        deadline: Option<Instant>,
+    ) -> Result<i64, WaitEnd> {
+        let mut weight: u64 = ahead.values().sum();
+        while weight > room {
+            let mut stream = self.open_watch(queue, true, from, true, deadline).await?;
+            loop {
+                let quiet = Instant::now() + WATCH_QUIET;
+                let until = deadline.map_or(quiet, |d| d.min(quiet));
+                let msg = match tokio::time::timeout_at(until, stream.next()).await {
+                    Ok(Ok(m)) => m,
+                    Ok(Err(_)) => break,
+                    Err(_) => {
+                        if deadline.is_some_and(|d| Instant::now() >= d) {
+                            return Err(WaitEnd::TimedOut);
+                        }
+                        break; // quiet: re-open, perhaps on another member
+                    }
+                };
+                if msg.get("canceled").and_then(Value::as_bool) == Some(true) {
+                    return Err(WaitEnd::Failed(Error::Protocol(format!(
+                        "etcd cancelled a watch: {msg}"
+                    ))));
+                }
+                for ev in msg
+                    .get("events")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    let Some(kv) = ev.get("kv").map(kv_of) else {
+                        continue;
+                    };
+                    from = from.max(kv.modr + 1);
+                    if ev.get("type").and_then(Value::as_str) != Some("DELETE") {
+                        continue;
+                    }
+                    if kv.key == mine {
+                        return Err(WaitEnd::Deleted);
+                    }
+                    if let Some(w) = ahead.remove(&kv.key) {
+                        weight -= w;
+                    }
+                }
+                if weight <= room {
+                    break;
+                }
+            }
+        }
+        Ok(from)
+    }
+
+    /// Registers a grant and starts watching its key, so that its holder hears of a close or
+    /// of the lease's end.
+    fn hold(
+        self: &Arc<Self>,
+        lease: u64,
+        key: String,
+        cap: Option<String>,
+        job: Option<String>,
+        token: u64,
+        from: i64,
+    ) -> watch::Receiver<Option<LostReason>> {
+        let (tx, rx) = watch::channel(None);
+        let inner = self.clone();
+        let (wkey, wcap) = (key.clone(), cap.clone());
+        let etcd_lease = self.lease.load(Ordering::SeqCst);
+        let task = tokio::spawn(async move {
+            // A watch replays from `from`, so opening it late misses nothing; most holds
+            // are short and end before it, and then cost no watch at all.
+            tokio::time::sleep(HOLDER_WATCH_DELAY).await;
+            let mut from = from;
+            loop {
+                let Ok(mut s) = inner.open_watch(&wkey, false, from, true, None).await else {
+                    return;
+                };
+                while let Ok(Ok(msg)) = tokio::time::timeout(WATCH_QUIET, s.next()).await {
+                    let events = msg.get("events").and_then(Value::as_array);
+                    for ev in events.into_iter().flatten() {
+                        if let Some(kv) = ev.get("kv").map(kv_of) {
+                            from = from.max(kv.modr + 1);
+                        }
+                        if ev.get("type").and_then(Value::as_str) == Some("DELETE") {
+                            let reason = inner.why_lost(wcap.as_deref(), etcd_lease).await;
+                            inner.lose(lease, reason);
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        let held = Held {
+            key,
+            job,
+            token,
+            lost: tx,
+            watcher: Some(task.abort_handle()),
+        };
+        if let Ok(mut g) = self.grants.lock() {
+            g.insert(lease, held);
+        }
+        rx
+    }
+
+    async fn acquire(
+        self: Arc<Self>,
+        name: &str,
+        weight: u32,
+        timeout: Option<Duration>,
+    ) -> Result<Grant, Error> {
+        self.check_open()?;
+        validate("semaphore name", name)?;
+        if weight == 0 {
+            return Err(invalid("the weight is zero".into()));
+        }
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let cap_key = self.cap_key(name);
+        let queue = self.queue(name);
+        let lease = self.next_lease.fetch_add(1, Ordering::Relaxed);
+        let key = format!("{queue}{lease:016x}");
+        let etcd_lease = self.lease.load(Ordering::SeqCst);
+        let record = json!({"w": weight, "s": format!("{:016x}", self.session), "c": self.client, "t": now_ms()});
+        let mut guard = Withdraw {
+            inner: self.clone(),
+            key: Some(key.clone()),
+        };
+        // One round trip: create the key (unless a retry did), and read the capacity and the
+        // queue as of that revision.
+        let mut whole_queue = range_prefix(&queue);
+        whole_queue["sort_target"] = json!("CREATE");
+        whole_queue["sort_order"] = json!("ASCEND");
+        let r = self
+            .txn(txn(
+                vec![absent(&key), absent(&tomb_of(&key))],
+                vec![
+                    put(&key, &record, etcd_lease),
+                    json!({"request_range": range(&cap_key)}),
+                    json!({ "request_range": whole_queue.clone() }),
+                ],
+                vec![
+                    json!({"request_range": range(&cap_key)}),
+                    json!({ "request_range": whole_queue }),
+                ],
+            ))
+            .await?;
+        let first = if succeeded(&r) { 1 } else { 0 };
+        let cap_part = txn_part(&r, first);
+        let Some(cap) = kvs(&cap_part).into_iter().next() else {
+            let _ = guard.now().await;
+            return Err(no_such(name));
+        };
+        let capacity = cap
+            .value
+            .get("capacity")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        if cap.value.get("closed").and_then(Value::as_bool) == Some(true) {
+            let _ = guard.now().await;
+            return Err(closed(name));
+        }
+        if u64::from(weight) > capacity {
+            let _ = guard.now().await;
+            return Err(Error::Rejected {
+                code: ErrorCode::WeightExceedsCapacity,
+                message: format!(
+                    "weight {weight} exceeds the capacity {capacity} of semaphore {name:?}"
+                ),
+            });
+        }
+        let (queued, rev) = (kvs(&txn_part(&r, first + 1)), header_rev(&r));
+        let Some(me) = queued.iter().find(|kv| kv.key == key) else {
+            guard.disarm();
+            return Err(self.gone(name, &cap_key, etcd_lease).await);
+        };
+        let ahead: HashMap<String, u64> = queued
+            .iter()
+            .filter(|kv| kv.create < me.create)
+            .map(|kv| {
+                (
+                    kv.key.clone(),
+                    kv.value.get("w").and_then(Value::as_u64).unwrap_or(0),
+                )
+            })
+            .collect();
+        let room = capacity - u64::from(weight);
+        let token = me.create as u64;
+        let deadline = if timeout == Some(Duration::ZERO) {
+            Some(Instant::now())
+        } else {
+            deadline
+        };
+        match self
+            .wait_turn(&queue, &key, ahead, room, rev + 1, deadline)
+            .await
+        {
+            Ok(from) => {
+                guard.disarm();
+                let lost = self.hold(lease, key, Some(cap_key), None, token, from);
+                Ok(Grant { lease, token, lost })
+            }
+            Err(WaitEnd::Deleted) => {
+                guard.disarm();
+                Err(self.gone(name, &cap_key, etcd_lease).await)
+            }
+            Err(WaitEnd::TimedOut) => {
+                // Give the withdrawal half a second: if etcd does not take it, it is not
+                // a busy semaphore but an unreachable store.
+                // (If it is cut short, the guard's drop retries it in the background.)
+                let w = tokio::time::timeout(Duration::from_millis(500), guard.now()).await;
+                match w {
+                    Ok(Ok(())) => Err(Error::TimedOut),
+                    _ => Err(self.etcd.unavailable()),
+                }
+            }
+            Err(WaitEnd::Failed(e)) => Err(e),
+        }
+    }
+
+    /// The error for an acquire whose key went away while it waited.
+    async fn gone(&self, name: &str, cap_key: &str, lease: i64) -> Error {
+        match self.why_lost(Some(cap_key), lease).await {
+            LostReason::Closed => closed(name),
+            _ => Error::SessionLost,
+        }
+    }
+
+    async fn ensure(&self, name: &str, capacity: u32) -> Result<(), Error> {
+        self.check_open()?;
+        validate("semaphore name", name)?;
+        if capacity == 0 {
+            return Err(invalid("the capacity is zero".into()));
+        }
+        let key = self.cap_key(name);
+        let r = self
+            .txn(txn(
+                vec![absent(&key)],
+                vec![put(
+                    &key,
+                    &json!({"capacity": capacity, "closed": false}),
+                    0,
+                )],
+                vec![json!({"request_range": range(&key)})],
+            ))
+            .await?;
+        if succeeded(&r) {
+            return Ok(());
+        }
+        let kv = kvs(&txn_part(&r, 0)).into_iter().next();
+        let existing = kv
+            .as_ref()
+            .and_then(|kv| kv.value.get("capacity").and_then(Value::as_u64))
+            .unwrap_or(0);
+        if kv.and_then(|kv| kv.value.get("closed").and_then(Value::as_bool)) == Some(true) {
+            return Err(closed(name));
+        }
+        if existing != u64::from(capacity) {
+            return Err(Error::Rejected {
+                code: ErrorCode::CapacityMismatch,
+                message: format!(
+                    "semaphore {name:?} already exists with capacity {existing}, not {capacity}"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    async fn release(&self, lease: u64) -> Result<(), Error> {
+        let Some(h) = self.take(lease) else {
+            return Ok(());
+        };
+        if let Some(job) = &h.job {
+            return self
+                .record_end(
+                    job,
+                    &h,
+                    JobEnd::Failed {
+                        reason: "the attempt was abandoned",
+                    },
+                )
+                .await;
+        }
+        let deadline = Instant::now() + self.ttl;
+        self.etcd
+            .call("/v3/kv/deleterange", &range(&h.key), deadline)
+            .await
+            .map(drop)
+    }
+
+    async fn close(&self, name: &str) -> Result<(), Error> {
+        self.check_open()?;
+        let cap_key = self.cap_key(name);
+        loop {
+            let (kv, _) = self.get(&cap_key).await?;
+            let Some(kv) = kv else {
+                return Err(no_such(name));
+            };
+            let mut value = kv.value.clone();
+            value["closed"] = json!(true);
+            let r = self
+                .txn(txn(
+                    vec![unchanged(&cap_key, kv.modr)],
+                    vec![put(&cap_key, &value, 0), delete_prefix(&self.queue(name))],
+                    vec![],
+                ))
+                .await?;
+            if succeeded(&r) {
+                return Ok(());
+            }
+        }
+    }
+
+    /// A semaphore's status from its keys.
+    fn semaphore_status(name: String, cap: &Value, mut queue: Vec<Kv>) -> SemaphoreStatus {
+        queue.sort_by_key(|kv| kv.create);
+        let capacity = cap.get("capacity").and_then(Value::as_u64).unwrap_or(0) as u32;
+        let now = now_ms();
+        let mut st = SemaphoreStatus {
+            name,
+            capacity,
+            closed: cap.get("closed").and_then(Value::as_bool) == Some(true),
+            ..SemaphoreStatus::default()
+        };
+        let mut before: u64 = 0;
+        for kv in queue {
+            let w = kv.value.get("w").and_then(Value::as_u64).unwrap_or(0);
+            let lease_id = kv
+                .key
+                .rsplit('/')
+                .next()
+                .and_then(|h| u64::from_str_radix(h, 16).ok())
+                .unwrap_or(0);
+            let session = kv
+                .value
+                .get("s")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned();
+            let client = kv
+                .value
+                .get("c")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned();
+            let age_ms =
+                now.saturating_sub(kv.value.get("t").and_then(Value::as_u64).unwrap_or(now));
+            if before + w <= u64::from(capacity) {
+                st.in_use += w as u32;
+                st.holders.push(HolderStatus {
+                    lease_id,
+                    session,
+                    client,
+                    weight: w as u32,
+                    token: kv.create as u64,
+                    age_ms,
+                });
+            } else {
+                st.queued += 1;
+                st.queued_weight += w;
+                st.waiters.push(WaiterStatus {
+                    lease_id,
+                    session,
+                    client,
+                    weight: w as u32,
+                    age_ms,
+                });
+            }
+            before += w;
+        }
+        st
+    }
+
+    async fn status(&self, name: Option<&str>) -> Result<StatusDoc, Error> {
+        self.check_open()?;
+        // One semaphore: its own keys. Otherwise (and for a job of that name) everything,
+        // since a group's figures need its jobs' keys.
+        let (mut all, _) = match name {
+            Some(n) => self.list(&self.key(&format!("s/{}/", esc(n)))).await?,
+            None => self.list(&self.key("")).await?,
+        };
+        if let Some(n) = name {
+            if all.is_empty() {
+                all = self.list(&self.key(&format!("j/{}/", esc(n)))).await?.0;
+            }
+        }
+        let root = self.key("");
+        let mut sems: HashMap<String, (Value, Vec<Kv>)> = HashMap::new();
+        let mut jobs: HashMap<String, (Value, Vec<Kv>)> = HashMap::new();
+        let mut groups: HashMap<String, Vec<String>> = HashMap::new();
+        for kv in all {
+            let Some(rest) = kv.key.strip_prefix(&root) else {
+                continue;
+            };
+            let parts: Vec<&str> = rest.splitn(4, '/').collect();
+            match parts.as_slice() {
+                ["s", n, "cap"] => sems.entry(unesc(n)).or_default().0 = kv.value.clone(),
+                ["s", n, "q", _] => sems.entry(unesc(n)).or_default().1.push(kv),
+                ["j", n, "meta"] => jobs.entry(unesc(n)).or_default().0 = kv.value.clone(),
+                ["j", n, "q", _] => jobs.entry(unesc(n)).or_default().1.push(kv),
+                ["g", g, j] => groups.entry(unesc(g)).or_default().push(unesc(j)),
+                _ => {}
+            }
+        }
+        let mut doc = StatusDoc::default();
+        for (n, (cap, queue)) in sems {
+            if cap.is_null() {
+                continue; // keys of a semaphore being deleted by hand
+            }
+            doc.semaphores.push(Self::semaphore_status(n, &cap, queue));
+        }
+        doc.semaphores.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut by_name = HashMap::new();
+        for (n, (meta, queue)) in jobs {
+            let st = job_status(n.clone(), &meta, queue);
+            by_name.insert(n, st);
+        }
+        for (g, members) in groups {
+            let mut gs = GroupStatus {
+                name: g.clone(),
+                ..GroupStatus::default()
+            };
+            for j in members {
+                // A job moved to another group leaves its old marker until it is seen here.
+                let Some(js) = by_name.get(&j) else { continue };
+                if js.group.as_deref() != Some(g.as_str()) {
+                    continue;
+                }
+                gs.jobs += 1;
+                gs.completed += u32::from(js.completed.is_some());
+                gs.running += u32::from(js.running.is_some());
+                gs.failures += u64::from(js.failures);
+            }
+            doc.groups.push(gs);
+        }
+        doc.groups.sort_by(|a, b| a.name.cmp(&b.name));
+        doc.jobs = by_name.into_values().collect();
+        doc.jobs.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(doc)
+    }
+
+    async fn end_session(&self, session: u64) -> Result<(), Error> {
+        self.check_open()?;
+        let (keys, _) = self.list(&self.session_dir(session)).await?;
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let deadline = self.deadline();
+        // The markers outlive the revoked leases long enough for their owners to read them.
+        let r = self
+            .etcd
+            .call("/v3/lease/grant", &json!({"TTL": "60"}), deadline)
+            .await?;
+        let marker = num(&r, "ID");
+        for kv in keys {
+            let body = json!({"key": b64(self.ended_key(kv.lease).as_bytes()), "value": b64(b"{}"), "lease": marker.to_string()});
+            self.etcd.call("/v3/kv/put", &body, deadline).await?;
+            self.revoke(kv.lease, deadline).await?;
+        }
+        Ok(())
+    }
+
+    async fn shutdown(&self) -> Result<(), Error> {
+        if self.shut.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let held: Vec<Held> = self
+            .grants
+            .lock()
+            .map(|mut g| g.drain().map(|(_, h)| h).collect())
+            .unwrap_or_default();
+        for h in held {
+            if let Some(w) = h.watcher {
+                w.abort();
+            }
+        }
+        let lease = self.lease.load(Ordering::SeqCst);
+        self.revoke(lease, self.deadline()).await
+    }
+
+    /// Keeps the etcd lease alive; loses the grants at 90% of the TTL without an
+    /// acknowledged keep-alive, or at once when etcd says the lease is gone.
+    async fn keep_alive(self: Arc<Self>) {
+        let period = self.ttl / 3;
+        let tick = self.ttl / 20;
+        let mut last_sent: Option<Instant> = None;
+        let mut stale = false;
+        loop {
+            // The loss is declared on time even while a keep-alive is in flight: both the
+            // pause and the request end by then.
+            let lose_at = self
+                .last_ack
+                .lock()
+                .map(|t| *t)
+                .unwrap_or_else(|_| Instant::now())
+                + self.ttl.mul_f64(0.9);
+            let next = Instant::now() + tick;
+            tokio::time::sleep_until(if stale { next } else { next.min(lose_at) }).await;
+            if self.shut.load(Ordering::SeqCst) {
+                return;
+            }
+            let due = last_sent.is_none_or(|t| t.elapsed() >= period);
+            if due {
+                let sent = Instant::now();
+                last_sent = Some(sent);
+                let lease = self.lease.load(Ordering::SeqCst);
+                let mut deadline = sent + self.ttl / 5;
+                if !stale {
+                    deadline = deadline.min(lose_at);
+                }
+                match self
+                    .etcd
+                    .call(
+                        "/v3/lease/keepalive",
+                        &json!({"ID": lease.to_string()}),
+                        deadline,
+                    )
+                    .await
+                {
+                    Ok(v) if num(&v, "TTL") > 0 && !stale => {
+                        // etcd renewed the lease after `sent`: it lasts at least a TTL from
+                        // then, whenever the answer arrived.
+                        if let Ok(mut t) = self.last_ack.lock() {
+                            *t = sent;
+                        }
+                    }
+                    Ok(v) => {
+                        // The lease is gone (or we gave its keys up as unreachable): start
+                        // afresh with a new lease under the same session.
+                        if num(&v, "TTL") <= 0 && !stale {
+                            let reason = match self.get(&self.ended_key(lease)).await {
+                                Ok((Some(_), _)) => LostReason::SessionEnded,
+                                _ => LostReason::Expired,
+                            };
+                            self.lose_all(reason);
+                        }
+                        let _ = self.revoke(lease, self.deadline()).await;
+                        let renewed = Instant::now();
+                        if self.new_lease(self.deadline()).await.is_ok() {
+                            stale = false;
+                            if let Ok(mut t) = self.last_ack.lock() {
+                                *t = renewed;
+                            }
+                        }
+                    }
+                    Err(_) => last_sent = None,
+                }
+            }
+            let silent = self
+                .last_ack
+                .lock()
+                .map(|t| t.elapsed())
+                .unwrap_or_default();
+            if !stale && silent >= self.ttl.mul_f64(0.9) {
+                tracing::warn!(
+                    silent_s = silent.as_secs_f64(),
+                    "no keep-alive acknowledged by etcd for 90% of the session TTL: leases lost"
+                );
+                self.lose_all(LostReason::Unreachable);
+                stale = true;
+            }
+        }
+    }
+}
+
+/// A job's metadata (`j/JOB/meta`).
+fn job_status(name: String, meta: &Value, mut queue: Vec<Kv>) -> JobStatus {
+    queue.sort_by_key(|kv| kv.create);
+    let now = now_ms();
+    let done = meta.get("done").filter(|d| !d.is_null());
+    JobStatus {
+        name,
+        group: meta.get("group").and_then(Value::as_str).map(str::to_owned),
+        completed: done.map(|d| CompletionStatus {
+            client: d
+                .get("client")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned(),
+            token: d.get("token").and_then(Value::as_u64).unwrap_or(0),
+            started_unix_ms: d.get("started_ms").and_then(Value::as_u64).unwrap_or(0),
+            duration_ms: d.get("duration_ms").and_then(Value::as_u64).unwrap_or(0),
+        }),
+        running: queue.first().map(|kv| RunningStatus {
+            client: kv
+                .value
+                .get("c")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned(),
+            session: kv
+                .value
+                .get("s")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned(),
+            token: kv.create as u64,
+            age_ms: now.saturating_sub(kv.value.get("t").and_then(Value::as_u64).unwrap_or(now)),
+        }),
+        waiting: queue.len().saturating_sub(1) as u64,
+        failures: meta.get("failures").and_then(Value::as_u64).unwrap_or(0) as u32,
+        last_failure: meta
+            .get("last_failure")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+    }
+}
+
+fn completion_of(done: &Value) -> JobCompletion {
+    JobCompletion {
+        client: done
+            .get("client")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned(),
+        token: done.get("token").and_then(Value::as_u64).unwrap_or(0),
+        started: UNIX_EPOCH
+            + Duration::from_millis(done.get("started_ms").and_then(Value::as_u64).unwrap_or(0)),
+        duration: Duration::from_millis(
+            done.get("duration_ms").and_then(Value::as_u64).unwrap_or(0),
+        ),
+    }
+}
+
+fn done_of(meta: &Value) -> Option<&Value> {
+    meta.get("done").filter(|d| !d.is_null())
+}
+
+impl Inner {
+    /// Puts `job` in `group` (a compare-and-swap on its metadata).
+    async fn set_group(&self, job: &str, group: &str) -> Result<(), Error> {
+        let meta_key = self.meta_key(job);
+        loop {
+            let (kv, _) = self.get(&meta_key).await?;
+            let (mut meta, modr) = kv.map_or((json!({}), 0), |kv| (kv.value, kv.modr));
+            let old = meta.get("group").and_then(Value::as_str).map(str::to_owned);
+            if old.as_deref() == Some(group) {
+                return Ok(());
+            }
+            meta["group"] = json!(group);
+            let marker = self.key(&format!("g/{}/{}", esc(group), esc(job)));
+            let mut ops = vec![put(&meta_key, &meta, 0), put(&marker, &json!({}), 0)];
+            if let Some(old) = old {
+                ops.push(delete(&self.key(&format!("g/{}/{}", esc(&old), esc(job)))));
+            }
+            let cmp = if modr == 0 {
+                absent(&meta_key)
+            } else {
+                unchanged(&meta_key, modr)
+            };
+            if succeeded(&self.txn(txn(vec![cmp], ops, vec![])).await?) {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn begin_job(
+        self: Arc<Self>,
+        job: &str,
+        group: Option<&str>,
+        timeout: Option<Duration>,
+    ) -> Result<JobBegin, Error> {
+        self.check_open()?;
+        validate("job name", job)?;
+        if let Some(g) = group {
+            validate("group name", g)?;
+            self.set_group(job, g).await?;
+        }
+        let meta_key = self.meta_key(job);
+        let queue = self.job_queue(job);
+        let lease = self.next_lease.fetch_add(1, Ordering::Relaxed);
+        let key = format!("{queue}{lease:016x}");
+        let etcd_lease = self.lease.load(Ordering::SeqCst);
+        let record =
+            json!({"w": 1, "s": format!("{:016x}", self.session), "c": self.client, "t": now_ms()});
+        let mut guard = Withdraw {
+            inner: self.clone(),
+            key: Some(key.clone()),
+        };
+        let r = self
+            .txn(txn(
+                vec![absent(&key), absent(&tomb_of(&key))],
+                vec![
+                    put(&key, &record, etcd_lease),
+                    json!({"request_range": range(&meta_key)}),
+                ],
+                vec![json!({"request_range": range(&meta_key)})],
+            ))
+            .await?;
+        let meta = kvs(&txn_part(&r, if succeeded(&r) { 1 } else { 0 }))
+            .into_iter()
+            .next()
+            .map(|kv| kv.value);
+        if let Some(done) = meta.as_ref().and_then(done_of) {
+            let _ = guard.now().await;
+            return Ok(JobBegin::Completed(completion_of(done)));
+        }
+        let (queued, rev) = self.list(&queue).await?;
+        let Some(me) = queued.iter().find(|kv| kv.key == key) else {
+            guard.disarm();
+            return Err(Error::SessionLost);
+        };
+        let ahead: HashMap<String, u64> = queued
+            .iter()
+            .filter(|kv| kv.create < me.create)
+            .map(|kv| (kv.key.clone(), 1))
+            .collect();
+        let token = me.create as u64;
+        if timeout == Some(Duration::ZERO) {
+            if let Some(head) = queued.first().filter(|h| h.key != key) {
+                let _ = guard.now().await;
+                let t = head.value.get("t").and_then(Value::as_u64).unwrap_or(0);
+                return Ok(JobBegin::Running(JobRunner {
+                    client: head
+                        .value
+                        .get("c")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_owned(),
+                    token: head.create as u64,
+                    running_for: Duration::from_millis(now_ms().saturating_sub(t)),
+                }));
+            }
+        }
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let from = match self
+            .wait_turn(&queue, &key, ahead, 0, rev + 1, deadline)
+            .await
+        {
+            Ok(from) => from,
+            Err(WaitEnd::Deleted) => {
+                guard.disarm();
+                return Err(Error::SessionLost);
+            }
+            Err(WaitEnd::TimedOut) => {
+                let _ = guard.now().await;
+                return Err(Error::TimedOut);
+            }
+            Err(WaitEnd::Failed(e)) => return Err(e),
+        };
+        // First in line: the job is ours unless the attempt before completed it. An attempt
+        // that started and never recorded its end (it died) counts as a failure.
+        loop {
+            let (kv, _) = self.get(&meta_key).await?;
+            let (mut meta, modr) = kv.map_or((json!({}), 0), |kv| (kv.value, kv.modr));
+            if let Some(done) = done_of(&meta) {
+                let c = completion_of(done);
+                let _ = guard.now().await;
+                return Ok(JobBegin::Completed(c));
+            }
+            if meta.get("running").is_some_and(|r| !r.is_null()) {
+                let f = meta.get("failures").and_then(Value::as_u64).unwrap_or(0);
+                meta["failures"] = json!(f + 1);
+                meta["last_failure"] = json!("the runner's session ended");
+            }
+            meta["running"] = json!(token);
+            let cmp = if modr == 0 {
+                absent(&meta_key)
+            } else {
+                unchanged(&meta_key, modr)
+            };
+            let r = self
+                .txn(txn(
+                    vec![exists(&key), cmp],
+                    vec![put(&meta_key, &meta, 0)],
+                    vec![json!({"request_range": range(&key)})],
+                ))
+                .await?;
+            if succeeded(&r) {
+                break;
+            }
+            if kvs(&txn_part(&r, 0)).is_empty() {
+                guard.disarm();
+                return Err(Error::SessionLost);
+            }
+        }
+        guard.disarm();
+        let lost = self.hold(lease, key, None, Some(job.to_owned()), token, from);
+        Ok(JobBegin::Run(Grant { lease, token, lost }))
+    }
+
+    /// Records how an attempt ended and deletes its key, in one txn that requires the key to
+    /// still exist: only the current holder records anything.
+    async fn record_end(&self, job: &str, h: &Held, end: JobEnd<'_>) -> Result<(), Error> {
+        let meta_key = self.meta_key(job);
+        loop {
+            let (kv, _) = self.get(&meta_key).await?;
+            let (mut meta, modr) = kv.map_or((json!({}), 0), |kv| (kv.value, kv.modr));
+            match end {
+                JobEnd::Succeeded { started, duration } => {
+                    let started_ms = started
+                        .duration_since(UNIX_EPOCH)
+                        .map(|d| d.as_millis() as u64)
+                        .unwrap_or(0);
+                    meta["done"] = json!({"client": self.client, "token": h.token,
+                        "started_ms": started_ms, "duration_ms": duration.as_millis() as u64});
+                    // As on the other backends, a completion clears the last failure's
+                    // reason (the count stays until a reset).
+                    meta["last_failure"] = Value::Null;
+                }
+                JobEnd::Failed { reason } => {
+                    let f = meta.get("failures").and_then(Value::as_u64).unwrap_or(0);
+                    meta["failures"] = json!(f + 1);
+                    meta["last_failure"] = json!(reason);
+                }
+            }
+            meta["running"] = Value::Null;
+            let cmp = if modr == 0 {
+                absent(&meta_key)
+            } else {
+                unchanged(&meta_key, modr)
+            };
+            let r = self
+                .txn(txn(
+                    vec![exists(&h.key), cmp],
+                    vec![put(&meta_key, &meta, 0), delete(&h.key)],
+                    vec![json!({"request_range": range(&h.key)})],
+                ))
+                .await?;
+            if succeeded(&r) {
+                return Ok(());
+            }
+            if kvs(&txn_part(&r, 0)).is_empty() {
+                let reason = self.why_lost(None, self.lease.load(Ordering::SeqCst)).await;
+                return Err(Error::LeaseLost(reason));
+            }
+        }
+    }
+
+    async fn finish_job(&self, job: &str, lease: u64, end: JobEnd<'_>) -> Result<(), Error> {
+        self.check_open()?;
+        let Some(h) = self.take(lease) else {
+            return Err(Error::Rejected {
+                code: ErrorCode::UnknownLease,
+                message: format!("lease {lease} of job {job:?} is not held"),
+            });
+        };
+        self.record_end(job, &h, end).await
+    }
+
+    async fn reset_job(&self, job: &str) -> Result<bool, Error> {
+        self.check_open()?;
+        validate("job name", job)?;
+        let meta_key = self.meta_key(job);
+        loop {
+            let (Some(kv), _) = self.get(&meta_key).await? else {
+                return Ok(false);
+            };
+            let mut meta = kv.value;
+            let had = done_of(&meta).is_some();
+            meta["done"] = Value::Null;
+            meta["failures"] = json!(0);
+            meta["last_failure"] = Value::Null;
+            let r = self
+                .txn(txn(
+                    vec![unchanged(&meta_key, kv.modr)],
+                    vec![put(&meta_key, &meta, 0)],
+                    vec![],
+                ))
+                .await?;
+            if succeeded(&r) {
+                return Ok(had);
+            }
+        }
+    }
+
+    async fn group_summary(&self, group: &str) -> Result<(GroupSummary, i64), Error> {
+        let (markers, rev) = self.list(&self.key(&format!("g/{}/", esc(group)))).await?;
+        let mut s = GroupSummary::default();
+        for m in markers {
+            let Some(job) = m.key.rsplit('/').next().map(unesc) else {
+                continue;
+            };
+            let (kvs, _) = self.list(&self.key(&format!("j/{}/", esc(&job)))).await?;
+            let meta_key = self.meta_key(&job);
+            let meta = kvs
+                .iter()
+                .find(|kv| kv.key == meta_key)
+                .map(|kv| kv.value.clone())
+                .unwrap_or(Value::Null);
+            if meta.get("group").and_then(Value::as_str) != Some(group) {
+                continue;
+            }
+            let attempts = self.job_queue(&job);
+            let queue: Vec<Kv> = kvs
+                .into_iter()
+                .filter(|kv| kv.key.starts_with(&attempts))
+                .collect();
+            let st = job_status(job, &meta, queue);
+            s.jobs += 1;
+            s.completed += u32::from(st.completed.is_some());
+            s.running += u32::from(st.running.is_some());
+            s.failures += u64::from(st.failures);
+        }
+        Ok((s, rev))
+    }
+
+    async fn wait_group(
+        &self,
+        group: &str,
+        jobs: u32,
+        timeout: Option<Duration>,
+    ) -> Result<GroupSummary, Error> {
+        self.check_open()?;
+        validate("group name", group)?;
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            let (s, rev) = self.group_summary(group).await?;
+            if s.running == 0 && s.completed >= jobs {
+                return Ok(s);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(Error::TimedOut);
+            }
+            // Any change to a job or group may settle the group: wait for one, then look again.
+            let mut stream = match self
+                .open_watch(&self.key(""), true, rev + 1, false, deadline)
+                .await
+            {
+                Ok(s) => s,
+                Err(WaitEnd::TimedOut) => return Err(Error::TimedOut),
+                Err(WaitEnd::Failed(e)) => return Err(e),
+                Err(WaitEnd::Deleted) => continue,
+            };
+            loop {
+                let quiet = Instant::now() + WATCH_QUIET;
+                let until = deadline.map_or(quiet, |d| d.min(quiet));
+                match tokio::time::timeout_at(until, stream.next()).await {
+                    Ok(Ok(m)) if m.get("events").is_some() => break,
+                    Ok(Ok(_)) => continue,
+                    _ => break,
+                }
+            }
+        }
+    }
+}
+
+impl EtcdBackend {
+    /// Connects: grants this client's etcd lease and starts keeping it alive.
+    pub(crate) async fn connect(url: EtcdUrl, options: Options) -> Result<EtcdBackend, Error> {
+        let mut ttl = options.session_ttl.unwrap_or(DEFAULT_TTL);
+        if ttl < MIN_TTL {
+            tracing::warn!(
+                asked_s = ttl.as_secs_f64(),
+                "etcd leases last at least 2 s: using a session TTL of 2 s"
+            );
+            ttl = MIN_TTL;
+        }
+        // etcd counts whole seconds.
+        ttl = Duration::from_secs(ttl.as_secs_f64().ceil() as u64);
+        let client = options.client_name.clone().unwrap_or_else(|| {
+            let host = nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "unknown".into());
+            format!("{host}:{}", std::process::id())
+        });
+        let label = format!("etcd://{}", url.endpoints.join(","));
+        let inner = Arc::new(Inner {
+            etcd: Etcd {
+                endpoints: url.endpoints,
+                current: AtomicUsize::new(0),
+                label: label.clone(),
+                last_ok: Mutex::new(Instant::now()),
+            },
+            prefix: url.prefix,
+            session: options.session_id.unwrap_or_else(crate::new_session_id),
+            client,
+            ttl,
+            lease: AtomicI64::new(0),
+            next_lease: AtomicU64::new(crate::lease_id_base()),
+            grants: Mutex::new(HashMap::new()),
+            shut: AtomicBool::new(false),
+            last_ack: Mutex::new(Instant::now()),
+        });
+        let connect_for = options
+            .connect_timeout
+            .unwrap_or(ATTEMPT)
+            .max(Duration::from_millis(100));
+        match inner.new_lease(Instant::now() + connect_for).await {
+            Ok(_) => {}
+            Err(Error::Unavailable { .. }) => {
+                return Err(Error::Connect {
+                    addr: label,
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::ConnectionRefused,
+                        "no etcd member answered",
+                    ),
+                })
+            }
+            Err(e) => return Err(e),
+        }
+        if let Ok(mut t) = inner.last_ack.lock() {
+            *t = Instant::now();
+        }
+        let keepalive = tokio::spawn(inner.clone().keep_alive());
+        Ok(EtcdBackend { inner, keepalive })
+    }
+}
+
+impl Drop for EtcdBackend {
+    fn drop(&mut self) {
+        self.keepalive.abort();
+        if !self.inner.shut.swap(true, Ordering::SeqCst) {
+            let inner = self.inner.clone();
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let lease = inner.lease.load(Ordering::SeqCst);
+                    let _ = inner.revoke(lease, inner.deadline()).await;
+                });
+            }
+        }
+    }
+}
+
+impl Backend for EtcdBackend {
+    fn ensure<'a>(&'a self, name: &'a str, capacity: u32) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(self.inner.ensure(name, capacity))
+    }
+
+    fn acquire<'a>(
+        &'a self,
+        name: &'a str,
+        weight: u32,
+        timeout: Option<Duration>,
+    ) -> BoxFuture<'a, Result<Grant, Error>> {
+        Box::pin(self.inner.clone().acquire(name, weight, timeout))
+    }
+
+    fn release(&self, lease: u64) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(self.inner.release(lease))
+    }
+
+    fn release_in_background(&self, lease: u64) {
+        if self.inner.shut.load(Ordering::SeqCst) {
+            return;
+        }
+        let inner = self.inner.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = inner.release(lease).await;
+            });
+        }
+    }
+
+    fn close<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(self.inner.close(name))
+    }
+
+    fn status<'a>(&'a self, name: Option<&'a str>) -> BoxFuture<'a, Result<StatusDoc, Error>> {
+        Box::pin(self.inner.status(name))
+    }
+
+    fn end_session(&self, session: u64) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(self.inner.end_session(session))
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, Result<(), Error>> {
+        self.keepalive.abort();
+        Box::pin(self.inner.shutdown())
+    }
+
+    fn session_id(&self) -> u64 {
+        self.inner.session
+    }
+
+    fn unreachable_for(&self) -> Option<Duration> {
+        let silent = self.inner.last_ack.lock().map(|t| t.elapsed()).ok()?;
+        (silent > self.inner.ttl / 2).then_some(silent)
+    }
+
+    fn begin_job<'a>(
+        &'a self,
+        job: &'a str,
+        group: Option<&'a str>,
+        timeout: Option<Duration>,
+    ) -> BoxFuture<'a, Result<JobBegin, Error>> {
+        Box::pin(self.inner.clone().begin_job(job, group, timeout))
+    }
+
+    fn finish_job<'a>(
+        &'a self,
+        job: &'a str,
+        lease: u64,
+        end: JobEnd<'a>,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(self.inner.finish_job(job, lease, end))
+    }
+
+    fn reset_job<'a>(&'a self, job: &'a str) -> BoxFuture<'a, Result<bool, Error>> {
+        Box::pin(self.inner.reset_job(job))
+    }
+
+    fn wait_group<'a>(
+        &'a self,
+        group: &'a str,
+        jobs: u32,
+        timeout: Option<Duration>,
+    ) -> BoxFuture<'a, Result<GroupSummary, Error>> {
+        Box::pin(self.inner.wait_group(group, jobs, timeout))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_and_keys() {
+        let u = parse_url("a:1,b:2/team/x").expect("valid");
+        assert_eq!(u.endpoints, vec!["a:1", "b:2"]);
+        assert_eq!(u.prefix, "team/x");
+        assert_eq!(parse_url("a:1").expect("valid").prefix, "turnstile");
+        assert!(parse_url("").is_err());
+        assert!(parse_url("a").is_err());
+        assert!(parse_url("a:x").is_err());
+        assert_eq!(unesc(&esc("a/b%2F")), "a/b%2F");
+        assert!(!esc("a/b").contains('/'));
+        assert_eq!(unb64(&range_end("p/q/")).as_deref(), Some(&b"p/q0"[..]));
+    }
+}

@@ -1,0 +1,241 @@
+//! The etcd backend (`etcd://HOST:PORT,...[/PREFIX]`): the conformance suite on a one-member
+//! etcd started for each test, plus what only this backend has (lease loss at 90% of the TTL,
+//! fail-over between members).
+
+#[macro_use]
+mod conformance;
+mod etcd_support;
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use conformance::{status_of, wait_for_status, Fixture, PATIENCE};
+use etcd_support::Etcd;
+use turnstile_client::{Client, LostReason, Options};
+
+/// A fresh one-member etcd for one test.
+struct EtcdFixture {
+    etcd: Etcd,
+}
+
+impl EtcdFixture {
+    fn new() -> EtcdFixture {
+        EtcdFixture {
+            etcd: Etcd::start(),
+        }
+    }
+}
+
+impl Fixture for EtcdFixture {
+    async fn client(&self) -> Client {
+        Client::connect(&self.url()).await.expect("connect")
+    }
+
+    fn url(&self) -> String {
+        self.etcd.url("conformance")
+    }
+
+    /// No server counts events on etcd, as on the shared directory.
+    fn counts_totals(&self) -> bool {
+        false
+    }
+}
+
+conformance_suite!(etcd, EtcdFixture::new());
+
+/// A client cut off from etcd (SIGSTOP of its only member) treats its leases as lost at 90% of
+/// the TTL, before etcd could give them away; calls in progress end in `Unavailable`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_are_lost_at_ninety_percent_of_the_ttl() {
+    let etcd = Etcd::start();
+    let options = Options {
+        session_ttl: Some(Duration::from_secs(3)),
+        ..Options::default()
+    };
+    let client = Client::connect_with(&etcd.url("lost"), options)
+        .await
+        .expect("connect");
+    let sem = client.semaphore("m", 1).await.expect("ensure");
+    let permit = sem.acquire().await.expect("acquire");
+    let cut = tokio::time::Instant::now();
+    etcd.signal(0, nix::sys::signal::Signal::SIGSTOP);
+    let reason = tokio::time::timeout(PATIENCE, permit.lost())
+        .await
+        .expect("the loss is noticed");
+    let after = cut.elapsed();
+    etcd.signal(0, nix::sys::signal::Signal::SIGCONT);
+    assert_eq!(reason, LostReason::Unreachable);
+    assert!(
+        after < Duration::from_secs(3),
+        "lost only after {after:?}, not before the TTL of 3 s"
+    );
+    assert!(
+        after >= Duration::from_millis(1500),
+        "lost too early: {after:?}"
+    );
+}
+
+/// Calls fail over between members: with the first endpoint of the URL stopped (SIGSTOP, so
+/// connections hang rather than fail), a client still acquires and releases through the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_member_is_skipped() {
+    let etcd = Etcd::cluster(3);
+    let client = Client::connect(&etcd.url("hung")).await.expect("connect");
+    let sem = client.semaphore("m", 2).await.expect("ensure");
+    let held = sem.acquire().await.expect("acquire");
+    etcd.signal(0, nix::sys::signal::Signal::SIGSTOP);
+    let started = std::time::Instant::now();
+    let second = tokio::time::timeout(PATIENCE, sem.acquire())
+        .await
+        .expect("granted through another member")
+        .expect("acquire");
+    assert!(second.fencing_token() > held.fencing_token());
+    let st = status_of(&client, "m").await;
+    assert_eq!(st.in_use, 2);
+    drop(second);
+    wait_for_status(&client, "m", "the drop processed", |s| s.in_use == 1).await;
+    assert_eq!(held.lost_reason(), None, "{:?}", started.elapsed());
+    etcd.signal(0, nix::sys::signal::Signal::SIGCONT);
+}
+
+/// A three-member cluster loses its leader (SIGKILL) while 16 clients loop acquire/release on
+/// a capacity-3 semaphore, each client starting on a different member: from the history of
+/// grants and releases, never more than 3 holders at once; every client finishes; tokens
+/// stay unique and grants keep FIFO order (by token) after the new leader takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_under_load() {
+    use std::sync::{Arc, Mutex};
+    const CLIENTS: usize = 16;
+    const ROUNDS: usize = 12;
+    let mut etcd = Etcd::cluster(3);
+    let hosts: Vec<String> = etcd.members.iter().map(|m| m.client.clone()).collect();
+    // (token, granted, released) as each client saw them.
+    let history: Arc<Mutex<Vec<(u64, Instant, Instant)>>> = Arc::default();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..CLIENTS {
+        // Each client lists the members starting at a different one.
+        let mut order = hosts.clone();
+        order.rotate_left(c % hosts.len());
+        let url = format!("etcd://{}/leader", order.join(","));
+        let client = Client::connect(&url).await.expect("connect");
+        let history = history.clone();
+        tasks.push(tokio::spawn(async move {
+            let sem = client.semaphore("db", 3).await.expect("ensure");
+            for _ in 0..ROUNDS {
+                let permit = sem.acquire().await.expect("acquire");
+                let granted = Instant::now();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let token = permit.fencing_token();
+                assert_eq!(permit.lost_reason(), None);
+                let released = Instant::now();
+                permit.release().await.expect("release");
+                history
+                    .lock()
+                    .expect("lock")
+                    .push((token, granted, released));
+            }
+            client.shutdown().await.expect("shutdown");
+        }));
+    }
+    // Kill the leader once the load is under way.
+    while history.lock().expect("lock").len() < CLIENTS * ROUNDS / 4 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let leader = etcd.leader().expect("a leader");
+    etcd.kill(leader);
+    let killed = Instant::now();
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(120), t)
+            .await
+            .expect("every client finishes")
+            .expect("client task");
+    }
+    let history = history.lock().expect("lock").clone();
+    assert_eq!(history.len(), CLIENTS * ROUNDS);
+    let mut events: Vec<(Instant, i32)> = Vec::new();
+    for &(_, g, r) in &history {
+        events.push((g, 1));
+        events.push((r, -1));
+    }
+    events.sort_by_key(|&(t, d)| (t, d));
+    let (mut now, mut max) = (0, 0);
+    for (_, d) in events {
+        now += d;
+        max = max.max(now);
+    }
+    assert!(max <= 3, "{max} holders at once on a capacity-3 semaphore");
+    let mut tokens: Vec<u64> = history.iter().map(|h| h.0).collect();
+    tokens.sort_unstable();
+    tokens.dedup();
+    assert_eq!(tokens.len(), CLIENTS * ROUNDS, "a distinct token per grant");
+    // FIFO after the take-over: a grant seen well after another has a larger token (grants in
+    // the same moment may be observed in either order by different clients).
+    let mut after: Vec<(Instant, u64)> = history
+        .iter()
+        .filter(|h| h.1 > killed)
+        .map(|h| (h.1, h.0))
+        .collect();
+    after.sort_unstable();
+    assert!(!after.is_empty(), "grants continued after the leader died");
+    for (i, &(t, tok)) in after.iter().enumerate() {
+        for &(t2, tok2) in &after[i + 1..] {
+            if t2 > t + Duration::from_millis(250) {
+                assert!(
+                    tok2 > tok,
+                    "grant {tok2} came well after {tok} with a smaller token"
+                );
+            }
+        }
+    }
+    eprintln!(
+        "{} grants in {:?}; {} after the leader was killed",
+        history.len(),
+        started.elapsed(),
+        after.len()
+    );
+}
+
+/// A timed acquire whose deadline passes while etcd is unreachable (SIGSTOP) ends in
+/// `Unavailable` within half a second of its deadline, and its queued key is still withdrawn
+/// once etcd is back: it does not block the queue for as long as its client lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_acquire_is_withdrawn_after_etcd_comes_back() {
+    let etcd = Etcd::start();
+    let (a, b) = (
+        Client::connect(&etcd.url("withdraw"))
+            .await
+            .expect("connect"),
+        Client::connect(&etcd.url("withdraw"))
+            .await
+            .expect("connect"),
+    );
+    let sem_a = a.semaphore("m", 1).await.expect("ensure");
+    let sem_b = b.semaphore("m", 1).await.expect("ensure");
+    let held = sem_a.acquire().await.expect("a holds");
+    let waiter = tokio::spawn(async move {
+        let started = Instant::now();
+        let r = sem_b.acquire_timeout(Duration::from_secs(1)).await;
+        (r.map(drop), started.elapsed(), sem_b)
+    });
+    wait_for_status(&a, "m", "b queued", |s| s.queued == 1).await;
+    etcd.signal(0, nix::sys::signal::Signal::SIGSTOP);
+    let (result, took, _sem_b) = tokio::time::timeout(PATIENCE, waiter)
+        .await
+        .expect("the timed acquire returns")
+        .expect("task");
+    etcd.signal(0, nix::sys::signal::Signal::SIGCONT);
+    let err = result.expect_err("etcd was stopped");
+    assert!(err.is_unavailable(), "{err:?}");
+    assert!(
+        took < Duration::from_millis(2500),
+        "returned after {took:?}"
+    );
+    held.release().await.expect("release");
+    wait_for_status(&a, "m", "b's key withdrawn", |s| {
+        s.in_use == 0 && s.queued == 0
+    })
+    .await;
+    assert!(sem_a.try_acquire().await.expect("try").is_some());
+}
