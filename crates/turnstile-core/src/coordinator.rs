@@ -25,7 +25,19 @@
 //! - every held or queued lease belongs to a live session that lists it, and to exactly one
 //!   semaphore's holders or queue;
 //! - every token ever issued by a semaphore is below its `next_token`;
-//! - a closed semaphore has no holders and no queue.
+//! - a closed semaphore has no holders and no queue;
+//! - no semaphore counts tokens below the token floor's last raise before it was created, and
+//!   every idle, forgettable semaphore has its one entry in the forget heap.
+//!
+//! # Forgetting idle semaphores
+//!
+//! With [`Coordinator::set_forget_idle`], a semaphore that has had no holder and no waiter for
+//! that long (and is not closed, and is not a job's lock) is removed, so that names used once
+//! do not cost memory for good. Its fencing counter is not lost: it raises the coordinator's
+//! *token floor*, where every semaphore created later starts counting, so tokens of a name
+//! that is forgotten and created again still strictly increase (invariant 5). The floor is
+//! durable ([`Record::Forgotten`], and [`Record::TokenFloor`] in snapshots). Like session
+//! deadlines, each idle semaphore has at most one entry in a heap, rescheduled lazily.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
@@ -210,16 +222,22 @@ struct Semaphore {
     queued_weight: u64,
     counters: Counters,
     wait: WaitStats,
+    /// When it last became idle (no holders, no waiters); meaningful only while it is idle.
+    idle_since: Time,
+    /// The time of its one entry in the forget heap, if it has one.
+    forget_scheduled: Option<Time>,
 }
 
 impl Semaphore {
-    fn new(name: Arc<str>, capacity: u32) -> Semaphore {
+    fn new(name: Arc<str>, capacity: u32, next_token: u64, now: Time) -> Semaphore {
         Semaphore {
             name,
             capacity,
             in_use: 0,
             closed: false,
-            next_token: 1,
+            next_token: next_token.max(1),
+            idle_since: now,
+            forget_scheduled: None,
             holders: BTreeMap::new(),
             queue: BTreeMap::new(),
             queued_weight: 0,
@@ -282,6 +300,15 @@ pub struct Coordinator {
     timers: BinaryHeap<Reverse<(Time, Timer)>>,
     next_seq: u64,
     jobs: jobs::Jobs,
+    /// The lowest token a semaphore created now may issue: the highest counter of any
+    /// forgotten semaphore (and of token skips). Never goes down.
+    token_floor: u64,
+    /// How long a semaphore stays idle before it is forgotten; `None` keeps them all.
+    forget_after: Option<Duration>,
+    /// Idle semaphores due to be forgotten, one entry each at most (see the module doc).
+    forget_heap: BinaryHeap<Reverse<(Time, Arc<str>)>>,
+    /// The latest time a call brought: when the semaphores that become idle in it did.
+    now: Time,
 }
 
 impl Coordinator {
@@ -373,6 +400,8 @@ impl Coordinator {
     /// Processes every deadline at or before `now`: expires sessions that missed their TTL and
     /// times out queued acquires. Costs O(log n) per deadline that comes due.
     pub fn tick(&mut self, now: Time, out: &mut Vec<Effect>) {
+        self.now = self.now.max(now);
+        self.forget_due(now, out);
         while let Some(&Reverse((at, timer))) = self.timers.peek() {
             if at > now {
                 break;
@@ -425,7 +454,95 @@ impl Coordinator {
     /// The earliest time at which [`tick`](Coordinator::tick) has work to do. It may be early
     /// (a deadline that has since moved), never late.
     pub fn next_deadline(&self) -> Option<Time> {
-        self.timers.peek().map(|Reverse((at, _))| *at)
+        let timer = self.timers.peek().map(|Reverse((at, _))| *at);
+        let forget = self.forget_heap.peek().map(|Reverse((at, _))| *at);
+        match (timer, forget) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Forgets semaphores that have been idle for `after` (`None`: never, the default). A
+    /// semaphore already idle counts from when it became idle.
+    pub fn set_forget_idle(&mut self, after: Option<Duration>) {
+        self.forget_after = after;
+        if after.is_some() {
+            let mut names: Vec<Arc<str>> = self.semaphores.keys().cloned().collect();
+            names.sort();
+            for name in names {
+                self.schedule_forget(&name);
+            }
+        }
+    }
+
+    /// The coordinator's token floor: every semaphore created now counts tokens from here on.
+    pub fn token_floor(&self) -> u64 {
+        self.token_floor.max(1)
+    }
+
+    /// Gives the semaphore `name` its entry in the forget heap if it is idle, forgettable and
+    /// has none. Called wherever a semaphore may have become idle.
+    fn schedule_forget(&mut self, name: &str) {
+        let Some(after) = self.forget_after else {
+            return;
+        };
+        let now = self.now;
+        let Some(sem) = self.semaphores.get_mut(name) else {
+            return;
+        };
+        if !is_idle(sem) {
+            return;
+        }
+        if sem.forget_scheduled.is_none() {
+            let at = now + after;
+            sem.idle_since = now;
+            sem.forget_scheduled = Some(at);
+            self.forget_heap.push(Reverse((at, sem.name.clone())));
+        } else {
+            // Its entry is due earlier; when it comes, it is pushed again for this time.
+            sem.idle_since = sem.idle_since.max(now);
+        }
+    }
+
+    /// Forgets the semaphores whose idle time is up at `now`. O(log n) per entry due.
+    fn forget_due(&mut self, now: Time, out: &mut Vec<Effect>) {
+        let Some(after) = self.forget_after else {
+            return;
+        };
+        while let Some(Reverse((at, _))) = self.forget_heap.peek() {
+            if *at > now {
+                break;
+            }
+            let Some(Reverse((at, name))) = self.forget_heap.pop() else {
+                break;
+            };
+            let Some(sem) = self.semaphores.get_mut(&name) else {
+                continue;
+            };
+            if sem.forget_scheduled != Some(at) {
+                continue; // an entry of an earlier semaphore of that name
+            }
+            if !is_idle(sem) {
+                // Busy again: it gets a new entry when it next becomes idle.
+                sem.forget_scheduled = None;
+                continue;
+            }
+            let due = sem.idle_since + after;
+            if due > at {
+                sem.forget_scheduled = Some(due);
+                self.forget_heap.push(Reverse((due, name)));
+                continue;
+            }
+            let next_token = sem.next_token;
+            self.semaphores.remove(&name);
+            self.token_floor = self.token_floor.max(next_token);
+            out.push(Effect::Persist(Record::Forgotten { name, next_token }));
+        }
+    }
+
+    /// A new semaphore, counting tokens from the floor.
+    fn new_semaphore(&self, name: Arc<str>, capacity: u32) -> Semaphore {
+        Semaphore::new(name, capacity, self.token_floor, self.now)
     }
 
     fn open_session(
@@ -533,8 +650,9 @@ impl Coordinator {
             return Ok(Some(Reply::Done));
         }
         let name: Arc<str> = Arc::from(name);
-        self.semaphores
-            .insert(name.clone(), Semaphore::new(name.clone(), capacity));
+        let sem = self.new_semaphore(name.clone(), capacity);
+        self.semaphores.insert(name.clone(), sem);
+        self.schedule_forget(&name);
         out.push(Effect::Persist(Record::SemaphoreCreated { name, capacity }));
         Ok(Some(Reply::Done))
     }
@@ -709,6 +827,7 @@ impl Coordinator {
         if let Some(session) = self.sessions.get_mut(&key.0) {
             session.leases.remove(&key.1);
         }
+        self.schedule_forget(&lease.semaphore);
         Some((tag, lease.semaphore))
     }
 
@@ -727,6 +846,7 @@ impl Coordinator {
         if let Some(session) = self.sessions.get_mut(&key.0) {
             session.leases.remove(&key.1);
         }
+        self.schedule_forget(&lease.semaphore);
         Some((lease.semaphore, token))
     }
 
@@ -870,6 +990,7 @@ impl Coordinator {
     /// Records that do not fit the state (a grant for an unknown session, say) are skipped;
     /// the log writer never produces them.
     pub fn apply(&mut self, now: Time, record: &Record) {
+        self.now = self.now.max(now);
         self.apply_record(now, record);
         // No group wait is ever replayed (waits are not durable), so the groups a record
         // touched need no checking: forget them rather than pile them up over a long log.
@@ -879,9 +1000,22 @@ impl Coordinator {
     fn apply_record(&mut self, now: Time, record: &Record) {
         match record {
             Record::SemaphoreCreated { name, capacity } => {
-                self.semaphores
-                    .entry(name.clone())
-                    .or_insert_with(|| Semaphore::new(name.clone(), *capacity));
+                if !self.semaphores.contains_key(name) {
+                    let sem = self.new_semaphore(name.clone(), *capacity);
+                    self.semaphores.insert(name.clone(), sem);
+                    self.schedule_forget(name);
+                }
+            }
+            Record::Forgotten { name, next_token } => {
+                self.token_floor = self.token_floor.max(*next_token);
+                // Only an idle semaphore was ever forgotten; anything else means the record
+                // does not fit this state, and is skipped like any such record.
+                if self.semaphores.get(name).is_some_and(is_idle) {
+                    self.semaphores.remove(name);
+                }
+            }
+            Record::TokenFloor { next_token } => {
+                self.token_floor = self.token_floor.max(*next_token);
             }
             Record::Semaphore {
                 name,
@@ -889,10 +1023,15 @@ impl Coordinator {
                 closed,
                 next_token,
             } => {
+                if !self.semaphores.contains_key(name) {
+                    let sem = self.new_semaphore(name.clone(), *capacity);
+                    self.semaphores.insert(name.clone(), sem);
+                    self.schedule_forget(name);
+                }
                 let sem = self
                     .semaphores
-                    .entry(name.clone())
-                    .or_insert_with(|| Semaphore::new(name.clone(), *capacity));
+                    .get_mut(name)
+                    .expect("invariant: inserted just above if it was missing");
                 sem.next_token = sem.next_token.max(*next_token);
                 if *closed {
                     let mut sink = Vec::new();
@@ -989,7 +1128,13 @@ impl Coordinator {
     /// worth it.
     pub fn snapshot(&self) -> Vec<Record> {
         let mut out =
-            Vec::with_capacity(self.semaphores.len() + self.sessions.len() + self.leases.len());
+            Vec::with_capacity(self.semaphores.len() + self.sessions.len() + self.leases.len() + 1);
+        // First, so that the semaphores below are created above the floor as they were.
+        if self.token_floor > 1 {
+            out.push(Record::TokenFloor {
+                next_token: self.token_floor,
+            });
+        }
         let mut names: Vec<&Arc<str>> = self.semaphores.keys().collect();
         names.sort();
         for name in names {
@@ -1114,6 +1259,12 @@ impl Coordinator {
     /// one has used it. (A semaphore whose creation was in the cut part is not known, and
     /// starts again from token 1.)
     pub fn skip_tokens(&mut self, n: u64, out: &mut Vec<Effect>) {
+        // Forgotten semaphores whose forgetting was in the cut part are created anew from the
+        // floor: it moves on too.
+        self.token_floor = self.token_floor.max(1).saturating_add(n);
+        out.push(Effect::Persist(Record::TokenFloor {
+            next_token: self.token_floor,
+        }));
         let mut names: Vec<Arc<str>> = self.semaphores.keys().cloned().collect();
         names.sort();
         for name in names {
@@ -1182,6 +1333,13 @@ impl Coordinator {
         for (name, s) in &self.semaphores {
             if **name != *s.name {
                 return Err(format!("semaphore keyed {name:?} is named {:?}", s.name));
+            }
+            if self.forget_after.is_some()
+                && is_idle(s)
+                && !jobs::is_lock_name(&s.name)
+                && s.forget_scheduled.is_none()
+            {
+                return Err(format!("idle semaphore {name:?} is never forgotten"));
             }
             if s.closed && (!s.holders.is_empty() || !s.queue.is_empty() || s.in_use != 0) {
                 return Err(format!(
@@ -1274,6 +1432,12 @@ impl Coordinator {
         }
         self.validate_jobs()
     }
+}
+
+/// Whether `s` may be forgotten: no holders, no waiters, not closed, not a job's lock (whose
+/// job state lives on).
+fn is_idle(s: &Semaphore) -> bool {
+    s.holders.is_empty() && s.queue.is_empty() && !s.closed && !jobs::is_lock_name(&s.name)
 }
 
 /// The view of a semaphore with the given holder and waiter lists.

@@ -1004,8 +1004,14 @@ impl Harness {
                     self.ledger.retain(|_, v| v.0 != *name);
                 }
             }
-            Record::SemaphoreCreated { .. } | Record::SessionOpened { .. } | Record::Job { .. } => {
-            }
+            Record::SemaphoreCreated { .. }
+            | Record::SessionOpened { .. }
+            | Record::Job { .. }
+            | Record::TokenFloor { .. } => {}
+            Record::Forgotten { name, .. } => assert!(
+                !self.ledger.values().any(|v| v.0 == *name),
+                "{what}: forgot {name:?}, which the log shows held"
+            ),
         }
     }
 
