@@ -40,7 +40,8 @@
 //! deadlines, each idle semaphore has at most one entry in a heap, rescheduled lazily.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::ops::Bound;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -295,6 +296,9 @@ pub struct Coordinator {
     /// Semaphores, and the locks of jobs (named by [`jobs::lock_name`], which no client can
     /// name since it holds a control character).
     semaphores: HashMap<Arc<str>, Semaphore>,
+    /// The names of `semaphores`, sorted: status pages and metrics read the semaphores in
+    /// bounded slices from a cursor, rather than sorting them all at once under the lock.
+    names: BTreeSet<Arc<str>>,
     sessions: HashMap<SessionId, Session>,
     leases: HashMap<LeaseKey, Lease>,
     timers: BinaryHeap<Reverse<(Time, Timer)>>,
@@ -534,15 +538,77 @@ impl Coordinator {
                 continue;
             }
             let next_token = sem.next_token;
-            self.semaphores.remove(&name);
+            self.remove_semaphore(&name);
             self.token_floor = self.token_floor.max(next_token);
             out.push(Effect::Persist(Record::Forgotten { name, next_token }));
         }
     }
 
-    /// A new semaphore, counting tokens from the floor.
-    fn new_semaphore(&self, name: Arc<str>, capacity: u32) -> Semaphore {
-        Semaphore::new(name, capacity, self.token_floor, self.now)
+    /// Creates a semaphore, counting tokens from the floor.
+    fn insert_semaphore(&mut self, name: Arc<str>, capacity: u32) {
+        let sem = Semaphore::new(name.clone(), capacity, self.token_floor, self.now);
+        self.semaphores.insert(name.clone(), sem);
+        self.names.insert(name.clone());
+        self.schedule_forget(&name);
+    }
+
+    fn remove_semaphore(&mut self, name: &str) {
+        self.semaphores.remove(name);
+        self.names.remove(name);
+    }
+
+    /// Up to `limit` semaphores whose names start with `prefix` and sort after `after`
+    /// (exclusive; empty starts at the beginning), in name order, with their holders and
+    /// waiters (at most `max_listed` of each: the counts are always whole). Also returns
+    /// whether more such semaphores follow the page. Costs O(log n + page), so that callers
+    /// can read everything in bounded slices under their lock.
+    pub fn semaphore_page(
+        &self,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+        max_listed: usize,
+        now: Time,
+    ) -> (Vec<SemaphoreView>, bool) {
+        let mut page = Vec::new();
+        let mut more = false;
+        for name in self.page_names(prefix, after) {
+            if page.len() >= limit {
+                more = true;
+                break;
+            }
+            if let Some(s) = self.semaphores.get(name) {
+                page.push(self.view_capped(s, now, max_listed));
+            }
+        }
+        (page, more)
+    }
+
+    /// Like [`semaphore_stats`](Coordinator::semaphore_stats), for up to `limit` semaphores
+    /// after `after` (exclusive): a slice of the metrics, O(log n + limit).
+    pub fn semaphore_stats_page(&self, after: &str, limit: usize) -> Vec<SemaphoreView> {
+        self.page_names("", after)
+            .take(limit)
+            .filter_map(|name| self.semaphores.get(name))
+            .map(|s| summary(s, Vec::new(), Vec::new()))
+            .collect()
+    }
+
+    /// The names of client semaphores starting with `prefix`, after `after`, in order.
+    fn page_names<'s>(
+        &'s self,
+        prefix: &'s str,
+        after: &'s str,
+    ) -> impl Iterator<Item = &'s Arc<str>> + 's {
+        let start: Bound<&str> = if after.is_empty() || after < prefix {
+            Bound::Included(prefix)
+        } else {
+            Bound::Excluded(after)
+        };
+        self.names
+            .range::<str, _>((start, Bound::Unbounded))
+            .take_while(move |n| n.starts_with(prefix))
+            .filter(|n| !jobs::is_lock_name(n))
     }
 
     fn open_session(
@@ -650,9 +716,7 @@ impl Coordinator {
             return Ok(Some(Reply::Done));
         }
         let name: Arc<str> = Arc::from(name);
-        let sem = self.new_semaphore(name.clone(), capacity);
-        self.semaphores.insert(name.clone(), sem);
-        self.schedule_forget(&name);
+        self.insert_semaphore(name.clone(), capacity);
         out.push(Effect::Persist(Record::SemaphoreCreated { name, capacity }));
         Ok(Some(Reply::Done))
     }
@@ -1001,9 +1065,7 @@ impl Coordinator {
         match record {
             Record::SemaphoreCreated { name, capacity } => {
                 if !self.semaphores.contains_key(name) {
-                    let sem = self.new_semaphore(name.clone(), *capacity);
-                    self.semaphores.insert(name.clone(), sem);
-                    self.schedule_forget(name);
+                    self.insert_semaphore(name.clone(), *capacity);
                 }
             }
             Record::Forgotten { name, next_token } => {
@@ -1011,7 +1073,7 @@ impl Coordinator {
                 // Only an idle semaphore was ever forgotten; anything else means the record
                 // does not fit this state, and is skipped like any such record.
                 if self.semaphores.get(name).is_some_and(is_idle) {
-                    self.semaphores.remove(name);
+                    self.remove_semaphore(name);
                 }
             }
             Record::TokenFloor { next_token } => {
@@ -1024,9 +1086,7 @@ impl Coordinator {
                 next_token,
             } => {
                 if !self.semaphores.contains_key(name) {
-                    let sem = self.new_semaphore(name.clone(), *capacity);
-                    self.semaphores.insert(name.clone(), sem);
-                    self.schedule_forget(name);
+                    self.insert_semaphore(name.clone(), *capacity);
                 }
                 let sem = self
                     .semaphores
@@ -1207,9 +1267,14 @@ impl Coordinator {
     }
 
     fn view(&self, s: &Semaphore, now: Time) -> SemaphoreView {
+        self.view_capped(s, now, usize::MAX)
+    }
+
+    fn view_capped(&self, s: &Semaphore, now: Time, max_listed: usize) -> SemaphoreView {
         let holders = s
             .holders
             .iter()
+            .take(max_listed)
             .filter_map(|(token, key)| {
                 let lease = self.leases.get(key)?;
                 let LeaseState::Held { since, .. } = lease.state else {
@@ -1228,6 +1293,7 @@ impl Coordinator {
         let waiters = s
             .queue
             .values()
+            .take(max_listed)
             .filter_map(|key| {
                 let lease = self.leases.get(key)?;
                 let LeaseState::Queued { since, .. } = lease.state else {
@@ -1329,6 +1395,11 @@ impl Coordinator {
     /// Checks every invariant in the module documentation. O(state); meant for tests and
     /// debugging, not for the hot path.
     pub fn validate(&self) -> Result<(), String> {
+        if self.names.len() != self.semaphores.len()
+            || self.names.iter().any(|n| !self.semaphores.contains_key(n))
+        {
+            return Err("the sorted name index differs from the semaphores".into());
+        }
         let mut seen: HashSet<LeaseKey> = HashSet::default();
         for (name, s) in &self.semaphores {
             if **name != *s.name {

@@ -64,6 +64,9 @@ pub struct Config {
     pub max_connections: usize,
     /// Where the state lives.
     pub storage: Storage,
+    /// How long a semaphore stays idle (no holders, no waiters, not closed) before it is
+    /// forgotten; `None` keeps every semaphore for good.
+    pub forget_idle: Option<Duration>,
 }
 
 impl Default for Config {
@@ -74,6 +77,7 @@ impl Default for Config {
             max_session_ttl: Duration::from_secs(24 * 3600),
             max_connections: 16_384,
             storage: Storage::InMemory,
+            forget_idle: Some(Duration::from_secs(600)),
         }
     }
 }
@@ -127,6 +131,7 @@ impl Server {
     pub fn open(config: Config) -> Result<Server, ServerError> {
         let epoch = Instant::now();
         let mut core = Coordinator::new();
+        core.set_forget_idle(config.forget_idle);
         let mut report = RecoveryReport::default();
         let (wal, log) = match &config.storage {
             Storage::InMemory => (None, None),

@@ -67,6 +67,25 @@ pub struct ServeArgs {
     /// Snapshot the state and drop the older log after this much log (e.g. 64MiB).
     #[arg(long, env = "TURNSTILE_SNAPSHOT_EVERY", default_value = "64MiB", value_parser = parse_size)]
     snapshot_every: u64,
+    /// Forget a semaphore that has had no holder and no waiter for this long (e.g. 10m), or
+    /// `never`. Fencing tokens of a name created again still go up.
+    #[arg(long, env = "TURNSTILE_FORGET_IDLE", default_value = "10m", value_parser = parse_forget)]
+    forget_idle: ForgetIdle,
+}
+
+/// `--forget-idle`: how long an idle semaphore is kept, or never forgotten (`None`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForgetIdle(pub Option<Duration>);
+
+/// Parses `--forget-idle`: a positive duration, or `never`.
+pub fn parse_forget(s: &str) -> Result<ForgetIdle, String> {
+    if s == "never" {
+        return Ok(ForgetIdle(None));
+    }
+    match parse_duration(s)? {
+        d if d.is_zero() => Err("must be positive, or never".into()),
+        d => Ok(ForgetIdle(Some(d))),
+    }
 }
 
 /// `--fsync` values.
@@ -168,6 +187,8 @@ pub struct Settings {
     pub snapshot_every: Set<u64>,
     /// Log format.
     pub log_format: Set<LogFormat>,
+    /// Idle time before a semaphore is forgotten.
+    pub forget_idle: Set<Option<Duration>>,
 }
 
 /// The config file, parsed and checked: each key that is present, with its value.
@@ -182,10 +203,11 @@ pub struct FileConfig {
     fsync: Option<Fsync>,
     snapshot_every: Option<u64>,
     log_format: Option<LogFormat>,
+    forget_idle: Option<Option<Duration>>,
 }
 
 /// Every key of the config file.
-const KEYS: [&str; 9] = [
+const KEYS: [&str; 10] = [
     "listen",
     "http",
     "session_ttl",
@@ -195,6 +217,7 @@ const KEYS: [&str; 9] = [
     "fsync",
     "snapshot_every",
     "log_format",
+    "forget_idle",
 ];
 
 impl FileConfig {
@@ -264,6 +287,9 @@ impl FileConfig {
                 "log_format" => {
                     config.log_format = Some(LogFormat::parse(text()?).map_err(with_key)?)
                 }
+                "forget_idle" => {
+                    config.forget_idle = Some(parse_forget(text()?).map_err(with_key)?.0)
+                }
                 _ => {
                     return Err(format!(
                         "unknown key `{key}` (known keys: {})",
@@ -330,6 +356,7 @@ impl ServeArgs {
                 file.snapshot_every,
             ),
             log_format: pick(matches, "log_format", log_format, file.log_format),
+            forget_idle: pick(matches, "forget_idle", self.forget_idle.0, file.forget_idle),
         }
     }
 
@@ -391,6 +418,10 @@ impl Settings {
             quoted(self.log_format.value.name()),
             self.log_format.source,
         );
+        let forget = self.forget_idle.value.map_or("never".into(), |d| {
+            humantime::format_duration(d).to_string()
+        });
+        line("forget_idle", quoted(&forget), self.forget_idle.source);
         out
     }
 
@@ -412,6 +443,7 @@ impl Settings {
             session_ttl: self.session_ttl.value,
             max_connections: self.max_connections.value.max(1),
             storage,
+            forget_idle: self.forget_idle.value,
             ..turnstile_server::Config::default()
         };
         let ttl = config.session_ttl;
@@ -566,6 +598,15 @@ mod tests {
         assert_eq!(s.http.source, Source::Default);
         assert_eq!(s.fsync.value, Fsync::Batch);
         assert_eq!(s.max_connections.value, 16_384);
+        assert_eq!(s.forget_idle.value, Some(Duration::from_secs(600)));
+        let s = resolve(&["turnstile", "serve"], "forget_idle = \"never\"");
+        assert_eq!((s.forget_idle.value, s.forget_idle.source), (None, Source::File));
+        let s = resolve(
+            &["turnstile", "serve", "--forget-idle", "90s"],
+            "forget_idle = \"never\"",
+        );
+        assert_eq!(s.forget_idle.value, Some(Duration::from_secs(90)));
+        assert!(FileConfig::parse("forget_idle = \"0s\"").is_err());
 
         let s = resolve(
             &["turnstile", "serve", "--http", "off"],

@@ -243,8 +243,7 @@ impl Coordinator {
         }
         let lock = entry.lock.clone();
         if !self.semaphores.contains_key(&lock) {
-            let sem = self.new_semaphore(lock.clone(), 1);
-            self.semaphores.insert(lock.clone(), sem);
+            self.insert_semaphore(lock.clone(), 1);
             out.push(Effect::Persist(Record::SemaphoreCreated {
                 name: lock.clone(),
                 capacity: 1,
