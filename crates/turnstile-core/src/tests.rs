@@ -804,7 +804,11 @@ fn skip_tokens_moves_every_counter_on_durably() {
     )));
     let mut out = Vec::new();
     t.c.skip_tokens(10, &mut out);
-    assert_eq!(out.len(), 3, "the token floor, then one record per semaphore: {out:?}");
+    assert_eq!(
+        out.len(),
+        3,
+        "the token floor, then one record per semaphore: {out:?}"
+    );
     // Replaying the log with these records gives the same counters.
     let mut replayed = Coordinator::new();
     for r in t.log.iter().chain(out.iter().filter_map(|e| match e {
@@ -883,7 +887,10 @@ fn idle_semaphores_are_forgotten_and_tokens_still_increase() {
     let first = use_name(&mut t, 1, "once", 3);
     assert_eq!(first, 3);
     t.advance(FORGET - Duration::from_secs(1));
-    assert!(t.c.semaphore("once", t.now).is_some(), "forgotten too early");
+    assert!(
+        t.c.semaphore("once", t.now).is_some(),
+        "forgotten too early"
+    );
     let out = t.advance(Duration::from_secs(1));
     assert!(t.c.semaphore("once", t.now).is_none(), "not forgotten");
     assert!(
@@ -919,7 +926,10 @@ fn busy_semaphores_are_kept_and_their_idle_time_restarts() {
     t.release(1, 1);
     // Idle from the release on, not from its creation.
     t.advance(FORGET - Duration::from_secs(1));
-    assert!(t.c.semaphore("held", t.now).is_some(), "forgotten too early");
+    assert!(
+        t.c.semaphore("held", t.now).is_some(),
+        "forgotten too early"
+    );
     t.advance(Duration::from_secs(1));
     assert!(t.c.semaphore("held", t.now).is_none());
     // Closed semaphores are never forgotten: their closing must hold.
@@ -955,5 +965,8 @@ fn token_floor_survives_replay_and_snapshot() {
     t2.c = from_snapshot;
     t2.now = t.now;
     let again = use_name(&mut t2, 9, "once", 1);
-    assert!(again > first, "token {again} after {first} across a restart");
+    assert!(
+        again > first,
+        "token {again} after {first} across a restart"
+    );
 }

@@ -120,8 +120,15 @@ pub(crate) fn status_doc(shared: &Shared, ask: Ask<'_>) -> StatusDoc {
 
 /// An upper estimate of the JSON bytes of a semaphore's entry.
 fn estimate(v: &SemaphoreView) -> usize {
-    let listed: usize = v.holders.iter().map(|h| 160 + h.client.len()).sum::<usize>()
-        + v.waiters.iter().map(|w| 140 + w.client.len()).sum::<usize>();
+    let listed: usize = v
+        .holders
+        .iter()
+        .map(|h| 160 + h.client.len())
+        .sum::<usize>()
+        + v.waiters
+            .iter()
+            .map(|w| 140 + w.client.len())
+            .sum::<usize>();
     600 + 2 * v.name.len() + listed
 }
 

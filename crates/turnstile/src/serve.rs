@@ -600,7 +600,10 @@ mod tests {
         assert_eq!(s.max_connections.value, 16_384);
         assert_eq!(s.forget_idle.value, Some(Duration::from_secs(600)));
         let s = resolve(&["turnstile", "serve"], "forget_idle = \"never\"");
-        assert_eq!((s.forget_idle.value, s.forget_idle.source), (None, Source::File));
+        assert_eq!(
+            (s.forget_idle.value, s.forget_idle.source),
+            (None, Source::File)
+        );
         let s = resolve(
             &["turnstile", "serve", "--forget-idle", "90s"],
             "forget_idle = \"never\"",
