@@ -313,6 +313,13 @@ pub struct Coordinator {
     forget_heap: BinaryHeap<Reverse<(Time, Arc<str>)>>,
     /// The latest time a call brought: when the semaphores that become idle in it did.
     now: Time,
+    /// Most deadline work one call does before it returns, if bounded (see
+    /// [`Coordinator::set_step_budget`]).
+    step_budget: Option<usize>,
+    /// The heap entry being processed, while a tick processes one: the point the sweep has
+    /// reached. Deadlines before it have been processed; outside a tick, every deadline up to
+    /// `now` counts as passed, processed or not.
+    sweeping: Option<(Time, Timer)>,
 }
 
 impl Coordinator {
@@ -324,23 +331,41 @@ impl Coordinator {
     /// Handles one request at `now`, appending its effects to `out`. The reply to the request
     /// is an [`Effect::Reply`] with `tag`; a queued acquire gets it later, from a later call.
     pub fn handle(&mut self, now: Time, tag: Tag, request: Request<'_>, out: &mut Vec<Effect>) {
-        self.tick(now, out);
+        match self.step_budget {
+            None => self.tick(now, out),
+            Some(budget) => {
+                self.tick_some(now, budget, out);
+            }
+        }
         let outcome = match request {
             Request::OpenSession {
                 session,
                 ttl,
                 client,
-            } => self.open_session(now, session, ttl, client, out),
+            } => {
+                if self.overdue(now, session) {
+                    // Its client counts it dead already: it is a new session now. (The only
+                    // expiry processed out of deadline order, for a client that reuses its id.)
+                    self.end_session(now, session, Ending::Expired, out);
+                }
+                self.open_session(now, session, ttl, client, out)
+            }
             Request::ResumeSession { session } => self
                 .refresh(now, session)
                 .map(|ttl| Some(Reply::SessionOpened { ttl, existed: true })),
             Request::KeepAlive { session } => self.refresh(now, session).map(|_| Some(Reply::Done)),
+            // A session past its deadline has expired, whether or not the sweep has reached it:
+            // ending it is a no-op, as for any unknown session, and the sweep reports it.
             Request::CloseSession { session } => {
-                self.end_session(now, session, Ending::Closed, out);
+                if !self.overdue(now, session) {
+                    self.end_session(now, session, Ending::Closed, out);
+                }
                 Ok(Some(Reply::Done))
             }
             Request::EndSession { session } => {
-                self.end_session(now, session, Ending::EndedByOther, out);
+                if !self.overdue(now, session) {
+                    self.end_session(now, session, Ending::EndedByOther, out);
+                }
                 Ok(Some(Reply::Done))
             }
             Request::Ensure { name, capacity } => self.ensure(name, capacity, out),
@@ -404,13 +429,46 @@ impl Coordinator {
     /// Processes every deadline at or before `now`: expires sessions that missed their TTL and
     /// times out queued acquires. Costs O(log n) per deadline that comes due.
     pub fn tick(&mut self, now: Time, out: &mut Vec<Effect>) {
+        while self.tick_some(now, usize::MAX, out) {}
+    }
+
+    /// Bounds the deadline work of each [`handle`](Coordinator::handle) to about `budget`
+    /// units (a unit is a deadline or a lease freed), or lifts the bound (`None`, the
+    /// default). A shell that sets it must call [`tick_some`](Coordinator::tick_some) until it
+    /// returns `false` whenever [`next_deadline`](Coordinator::next_deadline) has passed,
+    /// releasing its lock between calls: then 100,000 leases expiring at once no longer make
+    /// one long step that stalls every other client.
+    ///
+    /// Lagging behind is safe because a session past its deadline can no longer act, whether
+    /// or not its expiry has been processed: its requests fail as for an expired session
+    /// ([`Error::SessionNotFound`]), closing or ending it is a no-op, its queued acquires are
+    /// never granted (the grant loop drops them as the expiry would have), nor are acquires
+    /// whose own timeout has passed. Its held permits stay taken until the sweep reaches it,
+    /// in deadline order: others wait a little longer, never the other way round.
+    pub fn set_step_budget(&mut self, budget: Option<usize>) {
+        self.step_budget = budget.map(|b| b.max(1));
+    }
+
+    /// Processes the deadlines at or before `now` in deadline order, stopping once about
+    /// `budget` units of work (a deadline, or a lease freed) are done; at least one deadline
+    /// is processed, so a session with more leases than the budget still expires whole.
+    /// Returns whether due deadlines remain: call again (at the same or a later `now`).
+    pub fn tick_some(&mut self, now: Time, budget: usize, out: &mut Vec<Effect>) -> bool {
         self.now = self.now.max(now);
-        self.forget_due(now, out);
-        while let Some(&Reverse((at, timer))) = self.timers.peek() {
+        let mut used = self.forget_due(now, budget, out);
+        let more = loop {
+            let Some(&Reverse((at, timer))) = self.timers.peek() else {
+                break false;
+            };
             if at > now {
-                break;
+                break false;
             }
+            if used >= budget {
+                break true;
+            }
+            used += 1;
             self.timers.pop();
+            self.sweeping = Some((at, timer));
             match timer {
                 Timer::Session(id) => {
                     let Some(session) = self.sessions.get_mut(&id) else {
@@ -427,6 +485,7 @@ impl Coordinator {
                         self.timers
                             .push(Reverse((session.deadline, Timer::Session(id))));
                     } else {
+                        used = used.saturating_add(session.leases.len());
                         self.end_session(now, id, Ending::Expired, out);
                     }
                 }
@@ -451,8 +510,21 @@ impl Coordinator {
                 }
                 Timer::GroupWait(session, wait) => self.group_wait_due(at, (session, wait), out),
             }
-        }
+            self.sweeping = None;
+        };
         self.settle_group_waits(out);
+        more || self
+            .forget_heap
+            .peek()
+            .is_some_and(|Reverse((at, _))| *at <= now)
+    }
+
+    /// Whether `session` exists and has missed its deadline, expired though perhaps not yet
+    /// swept (see [`set_step_budget`](Coordinator::set_step_budget)).
+    fn overdue(&self, now: Time, session: SessionId) -> bool {
+        self.sessions
+            .get(&session)
+            .is_some_and(|s| s.deadline <= now)
     }
 
     /// The earliest time at which [`tick`](Coordinator::tick) has work to do. It may be early
@@ -508,15 +580,18 @@ impl Coordinator {
         }
     }
 
-    /// Forgets the semaphores whose idle time is up at `now`. O(log n) per entry due.
-    fn forget_due(&mut self, now: Time, out: &mut Vec<Effect>) {
+    /// Forgets the semaphores whose idle time is up at `now`, at most `budget` of them.
+    /// O(log n) per entry due. Returns the entries it processed.
+    fn forget_due(&mut self, now: Time, budget: usize, out: &mut Vec<Effect>) -> usize {
         let Some(after) = self.forget_after else {
-            return;
+            return 0;
         };
+        let mut used = 0;
         while let Some(Reverse((at, _))) = self.forget_heap.peek() {
-            if *at > now {
+            if *at > now || used >= budget {
                 break;
             }
+            used += 1;
             let Some(Reverse((at, name))) = self.forget_heap.pop() else {
                 break;
             };
@@ -542,6 +617,7 @@ impl Coordinator {
             self.token_floor = self.token_floor.max(next_token);
             out.push(Effect::Persist(Record::Forgotten { name, next_token }));
         }
+        used
     }
 
     /// Creates a semaphore, counting tokens from the floor.
@@ -688,6 +764,11 @@ impl Coordinator {
             .sessions
             .get_mut(&id)
             .ok_or(Error::SessionNotFound(id))?;
+        if session.deadline <= now {
+            // Expired, though the sweep may not have reached it yet: it cannot act, nor come
+            // back to life.
+            return Err(Error::SessionNotFound(id));
+        }
         session.deadline = now + session.ttl;
         Ok(session.ttl)
     }
@@ -851,14 +932,62 @@ impl Coordinator {
 
     /// Grants queued acquires of `name` from the head of its queue while they fit.
     fn pump(&mut self, now: Time, name: &Arc<str>, out: &mut Vec<Effect>) {
-        let Some(sem) = self.semaphores.get_mut(name) else {
-            return;
-        };
+        while let Some(stale) = self.pump_fresh(now, name, out) {
+            // Drop the stale head (see below), then go on with the queue behind it.
+            let (session_over, key) = stale;
+            if let Some((tag, sem_name)) = self.dequeue(key) {
+                if !session_over {
+                    if let Some(s) = self.semaphores.get_mut(&sem_name) {
+                        s.counters.timed_out_total += 1;
+                    }
+                }
+                out.push(Effect::Reply {
+                    tag,
+                    outcome: Err(if session_over {
+                        Error::SessionEnded
+                    } else {
+                        Error::TimedOut
+                    }),
+                });
+            }
+        }
+    }
+
+    /// Grants from the head of the queue while the head fits; stops at a head that is past
+    /// its deadline and returns it (whether its session is over, and its key), for
+    /// [`pump`](Coordinator::pump) to drop.
+    fn pump_fresh(
+        &mut self,
+        now: Time,
+        name: &Arc<str>,
+        out: &mut Vec<Effect>,
+    ) -> Option<(bool, LeaseKey)> {
+        let sem = self.semaphores.get_mut(name)?;
         while let Some((&seq, &key)) = sem.queue.first_key_value() {
             let lease = self
                 .leases
                 .get_mut(&key)
                 .expect("invariant: every queued key has a lease");
+            // A waiter whose session or own timeout is past its deadline, not yet swept, is
+            // never granted: it is dropped as its deadline would have dropped it.
+            // Past means before the sweep's position (in a tick: at one instant, expiries come
+            // before timeouts, as in the heap), or up to `now` (in front of a request).
+            let sweeping = self.sweeping;
+            let passed = |deadline: Time, timer: Timer| match sweeping {
+                Some(position) => (deadline, timer) < position,
+                None => deadline <= now,
+            };
+            let session_over = self
+                .sessions
+                .get(&key.0)
+                .is_none_or(|s| passed(s.deadline, Timer::Session(key.0)));
+            let timed_out = matches!(
+                lease.state,
+                LeaseState::Queued { deadline: Some(d), .. } if passed(d, Timer::Waiter(key.0, key.1))
+            );
+            if session_over || timed_out {
+                return Some((session_over, key));
+            }
             if lease.weight > sem.free() {
                 break;
             }
@@ -874,6 +1003,7 @@ impl Coordinator {
                 outcome: Ok(Reply::Granted { token }),
             });
         }
+        None
     }
 
     /// Takes a queued lease out of its queue and forgets it. Returns the waiter's tag and

@@ -970,3 +970,127 @@ fn token_floor_survives_replay_and_snapshot() {
         "token {again} after {first} across a restart"
     );
 }
+
+#[test]
+fn a_lagging_sweep_never_lets_an_expired_session_act() {
+    let mut t = Check::new();
+    // One unit of deadline work per request: the sweep lags as far as it can.
+    t.c.set_step_budget(Some(1));
+    t.ensure("held", 1).expect("created");
+    t.ensure("q", 1).expect("created");
+    // Sessions 1 to 8 share a deadline, so they are swept in id order, one per request.
+    for s in 1..=8 {
+        t.open(s);
+    }
+    t.acquire(7, 1, "held", 1);
+    t.open(9);
+    t.acquire(9, 1, "q", 1); // live session 9 holds q
+    let (stale_waiter, _) = t.acquire(8, 1, "q", 1); // session 8 queues for q
+                                                     // Session 9 lives on; the others pass their deadline, and nothing has swept them yet.
+    t.now = t.now + TTL / 2;
+    t.step(Request::KeepAlive {
+        session: SessionId(9),
+    });
+    t.now = t.now + TTL / 2;
+
+    // An expired session cannot act, nor come back to life, swept or not.
+    let (_, out) = t.step(Request::KeepAlive {
+        session: SessionId(2),
+    });
+    assert_eq!(
+        reply_of(&out),
+        Some(Err(Error::SessionNotFound(SessionId(2))))
+    );
+    let (_, out) = t.acquire(4, 7, "held", 1);
+    assert!(
+        matches!(reply_of(&out), Some(Err(Error::SessionNotFound(_)))),
+        "{out:?}"
+    );
+    // A live acquire on a permit an expired holder (7) still has waits for the sweep.
+    let (live, out) = t.acquire(9, 2, "held", 1);
+    assert_eq!(reply_to(&out, live), None, "{out:?}");
+    // A release by the live holder of q must not grant q to expired session 8.
+    let out = t.release(9, 1);
+    assert_eq!(
+        reply_to(&out, stale_waiter),
+        Some(Err(Error::SessionEnded)),
+        "{out:?}"
+    );
+    assert!(!out.iter().any(|e| matches!(
+        e,
+        Effect::Persist(Record::Granted {
+            session: SessionId(8),
+            ..
+        })
+    )));
+    // Closing an expired session is a no-op: the sweep reports it expired.
+    t.step(Request::CloseSession {
+        session: SessionId(7),
+    });
+    assert!(t.c.has_session(SessionId(7)), "closed out of turn");
+    let mut swept = Vec::new();
+    while t.c.tick_some(t.now, 1, &mut swept) {}
+    t.c.validate().expect("invariants hold");
+    // The rest swept in deadline order (they share one), by session id; the live waiter gets
+    // the permit freed by the expired holder.
+    let ended: Vec<(u64, EndReason)> = swept
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Event(Event::SessionEnded {
+                session, reason, ..
+            }) => Some((session.0, *reason)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        ended,
+        [
+            (6, EndReason::Expired),
+            (7, EndReason::Expired),
+            (8, EndReason::Expired)
+        ]
+    );
+    assert!(matches!(
+        reply_to(&swept, live),
+        Some(Ok(Reply::Granted { .. }))
+    ));
+}
+
+#[test]
+fn a_mass_expiry_is_swept_in_bounded_slices_in_deadline_order() {
+    let mut whole = Check::new();
+    let mut sliced = Check::new();
+    for t in [&mut whole, &mut sliced] {
+        t.ensure("s", 1000).expect("created");
+        for s in 1..=50u64 {
+            t.open(s);
+            for l in 1..=20 {
+                t.acquire(s, l, "s", 1);
+            }
+            t.now = t.now + Duration::from_millis(1);
+        }
+        t.now = t.now + TTL;
+    }
+    let mut all = Vec::new();
+    whole.c.tick(whole.now, &mut all);
+    let mut parts = Vec::new();
+    let mut slices = 0;
+    loop {
+        let mut slice = Vec::new();
+        let more = sliced.c.tick_some(sliced.now, 100, &mut slice);
+        // A slice frees about a budget's worth of leases: 5 sessions of 20.
+        let lost = slice
+            .iter()
+            .filter(|e| matches!(e, Effect::Event(Event::LeaseLost { .. })))
+            .count();
+        assert!(lost <= 100 + 20, "a slice freed {lost} leases");
+        sliced.c.validate().expect("invariants hold between slices");
+        parts.extend(slice);
+        slices += 1;
+        if !more {
+            break;
+        }
+    }
+    assert!(slices >= 10, "{slices} slices");
+    assert_eq!(parts, all, "slices in a row do what one tick does");
+}

@@ -132,6 +132,7 @@ impl Server {
         let epoch = Instant::now();
         let mut core = Coordinator::new();
         core.set_forget_idle(config.forget_idle);
+        core.set_step_budget(Some(state::TICK_SLICE));
         let mut report = RecoveryReport::default();
         let (wal, log) = match &config.storage {
             Storage::InMemory => (None, None),
@@ -329,7 +330,13 @@ async fn timer_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             }
         };
         tokio::select! {
-            _ = sleep => shared.tick(),
+            _ = sleep => {
+                // A mass expiry is swept in slices; the others get the lock in between.
+                while shared.tick() {
+                    tokio::task::yield_now().await;
+                    std::thread::yield_now();
+                }
+            }
             _ = shared.timer.notified() => {}
             _ = stop.changed() => return,
         }
