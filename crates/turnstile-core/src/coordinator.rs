@@ -513,10 +513,38 @@ impl Coordinator {
             self.sweeping = None;
         };
         self.settle_group_waits(out);
+        if used > 0 {
+            self.shrink_if_sparse();
+        }
         more || self
             .forget_heap
             .peek()
             .is_some_and(|Reverse((at, _))| *at <= now)
+    }
+
+    /// Gives memory back after a mass expiry or mass forgetting: the maps and heaps keep
+    /// their largest size otherwise, and 200,000 names used once would cost their table for
+    /// good. Shrinks a table to twice its length once it is a quarter full, so the rehash
+    /// (O(length)) is paid at most once per halving: amortized O(1) per entry removed.
+    fn shrink_if_sparse(&mut self) {
+        fn sparse(len: usize, capacity: usize) -> bool {
+            capacity > 1024 && len.saturating_mul(4) < capacity
+        }
+        if sparse(self.semaphores.len(), self.semaphores.capacity()) {
+            self.semaphores.shrink_to(self.semaphores.len() * 2);
+        }
+        if sparse(self.sessions.len(), self.sessions.capacity()) {
+            self.sessions.shrink_to(self.sessions.len() * 2);
+        }
+        if sparse(self.leases.len(), self.leases.capacity()) {
+            self.leases.shrink_to(self.leases.len() * 2);
+        }
+        if sparse(self.timers.len(), self.timers.capacity()) {
+            self.timers.shrink_to(self.timers.len() * 2);
+        }
+        if sparse(self.forget_heap.len(), self.forget_heap.capacity()) {
+            self.forget_heap.shrink_to(self.forget_heap.len() * 2);
+        }
     }
 
     /// Whether `session` exists and has missed its deadline, expired though perhaps not yet
