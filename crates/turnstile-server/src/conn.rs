@@ -173,7 +173,8 @@ impl Conn {
                     after,
                     limit,
                 };
-                let json = status_doc(&self.shared, ask).to_json();
+                let json =
+                    crate::status::off_the_runtime(|| status_doc(&self.shared, ask).to_json());
                 self.reply_ok(kind, id, &proto::Reply::Status { json: &json });
                 return Ok(());
             }

@@ -231,8 +231,14 @@ fn handle(shared: &Shared, target: &str) -> (&'static str, Response) {
                        style-src 'unsafe-inline'; img-src 'self' data:\r\n";
             ("/", r)
         }
-        "/metrics" => ("/metrics", metrics_page(shared)),
-        "/v1/status" => ("/v1/status", status_page(shared, query)),
+        "/metrics" => (
+            "/metrics",
+            crate::status::off_the_runtime(|| metrics_page(shared)),
+        ),
+        "/v1/status" => (
+            "/v1/status",
+            crate::status::off_the_runtime(|| status_page(shared, query)),
+        ),
         "/v1/events" => ("/v1/events", events(shared, query)),
         _ => match path.strip_prefix("/v1/semaphores/") {
             Some(name) => ("/v1/semaphores", semaphore(shared, name)),

@@ -23,6 +23,19 @@ const PAGE_BUDGET: usize = 4 << 20;
 /// many views, whatever the number of semaphores.
 const SLICE: usize = 128;
 
+/// Runs `f`, a long computation (a status page, a metrics page), without holding up the other
+/// tasks of this worker thread: on a multi-threaded runtime, tokio first hands them to another
+/// worker. (A task stuck behind a 300 ms scrape on its worker's queue waited for all of it,
+/// though the state lock was free.)
+pub(crate) fn off_the_runtime<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 /// What a status request asks for.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Ask<'a> {
