@@ -898,24 +898,6 @@ async fn scale(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn resp_commands_are_arrays_of_bulk_strings() {
-        assert_eq!(
-            resp(&["DEL", "k1"]),
-            b"*2\r\n$3\r\nDEL\r\n$2\r\nk1\r\n".to_vec()
-        );
-    }
-
-    #[test]
-    fn cpu_ticks_of_this_process() {
-        assert!(cpu_ticks(std::process::id()).is_ok());
-    }
-}
-
 /// One `GET` on the HTTP port; returns the size of the response.
 async fn http_get(addr: &str, path: &str) -> anyhow::Result<usize> {
     let mut s = tokio::net::TcpStream::connect(addr).await?;
@@ -1131,4 +1113,22 @@ async fn scrape(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     }
     let _ = child.kill().await;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resp_commands_are_arrays_of_bulk_strings() {
+        assert_eq!(
+            resp(&["DEL", "k1"]),
+            b"*2\r\n$3\r\nDEL\r\n$2\r\nk1\r\n".to_vec()
+        );
+    }
+
+    #[test]
+    fn cpu_ticks_of_this_process() {
+        assert!(cpu_ticks(std::process::id()).is_ok());
+    }
 }
