@@ -126,6 +126,7 @@ fn settings_precedence_flag_env_file_default() {
         "fsync = \"always\"  # config file",
         "snapshot_every = 67108864  # default",
         "log_format = \"json\"  # environment",
+        "forget_idle = \"10m\"  # default",
     ];
     assert_eq!(printed.lines().collect::<Vec<_>>(), expected, "{printed}");
 
