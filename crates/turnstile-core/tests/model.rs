@@ -1386,6 +1386,9 @@ fn forget_op() -> impl Strategy<Value = ForgetOp> {
     ]
 }
 
+/// A step of [`run_forgetting`]: one request, its records appended to the log.
+type Call<'a> = dyn FnMut(&mut Coordinator, &mut Vec<Record>, u64, Request<'_>) -> Vec<Effect> + 'a;
+
 /// Forgetting idle semaphores (after 1 s here), with sweeps in slices and restarts that
 /// replay the log: after every step `validate()` holds, a semaphore that is gone was idle
 /// and not closed, and every grant of a name has a higher token than every earlier grant of
@@ -1412,15 +1415,7 @@ fn run_forgetting(ops: &[ForgetOp]) {
         out
     };
     let session = SessionId(1);
-    let open = |core: &mut Coordinator,
-                log: &mut Vec<Record>,
-                now: u64,
-                call: &mut dyn FnMut(
-        &mut Coordinator,
-        &mut Vec<Record>,
-        u64,
-        Request<'_>,
-    ) -> Vec<Effect>| {
+    let open = |core: &mut Coordinator, log: &mut Vec<Record>, now: u64, call: &mut Call<'_>| {
         call(
             core,
             log,
