@@ -81,6 +81,19 @@ pub trait Backend: Send + Sync + 'static {
     /// The status document: one semaphore, or all of them.
     fn status<'a>(&'a self, name: Option<&'a str>) -> BoxFuture<'a, Result<StatusDoc, Error>>;
 
+    /// The status document of the semaphores, groups and jobs whose names start with
+    /// `prefix`. By default, the whole status, filtered here; a backend that can filter at
+    /// the source does so.
+    fn status_prefix<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<StatusDoc, Error>> {
+        Box::pin(async move {
+            let mut doc = self.status(None).await?;
+            doc.semaphores.retain(|s| s.name.starts_with(prefix));
+            doc.groups.retain(|g| g.name.starts_with(prefix));
+            doc.jobs.retain(|j| j.name.starts_with(prefix));
+            Ok(doc)
+        })
+    }
+
     /// Ends another session at once (a supervisor whose worker died), freeing its leases.
     fn end_session(&self, session: u64) -> BoxFuture<'_, Result<(), Error>>;
 

@@ -320,9 +320,16 @@ impl Client {
         }
     }
 
-    /// The status of every semaphore, or of one.
+    /// The status of every semaphore, or of one. A coordinator answers a large status in
+    /// pages, each below the frame limit; this follows them all.
     pub async fn status(&self, name: Option<&str>) -> Result<StatusDoc, Error> {
         self.backend.status(name).await
+    }
+
+    /// The status of the semaphores, job groups and jobs whose names start with `prefix`
+    /// (every page of it).
+    pub async fn status_prefix(&self, prefix: &str) -> Result<StatusDoc, Error> {
+        self.backend.status_prefix(prefix).await
     }
 
     /// Closes a semaphore: waiters fail, holders lose their leases, later acquires fail.

@@ -90,6 +90,8 @@ enum Req {
     },
     Status {
         name: String,
+        prefix: String,
+        after: String,
     },
     EndSession {
         session: u64,
@@ -437,6 +439,22 @@ impl TcpBackend {
         Ok((answer, lost_rx))
     }
 
+    /// One `Status` request: one semaphore, or one page.
+    async fn status_call(&self, name: &str, prefix: &str, after: &str) -> Result<StatusDoc, Error> {
+        let req = Req::Status {
+            name: name.to_owned(),
+            prefix: prefix.to_owned(),
+            after: after.to_owned(),
+        };
+        let answer = self.call(req, Until::Call).await?;
+        let Answer::Status(json) = answer else {
+            return Err(Error::Protocol(format!(
+                "unexpected answer to status: {answer:?}"
+            )));
+        };
+        StatusDoc::from_json(&json).map_err(|e| Error::Protocol(format!("status document: {e}")))
+    }
+
     async fn call(&self, req: Req, until: Until) -> Result<Answer, Error> {
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -537,21 +555,31 @@ impl Backend for TcpBackend {
 
     fn status<'a>(&'a self, name: Option<&'a str>) -> BoxFuture<'a, Result<StatusDoc, Error>> {
         Box::pin(async move {
-            let answer = self
-                .call(
-                    Req::Status {
-                        name: name.unwrap_or("").to_owned(),
-                    },
-                    Until::Call,
-                )
-                .await?;
-            let Answer::Status(json) = answer else {
-                return Err(Error::Protocol(format!(
-                    "unexpected answer to status: {answer:?}"
-                )));
-            };
-            StatusDoc::from_json(&json)
-                .map_err(|e| Error::Protocol(format!("status document: {e}")))
+            match name {
+                Some(name) => self.status_call(name, "", "").await,
+                None => self.status_prefix("").await,
+            }
+        })
+    }
+
+    fn status_prefix<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<StatusDoc, Error>> {
+        Box::pin(async move {
+            // The coordinator answers in pages, each well below the frame limit; the first
+            // carries the groups and jobs.
+            let mut doc = self.status_call("", prefix, "").await?;
+            let mut next = doc.next.take();
+            while let Some(after) = next {
+                let mut page = self.status_call("", prefix, &after).await?;
+                next = page.next.take();
+                if next.as_deref().is_some_and(|n| n <= after.as_str()) {
+                    // Names only go up: a cursor that does not would loop for ever.
+                    return Err(Error::Protocol(format!(
+                        "status page after {after:?} does not move on"
+                    )));
+                }
+                doc.semaphores.append(&mut page.semaphores);
+            }
+            Ok(doc)
         })
     }
 
@@ -1499,7 +1527,16 @@ fn encode(id: u32, req: &Req, out: &mut Vec<u8>) {
         },
         Req::Release { lease } => proto::Request::Release { lease: *lease },
         Req::Close { name } => proto::Request::Close { name },
-        Req::Status { name } => proto::Request::Status { name },
+        Req::Status {
+            name,
+            prefix,
+            after,
+        } => proto::Request::Status {
+            name,
+            prefix,
+            after,
+            limit: 0,
+        },
         Req::EndSession { session } => proto::Request::EndSession { session: *session },
         Req::OpenSession { session, ttl_ms } => proto::Request::OpenSession {
             session: *session,

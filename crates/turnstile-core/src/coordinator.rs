@@ -25,10 +25,23 @@
 //! - every held or queued lease belongs to a live session that lists it, and to exactly one
 //!   semaphore's holders or queue;
 //! - every token ever issued by a semaphore is below its `next_token`;
-//! - a closed semaphore has no holders and no queue.
+//! - a closed semaphore has no holders and no queue;
+//! - no semaphore counts tokens below the token floor's last raise before it was created, and
+//!   every idle, forgettable semaphore has its one entry in the forget heap.
+//!
+//! # Forgetting idle semaphores
+//!
+//! With [`Coordinator::set_forget_idle`], a semaphore that has had no holder and no waiter for
+//! that long (and is not closed, and is not a job's lock) is removed, so that names used once
+//! do not cost memory for good. Its fencing counter is not lost: it raises the coordinator's
+//! *token floor*, where every semaphore created later starts counting, so tokens of a name
+//! that is forgotten and created again still strictly increase (invariant 5). The floor is
+//! durable ([`Record::Forgotten`], and [`Record::TokenFloor`] in snapshots). Like session
+//! deadlines, each idle semaphore has at most one entry in a heap, rescheduled lazily.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::ops::Bound;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -210,16 +223,22 @@ struct Semaphore {
     queued_weight: u64,
     counters: Counters,
     wait: WaitStats,
+    /// When it last became idle (no holders, no waiters); meaningful only while it is idle.
+    idle_since: Time,
+    /// The time of its one entry in the forget heap, if it has one.
+    forget_scheduled: Option<Time>,
 }
 
 impl Semaphore {
-    fn new(name: Arc<str>, capacity: u32) -> Semaphore {
+    fn new(name: Arc<str>, capacity: u32, next_token: u64, now: Time) -> Semaphore {
         Semaphore {
             name,
             capacity,
             in_use: 0,
             closed: false,
-            next_token: 1,
+            next_token: next_token.max(1),
+            idle_since: now,
+            forget_scheduled: None,
             holders: BTreeMap::new(),
             queue: BTreeMap::new(),
             queued_weight: 0,
@@ -277,11 +296,30 @@ pub struct Coordinator {
     /// Semaphores, and the locks of jobs (named by [`jobs::lock_name`], which no client can
     /// name since it holds a control character).
     semaphores: HashMap<Arc<str>, Semaphore>,
+    /// The names of `semaphores`, sorted: status pages and metrics read the semaphores in
+    /// bounded slices from a cursor, rather than sorting them all at once under the lock.
+    names: BTreeSet<Arc<str>>,
     sessions: HashMap<SessionId, Session>,
     leases: HashMap<LeaseKey, Lease>,
     timers: BinaryHeap<Reverse<(Time, Timer)>>,
     next_seq: u64,
     jobs: jobs::Jobs,
+    /// The lowest token a semaphore created now may issue: the highest counter of any
+    /// forgotten semaphore (and of token skips). Never goes down.
+    token_floor: u64,
+    /// How long a semaphore stays idle before it is forgotten; `None` keeps them all.
+    forget_after: Option<Duration>,
+    /// Idle semaphores due to be forgotten, one entry each at most (see the module doc).
+    forget_heap: BinaryHeap<Reverse<(Time, Arc<str>)>>,
+    /// The latest time a call brought: when the semaphores that become idle in it did.
+    now: Time,
+    /// Most deadline work one call does before it returns, if bounded (see
+    /// [`Coordinator::set_step_budget`]).
+    step_budget: Option<usize>,
+    /// The heap entry being processed, while a tick processes one: the point the sweep has
+    /// reached. Deadlines before it have been processed; outside a tick, every deadline up to
+    /// `now` counts as passed, processed or not.
+    sweeping: Option<(Time, Timer)>,
 }
 
 impl Coordinator {
@@ -293,23 +331,41 @@ impl Coordinator {
     /// Handles one request at `now`, appending its effects to `out`. The reply to the request
     /// is an [`Effect::Reply`] with `tag`; a queued acquire gets it later, from a later call.
     pub fn handle(&mut self, now: Time, tag: Tag, request: Request<'_>, out: &mut Vec<Effect>) {
-        self.tick(now, out);
+        match self.step_budget {
+            None => self.tick(now, out),
+            Some(budget) => {
+                self.tick_some(now, budget, out);
+            }
+        }
         let outcome = match request {
             Request::OpenSession {
                 session,
                 ttl,
                 client,
-            } => self.open_session(now, session, ttl, client, out),
+            } => {
+                if self.overdue(now, session) {
+                    // Its client counts it dead already: it is a new session now. (The only
+                    // expiry processed out of deadline order, for a client that reuses its id.)
+                    self.end_session(now, session, Ending::Expired, out);
+                }
+                self.open_session(now, session, ttl, client, out)
+            }
             Request::ResumeSession { session } => self
                 .refresh(now, session)
                 .map(|ttl| Some(Reply::SessionOpened { ttl, existed: true })),
             Request::KeepAlive { session } => self.refresh(now, session).map(|_| Some(Reply::Done)),
+            // A session past its deadline has expired, whether or not the sweep has reached it:
+            // ending it is a no-op, as for any unknown session, and the sweep reports it.
             Request::CloseSession { session } => {
-                self.end_session(now, session, Ending::Closed, out);
+                if !self.overdue(now, session) {
+                    self.end_session(now, session, Ending::Closed, out);
+                }
                 Ok(Some(Reply::Done))
             }
             Request::EndSession { session } => {
-                self.end_session(now, session, Ending::EndedByOther, out);
+                if !self.overdue(now, session) {
+                    self.end_session(now, session, Ending::EndedByOther, out);
+                }
                 Ok(Some(Reply::Done))
             }
             Request::Ensure { name, capacity } => self.ensure(name, capacity, out),
@@ -373,11 +429,46 @@ impl Coordinator {
     /// Processes every deadline at or before `now`: expires sessions that missed their TTL and
     /// times out queued acquires. Costs O(log n) per deadline that comes due.
     pub fn tick(&mut self, now: Time, out: &mut Vec<Effect>) {
-        while let Some(&Reverse((at, timer))) = self.timers.peek() {
+        while self.tick_some(now, usize::MAX, out) {}
+    }
+
+    /// Bounds the deadline work of each [`handle`](Coordinator::handle) to about `budget`
+    /// units (a unit is a deadline or a lease freed), or lifts the bound (`None`, the
+    /// default). A shell that sets it must call [`tick_some`](Coordinator::tick_some) until it
+    /// returns `false` whenever [`next_deadline`](Coordinator::next_deadline) has passed,
+    /// releasing its lock between calls: then 100,000 leases expiring at once no longer make
+    /// one long step that stalls every other client.
+    ///
+    /// Lagging behind is safe because a session past its deadline can no longer act, whether
+    /// or not its expiry has been processed: its requests fail as for an expired session
+    /// ([`Error::SessionNotFound`]), closing or ending it is a no-op, its queued acquires are
+    /// never granted (the grant loop drops them as the expiry would have), nor are acquires
+    /// whose own timeout has passed. Its held permits stay taken until the sweep reaches it,
+    /// in deadline order: others wait a little longer, never the other way round.
+    pub fn set_step_budget(&mut self, budget: Option<usize>) {
+        self.step_budget = budget.map(|b| b.max(1));
+    }
+
+    /// Processes the deadlines at or before `now` in deadline order, stopping once about
+    /// `budget` units of work (a deadline, or a lease freed) are done; at least one deadline
+    /// is processed, so a session with more leases than the budget still expires whole.
+    /// Returns whether due deadlines remain: call again (at the same or a later `now`).
+    pub fn tick_some(&mut self, now: Time, budget: usize, out: &mut Vec<Effect>) -> bool {
+        self.now = self.now.max(now);
+        let mut used = self.forget_due(now, budget, out);
+        let more = loop {
+            let Some(&Reverse((at, timer))) = self.timers.peek() else {
+                break false;
+            };
             if at > now {
-                break;
+                break false;
             }
+            if used >= budget {
+                break true;
+            }
+            used += 1;
             self.timers.pop();
+            self.sweeping = Some((at, timer));
             match timer {
                 Timer::Session(id) => {
                     let Some(session) = self.sessions.get_mut(&id) else {
@@ -394,6 +485,7 @@ impl Coordinator {
                         self.timers
                             .push(Reverse((session.deadline, Timer::Session(id))));
                     } else {
+                        used = used.saturating_add(session.leases.len());
                         self.end_session(now, id, Ending::Expired, out);
                     }
                 }
@@ -418,14 +510,209 @@ impl Coordinator {
                 }
                 Timer::GroupWait(session, wait) => self.group_wait_due(at, (session, wait), out),
             }
-        }
+            self.sweeping = None;
+        };
         self.settle_group_waits(out);
+        if used > 0 {
+            self.shrink_if_sparse();
+        }
+        more || self
+            .forget_heap
+            .peek()
+            .is_some_and(|Reverse((at, _))| *at <= now)
+    }
+
+    /// Gives memory back after a mass expiry or mass forgetting: the maps and heaps keep
+    /// their largest size otherwise, and 200,000 names used once would cost their table for
+    /// good. Shrinks a table to twice its length once it is a quarter full, so the rehash
+    /// (O(length)) is paid at most once per halving: amortized O(1) per entry removed.
+    fn shrink_if_sparse(&mut self) {
+        fn sparse(len: usize, capacity: usize) -> bool {
+            capacity > 1024 && len.saturating_mul(4) < capacity
+        }
+        if sparse(self.semaphores.len(), self.semaphores.capacity()) {
+            self.semaphores.shrink_to(self.semaphores.len() * 2);
+        }
+        if sparse(self.sessions.len(), self.sessions.capacity()) {
+            self.sessions.shrink_to(self.sessions.len() * 2);
+        }
+        if sparse(self.leases.len(), self.leases.capacity()) {
+            self.leases.shrink_to(self.leases.len() * 2);
+        }
+        if sparse(self.timers.len(), self.timers.capacity()) {
+            self.timers.shrink_to(self.timers.len() * 2);
+        }
+        if sparse(self.forget_heap.len(), self.forget_heap.capacity()) {
+            self.forget_heap.shrink_to(self.forget_heap.len() * 2);
+        }
+    }
+
+    /// Whether `session` exists and has missed its deadline, expired though perhaps not yet
+    /// swept (see [`set_step_budget`](Coordinator::set_step_budget)).
+    fn overdue(&self, now: Time, session: SessionId) -> bool {
+        self.sessions
+            .get(&session)
+            .is_some_and(|s| s.deadline <= now)
     }
 
     /// The earliest time at which [`tick`](Coordinator::tick) has work to do. It may be early
     /// (a deadline that has since moved), never late.
     pub fn next_deadline(&self) -> Option<Time> {
-        self.timers.peek().map(|Reverse((at, _))| *at)
+        let timer = self.timers.peek().map(|Reverse((at, _))| *at);
+        let forget = self.forget_heap.peek().map(|Reverse((at, _))| *at);
+        match (timer, forget) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Forgets semaphores that have been idle for `after` (`None`: never, the default). A
+    /// semaphore already idle counts from when it became idle.
+    pub fn set_forget_idle(&mut self, after: Option<Duration>) {
+        self.forget_after = after;
+        if after.is_some() {
+            let mut names: Vec<Arc<str>> = self.semaphores.keys().cloned().collect();
+            names.sort();
+            for name in names {
+                self.schedule_forget(&name);
+            }
+        }
+    }
+
+    /// The coordinator's token floor: every semaphore created now counts tokens from here on.
+    pub fn token_floor(&self) -> u64 {
+        self.token_floor.max(1)
+    }
+
+    /// Gives the semaphore `name` its entry in the forget heap if it is idle, forgettable and
+    /// has none. Called wherever a semaphore may have become idle.
+    fn schedule_forget(&mut self, name: &str) {
+        let Some(after) = self.forget_after else {
+            return;
+        };
+        let now = self.now;
+        let Some(sem) = self.semaphores.get_mut(name) else {
+            return;
+        };
+        if !is_idle(sem) {
+            return;
+        }
+        if sem.forget_scheduled.is_none() {
+            let at = now + after;
+            sem.idle_since = now;
+            sem.forget_scheduled = Some(at);
+            self.forget_heap.push(Reverse((at, sem.name.clone())));
+        } else {
+            // Its entry is due earlier; when it comes, it is pushed again for this time.
+            sem.idle_since = sem.idle_since.max(now);
+        }
+    }
+
+    /// Forgets the semaphores whose idle time is up at `now`, at most `budget` of them.
+    /// O(log n) per entry due. Returns the entries it processed.
+    fn forget_due(&mut self, now: Time, budget: usize, out: &mut Vec<Effect>) -> usize {
+        let Some(after) = self.forget_after else {
+            return 0;
+        };
+        let mut used = 0;
+        while let Some(Reverse((at, _))) = self.forget_heap.peek() {
+            if *at > now || used >= budget {
+                break;
+            }
+            used += 1;
+            let Some(Reverse((at, name))) = self.forget_heap.pop() else {
+                break;
+            };
+            let Some(sem) = self.semaphores.get_mut(&name) else {
+                continue;
+            };
+            if sem.forget_scheduled != Some(at) {
+                continue; // an entry of an earlier semaphore of that name
+            }
+            if !is_idle(sem) {
+                // Busy again: it gets a new entry when it next becomes idle.
+                sem.forget_scheduled = None;
+                continue;
+            }
+            let due = sem.idle_since + after;
+            if due > at {
+                sem.forget_scheduled = Some(due);
+                self.forget_heap.push(Reverse((due, name)));
+                continue;
+            }
+            let next_token = sem.next_token;
+            self.remove_semaphore(&name);
+            self.token_floor = self.token_floor.max(next_token);
+            out.push(Effect::Persist(Record::Forgotten { name, next_token }));
+        }
+        used
+    }
+
+    /// Creates a semaphore, counting tokens from the floor.
+    fn insert_semaphore(&mut self, name: Arc<str>, capacity: u32) {
+        let sem = Semaphore::new(name.clone(), capacity, self.token_floor, self.now);
+        self.semaphores.insert(name.clone(), sem);
+        self.names.insert(name.clone());
+        self.schedule_forget(&name);
+    }
+
+    fn remove_semaphore(&mut self, name: &str) {
+        self.semaphores.remove(name);
+        self.names.remove(name);
+    }
+
+    /// Up to `limit` semaphores whose names start with `prefix` and sort after `after`
+    /// (exclusive; empty starts at the beginning), in name order, with their holders and
+    /// waiters (at most `max_listed` of each: the counts are always whole). Also returns
+    /// whether more such semaphores follow the page. Costs O(log n + page), so that callers
+    /// can read everything in bounded slices under their lock.
+    pub fn semaphore_page(
+        &self,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+        max_listed: usize,
+        now: Time,
+    ) -> (Vec<SemaphoreView>, bool) {
+        let mut page = Vec::new();
+        let mut more = false;
+        for name in self.page_names(prefix, after) {
+            if page.len() >= limit {
+                more = true;
+                break;
+            }
+            if let Some(s) = self.semaphores.get(name) {
+                page.push(self.view_capped(s, now, max_listed));
+            }
+        }
+        (page, more)
+    }
+
+    /// Like [`semaphore_stats`](Coordinator::semaphore_stats), for up to `limit` semaphores
+    /// after `after` (exclusive): a slice of the metrics, O(log n + limit).
+    pub fn semaphore_stats_page(&self, after: &str, limit: usize) -> Vec<SemaphoreView> {
+        self.page_names("", after)
+            .take(limit)
+            .filter_map(|name| self.semaphores.get(name))
+            .map(|s| summary(s, Vec::new(), Vec::new()))
+            .collect()
+    }
+
+    /// The names of client semaphores starting with `prefix`, after `after`, in order.
+    fn page_names<'s>(
+        &'s self,
+        prefix: &'s str,
+        after: &'s str,
+    ) -> impl Iterator<Item = &'s Arc<str>> + 's {
+        let start: Bound<&str> = if after.is_empty() || after < prefix {
+            Bound::Included(prefix)
+        } else {
+            Bound::Excluded(after)
+        };
+        self.names
+            .range::<str, _>((start, Bound::Unbounded))
+            .take_while(move |n| n.starts_with(prefix))
+            .filter(|n| !jobs::is_lock_name(n))
     }
 
     fn open_session(
@@ -505,6 +792,11 @@ impl Coordinator {
             .sessions
             .get_mut(&id)
             .ok_or(Error::SessionNotFound(id))?;
+        if session.deadline <= now {
+            // Expired, though the sweep may not have reached it yet: it cannot act, nor come
+            // back to life.
+            return Err(Error::SessionNotFound(id));
+        }
         session.deadline = now + session.ttl;
         Ok(session.ttl)
     }
@@ -533,8 +825,7 @@ impl Coordinator {
             return Ok(Some(Reply::Done));
         }
         let name: Arc<str> = Arc::from(name);
-        self.semaphores
-            .insert(name.clone(), Semaphore::new(name.clone(), capacity));
+        self.insert_semaphore(name.clone(), capacity);
         out.push(Effect::Persist(Record::SemaphoreCreated { name, capacity }));
         Ok(Some(Reply::Done))
     }
@@ -669,14 +960,62 @@ impl Coordinator {
 
     /// Grants queued acquires of `name` from the head of its queue while they fit.
     fn pump(&mut self, now: Time, name: &Arc<str>, out: &mut Vec<Effect>) {
-        let Some(sem) = self.semaphores.get_mut(name) else {
-            return;
-        };
+        while let Some(stale) = self.pump_fresh(now, name, out) {
+            // Drop the stale head (see below), then go on with the queue behind it.
+            let (session_over, key) = stale;
+            if let Some((tag, sem_name)) = self.dequeue(key) {
+                if !session_over {
+                    if let Some(s) = self.semaphores.get_mut(&sem_name) {
+                        s.counters.timed_out_total += 1;
+                    }
+                }
+                out.push(Effect::Reply {
+                    tag,
+                    outcome: Err(if session_over {
+                        Error::SessionEnded
+                    } else {
+                        Error::TimedOut
+                    }),
+                });
+            }
+        }
+    }
+
+    /// Grants from the head of the queue while the head fits; stops at a head that is past
+    /// its deadline and returns it (whether its session is over, and its key), for
+    /// [`pump`](Coordinator::pump) to drop.
+    fn pump_fresh(
+        &mut self,
+        now: Time,
+        name: &Arc<str>,
+        out: &mut Vec<Effect>,
+    ) -> Option<(bool, LeaseKey)> {
+        let sem = self.semaphores.get_mut(name)?;
         while let Some((&seq, &key)) = sem.queue.first_key_value() {
             let lease = self
                 .leases
                 .get_mut(&key)
                 .expect("invariant: every queued key has a lease");
+            // A waiter whose session or own timeout is past its deadline, not yet swept, is
+            // never granted: it is dropped as its deadline would have dropped it.
+            // Past means before the sweep's position (in a tick: at one instant, expiries come
+            // before timeouts, as in the heap), or up to `now` (in front of a request).
+            let sweeping = self.sweeping;
+            let passed = |deadline: Time, timer: Timer| match sweeping {
+                Some(position) => (deadline, timer) < position,
+                None => deadline <= now,
+            };
+            let session_over = self
+                .sessions
+                .get(&key.0)
+                .is_none_or(|s| passed(s.deadline, Timer::Session(key.0)));
+            let timed_out = matches!(
+                lease.state,
+                LeaseState::Queued { deadline: Some(d), .. } if passed(d, Timer::Waiter(key.0, key.1))
+            );
+            if session_over || timed_out {
+                return Some((session_over, key));
+            }
             if lease.weight > sem.free() {
                 break;
             }
@@ -692,6 +1031,7 @@ impl Coordinator {
                 outcome: Ok(Reply::Granted { token }),
             });
         }
+        None
     }
 
     /// Takes a queued lease out of its queue and forgets it. Returns the waiter's tag and
@@ -709,6 +1049,7 @@ impl Coordinator {
         if let Some(session) = self.sessions.get_mut(&key.0) {
             session.leases.remove(&key.1);
         }
+        self.schedule_forget(&lease.semaphore);
         Some((tag, lease.semaphore))
     }
 
@@ -727,6 +1068,7 @@ impl Coordinator {
         if let Some(session) = self.sessions.get_mut(&key.0) {
             session.leases.remove(&key.1);
         }
+        self.schedule_forget(&lease.semaphore);
         Some((lease.semaphore, token))
     }
 
@@ -870,6 +1212,7 @@ impl Coordinator {
     /// Records that do not fit the state (a grant for an unknown session, say) are skipped;
     /// the log writer never produces them.
     pub fn apply(&mut self, now: Time, record: &Record) {
+        self.now = self.now.max(now);
         self.apply_record(now, record);
         // No group wait is ever replayed (waits are not durable), so the groups a record
         // touched need no checking: forget them rather than pile them up over a long log.
@@ -879,9 +1222,20 @@ impl Coordinator {
     fn apply_record(&mut self, now: Time, record: &Record) {
         match record {
             Record::SemaphoreCreated { name, capacity } => {
-                self.semaphores
-                    .entry(name.clone())
-                    .or_insert_with(|| Semaphore::new(name.clone(), *capacity));
+                if !self.semaphores.contains_key(name) {
+                    self.insert_semaphore(name.clone(), *capacity);
+                }
+            }
+            Record::Forgotten { name, next_token } => {
+                self.token_floor = self.token_floor.max(*next_token);
+                // Only an idle semaphore was ever forgotten; anything else means the record
+                // does not fit this state, and is skipped like any such record.
+                if self.semaphores.get(name).is_some_and(is_idle) {
+                    self.remove_semaphore(name);
+                }
+            }
+            Record::TokenFloor { next_token } => {
+                self.token_floor = self.token_floor.max(*next_token);
             }
             Record::Semaphore {
                 name,
@@ -889,10 +1243,13 @@ impl Coordinator {
                 closed,
                 next_token,
             } => {
+                if !self.semaphores.contains_key(name) {
+                    self.insert_semaphore(name.clone(), *capacity);
+                }
                 let sem = self
                     .semaphores
-                    .entry(name.clone())
-                    .or_insert_with(|| Semaphore::new(name.clone(), *capacity));
+                    .get_mut(name)
+                    .expect("invariant: inserted just above if it was missing");
                 sem.next_token = sem.next_token.max(*next_token);
                 if *closed {
                     let mut sink = Vec::new();
@@ -989,7 +1346,13 @@ impl Coordinator {
     /// worth it.
     pub fn snapshot(&self) -> Vec<Record> {
         let mut out =
-            Vec::with_capacity(self.semaphores.len() + self.sessions.len() + self.leases.len());
+            Vec::with_capacity(self.semaphores.len() + self.sessions.len() + self.leases.len() + 1);
+        // First, so that the semaphores below are created above the floor as they were.
+        if self.token_floor > 1 {
+            out.push(Record::TokenFloor {
+                next_token: self.token_floor,
+            });
+        }
         let mut names: Vec<&Arc<str>> = self.semaphores.keys().collect();
         names.sort();
         for name in names {
@@ -1062,9 +1425,14 @@ impl Coordinator {
     }
 
     fn view(&self, s: &Semaphore, now: Time) -> SemaphoreView {
+        self.view_capped(s, now, usize::MAX)
+    }
+
+    fn view_capped(&self, s: &Semaphore, now: Time, max_listed: usize) -> SemaphoreView {
         let holders = s
             .holders
             .iter()
+            .take(max_listed)
             .filter_map(|(token, key)| {
                 let lease = self.leases.get(key)?;
                 let LeaseState::Held { since, .. } = lease.state else {
@@ -1083,6 +1451,7 @@ impl Coordinator {
         let waiters = s
             .queue
             .values()
+            .take(max_listed)
             .filter_map(|key| {
                 let lease = self.leases.get(key)?;
                 let LeaseState::Queued { since, .. } = lease.state else {
@@ -1114,6 +1483,12 @@ impl Coordinator {
     /// one has used it. (A semaphore whose creation was in the cut part is not known, and
     /// starts again from token 1.)
     pub fn skip_tokens(&mut self, n: u64, out: &mut Vec<Effect>) {
+        // Forgotten semaphores whose forgetting was in the cut part are created anew from the
+        // floor: it moves on too.
+        self.token_floor = self.token_floor.max(1).saturating_add(n);
+        out.push(Effect::Persist(Record::TokenFloor {
+            next_token: self.token_floor,
+        }));
         let mut names: Vec<Arc<str>> = self.semaphores.keys().cloned().collect();
         names.sort();
         for name in names {
@@ -1178,10 +1553,22 @@ impl Coordinator {
     /// Checks every invariant in the module documentation. O(state); meant for tests and
     /// debugging, not for the hot path.
     pub fn validate(&self) -> Result<(), String> {
+        if self.names.len() != self.semaphores.len()
+            || self.names.iter().any(|n| !self.semaphores.contains_key(n))
+        {
+            return Err("the sorted name index differs from the semaphores".into());
+        }
         let mut seen: HashSet<LeaseKey> = HashSet::default();
         for (name, s) in &self.semaphores {
             if **name != *s.name {
                 return Err(format!("semaphore keyed {name:?} is named {:?}", s.name));
+            }
+            if self.forget_after.is_some()
+                && is_idle(s)
+                && !jobs::is_lock_name(&s.name)
+                && s.forget_scheduled.is_none()
+            {
+                return Err(format!("idle semaphore {name:?} is never forgotten"));
             }
             if s.closed && (!s.holders.is_empty() || !s.queue.is_empty() || s.in_use != 0) {
                 return Err(format!(
@@ -1274,6 +1661,12 @@ impl Coordinator {
         }
         self.validate_jobs()
     }
+}
+
+/// Whether `s` may be forgotten: no holders, no waiters, not closed, not a job's lock (whose
+/// job state lives on).
+fn is_idle(s: &Semaphore) -> bool {
+    s.holders.is_empty() && s.queue.is_empty() && !s.closed && !jobs::is_lock_name(&s.name)
 }
 
 /// The view of a semaphore with the given holder and waiter lists.

@@ -184,6 +184,22 @@ pub enum Record {
         /// The next token it will issue.
         next_token: u64,
     },
+    /// An idle semaphore (no holders, no waiters, not closed) was forgotten: its name may be
+    /// created again, and then starts counting tokens at `next_token` or later, so that its
+    /// tokens still strictly increase.
+    Forgotten {
+        /// Its name.
+        name: Arc<str>,
+        /// The next token it would have issued: the coordinator's token floor rises to it.
+        next_token: u64,
+    },
+    /// The coordinator's token floor, as a snapshot writes it: every semaphore created from now
+    /// on starts counting at `next_token` or later. It outlives the semaphores whose
+    /// [`Record::Forgotten`] raised it, so tokens never go back after their records are gone.
+    TokenFloor {
+        /// The lowest token a new semaphore may issue.
+        next_token: u64,
+    },
     /// A held lease was released.
     Released {
         /// The session that held it.

@@ -804,7 +804,11 @@ fn skip_tokens_moves_every_counter_on_durably() {
     )));
     let mut out = Vec::new();
     t.c.skip_tokens(10, &mut out);
-    assert_eq!(out.len(), 2, "one record per semaphore: {out:?}");
+    assert_eq!(
+        out.len(),
+        3,
+        "the token floor, then one record per semaphore: {out:?}"
+    );
     // Replaying the log with these records gives the same counters.
     let mut replayed = Coordinator::new();
     for r in t.log.iter().chain(out.iter().filter_map(|e| match e {
@@ -848,4 +852,245 @@ fn skip_tokens_moves_every_counter_on_durably() {
             "{out:?}"
         );
     }
+}
+
+/// The token of the grant in `out`.
+fn token_in(out: &[Effect]) -> u64 {
+    match reply_of(out) {
+        Some(Ok(Reply::Granted { token })) => token.0,
+        other => panic!("expected a grant, got {other:?}"),
+    }
+}
+
+const FORGET: Duration = Duration::from_secs(60);
+
+/// Uses `name` `n` times (acquire, release) from a fresh session `s` and returns the last token.
+fn use_name(t: &mut Check, s: u64, name: &str, n: u64) -> u64 {
+    t.open(s);
+    t.ensure(name, 1).expect("created");
+    let mut last = 0;
+    for l in 1..=n {
+        let (_, out) = t.acquire(s, l, name, 1);
+        last = token_in(&out);
+        t.release(s, l);
+    }
+    t.step(Request::CloseSession {
+        session: SessionId(s),
+    });
+    last
+}
+
+#[test]
+fn idle_semaphores_are_forgotten_and_tokens_still_increase() {
+    let mut t = Check::new();
+    t.c.set_forget_idle(Some(FORGET));
+    let first = use_name(&mut t, 1, "once", 3);
+    assert_eq!(first, 3);
+    t.advance(FORGET - Duration::from_secs(1));
+    assert!(
+        t.c.semaphore("once", t.now).is_some(),
+        "forgotten too early"
+    );
+    let out = t.advance(Duration::from_secs(1));
+    assert!(t.c.semaphore("once", t.now).is_none(), "not forgotten");
+    assert!(
+        out.iter().any(|e| matches!(
+            e,
+            Effect::Persist(Record::Forgotten { name, next_token: 4 }) if &**name == "once"
+        )),
+        "{out:?}"
+    );
+    // Created again, it goes on above every token it issued before.
+    let again = use_name(&mut t, 2, "once", 1);
+    assert!(again > first, "token {again} after {first}");
+    // And a new name starts above the floor too: a single counter for the coordinator would
+    // do the same.
+    assert!(t.c.token_floor() >= 4);
+}
+
+#[test]
+fn busy_semaphores_are_kept_and_their_idle_time_restarts() {
+    let mut t = Check::new();
+    t.c.set_forget_idle(Some(FORGET));
+    t.open(1);
+    t.ensure("held", 1).expect("created");
+    t.acquire(1, 1, "held", 1);
+    // Held (kept alive) for longer than the idle time: not idle, so not forgotten.
+    for _ in 0..20 {
+        t.advance(Duration::from_secs(5));
+        t.step(Request::KeepAlive {
+            session: SessionId(1),
+        });
+    }
+    assert!(t.c.semaphore("held", t.now).is_some());
+    t.release(1, 1);
+    // Idle from the release on, not from its creation.
+    t.advance(FORGET - Duration::from_secs(1));
+    assert!(
+        t.c.semaphore("held", t.now).is_some(),
+        "forgotten too early"
+    );
+    t.advance(Duration::from_secs(1));
+    assert!(t.c.semaphore("held", t.now).is_none());
+    // Closed semaphores are never forgotten: their closing must hold.
+    t.ensure("shut", 1).expect("created");
+    t.step(Request::Close { name: "shut" });
+    t.advance(FORGET * 2);
+    assert!(t.c.semaphore("shut", t.now).is_some());
+    assert_eq!(t.c.lease_count(), 0);
+}
+
+#[test]
+fn token_floor_survives_replay_and_snapshot() {
+    let mut t = Check::new();
+    t.c.set_forget_idle(Some(FORGET));
+    let first = use_name(&mut t, 1, "once", 5);
+    t.advance(FORGET);
+    assert!(t.c.semaphore("once", t.now).is_none());
+    // A restart replays the log: the name stays forgotten and the floor is back.
+    let mut replayed = Coordinator::new();
+    for r in &t.log {
+        replayed.apply(t.now, r);
+    }
+    replayed.validate().expect("replayed state is valid");
+    assert!(replayed.semaphore("once", t.now).is_none());
+    assert!(replayed.token_floor() > first);
+    // A snapshot (no record of "once" left at all) keeps the floor too.
+    let mut from_snapshot = Coordinator::new();
+    for r in &replayed.snapshot() {
+        from_snapshot.apply(t.now, r);
+    }
+    assert!(from_snapshot.token_floor() > first);
+    let mut t2 = Check::new();
+    t2.c = from_snapshot;
+    t2.now = t.now;
+    let again = use_name(&mut t2, 9, "once", 1);
+    assert!(
+        again > first,
+        "token {again} after {first} across a restart"
+    );
+}
+
+#[test]
+fn a_lagging_sweep_never_lets_an_expired_session_act() {
+    let mut t = Check::new();
+    // One unit of deadline work per request: the sweep lags as far as it can.
+    t.c.set_step_budget(Some(1));
+    t.ensure("held", 1).expect("created");
+    t.ensure("q", 1).expect("created");
+    // Sessions 1 to 8 share a deadline, so they are swept in id order, one per request.
+    for s in 1..=8 {
+        t.open(s);
+    }
+    t.acquire(7, 1, "held", 1);
+    t.open(9);
+    t.acquire(9, 1, "q", 1); // live session 9 holds q
+    let (stale_waiter, _) = t.acquire(8, 1, "q", 1); // session 8 queues for q
+                                                     // Session 9 lives on; the others pass their deadline, and nothing has swept them yet.
+    t.now = t.now + TTL / 2;
+    t.step(Request::KeepAlive {
+        session: SessionId(9),
+    });
+    t.now = t.now + TTL / 2;
+
+    // An expired session cannot act, nor come back to life, swept or not.
+    let (_, out) = t.step(Request::KeepAlive {
+        session: SessionId(2),
+    });
+    assert_eq!(
+        reply_of(&out),
+        Some(Err(Error::SessionNotFound(SessionId(2))))
+    );
+    let (_, out) = t.acquire(4, 7, "held", 1);
+    assert!(
+        matches!(reply_of(&out), Some(Err(Error::SessionNotFound(_)))),
+        "{out:?}"
+    );
+    // A live acquire on a permit an expired holder (7) still has waits for the sweep.
+    let (live, out) = t.acquire(9, 2, "held", 1);
+    assert_eq!(reply_to(&out, live), None, "{out:?}");
+    // A release by the live holder of q must not grant q to expired session 8.
+    let out = t.release(9, 1);
+    assert_eq!(
+        reply_to(&out, stale_waiter),
+        Some(Err(Error::SessionEnded)),
+        "{out:?}"
+    );
+    assert!(!out.iter().any(|e| matches!(
+        e,
+        Effect::Persist(Record::Granted {
+            session: SessionId(8),
+            ..
+        })
+    )));
+    // Closing an expired session is a no-op: the sweep reports it expired.
+    t.step(Request::CloseSession {
+        session: SessionId(7),
+    });
+    assert!(t.c.has_session(SessionId(7)), "closed out of turn");
+    let mut swept = Vec::new();
+    while t.c.tick_some(t.now, 1, &mut swept) {}
+    t.c.validate().expect("invariants hold");
+    // The rest swept in deadline order (they share one), by session id; the live waiter gets
+    // the permit freed by the expired holder.
+    let ended: Vec<(u64, EndReason)> = swept
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Event(Event::SessionEnded {
+                session, reason, ..
+            }) => Some((session.0, *reason)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        ended,
+        [
+            (6, EndReason::Expired),
+            (7, EndReason::Expired),
+            (8, EndReason::Expired)
+        ]
+    );
+    assert!(matches!(
+        reply_to(&swept, live),
+        Some(Ok(Reply::Granted { .. }))
+    ));
+}
+
+#[test]
+fn a_mass_expiry_is_swept_in_bounded_slices_in_deadline_order() {
+    let mut whole = Check::new();
+    let mut sliced = Check::new();
+    for t in [&mut whole, &mut sliced] {
+        t.ensure("s", 1000).expect("created");
+        for s in 1..=50u64 {
+            t.open(s);
+            for l in 1..=20 {
+                t.acquire(s, l, "s", 1);
+            }
+            t.now = t.now + Duration::from_millis(1);
+        }
+        t.now = t.now + TTL;
+    }
+    let mut all = Vec::new();
+    whole.c.tick(whole.now, &mut all);
+    let mut parts = Vec::new();
+    let mut slices = 0;
+    loop {
+        let mut slice = Vec::new();
+        let more = sliced.c.tick_some(sliced.now, 100, &mut slice);
+        // A slice frees about a budget's worth of leases: 5 sessions of 20.
+        let lost = slice
+            .iter()
+            .filter(|e| matches!(e, Effect::Event(Event::LeaseLost { .. })))
+            .count();
+        assert!(lost <= 100 + 20, "a slice freed {lost} leases");
+        sliced.c.validate().expect("invariants hold between slices");
+        parts.extend(slice);
+        slices += 1;
+        if !more {
+            break;
+        }
+    }
+    assert!(slices >= 10, "{slices} slices");
+    assert_eq!(parts, all, "slices in a row do what one tick does");
 }

@@ -692,6 +692,10 @@ struct Harness {
     ledger: BTreeMap<Key, (Arc<str>, Token, u32)>,
     /// Whether `Jump` is shortened to pass at most one deadline.
     exact_jumps: bool,
+    /// If set, `Advance` sweeps the due deadlines in slices of this many units of work
+    /// (`Coordinator::tick_some`), as the server does: the slices together must do exactly
+    /// what one whole tick does, so the model comparison holds unchanged.
+    slice: Option<usize>,
 }
 
 impl Harness {
@@ -710,6 +714,21 @@ impl Harness {
             last_token: HashMap::new(),
             ledger: BTreeMap::new(),
             exact_jumps: false,
+            slice: None,
+        }
+    }
+
+    /// Processes the deadlines due at `t`: in one tick, or in slices.
+    fn tick(&mut self, t: Time, out: &mut Vec<Effect>) {
+        match self.slice {
+            None => self.core.tick(t, out),
+            Some(budget) => {
+                let mut slices = 0;
+                while self.core.tick_some(t, budget, out) {
+                    slices += 1;
+                    assert!(slices < 100_000, "tick_some does not make progress");
+                }
+            }
         }
     }
 
@@ -828,9 +847,9 @@ impl Harness {
             }
             ticks += 1;
             assert!(ticks < 10_000, "next_deadline does not make progress");
-            self.core.tick(deadline.max(at(self.now)), &mut out);
+            self.tick(deadline.max(at(self.now)), &mut out);
         }
-        self.core.tick(at(target), &mut out);
+        self.tick(at(target), &mut out);
         let mut exp = Expected::default();
         self.model.run_deadlines(target, &mut exp);
         self.now = target;
@@ -1004,8 +1023,14 @@ impl Harness {
                     self.ledger.retain(|_, v| v.0 != *name);
                 }
             }
-            Record::SemaphoreCreated { .. } | Record::SessionOpened { .. } | Record::Job { .. } => {
-            }
+            Record::SemaphoreCreated { .. }
+            | Record::SessionOpened { .. }
+            | Record::Job { .. }
+            | Record::TokenFloor { .. } => {}
+            Record::Forgotten { name, .. } => assert!(
+                !self.ledger.values().any(|v| v.0 == *name),
+                "{what}: forgot {name:?}, which the log shows held"
+            ),
         }
     }
 
@@ -1224,7 +1249,12 @@ fn holder_list(v: &SemaphoreView) -> Vec<(SessionId, LeaseId, Token, u32)> {
 }
 
 fn run_all(ops: &[Op]) {
+    run_sliced(ops, None);
+}
+
+fn run_sliced(ops: &[Op], slice: Option<usize>) {
     let mut h = Harness::new();
+    h.slice = slice;
     for op in ops {
         h.run(op);
     }
@@ -1254,6 +1284,17 @@ proptest! {
     #[test]
     fn deadlines_match_model(ops in run([6, 1, 6, 2, 3, 6, 0, 1], 100)) {
         run_all(&ops);
+    }
+
+    /// The deadline-heavy mix with the sweep cut into slices of 1 to 4 units of work, as the
+    /// server cuts a mass expiry: the slices in a row must do what one tick does, in the same
+    /// (deadline) order, with the same replies, events and records.
+    #[test]
+    fn sliced_sweeps_match_model(
+        ops in run([6, 1, 6, 2, 3, 6, 0, 1], 100),
+        slice in 1usize..5,
+    ) {
+        run_sliced(&ops, Some(slice));
     }
 }
 
@@ -1315,4 +1356,201 @@ fn late_tick_processes_deadlines_in_time_order() {
         h.run(op);
     }
     h.finish();
+}
+
+/// One step of the forgetting property test.
+#[derive(Clone, Debug)]
+enum ForgetOp {
+    /// Ensure, acquire (no wait) and release `name` from session 1.
+    Use(&'static str),
+    /// Acquire `name` and keep it.
+    Hold(&'static str, u64),
+    /// Release a kept lease.
+    Drop(u64),
+    /// Close `name`.
+    Close(&'static str),
+    /// Move the clock (ms), ticking in slices of the given size.
+    Advance(u64, usize),
+    /// Replace the coordinator by a replay of its log (a restart).
+    Restart,
+}
+
+fn forget_op() -> impl Strategy<Value = ForgetOp> {
+    prop_oneof![
+        4 => select(&NAMES[..]).prop_map(ForgetOp::Use),
+        2 => (select(&NAMES[..]), 1u64..4).prop_map(|(n, l)| ForgetOp::Hold(n, l)),
+        2 => (1u64..4).prop_map(ForgetOp::Drop),
+        1 => select(&NAMES[..]).prop_map(ForgetOp::Close),
+        4 => (0u64..3_000, 1usize..4).prop_map(|(ms, s)| ForgetOp::Advance(ms, s)),
+        1 => Just(ForgetOp::Restart),
+    ]
+}
+
+/// A step of [`run_forgetting`]: one request, its records appended to the log.
+type Call<'a> = dyn FnMut(&mut Coordinator, &mut Vec<Record>, u64, Request<'_>) -> Vec<Effect> + 'a;
+
+/// Forgetting idle semaphores (after 1 s here), with sweeps in slices and restarts that
+/// replay the log: after every step `validate()` holds, a semaphore that is gone was idle
+/// and not closed, and every grant of a name has a higher token than every earlier grant of
+/// that name, however often it was forgotten and created again (invariant 5).
+fn run_forgetting(ops: &[ForgetOp]) {
+    const FORGET: Duration = Duration::from_secs(1);
+    let mut core = Coordinator::new();
+    core.set_forget_idle(Some(FORGET));
+    let mut log: Vec<Record> = Vec::new();
+    let mut now = 0u64;
+    let mut tag = 0u64;
+    let mut last: HashMap<&'static str, u64> = HashMap::new();
+    let mut held: BTreeMap<u64, &'static str> = BTreeMap::new();
+    let mut closed: HashSet<&'static str> = HashSet::new();
+    let mut call = |core: &mut Coordinator, log: &mut Vec<Record>, now: u64, req: Request<'_>| {
+        tag += 1;
+        let mut out = Vec::new();
+        core.handle(at(now), Tag(tag), req, &mut out);
+        for e in &out {
+            if let Effect::Persist(r) = e {
+                log.push(r.clone());
+            }
+        }
+        out
+    };
+    let session = SessionId(1);
+    let open = |core: &mut Coordinator, log: &mut Vec<Record>, now: u64, call: &mut Call<'_>| {
+        call(
+            core,
+            log,
+            now,
+            Request::OpenSession {
+                session,
+                ttl: Duration::from_secs(3_600),
+                client: "t",
+            },
+        );
+    };
+    open(&mut core, &mut log, now, &mut call);
+    for op in ops {
+        let mut grants = Vec::new();
+        match *op {
+            ForgetOp::Use(name) | ForgetOp::Hold(name, _) => {
+                let lease = match *op {
+                    ForgetOp::Hold(_, l) => l,
+                    _ => 100,
+                };
+                call(
+                    &mut core,
+                    &mut log,
+                    now,
+                    Request::Ensure { name, capacity: 2 },
+                );
+                let out = call(
+                    &mut core,
+                    &mut log,
+                    now,
+                    Request::Acquire {
+                        session,
+                        lease: LeaseId(lease),
+                        name,
+                        weight: 1,
+                        timeout: Some(Duration::ZERO),
+                    },
+                );
+                grants.extend(out.iter().filter_map(|e| match e {
+                    Effect::Persist(Record::Granted {
+                        token, lease: l, ..
+                    }) if l.0 == lease => Some((name, token.0)),
+                    _ => None,
+                }));
+                if lease == 100 {
+                    call(
+                        &mut core,
+                        &mut log,
+                        now,
+                        Request::Release {
+                            session,
+                            lease: LeaseId(100),
+                        },
+                    );
+                } else if !grants.is_empty() {
+                    held.insert(lease, name);
+                }
+            }
+            ForgetOp::Drop(lease) => {
+                call(
+                    &mut core,
+                    &mut log,
+                    now,
+                    Request::Release {
+                        session,
+                        lease: LeaseId(lease),
+                    },
+                );
+                held.remove(&lease);
+            }
+            ForgetOp::Close(name) => {
+                // Closing an unknown (or forgotten) name is a no-op.
+                let existed = core.semaphore(name, at(now)).is_some();
+                call(&mut core, &mut log, now, Request::Close { name });
+                if existed {
+                    closed.insert(name);
+                }
+                held.retain(|_, n| *n != name);
+            }
+            ForgetOp::Advance(ms, slice) => {
+                now += ms;
+                let mut out = Vec::new();
+                while core.tick_some(at(now), slice, &mut out) {}
+                for e in &out {
+                    if let Effect::Persist(r) = e {
+                        log.push(r.clone());
+                    }
+                }
+            }
+            ForgetOp::Restart => {
+                let mut replayed = Coordinator::new();
+                replayed.set_forget_idle(Some(FORGET));
+                for r in &log {
+                    replayed.apply(at(now), r);
+                }
+                assert_eq!(
+                    replayed.token_floor(),
+                    core.token_floor(),
+                    "the floor survives a restart"
+                );
+                core = replayed;
+                // Compact the log as a snapshot would.
+                log = core.snapshot();
+                open(&mut core, &mut log, now, &mut call);
+            }
+        }
+        if let Err(e) = core.validate() {
+            panic!("after {op:?}: {e}");
+        }
+        for (name, token) in grants {
+            if let Some(before) = last.insert(name, token) {
+                assert!(
+                    token > before,
+                    "{name}: token {token} after {before} ({op:?})"
+                );
+            }
+        }
+        for name in NAMES {
+            if core.semaphore(name, at(now)).is_none() {
+                assert!(
+                    !held.values().any(|n| *n == name),
+                    "{name} forgotten while held"
+                );
+                assert!(!closed.contains(name), "closed {name} forgotten");
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// See [`run_forgetting`].
+    #[test]
+    fn forgetting_keeps_tokens_increasing(ops in proptest::collection::vec(forget_op(), 1..60)) {
+        run_forgetting(&ops);
+    }
 }

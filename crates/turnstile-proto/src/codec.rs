@@ -97,10 +97,20 @@ pub enum Request<'a> {
         /// The semaphore.
         name: &'a str,
     },
-    /// Asks for the status document: one semaphore, or all when `name` is empty.
+    /// Asks for the status document: one semaphore, or a page of them when `name` is
+    /// empty. A page holds the semaphores whose names start with `prefix` and sort after
+    /// `after`, at most `limit` of them (0: the server's default; the server also caps it), and
+    /// the reply's `next` says where the next page starts. The paging fields were added after
+    /// version 1 shipped: a request that ends after `name` asks for the first page.
     Status {
         /// The semaphore, or empty.
         name: &'a str,
+        /// Only semaphores (and groups and jobs) whose names start with this.
+        prefix: &'a str,
+        /// The page starts after this name (exclusive); empty: at the beginning.
+        after: &'a str,
+        /// Most semaphores in the page; 0 leaves it to the server.
+        limit: u32,
     },
     /// Asks for a `Pong`: a round trip that touches no state.
     Ping,
@@ -518,7 +528,18 @@ pub fn encode_request(id: u32, request: &Request<'_>, buf: &mut Vec<u8>) {
             put_str(buf, name);
         }
         Request::Release { lease } => buf.extend_from_slice(&lease.to_be_bytes()),
-        Request::Close { name } | Request::Status { name } => put_str(buf, name),
+        Request::Close { name } => put_str(buf, name),
+        Request::Status {
+            name,
+            prefix,
+            after,
+            limit,
+        } => {
+            put_str(buf, name);
+            put_str(buf, prefix);
+            put_str(buf, after);
+            buf.extend_from_slice(&limit.to_be_bytes());
+        }
         Request::BeginJob {
             lease,
             timeout_ms,
@@ -613,7 +634,25 @@ pub fn decode_request(payload: &[u8]) -> Result<(u32, Request<'_>), DecodeError>
         },
         RELEASE => Request::Release { lease: r.u64()? },
         CLOSE => Request::Close { name: r.str()? },
-        STATUS => Request::Status { name: r.str()? },
+        STATUS => {
+            let name = r.str()?;
+            if r.buf.is_empty() {
+                // The form of version 1 before paging: the first page.
+                Request::Status {
+                    name,
+                    prefix: "",
+                    after: "",
+                    limit: 0,
+                }
+            } else {
+                Request::Status {
+                    name,
+                    prefix: r.str()?,
+                    after: r.str()?,
+                    limit: r.u32()?,
+                }
+            }
+        }
         PING => Request::Ping,
         BEGIN_JOB => Request::BeginJob {
             lease: r.u64()?,
@@ -955,6 +994,26 @@ mod tests {
     }
 
     #[test]
+    fn status_request_of_version_1_before_paging_still_decodes() {
+        // kind, id, then only the name: what clients sent before the paging fields.
+        let mut payload = vec![STATUS];
+        payload.extend_from_slice(&7u32.to_be_bytes());
+        put_str(&mut payload, "db");
+        assert_eq!(
+            decode_request(&payload).expect("decodes"),
+            (
+                7,
+                Request::Status {
+                    name: "db",
+                    prefix: "",
+                    after: "",
+                    limit: 0
+                }
+            )
+        );
+    }
+
+    #[test]
     fn every_message_roundtrips() {
         for req in [
             Request::Hello {
@@ -990,7 +1049,18 @@ mod tests {
             },
             Request::Release { lease: 77 },
             Request::Close { name: "db" },
-            Request::Status { name: "" },
+            Request::Status {
+                name: "",
+                prefix: "",
+                after: "",
+                limit: 0,
+            },
+            Request::Status {
+                name: "",
+                prefix: "build/",
+                after: "build/7",
+                limit: 500,
+            },
             Request::Ping,
             Request::BeginJob {
                 lease: 4,

@@ -15,6 +15,10 @@ pub struct StatusDoc {
     /// asked for).
     #[serde(default)]
     pub jobs: Vec<JobStatus>,
+    /// Where the next page starts (pass it as `after`), when the semaphores asked for did not
+    /// all fit in this one; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }
 
 /// One job group.

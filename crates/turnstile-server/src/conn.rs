@@ -190,8 +190,20 @@ impl Conn {
                 self.reply_ok(kind, id, &proto::Reply::Pong);
                 return Ok(());
             }
-            proto::Request::Status { name } => {
-                let json = status_doc(&self.shared, name).to_json();
+            proto::Request::Status {
+                name,
+                prefix,
+                after,
+                limit,
+            } => {
+                let ask = crate::status::Ask {
+                    name,
+                    prefix,
+                    after,
+                    limit,
+                };
+                let json =
+                    crate::status::off_the_runtime(|| status_doc(&self.shared, ask).to_json());
                 self.reply_ok(kind, id, &proto::Reply::Status { json: &json });
                 return Ok(());
             }

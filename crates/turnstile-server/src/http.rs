@@ -33,9 +33,9 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::gate::{same_secret, Gate, Ticket};
-use crate::metrics::{self, CoreNumbers};
+use crate::metrics;
 use crate::state::Shared;
-use crate::status::status_doc;
+use crate::status::{status_doc, Ask};
 use crate::LogEvery;
 
 /// Longest request head (request line and headers) accepted.
@@ -300,10 +300,13 @@ fn handle(shared: &Shared, target: &str) -> (&'static str, Response) {
                        style-src 'unsafe-inline'; img-src 'self' data:\r\n";
             ("/", r)
         }
-        "/metrics" => ("/metrics", metrics_page(shared)),
+        "/metrics" => (
+            "/metrics",
+            crate::status::off_the_runtime(|| metrics_page(shared)),
+        ),
         "/v1/status" => (
             "/v1/status",
-            Response::json(status_doc(shared, "").to_json()),
+            crate::status::off_the_runtime(|| status_page(shared, query)),
         ),
         "/v1/events" => ("/v1/events", events(shared, query)),
         _ => match path.strip_prefix("/v1/semaphores/") {
@@ -313,17 +316,36 @@ fn handle(shared: &Shared, target: &str) -> (&'static str, Response) {
     }
 }
 
-fn metrics_page(shared: &Shared) -> Response {
-    let core = {
-        let st = shared.lock();
-        CoreNumbers {
-            semaphores: st.core.semaphore_stats(),
-            groups: st.core.groups(),
-            sessions: st.core.session_count(),
-            leases: st.core.lease_count(),
-            durable: st.wal.is_some(),
+/// `GET /v1/status?prefix=P&after=A&limit=N`: a page of the status, as the protocol's
+/// `Status` request gives it (every parameter optional).
+fn status_page(shared: &Shared, query: &str) -> Response {
+    let (mut prefix, mut after, mut limit) = (String::new(), String::new(), 0u32);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let Some(value) = percent_decode(value) else {
+            return Response::error(400, "a parameter is not valid percent-encoded UTF-8");
+        };
+        match key {
+            "prefix" => prefix = value,
+            "after" => after = value,
+            "limit" => match value.parse() {
+                Ok(n) => limit = n,
+                Err(_) => return Response::error(400, "limit is not a number"),
+            },
+            _ => {}
         }
+    }
+    let ask = Ask {
+        name: "",
+        prefix: &prefix,
+        after: &after,
+        limit,
     };
+    Response::json(status_doc(shared, ask).to_json())
+}
+
+fn metrics_page(shared: &Shared) -> Response {
+    let core = metrics::collect(shared);
     Response::new(
         200,
         "text/plain; version=0.0.4; charset=utf-8",
@@ -338,7 +360,11 @@ fn semaphore(shared: &Shared, encoded: &str) -> Response {
     if name.is_empty() {
         return Response::error(404, "no semaphore name given");
     }
-    match status_doc(shared, &name).semaphores.into_iter().next() {
+    let ask = Ask {
+        name: &name,
+        ..Ask::default()
+    };
+    match status_doc(shared, ask).semaphores.into_iter().next() {
         Some(s) => match serde_json::to_vec(&s) {
             Ok(body) => Response::json(body),
             Err(_) => Response::error(500, "cannot serialize the status"),

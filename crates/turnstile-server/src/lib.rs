@@ -80,6 +80,9 @@ pub struct Config {
     pub max_handshaking: usize,
     /// Connections from one IP address at once; further ones from it are closed at once.
     pub max_per_address: usize,
+    /// How long a semaphore stays idle (no holders, no waiters, not closed) before it is
+    /// forgotten; `None` keeps every semaphore for good.
+    pub forget_idle: Option<Duration>,
 }
 
 impl Default for Config {
@@ -95,6 +98,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(5),
             max_handshaking: 256,
             max_per_address: 1024,
+            forget_idle: Some(Duration::from_secs(600)),
         }
     }
 }
@@ -148,6 +152,8 @@ impl Server {
     pub fn open(config: Config) -> Result<Server, ServerError> {
         let epoch = Instant::now();
         let mut core = Coordinator::new();
+        core.set_forget_idle(config.forget_idle);
+        core.set_step_budget(Some(state::TICK_SLICE));
         let mut report = RecoveryReport::default();
         let (wal, log) = match &config.storage {
             Storage::InMemory => (None, None),
@@ -421,7 +427,13 @@ async fn timer_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             }
         };
         tokio::select! {
-            _ = sleep => shared.tick(),
+            _ = sleep => {
+                // A mass expiry is swept in slices; the others get the lock in between.
+                while shared.tick() {
+                    tokio::task::yield_now().await;
+                    std::thread::yield_now();
+                }
+            }
             _ = shared.timer.notified() => {}
             _ = stop.changed() => return,
         }

@@ -9,6 +9,12 @@
 //! relaxed atomics that the hot path bumps without taking any lock.
 //!
 //! Rendering happens outside every lock, on the HTTP task.
+//!
+//! At scale: the first [`SERIES_CAP`] semaphores (by name) get series of their own and the
+//! rest are summed into one series labelled `semaphore="_other"`, so that a scrape stays
+//! bounded however many semaphores there are; and [`collect`] copies the numbers in slices of
+//! [`STATS_SLICE`] semaphores, one turn of the state lock each, so that the scrape of a large
+//! coordinator never holds the lock for long.
 
 use std::collections::BTreeMap;
 use std::fmt::{Display, Write as _};
@@ -229,6 +235,8 @@ impl Metrics {
 /// What `/metrics` shows of the core, copied out under the state lock.
 pub(crate) struct CoreNumbers {
     pub(crate) semaphores: Vec<SemaphoreView>,
+    /// The sum of the semaphores past [`SERIES_CAP`], if there are any.
+    pub(crate) other: Option<SemaphoreView>,
     pub(crate) groups: Vec<(std::sync::Arc<str>, GroupSummary)>,
     pub(crate) sessions: usize,
     pub(crate) leases: usize,
@@ -389,15 +397,95 @@ fn wait_histogram(page: &mut Page, s: &SemaphoreView) {
     );
 }
 
+/// Semaphores with series of their own on the metrics page; the rest share `_other`.
+pub(crate) const SERIES_CAP: usize = 500;
+
+/// The label of the series that sums the semaphores past [`SERIES_CAP`]. Not a name a
+/// client can confuse with it for long: it is only ever one series, at the end.
+pub(crate) const OTHER: &str = "_other";
+
+/// Semaphores whose numbers are copied per turn of the state lock.
+pub(crate) const STATS_SLICE: usize = 1024;
+
+/// Copies the core's numbers for the metrics page: the first [`SERIES_CAP`] semaphores, the
+/// sum of the others, the groups and the counts. The lock is taken once per
+/// [`STATS_SLICE`] semaphores, so a scrape costs other clients at most one slice's wait.
+pub(crate) fn collect(shared: &crate::state::Shared) -> CoreNumbers {
+    let mut semaphores = Vec::new();
+    let mut other: Option<SemaphoreView> = None;
+    let mut cursor = String::new();
+    loop {
+        let slice = shared
+            .lock()
+            .core
+            .semaphore_stats_page(&cursor, STATS_SLICE);
+        let Some(last) = slice.last() else {
+            break;
+        };
+        cursor.clear();
+        cursor.push_str(&last.name);
+        let full = slice.len() == STATS_SLICE;
+        for v in slice {
+            if semaphores.len() < SERIES_CAP {
+                semaphores.push(v);
+            } else {
+                match &mut other {
+                    Some(sum) => add_into(sum, &v),
+                    None => {
+                        let mut sum = v;
+                        sum.name = std::sync::Arc::from(OTHER);
+                        other = Some(sum);
+                    }
+                }
+            }
+        }
+        if !full {
+            break;
+        }
+    }
+    let st = shared.lock();
+    CoreNumbers {
+        semaphores,
+        other,
+        groups: st.core.groups(),
+        sessions: st.core.session_count(),
+        leases: st.core.lease_count(),
+        durable: st.wal.is_some(),
+    }
+}
+
+/// Adds the numbers of `v` to `sum`.
+fn add_into(sum: &mut SemaphoreView, v: &SemaphoreView) {
+    sum.capacity = sum.capacity.saturating_add(v.capacity);
+    sum.in_use = sum.in_use.saturating_add(v.in_use);
+    sum.queued += v.queued;
+    sum.queued_weight += v.queued_weight;
+    sum.closed |= v.closed;
+    let (c, d) = (&mut sum.counters, &v.counters);
+    c.acquired_total += d.acquired_total;
+    c.released_total += d.released_total;
+    c.expired_total += d.expired_total;
+    c.timed_out_total += d.timed_out_total;
+    c.lost_total += d.lost_total;
+    let (w, x) = (&mut sum.wait, &v.wait);
+    w.count += x.count;
+    w.sum_us += x.sum_us;
+    w.max_us = w.max_us.max(x.max_us);
+    for (b, y) in w.buckets.iter_mut().zip(x.buckets.iter()) {
+        *b += y;
+    }
+}
+
 /// The `/metrics` page.
 pub(crate) fn render(core: &CoreNumbers, m: &Metrics) -> String {
     let mut page = Page {
         out: String::with_capacity(4096 + core.semaphores.len() * 2048),
     };
     let p = &mut page;
+    let all = || core.semaphores.iter().chain(core.other.iter());
     for (name, kind, help, value) in SEMAPHORE_FAMILIES {
         p.family(name, kind, help);
-        for s in &core.semaphores {
+        for s in all() {
             p.sample(name, &[("semaphore", &s.name)], value(s));
         }
     }
@@ -406,7 +494,7 @@ pub(crate) fn render(core: &CoreNumbers, m: &Metrics) -> String {
         "histogram",
         "How long granted acquires waited in the queue.",
     );
-    for s in &core.semaphores {
+    for s in all() {
         wait_histogram(p, s);
     }
 

@@ -29,6 +29,12 @@ pub(crate) fn tag(conn: ConnId, request: u32) -> Tag {
     Tag((u64::from(conn) << 32) | u64::from(request))
 }
 
+/// Units of deadline work (a deadline, or a lease freed) the core does per turn of the state
+/// lock, in a tick and in front of a request: about a millisecond of work (measured: 2048 units took 7 to 15 ms with the effects routed, on a loaded machine), so that 100,000
+/// leases expiring at once delay another client's request by a slice, not by the whole
+/// sweep. The core keeps lagging safe (see `Coordinator::set_step_budget`).
+pub(crate) const TICK_SLICE: usize = 256;
+
 fn untag(tag: Tag) -> (ConnId, u32) {
     ((tag.0 >> 32) as u32, tag.0 as u32)
 }
@@ -216,12 +222,14 @@ impl Shared {
         crate::events::log(unlogged);
     }
 
-    /// Processes due deadlines and routes their effects.
-    pub(crate) fn tick(&self) {
+    /// Processes due deadlines, one slice of [`TICK_SLICE`] units of work, and routes their
+    /// effects. Returns whether due deadlines remain: the timer task calls again, after
+    /// letting the others have the lock.
+    pub(crate) fn tick(&self) -> bool {
         let now = self.now();
         let mut st = self.lock();
         let mut effects = std::mem::take(&mut st.effects);
-        st.core.tick(now, &mut effects);
+        let more = st.core.tick_some(now, TICK_SLICE, &mut effects);
         let routed = st.route(&mut effects, None, &self.metrics);
         st.effects = effects;
         let unlogged = st.events.take_unlogged();
@@ -230,6 +238,7 @@ impl Shared {
             self.wal_ready.notify_one();
         }
         crate::events::log(unlogged);
+        more
     }
 
     fn wake_timer_if_needed(&self, st: &mut State) {

@@ -8,30 +8,141 @@ use turnstile_proto::{
 
 use crate::state::Shared;
 
-/// The status document: of every semaphore, group and job (`name` empty), or of one
-/// semaphore. The views are copied under the state lock; the document is built outside it,
-/// so that a large status does not stall the other requests.
-pub(crate) fn status_doc(shared: &Shared, name: &str) -> StatusDoc {
-    let now = shared.now();
-    let (views, groups, jobs) = {
-        let st = shared.lock();
-        if name.is_empty() {
-            (st.core.semaphores(now), st.core.groups(), st.core.jobs(now))
-        } else {
-            // The semaphore and the job of that name (names are separate namespaces).
-            let one = st.core.semaphore(name, now).into_iter().collect();
-            (
-                one,
-                Vec::new(),
-                st.core.job(name, now).into_iter().collect(),
-            )
+/// Semaphores in a status page when the client leaves it to the server, and the most it gets.
+pub(crate) const MAX_PAGE: usize = 1000;
+
+/// Holders and waiters listed per semaphore in a status (their counts are always whole): a
+/// semaphore with a million waiters must not make a reply larger than a frame.
+pub(crate) const MAX_LISTED: usize = 1000;
+
+/// Estimated bytes at which a page stops taking semaphores. With [`MAX_LISTED`], one semaphore
+/// is at most about 1 MB of JSON, so a page stays far below the 64 MiB a client accepts.
+const PAGE_BUDGET: usize = 4 << 20;
+
+/// Semaphores copied per turn of the state lock: the lock is never held for more than this
+/// many views, whatever the number of semaphores.
+const SLICE: usize = 128;
+
+/// Runs `f`, a long computation (a status page, a metrics page), without holding up the other
+/// tasks of this worker thread: on a multi-threaded runtime, tokio first hands them to another
+/// worker. (A task stuck behind a 300 ms scrape on its worker's queue waited for all of it,
+/// though the state lock was free.)
+pub(crate) fn off_the_runtime<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
         }
+        _ => f(),
+    }
+}
+
+/// What a status request asks for.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Ask<'a> {
+    /// One semaphore (and the job of that name), or empty for a page.
+    pub(crate) name: &'a str,
+    /// Only names starting with this.
+    pub(crate) prefix: &'a str,
+    /// The page starts after this name.
+    pub(crate) after: &'a str,
+    /// Most semaphores in the page (0: [`MAX_PAGE`]).
+    pub(crate) limit: u32,
+}
+
+/// The status document: of one semaphore (and the job of that name), or a page of the
+/// semaphores, with the groups and jobs on the first page. The views are copied under the
+/// state lock in slices of [`SLICE`] semaphores, and the document is built outside it, so that
+/// a status of any size does not stall the other requests; a page is therefore not one
+/// atomic snapshot (nor was the old whole document of semaphores, groups and jobs together
+/// anything more than one moment's view).
+pub(crate) fn status_doc(shared: &Shared, ask: Ask<'_>) -> StatusDoc {
+    let now = shared.now();
+    if !ask.name.is_empty() {
+        let st = shared.lock();
+        let one = st
+            .core
+            .semaphore_page(ask.name, "", 1, MAX_LISTED, now)
+            .0
+            .into_iter()
+            .filter(|v| *v.name == *ask.name);
+        let job = st.core.job(ask.name, now);
+        drop(st);
+        return StatusDoc {
+            semaphores: one.map(|v| semaphore_status(&v)).collect(),
+            jobs: job.iter().map(job_status).collect(),
+            ..StatusDoc::default()
+        };
+    }
+    let limit = match ask.limit as usize {
+        0 => MAX_PAGE,
+        n => n.min(MAX_PAGE),
+    };
+    let mut views = Vec::new();
+    let mut bytes = 0usize;
+    let mut cursor: String = ask.after.to_owned();
+    let mut more = true;
+    while more && views.len() < limit && bytes < PAGE_BUDGET {
+        let n = SLICE.min(limit - views.len());
+        let (slice, rest) = shared
+            .lock()
+            .core
+            .semaphore_page(ask.prefix, &cursor, n, MAX_LISTED, now);
+        more = rest;
+        for v in slice {
+            cursor.clear();
+            cursor.push_str(&v.name);
+            bytes += estimate(&v);
+            views.push(v);
+            if bytes >= PAGE_BUDGET && views.len() < limit {
+                // Stop at this one; the rest of the slice comes with the next page.
+                more = true;
+                break;
+            }
+        }
+    }
+    if views.len() >= limit {
+        // Whether anything follows a full page.
+        more = !shared
+            .lock()
+            .core
+            .semaphore_page(ask.prefix, &cursor, 1, 0, now)
+            .0
+            .is_empty();
+    }
+    let (groups, jobs) = if ask.after.is_empty() {
+        let st = shared.lock();
+        (st.core.groups(), st.core.jobs(now))
+    } else {
+        (Vec::new(), Vec::new())
     };
     StatusDoc {
         semaphores: views.iter().map(semaphore_status).collect(),
-        groups: groups.iter().map(|(n, g)| group_status(n, g)).collect(),
-        jobs: jobs.iter().map(job_status).collect(),
+        groups: groups
+            .iter()
+            .filter(|(n, _)| n.starts_with(ask.prefix))
+            .map(|(n, g)| group_status(n, g))
+            .collect(),
+        jobs: jobs
+            .iter()
+            .filter(|j| j.name.starts_with(ask.prefix))
+            .map(job_status)
+            .collect(),
+        next: (more && !views.is_empty()).then_some(cursor),
     }
+}
+
+/// An upper estimate of the JSON bytes of a semaphore's entry.
+fn estimate(v: &SemaphoreView) -> usize {
+    let listed: usize = v
+        .holders
+        .iter()
+        .map(|h| 160 + h.client.len())
+        .sum::<usize>()
+        + v.waiters
+            .iter()
+            .map(|w| 140 + w.client.len())
+            .sum::<usize>();
+    600 + 2 * v.name.len() + listed
 }
 
 fn ms64(d: std::time::Duration) -> u64 {

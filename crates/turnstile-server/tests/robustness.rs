@@ -261,7 +261,15 @@ impl Raw {
     }
 
     async fn status(&mut self, name: &str) -> SemaphoreStatus {
-        let Msg::Status(doc) = self.call(&Request::Status { name }).await else {
+        let Msg::Status(doc) = self
+            .call(&Request::Status {
+                name,
+                prefix: "",
+                after: "",
+                limit: 0,
+            })
+            .await
+        else {
             panic!("status reply expected");
         };
         doc.semaphores
@@ -610,7 +618,16 @@ async fn no_head_of_line_blocking() {
     encode_request(10, &acquire, &mut batch);
     encode_request(11, &Request::Ping, &mut batch);
     encode_request(12, &Request::KeepAlive, &mut batch);
-    encode_request(13, &Request::Status { name: "hol" }, &mut batch);
+    encode_request(
+        13,
+        &Request::Status {
+            name: "hol",
+            prefix: "",
+            after: "",
+            limit: 0,
+        },
+        &mut batch,
+    );
     waiter.send_bytes(&batch).await;
     let mut answered = Vec::new();
     for _ in 0..3 {

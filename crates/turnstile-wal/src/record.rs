@@ -42,6 +42,8 @@ const GRANTED: u8 = 5;
 const RELEASED: u8 = 6;
 const SEMAPHORE: u8 = 7;
 const JOB: u8 = 8;
+const FORGOTTEN: u8 = 9;
+const TOKEN_FLOOR: u8 = 10;
 
 const JOB_HAS_GROUP: u8 = 1;
 const JOB_HAS_COMPLETION: u8 = 2;
@@ -107,6 +109,15 @@ pub fn encode(record: &Record, out: &mut Vec<u8>) {
             out.push(u8::from(*closed));
             out.extend_from_slice(&next_token.to_le_bytes());
             put_str(out, name);
+        }
+        Record::Forgotten { name, next_token } => {
+            out.push(FORGOTTEN);
+            out.extend_from_slice(&next_token.to_le_bytes());
+            put_str(out, name);
+        }
+        Record::TokenFloor { next_token } => {
+            out.push(TOKEN_FLOOR);
+            out.extend_from_slice(&next_token.to_le_bytes());
         }
         Record::Job {
             name,
@@ -322,6 +333,16 @@ pub(crate) fn decode(body: &[u8]) -> Result<Body, BadBody> {
                 name: r.name()?,
             }
         }
+        FORGOTTEN => {
+            let next_token = r.u64()?;
+            Record::Forgotten {
+                next_token,
+                name: r.name()?,
+            }
+        }
+        TOKEN_FLOOR => Record::TokenFloor {
+            next_token: r.u64()?,
+        },
         JOB => {
             let flags = r.u8()?;
             if flags & !(JOB_HAS_GROUP | JOB_HAS_COMPLETION | JOB_HAS_FAILURE) != 0 {
@@ -430,6 +451,13 @@ mod tests {
             },
             Record::SemaphoreClosed {
                 name: Arc::from("db ☃"),
+            },
+            Record::Forgotten {
+                name: Arc::from("once-only"),
+                next_token: 42,
+            },
+            Record::TokenFloor {
+                next_token: u64::MAX,
             },
             Record::SessionOpened {
                 session: SessionId(u64::MAX),

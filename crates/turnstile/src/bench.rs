@@ -42,6 +42,12 @@ pub enum Scenario {
     /// sessions expire at the same moment while a probe client times acquire+release pairs,
     /// and reports the probe's latency around the expiry.
     Scale,
+    /// Status and metrics at scale (issue 14): `--semaphores` names used once each (ensure,
+    /// acquire, release); reports the coordinator's resident memory, then scrapes `/metrics`
+    /// and pages through the whole status in a loop for `--duration` while a probe client
+    /// times acquire+release pairs (its worst pair), then waits `--forget-idle` and reports
+    /// the memory after the names are forgotten.
+    Scrape,
 }
 
 /// Arguments of `turnstile bench`.
@@ -87,6 +93,9 @@ pub struct BenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// `serve --forget-idle` of the coordinator the scale and scrape scenarios start.
+    #[arg(long, default_value = "10m")]
+    forget_idle: String,
     /// Storage of the coordinator the bench starts (without --url): in memory, or a
     /// write-ahead log in a fresh temporary directory synced in batches or on every request.
     #[arg(long, value_enum, default_value = "in-memory")]
@@ -129,6 +138,9 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     if args.scenario == Scenario::Scale {
         return scale(&args).await;
+    }
+    if args.scenario == Scenario::Scrape {
+        return scrape(&args).await;
     }
     let outcome = if args.scenario == Scenario::Echo {
         echo(&args).await?
@@ -211,6 +223,14 @@ fn report(args: &BenchArgs, o: &Outcome) {
 
 /// Starts `turnstile serve` on a free loopback port and waits until it accepts connections.
 async fn spawn_server(storage: BenchStorage) -> anyhow::Result<(tokio::process::Child, String)> {
+    spawn_server_with(storage, &["--http", "off"]).await
+}
+
+/// [`spawn_server`] with more arguments for `serve`.
+async fn spawn_server_with(
+    storage: BenchStorage,
+    extra: &[&str],
+) -> anyhow::Result<(tokio::process::Child, String)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -219,13 +239,8 @@ async fn spawn_server(storage: BenchStorage) -> anyhow::Result<(tokio::process::
     let _ = std::fs::remove_dir_all(&dir);
     let mut cmd = tokio::process::Command::new(exe);
     // The load is on the protocol port; the HTTP port is not measured here.
-    cmd.args([
-        "serve",
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--http",
-        "off",
-    ]);
+    cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    cmd.args(extra);
     match storage {
         BenchStorage::InMemory => {
             cmd.arg("--in-memory");
@@ -831,7 +846,11 @@ async fn scale(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         "--leases {} exceeds --semaphores × --capacity",
         args.leases
     );
-    let (mut child, url) = spawn_server(args.storage).await?;
+    let (mut child, url) = spawn_server_with(
+        args.storage,
+        &["--http", "off", "--forget-idle", &args.forget_idle],
+    )
+    .await?;
     let pid = child.id().context("the coordinator's pid")?;
     let addr = url.trim_start_matches("tcp://").to_owned();
     let rss_idle = rss_bytes(pid)?;
@@ -980,6 +999,223 @@ async fn scale(args: &BenchArgs) -> anyhow::Result<ExitCode> {
             worst.as_micros(),
             around.len(),
             mib(rss_after)
+        );
+    }
+    let _ = child.kill().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One `GET` on the HTTP port; returns the size of the response.
+async fn http_get(addr: &str, path: &str) -> anyhow::Result<usize> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut body = Vec::new();
+    s.read_to_end(&mut body).await?;
+    Ok(body.len())
+}
+
+/// Pages through the whole status on `c`; returns the semaphores seen and the largest reply.
+async fn status_all(c: &mut RawConn) -> anyhow::Result<(usize, usize)> {
+    let (mut seen, mut largest) = (0, 0);
+    let mut after = String::new();
+    loop {
+        c.id = c.id.wrapping_add(1).max(1);
+        c.out.clear();
+        let req = turnstile_proto::Request::Status {
+            name: "",
+            prefix: "",
+            after: &after,
+            limit: 0,
+        };
+        turnstile_proto::encode_request(c.id, &req, &mut c.out);
+        c.s.write_all(&c.out).await?;
+        let json = loop {
+            if let Some((payload, used)) =
+                turnstile_proto::split_frame(&c.buf, turnstile_proto::MAX_REPLY_FRAME)?
+            {
+                let (id, reply) = turnstile_proto::decode_reply(payload)?;
+                let got = match reply {
+                    turnstile_proto::Reply::Status { json } if id == c.id => Some(json.to_vec()),
+                    _ => None,
+                };
+                c.buf.drain(..used);
+                if let Some(json) = got {
+                    break json;
+                }
+                continue;
+            }
+            if c.s.read_buf(&mut c.buf).await? == 0 {
+                anyhow::bail!("the coordinator closed the connection");
+            }
+        };
+        largest = largest.max(json.len());
+        let doc = turnstile_proto::StatusDoc::from_json(&json)?;
+        seen += doc.semaphores.len();
+        match doc.next {
+            Some(next) => after = next,
+            None => return Ok((seen, largest)),
+        }
+    }
+}
+
+/// The scrape scenario (see [`Scenario::Scrape`]).
+async fn scrape(args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    use turnstile_proto::Request;
+    anyhow::ensure!(
+        args.url.is_none(),
+        "the scrape scenario starts its own coordinator; drop --url"
+    );
+    let http_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let http = format!("127.0.0.1:{http_port}");
+    let (mut child, url) = spawn_server_with(
+        args.storage,
+        &["--http", &http, "--forget-idle", &args.forget_idle],
+    )
+    .await?;
+    let forget = crate::parse_duration(&args.forget_idle).ok();
+    let pid = child.id().context("the coordinator's pid")?;
+    let addr = url.trim_start_matches("tcp://").to_owned();
+    let rss_idle = rss_bytes(pid)?;
+    // One-off names: each ensured, acquired and released once, in pipelined bursts.
+    let names: Vec<String> = (0..args.semaphores)
+        .map(|i| format!("once-{i:07}"))
+        .collect();
+    let mut admin = RawConn::connect(&addr).await?;
+    admin
+        .call(&Request::OpenSession {
+            session: turnstile_client_session(usize::MAX >> 2),
+            ttl_ms: 600_000,
+        })
+        .await?;
+    let mut errors = 0;
+    for (c, chunk) in names.chunks(1_000).enumerate() {
+        let mut reqs = Vec::with_capacity(chunk.len() * 3);
+        for (i, n) in chunk.iter().enumerate() {
+            let lease = (c * 1_000 + i) as u64 + 1;
+            reqs.push(Request::Ensure {
+                capacity: 1,
+                name: n,
+            });
+            reqs.push(Request::Acquire {
+                lease,
+                weight: 1,
+                timeout_ms: 0,
+                name: n,
+            });
+            reqs.push(Request::Release { lease });
+        }
+        errors += pipeline(&mut admin, &reqs).await?;
+    }
+    let t_filled = Instant::now();
+    let rss_full = rss_bytes(pid)?;
+    // The probe, and a scraper that alternates /metrics and a whole paged status.
+    let mut probe = RawConn::connect(&addr).await?;
+    probe
+        .call(&Request::OpenSession {
+            session: turnstile_client_session(usize::MAX >> 1),
+            ttl_ms: 60_000,
+        })
+        .await?;
+    probe
+        .call(&Request::Ensure {
+            capacity: 1,
+            name: "scrape-probe",
+        })
+        .await?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scraper = {
+        let stop = stop.clone();
+        let http = http.clone();
+        let addr = addr.clone();
+        tokio::spawn(async move {
+            let mut c = RawConn::connect(&addr).await?;
+            let (mut scrapes, mut metrics_max, mut metrics_worst) = (0u64, 0usize, Duration::ZERO);
+            let (mut statuses, mut status_worst, mut largest, mut seen) =
+                (0u64, Duration::ZERO, 0usize, 0usize);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                metrics_max = metrics_max.max(http_get(&http, "/metrics").await?);
+                metrics_worst = metrics_worst.max(t.elapsed());
+                scrapes += 1;
+                let t = Instant::now();
+                let (n, big) = status_all(&mut c).await?;
+                status_worst = status_worst.max(t.elapsed());
+                largest = largest.max(big);
+                seen = n;
+                statuses += 1;
+            }
+            anyhow::Ok((
+                scrapes,
+                metrics_max,
+                metrics_worst,
+                statuses,
+                status_worst,
+                largest,
+                seen,
+            ))
+        })
+    };
+    let acquire = Request::Acquire {
+        lease: 1,
+        weight: 1,
+        timeout_ms: turnstile_proto::NO_TIMEOUT,
+        name: "scrape-probe",
+    };
+    let mut pairs: Vec<u32> = Vec::new();
+    let end = Instant::now() + args.duration;
+    while Instant::now() < end {
+        let t = Instant::now();
+        probe.call(&acquire).await?;
+        probe.call(&Request::Release { lease: 1 }).await?;
+        pairs.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (scrapes, metrics_max, metrics_worst, statuses, status_worst, largest, seen) =
+        scraper.await.context("the scraper panicked")??;
+    pairs.sort_unstable();
+    let pct = |q: f64| {
+        pairs
+            .get(((pairs.len() as f64 * q) as usize).min(pairs.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    let worst = pairs.last().copied().unwrap_or(0);
+    // Forgetting: wait until the idle time has passed for every name, and a little more.
+    let rss_after = match forget {
+        Some(d) if d <= Duration::from_secs(120) => {
+            tokio::time::sleep_until((t_filled + d + Duration::from_secs(3)).into()).await;
+            // The probe keeps its session; status shows what is left.
+            let mut c = RawConn::connect(&addr).await?;
+            let (left, _) = status_all(&mut c).await?;
+            Some((rss_bytes(pid)?, left))
+        }
+        _ => None,
+    };
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    println!(
+        "scrape: {} one-off names: coordinator RSS {:.1} MiB (idle {:.1} MiB; {errors} errors)",
+        args.semaphores,
+        mib(rss_full),
+        mib(rss_idle)
+    );
+    println!(
+        "during {scrapes} /metrics scrapes (largest {metrics_max} bytes, slowest {}ms) and {statuses} paged statuses ({seen} semaphores, largest reply {largest} bytes, slowest {}ms): probe pairs p50 {}us, p99 {}us, max {worst}us ({} pairs)",
+        metrics_worst.as_millis(),
+        status_worst.as_millis(),
+        pct(0.5),
+        pct(0.99),
+        pairs.len()
+    );
+    if let Some((rss, left)) = rss_after {
+        println!(
+            "after --forget-idle {}: {left} semaphores left, coordinator RSS {:.1} MiB",
+            args.forget_idle,
+            mib(rss)
         );
     }
     let _ = child.kill().await;

@@ -144,6 +144,9 @@ enum Command {
     Status {
         /// Only this semaphore.
         name: Option<String>,
+        /// Only the semaphores, groups and jobs whose names start with this.
+        #[arg(long, conflicts_with = "name")]
+        prefix: Option<String>,
         /// Print the status document as JSON.
         #[arg(long)]
         json: bool,
@@ -336,6 +339,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Wait(args) => runtime()?.block_on(once::wait(args)),
         Command::Status {
             name,
+            prefix,
             json,
             watch,
             interval,
@@ -343,10 +347,15 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         } => {
             let url = url.get();
             let rt = runtime()?;
+            let what = match (&name, &prefix) {
+                (Some(name), _) => status::What::Name(name),
+                (None, Some(prefix)) => status::What::Prefix(prefix),
+                (None, None) => status::What::All,
+            };
             if watch {
-                rt.block_on(status::watch(&url, name.as_deref(), json, interval))
+                rt.block_on(status::watch(&url, what, json, interval))
             } else {
-                rt.block_on(status::status(&url, name.as_deref(), json))
+                rt.block_on(status::status(&url, what, json))
             }
         }
         Command::Close { name, url } => runtime()?.block_on(async {

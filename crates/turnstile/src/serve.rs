@@ -84,6 +84,25 @@ pub struct ServeArgs {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     insecure: bool,
+    /// Forget a semaphore that has had no holder and no waiter for this long (e.g. 10m), or
+    /// `never`. Fencing tokens of a name created again still go up.
+    #[arg(long, env = "TURNSTILE_FORGET_IDLE", default_value = "10m", value_parser = parse_forget)]
+    forget_idle: ForgetIdle,
+}
+
+/// `--forget-idle`: how long an idle semaphore is kept, or never forgotten (`None`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForgetIdle(pub Option<Duration>);
+
+/// Parses `--forget-idle`: a positive duration, or `never`.
+pub fn parse_forget(s: &str) -> Result<ForgetIdle, String> {
+    if s == "never" {
+        return Ok(ForgetIdle(None));
+    }
+    match parse_duration(s)? {
+        d if d.is_zero() => Err("must be positive, or never".into()),
+        d => Ok(ForgetIdle(Some(d))),
+    }
 }
 
 /// `--fsync` values.
@@ -191,6 +210,8 @@ pub struct Settings {
     pub admin_token_file: Set<Option<PathBuf>>,
     /// Listening beyond loopback without a token is allowed.
     pub insecure: Set<bool>,
+    /// Idle time before a semaphore is forgotten.
+    pub forget_idle: Set<Option<Duration>>,
 }
 
 /// The config file, parsed and checked: each key that is present, with its value.
@@ -208,10 +229,11 @@ pub struct FileConfig {
     auth_token_file: Option<PathBuf>,
     admin_token_file: Option<PathBuf>,
     insecure: Option<bool>,
+    forget_idle: Option<Option<Duration>>,
 }
 
 /// Every key of the config file.
-const KEYS: [&str; 12] = [
+const KEYS: [&str; 13] = [
     "listen",
     "http",
     "session_ttl",
@@ -224,6 +246,7 @@ const KEYS: [&str; 12] = [
     "auth_token_file",
     "admin_token_file",
     "insecure",
+    "forget_idle",
 ];
 
 impl FileConfig {
@@ -297,6 +320,9 @@ impl FileConfig {
                 "admin_token_file" => config.admin_token_file = Some(PathBuf::from(text()?)),
                 "insecure" => {
                     config.insecure = Some(value.as_bool().ok_or_else(|| bad("true or false"))?)
+                }
+                "forget_idle" => {
+                    config.forget_idle = Some(parse_forget(text()?).map_err(with_key)?.0)
                 }
                 _ => {
                     return Err(format!(
@@ -377,6 +403,7 @@ impl ServeArgs {
                 file.admin_token_file.map(Some),
             ),
             insecure: pick(matches, "insecure", self.insecure, file.insecure),
+            forget_idle: pick(matches, "forget_idle", self.forget_idle.0, file.forget_idle),
         }
     }
 
@@ -454,6 +481,10 @@ impl Settings {
             self.insecure.value.to_string(),
             self.insecure.source,
         );
+        let forget = self.forget_idle.value.map_or("never".into(), |d| {
+            humantime::format_duration(d).to_string()
+        });
+        line("forget_idle", quoted(&forget), self.forget_idle.source);
         for l in unset {
             let _ = writeln!(out, "{l}");
         }
@@ -488,6 +519,7 @@ impl Settings {
             storage,
             auth_token: token(&self.auth_token_file, "auth_token_file")?,
             admin_token: token(&self.admin_token_file, "admin_token_file")?,
+            forget_idle: self.forget_idle.value,
             ..turnstile_server::Config::default()
         };
         if config.auth_token.is_none() && !self.insecure.value {
@@ -658,6 +690,18 @@ mod tests {
         assert_eq!(s.http.source, Source::Default);
         assert_eq!(s.fsync.value, Fsync::Batch);
         assert_eq!(s.max_connections.value, 16_384);
+        assert_eq!(s.forget_idle.value, Some(Duration::from_secs(600)));
+        let s = resolve(&["turnstile", "serve"], "forget_idle = \"never\"");
+        assert_eq!(
+            (s.forget_idle.value, s.forget_idle.source),
+            (None, Source::File)
+        );
+        let s = resolve(
+            &["turnstile", "serve", "--forget-idle", "90s"],
+            "forget_idle = \"never\"",
+        );
+        assert_eq!(s.forget_idle.value, Some(Duration::from_secs(90)));
+        assert!(FileConfig::parse("forget_idle = \"0s\"").is_err());
 
         let s = resolve(
             &["turnstile", "serve", "--http", "off"],

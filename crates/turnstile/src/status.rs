@@ -9,9 +9,40 @@ use turnstile_client::{Client, JobStatus, StatusDoc};
 
 use crate::once::round;
 
-pub async fn status(url: &str, name: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
+/// What `turnstile status` shows.
+#[derive(Clone, Copy, Debug)]
+pub enum What<'a> {
+    /// Everything.
+    All,
+    /// The semaphore and the job of this name.
+    Name(&'a str),
+    /// The semaphores, groups and jobs whose names start with this.
+    Prefix(&'a str),
+}
+
+impl What<'_> {
+    fn name(self) -> Option<String> {
+        match self {
+            What::Name(name) => Some(name.to_owned()),
+            _ => None,
+        }
+    }
+}
+
+/// Fetches the status (every page of it).
+async fn fetch(client: &Client, what: What<'_>) -> Result<StatusDoc, turnstile_client::Error> {
+    match what {
+        What::All => client.status(None).await,
+        What::Name(name) => client.status(Some(name)).await,
+        What::Prefix(prefix) => client.status_prefix(prefix).await,
+    }
+}
+
+pub async fn status(url: &str, what: What<'_>, json: bool) -> anyhow::Result<ExitCode> {
+    let name = what.name();
+    let name = name.as_deref();
     let client = Client::connect(url).await?;
-    let doc = client.status(name).await?;
+    let doc = fetch(&client, what).await?;
     let _ = client.shutdown().await;
     let missing = name.is_some() && doc.semaphores.is_empty() && doc.jobs.is_empty();
     if json {
@@ -44,7 +75,7 @@ const WAITERS_SHOWN: usize = 10;
 /// next tick tries again (the client reconnects on its own).
 pub async fn watch(
     url: &str,
-    name: Option<&str>,
+    what: What<'_>,
     json: bool,
     interval: Duration,
 ) -> anyhow::Result<ExitCode> {
@@ -61,7 +92,7 @@ pub async fn watch(
         }
         let fetched = tokio::select! {
             _ = &mut ctrl_c => break,
-            r = client.status(name) => r,
+            r = fetch(&client, what) => r,
         };
         let mut frame = String::new();
         match (&fetched, json) {

@@ -129,6 +129,7 @@ fn settings_precedence_flag_env_file_default() {
         "log_format = \"json\"  # environment",
         "auth_token_file = \"/etc/turnstile/token\"  # environment",
         "insecure = false  # default",
+        "forget_idle = \"10m\"  # default",
         "# admin_token_file is not set  # default",
     ];
     assert_eq!(printed.lines().collect::<Vec<_>>(), expected, "{printed}");

@@ -107,6 +107,7 @@ impl Inner {
             semaphores,
             groups,
             jobs,
+            next: None,
         })
     }
 

@@ -26,7 +26,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{validate_label, Coordinator, HashMap, LeaseKey, LeaseState, Semaphore, Timer};
+use super::{validate_label, Coordinator, HashMap, LeaseKey, LeaseState, Timer};
 use crate::effect::{Effect, Record, Reply};
 use crate::job::{Completion, GroupSummary, JobOutcome, JobView, RunningView};
 use crate::{Error, Tag, Time, MAX_NAME_LEN};
@@ -243,8 +243,7 @@ impl Coordinator {
         }
         let lock = entry.lock.clone();
         if !self.semaphores.contains_key(&lock) {
-            self.semaphores
-                .insert(lock.clone(), Semaphore::new(lock.clone(), 1));
+            self.insert_semaphore(lock.clone(), 1);
             out.push(Effect::Persist(Record::SemaphoreCreated {
                 name: lock.clone(),
                 capacity: 1,
