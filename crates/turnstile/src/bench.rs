@@ -786,6 +786,21 @@ async fn load_raw(args: &BenchArgs, url: &str) -> anyhow::Result<Outcome> {
     Ok(outcome)
 }
 
+/// A raw connection with a session of its own and a semaphore of capacity 1 named `name`: the
+/// probe whose acquire+release pairs the scale scenarios time.
+async fn open_probe(addr: &str, name: &str) -> anyhow::Result<RawConn> {
+    use turnstile_proto::Request;
+    let mut probe = RawConn::connect(addr).await?;
+    probe
+        .call(&Request::OpenSession {
+            session: turnstile_client_session(usize::MAX >> 1),
+            ttl_ms: 60_000,
+        })
+        .await?;
+    probe.call(&Request::Ensure { capacity: 1, name }).await?;
+    Ok(probe)
+}
+
 /// A session id for raw client `i`: distinct per client and per bench run.
 fn turnstile_client_session(i: usize) -> u64 {
     let run = u64::from(std::process::id()) << 32;
@@ -927,19 +942,7 @@ async fn scale(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let expiry_at = Instant::now() + args.session_ttl;
     // The probe: acquire+release pairs on a semaphore of its own, timed, until the expiry is
     // well past.
-    let mut probe = RawConn::connect(&addr).await?;
-    probe
-        .call(&Request::OpenSession {
-            session: turnstile_client_session(usize::MAX >> 1),
-            ttl_ms: 60_000,
-        })
-        .await?;
-    probe
-        .call(&Request::Ensure {
-            capacity: 1,
-            name: "scale-probe",
-        })
-        .await?;
+    let mut probe = open_probe(&addr, "scale-probe").await?;
     let acquire = Request::Acquire {
         lease: 1,
         weight: 1,
@@ -1114,19 +1117,7 @@ async fn scrape(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let t_filled = Instant::now();
     let rss_full = rss_bytes(pid)?;
     // The probe, and a scraper that alternates /metrics and a whole paged status.
-    let mut probe = RawConn::connect(&addr).await?;
-    probe
-        .call(&Request::OpenSession {
-            session: turnstile_client_session(usize::MAX >> 1),
-            ttl_ms: 60_000,
-        })
-        .await?;
-    probe
-        .call(&Request::Ensure {
-            capacity: 1,
-            name: "scrape-probe",
-        })
-        .await?;
+    let mut probe = open_probe(&addr, "scrape-probe").await?;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let scraper = {
         let stop = stop.clone();
