@@ -16,6 +16,14 @@ use std::time::Duration;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
+/// mimalloc instead of glibc's malloc: the coordinator allocates and frees many small objects
+/// (names, leases, tree nodes), and glibc keeps freed memory in the middle of its heaps for
+/// good, so a coordinator that forgot 200,000 idle semaphores stayed at ~115 MiB resident
+/// (`malloc_trim` brought it back; see BENCHMARKS.md). mimalloc returns freed pages to the
+/// system after a short delay, and is one C file to build.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit code when the backend cannot be reached (EX_UNAVAILABLE); see [`EXIT_CODES`].
 pub const EXIT_UNAVAILABLE: u8 = 69;
 /// Exit code when an acquire timed out on a coordinator that answers (EX_TEMPFAIL: try again
