@@ -887,14 +887,16 @@ impl Coordinator {
         if sem.closed {
             return Err(Error::Closed(name.to_owned()));
         }
-        if weight > sem.capacity {
+        let deadline = timeout.map(|t| now + t);
+        // A retry of a held lease returns its grant before the weight is checked: after a
+        // shrink the lease may weigh more than the capacity, and it is still held.
+        if weight > sem.capacity && !self.leases.contains_key(&key) {
             return Err(Error::WeightExceedsCapacity {
                 name: name.to_owned(),
                 weight,
                 capacity: sem.capacity,
             });
         }
-        let deadline = timeout.map(|t| now + t);
         if let Some(lease) = self.leases.get_mut(&key) {
             if &*lease.semaphore != name || lease.weight != weight {
                 return Err(Error::LeaseConflict {

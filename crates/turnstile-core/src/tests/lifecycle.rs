@@ -289,3 +289,24 @@ fn revoke_frees_the_lease_tells_its_holder_and_grants_the_next() {
     assert_eq!(v.holders.len(), 1);
     assert_eq!(v.holders[0].lease, LeaseId(8));
 }
+
+/// Found by the model test: a client that re-sends the acquire of a lease it holds (after a
+/// reconnect) got `WeightExceedsCapacity` once a shrink made the lease heavier than the
+/// capacity, instead of its grant.
+#[test]
+fn a_retried_acquire_of_a_held_lease_survives_a_shrink() {
+    let mut t = Check::new();
+    t.open(1);
+    t.ensure("db", 3).expect("created");
+    let (_, out) = t.acquire(1, 1, "db", 3);
+    let token = token_in(&out);
+    t.set_capacity("db", 1).0.expect("shrunk");
+    let (_, out) = t.acquire(1, 1, "db", 3);
+    assert_eq!(reply_of(&out), granted(token));
+    // A new lease that heavy is refused.
+    let (_, out) = t.acquire(1, 2, "db", 3);
+    assert!(matches!(
+        reply_of(&out),
+        Some(Err(Error::WeightExceedsCapacity { .. }))
+    ));
+}
