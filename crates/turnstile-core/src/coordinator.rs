@@ -890,7 +890,11 @@ impl Coordinator {
         let deadline = timeout.map(|t| now + t);
         // A retry of a held lease returns its grant before the weight is checked: after a
         // shrink the lease may weigh more than the capacity, and it is still held.
-        if weight > sem.capacity && !self.leases.contains_key(&key) {
+        let same_lease = self
+            .leases
+            .get(&key)
+            .is_some_and(|l| &*l.semaphore == name && l.weight == weight);
+        if weight > sem.capacity && !same_lease {
             return Err(Error::WeightExceedsCapacity {
                 name: name.to_owned(),
                 weight,

@@ -293,7 +293,11 @@ impl Model {
             return Some(Err(Error::Closed(name.to_owned())));
         }
         // A retry of a held lease gets its grant back even if a shrink made it too heavy.
-        if weight > sem.capacity && !self.leases.contains_key(&key) {
+        let same_lease = self
+            .leases
+            .get(&key)
+            .is_some_and(|l| *l.sem == *name && l.weight == weight);
+        if weight > sem.capacity && !same_lease {
             return Some(Err(Error::WeightExceedsCapacity {
                 name: name.to_owned(),
                 weight,
