@@ -328,9 +328,7 @@ impl Model {
             };
         }
         let sem = self.sems.get_mut(name).expect("looked up above");
-        let free = sem
-            .capacity
-            .saturating_sub(Self::in_use(&self.leases, sem));
+        let free = sem.capacity.saturating_sub(Self::in_use(&self.leases, sem));
         if sem.queue.is_empty() && weight <= free {
             let token = Token(sem.next_token);
             sem.next_token += 1;
@@ -511,7 +509,12 @@ impl Model {
             return Err(Error::NoSuchSemaphore(name.to_owned()));
         };
         let sem_name = sem_name.clone();
-        let keys: Vec<Key> = sem.holders.iter().filter(|k| k.1 == lease).copied().collect();
+        let keys: Vec<Key> = sem
+            .holders
+            .iter()
+            .filter(|k| k.1 == lease)
+            .copied()
+            .collect();
         if keys.is_empty() {
             return Err(Error::UnknownLease(lease));
         }
@@ -534,9 +537,7 @@ impl Model {
     fn pump(&mut self, name: &Arc<str>, exp: &mut Expected) {
         let sem = self.sems.get_mut(name).expect("pumped semaphore exists");
         while let Some(&key) = sem.queue.front() {
-            let free = sem
-                .capacity
-                .saturating_sub(Self::in_use(&self.leases, sem));
+            let free = sem.capacity.saturating_sub(Self::in_use(&self.leases, sem));
             let lease = self.leases.get_mut(&key).expect("a waiter has a lease");
             if lease.weight > free {
                 break;

@@ -368,7 +368,10 @@ impl Inner {
     pub(super) fn revoke(&self, name: &str, lease: u64) -> Result<(), Error> {
         let (sem_dir, _) = self.open_semaphore(name)?;
         let mut found = Vec::new();
-        for path in slots(&sem_dir).map_err(|e| storage(&sem_dir, e))?.into_values() {
+        for path in slots(&sem_dir)
+            .map_err(|e| storage(&sem_dir, e))?
+            .into_values()
+        {
             let Ok(bytes) = disk::read_small(&path) else {
                 continue;
             };

@@ -742,8 +742,7 @@ impl Inner {
         let fits = |present: &BTreeMap<u32, PathBuf>| present.len() + weight <= capacity as usize;
         if !fits(&present) && Instant::now() >= *next_scan {
             *next_scan = Instant::now() + SCAN_EVERY;
-            let held: Vec<(u32, PathBuf)> =
-                present.iter().map(|(i, p)| (*i, p.clone())).collect();
+            let held: Vec<(u32, PathBuf)> = present.iter().map(|(i, p)| (*i, p.clone())).collect();
             for (i, path) in held {
                 if fits(&present) {
                     break;

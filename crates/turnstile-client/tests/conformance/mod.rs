@@ -790,7 +790,13 @@ pub async fn capacity_changes_grant_at_once_and_hold_back_after_a_shrink(server:
         server.client().await,
         server.client().await,
     );
-    let held = a.semaphore(name, 1).await.expect("ensure").acquire().await.expect("a");
+    let held = a
+        .semaphore(name, 1)
+        .await
+        .expect("ensure")
+        .acquire()
+        .await
+        .expect("a");
     let sem_b = b.semaphore(name, 1).await.expect("ensure");
     let mut wait_b = tokio::spawn(async move { sem_b.acquire().await });
     wait_for_status(&admin, name, "b queued", |s| s.queued == 1).await;
@@ -801,8 +807,15 @@ pub async fn capacity_changes_grant_at_once_and_hold_back_after_a_shrink(server:
         .expect("b granted when the capacity grew")
         .expect("task")
         .expect("b");
-    let sem_c = c.semaphore(name, 3).await.expect("ensure with the new capacity");
-    let permit_c = sem_c.try_acquire().await.expect("try").expect("a third permit is free");
+    let sem_c = c
+        .semaphore(name, 3)
+        .await
+        .expect("ensure with the new capacity");
+    let permit_c = sem_c
+        .try_acquire()
+        .await
+        .expect("try")
+        .expect("a third permit is free");
     let st = status_of(&admin, name).await;
     assert_eq!((st.capacity, st.in_use), (3, 3));
     // The old capacity is now a mismatch: set-capacity is the way to change it.
@@ -827,7 +840,11 @@ pub async fn capacity_changes_grant_at_once_and_hold_back_after_a_shrink(server:
     );
     wait_for_status(&admin, name, "the heavy waiter gone", |s| s.queued == 0).await;
     let st = status_of(&admin, name).await;
-    assert_eq!((st.capacity, st.in_use), (1, 3), "holders keep their permits");
+    assert_eq!(
+        (st.capacity, st.in_use),
+        (1, 3),
+        "holders keep their permits"
+    );
     assert!(held.lost_reason().is_none() && permit_b.lost_reason().is_none());
     let waiter = server.client().await;
     let sem_w = waiter.semaphore(name, 1).await.expect("ensure");
@@ -890,8 +907,14 @@ pub async fn delete_frees_the_name_and_tokens_still_increase(server: &impl Fixtu
         timeout(PATIENCE, permit.lost()).await.expect("told"),
         LostReason::Closed
     );
-    client.delete(name).await.expect("delete a closed semaphore");
-    let sem = client.semaphore(name, 1).await.expect("open again, not closed");
+    client
+        .delete(name)
+        .await
+        .expect("delete a closed semaphore");
+    let sem = client
+        .semaphore(name, 1)
+        .await
+        .expect("open again, not closed");
     let third = sem.acquire().await.expect("acquire").fencing_token();
     assert!(third > second, "token {third} after {second}");
 }
@@ -926,7 +949,9 @@ pub async fn revoke_tells_the_holder_and_grants_the_next(server: &impl Fixture) 
         .expect("acquire");
     assert!(granted.fencing_token() > permit.fencing_token());
     assert_eq!(
-        timeout(PATIENCE, permit.lost()).await.expect("the holder is told"),
+        timeout(PATIENCE, permit.lost())
+            .await
+            .expect("the holder is told"),
         LostReason::Revoked
     );
     let err = admin.revoke(name, lease).await.expect_err("no longer held");

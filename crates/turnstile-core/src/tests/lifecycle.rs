@@ -54,7 +54,11 @@ fn growing_grants_queued_waiters_at_once_in_order() {
     // The change is durable before the grants it causes, and they come in queue order.
     assert!(matches!(
         out[0],
-        Effect::Persist(Record::Semaphore { capacity: 3, closed: false, .. })
+        Effect::Persist(Record::Semaphore {
+            capacity: 3,
+            closed: false,
+            ..
+        })
     ));
     assert_eq!(reply_to(&out, heavy), granted(2));
     assert_eq!(reply_to(&out, behind), granted(3));
@@ -167,7 +171,11 @@ fn set_capacity_refuses_bad_requests() {
     t.set_capacity("other", 3).0.expect("changed");
     assert!(matches!(
         t.ensure("other", 2),
-        Err(Error::CapacityMismatch { existing: 3, requested: 2, .. })
+        Err(Error::CapacityMismatch {
+            existing: 3,
+            requested: 2,
+            ..
+        })
     ));
 }
 
@@ -197,7 +205,10 @@ fn delete_frees_the_name_and_tokens_still_increase() {
         t2.c = c;
         t2.now = t.now;
         let later = use_name(&mut t2, 9, "bench-1", 1);
-        assert!(later > again, "token {later} after {again} across a restart");
+        assert!(
+            later > again,
+            "token {later} after {again} across a restart"
+        );
     }
 }
 
