@@ -2,6 +2,7 @@
 //! a shared directory: `set-capacity`, `delete`, and `release` (by force) of another holder's
 //! lease, which stops that holder's `run` with exit 76.
 
+#[allow(dead_code)] // the helpers serve several test binaries
 mod common;
 
 use common::{assert_no_panic, process_exists, wait_until, Finished, Harness, Proc, SOON};

@@ -7,7 +7,9 @@
 //! DIR/.clock                   probe file: rewritten to learn the file system's "now" (for
 //!                              status's guess and pruning `.ended`; never for reclaiming)
 //! DIR/<name>/                  one semaphore; <name> percent-escaped (see `disk::dir_name`)
-//!     capacity                 "<capacity>\n<full name>\n", created once
+//!     capacity                 "<capacity>\n<full name>\n", created by link; replaced by
+//!                              rename (`set_capacity`); renamed away by `delete`, which
+//!                              keeps the directory and its `tokens/` for a fresh start
 //!     closed                   exists once the semaphore is closed (never removed)
 //!     slot-<i>                 a held permit, 0 <= i < capacity; a lease of weight k holds k
 //!                              slot files (hard links of one file); content: a lease record
@@ -22,6 +24,7 @@
 //!     failed/<ms>-<random>     one file per failed attempt (its reason), created by link
 //!     last-failure             the reason of the last failed attempt, replaced by rename
 //! DIR/.groups/<group>/<job>    membership markers (an index; the job's `group` file rules)
+//! DIR/.revoked/<session:016x>-<lease:016x>   left by `revoke` for the lease's owner
 //! DIR/.ended/<session:016x>    left by `end_session`, so that the session's owner can tell
 //!                              why its records are gone (pruned after a day)
 //! ```
@@ -95,9 +98,13 @@
 //!
 //! # Why it is safe
 //!
-//! - **Capacity is never exceeded:** a permit *is* a `slot-<i>` file with `i < capacity`, and
-//!   `link` creates a name only if it does not exist, so at most `capacity` slot files exist
-//!   and each has one owner. A slot file is removed only by its owner (release), by a closer
+//! - **Capacity is never exceeded by a grant:** a permit *is* a `slot-<i>` file, and `link`
+//!   creates a name only if it does not exist, so each has one owner. The head claims only
+//!   indices below the capacity it read, only while every slot file (whatever its index) plus
+//!   its weight fits that capacity, and re-reads the capacity after its links, undoing the
+//!   claim if it changed; so a grant never takes the count above the capacity in force when
+//!   it completed. After a shrink (`set_capacity`), holders keep their slots, the count stays
+//!   above the capacity until they release, and nothing is granted meanwhile. A slot file is removed only by its owner (release), by a closer
 //!   or a supervisor (`close`, `end_session`, after which the owner learns that its lease is
 //!   lost at its next heartbeat), or by a reclaimer once it is stale. A record taken at once
 //!   because its holder died is taken only once every process named in it (holder and
