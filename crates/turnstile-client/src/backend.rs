@@ -78,6 +78,16 @@ pub trait Backend: Send + Sync + 'static {
     /// Closes a semaphore.
     fn close<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), Error>>;
 
+    /// Changes a semaphore's capacity (see [`crate::Client::set_capacity`]).
+    fn set_capacity<'a>(&'a self, name: &'a str, capacity: u32)
+        -> BoxFuture<'a, Result<(), Error>>;
+
+    /// Deletes a closed or idle semaphore (see [`crate::Client::delete`]).
+    fn delete<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), Error>>;
+
+    /// Takes a held lease away from its holder (see [`crate::Client::revoke`]).
+    fn revoke<'a>(&'a self, name: &'a str, lease: u64) -> BoxFuture<'a, Result<(), Error>>;
+
     /// The status document: one semaphore, or all of them.
     fn status<'a>(&'a self, name: Option<&'a str>) -> BoxFuture<'a, Result<StatusDoc, Error>>;
 

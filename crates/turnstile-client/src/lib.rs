@@ -213,6 +213,8 @@ pub enum LostReason {
     /// the lease among the session's (it lost the record of the grant — a damaged end of its
     /// log — or the lease ended while the client was away). It may have been given away.
     Forgotten,
+    /// An operator released the lease by force ([`Client::revoke`], `turnstile release`).
+    Revoked,
 }
 
 impl fmt::Display for LostReason {
@@ -227,6 +229,7 @@ impl fmt::Display for LostReason {
             LostReason::Forgotten => {
                 "the coordinator no longer has the lease (found on resuming the session)"
             }
+            LostReason::Revoked => "an operator released it by force",
         })
     }
 }
@@ -335,6 +338,33 @@ impl Client {
     /// Closes a semaphore: waiters fail, holders lose their leases, later acquires fail.
     pub async fn close(&self, name: &str) -> Result<(), Error> {
         self.backend.close(name).await
+    }
+
+    /// Changes the capacity of an existing semaphore, on every backend. Growing grants the
+    /// queued acquires that now fit at once, in queue order; shrinking takes nothing from
+    /// holders, and nothing is granted until what they hold plus the next waiter's weight fits
+    /// the new capacity. Waiters heavier than the new capacity fail with
+    /// `WeightExceedsCapacity`. Fails with `NoSuchSemaphore` or `Closed`. An acquire that
+    /// names another capacity still fails with `CapacityMismatch`: this is the one way to
+    /// change it.
+    pub async fn set_capacity(&self, name: &str, capacity: u32) -> Result<(), Error> {
+        self.backend.set_capacity(name, capacity).await
+    }
+
+    /// Deletes a semaphore that is closed or idle (no holder, no waiter), so that its name can
+    /// be created afresh, with any capacity; the fencing tokens of the name still strictly
+    /// increase. Fails with `InUse` while it is held or waited for (close it first to take the
+    /// leases away), and with `NoSuchSemaphore` for an unknown name.
+    pub async fn delete(&self, name: &str) -> Result<(), Error> {
+        self.backend.delete(name).await
+    }
+
+    /// Releases the lease `lease` of semaphore `name` by force, whoever holds it (an
+    /// operator's tool for a stuck holder): its permits go to the next waiters, and its
+    /// holder's [`Permit::lost`] reports [`LostReason::Revoked`] (`turnstile run` stops its
+    /// command). Fails with `UnknownLease` if no holder of the semaphore has that lease id.
+    pub async fn revoke(&self, name: &str, lease: u64) -> Result<(), Error> {
+        self.backend.revoke(name, lease).await
     }
 
     /// Ends another session at once, freeing its leases (for supervisors).

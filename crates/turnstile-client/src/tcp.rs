@@ -126,6 +126,17 @@ enum Req {
     },
     /// Which leases the session holds: sent after every resume (see `Driver::reconcile`).
     Leases,
+    SetCapacity {
+        name: String,
+        capacity: u32,
+    },
+    Delete {
+        name: String,
+    },
+    Revoke {
+        name: String,
+        lease: u64,
+    },
 }
 
 impl Req {
@@ -150,7 +161,10 @@ impl Req {
             | Req::FinishJob { .. }
             | Req::ResetJob { .. }
             | Req::WaitGroup { .. }
-            | Req::Leases => false,
+            | Req::Leases
+            | Req::SetCapacity { .. }
+            | Req::Delete { .. }
+            | Req::Revoke { .. } => false,
         }
     }
 }
@@ -550,6 +564,35 @@ impl Backend for TcpBackend {
             )
             .await
             .map(drop)
+        })
+    }
+
+    fn set_capacity<'a>(
+        &'a self,
+        name: &'a str,
+        capacity: u32,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            let name = name.to_owned();
+            self.call(Req::SetCapacity { name, capacity }, Until::Call)
+                .await
+                .map(drop)
+        })
+    }
+
+    fn delete<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            let name = name.to_owned();
+            self.call(Req::Delete { name }, Until::Call).await.map(drop)
+        })
+    }
+
+    fn revoke<'a>(&'a self, name: &'a str, lease: u64) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            let name = name.to_owned();
+            self.call(Req::Revoke { name, lease }, Until::Call)
+                .await
+                .map(drop)
         })
     }
 
@@ -1527,6 +1570,15 @@ fn encode(id: u32, req: &Req, out: &mut Vec<u8>) {
         },
         Req::Release { lease } => proto::Request::Release { lease: *lease },
         Req::Close { name } => proto::Request::Close { name },
+        Req::SetCapacity { name, capacity } => proto::Request::SetCapacity {
+            capacity: *capacity,
+            name,
+        },
+        Req::Delete { name } => proto::Request::Delete { name },
+        Req::Revoke { name, lease } => proto::Request::Revoke {
+            lease: *lease,
+            name,
+        },
         Req::Status {
             name,
             prefix,
@@ -1619,6 +1671,7 @@ fn lost_reason(r: proto::LostReason) -> LostReason {
         proto::LostReason::Expired => LostReason::Expired,
         proto::LostReason::Closed => LostReason::Closed,
         proto::LostReason::SessionEnded => LostReason::SessionEnded,
+        proto::LostReason::Revoked => LostReason::Revoked,
     }
 }
 

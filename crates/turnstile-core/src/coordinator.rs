@@ -20,7 +20,8 @@
 //! # Invariants
 //!
 //! Checked by [`Coordinator::validate`] after every step in the tests:
-//! - per semaphore, `in_use` is the sum of its holders' weights and never exceeds `capacity`;
+//! - per semaphore, `in_use` is the sum of its holders' weights (it exceeds `capacity` only
+//!   after a shrink, until holders release: no grant is made while it does);
 //! - a queue is never left grantable: if it is not empty, its head does not fit;
 //! - every held or queued lease belongs to a live session that lists it, and to exactly one
 //!   semaphore's holders or queue;
@@ -145,6 +146,36 @@ pub enum Request<'a> {
         /// The semaphore.
         name: &'a str,
     },
+    /// Changes a semaphore's capacity. Growing grants the queued acquires that now fit, in
+    /// queue order; shrinking takes nothing from holders, so `in_use` may exceed the capacity
+    /// until they release, and nothing is granted until `in_use` plus the head's weight fits.
+    /// Queued acquires heavier than the new capacity could never be granted: they fail with
+    /// [`Error::WeightExceedsCapacity`]. Fails with [`Error::NoSuchSemaphore`] or
+    /// [`Error::Closed`]; the same capacity is a no-op.
+    SetCapacity {
+        /// The semaphore.
+        name: &'a str,
+        /// The new capacity, at least 1.
+        capacity: u32,
+    },
+    /// Deletes a semaphore that has no holder and no waiter (closed or idle), so that its
+    /// name can be created afresh. Its fencing counter raises the token floor, as when an
+    /// idle semaphore is forgotten, so the name's tokens still strictly increase. Fails with
+    /// [`Error::InUse`] while it is held or queued for, [`Error::NoSuchSemaphore`] if unknown.
+    Delete {
+        /// The semaphore.
+        name: &'a str,
+    },
+    /// Takes the held lease `lease` of semaphore `name` away from whichever session holds it
+    /// (an operator's force-release): its permits go to the next waiters, and its session is
+    /// told with [`LostReason::Revoked`]. Fails with [`Error::UnknownLease`] if no holder of
+    /// the semaphore has that id (queued acquires are not revoked).
+    Revoke {
+        /// The semaphore.
+        name: &'a str,
+        /// The lease.
+        lease: LeaseId,
+    },
     /// Starts an attempt at a run-once job: replies [`Reply::JobCompleted`] if the job has
     /// completed, else takes the job's exclusive lease `lease` and replies
     /// [`Reply::Granted`] (run it now). If another attempt holds the lease, `timeout` zero
@@ -247,8 +278,9 @@ impl Semaphore {
         }
     }
 
+    /// Permits free for a grant: none while holders keep more than a shrunk capacity.
     fn free(&self) -> u32 {
-        self.capacity - self.in_use
+        self.capacity.saturating_sub(self.in_use)
     }
 }
 
@@ -391,6 +423,9 @@ impl Coordinator {
                 }
                 Ok(Some(Reply::Done))
             }
+            Request::SetCapacity { name, capacity } => self.set_capacity(now, name, capacity, out),
+            Request::Delete { name } => self.delete(name, out),
+            Request::Revoke { name, lease } => self.revoke(now, name, lease, out),
             Request::BeginJob {
                 session,
                 lease,
@@ -852,14 +887,20 @@ impl Coordinator {
         if sem.closed {
             return Err(Error::Closed(name.to_owned()));
         }
-        if weight > sem.capacity {
+        let deadline = timeout.map(|t| now + t);
+        // A retry of a held lease returns its grant before the weight is checked: after a
+        // shrink the lease may weigh more than the capacity, and it is still held.
+        let same_lease = self
+            .leases
+            .get(&key)
+            .is_some_and(|l| &*l.semaphore == name && l.weight == weight);
+        if weight > sem.capacity && !same_lease {
             return Err(Error::WeightExceedsCapacity {
                 name: name.to_owned(),
                 weight,
                 capacity: sem.capacity,
             });
         }
-        let deadline = timeout.map(|t| now + t);
         if let Some(lease) = self.leases.get_mut(&key) {
             if &*lease.semaphore != name || lease.weight != weight {
                 return Err(Error::LeaseConflict {
@@ -1207,6 +1248,136 @@ impl Coordinator {
         }
     }
 
+    fn set_capacity(
+        &mut self,
+        now: Time,
+        name: &str,
+        capacity: u32,
+        out: &mut Vec<Effect>,
+    ) -> Result<Option<Reply>, Error> {
+        validate_name(name)?;
+        if capacity == 0 {
+            return Err(Error::InvalidArgument("capacity must be at least 1".into()));
+        }
+        let sem = self
+            .semaphores
+            .get_mut(name)
+            .ok_or_else(|| Error::NoSuchSemaphore(name.to_owned()))?;
+        if sem.closed {
+            return Err(Error::Closed(name.to_owned()));
+        }
+        if sem.capacity == capacity {
+            return Ok(Some(Reply::Done));
+        }
+        sem.capacity = capacity;
+        let sem_name = sem.name.clone();
+        // The whole semaphore record: replay (and old readers of the log) set the capacity
+        // from it, and its counter only ever raises `next_token`.
+        out.push(Effect::Persist(Record::Semaphore {
+            name: sem_name.clone(),
+            capacity,
+            closed: false,
+            next_token: sem.next_token,
+        }));
+        // Waiters too heavy for the new capacity could never be granted, and at the head
+        // they would hold back everyone behind them: fail them as a new acquire would fail.
+        let too_heavy: Vec<LeaseKey> = sem
+            .queue
+            .values()
+            .copied()
+            .filter(|key| self.leases.get(key).is_some_and(|l| l.weight > capacity))
+            .collect();
+        for key in too_heavy {
+            let weight = self.leases.get(&key).map_or(0, |l| l.weight);
+            if let Some((tag, _)) = self.dequeue(key) {
+                out.push(Effect::Reply {
+                    tag,
+                    outcome: Err(Error::WeightExceedsCapacity {
+                        name: name.to_owned(),
+                        weight,
+                        capacity,
+                    }),
+                });
+            }
+        }
+        self.pump(now, &sem_name, out);
+        Ok(Some(Reply::Done))
+    }
+
+    fn delete(&mut self, name: &str, out: &mut Vec<Effect>) -> Result<Option<Reply>, Error> {
+        validate_name(name)?;
+        let sem = self
+            .semaphores
+            .get(name)
+            .ok_or_else(|| Error::NoSuchSemaphore(name.to_owned()))?;
+        if !sem.holders.is_empty() || !sem.queue.is_empty() {
+            return Err(Error::InUse {
+                name: name.to_owned(),
+                holders: sem.holders.len(),
+                waiters: sem.queue.len(),
+            });
+        }
+        let (sem_name, next_token) = (sem.name.clone(), sem.next_token);
+        self.remove_semaphore(name);
+        self.token_floor = self.token_floor.max(next_token);
+        // The record of forgetting: it says the same (name gone, floor raised), and replay
+        // removes any semaphore without holders by it, closed or not.
+        out.push(Effect::Persist(Record::Forgotten {
+            name: sem_name,
+            next_token,
+        }));
+        Ok(Some(Reply::Done))
+    }
+
+    fn revoke(
+        &mut self,
+        now: Time,
+        name: &str,
+        lease: LeaseId,
+        out: &mut Vec<Effect>,
+    ) -> Result<Option<Reply>, Error> {
+        validate_name(name)?;
+        let sem = self
+            .semaphores
+            .get(name)
+            .ok_or_else(|| Error::NoSuchSemaphore(name.to_owned()))?;
+        // Lease ids are chosen per session, so two sessions could hold the same id: take
+        // every one (O(holders); an operator's request, not the hot path).
+        let keys: Vec<LeaseKey> = sem
+            .holders
+            .values()
+            .copied()
+            .filter(|key| key.1 == lease)
+            .collect();
+        if keys.is_empty() {
+            return Err(Error::UnknownLease(lease));
+        }
+        let sem_name = sem.name.clone();
+        for key in keys {
+            let Some((_, token)) = self.unhold(key) else {
+                continue;
+            };
+            // Replayed as a release by the holder: the lease is gone either way.
+            out.push(Effect::Persist(Record::Released {
+                session: key.0,
+                lease: key.1,
+            }));
+            if let Some(s) = self.semaphores.get_mut(&sem_name) {
+                s.counters.lost_total += 1;
+            }
+            out.push(Effect::Event(Event::LeaseLost {
+                session: key.0,
+                lease: key.1,
+                semaphore: sem_name.clone(),
+                token,
+                client: self.client_of(key.0),
+                reason: LostReason::Revoked,
+            }));
+        }
+        self.pump(now, &sem_name, out);
+        Ok(Some(Reply::Done))
+    }
+
     /// Replays one durable record at `now` (the time of recovery). Sessions come back with a
     /// full TTL from `now`: the grace period that lets clients reconnect after a restart.
     /// Records that do not fit the state (a grant for an unknown session, say) are skipped;
@@ -1228,9 +1399,14 @@ impl Coordinator {
             }
             Record::Forgotten { name, next_token } => {
                 self.token_floor = self.token_floor.max(*next_token);
-                // Only an idle semaphore was ever forgotten; anything else means the record
-                // does not fit this state, and is skipped like any such record.
-                if self.semaphores.get(name).is_some_and(is_idle) {
+                // Only a semaphore without holders or waiters was ever forgotten (idle) or
+                // deleted (idle or closed); anything else means the record does not fit this
+                // state, and is skipped like any such record.
+                if self
+                    .semaphores
+                    .get(name)
+                    .is_some_and(|s| s.holders.is_empty() && s.queue.is_empty())
+                {
                     self.remove_semaphore(name);
                 }
             }
@@ -1251,6 +1427,9 @@ impl Coordinator {
                     .get_mut(name)
                     .expect("invariant: inserted just above if it was missing");
                 sem.next_token = sem.next_token.max(*next_token);
+                // A capacity change is logged as this record; in a snapshot it comes before
+                // the grants, which may hold more than a shrunk capacity.
+                sem.capacity = (*capacity).max(1);
                 if *closed {
                     let mut sink = Vec::new();
                     self.close(name, &mut sink);
@@ -1304,11 +1483,16 @@ impl Coordinator {
                 let Some(sem) = self.semaphores.get_mut(semaphore) else {
                     return;
                 };
-                if sem.closed || *weight > sem.free() {
+                // Not checked against the capacity: after a shrink, holders may keep more
+                // than it (a snapshot writes the capacity before the grants).
+                if sem.closed || sem.holders.contains_key(token) {
                     return;
                 }
-                sem.next_token = sem.next_token.max(token.0 + 1);
-                sem.in_use += weight;
+                let Some(in_use) = sem.in_use.checked_add(*weight) else {
+                    return;
+                };
+                sem.next_token = sem.next_token.max(token.0.saturating_add(1));
+                sem.in_use = in_use;
                 sem.holders.insert(*token, key);
                 sem.counters.acquired_total += 1;
                 let name = sem.name.clone();
@@ -1599,12 +1783,8 @@ impl Coordinator {
             if sum != u64::from(s.in_use) {
                 return Err(format!("{name:?}: in_use {} != held {sum}", s.in_use));
             }
-            if s.in_use > s.capacity {
-                return Err(format!(
-                    "{name:?}: in_use {} > capacity {}",
-                    s.in_use, s.capacity
-                ));
-            }
+            // `in_use` may exceed the capacity after a shrink; that no grant is made while
+            // it does is the queue check below (a head never fits while nothing is free).
             let mut qsum = 0u64;
             for (seq, key) in &s.queue {
                 let lease = self

@@ -113,6 +113,8 @@ pub enum LostReason {
     Closed,
     /// Someone else ended the session (a supervisor whose worker died).
     SessionEnded,
+    /// An operator released the lease by force ([`Request::Revoke`](crate::Request::Revoke)).
+    Revoked,
 }
 
 impl LostReason {
@@ -122,6 +124,7 @@ impl LostReason {
             LostReason::Expired => "expired",
             LostReason::Closed => "closed",
             LostReason::SessionEnded => "session-ended",
+            LostReason::Revoked => "revoked",
         }
     }
 }

@@ -61,6 +61,16 @@ pub enum Error {
     /// answer.
     #[error("superseded by a retry of the same acquire")]
     Superseded,
+    /// The semaphore cannot be deleted: it has holders or waiters and is not closed.
+    #[error("semaphore {name:?} is in use ({holders} holders, {waiters} waiters): close it or wait until it is idle")]
+    InUse {
+        /// The semaphore.
+        name: String,
+        /// Leases holding it.
+        holders: usize,
+        /// Acquires queued for it.
+        waiters: usize,
+    },
     /// The session ended (expired or closed) while the acquire was queued.
     #[error("the session ended while the acquire was queued")]
     SessionEnded,

@@ -722,6 +722,7 @@ fn snapshot_rebuilds_holders_sessions_and_counters() {
 }
 
 mod jobs;
+mod lifecycle;
 
 #[test]
 fn views_list_waiters_in_queue_order_with_their_age() {

@@ -12,9 +12,12 @@
 //! counter that closing does not reset.
 //!
 //! After every step the harness checks:
-//! 1. `validate()` is `Ok` and, in every [`SemaphoreView`], `in_use <= capacity` and equals the
-//!    sum of the holders' weights;
-//! 2. fencing tokens of grants strictly increase per semaphore over the whole run;
+//! 1. `validate()` is `Ok` and, in every [`SemaphoreView`], `in_use` equals the sum of the
+//!    holders' weights, and is at most `capacity` after any step that granted a lease of it
+//!    (only a shrink, `SetCapacity`, leaves holders above the capacity, and nothing is
+//!    granted until they fit);
+//! 2. fencing tokens of grants strictly increase per semaphore name over the whole run, also
+//!    when the name is deleted and created again;
 //! 3. the replies (to the request and to every waiter it affected) equal the model's, the
 //!    grants of each semaphore happen in the model's order with the model's tokens, the events
 //!    match, and the views (holders, queue lengths, queued weight, capacity, closed) and the
@@ -106,6 +109,8 @@ struct Model {
     sessions: BTreeMap<SessionId, MSession>,
     leases: BTreeMap<Key, MLease>,
     sems: BTreeMap<Arc<str>, MSem>,
+    /// The highest fencing counter of a deleted semaphore: new ones count from here.
+    floor: u64,
 }
 
 /// What the model predicts for one step.
@@ -204,6 +209,9 @@ impl Model {
                 self.close(name, exp);
                 Some(Ok(Reply::Done))
             }
+            Request::SetCapacity { name, capacity } => Some(self.set_capacity(name, capacity, exp)),
+            Request::Delete { name } => Some(self.delete(name)),
+            Request::Revoke { name, lease } => Some(self.revoke(name, lease, exp)),
             // Jobs have their own model, in tests/jobs.rs; this one never sends them.
             Request::BeginJob { .. }
             | Request::FinishJob { .. }
@@ -250,7 +258,7 @@ impl Model {
                     MSem {
                         capacity,
                         closed: false,
-                        next_token: 1,
+                        next_token: self.floor.max(1),
                         holders: Vec::new(),
                         queue: VecDeque::new(),
                     },
@@ -284,7 +292,12 @@ impl Model {
         if sem.closed {
             return Some(Err(Error::Closed(name.to_owned())));
         }
-        if weight > sem.capacity {
+        // A retry of a held lease gets its grant back even if a shrink made it too heavy.
+        let same_lease = self
+            .leases
+            .get(&key)
+            .is_some_and(|l| *l.sem == *name && l.weight == weight);
+        if weight > sem.capacity && !same_lease {
             return Some(Err(Error::WeightExceedsCapacity {
                 name: name.to_owned(),
                 weight,
@@ -315,7 +328,7 @@ impl Model {
             };
         }
         let sem = self.sems.get_mut(name).expect("looked up above");
-        let free = sem.capacity - Self::in_use(&self.leases, sem);
+        let free = sem.capacity.saturating_sub(Self::in_use(&self.leases, sem));
         if sem.queue.is_empty() && weight <= free {
             let token = Token(sem.next_token);
             sem.next_token += 1;
@@ -444,11 +457,87 @@ impl Model {
         }
     }
 
+    fn set_capacity(&mut self, name: &str, capacity: u32, exp: &mut Expected) -> Outcome {
+        let Some((sem_name, sem)) = self.sems.get_key_value(name) else {
+            return Err(Error::NoSuchSemaphore(name.to_owned()));
+        };
+        if sem.closed {
+            return Err(Error::Closed(name.to_owned()));
+        }
+        let sem_name = sem_name.clone();
+        let too_heavy: Vec<Key> = sem
+            .queue
+            .iter()
+            .filter(|k| self.leases[*k].weight > capacity)
+            .copied()
+            .collect();
+        self.sems.get_mut(name).expect("looked up above").capacity = capacity;
+        for key in too_heavy {
+            let weight = self.leases[&key].weight;
+            let (tag, _) = self.dequeue(key);
+            exp.reply(
+                tag,
+                Err(Error::WeightExceedsCapacity {
+                    name: name.to_owned(),
+                    weight,
+                    capacity,
+                }),
+            );
+        }
+        self.pump(&sem_name, exp);
+        Ok(Reply::Done)
+    }
+
+    fn delete(&mut self, name: &str) -> Outcome {
+        let Some(sem) = self.sems.get(name) else {
+            return Err(Error::NoSuchSemaphore(name.to_owned()));
+        };
+        if !sem.holders.is_empty() || !sem.queue.is_empty() {
+            return Err(Error::InUse {
+                name: name.to_owned(),
+                holders: sem.holders.len(),
+                waiters: sem.queue.len(),
+            });
+        }
+        self.floor = self.floor.max(sem.next_token);
+        self.sems.remove(name);
+        Ok(Reply::Done)
+    }
+
+    fn revoke(&mut self, name: &str, lease: LeaseId, exp: &mut Expected) -> Outcome {
+        let Some((sem_name, sem)) = self.sems.get_key_value(name) else {
+            return Err(Error::NoSuchSemaphore(name.to_owned()));
+        };
+        let sem_name = sem_name.clone();
+        let keys: Vec<Key> = sem
+            .holders
+            .iter()
+            .filter(|k| k.1 == lease)
+            .copied()
+            .collect();
+        if keys.is_empty() {
+            return Err(Error::UnknownLease(lease));
+        }
+        for key in keys {
+            let (_, token) = self.unhold(key);
+            exp.events.push(Event::LeaseLost {
+                session: key.0,
+                lease: key.1,
+                semaphore: sem_name.clone(),
+                token,
+                client: Arc::from("test"),
+                reason: LostReason::Revoked,
+            });
+        }
+        self.pump(&sem_name, exp);
+        Ok(Reply::Done)
+    }
+
     /// Grants from the head of the queue while the head fits.
     fn pump(&mut self, name: &Arc<str>, exp: &mut Expected) {
         let sem = self.sems.get_mut(name).expect("pumped semaphore exists");
         while let Some(&key) = sem.queue.front() {
-            let free = sem.capacity - Self::in_use(&self.leases, sem);
+            let free = sem.capacity.saturating_sub(Self::in_use(&self.leases, sem));
             let lease = self.leases.get_mut(&key).expect("a waiter has a lease");
             if lease.weight > free {
                 break;
@@ -562,6 +651,19 @@ enum Op {
     },
     /// Compacts the log into a `Coordinator::snapshot`.
     Snapshot,
+    /// Changes a semaphore's capacity.
+    SetCapacity {
+        name: &'static str,
+        capacity: u32,
+    },
+    /// Deletes a semaphore (refused while it is in use).
+    Delete {
+        name: &'static str,
+    },
+    /// Takes away the lease of an earlier acquire by force (refused unless it is held).
+    RevokeKnown {
+        which: Index,
+    },
 }
 
 /// Timeouts: none, zero, random, or one of the TTLs (so that a timeout and a session expiry
@@ -588,9 +690,11 @@ fn weight() -> impl Strategy<Value = u32> {
     prop_oneof![4 => Just(1u32), 3 => Just(2), 2 => Just(3), 1 => Just(4)]
 }
 
-/// Operation weights: `[sessions, ensure, acquire, retry, release, clock, close, snapshot]`.
-fn op(w: [u32; 8]) -> impl Strategy<Value = Op> {
-    let [w_session, w_ensure, w_acquire, w_retry, w_release, w_clock, w_close, w_snapshot] = w;
+/// Operation weights: `[sessions, ensure, acquire, retry, release, clock, close, snapshot,
+/// lifecycle]` (lifecycle: set-capacity, delete, revoke).
+fn op(w: [u32; 9]) -> impl Strategy<Value = Op> {
+    let [w_session, w_ensure, w_acquire, w_retry, w_release, w_clock, w_close, w_snapshot, w_life] =
+        w;
     let session = || select(SESSIONS.to_vec());
     let name = || select(NAMES.to_vec());
     let sessions = prop_oneof![
@@ -628,12 +732,18 @@ fn op(w: [u32; 8]) -> impl Strategy<Value = Op> {
         w_clock => clock,
         w_close => name().prop_map(|name| Op::Close { name }),
         w_snapshot => Just(Op::Snapshot),
+        w_life => prop_oneof![
+            3 => (name(), 1u32..=4)
+                .prop_map(|(name, capacity)| Op::SetCapacity { name, capacity }),
+            1 => name().prop_map(|name| Op::Delete { name }),
+            2 => any::<Index>().prop_map(|which| Op::RevokeKnown { which }),
+        ],
     ]
 }
 
 /// A run: a setup (most semaphores created, most sessions opened) and then random operations
 /// with the given weights. The setup goes through the same checks as the rest.
-fn run(w: [u32; 8], len: usize) -> impl Strategy<Value = Vec<Op>> {
+fn run(w: [u32; 9], len: usize) -> impl Strategy<Value = Vec<Op>> {
     let setup = (
         [(); 3].map(|()| prop::option::weighted(0.8, 1u32..=4)),
         [(); 4].map(|()| prop::option::weighted(0.8, ttl_ms())),
@@ -807,6 +917,21 @@ impl Harness {
                 self.request(Request::Close { name });
             }
             Op::Snapshot => self.snapshot(),
+            Op::SetCapacity { name, capacity } => {
+                self.request(Request::SetCapacity { name, capacity });
+            }
+            Op::Delete { name } => {
+                self.request(Request::Delete { name });
+            }
+            Op::RevokeKnown { which } => {
+                if !self.sent.is_empty() {
+                    let sent = self.sent[which.index(self.sent.len())];
+                    self.request(Request::Revoke {
+                        name: sent.name,
+                        lease: sent.lease,
+                    });
+                }
+            }
         }
     }
 
@@ -973,6 +1098,15 @@ impl Harness {
             grants, exp.grants,
             "{what}: grants (per semaphore, in order) differ from the model"
         );
+        // Over capacity only after a shrink, and never by a grant.
+        for name in grants.keys() {
+            if let Some(v) = self.core.semaphore(name, at(self.now)) {
+                assert!(
+                    v.in_use <= v.capacity,
+                    "{what}: a grant took {name:?} over its capacity"
+                );
+            }
+        }
         let by_debug = |e: &Event| format!("{e:?}");
         events.sort_by_key(by_debug);
         let mut expected_events = exp.events;
@@ -1045,7 +1179,6 @@ impl Harness {
         assert_eq!(names, model_names, "{what}: semaphores differ");
         let mut held = BTreeMap::new();
         for v in &views {
-            assert!(v.in_use <= v.capacity, "{what}: {:?} over capacity", v.name);
             let sum: u32 = v.holders.iter().map(|h| h.weight).sum();
             assert_eq!(v.in_use, sum, "{what}: {:?} in_use", v.name);
             for h in &v.holders {
@@ -1220,13 +1353,21 @@ impl Harness {
                 Effect::Reply { tag: t, outcome } if *t == tag => Some(outcome.clone()),
                 _ => None,
             });
-            assert_eq!(
-                reply,
-                Some(Ok(Reply::Granted {
-                    token: Token(sem.next_token)
-                })),
-                "{which}: fencing counter of {name:?}"
-            );
+            // A snapshot writes the token floor first, so a semaphore created before a delete
+            // raised the floor comes back counting from the floor: later, never earlier.
+            let highest = if self.snapshotted && which != "replayed log" {
+                sem.next_token.max(self.model.floor)
+            } else {
+                sem.next_token
+            };
+            match reply {
+                Some(Ok(Reply::Granted { token }))
+                    if (sem.next_token..=highest).contains(&token.0) => {}
+                other => panic!(
+                    "{which}: fencing counter of {name:?}: {other:?}, not {}..={highest}",
+                    sem.next_token
+                ),
+            }
             replica.handle(
                 now,
                 tag,
@@ -1268,21 +1409,29 @@ proptest! {
     /// clashing capacities and closed, acquires are retried and released, the clock moves.
     /// Every step is checked against the model (see the file header for the list).
     #[test]
-    fn coordinator_matches_model(ops in run([6, 2, 8, 2, 4, 4, 1, 1], 100)) {
+    fn coordinator_matches_model(ops in run([6, 2, 8, 2, 4, 4, 1, 1, 1], 100)) {
         run_all(&ops);
     }
 
     /// Mostly acquires, retries and releases, so that queues grow long and the FIFO order,
     /// head-of-line blocking, cancellation and supersession are exercised in depth.
     #[test]
-    fn contended_queues_match_model(ops in run([4, 1, 10, 3, 5, 2, 0, 1], 100)) {
+    fn contended_queues_match_model(ops in run([4, 1, 10, 3, 5, 2, 0, 1, 0], 100)) {
         run_all(&ops);
     }
 
     /// Many clock moves, keep-alives and acquires with timeouts, so that session expiries and
     /// acquire timeouts come due often, also at the same instant, while queues are non-empty.
     #[test]
-    fn deadlines_match_model(ops in run([6, 1, 6, 2, 3, 6, 0, 1], 100)) {
+    fn deadlines_match_model(ops in run([6, 1, 6, 2, 3, 6, 0, 1, 0], 100)) {
+        run_all(&ops);
+    }
+
+    /// A semaphore's lifecycle under load: capacities grow and shrink below what holders
+    /// keep, leases are revoked, semaphores are closed, deleted and created again (with the
+    /// same name, so that their tokens must still increase), and snapshots are taken between.
+    #[test]
+    fn lifecycle_matches_model(ops in run([5, 3, 8, 1, 4, 3, 1, 1, 5], 100)) {
         run_all(&ops);
     }
 
@@ -1291,7 +1440,7 @@ proptest! {
     /// (deadline) order, with the same replies, events and records.
     #[test]
     fn sliced_sweeps_match_model(
-        ops in run([6, 1, 6, 2, 3, 6, 0, 1], 100),
+        ops in run([6, 1, 6, 2, 3, 6, 0, 1, 1], 100),
         slice in 1usize..5,
     ) {
         run_sliced(&ops, Some(slice));

@@ -163,6 +163,33 @@ pub enum Request<'a> {
     /// reports lost every lease it counts as held that the answer lacks (the coordinator may
     /// have lost the record of a grant). Answered by [`Reply::Leases`].
     Leases,
+    /// Changes the capacity of a live semaphore (an admin request). Growing grants queued
+    /// acquires that now fit at once; shrinking takes nothing from holders, and grants
+    /// nothing until what they hold plus the queue's head fits. Queued acquires heavier
+    /// than the new capacity fail (`WeightExceedsCapacity`). Answered by `Done`.
+    SetCapacity {
+        /// The new capacity, at least 1.
+        capacity: u32,
+        /// The semaphore.
+        name: &'a str,
+    },
+    /// Deletes a semaphore that is closed or idle (no holder, no waiter), so that its name
+    /// can be created afresh; its fencing tokens still strictly increase (an admin
+    /// request). Answered by `Done`, or `InUse` / `NoSuchSemaphore`.
+    Delete {
+        /// The semaphore.
+        name: &'a str,
+    },
+    /// Takes a held lease away from its holder, whichever session holds it (an admin
+    /// request): the permits go to the next waiters, and the holder hears `LeaseLost` with
+    /// reason `Revoked`. Answered by `Done`, or `UnknownLease` if no holder of the
+    /// semaphore has that lease id.
+    Revoke {
+        /// The lease.
+        lease: u64,
+        /// Its semaphore.
+        name: &'a str,
+    },
 }
 
 /// A reply or event from server to client.
@@ -332,6 +359,8 @@ pub enum LostReason {
     Closed = 2,
     /// A supervisor ended the session.
     SessionEnded = 3,
+    /// An operator took the lease away (`Revoke`).
+    Revoked = 4,
 }
 
 impl LostReason {
@@ -340,6 +369,7 @@ impl LostReason {
             1 => LostReason::Expired,
             2 => LostReason::Closed,
             3 => LostReason::SessionEnded,
+            4 => LostReason::Revoked,
             _ => return Err(DecodeError::BadValue("lost reason")),
         })
     }
@@ -351,6 +381,7 @@ impl fmt::Display for LostReason {
             LostReason::Expired => "its session expired",
             LostReason::Closed => "the semaphore was closed",
             LostReason::SessionEnded => "its session was ended by a supervisor",
+            LostReason::Revoked => "an operator released it by force",
         })
     }
 }
@@ -429,6 +460,8 @@ error_codes! {
     Superseded = 110,
     /// The session ended while the acquire was queued.
     SessionEnded = 111,
+    /// The semaphore has holders or waiters and is not closed, so it cannot be deleted.
+    InUse = 112,
 }
 
 const HELLO: u8 = 0x01;
@@ -448,6 +481,9 @@ const FINISH_JOB: u8 = 0x0E;
 const RESET_JOB: u8 = 0x0F;
 const WAIT_GROUP: u8 = 0x10;
 const LEASES: u8 = 0x11;
+const SET_CAPACITY: u8 = 0x12;
+const DELETE: u8 = 0x13;
+const REVOKE: u8 = 0x14;
 
 const HELLO_OK: u8 = 0x81;
 const SESSION_OPENED: u8 = 0x82;
@@ -512,8 +548,13 @@ pub fn encode_request(id: u32, request: &Request<'_>, buf: &mut Vec<u8>) {
             buf.extend_from_slice(&session.to_be_bytes());
         }
         Request::KeepAlive | Request::CloseSession | Request::Ping | Request::Leases => {}
-        Request::Ensure { capacity, name } => {
+        Request::Ensure { capacity, name } | Request::SetCapacity { capacity, name } => {
             buf.extend_from_slice(&capacity.to_be_bytes());
+            put_str(buf, name);
+        }
+        Request::Delete { name } => put_str(buf, name),
+        Request::Revoke { lease, name } => {
+            buf.extend_from_slice(&lease.to_be_bytes());
             put_str(buf, name);
         }
         Request::Acquire {
@@ -599,6 +640,9 @@ fn kind_of_request(r: &Request<'_>) -> u8 {
         Request::ResetJob { .. } => RESET_JOB,
         Request::WaitGroup { .. } => WAIT_GROUP,
         Request::Leases => LEASES,
+        Request::SetCapacity { .. } => SET_CAPACITY,
+        Request::Delete { .. } => DELETE,
+        Request::Revoke { .. } => REVOKE,
     }
 }
 
@@ -675,6 +719,15 @@ pub fn decode_request(payload: &[u8]) -> Result<(u32, Request<'_>), DecodeError>
             group: r.str()?,
         },
         LEASES => Request::Leases,
+        SET_CAPACITY => Request::SetCapacity {
+            capacity: r.u32()?,
+            name: r.str()?,
+        },
+        DELETE => Request::Delete { name: r.str()? },
+        REVOKE => Request::Revoke {
+            lease: r.u64()?,
+            name: r.str()?,
+        },
         other => return Err(DecodeError::UnknownKind(other)),
     };
     r.end()?;
@@ -1076,6 +1129,15 @@ mod tests {
                 reason: "exited with status 3",
             },
             Request::ResetJob { job: "build-7" },
+            Request::SetCapacity {
+                capacity: 5,
+                name: "db",
+            },
+            Request::Delete { name: "bench-1" },
+            Request::Revoke {
+                lease: u64::MAX,
+                name: "db",
+            },
             Request::WaitGroup {
                 wait: 9,
                 jobs: 40,
@@ -1114,6 +1176,16 @@ mod tests {
                 token: 2,
                 reason: LostReason::Closed,
                 name: "db",
+            },
+            Reply::LeaseLost {
+                lease: 3,
+                token: 4,
+                reason: LostReason::Revoked,
+                name: "db",
+            },
+            Reply::Error {
+                code: ErrorCode::InUse,
+                message: "held",
             },
             Reply::SessionLost {
                 session: 1,

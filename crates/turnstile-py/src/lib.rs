@@ -234,6 +234,7 @@ fn lost_name(r: tc::LostReason) -> &'static str {
         tc::LostReason::SessionEnded => "session ended",
         tc::LostReason::Unreachable => "unreachable",
         tc::LostReason::Forgotten => "forgotten",
+        tc::LostReason::Revoked => "revoked",
     }
 }
 

@@ -254,6 +254,30 @@ impl Conn {
                 }
                 Request::Close { name }
             }
+            proto::Request::SetCapacity { capacity, name } => {
+                if !self.admin {
+                    self.forbidden(kind, id, "changing a semaphore's capacity");
+                    return Ok(());
+                }
+                Request::SetCapacity { name, capacity }
+            }
+            proto::Request::Delete { name } => {
+                if !self.admin {
+                    self.forbidden(kind, id, "deleting a semaphore");
+                    return Ok(());
+                }
+                Request::Delete { name }
+            }
+            proto::Request::Revoke { lease, name } => {
+                if !self.admin {
+                    self.forbidden(kind, id, "releasing another client's lease");
+                    return Ok(());
+                }
+                Request::Revoke {
+                    name,
+                    lease: LeaseId(lease),
+                }
+            }
             proto::Request::ResetJob { job } => {
                 if !self.admin {
                     self.forbidden(kind, id, "resetting a job");
@@ -489,6 +513,9 @@ fn wire_kind(request: &proto::Request<'_>) -> Kind {
         proto::Request::ResetJob { .. } => Kind::ResetJob,
         proto::Request::WaitGroup { .. } => Kind::WaitGroup,
         proto::Request::Leases => Kind::Leases,
+        proto::Request::SetCapacity { .. } => Kind::SetCapacity,
+        proto::Request::Delete { .. } => Kind::Delete,
+        proto::Request::Revoke { .. } => Kind::Revoke,
     }
 }
 

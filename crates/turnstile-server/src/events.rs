@@ -55,6 +55,15 @@ pub(crate) fn log(entries: Vec<Entry>) {
                 semaphore = e.semaphore.as_deref().unwrap_or_default(),
                 "semaphore closed"
             ),
+            "semaphore_deleted" => tracing::info!(
+                semaphore = e.semaphore.as_deref().unwrap_or_default(),
+                "semaphore deleted"
+            ),
+            "capacity_changed" => tracing::info!(
+                semaphore = e.semaphore.as_deref().unwrap_or_default(),
+                capacity = reason,
+                "semaphore capacity changed"
+            ),
             "job_completed" => {
                 tracing::info!(job = e.job.as_deref().unwrap_or_default(), "job completed")
             }
@@ -82,6 +91,7 @@ pub(crate) struct Entry {
     /// When the server saw it, milliseconds since the Unix epoch.
     pub(crate) unix_ms: u64,
     /// What happened: `lease_lost`, `session_expired`, `session_ended`, `semaphore_closed`,
+    /// `semaphore_deleted`, `capacity_changed` (the new capacity as its reason),
     /// `job_completed` or `job_failed`.
     pub(crate) kind: &'static str,
     /// The semaphore concerned.
@@ -105,7 +115,7 @@ pub(crate) struct Entry {
     /// The fencing token of the lease concerned.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) token: Option<u64>,
-    /// Why, in a word (`expired`, `closed`, `session-ended`) or, for a failed job, in words.
+    /// Why, in a word (`expired`, `closed`, `session-ended`, `revoked`) or, for a failed job, in words.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) reason: Option<Cow<'static, str>>,
 }
@@ -249,6 +259,21 @@ impl EventLog {
     pub(crate) fn semaphore_closed(&mut self, semaphore: &str) {
         self.push("semaphore_closed", |e| {
             e.semaphore = Some(Arc::from(semaphore))
+        });
+    }
+
+    /// Records (and logs) that an operator deleted a semaphore.
+    pub(crate) fn semaphore_deleted(&mut self, semaphore: &str) {
+        self.push("semaphore_deleted", |e| {
+            e.semaphore = Some(Arc::from(semaphore))
+        });
+    }
+
+    /// Records (and logs) that an operator changed a semaphore's capacity.
+    pub(crate) fn capacity_changed(&mut self, semaphore: &str, capacity: u32) {
+        self.push("capacity_changed", |e| {
+            e.semaphore = Some(Arc::from(semaphore));
+            e.reason = Some(Cow::Owned(capacity.to_string()));
         });
     }
 

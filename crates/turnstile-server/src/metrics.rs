@@ -46,6 +46,9 @@ pub(crate) enum Kind {
     ResetJob,
     WaitGroup,
     Leases,
+    SetCapacity,
+    Delete,
+    Revoke,
     Invalid,
 }
 
@@ -69,6 +72,9 @@ const KIND_NAMES: [&str; KINDS] = [
     "reset_job",
     "wait_group",
     "leases",
+    "set_capacity",
+    "delete",
+    "revoke",
     "invalid",
 ];
 
@@ -89,6 +95,9 @@ impl Kind {
             Request::FinishJob { .. } => Kind::FinishJob,
             Request::ResetJob { .. } => Kind::ResetJob,
             Request::WaitGroup { .. } => Kind::WaitGroup,
+            Request::SetCapacity { .. } => Kind::SetCapacity,
+            Request::Delete { .. } => Kind::Delete,
+            Request::Revoke { .. } => Kind::Revoke,
         }
     }
 
@@ -100,7 +109,7 @@ impl Kind {
 }
 
 /// How a request ended: `Ok`, or the error code of its reply. The `outcome` label.
-const OUTCOME_NAMES: [&str; 19] = [
+const OUTCOME_NAMES: [&str; 20] = [
     "ok",
     "malformed",
     "too_large",
@@ -119,6 +128,7 @@ const OUTCOME_NAMES: [&str; 19] = [
     "cancelled",
     "superseded",
     "session_ended",
+    "in_use",
     "other_error",
 ];
 
@@ -145,8 +155,9 @@ pub(crate) fn outcome(code: Option<ErrorCode>) -> usize {
         Some(ErrorCode::Cancelled) => 15,
         Some(ErrorCode::Superseded) => 16,
         Some(ErrorCode::SessionEnded) => 17,
+        Some(ErrorCode::InUse) => 18,
         // `Other` and codes added later.
-        Some(_) => 18,
+        Some(_) => 19,
     }
 }
 

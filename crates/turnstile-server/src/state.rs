@@ -312,6 +312,17 @@ impl State {
                 Effect::Persist(Record::SemaphoreClosed { name }) => {
                     self.events.semaphore_closed(name)
                 }
+                // An operator's changes (forgetting an idle semaphore is not an event).
+                Effect::Persist(Record::Forgotten { name, .. })
+                    if current.is_some_and(|c| c.kind == Kind::Delete) =>
+                {
+                    self.events.semaphore_deleted(name)
+                }
+                Effect::Persist(Record::Semaphore { name, capacity, .. })
+                    if current.is_some_and(|c| c.kind == Kind::SetCapacity) =>
+                {
+                    self.events.capacity_changed(name, *capacity)
+                }
                 Effect::Persist(Record::Job {
                     name,
                     completion,
@@ -479,6 +490,7 @@ fn lost_reason(r: LostReason) -> proto::LostReason {
         LostReason::Expired => proto::LostReason::Expired,
         LostReason::Closed => proto::LostReason::Closed,
         LostReason::SessionEnded => proto::LostReason::SessionEnded,
+        LostReason::Revoked => proto::LostReason::Revoked,
     }
 }
 
@@ -497,5 +509,6 @@ pub(crate) fn error_code(e: &Error) -> ErrorCode {
         Error::Cancelled => ErrorCode::Cancelled,
         Error::Superseded => ErrorCode::Superseded,
         Error::SessionEnded => ErrorCode::SessionEnded,
+        Error::InUse { .. } => ErrorCode::InUse,
     }
 }

@@ -175,6 +175,51 @@ enum Command {
         #[command(flatten)]
         url: UrlArg,
     },
+    /// Change the capacity of an existing semaphore.
+    ///
+    /// Growing grants queued acquires that now fit at once, in queue order. Shrinking takes
+    /// nothing away: holders keep their permits (in use may stay above the capacity for a
+    /// while) and nothing is granted until what they hold plus the next waiter's weight fits;
+    /// waiters heavier than the new capacity fail. `run --limit` with the old capacity is
+    /// refused from then on (capacity mismatch): this command is the way to change it. Needs
+    /// the admin token where the coordinator has one.
+    #[command(name = "set-capacity", after_help = EXIT_CODES)]
+    SetCapacity {
+        /// The semaphore.
+        name: String,
+        /// The new capacity, at least 1.
+        #[arg(value_parser = clap::value_parser!(u32).range(1..))]
+        capacity: u32,
+        #[command(flatten)]
+        url: UrlArg,
+    },
+    /// Delete a semaphore, so that its name can be used afresh (with any capacity).
+    ///
+    /// Only a closed semaphore or an idle one (no holder, no waiter) can be deleted; one in
+    /// use is refused (close it first to take its leases away). The fencing tokens of the
+    /// name still strictly increase when it is created again. Needs the admin token where
+    /// the coordinator has one.
+    #[command(after_help = EXIT_CODES)]
+    Delete {
+        /// The semaphore.
+        name: String,
+        #[command(flatten)]
+        url: UrlArg,
+    },
+    /// Release another holder's lease by force (a stuck or runaway holder).
+    ///
+    /// Its permits go to the next waiters at once; its holder is told that its lease is lost
+    /// (`turnstile run` stops its command and exits 76). LEASE_ID is the LEASE column of
+    /// `turnstile status NAME`. Needs the admin token where the coordinator has one.
+    #[command(after_help = EXIT_CODES)]
+    Release {
+        /// The semaphore.
+        name: String,
+        /// The lease to release (as `turnstile status` shows it).
+        lease_id: u64,
+        #[command(flatten)]
+        url: UrlArg,
+    },
     /// Run N copies of a command, restart them when they die, free a dead worker's leases at
     /// once.
     ///
@@ -370,6 +415,32 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             // A call that does not wait: one attempt, so an absent coordinator is 69 at once.
             let client = turnstile_client::Client::connect(&url.get()).await?;
             client.close(&name).await?;
+            client.shutdown().await?;
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::SetCapacity {
+            name,
+            capacity,
+            url,
+        } => runtime()?.block_on(async {
+            let client = turnstile_client::Client::connect(&url.get()).await?;
+            client.set_capacity(&name, capacity).await?;
+            client.shutdown().await?;
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::Delete { name, url } => runtime()?.block_on(async {
+            let client = turnstile_client::Client::connect(&url.get()).await?;
+            client.delete(&name).await?;
+            client.shutdown().await?;
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::Release {
+            name,
+            lease_id,
+            url,
+        } => runtime()?.block_on(async {
+            let client = turnstile_client::Client::connect(&url.get()).await?;
+            client.revoke(&name, lease_id).await?;
             client.shutdown().await?;
             Ok(ExitCode::SUCCESS)
         }),

@@ -44,7 +44,8 @@ impl Inner {
             }
             let mut holders: BTreeMap<(u64, u64, u64), HolderStatus> = BTreeMap::new();
             let present = slots(&dir).map_err(|e| storage(&dir, e))?;
-            let in_use = present.range(..capacity).count() as u32;
+            // Every slot file, also those above a shrunk capacity until their holders go.
+            let in_use = u32::try_from(present.len()).unwrap_or(u32::MAX);
             for path in present.values() {
                 let Some(r) = disk::read_small(path).ok().and_then(|b| Record::decode(&b)) else {
                     continue;
@@ -264,4 +265,154 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+/// The lifecycle calls: set-capacity, delete, revoke. Like close, they never claim slots.
+impl Inner {
+    /// An existing, open semaphore's directory and capacity, or the error an operator's call
+    /// on it gets.
+    fn open_semaphore(&self, name: &str) -> Result<(PathBuf, u32), Error> {
+        let sem_dir = self.sem_dir(name)?;
+        let Some(capacity) = self.capacity(&sem_dir, name)? else {
+            return Err(no_such(name));
+        };
+        Ok((sem_dir, capacity))
+    }
+
+    /// Rewrites the `capacity` file (by rename, so that a reader sees the old or the new
+    /// one). Waiters read it at every look: the head claims only below the new capacity and
+    /// only while the slots held, whatever their index, plus its weight fit; a waiter heavier
+    /// than the new capacity fails; a claim that finds the capacity changed under it is
+    /// rolled back (see `try_grant`).
+    pub(super) fn set_capacity(&self, name: &str, capacity: u32) -> Result<(), Error> {
+        if capacity == 0 {
+            return Err(rejected(
+                ErrorCode::InvalidArgument,
+                "capacity must be at least 1".into(),
+            ));
+        }
+        let (sem_dir, old) = self.open_semaphore(name)?;
+        if Inner::is_closed(&sem_dir) {
+            return Err(closed_err(name));
+        }
+        if old == capacity {
+            return Ok(());
+        }
+        let path = sem_dir.join("capacity");
+        disk::replace(&sem_dir, &path, &disk::capacity_record(capacity, name))
+            .map_err(|e| storage(&path, e))
+    }
+
+    /// Deletes a closed or idle semaphore: its `capacity` file goes (first, by rename to a
+    /// private name, so that no claim can complete against it: a claim checks the capacity
+    /// after it links), then its `closed` marker. The directory stays with its `tokens/`, so
+    /// that the name, created afresh, goes on counting tokens above the old ones. If a slot
+    /// or ticket shows up after the rename (a claim that completed just before it), the
+    /// capacity is put back and the delete refused.
+    pub(super) fn delete(&self, name: &str) -> Result<(), Error> {
+        let (sem_dir, _) = self.open_semaphore(name)?;
+        let closed = Inner::is_closed(&sem_dir);
+        let in_use = |dir: &Path| -> Result<(usize, usize), Error> {
+            let holders = slots(dir).map_err(|e| storage(dir, e))?.len();
+            let queue = dir.join("queue");
+            let waiters = match numbered(&queue) {
+                Ok(t) => t.len(),
+                Err(e) if disk::missing(&e) => 0,
+                Err(e) => return Err(storage(&queue, e)),
+            };
+            Ok((holders, waiters))
+        };
+        let refuse = |(holders, waiters): (usize, usize)| {
+            rejected(
+                ErrorCode::InUse,
+                format!(
+                    "semaphore {name:?} is in use ({holders} holders, {waiters} waiters): \
+                     close it or wait until it is idle"
+                ),
+            )
+        };
+        if !closed {
+            let counts = in_use(&sem_dir)?;
+            if counts != (0, 0) {
+                return Err(refuse(counts));
+            }
+        }
+        let path = sem_dir.join("capacity");
+        let private = disk::hidden_name(&sem_dir, "delete");
+        match fs::rename(&path, &private) {
+            Ok(()) => {}
+            Err(e) if disk::missing(&e) => return Err(no_such(name)),
+            Err(e) => return Err(storage(&path, e)),
+        }
+        if !closed {
+            let counts = in_use(&sem_dir)?;
+            if counts != (0, 0) {
+                let _ = fs::hard_link(&private, &path);
+                let _ = fs::remove_file(&private);
+                return Err(refuse(counts));
+            }
+        }
+        let _ = fs::remove_file(&private);
+        // A closed semaphore's waiters have seen the marker or will find no capacity.
+        let marker = sem_dir.join("closed");
+        match fs::remove_file(&marker) {
+            Ok(()) => Ok(()),
+            Err(e) if disk::missing(&e) => Ok(()),
+            Err(e) => Err(storage(&marker, e)),
+        }
+    }
+
+    /// Takes the held lease `lease` of `name` away: a marker first (so that its owner, finding
+    /// its slot files gone at its next heartbeat, reports [`LostReason::Revoked`]), then its
+    /// slot files, which frees them for the head of the queue.
+    pub(super) fn revoke(&self, name: &str, lease: u64) -> Result<(), Error> {
+        let (sem_dir, _) = self.open_semaphore(name)?;
+        let mut found = Vec::new();
+        for path in slots(&sem_dir)
+            .map_err(|e| storage(&sem_dir, e))?
+            .into_values()
+        {
+            let Ok(bytes) = disk::read_small(&path) else {
+                continue;
+            };
+            if let Some(r) = Record::decode(&bytes).filter(|r| r.lease == lease) {
+                found.push((path, bytes, r.session));
+            }
+        }
+        if found.is_empty() {
+            return Err(rejected(
+                ErrorCode::UnknownLease,
+                format!("lease {lease} does not hold semaphore {name:?}"),
+            ));
+        }
+        for (_, _, session) in &found {
+            let marker = self.revoked_marker(*session, lease);
+            if let Some(dir) = marker.parent() {
+                fs::create_dir_all(dir).map_err(|e| storage(dir, e))?;
+                disk::create_exclusive(dir, &marker, b"revoked\n")
+                    .map_err(|e| storage(&marker, e))?;
+            }
+        }
+        for (path, bytes, _) in &found {
+            // The holder's heartbeat may rewrite it meanwhile: `remove_own` compares the
+            // acquire, not the beat counter.
+            disk::remove_own(&sem_dir, path, bytes).map_err(|e| storage(path, e))?;
+        }
+        // A lease of this very client: tell its permit now.
+        if let Some(h) = lock(&self.held).remove(&lease) {
+            if h.sem_dir == sem_dir {
+                let _ = h.lost.send(Some(LostReason::Revoked));
+            } else {
+                lock(&self.held).insert(lease, h);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn no_such(name: &str) -> Error {
+    rejected(
+        ErrorCode::NoSuchSemaphore,
+        format!("semaphore {name:?} does not exist"),
+    )
 }

@@ -428,7 +428,7 @@ impl Inner {
         match self.still_held(&mut h) {
             Ok(true) => {}
             Ok(false) => {
-                let reason = self.lost_reason(&h);
+                let reason = self.lost_reason(lease, &h);
                 Inner::free(&h);
                 let _ = h.lost.send(Some(reason));
                 return Err(Error::LeaseLost(reason));

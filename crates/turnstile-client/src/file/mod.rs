@@ -7,7 +7,9 @@
 //! DIR/.clock                   probe file: rewritten to learn the file system's "now" (for
 //!                              status's guess and pruning `.ended`; never for reclaiming)
 //! DIR/<name>/                  one semaphore; <name> percent-escaped (see `disk::dir_name`)
-//!     capacity                 "<capacity>\n<full name>\n", created once
+//!     capacity                 "<capacity>\n<full name>\n", created by link; replaced by
+//!                              rename (`set_capacity`); renamed away by `delete`, which
+//!                              keeps the directory and its `tokens/` for a fresh start
 //!     closed                   exists once the semaphore is closed (never removed)
 //!     slot-<i>                 a held permit, 0 <= i < capacity; a lease of weight k holds k
 //!                              slot files (hard links of one file); content: a lease record
@@ -22,6 +24,7 @@
 //!     failed/<ms>-<random>     one file per failed attempt (its reason), created by link
 //!     last-failure             the reason of the last failed attempt, replaced by rename
 //! DIR/.groups/<group>/<job>    membership markers (an index; the job's `group` file rules)
+//! DIR/.revoked/<session:016x>-<lease:016x>   left by `revoke` for the lease's owner
 //! DIR/.ended/<session:016x>    left by `end_session`, so that the session's owner can tell
 //!                              why its records are gone (pruned after a day)
 //! ```
@@ -95,9 +98,13 @@
 //!
 //! # Why it is safe
 //!
-//! - **Capacity is never exceeded:** a permit *is* a `slot-<i>` file with `i < capacity`, and
-//!   `link` creates a name only if it does not exist, so at most `capacity` slot files exist
-//!   and each has one owner. A slot file is removed only by its owner (release), by a closer
+//! - **Capacity is never exceeded by a grant:** a permit *is* a `slot-<i>` file, and `link`
+//!   creates a name only if it does not exist, so each has one owner. The head claims only
+//!   indices below the capacity it read, only while every slot file (whatever its index) plus
+//!   its weight fits that capacity, and re-reads the capacity after its links, undoing the
+//!   claim if it changed; so a grant never takes the count above the capacity in force when
+//!   it completed. After a shrink (`set_capacity`), holders keep their slots, the count stays
+//!   above the capacity until they release, and nothing is granted meanwhile. A slot file is removed only by its owner (release), by a closer
 //!   or a supervisor (`close`, `end_session`, after which the owner learns that its lease is
 //!   lost at its next heartbeat), or by a reclaimer once it is stale. A record taken at once
 //!   because its holder died is taken only once every process named in it (holder and
@@ -704,7 +711,22 @@ impl Inner {
         guard: &mut TicketGuard<'_>,
         next_scan: &mut Instant,
     ) -> Result<Option<Grant>, Error> {
-        let (name, sem_dir, capacity) = (target.name, target.sem_dir, target.capacity);
+        let (name, sem_dir) = (target.name, target.sem_dir);
+        // A semaphore's capacity can change (`set_capacity`) or go (`delete`): read at every
+        // look. A job's lock keeps capacity 1.
+        let capacity = match target.job {
+            Some(_) => target.capacity,
+            None => self.live_capacity(target)?,
+        };
+        if record.weight > capacity {
+            return Err(rejected(
+                ErrorCode::WeightExceedsCapacity,
+                format!(
+                    "weight {} exceeds the capacity {capacity} of semaphore {name:?}",
+                    record.weight
+                ),
+            ));
+        }
         let queue = sem_dir.join("queue");
         let tickets = numbered(&queue).map_err(|e| storage(&queue, e))?;
         let Some((mine, _)) = guard.ticket.clone() else {
@@ -720,24 +742,28 @@ impl Inner {
                 return Ok(None); // a live waiter is ahead of us
             }
         }
-        // At the head of the queue.
-        let present = slots(sem_dir).map_err(|e| storage(sem_dir, e))?;
-        let mut free: Vec<u32> = (0..capacity).filter(|i| !present.contains_key(i)).collect();
+        // At the head of the queue. Every slot file counts as a permit in use, also one at
+        // or above a shrunk capacity, so nothing is granted until the holders fit.
+        let mut present = slots(sem_dir).map_err(|e| storage(sem_dir, e))?;
         let weight = record.weight as usize;
-        if free.len() < weight && Instant::now() >= *next_scan {
+        let fits = |present: &BTreeMap<u32, PathBuf>| present.len() + weight <= capacity as usize;
+        if !fits(&present) && Instant::now() >= *next_scan {
             *next_scan = Instant::now() + SCAN_EVERY;
-            for (i, path) in present.range(..capacity) {
-                if free.len() >= weight {
+            let held: Vec<(u32, PathBuf)> = present.iter().map(|(i, p)| (*i, p.clone())).collect();
+            for (i, path) in held {
+                if fits(&present) {
                     break;
                 }
-                if self.reap_slot(sem_dir, target.job, path)? {
-                    free.push(*i);
+                if self.reap_slot(sem_dir, target.job, &path)? {
+                    present.remove(&i);
                 }
             }
         }
-        if free.len() < weight {
+        if !fits(&present) {
             return Ok(None);
         }
+        // Fits implies at least `weight` free indices below the capacity.
+        let free: Vec<u32> = (0..capacity).filter(|i| !present.contains_key(i)).collect();
         record.token = self.next_token(sem_dir, &guard.content)?;
         record.start_ms = disk::unix_ms();
         let content = record.encode();
@@ -770,6 +796,13 @@ impl Inner {
             rollback(&claimed);
             return Ok(None);
         }
+        // The claim counts only if the capacity it was made under still holds after it: a
+        // change (or a delete) after this read comes after the grant; one before it is seen
+        // here, and the claim is undone and made again under the new capacity.
+        if target.job.is_none() && self.live_capacity(target)? != capacity {
+            rollback(&claimed);
+            return Ok(None);
+        }
         // Granted: leave the queue so that the next waiter becomes the head.
         if let Some((_, path)) = guard.ticket.take() {
             let _ = disk::remove_own(sem_dir, &path, &guard.content);
@@ -796,6 +829,16 @@ impl Inner {
             token: record.token,
             lost: rx,
         }))
+    }
+
+    /// The capacity of `target` as it is on disk now: a deleted semaphore's waiters fail.
+    fn live_capacity(&self, target: &Target<'_>) -> Result<u32, Error> {
+        self.capacity(target.sem_dir, target.name)?.ok_or_else(|| {
+            rejected(
+                ErrorCode::NoSuchSemaphore,
+                format!("semaphore {:?} does not exist", target.name),
+            )
+        })
     }
 
     async fn acquire(
@@ -963,9 +1006,21 @@ impl Inner {
         self.root.join(".ended").join(format!("{session:016x}"))
     }
 
+    /// The marker `revoke` leaves for the owner of lease `lease` of `session`.
+    fn revoked_marker(&self, session: u64, lease: u64) -> PathBuf {
+        self.root
+            .join(".revoked")
+            .join(format!("{session:016x}-{lease:016x}"))
+    }
+
     /// Why a lease whose files are gone was lost.
-    fn lost_reason(&self, h: &Held) -> LostReason {
-        if Inner::is_closed(&h.sem_dir) {
+    fn lost_reason(&self, lease: u64, h: &Held) -> LostReason {
+        let revoked = self.revoked_marker(self.session, lease);
+        if revoked.exists() {
+            // Read once: the marker has done its work.
+            let _ = fs::remove_file(&revoked);
+            LostReason::Revoked
+        } else if Inner::is_closed(&h.sem_dir) {
             LostReason::Closed
         } else if self.ended_marker(self.session).exists() {
             LostReason::SessionEnded
@@ -1033,7 +1088,7 @@ impl Inner {
             }
             match outcome {
                 Ok(Touch::Alive) => h.last_ok = started,
-                Ok(Touch::Gone) => lost.push((*lease, self.lost_reason(h))),
+                Ok(Touch::Gone) => lost.push((*lease, self.lost_reason(*lease, h))),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot refresh a lease file");
                     if started.saturating_duration_since(h.last_ok) >= give_up {
@@ -1101,6 +1156,31 @@ impl Backend for FileBackend {
         Box::pin(async move {
             self.inner.check_live()?;
             self.inner.close(name)
+        })
+    }
+
+    fn set_capacity<'a>(
+        &'a self,
+        name: &'a str,
+        capacity: u32,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            self.inner.check_live()?;
+            self.inner.set_capacity(name, capacity)
+        })
+    }
+
+    fn delete<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            self.inner.check_live()?;
+            self.inner.delete(name)
+        })
+    }
+
+    fn revoke<'a>(&'a self, name: &'a str, lease: u64) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            self.inner.check_live()?;
+            self.inner.revoke(name, lease)
         })
     }
 

@@ -29,6 +29,12 @@ pub trait Fixture: Sync {
     fn counts_totals(&self) -> bool {
         true
     }
+
+    /// Whether the backend can change a semaphore's capacity, delete one and revoke a lease
+    /// (the etcd backend refuses them, with a clear error, for now).
+    fn has_lifecycle(&self) -> bool {
+        true
+    }
 }
 
 /// Instantiates every test of the suite for one backend, as `#[tokio::test]`s in a module.
@@ -52,6 +58,9 @@ macro_rules! conformance_suite {
                 group_wait_settles,
                 many_runners_run_each_job_once,
                 clients_sharing_a_session_stay_apart,
+                capacity_changes_grant_at_once_and_hold_back_after_a_shrink,
+                delete_frees_the_name_and_tokens_still_increase,
+                revoke_tells_the_holder_and_grants_the_next,
             );
         }
     };
@@ -752,4 +761,201 @@ pub async fn clients_sharing_a_session_stay_apart(server: &impl Fixture) {
     drop(a_permit);
     b_permit.release().await.expect("release");
     b.shutdown().await.expect("b shuts down");
+}
+
+/// The refusal of a backend without the lifecycle calls: one clear line, nothing changed.
+async fn refuses_lifecycle(client: &Client, name: &str) {
+    client.semaphore(name, 1).await.expect("ensure");
+    for err in [
+        client.set_capacity(name, 2).await.expect_err("unsupported"),
+        client.delete(name).await.expect_err("unsupported"),
+        client.revoke(name, 1).await.expect_err("unsupported"),
+    ] {
+        assert!(err.to_string().contains("not supported"), "{err}");
+    }
+    assert_eq!(status_of(client, name).await.capacity, 1);
+}
+
+/// Growing grants the waiters that now fit at once, in queue order; shrinking takes nothing
+/// from holders and grants nothing until what they hold plus the next waiter fits; an acquire
+/// naming another capacity is still refused; a waiter heavier than a shrunk capacity fails.
+pub async fn capacity_changes_grant_at_once_and_hold_back_after_a_shrink(server: &impl Fixture) {
+    let admin = server.client().await;
+    let name = "resize";
+    if !server.has_lifecycle() {
+        return refuses_lifecycle(&admin, name).await;
+    }
+    let (a, b, c) = (
+        server.client().await,
+        server.client().await,
+        server.client().await,
+    );
+    let held = a
+        .semaphore(name, 1)
+        .await
+        .expect("ensure")
+        .acquire()
+        .await
+        .expect("a");
+    let sem_b = b.semaphore(name, 1).await.expect("ensure");
+    let mut wait_b = tokio::spawn(async move { sem_b.acquire().await });
+    wait_for_status(&admin, name, "b queued", |s| s.queued == 1).await;
+    // Growing to 3: b is granted at once.
+    admin.set_capacity(name, 3).await.expect("grow");
+    let permit_b = timeout(PATIENCE, &mut wait_b)
+        .await
+        .expect("b granted when the capacity grew")
+        .expect("task")
+        .expect("b");
+    let sem_c = c
+        .semaphore(name, 3)
+        .await
+        .expect("ensure with the new capacity");
+    let permit_c = sem_c
+        .try_acquire()
+        .await
+        .expect("try")
+        .expect("a third permit is free");
+    let st = status_of(&admin, name).await;
+    assert_eq!((st.capacity, st.in_use), (3, 3));
+    // The old capacity is now a mismatch: set-capacity is the way to change it.
+    let err = a.semaphore(name, 1).await.expect_err("mismatch");
+    assert_eq!(err.code(), Some(ErrorCode::CapacityMismatch), "{err:?}");
+
+    // A heavy waiter queued while full fails when a shrink leaves it too heavy.
+    let heavy = server.client().await;
+    let sem_heavy = heavy.semaphore(name, 3).await.expect("ensure");
+    let mut wait_heavy = tokio::spawn(async move { sem_heavy.acquire_many(2).await });
+    wait_for_status(&admin, name, "the heavy waiter queued", |s| s.queued == 1).await;
+
+    // Shrinking to 1 under three holders: nothing is taken, nothing granted.
+    admin.set_capacity(name, 1).await.expect("shrink");
+    let refused = timeout(PATIENCE, &mut wait_heavy)
+        .await
+        .expect("the heavy waiter answered")
+        .expect("task");
+    assert_eq!(
+        refused.expect_err("weight 2 > capacity 1").code(),
+        Some(ErrorCode::WeightExceedsCapacity)
+    );
+    wait_for_status(&admin, name, "the heavy waiter gone", |s| s.queued == 0).await;
+    let st = status_of(&admin, name).await;
+    assert_eq!(
+        (st.capacity, st.in_use),
+        (1, 3),
+        "holders keep their permits"
+    );
+    assert!(held.lost_reason().is_none() && permit_b.lost_reason().is_none());
+    let waiter = server.client().await;
+    let sem_w = waiter.semaphore(name, 1).await.expect("ensure");
+    let mut wait_w = tokio::spawn(async move { sem_w.acquire().await });
+    wait_for_status(&admin, name, "w queued", |s| s.queued == 1).await;
+    held.release().await.expect("release a");
+    permit_b.release().await.expect("release b");
+    assert!(
+        timeout(QUIET, &mut wait_w).await.is_err(),
+        "granted while the last holder still filled the shrunk capacity"
+    );
+    let last = permit_c.fencing_token();
+    permit_c.release().await.expect("release c");
+    let permit_w = timeout(PATIENCE, &mut wait_w)
+        .await
+        .expect("w granted once in_use fits")
+        .expect("task")
+        .expect("w");
+    assert!(permit_w.fencing_token() > last);
+    drop(permit_w);
+
+    // Errors: an unknown name, a zero capacity.
+    let err = admin.set_capacity("no-such", 2).await.expect_err("unknown");
+    assert_eq!(err.code(), Some(ErrorCode::NoSuchSemaphore), "{err:?}");
+    let err = admin.set_capacity(name, 0).await.expect_err("zero");
+    assert_eq!(err.code(), Some(ErrorCode::InvalidArgument), "{err:?}");
+}
+
+/// Delete refuses a semaphore in use, frees an idle or closed one's name for a fresh start
+/// with any capacity, and the name's tokens still strictly increase.
+pub async fn delete_frees_the_name_and_tokens_still_increase(server: &impl Fixture) {
+    let client = server.client().await;
+    let name = "bench-x";
+    if !server.has_lifecycle() {
+        return refuses_lifecycle(&client, name).await;
+    }
+    let sem = client.semaphore(name, 1).await.expect("ensure");
+    let permit = sem.acquire().await.expect("acquire");
+    let first = permit.fencing_token();
+    let err = client.delete(name).await.expect_err("held");
+    assert_eq!(err.code(), Some(ErrorCode::InUse), "{err:?}");
+    assert!(err.to_string().contains("in use"), "{err}");
+    permit.release().await.expect("release");
+    client.delete(name).await.expect("delete an idle semaphore");
+    let doc = client.status(None).await.expect("status");
+    assert!(doc.semaphores.iter().all(|s| s.name != name), "{doc:?}");
+    let err = client.delete(name).await.expect_err("gone");
+    assert_eq!(err.code(), Some(ErrorCode::NoSuchSemaphore), "{err:?}");
+    let err = sem.acquire().await.expect_err("deleted");
+    assert_eq!(err.code(), Some(ErrorCode::NoSuchSemaphore), "{err:?}");
+
+    // Afresh, with another capacity, counting above the old tokens.
+    let sem = client.semaphore(name, 4).await.expect("created afresh");
+    let permit = sem.acquire_many(4).await.expect("acquire");
+    let second = permit.fencing_token();
+    assert!(second > first, "token {second} after {first}");
+    // Closed with a holder: close takes the lease, then delete may go.
+    client.close(name).await.expect("close");
+    assert_eq!(
+        timeout(PATIENCE, permit.lost()).await.expect("told"),
+        LostReason::Closed
+    );
+    client
+        .delete(name)
+        .await
+        .expect("delete a closed semaphore");
+    let sem = client
+        .semaphore(name, 1)
+        .await
+        .expect("open again, not closed");
+    let third = sem.acquire().await.expect("acquire").fencing_token();
+    assert!(third > second, "token {third} after {second}");
+}
+
+/// A lease released by force: its permits go to the next waiter, its holder is told
+/// `Revoked`; an id that holds nothing is refused.
+pub async fn revoke_tells_the_holder_and_grants_the_next(server: &impl Fixture) {
+    let admin = server.client().await;
+    let name = "stuck";
+    if !server.has_lifecycle() {
+        return refuses_lifecycle(&admin, name).await;
+    }
+    let (holder, waiter) = (server.client().await, server.client().await);
+    let permit = holder
+        .semaphore(name, 1)
+        .await
+        .expect("ensure")
+        .acquire()
+        .await
+        .expect("acquire");
+    let sem_w = waiter.semaphore(name, 1).await.expect("ensure");
+    let mut wait_w = tokio::spawn(async move { sem_w.acquire().await });
+    wait_for_status(&admin, name, "waiter queued", |s| s.queued == 1).await;
+    let st = status_of(&admin, name).await;
+    let lease = st.holders[0].lease_id;
+    assert_eq!(lease, permit.lease_id());
+    admin.revoke(name, lease).await.expect("revoke");
+    let granted = timeout(PATIENCE, &mut wait_w)
+        .await
+        .expect("the waiter granted after the revoke")
+        .expect("task")
+        .expect("acquire");
+    assert!(granted.fencing_token() > permit.fencing_token());
+    assert_eq!(
+        timeout(PATIENCE, permit.lost())
+            .await
+            .expect("the holder is told"),
+        LostReason::Revoked
+    );
+    let err = admin.revoke(name, lease).await.expect_err("no longer held");
+    assert_eq!(err.code(), Some(ErrorCode::UnknownLease), "{err:?}");
+    let err = admin.revoke("no-such", 1).await.expect_err("unknown");
+    assert_eq!(err.code(), Some(ErrorCode::NoSuchSemaphore), "{err:?}");
 }
