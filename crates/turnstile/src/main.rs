@@ -68,6 +68,10 @@ struct Cli {
     /// `ps` and logs would show it. Passed on to the commands that run and nanny start.
     #[arg(long, global = true, env = "TURNSTILE_TOKEN_FILE", value_name = "FILE")]
     token_file: Option<std::path::PathBuf>,
+    /// The PEM file of the CA certificates to trust for a tls:// coordinator (default: the
+    /// system's roots). Passed on to the commands that run and nanny start.
+    #[arg(long, global = true, env = "TURNSTILE_CA", value_name = "FILE")]
+    ca: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -243,6 +247,10 @@ fn main() -> ExitCode {
         // The client library reads the token from the file this names; the commands that
         // `run` and `nanny` start inherit it. Set before any thread starts.
         std::env::set_var(turnstile_client::TOKEN_FILE_ENV, path);
+    }
+    if let Some(path) = &cli.ca {
+        // The same for the CA file: the client library reads TURNSTILE_CA.
+        std::env::set_var(turnstile_client::CA_ENV, path);
     }
     let result = match cli.command {
         // No logging and no runtime: the guard is a small single-threaded process whose
