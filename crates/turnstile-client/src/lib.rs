@@ -701,9 +701,7 @@ mod tests {
         assert!(
             matches!(parse_url("tcp://localhost:1/"), Ok(Target::Tcp(a)) if a == "localhost:1")
         );
-        assert!(
-            matches!(parse_url("tls://[::1]:7420"), Ok(Target::Tls(a)) if a == "[::1]:7420")
-        );
+        assert!(matches!(parse_url("tls://[::1]:7420"), Ok(Target::Tls(a)) if a == "[::1]:7420"));
         assert!(
             matches!(parse_url("file:///var/run/x"), Ok(Target::File(p)) if p == std::path::Path::new("/var/run/x"))
         );

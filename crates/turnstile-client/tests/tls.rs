@@ -111,7 +111,11 @@ async fn heavy_traffic_and_large_replies_cross_tls_whole() {
         .await
         .expect("the status arrives")
         .expect("status");
-    assert!(status.semaphores.len() >= 1_000, "{}", status.semaphores.len());
+    assert!(
+        status.semaphores.len() >= 1_000,
+        "{}",
+        status.semaphores.len()
+    );
     client.shutdown().await;
 }
 

@@ -34,9 +34,9 @@ use tokio::task::JoinSet;
 use turnstile_core::{Coordinator, Effect, Time};
 
 pub use crate::durable::FsyncMode;
-pub use crate::tls::{TlsError, TlsIdentity};
 use crate::durable::WalQueue;
 use crate::state::Shared;
+pub use crate::tls::{TlsError, TlsIdentity};
 
 /// Where the coordinator keeps its state.
 #[derive(Clone, Debug)]

@@ -861,6 +861,24 @@ mod tests {
         assert_eq!(s.admin_token_file.value, None);
         let s = resolve(&["turnstile", "serve"], "http = \"off\"");
         assert_eq!((s.http.value, s.http.source), (None, Source::File));
+        let s = resolve(
+            &["turnstile", "serve", "--max-per-address", "3"],
+            "max_per_address = 9\nmax_handshaking = 7\ntls_key = \"/k\"",
+        );
+        assert_eq!(
+            (s.max_per_address.value, s.max_per_address.source),
+            (3, Source::Flag)
+        );
+        assert_eq!(
+            (s.max_handshaking.value, s.max_handshaking.source),
+            (7, Source::File)
+        );
+        assert_eq!(s.tls_key.value, Some(PathBuf::from("/k")));
+        assert_eq!(s.handshake_timeout.value, Duration::from_secs(5));
+        let config = s.server_config();
+        assert!(config.is_err_and(|e| e
+            .to_string()
+            .contains("tls_key (config file) is set without tls_cert")),);
         let s = resolve(&["turnstile", "serve", "--in-memory"], "in_memory = false");
         assert_eq!(
             (s.in_memory.value, s.in_memory.source),
@@ -888,6 +906,10 @@ mod tests {
         assert_eq!(back.fsync, Some(Fsync::Always));
         assert_eq!(back.http, Some(None));
         assert_eq!(back.session_ttl, Some(Duration::from_secs(10)));
+        assert_eq!(back.handshake_timeout, Some(Duration::from_secs(5)));
+        assert_eq!(back.max_handshaking, Some(256));
+        assert_eq!(back.max_per_address, Some(1024));
+        assert_eq!(back.tls_cert, None);
     }
 
     #[test]
@@ -915,6 +937,20 @@ mod tests {
             ("snapshot_every = -5", "key `snapshot_every`"),
             ("log_format = \"xml\"", "key `log_format`:"),
             ("insecure = 1", "key `insecure`: expected true or false"),
+            (
+                "handshake_timeout = \"0s\"",
+                "key `handshake_timeout`: must be positive",
+            ),
+            (
+                "handshake_timeout = \"2h\"",
+                "key `handshake_timeout`: must be at most 5m",
+            ),
+            (
+                "max_per_address = 0",
+                "key `max_per_address`: expected a positive integer",
+            ),
+            ("max_handshaking = \"9\"", "key `max_handshaking`"),
+            ("tls_cert = 1", "key `tls_cert`: expected a string"),
             (
                 "auth_token_file = 5",
                 "key `auth_token_file`: expected a string",

@@ -41,7 +41,9 @@ fn run_on(h: &Harness, url: &str, args: &[&str]) -> (Finished, Duration) {
     let started = Instant::now();
     let mut cmd = h.command(args);
     cmd.env("TURNSTILE_URL", url).env_remove("TURNSTILE_CA");
-    let out = h.spawn_command(&format!("run-{}", args.len()), cmd).wait(SOON);
+    let out = h
+        .spawn_command(&format!("run-{}", args.len()), cmd)
+        .wait(SOON);
     (out, started.elapsed())
 }
 
@@ -98,7 +100,16 @@ fn an_untrusted_certificate_fails_at_once_with_one_line() {
     let (out, took) = run_on(
         &h,
         &url,
-        &["--ca", "/nonexistent/ca.pem", "run", "--limit", "1", "j", "--", "true"],
+        &[
+            "--ca",
+            "/nonexistent/ca.pem",
+            "run",
+            "--limit",
+            "1",
+            "j",
+            "--",
+            "true",
+        ],
     );
     out.assert_one_line_error(&["/nonexistent/ca.pem"]);
     assert!(took < AT_ONCE, "took {took:?}");
@@ -169,7 +180,10 @@ fn https_get(addr: &str, path: &str, ca: &str, bearer: Option<&str>) -> (u16, St
     }
     let raw = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = raw.split_once("\r\n\r\n").expect("a response head");
-    let code = head.get(9..12).and_then(|c| c.parse().ok()).expect("a status");
+    let code = head
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .expect("a status");
     (code, body.to_owned())
 }
 
@@ -195,7 +209,12 @@ fn https_serves_metrics_and_wants_the_bearer_token_off_loopback() {
     std::fs::write(dir.join("token"), "s3cret\n").expect("write the token");
     let token_file = dir.join("token").display().to_string();
     let exposed = tls_server(&["--http", "0.0.0.0:0", "--auth-token-file", &token_file]);
-    let port = exposed.http_addr().rsplit(':').next().expect("port").to_owned();
+    let port = exposed
+        .http_addr()
+        .rsplit(':')
+        .next()
+        .expect("port")
+        .to_owned();
     let addr = format!("127.0.0.1:{port}");
     assert_eq!(https_get(&addr, "/metrics", &ca, None).0, 401);
     assert_eq!(https_get(&addr, "/v1/status", &ca, Some("wrong")).0, 401);
@@ -209,7 +228,11 @@ fn https_serves_metrics_and_wants_the_bearer_token_off_loopback() {
         server: exposed,
         dir,
     };
-    let (out, _) = run_on(&h, &url, &["--ca", &ca, "run", "--limit", "1", "j", "--", "true"]);
+    let (out, _) = run_on(
+        &h,
+        &url,
+        &["--ca", &ca, "run", "--limit", "1", "j", "--", "true"],
+    );
     out.assert_one_line_error(&["token"]);
     let (out, _) = run_on(
         &h,
@@ -249,7 +272,10 @@ fn the_gate_flags_bound_silent_connections() {
     // The third from the same address is over the cap: closed at once.
     let third = TcpStream::connect(&addr).expect("connect");
     let took = closed_after(third);
-    assert!(took < Duration::from_millis(900), "over the cap, closed in {took:?}");
+    assert!(
+        took < Duration::from_millis(900),
+        "over the cap, closed in {took:?}"
+    );
     let took = closed_after(first);
     assert!(
         took >= Duration::from_millis(500) && took < Duration::from_secs(10),
@@ -277,7 +303,10 @@ fn the_gate_flags_bound_silent_connections() {
     });
     let _second = TcpStream::connect(&addr).expect("connect");
     let took = closed_after(first);
-    assert!(took < Duration::from_secs(3), "the oldest went after {took:?} (timeout 5s)");
+    assert!(
+        took < Duration::from_secs(3),
+        "the oldest went after {took:?} (timeout 5s)"
+    );
 }
 
 #[test]
@@ -290,7 +319,14 @@ fn bad_gate_and_tls_settings_are_refused_in_one_line() {
         (vec!["--max-handshaking", "x"], "not a positive integer"),
     ] {
         let out = std::process::Command::new(BIN)
-            .args(["serve", "--in-memory", "--listen", "127.0.0.1:0", "--http", "off"])
+            .args([
+                "serve",
+                "--in-memory",
+                "--listen",
+                "127.0.0.1:0",
+                "--http",
+                "off",
+            ])
             .args(&args)
             .output()
             .expect("run serve");
@@ -299,7 +335,12 @@ fn bad_gate_and_tls_settings_are_refused_in_one_line() {
         assert!(stderr.contains(mentions), "{args:?}: {stderr}");
     }
     let cert_only = ["--tls-cert", &cert("server.pem")];
-    let key_for_cert = ["--tls-cert", &cert("server.pem"), "--tls-key", &cert("ca.pem")];
+    let key_for_cert = [
+        "--tls-cert",
+        &cert("server.pem"),
+        "--tls-key",
+        &cert("ca.pem"),
+    ];
     let config = dir.join("serve.toml");
     std::fs::write(&config, format!("tls_key = {:?}\n", cert("server.key"))).expect("write");
     let config = config.display().to_string();
@@ -310,7 +351,14 @@ fn bad_gate_and_tls_settings_are_refused_in_one_line() {
         (&from_file[..], "without tls_cert"),
     ] {
         let out = std::process::Command::new(BIN)
-            .args(["serve", "--in-memory", "--listen", "127.0.0.1:0", "--http", "off"])
+            .args([
+                "serve",
+                "--in-memory",
+                "--listen",
+                "127.0.0.1:0",
+                "--http",
+                "off",
+            ])
             .args(args)
             .env_remove("RUST_LOG")
             .output()
