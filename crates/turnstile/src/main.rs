@@ -107,7 +107,8 @@ impl LogFormat {
 /// Where the semaphores are.
 #[derive(clap::Args, Debug, Clone)]
 struct UrlArg {
-    /// Backend URL: a coordinator (tcp://127.0.0.1:7420), a shared directory
+    /// Backend URL: a coordinator (tcp://127.0.0.1:7420, or tls://HOST:PORT with --ca), a
+    /// shared directory
     /// (file:///mnt/shared/turnstile) or an etcd cluster (etcd://h1:2379,h2:2379[/PREFIX])
     /// [default: $TURNSTILE_URL, else the per-user directory
     /// file://$XDG_RUNTIME_DIR/turnstile, or file:///tmp/turnstile-$UID]
