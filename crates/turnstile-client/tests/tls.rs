@@ -116,7 +116,7 @@ async fn heavy_traffic_and_large_replies_cross_tls_whole() {
         "{}",
         status.semaphores.len()
     );
-    client.shutdown().await;
+    client.shutdown().await.expect("shut down");
 }
 
 #[tokio::test]
@@ -131,8 +131,7 @@ async fn refusals_are_tls_errors_and_are_not_retried() {
     };
     let e = Client::connect_with(&server.url(), options)
         .await
-        .err()
-        .expect("an untrusted certificate is refused");
+        .expect_err("an untrusted certificate is refused");
     assert!(matches!(e, Error::Tls { .. }), "{e:?}");
     assert!(!e.is_unavailable(), "{e:?}");
     assert!(e.to_string().contains("not trusted"), "{e}");
@@ -144,8 +143,7 @@ async fn refusals_are_tls_errors_and_are_not_retried() {
     };
     let e = Client::connect_with(&plain, options)
         .await
-        .err()
-        .expect("a plaintext client is refused");
+        .expect_err("a plaintext client is refused");
     assert!(e.to_string().contains("tls://"), "{e}");
     assert!(
         started.elapsed() < Duration::from_secs(10),
