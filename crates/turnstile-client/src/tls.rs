@@ -94,6 +94,20 @@ pub(crate) async fn open(
         .await
         .map_err(|_| timed_out())?
         .map_err(connect_err)?;
+    over(stream, addr, tls, deadline).await
+}
+
+/// Makes a link of a connected socket: runs the TLS handshake when `tls` is given.
+async fn over(
+    stream: TcpStream,
+    addr: &str,
+    tls: Option<&Connector>,
+    deadline: Instant,
+) -> Result<(LinkRead, LinkWrite), Error> {
+    let timed_out = || Error::Connect {
+        addr: addr.to_owned(),
+        source: io::ErrorKind::TimedOut.into(),
+    };
     let _ = stream.set_nodelay(true);
     let Some(tls) = tls else {
         let (rd, wr) = stream.into_split();
@@ -235,6 +249,7 @@ impl AsyncWrite for LinkWrite {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn tls_records_are_told_from_frames() {
@@ -244,6 +259,84 @@ mod tests {
         // A frame of 16 bytes; too few bytes to tell.
         assert!(!looks_like_tls(&[0x00, 0x00, 0x00, 0x10, 0x81]));
         assert!(!looks_like_tls(&[0x15]));
+    }
+
+    /// A TLS server on loopback with the test certificate that reads slowly (the client's
+    /// writes find the socket full) and reports how many plaintext bytes it got in all.
+    async fn slow_reader() -> (String, tokio::task::JoinHandle<usize>) {
+        use rustls::pki_types::PrivateKeyDer;
+        use tokio::io::AsyncReadExt;
+        let certs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../turnstile/tests/certs");
+        let chain = CertificateDer::pem_file_iter(certs.join("server.pem"))
+            .expect("read the certificate")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("a certificate");
+        let key = PrivateKeyDer::from_pem_file(certs.join("server.key")).expect("the key");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .expect("a server configuration");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        // A small receive buffer (inherited by the accepted socket), so that the client's
+        // writes fill the socket instead of the kernel's loopback buffers taking it all.
+        let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+        socket.set_recv_buffer_size(16 * 1024).expect("SO_RCVBUF");
+        socket
+            .bind("127.0.0.1:0".parse().expect("an address"))
+            .expect("bind");
+        let listener = socket.listen(8).expect("listen");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let server = tokio::spawn(async move {
+            let (sock, _) = listener.accept().await.expect("accept");
+            let mut tls = acceptor.accept(sock).await.expect("TLS handshake");
+            let mut got = 0;
+            let mut buf = vec![0u8; 4096];
+            // Until the client has been silent for a while: what it wrote has arrived.
+            while let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_secs(2), tls.read(&mut buf)).await
+            {
+                if n == 0 {
+                    break;
+                }
+                got += n;
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+            got
+        });
+        (addr, server)
+    }
+
+    /// A completed write is on the socket: with nothing written after it, the peer still gets
+    /// every byte (a TLS write that left its last record in rustls's buffer would strand it).
+    #[tokio::test]
+    async fn a_completed_write_reaches_the_peer_with_nothing_after_it() {
+        use tokio::io::AsyncWriteExt;
+        let (addr, server) = slow_reader().await;
+        let ca = Path::new(env!("CARGO_MANIFEST_DIR")).join("../turnstile/tests/certs/ca.pem");
+        let connector = Connector::new(&addr, Some(&ca)).expect("the CA loads");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // A small send buffer: the socket fills during the write, and the kernel says it is
+        // writable again only once a third of it is free, so a write's last record is sure to
+        // meet a full socket.
+        let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+        socket.set_send_buffer_size(16 * 1024).expect("SO_SNDBUF");
+        let stream = socket
+            .connect(addr.parse().expect("an address"))
+            .await
+            .expect("connect");
+        let (_rd, mut wr) = over(stream, &addr, Some(&connector), deadline)
+            .await
+            .expect("a TLS link");
+        let data = vec![7u8; 2 << 20];
+        wr.write_all(&data).await.expect("write");
+        let sent = data.len();
+        // The link stays open, and nothing more is written.
+        let got = server.await.expect("the server task");
+        assert_eq!(got, sent);
+        drop(wr);
     }
 
     #[test]
