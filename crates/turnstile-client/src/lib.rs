@@ -31,7 +31,8 @@
 //! not heard from the coordinator for a whole TTL treats its leases as lost without waiting to
 //! be told, since the coordinator will have given them away.
 //!
-//! The URL picks the backend: `tcp://HOST:PORT` is the coordinator; `file:///path/to/dir` needs
+//! The URL picks the backend: `tcp://HOST:PORT` is the coordinator (`tls://HOST:PORT` over TLS,
+//! trusting the CA in [`Options::ca`] or `TURNSTILE_CA`, else the system's roots); `file:///path/to/dir` needs
 //! no server: the semaphores live in a directory shared by every process that uses them (on
 //! one host, or on many through NFS); `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]` keeps them
 //! in an etcd cluster, again with no turnstile server. See [`Backend`] for the interface the backends share. [`blocking`] wraps the async API for code without a runtime.
@@ -43,6 +44,7 @@ mod etcd;
 mod file;
 mod job;
 mod tcp;
+mod tls;
 
 use std::fmt;
 use std::sync::Arc;
@@ -67,6 +69,10 @@ pub const SESSION_ENV: &str = "TURNSTILE_SESSION";
 /// The environment variable that names the file holding the coordinator's token (see
 /// [`Options::token`]).
 pub const TOKEN_FILE_ENV: &str = "TURNSTILE_TOKEN_FILE";
+
+/// The environment variable that names the PEM file of the CA certificates a `tls://` client
+/// trusts (see [`Options::ca`]).
+pub const CA_ENV: &str = "TURNSTILE_CA";
 
 /// The address a coordinator (`turnstile serve`) listens on by default. It is *not* what
 /// clients use when no URL is given: see [`default_url`].
@@ -150,6 +156,16 @@ pub enum Error {
         code: ErrorCode,
         /// The coordinator's explanation.
         message: String,
+    },
+    /// TLS with the coordinator failed in a way that a retry cannot change: its certificate
+    /// is not trusted, it does not speak TLS (or a `tcp://` client met a TLS port), or the CA
+    /// file cannot be used. Never retried.
+    #[error("TLS with {addr}: {why}")]
+    Tls {
+        /// The address.
+        addr: String,
+        /// What failed, and what to do about it.
+        why: String,
     },
     /// The peer broke the protocol.
     #[error("protocol error: {0}")]
@@ -259,6 +275,9 @@ pub struct Options {
     /// `None` reads the file named by `TURNSTILE_TOKEN_FILE`, if set. Never put a token on a
     /// command line or in a URL, where `ps` and logs show it.
     pub token: Option<String>,
+    /// The PEM file of the CA certificates that a `tls://` client trusts; `None` reads the
+    /// file named by `TURNSTILE_CA`, if set, else trusts the system's roots.
+    pub ca: Option<std::path::PathBuf>,
 }
 
 /// A connection to a turnstile backend. Cheap to clone; the session ends when the last clone
@@ -296,7 +315,11 @@ impl Client {
     pub async fn connect_with(url: &str, options: Options) -> Result<Client, Error> {
         let options = options.resolve()?;
         let backend: Arc<dyn Backend> = match parse_url(url)? {
-            Target::Tcp(addr) => Arc::new(tcp::TcpBackend::connect(addr, options).await?),
+            Target::Tcp(addr) => Arc::new(tcp::TcpBackend::connect(addr, None, options).await?),
+            Target::Tls(addr) => {
+                let tls = tls::Connector::new(&addr, options.ca.as_deref())?;
+                Arc::new(tcp::TcpBackend::connect(addr, Some(tls), options).await?)
+            }
             Target::File(dir) => Arc::new(file::FileBackend::open(dir, options).await?),
             Target::Etcd(url) => Arc::new(etcd::EtcdBackend::connect(url, options).await?),
         };
@@ -552,6 +575,7 @@ impl Drop for Permit {
 
 enum Target {
     Tcp(String),
+    Tls(String),
     File(std::path::PathBuf),
     Etcd(etcd::EtcdUrl),
 }
@@ -567,17 +591,20 @@ fn parse_url(url: &str) -> Result<Target, Error> {
         ));
     };
     match scheme {
-        "tcp" => {
+        "tcp" | "tls" => {
             let addr = rest.trim_end_matches('/');
             if addr.is_empty() || !addr.contains(':') {
-                return Err(bad("expected tcp://HOST:PORT"));
+                return Err(bad(&format!("expected {scheme}://HOST:PORT")));
             }
             if let Some((_, port)) = addr.rsplit_once(':') {
                 if port.parse::<u16>().is_err() {
                     return Err(bad("the port is not a number from 0 to 65535"));
                 }
             }
-            Ok(Target::Tcp(addr.to_owned()))
+            Ok(match scheme {
+                "tls" => Target::Tls(addr.to_owned()),
+                _ => Target::Tcp(addr.to_owned()),
+            })
         }
         "file" => {
             let path = rest.strip_prefix("localhost").unwrap_or(rest);
@@ -592,7 +619,7 @@ fn parse_url(url: &str) -> Result<Target, Error> {
             .map(Target::Etcd)
             .map_err(|why| bad(&why)),
         other => Err(bad(&format!(
-            "unknown scheme {other:?}; this build knows tcp://, file:// and etcd://"
+            "unknown scheme {other:?}; this build knows tcp://, tls://, file:// and etcd://"
         ))),
     }
 }
@@ -607,6 +634,7 @@ impl fmt::Debug for Options {
             .field("connect_timeout", &self.connect_timeout)
             .field("also_alive_pids", &self.also_alive_pids)
             .field("token", &self.token.as_ref().map(|_| "(set)"))
+            .field("ca", &self.ca)
             .finish()
     }
 }
@@ -635,6 +663,9 @@ impl Options {
             if let Some(path) = std::env::var_os(TOKEN_FILE_ENV) {
                 self.token = Some(read_token_file(std::path::Path::new(&path))?);
             }
+        }
+        if self.ca.is_none() {
+            self.ca = std::env::var_os(CA_ENV).map(std::path::PathBuf::from);
         }
         if self.session_id.is_none() {
             if let Ok(s) = std::env::var(SESSION_ENV) {
@@ -700,6 +731,7 @@ mod tests {
         assert!(
             matches!(parse_url("tcp://localhost:1/"), Ok(Target::Tcp(a)) if a == "localhost:1")
         );
+        assert!(matches!(parse_url("tls://[::1]:7420"), Ok(Target::Tls(a)) if a == "[::1]:7420"));
         assert!(
             matches!(parse_url("file:///var/run/x"), Ok(Target::File(p)) if p == std::path::Path::new("/var/run/x"))
         );
@@ -718,6 +750,7 @@ mod tests {
             "tcp://",
             "tcp://host",
             "tcp://host:99999",
+            "tls://host",
             "http://x:1",
             "etcd://",
             "etcd://host",

@@ -28,8 +28,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use turnstile_proto::{
@@ -38,6 +36,7 @@ use turnstile_proto::{
 };
 
 use crate::backend::{Backend, BoxFuture, Grant, JobBegin, JobEnd};
+use crate::tls::{self, LinkRead, LinkWrite};
 use crate::{random_id, Error, GroupSummary, JobCompletion, JobRunner, LostReason, Options};
 
 /// The longest one connection attempt (connect and handshake) may take.
@@ -211,8 +210,8 @@ struct Pending {
 }
 
 struct Link {
-    rd: OwnedReadHalf,
-    wr: OwnedWriteHalf,
+    rd: LinkRead,
+    wr: LinkWrite,
     buf: Vec<u8>,
 }
 
@@ -310,7 +309,12 @@ impl TcpBackend {
     /// Connects, opens the session, and starts the driver. Fails if the first connection
     /// fails (after `options.connect_timeout` of retries, if given): a coordinator that was
     /// never reachable is a configuration error or an outage, not a blip.
-    pub(crate) async fn connect(addr: String, options: Options) -> Result<TcpBackend, Error> {
+    /// Over TLS when `tls` is given.
+    pub(crate) async fn connect(
+        addr: String,
+        tls: Option<tls::Connector>,
+        options: Options,
+    ) -> Result<TcpBackend, Error> {
         // A session given to us (by a supervisor, through TURNSTILE_SESSION) may be shared with
         // other clients of the same worker: on shutdown, release our own leases and leave the
         // session to its owner, instead of closing it under the others' feet.
@@ -324,6 +328,7 @@ impl TcpBackend {
         let token = options.token.clone().unwrap_or_default();
         let (link, ttl) = first_link(
             &addr,
+            tls.as_ref(),
             &name,
             &token,
             Hello::Open { session, ttl_ms },
@@ -340,6 +345,7 @@ impl TcpBackend {
             awaiting_since: None,
             notice: None,
             addr,
+            tls,
             name,
             token,
             refused: None,
@@ -782,6 +788,7 @@ type Opened = Result<Result<(Link, Duration), Error>, Error>;
 /// refusal by the coordinator (such as a protocol version it does not speak) is not retried.
 async fn first_link(
     addr: &str,
+    tls: Option<&tls::Connector>,
     name: &str,
     token: &str,
     hello: Hello,
@@ -798,6 +805,7 @@ async fn first_link(
         };
         let e = match open_link(
             addr.to_owned(),
+            tls.cloned(),
             name.to_owned(),
             token.to_owned(),
             hello,
@@ -873,6 +881,7 @@ impl Notice {
 /// run it beside its loop.
 async fn open_link(
     addr: String,
+    tls: Option<tls::Connector>,
     name: String,
     token: String,
     hello: Hello,
@@ -887,12 +896,8 @@ async fn open_link(
         Hello::Open { session, ttl_ms } => proto::Request::OpenSession { session, ttl_ms },
         Hello::Resume { session } => proto::Request::ResumeSession { session },
     };
-    let stream = tokio::time::timeout_at(deadline, TcpStream::connect(addr))
-        .await
-        .map_err(|_| connect_err(std::io::ErrorKind::TimedOut.into()))?
-        .map_err(connect_err)?;
-    let _ = stream.set_nodelay(true);
-    let (rd, mut wr) = stream.into_split();
+    let plain = tls.is_none();
+    let (rd, mut wr) = tls::open(addr, tls.as_ref(), deadline).await?;
     let mut out = Vec::new();
     let hello = proto::Request::Hello {
         magic: proto::MAGIC,
@@ -913,6 +918,12 @@ async fn open_link(
     let mut session_result = Ok(());
     let read = async {
         while answers < 2 {
+            if plain && tls::looks_like_tls(&link.buf) {
+                return Err(Error::Tls {
+                    addr: addr.to_owned(),
+                    why: "the server speaks TLS: use tls:// instead of tcp://".into(),
+                });
+            }
             while let Some((payload, used)) = split_frame(&link.buf, MAX_REPLY_FRAME)
                 .map_err(|e| Error::Protocol(e.to_string()))?
             {
@@ -962,6 +973,8 @@ async fn open_link(
 
 struct Driver {
     addr: String,
+    /// Over TLS when set.
+    tls: Option<tls::Connector>,
     name: String,
     /// The token presented in every `Hello` (empty: none).
     token: String,
@@ -1238,6 +1251,7 @@ impl Driver {
         self.connecting = Some(Connecting {
             attempt: Box::pin(open_link(
                 self.addr.clone(),
+                self.tls.clone(),
                 self.name.clone(),
                 self.token.clone(),
                 hello,

@@ -4,7 +4,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use turnstile_core::{JobOutcome, LeaseId, Request, SessionId};
@@ -21,7 +22,8 @@ use crate::status::status_doc;
 
 /// Serves one connection until the peer leaves, sends a bad frame, or the server shuts down.
 /// Leaving does not end the connection's session: its client may resume it on a new
-/// connection before the TTL passes.
+/// connection before the TTL passes. With TLS on, the TLS handshake comes first, within the
+/// same handshake deadline; a connection whose TLS handshake fails is closed unanswered.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     stream: TcpStream,
@@ -29,24 +31,86 @@ pub(crate) async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let handshake_by = tokio::time::Instant::now() + shared.config.handshake_timeout;
-    let mut admitted = false;
     let peer = stream.peer_addr().ok();
     // Replies are small and latency matters more than packet count; batching happens in the
     // outbox instead.
     let _ = stream.set_nodelay(true);
-    let (mut rd, wr) = stream.into_split();
-    // Shared with the writer task: the reader writes its own replies inline when it can.
-    let wr = Arc::new(wr);
+    let outbox = Arc::new(Outbox::default());
+    let Some(identity) = &shared.config.tls else {
+        let (rd, wr) = stream.into_split();
+        // Shared with the writer task: the reader writes its own replies inline when it can.
+        let wr = Arc::new(wr);
+        let writer = {
+            let outbox = outbox.clone();
+            let wr = wr.clone();
+            tokio::spawn(async move { outbox.write_loop(wr).await })
+        };
+        let link = Link {
+            inline: Some(wr),
+            writer,
+            outbox,
+        };
+        return serve_link(shared, rd, link, peer, handshake_by, ticket, shutdown).await;
+    };
+    let accepted = tokio::select! {
+        r = tokio::time::timeout_at(handshake_by, identity.acceptor().accept(stream)) => r,
+        _ = ticket.evicted.notified() => return,
+        _ = shutdown.changed() => return,
+    };
+    let tls = match accepted {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            // A client that does not speak TLS (or trusts another CA) learns it from the
+            // alert rustls sent; nothing here is worth more than a debug line.
+            tracing::debug!(?peer, error = %e, "TLS handshake failed; connection closed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(?peer, "no TLS handshake in time; connection closed");
+            return;
+        }
+    };
+    let (rd, wr) = tokio::io::split(tls);
+    let writer = {
+        let outbox = outbox.clone();
+        tokio::spawn(async move { outbox.write_loop_tls(wr).await })
+    };
+    let link = Link {
+        inline: None,
+        writer,
+        outbox,
+    };
+    serve_link(shared, rd, link, peer, handshake_by, ticket, shutdown).await
+}
+
+/// The sending side of a connection.
+struct Link {
+    /// The socket, when the reader may write its replies into it itself (plain TCP).
+    inline: Option<Arc<OwnedWriteHalf>>,
+    /// The writer task (`Outbox::write_loop` or `write_loop_tls`).
+    writer: tokio::task::JoinHandle<()>,
+    outbox: Arc<Outbox>,
+}
+
+async fn serve_link<R: AsyncRead + Unpin>(
+    shared: Arc<Shared>,
+    mut rd: R,
+    link: Link,
+    peer: Option<std::net::SocketAddr>,
+    handshake_by: tokio::time::Instant,
+    ticket: Ticket,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let Link {
+        inline: wr,
+        writer,
+        outbox,
+    } = link;
+    let mut admitted = false;
     let metrics = &shared.metrics;
     metrics.connections.fetch_add(1, Relaxed);
     metrics.connections_total.fetch_add(1, Relaxed);
-    let outbox = Arc::new(Outbox::default());
     let conn = shared.lock().register(outbox.clone());
-    let writer = {
-        let outbox = outbox.clone();
-        let wr = wr.clone();
-        tokio::spawn(async move { outbox.write_loop(wr).await })
-    };
     let mut conn_state = Conn {
         shared: shared.clone(),
         outbox: outbox.clone(),
@@ -80,7 +144,10 @@ pub(crate) async fn serve(
             ticket.greeted();
             admitted = true;
         }
-        outbox.flush(&wr);
+        match &wr {
+            Some(wr) => outbox.flush(wr),
+            None => outbox.wake(),
+        }
         if outbox.pending() >= HIGH_WATER {
             outbox.wait_drained().await;
         }

@@ -17,6 +17,9 @@
 //! a scraper, `curl` and a polling page need, and it keeps a heavy HTTP stack out of the build
 //! (see ARCHITECTURE.md, "Why a hand-written HTTP port").
 //!
+//! With TLS on (`Config::tls`) the port serves HTTPS only, with the protocol port's
+//! certificate; the TLS handshake and the request head share the one deadline.
+//!
 //! On an address that is not loopback, a server with a token (`Config::auth_token`) asks for
 //! it as `Authorization: Bearer TOKEN` on every route but the dashboard page itself (which is
 //! static and holds no data).
@@ -27,8 +30,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
@@ -85,7 +88,25 @@ pub(crate) async fn serve(
                 };
                 let shared = shared.clone();
                 tasks.spawn(async move {
-                    connection(&shared, stream, ticket, token_needed).await;
+                    // One deadline for the TLS handshake and the request head together.
+                    let deadline = tokio::time::Instant::now() + READ_TIMEOUT;
+                    match shared.config.tls.clone() {
+                        None => connection(&shared, stream, ticket, token_needed, deadline).await,
+                        Some(identity) => {
+                            let accepted = tokio::select! {
+                                r = tokio::time::timeout_at(
+                                    deadline,
+                                    identity.acceptor().accept(stream),
+                                ) => r,
+                                _ = ticket.evicted.notified() => return,
+                            };
+                            // A failed TLS handshake is answered by rustls's alert, never in
+                            // the clear.
+                            if let Ok(Ok(tls)) = accepted {
+                                connection(&shared, tls, ticket, token_needed, deadline).await;
+                            }
+                        }
+                    }
                     drop(permit);
                 });
             }
@@ -149,9 +170,15 @@ fn reason(code: u16) -> &'static str {
     }
 }
 
-async fn connection(shared: &Shared, mut stream: TcpStream, ticket: Ticket, token_needed: bool) {
+async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Shared,
+    mut stream: S,
+    ticket: Ticket,
+    token_needed: bool,
+    deadline: tokio::time::Instant,
+) {
     let head = tokio::select! {
-        h = tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)) => h,
+        h = tokio::time::timeout_at(deadline, read_head(&mut stream)) => h,
         // The oldest of too many clients still sending their heads: make room.
         _ = ticket.evicted.notified() => return,
     };
@@ -246,7 +273,7 @@ enum HeadError {
 }
 
 /// Reads until the blank line that ends the request head.
-async fn read_head(stream: &mut TcpStream) -> Result<Vec<u8>, HeadError> {
+async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Vec<u8>, HeadError> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 2048];
     loop {

@@ -20,6 +20,7 @@ mod metrics;
 mod outbox;
 mod state;
 mod status;
+mod tls;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -35,6 +36,7 @@ use turnstile_core::{Coordinator, Effect, Time};
 pub use crate::durable::FsyncMode;
 use crate::durable::WalQueue;
 use crate::state::Shared;
+pub use crate::tls::{TlsError, TlsIdentity};
 
 /// Where the coordinator keeps its state.
 #[derive(Clone, Debug)]
@@ -83,6 +85,9 @@ pub struct Config {
     /// How long a semaphore stays idle (no holders, no waiters, not closed) before it is
     /// forgotten; `None` keeps every semaphore for good.
     pub forget_idle: Option<Duration>,
+    /// The certificate and key both ports serve TLS with; `None` serves them in the clear.
+    /// With it, neither port ever answers in the clear.
+    pub tls: Option<TlsIdentity>,
 }
 
 impl Default for Config {
@@ -99,6 +104,7 @@ impl Default for Config {
             max_handshaking: 256,
             max_per_address: 1024,
             forget_idle: Some(Duration::from_secs(600)),
+            tls: None,
         }
     }
 }

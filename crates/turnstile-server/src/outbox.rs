@@ -17,6 +17,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 use turnstile_proto::{encode_reply, Reply};
@@ -110,24 +111,46 @@ impl Outbox {
         self.ready.notify_one();
     }
 
+    /// Wakes the writer task if anything waits: what [`flush`](Outbox::flush) does for a
+    /// connection whose socket the reader cannot write to itself (TLS: the session's state
+    /// belongs to the writer task).
+    pub(crate) fn wake(&self) {
+        if !self.lock().buf.is_empty() {
+            self.ready.notify_one();
+        }
+    }
+
+    /// Waits for bytes to write and moves them into `out` (empty when called); false once the
+    /// outbox is closing and nothing is left.
+    async fn next_batch(&self, out: &mut Vec<u8>) -> bool {
+        loop {
+            {
+                let mut p = self.lock();
+                std::mem::swap(&mut p.buf, out);
+                p.writer_busy = !out.is_empty();
+            }
+            self.drained.notify_waiters();
+            if !out.is_empty() {
+                return true;
+            }
+            if self.closing.load(Ordering::Acquire) {
+                return false;
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    /// The writer's end: nothing more will be written (the peer is gone or we are closing).
+    fn writer_done(&self) {
+        self.closing.store(true, Ordering::Release);
+        self.drained.notify_waiters();
+    }
+
     /// The writer task: drains the buffer into the socket until closed or the peer is gone.
     /// The socket's write side shuts down when the last handle on it is dropped.
     pub(crate) async fn write_loop(&self, sock: std::sync::Arc<OwnedWriteHalf>) {
         let mut out = Vec::new();
-        'run: loop {
-            {
-                let mut p = self.lock();
-                std::mem::swap(&mut p.buf, &mut out);
-                p.writer_busy = !out.is_empty();
-            }
-            self.drained.notify_waiters();
-            if out.is_empty() {
-                if self.closing.load(Ordering::Acquire) {
-                    break;
-                }
-                self.ready.notified().await;
-                continue;
-            }
+        'run: while self.next_batch(&mut out).await {
             let mut written = 0;
             while written < out.len() {
                 if sock.writable().await.is_err() {
@@ -140,12 +163,32 @@ impl Outbox {
                     Err(_) => break 'run,
                 }
             }
-            out.clear();
-            if out.capacity() > 4 * HIGH_WATER {
-                out = Vec::new(); // do not keep a burst's memory forever
-            }
+            shrink(&mut out);
         }
-        self.closing.store(true, Ordering::Release);
-        self.drained.notify_waiters();
+        self.writer_done();
+    }
+
+    /// The writer task of a TLS connection: the same, through the TLS session, which it owns.
+    /// Each batch is flushed whole (a TLS write may leave encrypted bytes buffered), and the
+    /// end sends the TLS close alert.
+    pub(crate) async fn write_loop_tls<W: AsyncWrite + Unpin>(&self, mut sock: W) {
+        let mut out = Vec::new();
+        while self.next_batch(&mut out).await {
+            if sock.write_all(&out).await.is_err() || sock.flush().await.is_err() {
+                self.writer_done();
+                return;
+            }
+            shrink(&mut out);
+        }
+        self.writer_done();
+        let _ = sock.shutdown().await;
+    }
+}
+
+/// Empties a written batch, giving back a burst's memory rather than keeping it forever.
+fn shrink(out: &mut Vec<u8>) {
+    out.clear();
+    if out.capacity() > 4 * HIGH_WATER {
+        *out = Vec::new();
     }
 }

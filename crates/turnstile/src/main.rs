@@ -76,6 +76,10 @@ struct Cli {
     /// `ps` and logs would show it. Passed on to the commands that run and nanny start.
     #[arg(long, global = true, env = "TURNSTILE_TOKEN_FILE", value_name = "FILE")]
     token_file: Option<std::path::PathBuf>,
+    /// The PEM file of the CA certificates to trust for a tls:// coordinator (default: the
+    /// system's roots). Passed on to the commands that run and nanny start.
+    #[arg(long, global = true, env = "TURNSTILE_CA", value_name = "FILE")]
+    ca: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -111,7 +115,8 @@ impl LogFormat {
 /// Where the semaphores are.
 #[derive(clap::Args, Debug, Clone)]
 struct UrlArg {
-    /// Backend URL: a coordinator (tcp://127.0.0.1:7420), a shared directory
+    /// Backend URL: a coordinator (tcp://127.0.0.1:7420, or tls://HOST:PORT with --ca), a
+    /// shared directory
     /// (file:///mnt/shared/turnstile) or an etcd cluster (etcd://h1:2379,h2:2379[/PREFIX])
     /// [default: $TURNSTILE_URL, else the per-user directory
     /// file://$XDG_RUNTIME_DIR/turnstile, or file:///tmp/turnstile-$UID]
@@ -296,6 +301,10 @@ fn main() -> ExitCode {
         // The client library reads the token from the file this names; the commands that
         // `run` and `nanny` start inherit it. Set before any thread starts.
         std::env::set_var(turnstile_client::TOKEN_FILE_ENV, path);
+    }
+    if let Some(path) = &cli.ca {
+        // The same for the CA file: the client library reads TURNSTILE_CA.
+        std::env::set_var(turnstile_client::CA_ENV, path);
     }
     let result = match cli.command {
         // No logging and no runtime: the guard is a small single-threaded process whose

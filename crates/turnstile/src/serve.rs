@@ -88,6 +88,49 @@ pub struct ServeArgs {
     /// `never`. Fencing tokens of a name created again still go up.
     #[arg(long, env = "TURNSTILE_FORGET_IDLE", default_value = "10m", value_parser = parse_forget)]
     forget_idle: ForgetIdle,
+    /// Serve TLS with this PEM certificate chain (with --tls-key): the protocol port then
+    /// speaks TLS only (clients use tls://HOST:PORT) and the HTTP port serves HTTPS only.
+    #[arg(long, env = "TURNSTILE_TLS_CERT", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "TURNSTILE_TLS_KEY", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// How long a new connection has to complete its handshake (TLS and Hello) before it is
+    /// closed (e.g. 5s).
+    #[arg(long, env = "TURNSTILE_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = parse_handshake_timeout)]
+    handshake_timeout: Duration,
+    /// Most connections still in their handshake at once; past this, the oldest of them is
+    /// closed to make room (so that silent sockets cannot lock real clients out).
+    #[arg(long, env = "TURNSTILE_MAX_HANDSHAKING", default_value_t = 256, value_parser = parse_positive)]
+    max_handshaking: usize,
+    /// Most connections from one IP address at once; further ones are closed at once.
+    #[arg(long, env = "TURNSTILE_MAX_PER_ADDRESS", default_value_t = 1024, value_parser = parse_positive)]
+    max_per_address: usize,
+}
+
+/// The longest `--handshake-timeout`: a handshake takes milliseconds; longer only lets idle
+/// sockets stay.
+pub const MAX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Parses `--handshake-timeout`: a duration above zero, at most [`MAX_HANDSHAKE_TIMEOUT`].
+pub fn parse_handshake_timeout(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err("must be positive".into()),
+        d if d > MAX_HANDSHAKE_TIMEOUT => Err(format!(
+            "must be at most {}",
+            humantime::format_duration(MAX_HANDSHAKE_TIMEOUT)
+        )),
+        d => Ok(d),
+    }
+}
+
+/// Parses a count that must be at least 1.
+pub fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{s:?} is not a positive integer")),
+    }
 }
 
 /// `--forget-idle`: how long an idle semaphore is kept, or never forgotten (`None`).
@@ -212,6 +255,16 @@ pub struct Settings {
     pub insecure: Set<bool>,
     /// Idle time before a semaphore is forgotten.
     pub forget_idle: Set<Option<Duration>>,
+    /// The TLS certificate chain.
+    pub tls_cert: Set<Option<PathBuf>>,
+    /// The TLS private key.
+    pub tls_key: Set<Option<PathBuf>>,
+    /// The handshake timeout.
+    pub handshake_timeout: Set<Duration>,
+    /// Connections in their handshake, at most.
+    pub max_handshaking: Set<usize>,
+    /// Connections per IP address, at most.
+    pub max_per_address: Set<usize>,
 }
 
 /// The config file, parsed and checked: each key that is present, with its value.
@@ -230,10 +283,15 @@ pub struct FileConfig {
     admin_token_file: Option<PathBuf>,
     insecure: Option<bool>,
     forget_idle: Option<Option<Duration>>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    handshake_timeout: Option<Duration>,
+    max_handshaking: Option<usize>,
+    max_per_address: Option<usize>,
 }
 
 /// Every key of the config file.
-const KEYS: [&str; 13] = [
+const KEYS: [&str; 18] = [
     "listen",
     "http",
     "session_ttl",
@@ -247,6 +305,11 @@ const KEYS: [&str; 13] = [
     "admin_token_file",
     "insecure",
     "forget_idle",
+    "tls_cert",
+    "tls_key",
+    "handshake_timeout",
+    "max_handshaking",
+    "max_per_address",
 ];
 
 impl FileConfig {
@@ -284,20 +347,28 @@ impl FileConfig {
             };
             let text = || value.as_str().ok_or_else(|| bad("a string"));
             let with_key = |e: String| format!("key `{key}`: {e}");
+            let positive = || {
+                value
+                    .as_integer()
+                    .and_then(|n| usize::try_from(n).ok())
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| bad("a positive integer"))
+            };
             match key.as_str() {
                 "listen" => config.listen = Some(parse_addr(text()?).map_err(with_key)?),
                 "http" => config.http = Some(parse_http(text()?).map_err(with_key)?.0),
                 "session_ttl" => {
                     config.session_ttl = Some(parse_duration(text()?).map_err(with_key)?)
                 }
-                "max_connections" => {
-                    let n = value
-                        .as_integer()
-                        .and_then(|n| usize::try_from(n).ok())
-                        .filter(|n| *n > 0)
-                        .ok_or_else(|| bad("a positive integer"))?;
-                    config.max_connections = Some(n);
+                "max_connections" => config.max_connections = Some(positive()?),
+                "max_handshaking" => config.max_handshaking = Some(positive()?),
+                "max_per_address" => config.max_per_address = Some(positive()?),
+                "handshake_timeout" => {
+                    config.handshake_timeout =
+                        Some(parse_handshake_timeout(text()?).map_err(with_key)?)
                 }
+                "tls_cert" => config.tls_cert = Some(PathBuf::from(text()?)),
+                "tls_key" => config.tls_key = Some(PathBuf::from(text()?)),
                 "data_dir" => config.data_dir = Some(PathBuf::from(text()?)),
                 "in_memory" => {
                     config.in_memory = Some(value.as_bool().ok_or_else(|| bad("true or false"))?)
@@ -404,6 +475,36 @@ impl ServeArgs {
             ),
             insecure: pick(matches, "insecure", self.insecure, file.insecure),
             forget_idle: pick(matches, "forget_idle", self.forget_idle.0, file.forget_idle),
+            tls_cert: pick(
+                matches,
+                "tls_cert",
+                self.tls_cert.clone(),
+                file.tls_cert.map(Some),
+            ),
+            tls_key: pick(
+                matches,
+                "tls_key",
+                self.tls_key.clone(),
+                file.tls_key.map(Some),
+            ),
+            handshake_timeout: pick(
+                matches,
+                "handshake_timeout",
+                self.handshake_timeout,
+                file.handshake_timeout,
+            ),
+            max_handshaking: pick(
+                matches,
+                "max_handshaking",
+                self.max_handshaking,
+                file.max_handshaking,
+            ),
+            max_per_address: pick(
+                matches,
+                "max_per_address",
+                self.max_per_address,
+                file.max_per_address,
+            ),
         }
     }
 
@@ -469,6 +570,8 @@ impl Settings {
         for (key, set) in [
             ("auth_token_file", &self.auth_token_file),
             ("admin_token_file", &self.admin_token_file),
+            ("tls_cert", &self.tls_cert),
+            ("tls_key", &self.tls_key),
         ] {
             match &set.value {
                 Some(path) => line(key, quoted(&path.to_string_lossy()), set.source),
@@ -485,10 +588,41 @@ impl Settings {
             humantime::format_duration(d).to_string()
         });
         line("forget_idle", quoted(&forget), self.forget_idle.source);
+        let handshake = humantime::format_duration(self.handshake_timeout.value).to_string();
+        line(
+            "handshake_timeout",
+            quoted(&handshake),
+            self.handshake_timeout.source,
+        );
+        for (key, set) in [
+            ("max_handshaking", &self.max_handshaking),
+            ("max_per_address", &self.max_per_address),
+        ] {
+            line(key, set.value.to_string(), set.source);
+        }
         for l in unset {
             let _ = writeln!(out, "{l}");
         }
         out
+    }
+
+    /// The TLS identity, if both the certificate and the key are set (by any layer); one
+    /// without the other is an error.
+    fn tls(&self) -> anyhow::Result<Option<turnstile_server::TlsIdentity>> {
+        match (&self.tls_cert.value, &self.tls_key.value) {
+            (None, None) => Ok(None),
+            (Some(cert), Some(key)) => turnstile_server::TlsIdentity::from_pem_files(cert, key)
+                .map(Some)
+                .map_err(anyhow::Error::new),
+            (Some(_), None) => anyhow::bail!(
+                "tls_cert ({}) is set without tls_key: give both",
+                self.tls_cert.source.name()
+            ),
+            (None, Some(_)) => anyhow::bail!(
+                "tls_key ({}) is set without tls_cert: give both",
+                self.tls_key.source.name()
+            ),
+        }
     }
 
     /// The server's configuration; fails if a value is out of range.
@@ -520,6 +654,10 @@ impl Settings {
             auth_token: token(&self.auth_token_file, "auth_token_file")?,
             admin_token: token(&self.admin_token_file, "admin_token_file")?,
             forget_idle: self.forget_idle.value,
+            handshake_timeout: self.handshake_timeout.value,
+            max_handshaking: self.max_handshaking.value,
+            max_per_address: self.max_per_address.value,
+            tls: self.tls()?,
             ..turnstile_server::Config::default()
         };
         if config.auth_token.is_none() && !self.insecure.value {
@@ -562,6 +700,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         }
     };
     let ttl = config.session_ttl;
+    let tls = config.tls.is_some();
     // Open the storage before binding: a locked or damaged data directory is reported at once.
     let server = turnstile_server::Server::open(config)?;
     let r = server.recovery();
@@ -605,12 +744,14 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         Some(l) => Some(l.local_addr()?),
         None => None,
     };
+    let scheme = if tls { "https" } else { "http" };
     if let Some(h) = http_addr {
-        println!("http on http://{h}/");
+        println!("http on {scheme}://{h}/");
     }
     tracing::info!(
         %addr,
-        http = %http_addr.map_or("off".to_owned(), |h| format!("http://{h}/")),
+        tls,
+        http = %http_addr.map_or("off".to_owned(), |h| format!("{scheme}://{h}/")),
         session_ttl = %humantime::format_duration(ttl),
         "turnstile coordinator listening; state {storage}"
     );
@@ -720,6 +861,24 @@ mod tests {
         assert_eq!(s.admin_token_file.value, None);
         let s = resolve(&["turnstile", "serve"], "http = \"off\"");
         assert_eq!((s.http.value, s.http.source), (None, Source::File));
+        let s = resolve(
+            &["turnstile", "serve", "--max-per-address", "3"],
+            "max_per_address = 9\nmax_handshaking = 7\ntls_key = \"/k\"",
+        );
+        assert_eq!(
+            (s.max_per_address.value, s.max_per_address.source),
+            (3, Source::Flag)
+        );
+        assert_eq!(
+            (s.max_handshaking.value, s.max_handshaking.source),
+            (7, Source::File)
+        );
+        assert_eq!(s.tls_key.value, Some(PathBuf::from("/k")));
+        assert_eq!(s.handshake_timeout.value, Duration::from_secs(5));
+        let config = s.server_config();
+        assert!(config.is_err_and(|e| e
+            .to_string()
+            .contains("tls_key (config file) is set without tls_cert")),);
         let s = resolve(&["turnstile", "serve", "--in-memory"], "in_memory = false");
         assert_eq!(
             (s.in_memory.value, s.in_memory.source),
@@ -747,6 +906,10 @@ mod tests {
         assert_eq!(back.fsync, Some(Fsync::Always));
         assert_eq!(back.http, Some(None));
         assert_eq!(back.session_ttl, Some(Duration::from_secs(10)));
+        assert_eq!(back.handshake_timeout, Some(Duration::from_secs(5)));
+        assert_eq!(back.max_handshaking, Some(256));
+        assert_eq!(back.max_per_address, Some(1024));
+        assert_eq!(back.tls_cert, None);
     }
 
     #[test]
@@ -774,6 +937,20 @@ mod tests {
             ("snapshot_every = -5", "key `snapshot_every`"),
             ("log_format = \"xml\"", "key `log_format`:"),
             ("insecure = 1", "key `insecure`: expected true or false"),
+            (
+                "handshake_timeout = \"0s\"",
+                "key `handshake_timeout`: must be positive",
+            ),
+            (
+                "handshake_timeout = \"2h\"",
+                "key `handshake_timeout`: must be at most 5m",
+            ),
+            (
+                "max_per_address = 0",
+                "key `max_per_address`: expected a positive integer",
+            ),
+            ("max_handshaking = \"9\"", "key `max_handshaking`"),
+            ("tls_cert = 1", "key `tls_cert`: expected a string"),
             (
                 "auth_token_file = 5",
                 "key `auth_token_file`: expected a string",

@@ -360,6 +360,44 @@ fn dashboard_shows_a_new_lease_without_a_reload() {
         eprintln!("and to {}", docs.display());
     }
 
+    // A coordinator whose HTTP port is beyond loopback asks for its token on the data routes
+    // (the page itself is open): the page says so, then takes the token from the fragment,
+    // sends it as a bearer token, and wipes it from the address bar.
+    std::fs::write(h.dir.join("token"), "s3cret\n").expect("write the token");
+    let token_file = h.dir.join("token").display().to_string();
+    let guarded = Server::start_with(&[
+        "--in-memory",
+        "--auth-token-file",
+        &token_file,
+        "--http",
+        "0.0.0.0:0",
+    ]);
+    let port = guarded
+        .http_addr()
+        .rsplit_once(':')
+        .map(|(_, p)| p.to_owned())
+        .expect("a port");
+    let base = format!("http://127.0.0.1:{port}/");
+    browser.call("Page.navigate", json!({ "url": base }));
+    browser.wait_for(
+        "the page to ask for the token",
+        r#"document.getElementById('live-text').textContent.includes('asks for its token')"#,
+    );
+    assert_eq!(browser.eval("document.body.dataset.polls"), json!("0"));
+    browser.call(
+        "Page.navigate",
+        json!({ "url": format!("{base}#token=s3cret") }),
+    );
+    browser.wait_for(
+        "the status drawn with the token",
+        r#"Number(document.body.dataset.polls) >= 1 && location.hash === ''"#,
+    );
+    assert_eq!(
+        browser.eval("sessionStorage.getItem('turnstile-token')"),
+        json!("s3cret")
+    );
+    drop(guarded);
+
     std::fs::write(h.dir.join("go"), "").expect("release the holders");
     browser.session = None; // a command for the browser, not the page
     let _ = browser.call("Browser.close", json!({}));

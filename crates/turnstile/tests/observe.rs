@@ -105,6 +105,8 @@ fn settings_precedence_flag_env_file_default() {
         session_ttl = "30s"
         fsync = "always"
         max_connections = 50
+        handshake_timeout = "2s"
+        max_handshaking = 64
     "#;
     let printed = print_config(
         &dir,
@@ -114,6 +116,8 @@ fn settings_precedence_flag_env_file_default() {
             ("TURNSTILE_SESSION_TTL", "5s"),
             ("TURNSTILE_LOG_FORMAT", "json"),
             ("TURNSTILE_AUTH_TOKEN_FILE", "/etc/turnstile/token"),
+            ("TURNSTILE_MAX_PER_ADDRESS", "32"),
+            ("TURNSTILE_TLS_CERT", "/etc/turnstile/cert.pem"),
         ],
         &["--listen", "127.0.0.1:9201"],
     );
@@ -128,9 +132,14 @@ fn settings_precedence_flag_env_file_default() {
         "snapshot_every = 67108864  # default",
         "log_format = \"json\"  # environment",
         "auth_token_file = \"/etc/turnstile/token\"  # environment",
+        "tls_cert = \"/etc/turnstile/cert.pem\"  # environment",
         "insecure = false  # default",
         "forget_idle = \"10m\"  # default",
+        "handshake_timeout = \"2s\"  # config file",
+        "max_handshaking = 64  # config file",
+        "max_per_address = 32  # environment",
         "# admin_token_file is not set  # default",
+        "# tls_key is not set  # default",
     ];
     assert_eq!(printed.lines().collect::<Vec<_>>(), expected, "{printed}");
 

@@ -178,10 +178,11 @@ impl Server {
         server
     }
 
-    /// The HTTP port's `host:port`; panics if the server was started without one.
+    /// The HTTP (or HTTPS) port's `host:port`; panics if the server was started without one.
     pub fn http_addr(&self) -> String {
         let url = self.http.as_deref().expect("the server serves HTTP");
-        url.trim_start_matches("http://")
+        url.trim_start_matches("https://")
+            .trim_start_matches("http://")
             .trim_end_matches('/')
             .to_owned()
     }
