@@ -242,6 +242,12 @@ struct Health {
     /// Since when the coordinator has not answered, while it cannot be reached; `NEVER`
     /// while it answers.
     away_since: AtomicU64,
+    /// Writes to the socket, for the tests of coalescing.
+    #[cfg(test)]
+    writes: AtomicU64,
+    /// Leases the driver watches for loss, as of the end of its last turn.
+    #[cfg(test)]
+    watched: AtomicU64,
 }
 
 const NEVER: u64 = u64::MAX;
@@ -255,6 +261,10 @@ impl Health {
             last_contact: AtomicU64::new(0),
             ttl_ms: AtomicU64::new(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
             away_since: AtomicU64::new(NEVER),
+            #[cfg(test)]
+            writes: AtomicU64::new(0),
+            #[cfg(test)]
+            watched: AtomicU64::new(0),
         }
     }
 
@@ -1063,6 +1073,10 @@ impl Driver {
                 }
             }
             self.flush().await;
+            #[cfg(test)]
+            self.health
+                .watched
+                .store(self.leases.len() as u64, Ordering::Relaxed);
             let at = self.next_wake();
             if at < armed || fired {
                 armed = at;
@@ -1229,6 +1243,8 @@ impl Driver {
             self.out.clear();
             return;
         };
+        #[cfg(test)]
+        self.health.writes.fetch_add(1, Ordering::Relaxed);
         // The socket almost always takes it all at once; only a full send buffer waits, bounded
         // so that a peer that stopped reading cannot stall the loop.
         let result = match link.wr.try_write(&self.out) {
@@ -1801,5 +1817,103 @@ fn owned(r: proto::Reply<'_>) -> OwnedReply {
             failures,
         })),
         proto::Reply::Leases { leases } => OwnedReply::Leases(leases.iter().collect()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An in-process coordinator on a free port, and a client of it with its `Health`.
+    async fn client() -> (crate::Client, Arc<Health>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        tokio::spawn(async move {
+            let _ = turnstile_server::run(
+                listener,
+                turnstile_server::Config::default(),
+                std::future::pending::<()>(),
+            )
+            .await;
+        });
+        let backend = TcpBackend::connect(addr.to_string(), Options::default())
+            .await
+            .expect("connect");
+        let health = backend.health.clone();
+        (crate::Client::from_backend(Arc::new(backend)), health)
+    }
+
+    /// Requests queued by many callers while the driver was busy go out in one write, and
+    /// each caller gets its own answer: half of them ask for what their semaphore has
+    /// (granted), half for more than its capacity (refused at once).
+    #[tokio::test]
+    async fn queued_requests_share_one_write() {
+        const CALLERS: usize = 64;
+        let (client, health) = client().await;
+        let mut sems = Vec::new();
+        for i in 0..CALLERS {
+            sems.push(
+                client
+                    .semaphore(&format!("w-{i}"), 2)
+                    .await
+                    .expect("ensure"),
+            );
+        }
+        let before = health.writes.load(Ordering::Relaxed);
+        // On this one-thread runtime, every caller queues its request before the driver runs.
+        let calls: Vec<_> = sems
+            .into_iter()
+            .enumerate()
+            .map(|(i, sem)| {
+                let weight = if i % 2 == 0 { 2 } else { 3 };
+                tokio::spawn(async move { (i, sem.acquire_many(weight).await) })
+            })
+            .collect();
+        let mut granted = Vec::new();
+        for call in calls {
+            let (i, answer) = call.await.expect("join");
+            match answer {
+                Ok(permit) => {
+                    assert_eq!(i % 2, 0, "caller {i} got another's grant");
+                    granted.push(permit);
+                }
+                Err(e) => assert!(
+                    i % 2 == 1 && e.code().is_some(),
+                    "caller {i} got another's refusal: {e}"
+                ),
+            }
+        }
+        let writes = health.writes.load(Ordering::Relaxed) - before;
+        assert_eq!(granted.len(), CALLERS / 2);
+        assert!(
+            writes <= 2,
+            "{CALLERS} queued requests took {writes} writes instead of one"
+        );
+        drop(granted);
+        client.shutdown().await.expect("shutdown");
+    }
+
+    /// A permit released with `release()` leaves the driver's map of leases to watch: it
+    /// would otherwise grow by one with every pair for the life of the client.
+    #[tokio::test]
+    async fn released_leases_are_not_watched() {
+        let (client, health) = client().await;
+        let sem = client.semaphore("watched", 1).await.expect("ensure");
+        for _ in 0..20 {
+            sem.acquire()
+                .await
+                .expect("acquire")
+                .release()
+                .await
+                .expect("release");
+        }
+        let held = sem.acquire().await.expect("acquire");
+        // A round trip after the grant, so that the driver has ended the turn that saw it.
+        client.status(Some("watched")).await.expect("status");
+        assert_eq!(health.watched.load(Ordering::Relaxed), 1);
+        drop(held);
+        client.shutdown().await.expect("shutdown");
     }
 }
