@@ -29,7 +29,6 @@ use turnstile_client as tc;
 /// How often a blocking wait lets Python check for signals (Ctrl-C).
 const SIGNAL_POLL: Duration = Duration::from_millis(50);
 
-
 /// A process's runtime, and the tick that wakes blocking waits to check for signals.
 ///
 /// The tick is one interval task per process rather than a timer per wait: a timer set from a
