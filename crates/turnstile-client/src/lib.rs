@@ -29,7 +29,12 @@
 //! If the session is lost (it expired while the client was cut off, or the semaphore was
 //! closed), each affected [`Permit`] learns of it through [`Permit::lost`]. A client that has
 //! not heard from the coordinator for a whole TTL treats its leases as lost without waiting to
-//! be told, since the coordinator will have given them away.
+//! be told, since the coordinator will have given them away. [`Permit::lost_signal`] gives the
+//! same news as a cloneable [`LostSignal`] for other tasks and threads, without polling.
+//!
+//! One client may be shared by many tasks and threads: their requests go out on its one
+//! connection, several to a write when they come together, and each reply finds its caller by
+//! request id.
 //!
 //! The URL picks the backend: `tcp://HOST:PORT` is the coordinator; `file:///path/to/dir` needs
 //! no server: the semaphores live in a directory shared by every process that uses them (on
