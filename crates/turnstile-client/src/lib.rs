@@ -29,7 +29,12 @@
 //! If the session is lost (it expired while the client was cut off, or the semaphore was
 //! closed), each affected [`Permit`] learns of it through [`Permit::lost`]. A client that has
 //! not heard from the coordinator for a whole TTL treats its leases as lost without waiting to
-//! be told, since the coordinator will have given them away.
+//! be told, since the coordinator will have given them away. [`Permit::lost_signal`] gives the
+//! same news as a cloneable [`LostSignal`] for other tasks and threads, without polling.
+//!
+//! One client may be shared by many tasks and threads: their requests go out on its one
+//! connection, several to a write when they come together, and each reply finds its caller by
+//! request id.
 //!
 //! The URL picks the backend: `tcp://HOST:PORT` is the coordinator (`tls://HOST:PORT` over TLS,
 //! trusting the CA in [`Options::ca`] or `TURNSTILE_CA`, else the system's roots); `file:///path/to/dir` needs
@@ -538,6 +543,14 @@ impl Permit {
         *self.lost.borrow()
     }
 
+    /// A handle on this lease's loss that outlives the permit and can be cloned, moved to
+    /// other threads and tasks, and waited on: see [`LostSignal`]. Costs one reference count.
+    pub fn lost_signal(&self) -> LostSignal {
+        LostSignal {
+            rx: self.lost.clone(),
+        }
+    }
+
     /// Waits until the lease is lost and says why. Pending forever while the lease is held.
     pub async fn lost(&self) -> LostReason {
         let mut rx = self.lost.clone();
@@ -562,6 +575,45 @@ impl Permit {
             return Ok(());
         }
         self.client.backend.release(self.lease).await
+    }
+}
+
+/// Whether a permit's lease was lost, seen from anywhere: another task, another thread, or
+/// after the permit is gone. From [`Permit::lost_signal`].
+///
+/// The backend pushes the loss into it as it learns of it (an event from the coordinator, a
+/// reconcile after a resume, the client's own presumed loss after a TTL without an answer), so
+/// waiting on it costs nothing until then; there is nothing to poll.
+#[derive(Clone, Debug)]
+pub struct LostSignal {
+    rx: watch::Receiver<Option<LostReason>>,
+}
+
+impl LostSignal {
+    /// Why the lease was lost, if it was.
+    pub fn reason(&self) -> Option<LostReason> {
+        *self.rx.borrow()
+    }
+
+    /// Whether the lease was lost.
+    pub fn is_lost(&self) -> bool {
+        self.reason().is_some()
+    }
+
+    /// Waits until the lease is lost: `Some(reason)`. `None` once no loss can come any more:
+    /// the lease was released (or its job finished), or the client was shut down or dropped.
+    /// Pending while the lease is held.
+    pub async fn wait(&self) -> Option<LostReason> {
+        let mut rx = self.rx.clone();
+        loop {
+            if let Some(reason) = *rx.borrow_and_update() {
+                return Some(reason);
+            }
+            if rx.changed().await.is_err() {
+                // The sender went with the lease's end; a loss sent just before stays visible.
+                return *rx.borrow();
+            }
+        }
     }
 }
 

@@ -68,6 +68,22 @@ const BACKOFF_TTL_DIVISOR: u32 = 10;
 /// to a session-refreshing request, i.e. 10% before the coordinator may expire them.
 const SAFETY_DIVISOR: u32 = 10;
 
+/// Beyond this, the write buffer gives its memory back after a write.
+const OUT_KEEP: usize = 64 * 1024;
+/// The least free room in the read buffer before each read.
+const READ_CHUNK: usize = 16 * 1024;
+/// Far enough in the future to stand for "never" in the driver's timer.
+const FAR: Duration = Duration::from_secs(24 * 3600);
+
+/// Writes what a non-blocking write left, bounded by [`WRITE_TIMEOUT`].
+async fn write_rest(wr: &mut LinkWrite, rest: &[u8]) -> Result<(), String> {
+    match tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(rest)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("write failed: {e}")),
+        Err(_) => Err("a write did not go out".into()),
+    }
+}
+
 /// A request as the driver keeps it until answered: owned, so it can be re-sent.
 #[derive(Clone, Debug)]
 enum Req {
@@ -239,6 +255,12 @@ struct Health {
     /// Since when the coordinator has not answered, while it cannot be reached; `NEVER`
     /// while it answers.
     away_since: AtomicU64,
+    /// Writes to the socket, for the tests of coalescing.
+    #[cfg(test)]
+    writes: AtomicU64,
+    /// Leases the driver watches for loss, as of the end of its last turn.
+    #[cfg(test)]
+    watched: AtomicU64,
 }
 
 const NEVER: u64 = u64::MAX;
@@ -252,6 +274,10 @@ impl Health {
             last_contact: AtomicU64::new(0),
             ttl_ms: AtomicU64::new(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
             away_since: AtomicU64::new(NEVER),
+            #[cfg(test)]
+            writes: AtomicU64::new(0),
+            #[cfg(test)]
+            watched: AtomicU64::new(0),
         }
     }
 
@@ -363,6 +389,8 @@ impl TcpBackend {
             backoff: MIN_BACKOFF,
             next_attempt: now,
             borrowed,
+            out: Vec::with_capacity(4096),
+            now,
         };
         let addr = driver.addr.clone();
         tokio::spawn(driver.run());
@@ -1016,6 +1044,10 @@ struct Driver {
     awaiting_since: Option<Instant>,
     /// The "still trying" line, while the coordinator is away.
     notice: Option<Notice>,
+    /// The frames queued in this turn of the loop, written together at its end.
+    out: Vec<u8>,
+    /// When this turn of the loop began: the send time of the requests it queues.
+    now: Instant,
 }
 
 /// A connection attempt that runs beside the driver's loop.
@@ -1037,68 +1069,139 @@ async fn attempt_done(c: &mut Option<Connecting>) -> (Opened, Instant, Option<u6
 
 impl Driver {
     async fn run(mut self) {
+        // One timer for every deadline of the loop (keep-alive, silence, reconnect, notice,
+        // presumed loss), armed at the earliest and re-armed only when that moves earlier or
+        // it fires: a turn that handles requests touches no timer. Firing early is harmless,
+        // because `on_timer` looks at what is actually due.
+        let mut armed = self.next_wake();
+        let timer = tokio::time::sleep_until(armed);
+        tokio::pin!(timer);
         loop {
-            let keepalive_at = self.last_keepalive + self.ttl / 3;
-            // Give up a little before the coordinator may: clocks on two machines run at
-            // slightly different rates, and our timer fires a little late under load.
-            let presumed_lost_at = self.last_contact + self.ttl - self.ttl / SAFETY_DIVISOR;
-            let silent_at = self.awaiting_since.map(|t| t + self.silence_limit());
-            let notice_at = self.notice.as_ref().map(Notice::due);
+            let mut fired = false;
             tokio::select! {
-                cmd = self.rx.recv() => match cmd {
-                    Some(Cmd::Shutdown { reply }) => {
-                        self.close_session().await;
-                        let _ = reply.send(());
-                        return;
+                cmd = self.rx.recv() => {
+                    self.now = Instant::now();
+                    let mut next = cmd;
+                    // Every command already queued goes out in the same write.
+                    loop {
+                        match next {
+                            Some(Cmd::Shutdown { reply }) => {
+                                self.flush().await;
+                                self.close_session().await;
+                                let _ = reply.send(());
+                                return;
+                            }
+                            Some(cmd) => self.on_cmd(cmd),
+                            None => {
+                                // Every handle is gone: end the session so its leases free
+                                // at once.
+                                self.flush().await;
+                                self.close_session().await;
+                                return;
+                            }
+                        }
+                        next = match self.rx.try_recv() {
+                            Ok(cmd) => Some(cmd),
+                            Err(mpsc::error::TryRecvError::Empty) => break,
+                            Err(mpsc::error::TryRecvError::Disconnected) => None,
+                        };
                     }
-                    Some(cmd) => self.on_cmd(cmd).await,
-                    None => {
-                        // Every handle is gone: end the session so its leases free at once.
-                        self.close_session().await;
-                        return;
-                    }
-                },
-                r = read_more(&mut self.link) => match r {
-                    Ok(()) => {
-                        self.heard();
-                        self.on_frames().await
-                    }
-                    Err(why) => self.disconnected(&why),
-                },
-                _ = tokio::time::sleep_until(keepalive_at), if self.link.is_some() => {
-                    let now = Instant::now();
-                    self.last_keepalive = now;
-                    self.awaiting_since.get_or_insert(now);
-                    self.submit(Req::KeepAlive, None, None).await;
                 }
-                _ = tokio::time::sleep_until(silent_at.unwrap_or_else(Instant::now)),
-                    if self.link.is_some() && silent_at.is_some() => {
-                    let limit = self.silence_limit();
-                    self.disconnected(&format!("no answer for {limit:?}"));
-                }
-                _ = tokio::time::sleep_until(self.next_attempt),
-                    if self.link.is_none() && self.connecting.is_none() && self.refused.is_none() => {
-                    self.reconnect(None);
+                r = read_more(&mut self.link) => {
+                    self.now = Instant::now();
+                    match r {
+                        Ok(()) => {
+                            self.heard();
+                            self.on_frames();
+                        }
+                        Err(why) => self.disconnected(&why),
+                    }
                 }
                 (opened, started, fresh) = attempt_done(&mut self.connecting) => {
+                    self.now = Instant::now();
                     self.connecting = None;
-                    self.on_attempt(opened, started, fresh).await;
+                    self.on_attempt(opened, started, fresh);
                 }
-                _ = tokio::time::sleep_until(notice_at.unwrap_or_else(Instant::now)),
-                    if notice_at.is_some() => {
-                    if let Some(notice) = &mut self.notice {
-                        notice.show(&self.addr, Instant::now());
-                    }
-                }
-                _ = tokio::time::sleep_until(presumed_lost_at), if !self.leases.is_empty() => {
-                    // Each permit's `lost` says so; `turnstile run` prints it in its own words.
-                    tracing::debug!("no answer from the coordinator for a whole TTL; leases presumed lost");
-                    self.abandoned.extend(self.leases.keys().copied());
-                    self.lose_all(LostReason::Unreachable);
-                    // Push the contact mark forward so this arm does not spin.
-                    self.last_contact = Instant::now();
+                () = &mut timer => {
+                    self.now = Instant::now();
+                    fired = true;
+                    self.on_timer();
                 }
             }
+            self.flush().await;
+            #[cfg(test)]
+            self.health
+                .watched
+                .store(self.leases.len() as u64, Ordering::Relaxed);
+            let at = self.next_wake();
+            if at < armed || fired {
+                armed = at;
+                timer.as_mut().reset(at);
+            }
+        }
+    }
+
+    /// The earliest deadline the loop has to act on (see `on_timer`).
+    fn next_wake(&self) -> Instant {
+        let mut at = self.last_keepalive + FAR;
+        if self.link.is_some() {
+            at = at.min(self.last_keepalive + self.ttl / 3);
+            if let Some(since) = self.awaiting_since {
+                at = at.min(since + self.silence_limit());
+            }
+        } else if self.connecting.is_none() && self.refused.is_none() {
+            at = at.min(self.next_attempt);
+        }
+        if let Some(notice) = &self.notice {
+            at = at.min(notice.due());
+        }
+        if !self.leases.is_empty() {
+            at = at.min(self.presumed_lost_at());
+        }
+        at
+    }
+
+    /// Give up a little before the coordinator may: clocks on two machines run at slightly
+    /// different rates, and our timer fires a little late under load.
+    fn presumed_lost_at(&self) -> Instant {
+        self.last_contact + self.ttl - self.ttl / SAFETY_DIVISOR
+    }
+
+    /// The loop's timer fired: does what is due.
+    fn on_timer(&mut self) {
+        let now = self.now;
+        if self.link.is_some() {
+            if let Some(since) = self.awaiting_since {
+                let limit = self.silence_limit();
+                if now >= since + limit {
+                    self.disconnected(&format!("no answer for {limit:?}"));
+                }
+            }
+        }
+        if self.link.is_some() && now >= self.last_keepalive + self.ttl / 3 {
+            self.last_keepalive = now;
+            self.awaiting_since.get_or_insert(now);
+            self.submit(Req::KeepAlive, None, None);
+        }
+        if self.link.is_none()
+            && self.connecting.is_none()
+            && self.refused.is_none()
+            && now >= self.next_attempt
+        {
+            self.reconnect(None);
+        }
+        if let Some(notice) = &mut self.notice {
+            if now >= notice.due() {
+                notice.show(&self.addr, now);
+            }
+        }
+        if !self.leases.is_empty() && now >= self.presumed_lost_at() {
+            // Each permit's `lost` says so; `turnstile run` prints it in its own words.
+            tracing::debug!("no answer from the coordinator for a whole TTL; leases presumed lost");
+            self.abandoned.extend(self.leases.keys().copied());
+            self.lose_all(LostReason::Unreachable);
+            // Push the contact mark forward so this does not fire again at once.
+            self.last_contact = now;
         }
     }
 
@@ -1111,36 +1214,37 @@ impl Driver {
         Error::Rejected { code, message }
     }
 
-    async fn on_cmd(&mut self, cmd: Cmd) {
+    fn on_cmd(&mut self, cmd: Cmd) {
         match cmd {
             Cmd::Call { reply, .. } if self.refused.is_some() => {
                 let _ = reply.send(Err(self.refusal()));
             }
             Cmd::Call { req, reply, lost } => {
-                if let Req::FinishJob { lease, .. } = req {
-                    // The coordinator releases the lease as it records the end; from here no
-                    // loss is to be reported for it.
+                if let Req::FinishJob { lease, .. } | Req::Release { lease } = req {
+                    // The coordinator releases the lease as it records the end or handles the
+                    // release; from here no loss is to be reported for it (and a released
+                    // lease must not stay in the map, which would grow with every pair).
                     self.leases.remove(&lease);
                 }
-                self.submit(req, Some(reply), lost).await
+                self.submit(req, Some(reply), lost)
             }
             Cmd::Forget { lease } => {
                 self.leases.remove(&lease);
-                self.submit(Req::Release { lease }, None, None).await;
+                self.submit(Req::Release { lease }, None, None);
             }
             Cmd::Probe => {
                 if self.link.is_some() {
-                    self.awaiting_since.get_or_insert(Instant::now());
-                    self.submit(Req::KeepAlive, None, None).await;
+                    self.awaiting_since.get_or_insert(self.now);
+                    self.submit(Req::KeepAlive, None, None);
                 }
             }
             Cmd::Shutdown { .. } => {}
         }
     }
 
-    /// Records a request as pending and sends it if connected; otherwise it goes out after
-    /// the next reconnect.
-    async fn submit(
+    /// Records a request as pending and queues it for the turn's write if connected;
+    /// otherwise it goes out after the next reconnect.
+    fn submit(
         &mut self,
         req: Req,
         reply: Option<Reply>,
@@ -1148,12 +1252,18 @@ impl Driver {
     ) {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1).max(1);
-        let mut frame = Vec::new();
-        encode(id, &req, &mut frame);
-        let size = frame.len().saturating_sub(4);
+        // Encoded straight into the write buffer: no buffer of its own per request.
+        let mark = self.out.len();
+        encode(id, &req, &mut self.out);
+        let size = (self.out.len() - mark).saturating_sub(4);
+        if self.link.is_none() {
+            // Sent with every other pending request once a link is made.
+            self.out.truncate(mark);
+        }
         if size > proto::MAX_REQUEST_FRAME {
             // The coordinator would refuse it and close the connection, and every reconnect
             // would send it again: fail the call here instead.
+            self.out.truncate(mark);
             let message = format!(
                 "the request is {size} bytes, over the coordinator's limit of {} (a name or \
                  reason too long?)",
@@ -1173,21 +1283,41 @@ impl Driver {
                 req,
                 reply,
                 lost,
-                sent_at: Instant::now(),
+                // The start of the turn: no later than the send, as the contact mark needs.
+                sent_at: self.now,
                 resent: false,
             },
         );
-        self.write(&frame).await;
     }
 
-    async fn write(&mut self, frame: &[u8]) {
-        if let Some(link) = &mut self.link {
-            // Bounded, so that a peer that stopped reading cannot stall the loop.
-            match tokio::time::timeout(WRITE_TIMEOUT, link.wr.write_all(frame)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => self.disconnected(&format!("write failed: {e}")),
-                Err(_) => self.disconnected("a write did not go out"),
+    /// Writes what the turn queued, in one go.
+    async fn flush(&mut self) {
+        if self.out.is_empty() {
+            return;
+        }
+        let Some(link) = &mut self.link else {
+            self.out.clear();
+            return;
+        };
+        #[cfg(test)]
+        self.health.writes.fetch_add(1, Ordering::Relaxed);
+        // The socket almost always takes it all at once; only a full send buffer waits, bounded
+        // so that a peer that stopped reading cannot stall the loop.
+        let result = match link.wr.try_write(&self.out) {
+            Ok(n) if n == self.out.len() => Ok(()),
+            Ok(n) => write_rest(&mut link.wr, &self.out[n..]).await,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                write_rest(&mut link.wr, &self.out).await
             }
+            Err(e) => Err(format!("write failed: {e}")),
+        };
+        self.out.clear();
+        if self.out.capacity() > OUT_KEEP {
+            // A large re-send after a reconnect: do not keep its memory for ever.
+            self.out.shrink_to(OUT_KEEP);
+        }
+        if let Err(why) = result {
+            self.disconnected(&why);
         }
     }
 
@@ -1200,7 +1330,7 @@ impl Driver {
     /// Bytes came from the coordinator.
     fn heard(&mut self) {
         self.awaiting_since = None;
-        let now = self.health.ms(Instant::now());
+        let now = self.health.ms(self.now);
         self.health.last_heard.store(now, Ordering::Relaxed);
     }
 
@@ -1212,6 +1342,9 @@ impl Driver {
     }
 
     fn disconnected(&mut self, why: &str) {
+        // Whatever was queued for the dead link goes out again with the other pending
+        // requests after the reconnect.
+        self.out.clear();
         if self.link.take().is_some() {
             // Quiet: a restart of the coordinator must stay invisible. The notice says so if
             // the coordinator stays away.
@@ -1263,7 +1396,7 @@ impl Driver {
     }
 
     /// A connection attempt finished.
-    async fn on_attempt(&mut self, opened: Opened, attempt_started: Instant, fresh: Option<u64>) {
+    fn on_attempt(&mut self, opened: Opened, attempt_started: Instant, fresh: Option<u64>) {
         let opened = match opened {
             Ok(Ok(ok)) => {
                 if let Some(fresh) = fresh {
@@ -1327,42 +1460,45 @@ impl Driver {
         self.health.away_since.store(NEVER, Ordering::Relaxed);
         self.contact(attempt_started);
         self.last_keepalive = now;
-        let mut frames = Vec::new();
+        // The write buffer is empty between turns, so the re-sent requests go first.
         for (id, p) in &mut self.pending {
             p.resent = true;
             p.sent_at = now;
-            encode(*id, &p.req, &mut frames);
+            encode(*id, &p.req, &mut self.out);
         }
-        self.write(&frames).await;
         for lease in std::mem::take(&mut self.abandoned) {
-            self.submit(Req::Release { lease }, None, None).await;
+            self.submit(Req::Release { lease }, None, None);
         }
         if !self.leases.is_empty() {
-            self.submit(Req::Leases, None, None).await;
+            self.submit(Req::Leases, None, None);
         }
     }
 
-    async fn on_frames(&mut self) {
+    /// Handles every whole frame the link's buffer holds.
+    fn on_frames(&mut self) {
+        let Some(link) = &mut self.link else { return };
+        // Taken out so that the replies can be handled while it is read; the frames handled
+        // are dropped from its front once, at the end, not one by one.
+        let mut buf = std::mem::take(&mut link.buf);
+        let mut pos = 0;
         loop {
-            let Some(link) = &mut self.link else { return };
-            let (id, reply) = match split_frame(&link.buf, MAX_REPLY_FRAME) {
+            let (id, reply) = match split_frame(&buf[pos..], MAX_REPLY_FRAME) {
                 Ok(Some((payload, used))) => {
                     let decoded = decode_reply(payload).map(|(id, r)| (id, owned(r)));
-                    link.buf.drain(..used);
+                    pos += used;
                     match decoded {
                         Ok(x) => x,
                         Err(e) => return self.disconnected(&format!("bad frame from server: {e}")),
                     }
                 }
-                Ok(None) => return,
+                Ok(None) => break,
                 Err(e) => {
                     if let proto::DecodeError::TooLarge { .. } = e {
                         // The reply cannot be taken, and asking again would bring the same:
                         // fail its request (named in the frame's header) rather than re-send
                         // it after the reconnect.
-                        let id = link
-                            .buf
-                            .get(5..9)
+                        let id = buf
+                            .get(pos + 5..pos + 9)
                             .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
                         if let Some(p) = id.and_then(|id| self.pending.remove(&id)) {
                             if let Some(reply) = p.reply {
@@ -1376,18 +1512,22 @@ impl Driver {
                     return self.disconnected(&format!("bad frame from server: {e}"));
                 }
             };
-            self.on_reply(id, reply).await;
+            self.on_reply(id, reply);
+        }
+        if let Some(link) = &mut self.link {
+            buf.drain(..pos);
+            link.buf = buf;
         }
     }
 
-    async fn on_reply(&mut self, id: u32, reply: OwnedReply) {
+    fn on_reply(&mut self, id: u32, reply: OwnedReply) {
         if id == 0
             || matches!(
                 reply,
                 OwnedReply::LeaseLost(..) | OwnedReply::SessionLost(_)
             )
         {
-            return self.on_event(reply).await;
+            return self.on_event(reply);
         }
         let Some(p) = self.pending.remove(&id) else {
             return;
@@ -1418,7 +1558,7 @@ impl Driver {
             self.contact(p.sent_at);
         }
         if !session_alive {
-            self.session_gone(LostReason::Expired).await;
+            self.session_gone(LostReason::Expired);
         }
         let result = match (&p.req, result) {
             // A re-sent release whose first copy got through finds nothing to release.
@@ -1442,7 +1582,7 @@ impl Driver {
                 _ => {
                     // Nobody wants this grant any more (the acquire was dropped): give it back.
                     let lease = *lease;
-                    return self.submit(Req::Release { lease }, None, None).await;
+                    return self.submit(Req::Release { lease }, None, None);
                 }
             }
         }
@@ -1451,14 +1591,14 @@ impl Driver {
         }
     }
 
-    async fn on_event(&mut self, event: OwnedReply) {
+    fn on_event(&mut self, event: OwnedReply) {
         match event {
             OwnedReply::LeaseLost(lease, reason) => {
                 if let Some(tx) = self.leases.remove(&lease) {
                     let _ = tx.send(Some(reason));
                 }
             }
-            OwnedReply::SessionLost(reason) => self.session_gone(reason).await,
+            OwnedReply::SessionLost(reason) => self.session_gone(reason),
             OwnedReply::Error(code, message) => {
                 // Unsolicited errors: the server is shutting down, or we broke the protocol.
                 tracing::warn!(?code, message, "the coordinator reports an error");
@@ -1469,7 +1609,7 @@ impl Driver {
 
     /// The session ended on the coordinator: every lease is lost; open a new session so the
     /// client stays usable.
-    async fn session_gone(&mut self, reason: LostReason) {
+    fn session_gone(&mut self, reason: LostReason) {
         self.lose_all(reason);
         self.abandoned.clear();
         let fresh = random_id();
@@ -1483,8 +1623,7 @@ impl Driver {
             },
             None,
             None,
-        )
-        .await;
+        );
     }
 
     /// The answer to the `Leases` sent after a resume: every lease we count as held that the
@@ -1521,6 +1660,7 @@ impl Driver {
         if self.link.is_none() {
             return;
         }
+        self.now = Instant::now();
         if self.borrowed {
             // Our own leases, held or still queued for; the session stays.
             let mut mine: Vec<u64> = self.leases.keys().copied().collect();
@@ -1530,11 +1670,12 @@ impl Driver {
             }));
             self.leases.clear();
             for lease in mine {
-                self.submit(Req::Release { lease }, None, None).await;
+                self.submit(Req::Release { lease }, None, None);
             }
         } else {
-            self.submit(Req::CloseSession, None, None).await;
+            self.submit(Req::CloseSession, None, None);
         }
+        self.flush().await;
         // Wait briefly for the answers, so that the leases are free when we return.
         let wait = async {
             while self
@@ -1543,7 +1684,11 @@ impl Driver {
                 .any(|p| matches!(p.req, Req::CloseSession | Req::Release { .. }))
             {
                 match read_more(&mut self.link).await {
-                    Ok(()) => self.on_frames().await,
+                    Ok(()) => {
+                        self.now = Instant::now();
+                        self.on_frames();
+                        self.flush().await;
+                    }
                     Err(_) => return,
                 }
             }
@@ -1558,6 +1703,8 @@ async fn read_more(link: &mut Option<Link>) -> Result<(), String> {
     let Some(link) = link else {
         return std::future::pending().await;
     };
+    // Room for many replies, so that one read takes every frame that has arrived.
+    link.buf.reserve(READ_CHUNK);
     match link.rd.read_buf(&mut link.buf).await {
         Ok(0) => Err("the coordinator closed the connection".into()),
         Ok(_) => Ok(()),
@@ -1737,5 +1884,103 @@ fn owned(r: proto::Reply<'_>) -> OwnedReply {
             failures,
         })),
         proto::Reply::Leases { leases } => OwnedReply::Leases(leases.iter().collect()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An in-process coordinator on a free port, and a client of it with its `Health`.
+    async fn client() -> (crate::Client, Arc<Health>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        tokio::spawn(async move {
+            let _ = turnstile_server::run(
+                listener,
+                turnstile_server::Config::default(),
+                std::future::pending::<()>(),
+            )
+            .await;
+        });
+        let backend = TcpBackend::connect(addr.to_string(), None, Options::default())
+            .await
+            .expect("connect");
+        let health = backend.health.clone();
+        (crate::Client::from_backend(Arc::new(backend)), health)
+    }
+
+    /// Requests queued by many callers while the driver was busy go out in one write, and
+    /// each caller gets its own answer: half of them ask for what their semaphore has
+    /// (granted), half for more than its capacity (refused at once).
+    #[tokio::test]
+    async fn queued_requests_share_one_write() {
+        const CALLERS: usize = 64;
+        let (client, health) = client().await;
+        let mut sems = Vec::new();
+        for i in 0..CALLERS {
+            sems.push(
+                client
+                    .semaphore(&format!("w-{i}"), 2)
+                    .await
+                    .expect("ensure"),
+            );
+        }
+        let before = health.writes.load(Ordering::Relaxed);
+        // On this one-thread runtime, every caller queues its request before the driver runs.
+        let calls: Vec<_> = sems
+            .into_iter()
+            .enumerate()
+            .map(|(i, sem)| {
+                let weight = if i % 2 == 0 { 2 } else { 3 };
+                tokio::spawn(async move { (i, sem.acquire_many(weight).await) })
+            })
+            .collect();
+        let mut granted = Vec::new();
+        for call in calls {
+            let (i, answer) = call.await.expect("join");
+            match answer {
+                Ok(permit) => {
+                    assert_eq!(i % 2, 0, "caller {i} got another's grant");
+                    granted.push(permit);
+                }
+                Err(e) => assert!(
+                    i % 2 == 1 && e.code().is_some(),
+                    "caller {i} got another's refusal: {e}"
+                ),
+            }
+        }
+        let writes = health.writes.load(Ordering::Relaxed) - before;
+        assert_eq!(granted.len(), CALLERS / 2);
+        assert!(
+            writes <= 2,
+            "{CALLERS} queued requests took {writes} writes instead of one"
+        );
+        drop(granted);
+        client.shutdown().await.expect("shutdown");
+    }
+
+    /// A permit released with `release()` leaves the driver's map of leases to watch: it
+    /// would otherwise grow by one with every pair for the life of the client.
+    #[tokio::test]
+    async fn released_leases_are_not_watched() {
+        let (client, health) = client().await;
+        let sem = client.semaphore("watched", 1).await.expect("ensure");
+        for _ in 0..20 {
+            sem.acquire()
+                .await
+                .expect("acquire")
+                .release()
+                .await
+                .expect("release");
+        }
+        let held = sem.acquire().await.expect("acquire");
+        // A round trip after the grant, so that the driver has ended the turn that saw it.
+        client.status(Some("watched")).await.expect("status");
+        assert_eq!(health.watched.load(Ordering::Relaxed), 1);
+        drop(held);
+        client.shutdown().await.expect("shutdown");
     }
 }

@@ -197,6 +197,18 @@ pub(crate) struct TlsWrite {
     accepted: Option<usize>,
 }
 
+impl LinkWrite {
+    /// A non-blocking write, for the driver's fast path. Only plain TCP has one: a TLS write
+    /// must stay with `write_all` until its record is on the socket (see [`TlsWrite`]), so it
+    /// says `WouldBlock` and the caller takes the bounded `write_all` path.
+    pub(crate) fn try_write(&self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            LinkWrite::Plain(wr) => wr.try_write(buf),
+            LinkWrite::Tls(_) => Err(std::io::ErrorKind::WouldBlock.into()),
+        }
+    }
+}
+
 impl AsyncRead for LinkRead {
     fn poll_read(
         self: Pin<&mut Self>,

@@ -29,9 +29,6 @@ use turnstile_client as tc;
 /// How often a blocking wait lets Python check for signals (Ctrl-C).
 const SIGNAL_POLL: Duration = Duration::from_millis(50);
 
-/// How often a lease's loss is checked for `on_lost` callbacks.
-const LOST_POLL: Duration = Duration::from_millis(100);
-
 /// A process's runtime, and the tick that wakes blocking waits to check for signals.
 ///
 /// The tick is one interval task per process rather than a timer per wait: a timer set from a
@@ -597,24 +594,15 @@ impl Lease {
             // here, and this process does not hold it.
             return Ok(None);
         }
-        let permit = self.permit.clone();
+        // `None` once released: nothing left to lose. The signal is pushed by the client as
+        // it learns of a loss (no polling), and ends with `None` when the lease is released.
+        let Some(signal) = lock(&self.permit).as_ref().map(|p| p.lost_signal()) else {
+            return Ok(None);
+        };
         let reason = block(py, &self.rt, async move {
-            let poll = async {
-                loop {
-                    match lock(&permit).as_ref() {
-                        None => return None,
-                        Some(p) => {
-                            if let Some(r) = p.lost_reason() {
-                                return Some(r);
-                            }
-                        }
-                    }
-                    tokio::time::sleep(LOST_POLL).await;
-                }
-            };
             match timeout {
-                None => poll.await,
-                Some(t) => tokio::time::timeout(t, poll).await.ok().flatten(),
+                None => signal.wait().await,
+                Some(t) => tokio::time::timeout(t, signal.wait()).await.ok().flatten(),
             }
         })?;
         Ok(reason.map(lost_name))
@@ -626,18 +614,13 @@ impl Lease {
         if self.pid != std::process::id() {
             return; // another process's lease: see `wait_lost`
         }
-        let permit = self.permit.clone();
+        let Some(signal) = lock(&self.permit).as_ref().map(|p| p.lost_signal()) else {
+            return; // released already
+        };
         self.rt.spawn(async move {
-            let reason = loop {
-                match lock(&permit).as_ref() {
-                    None => return,
-                    Some(p) => {
-                        if let Some(r) = p.lost_reason() {
-                            break r;
-                        }
-                    }
-                }
-                tokio::time::sleep(LOST_POLL).await;
+            // `None`: released (or the client shut down) without a loss.
+            let Some(reason) = signal.wait().await else {
+                return;
             };
             Python::try_attach(|py| {
                 if let Err(e) = callback.call1(py, (lost_name(reason),)) {
