@@ -293,6 +293,8 @@ struct Etcd {
     current: AtomicUsize,
     label: String,
     last_ok: Mutex<Instant>,
+    /// Kept-alive connections for unary requests.
+    pool: http::Pool,
 }
 
 impl Etcd {
@@ -314,6 +316,7 @@ impl Etcd {
 
     /// Moves on from endpoint `i` (unless another request already did).
     fn fail_over(&self, i: usize) {
+        self.pool.forget(&self.endpoints[i]);
         let _ = self.current.compare_exchange(
             i,
             (i + 1) % self.endpoints.len(),
@@ -332,7 +335,7 @@ impl Etcd {
             }
             let (i, addr) = self.endpoint();
             let attempt = ATTEMPT.min(deadline - now);
-            match tokio::time::timeout(attempt, http::post(addr, path, body)).await {
+            match tokio::time::timeout(attempt, self.pool.post(addr, path, body)).await {
                 Ok(Ok(v)) => {
                     if let Ok(mut t) = self.last_ok.lock() {
                         *t = Instant::now();
@@ -674,9 +677,24 @@ impl Inner {
                     }
                 };
                 if msg.get("canceled").and_then(Value::as_bool) == Some(true) {
-                    return Err(WaitEnd::Failed(Error::Protocol(format!(
-                        "etcd cancelled a watch: {msg}"
-                    ))));
+                    if num(&msg, "compact_revision") == 0 {
+                        return Err(WaitEnd::Failed(Error::Protocol(format!(
+                            "etcd cancelled a watch: {msg}"
+                        ))));
+                    }
+                    // `from` was compacted away (the watch was re-opened after a quiet spell
+                    // or a fail-over, and a compaction ran meanwhile): the deletions in the
+                    // gap cannot be replayed, so read what is left of the queue instead.
+                    // Keys ahead only ever go away, so the ones still there are what is
+                    // still in the way.
+                    let (queued, rev) = self.list(queue).await.map_err(WaitEnd::Failed)?;
+                    if !queued.iter().any(|kv| kv.key == mine) {
+                        return Err(WaitEnd::Deleted);
+                    }
+                    ahead.retain(|k, _| queued.iter().any(|kv| kv.key == *k));
+                    weight = ahead.values().sum();
+                    from = rev + 1;
+                    break;
                 }
                 for ev in msg
                     .get("events")
@@ -731,6 +749,21 @@ impl Inner {
                     return;
                 };
                 while let Ok(Ok(msg)) = tokio::time::timeout(WATCH_QUIET, s.next()).await {
+                    if num(&msg, "compact_revision") > 0 {
+                        // `from` was compacted away: whether the key is still there says
+                        // what the lost events would have (see `wait_turn`).
+                        match inner.get(&wkey).await {
+                            Ok((Some(_), rev)) => from = rev + 1,
+                            Ok((None, _)) => {
+                                let reason = inner.why_lost(wcap.as_deref(), etcd_lease).await;
+                                inner.lose(lease, reason);
+                                return;
+                            }
+                            // Unreachable: the keep-alive decides about the lease.
+                            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                        }
+                        break;
+                    }
                     let events = msg.get("events").and_then(Value::as_array);
                     for ev in events.into_iter().flatten() {
                         if let Some(kv) = ev.get("kv").map(kv_of) {
@@ -780,26 +813,26 @@ impl Inner {
             inner: self.clone(),
             key: Some(key.clone()),
         };
-        // One round trip: create the key (unless a retry did), and read the capacity and the
-        // queue as of that revision.
-        let mut whole_queue = range_prefix(&queue);
-        whole_queue["sort_target"] = json!("CREATE");
-        whole_queue["sort_order"] = json!("ASCEND");
+        // One round trip: create the key (unless a retry did), read the capacity, and count
+        // the queue as of that revision. Only the count, not the keys: when the new key is
+        // alone (the common, uncontended case) it holds at once, and its create revision is
+        // the txn's own; etcd's JSON gateway spends most of a request's CPU time encoding
+        // key-values, so answering with none of them halves its work per pair (BENCHMARKS.md).
+        let mut count_queue = range_prefix(&queue);
+        count_queue["count_only"] = json!(true);
         let r = self
             .txn(txn(
                 vec![absent(&key), absent(&tomb_of(&key))],
                 vec![
                     put(&key, &record, etcd_lease),
                     json!({"request_range": range(&cap_key)}),
-                    json!({ "request_range": whole_queue.clone() }),
+                    json!({ "request_range": count_queue }),
                 ],
-                vec![
-                    json!({"request_range": range(&cap_key)}),
-                    json!({ "request_range": whole_queue }),
-                ],
+                vec![json!({"request_range": range(&cap_key)})],
             ))
             .await?;
-        let first = if succeeded(&r) { 1 } else { 0 };
+        let created = succeeded(&r);
+        let first = if created { 1 } else { 0 };
         let cap_part = txn_part(&r, first);
         let Some(cap) = kvs(&cap_part).into_iter().next() else {
             let _ = guard.now().await;
@@ -823,23 +856,31 @@ impl Inner {
                 ),
             });
         }
-        let (queued, rev) = (kvs(&txn_part(&r, first + 1)), header_rev(&r));
-        let Some(me) = queued.iter().find(|kv| kv.key == key) else {
-            guard.disarm();
-            return Err(self.gone(name, &cap_key, etcd_lease).await);
+        let (ahead, rev, token) = if created && num(&txn_part(&r, 2), "count") == 1 {
+            // Alone in the queue: the txn's revision is the key's create revision.
+            let rev = header_rev(&r);
+            (HashMap::new(), rev, rev as u64)
+        } else {
+            // Others queued (or a retry found the key made): read the queue. Keys ahead
+            // of ours only ever go away, so a read after the txn sees a subset of them.
+            let (queued, rev) = self.list(&queue).await?;
+            let Some(me) = queued.iter().find(|kv| kv.key == key) else {
+                guard.disarm();
+                return Err(self.gone(name, &cap_key, etcd_lease).await);
+            };
+            let ahead: HashMap<String, u64> = queued
+                .iter()
+                .filter(|kv| kv.create < me.create)
+                .map(|kv| {
+                    (
+                        kv.key.clone(),
+                        kv.value.get("w").and_then(Value::as_u64).unwrap_or(0),
+                    )
+                })
+                .collect();
+            (ahead, rev, me.create as u64)
         };
-        let ahead: HashMap<String, u64> = queued
-            .iter()
-            .filter(|kv| kv.create < me.create)
-            .map(|kv| {
-                (
-                    kv.key.clone(),
-                    kv.value.get("w").and_then(Value::as_u64).unwrap_or(0),
-                )
-            })
-            .collect();
         let room = capacity - u64::from(weight);
-        let token = me.create as u64;
         let deadline = if timeout == Some(Duration::ZERO) {
             Some(Instant::now())
         } else {
@@ -1581,6 +1622,8 @@ impl Inner {
                 let until = deadline.map_or(quiet, |d| d.min(quiet));
                 match tokio::time::timeout_at(until, stream.next()).await {
                     Ok(Ok(m)) if m.get("events").is_some() => break,
+                    // A compacted start revision: read the group again.
+                    Ok(Ok(m)) if num(&m, "compact_revision") > 0 => break,
                     Ok(Ok(_)) => continue,
                     _ => break,
                 }
@@ -1616,6 +1659,7 @@ impl EtcdBackend {
                 current: AtomicUsize::new(0),
                 label: label.clone(),
                 last_ok: Mutex::new(Instant::now()),
+                pool: http::Pool::new(),
             },
             prefix: url.prefix,
             session: options.session_id.unwrap_or_else(crate::new_session_id),
