@@ -513,6 +513,37 @@ impl Inner {
         Ok((kvs(&r), header_rev(&r)))
     }
 
+    /// Runs the txn that creates a queue key bound to the client's etcd lease (`build` makes
+    /// it for a lease id); returns its answer and the lease used. If etcd no longer knows the
+    /// lease (it expired while etcd was out of reach, or the keep-alive is replacing it after
+    /// such a spell), waits for the keep-alive's new lease and tries again, rather than
+    /// failing every acquire made meanwhile.
+    async fn create_txn(
+        &self,
+        deadline: Option<Instant>,
+        build: impl Fn(i64) -> Value,
+    ) -> Result<(Value, i64), Error> {
+        loop {
+            let lease = self.lease.load(Ordering::SeqCst);
+            match self.txn(build(lease)).await {
+                Err(Error::Protocol(m)) if m.contains("lease not found") => {
+                    let give_up = self.deadline();
+                    while self.lease.load(Ordering::SeqCst) == lease {
+                        let now = Instant::now();
+                        if deadline.is_some_and(|d| now >= d) {
+                            return Err(Error::TimedOut);
+                        }
+                        if now >= give_up {
+                            return Err(self.etcd.unavailable());
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                other => return other.map(|r| (r, lease)),
+            }
+        }
+    }
+
     /// Deletes a queued key and leaves its tombstone (see [`Withdraw`]).
     async fn withdraw(&self, key: &str) -> Result<(), Error> {
         let lease = self.lease.load(Ordering::SeqCst);
@@ -807,7 +838,6 @@ impl Inner {
         let queue = self.queue(name);
         let lease = self.next_lease.fetch_add(1, Ordering::Relaxed);
         let key = format!("{queue}{lease:016x}");
-        let etcd_lease = self.lease.load(Ordering::SeqCst);
         let record = json!({"w": weight, "s": format!("{:016x}", self.session), "c": self.client, "t": now_ms()});
         let mut guard = Withdraw {
             inner: self.clone(),
@@ -820,16 +850,18 @@ impl Inner {
         // key-values, so answering with none of them halves its work per pair (BENCHMARKS.md).
         let mut count_queue = range_prefix(&queue);
         count_queue["count_only"] = json!(true);
-        let r = self
-            .txn(txn(
-                vec![absent(&key), absent(&tomb_of(&key))],
-                vec![
-                    put(&key, &record, etcd_lease),
-                    json!({"request_range": range(&cap_key)}),
-                    json!({ "request_range": count_queue }),
-                ],
-                vec![json!({"request_range": range(&cap_key)})],
-            ))
+        let (r, etcd_lease) = self
+            .create_txn(deadline, |lease| {
+                txn(
+                    vec![absent(&key), absent(&tomb_of(&key))],
+                    vec![
+                        put(&key, &record, lease),
+                        json!({"request_range": range(&cap_key)}),
+                        json!({ "request_range": count_queue.clone() }),
+                    ],
+                    vec![json!({"request_range": range(&cap_key)})],
+                )
+            })
             .await?;
         let created = succeeded(&r);
         let first = if created { 1 } else { 0 };
@@ -1365,22 +1397,24 @@ impl Inner {
         let queue = self.job_queue(job);
         let lease = self.next_lease.fetch_add(1, Ordering::Relaxed);
         let key = format!("{queue}{lease:016x}");
-        let etcd_lease = self.lease.load(Ordering::SeqCst);
         let record =
             json!({"w": 1, "s": format!("{:016x}", self.session), "c": self.client, "t": now_ms()});
         let mut guard = Withdraw {
             inner: self.clone(),
             key: Some(key.clone()),
         };
-        let r = self
-            .txn(txn(
-                vec![absent(&key), absent(&tomb_of(&key))],
-                vec![
-                    put(&key, &record, etcd_lease),
-                    json!({"request_range": range(&meta_key)}),
-                ],
-                vec![json!({"request_range": range(&meta_key)})],
-            ))
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let (r, _) = self
+            .create_txn(deadline, |lease| {
+                txn(
+                    vec![absent(&key), absent(&tomb_of(&key))],
+                    vec![
+                        put(&key, &record, lease),
+                        json!({"request_range": range(&meta_key)}),
+                    ],
+                    vec![json!({"request_range": range(&meta_key)})],
+                )
+            })
             .await?;
         let meta = kvs(&txn_part(&r, if succeeded(&r) { 1 } else { 0 }))
             .into_iter()
@@ -1417,7 +1451,6 @@ impl Inner {
                 }));
             }
         }
-        let deadline = timeout.map(|t| Instant::now() + t);
         let from = match self
             .wait_turn(&queue, &key, ahead, 0, rev + 1, deadline)
             .await
