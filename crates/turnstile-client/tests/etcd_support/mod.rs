@@ -286,11 +286,11 @@ pub fn call(addr: &str, path: &str, body: &serde_json::Value) -> serde_json::Val
 /// Writes a key outside every test prefix and compacts the history up to that write: a watch
 /// that starts at any earlier revision is refused (`compact_revision`). Returns the revision.
 pub fn compact_now(addr: &str) -> u64 {
-    let put = call(
-        addr,
-        "/v3/kv/put",
-        &serde_json::json!({"key": b64(b"compaction-marker"), "value": b64(b"x")}),
-    );
+    // Two writes: a watch may start at the compaction's own revision, so the revision just
+    // after the caller's last write must fall strictly before it.
+    let marker = serde_json::json!({"key": b64(b"compaction-marker"), "value": b64(b"x")});
+    call(addr, "/v3/kv/put", &marker);
+    let put = call(addr, "/v3/kv/put", &marker);
     let rev: u64 = put["header"]["revision"]
         .as_str()
         .and_then(|r| r.parse().ok())
