@@ -264,7 +264,16 @@ fn runs_go_on_when_the_leader_is_killed() {
             order.rotate_left(i % hosts.len());
             let url = format!("etcd://{}/cli", order.join(","));
             let cmd = h.command(&[
-                "run", "--url", &url, "db", "--limit", &limit, "--", "sh", "-c", HOLD_SCRIPT,
+                "run",
+                "--url",
+                &url,
+                "db",
+                "--limit",
+                &limit,
+                "--",
+                "sh",
+                "-c",
+                HOLD_SCRIPT,
             ]);
             h.spawn_command(&format!("client{i}"), cmd)
         })
