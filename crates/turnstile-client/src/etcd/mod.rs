@@ -506,10 +506,15 @@ impl Inner {
 
     /// Everything under `prefix` in create order, and the revision read at.
     async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64), Error> {
+        self.list_until(prefix, self.deadline()).await
+    }
+
+    /// [`Inner::list`], failing over until `deadline`.
+    async fn list_until(&self, prefix: &str, deadline: Instant) -> Result<(Vec<Kv>, i64), Error> {
         let mut body = range_prefix(prefix);
         body["sort_target"] = json!("CREATE");
         body["sort_order"] = json!("ASCEND");
-        let r = self.call("/v3/kv/range", &body).await?;
+        let r = self.etcd.call("/v3/kv/range", &body, deadline).await?;
         Ok((kvs(&r), header_rev(&r)))
     }
 
@@ -718,7 +723,14 @@ impl Inner {
                     // gap cannot be replayed, so read what is left of the queue instead.
                     // Keys ahead only ever go away, so the ones still there are what is
                     // still in the way.
-                    let (queued, rev) = self.list(queue).await.map_err(WaitEnd::Failed)?;
+                    let until = deadline.map_or(self.deadline(), |d| d.min(self.deadline()));
+                    let (queued, rev) = match self.list_until(queue, until).await {
+                        Ok(read) => read,
+                        Err(_) if deadline.is_some_and(|d| Instant::now() >= d) => {
+                            return Err(WaitEnd::TimedOut)
+                        }
+                        Err(e) => return Err(WaitEnd::Failed(e)),
+                    };
                     if !queued.iter().any(|kv| kv.key == mine) {
                         return Err(WaitEnd::Deleted);
                     }
@@ -895,7 +907,25 @@ impl Inner {
         } else {
             // Others queued (or a retry found the key made): read the queue. Keys ahead
             // of ours only ever go away, so a read after the txn sees a subset of them.
-            let (queued, rev) = self.list(&queue).await?;
+            // A timed acquire's deadline bounds this read too (not a try: it must read).
+            let until = match deadline.filter(|_| timeout != Some(Duration::ZERO)) {
+                Some(d) => d.min(self.deadline()),
+                None => self.deadline(),
+            };
+            let (queued, rev) = match self.list_until(&queue, until).await {
+                Ok(read) => read,
+                Err(e) => {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        // As when the wait times out (below): withdraw, or say unreachable.
+                        let w = tokio::time::timeout(Duration::from_millis(500), guard.now());
+                        return match w.await {
+                            Ok(Ok(())) => Err(Error::TimedOut),
+                            _ => Err(self.etcd.unavailable()),
+                        };
+                    }
+                    return Err(e);
+                }
+            };
             let Some(me) = queued.iter().find(|kv| kv.key == key) else {
                 guard.disarm();
                 return Err(self.gone(name, &cap_key, etcd_lease).await);
