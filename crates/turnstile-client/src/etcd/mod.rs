@@ -24,6 +24,10 @@
 //! does not re-read the store on events about keys behind it, and it is granted without any
 //! further request when the last key in its way goes. A watch silent for [`WATCH_QUIET`] is
 //! re-opened (on the endpoint in use then), so a member that hangs does not hold a waiter.
+//! If etcd compacted the revision a watch starts from (it cancels the watch with
+//! `compact_revision`), the deletions in between cannot be replayed: the waiter reads the
+//! queue again (keys ahead only go away, so the ones left are still in its way) and the
+//! holder its own key, and each watches on from that read.
 //!
 //! # Sessions and deadlines
 //! Each client grants its own etcd lease (TTL = the session TTL, at least etcd's minimum of
