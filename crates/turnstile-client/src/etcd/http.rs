@@ -430,6 +430,87 @@ pub(crate) fn unb64(text: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::net::TcpListener;
+
+    /// A gateway stand-in: answers every request with `{"n":I}` and a Content-Length,
+    /// counting connections; closes each connection after `per_connection` answers.
+    async fn fake_gateway(per_connection: usize) -> (String, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let n = count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut r = BufReader::new(s);
+                    for _ in 0..per_connection {
+                        let mut length = 0;
+                        loop {
+                            let mut line = String::new();
+                            if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if line.trim().is_empty() {
+                                break;
+                            }
+                            if let Some(v) =
+                                line.to_ascii_lowercase().strip_prefix("content-length:")
+                            {
+                                length = v.trim().parse().unwrap_or(0);
+                            }
+                        }
+                        let mut body = vec![0; length];
+                        if r.read_exact(&mut body).await.is_err() {
+                            return;
+                        }
+                        let answer = format!("{{\"n\":{n}}}");
+                        let reply = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{answer}",
+                            answer.len()
+                        );
+                        if r.get_mut().write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// Sequential requests share one kept-alive connection.
+    #[tokio::test]
+    async fn requests_reuse_a_connection() {
+        let (addr, accepted) = fake_gateway(usize::MAX).await;
+        let pool = Pool::new();
+        for _ in 0..5 {
+            let v = pool
+                .post(&addr, "/v3/kv/range", &Value::Null)
+                .await
+                .expect("answer");
+            assert_eq!(v["n"], 0);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    /// A kept-alive connection that the server closed while it sat idle is replaced by a
+    /// fresh one without failing the request.
+    #[tokio::test]
+    async fn a_connection_closed_while_idle_is_replaced() {
+        let (addr, accepted) = fake_gateway(1).await;
+        let pool = Pool::new();
+        for i in 0..3 {
+            let v = pool
+                .post(&addr, "/v3/kv/range", &Value::Null)
+                .await
+                .expect("answer");
+            assert_eq!(v["n"], i);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
 
     #[test]
     fn base64_round_trips() {
