@@ -2,7 +2,10 @@
 # Turnstile's etcd backend against etcd's own lock (the v3 Lock RPC that `etcdctl lock` uses),
 # on one etcd started here (free loopback port, data in a temp dir, stopped by PID), driven by
 # the same load generator through the same JSON gateway: ROUNDS interleaved rounds of
-# (etcd lock, turnstile uncontended) for 1 and 64 clients, then the median ratios.
+# (etcd lock, turnstile uncontended) for 1 and 64 clients, then the median ratios. Beside
+# each figure: etcd's WAL fsyncs per pair (`etcd_disk_wal_fsync_duration_seconds_count` on
+# its /metrics) and etcd's CPU time per pair in ms (utime+stime from /proc/PID/stat), both
+# over the warm-up and the measured time, divided by rate x (warm-up + duration).
 #
 #   bash bench/vs-etcd.sh
 #   ROUNDS=5 DURATION=5s bash bench/vs-etcd.sh
@@ -27,17 +30,29 @@ until curl -fs "http://127.0.0.1:$CP/health" >/dev/null 2>&1; do sleep 0.1; done
 URL="etcd://127.0.0.1:$CP/bench"
 
 rate() { sed -E 's/.*"pairs_per_sec":([0-9.]+).*/\1/'; }
+fsyncs() { curl -fs "http://127.0.0.1:$CP/metrics" | awk '/^etcd_disk_wal_fsync_duration_seconds_count/ { print $2 }'; }
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$ETCD_PID/stat"; }
+secs=$(awk -v d="${D%s}" 'BEGIN { print d + 1 }') # warm-up 1 s + duration
+# run SCENARIO: prints "rate fsyncs/pair etcd-ms/pair"
+run() {
+  local f0 c0 r
+  f0=$(fsyncs) c0=$(cpu_ticks)
+  r=$("$T" bench "${common[@]}" --scenario "$1" | rate)
+  awk -v r="$r" -v f="$(($(fsyncs) - f0))" -v c="$(($(cpu_ticks) - c0))" -v s="$secs" -v hz="$(getconf CLK_TCK)" \
+    'BEGIN { n = r * s; printf "%s %.2f %.2f", r, f / n, c * 1000 / hz / n }'
+}
 median() { printf '%s\n' "$@" | sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 for clients in 1 64; do
   common=(--json --duration "$D" --warmup 1s --clients "$clients" --url "$URL")
   ratios=()
-  printf '%-6s %8s %10s %12s %8s\n' round clients etcd-lock turnstile ratio
+  printf '%-6s %8s %10s %12s %8s   %s\n' round clients etcd-lock turnstile ratio \
+    "fsyncs/pair, etcd CPU ms/pair (lock | turnstile)"
   for r in $(seq "$ROUNDS"); do
-    lock=$("$T" bench "${common[@]}" --scenario etcd-lock | rate)
-    ours=$("$T" bench "${common[@]}" --scenario uncontended | rate)
+    read -r lock lf lc <<<"$(run etcd-lock)"
+    read -r ours of oc <<<"$(run uncontended)"
     q=$(awk -v a="$ours" -v b="$lock" 'BEGIN { printf "%.2f", a / b }')
     ratios+=("$q")
-    printf '%-6s %8s %10.0f %12.0f %7sx\n' "$r" "$clients" "$lock" "$ours" "$q"
+    printf '%-6s %8s %10.0f %12.0f %7sx   %s %s | %s %s\n' "$r" "$clients" "$lock" "$ours" "$q" "$lf" "$lc" "$of" "$oc"
   done
   echo "median over $ROUNDS rounds, $clients clients: turnstile on etcd = $(median "${ratios[@]}")x etcd's lock"
 done

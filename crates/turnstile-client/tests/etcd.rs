@@ -243,3 +243,168 @@ async fn a_timed_out_acquire_is_withdrawn_after_etcd_comes_back() {
     .await;
     assert!(sem_a.try_acquire().await.expect("try").is_some());
 }
+
+/// How long the backend leaves a silent watch open before it re-opens it (`WATCH_QUIET`, 3 s),
+/// plus a margin: the compaction tests wait this long so that the re-open, from a revision
+/// compacted meanwhile, has surely happened (there is no event to wait for: the point is that
+/// the watch hears nothing).
+const PAST_A_REOPEN: Duration = Duration::from_secs(4);
+
+/// A waiter whose watch is re-opened from a revision that a compaction removed meanwhile
+/// (etcd cancels such a watch with `compact_revision`) reads the queue again and watches on
+/// from there: it is granted when the holder releases, rather than failing or hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_recovers_from_a_compacted_watch() {
+    let etcd = Etcd::start();
+    let url = etcd.url("compact");
+    let a = Client::connect(&url).await.expect("connect");
+    let b = Client::connect(&url).await.expect("connect");
+    let sem_a = a.semaphore("m", 1).await.expect("ensure");
+    let sem_b = b.semaphore("m", 1).await.expect("ensure");
+    let held = sem_a.acquire().await.expect("a holds");
+    let waiter = tokio::spawn(async move { sem_b.acquire().await.map(|p| p.fencing_token()) });
+    wait_for_status(&a, "m", "b queued", |s| s.queued == 1).await;
+    etcd_support::compact_now(&etcd.members[0].client);
+    tokio::time::sleep(PAST_A_REOPEN).await;
+    assert!(
+        !waiter.is_finished(),
+        "the waiter ended: {:?}",
+        waiter.await
+    );
+    let token = held.fencing_token();
+    held.release().await.expect("release");
+    let granted = tokio::time::timeout(PATIENCE, waiter)
+        .await
+        .expect("the waiter is granted after the release")
+        .expect("task")
+        .expect("the waiter's acquire succeeds");
+    assert!(granted > token);
+}
+
+/// A holder's watch of its own key (which tells it of a close) that starts, or re-starts,
+/// from a compacted revision reads its key again and watches on: a close after the compaction
+/// still reaches the holder as `Closed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_hears_of_a_close_after_a_compaction() {
+    let etcd = Etcd::start();
+    let url = etcd.url("compact-holder");
+    let a = Client::connect(&url).await.expect("connect");
+    let sem = a.semaphore("m", 1).await.expect("ensure");
+    let held = sem.acquire().await.expect("a holds");
+    etcd_support::compact_now(&etcd.members[0].client);
+    tokio::time::sleep(PAST_A_REOPEN).await;
+    let closer = Client::connect(&url).await.expect("connect");
+    closer.close("m").await.expect("close");
+    let reason = tokio::time::timeout(PATIENCE, held.lost())
+        .await
+        .expect("the holder hears of the close");
+    assert_eq!(reason, LostReason::Closed);
+}
+
+/// A member cut off from the quorum still answers (here: 2 of 3 members stopped with
+/// SIGSTOP, the last one up has no leader). The backend's reads are linearizable, so a client
+/// that can reach only that member is served nothing stale: its acquire and its status end
+/// in `Unavailable` within the session TTL (never a grant beyond the capacity), and it works
+/// again once the members are back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_without_quorum_serves_nothing_stale() {
+    use nix::sys::signal::Signal;
+    let etcd = Etcd::cluster(3);
+    let prefix = "minority";
+    let holder = Client::connect(&etcd.url(prefix)).await.expect("connect");
+    let sem = holder.semaphore("m", 1).await.expect("ensure");
+    let held = sem.acquire().await.expect("the holder holds");
+    let lone_url = format!("etcd://{}/{prefix}", etcd.members[0].client);
+    let options = Options {
+        session_ttl: Some(Duration::from_secs(4)),
+        ..Options::default()
+    };
+    let lone = Client::connect_with(&lone_url, options)
+        .await
+        .expect("connect");
+    let lone_sem = lone.semaphore("m", 1).await.expect("ensure");
+    assert!(lone_sem.try_acquire().await.expect("try").is_none());
+    etcd.signal(1, Signal::SIGSTOP);
+    etcd.signal(2, Signal::SIGSTOP);
+    let started = Instant::now();
+    let err = lone_sem
+        .try_acquire()
+        .await
+        .expect_err("no acquire without a quorum");
+    assert!(err.is_unavailable(), "{err:?}");
+    let err = lone
+        .status(Some("m"))
+        .await
+        .expect_err("no status without a quorum (a serializable read would answer)");
+    assert!(err.is_unavailable(), "{err:?}");
+    let timed = tokio::time::timeout(PATIENCE, lone_sem.acquire_timeout(Duration::from_secs(1)))
+        .await
+        .expect("a timed acquire returns");
+    assert!(timed.is_err(), "granted without a quorum: {timed:?}");
+    eprintln!("without a quorum for {:?}", started.elapsed());
+    etcd.signal(1, Signal::SIGCONT);
+    etcd.signal(2, Signal::SIGCONT);
+    let token = held.fencing_token();
+    tokio::time::timeout(PATIENCE, held.release())
+        .await
+        .expect("the release returns")
+        .expect("release once the quorum is back");
+    // The members take a few seconds to elect a leader again (the lone one campaigned
+    // meanwhile): until then the lone client's calls may still end in `Unavailable`.
+    let back = Instant::now();
+    let next = loop {
+        match lone_sem.acquire().await {
+            Ok(p) => break p,
+            Err(e) if back.elapsed() < PATIENCE => eprintln!("not yet: {e}"),
+            Err(e) => panic!(
+                "not granted {:?} after the quorum came back: {e}",
+                back.elapsed()
+            ),
+        }
+    };
+    assert!(next.fencing_token() > token);
+}
+
+/// The session TTL of the options is the TTL of the client's etcd lease: whole seconds
+/// (rounded up), and at least etcd's minimum of 2 s (a shorter one is raised, with a
+/// warning).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_ttl_is_the_etcd_lease_ttl() {
+    let etcd = Etcd::start();
+    let addr = etcd.members[0].client.clone();
+    for (asked, granted) in [(500, 2), (4500, 5), (7000, 7)] {
+        let options = Options {
+            session_ttl: Some(Duration::from_millis(asked)),
+            ..Options::default()
+        };
+        let client = Client::connect_with(&etcd.url("ttl"), options)
+            .await
+            .expect("connect");
+        // The client's lease carries its session marker `ttl/c/SESSION/LEASE`.
+        let dir = format!("ttl/c/{:016x}/", client.session_id());
+        let mut end = dir.clone().into_bytes();
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        let found = etcd_support::call(
+            &addr,
+            "/v3/kv/range",
+            &serde_json::json!({"key": etcd_support::b64(dir.as_bytes()), "range_end": etcd_support::b64(&end)}),
+        );
+        let lease = found["kvs"][0]["lease"]
+            .as_str()
+            .expect("a marker on a lease")
+            .to_owned();
+        let ttl = etcd_support::call(
+            &addr,
+            "/v3/lease/timetolive",
+            &serde_json::json!({"ID": lease}),
+        );
+        assert_eq!(
+            ttl["grantedTTL"].as_str(),
+            Some(granted.to_string().as_str()),
+            "asked for {asked} ms: {ttl}"
+        );
+        client.shutdown().await.expect("shutdown");
+    }
+}

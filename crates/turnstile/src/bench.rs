@@ -482,7 +482,8 @@ async fn etcd_lock(args: &BenchArgs) -> anyhow::Result<Outcome> {
     let window = Window::new(args);
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..args.clients {
-        let granted = etcd_post(&addr, "/v3/lease/grant", r#"{"TTL":"30"}"#)
+        let mut conn = None;
+        let granted = etcd_post(&mut conn, &addr, "/v3/lease/grant", r#"{"TTL":"30"}"#)
             .await
             .with_context(|| format!("granting a lease on etcd at {addr}"))?;
         let lease = granted["ID"].as_str().unwrap_or("0").to_owned();
@@ -493,26 +494,28 @@ async fn etcd_lock(args: &BenchArgs) -> anyhow::Result<Outcome> {
         let errors = errors.clone();
         let addr = addr.clone();
         tasks.spawn(async move {
-            let (_, n, lat) = window
-                .drive((), &errors, |()| {
+            let (mut conn, n, lat) = window
+                .drive(conn, &errors, |mut conn| {
                     let (addr, lock) = (addr.clone(), lock.clone());
                     async move {
-                        let ok = match etcd_post(&addr, "/v3/lock/lock", &lock).await {
+                        let ok = match etcd_post(&mut conn, &addr, "/v3/lock/lock", &lock).await {
                             Ok(v) => match v["key"].as_str() {
                                 Some(key) => {
                                     let unlock = format!(r#"{{"key":"{key}"}}"#);
-                                    etcd_post(&addr, "/v3/lock/unlock", &unlock).await.is_ok()
+                                    etcd_post(&mut conn, &addr, "/v3/lock/unlock", &unlock)
+                                        .await
+                                        .is_ok()
                                 }
                                 None => false,
                             },
                             Err(_) => false,
                         };
-                        ((), Some(ok))
+                        (conn, Some(ok))
                     }
                 })
                 .await;
             let revoke = format!(r#"{{"ID":"{lease}"}}"#);
-            let _ = etcd_post(&addr, "/v3/lease/revoke", &revoke).await;
+            let _ = etcd_post(&mut conn, &addr, "/v3/lease/revoke", &revoke).await;
             (n, lat)
         });
     }
@@ -521,28 +524,68 @@ async fn etcd_lock(args: &BenchArgs) -> anyhow::Result<Outcome> {
     Ok(outcome)
 }
 
-/// One POST to etcd's JSON gateway on a fresh connection (`Connection: close`), as the etcd
-/// backend sends them; the JSON answer.
-async fn etcd_post(addr: &str, path: &str, body: &str) -> anyhow::Result<serde_json::Value> {
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.set_nodelay(true)?;
+/// One POST to etcd's JSON gateway on the client's kept-alive connection `conn` (opened on
+/// first use, and again after an error), as the etcd backend's connection pool sends them and
+/// as etcd's own clients keep one gRPC connection open; the JSON answer.
+async fn etcd_post(
+    conn: &mut Option<tokio::io::BufReader<tokio::net::TcpStream>>,
+    addr: &str,
+    path: &str,
+    body: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let answer = etcd_exchange(conn, addr, path, body).await;
+    if answer.is_err() {
+        *conn = None;
+    }
+    answer
+}
+
+async fn etcd_exchange(
+    conn: &mut Option<tokio::io::BufReader<tokio::net::TcpStream>>,
+    addr: &str,
+    path: &str,
+    body: &str,
+) -> anyhow::Result<serde_json::Value> {
+    use tokio::io::AsyncBufReadExt;
+    let c = match conn {
+        Some(c) => c,
+        None => {
+            let s = tokio::net::TcpStream::connect(addr).await?;
+            s.set_nodelay(true)?;
+            conn.insert(tokio::io::BufReader::new(s))
+        }
+    };
     let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    s.write_all(req.as_bytes()).await?;
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await?;
-    let text = String::from_utf8_lossy(&out);
-    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
-    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "etcd answered {head:?}");
-    // etcd's gateway answers unary calls without chunking, but be lenient: take the first
-    // line that is JSON.
-    let json = body
-        .lines()
-        .find(|l| l.trim_start().starts_with('{'))
-        .context("no JSON in the answer")?;
-    Ok(serde_json::from_str(json)?)
+    c.get_mut().write_all(req.as_bytes()).await?;
+    let mut line = String::new();
+    c.read_line(&mut line).await?;
+    anyhow::ensure!(line.starts_with("HTTP/1.1 200"), "etcd answered {line:?}");
+    let mut length = None;
+    loop {
+        line.clear();
+        anyhow::ensure!(
+            c.read_line(&mut line).await? > 0,
+            "etcd closed the connection"
+        );
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                length = v.trim().parse::<usize>().ok();
+            }
+        }
+    }
+    // etcd's gateway answers unary calls with a length, not chunked.
+    let length = length.context("an answer without Content-Length")?;
+    anyhow::ensure!(length <= 1 << 20, "an answer of {length} bytes");
+    let mut out = vec![0; length];
+    c.read_exact(&mut out).await?;
+    Ok(serde_json::from_slice(&out)?)
 }
 
 /// Standard base64 of an ASCII name, as etcd's JSON gateway takes `bytes`.

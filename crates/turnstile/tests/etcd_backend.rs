@@ -246,3 +246,54 @@ echo "$worker $TURNSTILE_FENCING_TOKEN" > "$DIR/holder.tmp" && mv "$DIR/holder.t
     let out = nanny.wait(SOON);
     assert_eq!(out.code(), 1, "{out:?}");
 }
+
+/// 12 `turnstile run --url etcd://a,b,c db --limit 3` processes on a three-member cluster
+/// whose leader is SIGKILLed once the first commands ran: every process finishes with its
+/// command's status, never more than 3 commands at once, one distinct token per grant.
+#[test]
+fn runs_go_on_when_the_leader_is_killed() {
+    const RUNS: usize = 12;
+    let mut etcd = Etcd::cluster(3);
+    let h = Harness::new("etcd-leader-killed", "10s");
+    let hosts: Vec<String> = etcd.members.iter().map(|m| m.client.clone()).collect();
+    let limit = LIMIT.to_string();
+    let mut procs: Vec<_> = (0..RUNS)
+        .map(|i| {
+            // Each process lists the members starting at a different one.
+            let mut order = hosts.clone();
+            order.rotate_left(i % hosts.len());
+            let url = format!("etcd://{}/cli", order.join(","));
+            let cmd = h.command(&[
+                "run",
+                "--url",
+                &url,
+                "db",
+                "--limit",
+                &limit,
+                "--",
+                "sh",
+                "-c",
+                HOLD_SCRIPT,
+            ]);
+            h.spawn_command(&format!("client{i}"), cmd)
+        })
+        .collect();
+    common::wait_until("the first commands to run", Duration::from_secs(60), || {
+        let log = h.dir.read("events")?;
+        (log.lines().filter(|l| l.starts_with("end ")).count() >= 2).then_some(())
+    });
+    let leader = etcd.leader().expect("a leader");
+    etcd.kill(leader);
+    for p in &mut procs {
+        let out = p.wait(Duration::from_secs(120));
+        assert_eq!(out.code(), 0, "{out:?}");
+        common::assert_no_panic(&out.stderr);
+    }
+    let holds = read_holds(&h.dir.read("events").expect("the commands wrote events"));
+    assert_eq!(holds.starts.len(), RUNS, "one distinct token per grant");
+    assert!(
+        holds.max_overlap <= LIMIT,
+        "{} commands ran at once with --limit {LIMIT}",
+        holds.max_overlap
+    );
+}

@@ -1,12 +1,20 @@
 //! Just enough HTTP/1.1 and base64 to speak to etcd's gRPC JSON gateway (`/v3/...` on the
-//! client port): one POST per connection (`Connection: close`), the body read to its end, and
-//! for watches a chunked response read one JSON message (one line) at a time.
+//! client port): unary POSTs over kept-alive connections from a small [`Pool`] per client
+//! (each answer read to the exact end of its body, so that the connection can carry the next
+//! request), and for watches a chunked response on a connection of its own
+//! (`Connection: close`), read one JSON message (one line) at a time.
+//!
+//! Why a pool: a fresh TCP connection per request cost a connect, an accept and a new
+//! goroutine in etcd for every request, about a third of a lock pair's time (see
+//! BENCHMARKS.md, "etcd backend").
 //!
 //! Why not a gRPC client: see ARCHITECTURE.md ("etcd backend"); in short, no `protoc`, no
 //! large dependency tree, and the gateway serves everything the backend needs, watches and
 //! keep-alives included.
 
+use std::collections::HashMap;
 use std::io;
+use std::sync::Mutex;
 
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -14,6 +22,9 @@ use tokio::net::TcpStream;
 
 /// Responses larger than this are refused: a status of a big prefix is a few MB at most.
 const MAX_BODY: usize = 64 << 20;
+/// Idle connections kept per member. A client has one request in flight most of the time
+/// (a few at once: an acquire, a release in the background, a keep-alive).
+const MAX_IDLE: usize = 4;
 
 /// What a request to one member ended with.
 #[derive(Debug)]
@@ -55,24 +66,41 @@ fn bad(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.to_owned())
 }
 
-async fn send(addr: &str, path: &str, body: &Value) -> io::Result<BufReader<TcpStream>> {
-    let body = body.to_string();
+async fn connect(addr: &str) -> io::Result<BufReader<TcpStream>> {
     let stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
-    let mut stream = BufReader::new(stream);
+    Ok(BufReader::new(stream))
+}
+
+/// Writes one POST; `close` asks the server to close the connection after its answer.
+async fn write_request(
+    stream: &mut BufReader<TcpStream>,
+    addr: &str,
+    path: &str,
+    body: &str,
+    close: bool,
+) -> io::Result<()> {
+    let connection = if close { "Connection: close\r\n" } else { "" };
     let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{connection}\r\n",
         body.len()
     );
     let mut req = head.into_bytes();
     req.extend_from_slice(body.as_bytes());
-    stream.get_mut().write_all(&req).await?;
-    Ok(stream)
+    stream.get_mut().write_all(&req).await
 }
 
-/// Reads the status line and headers; returns the status and whether the body is chunked,
-/// with its length otherwise.
-async fn read_head(r: &mut BufReader<TcpStream>) -> io::Result<(u16, bool, Option<usize>)> {
+/// A response's status line and headers.
+struct Head {
+    status: u16,
+    chunked: bool,
+    length: Option<usize>,
+    /// The server will close the connection after this response.
+    close: bool,
+}
+
+/// Reads the status line and headers.
+async fn read_head(r: &mut BufReader<TcpStream>) -> io::Result<Head> {
     let mut line = String::new();
     if r.read_line(&mut line).await? == 0 {
         return Err(io::Error::new(
@@ -85,7 +113,7 @@ async fn read_head(r: &mut BufReader<TcpStream>) -> io::Result<(u16, bool, Optio
         .nth(1)
         .and_then(|s| s.parse::<u16>().ok())
         .ok_or_else(|| bad("malformed HTTP status line"))?;
-    let (mut chunked, mut length) = (false, None);
+    let (mut chunked, mut length, mut close) = (false, None, line.starts_with("HTTP/1.0"));
     loop {
         line.clear();
         if r.read_line(&mut line).await? == 0 {
@@ -101,10 +129,17 @@ async fn read_head(r: &mut BufReader<TcpStream>) -> io::Result<(u16, bool, Optio
                 chunked = true;
             } else if k == "content-length" {
                 length = v.parse().ok();
+            } else if k == "connection" && v.eq_ignore_ascii_case("close") {
+                close = true;
             }
         }
     }
-    Ok((status, chunked, length))
+    Ok(Head {
+        status,
+        chunked,
+        length,
+        close,
+    })
 }
 
 /// Reads the next chunk of a chunked body; `None` at its end.
@@ -142,33 +177,71 @@ fn parse_error(http: u16, body: &[u8]) -> Fault {
     }
 }
 
-/// One unary request: POST `body` to `path` on `addr`, the answer as JSON. Streaming
-/// endpoints answered with one message (`lease/keepalive`) are unwrapped from `result`.
-pub(crate) async fn post(addr: &str, path: &str, body: &Value) -> Result<Value, Fault> {
-    let mut r = send(addr, path, body).await?;
-    let (status, chunked, length) = read_head(&mut r).await?;
+/// How one exchange on a connection ended.
+enum Exchange {
+    /// An answer; the connection, if it can carry another request.
+    Answered(Result<Value, Fault>, Option<BufReader<TcpStream>>),
+    /// The connection broke before any byte of an answer arrived.
+    NoAnswer(io::Error),
+}
+
+/// Sends one request on `conn` and reads its whole answer.
+async fn exchange(mut conn: BufReader<TcpStream>, addr: &str, path: &str, body: &str) -> Exchange {
+    if let Err(e) = write_request(&mut conn, addr, path, body, false).await {
+        return Exchange::NoAnswer(e);
+    }
+    // Only the first byte tells a connection the server had already closed (a kept-alive
+    // one it dropped while idle) from one that broke in the middle of an answer.
+    match conn.fill_buf().await {
+        Ok([]) => {
+            return Exchange::NoAnswer(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed before the response",
+            ))
+        }
+        Ok(_) => {}
+        Err(e) => return Exchange::NoAnswer(e),
+    }
+    match read_answer(&mut conn).await {
+        Ok((answer, reusable)) => Exchange::Answered(answer, reusable.then_some(conn)),
+        Err(e) => Exchange::Answered(Err(e.into()), None),
+    }
+}
+
+/// Reads one answer to its exact end; whether the connection may carry another request.
+async fn read_answer(r: &mut BufReader<TcpStream>) -> io::Result<(Result<Value, Fault>, bool)> {
+    let head = read_head(r).await?;
     let mut data = Vec::new();
-    if chunked {
-        while let Some(c) = read_chunk(&mut r).await? {
+    let mut reusable = !head.close;
+    if head.chunked {
+        while let Some(c) = read_chunk(r).await? {
             data.extend_from_slice(&c);
             if data.len() > MAX_BODY {
-                return Err(bad("response too large").into());
+                return Err(bad("response too large"));
             }
         }
-    } else if let Some(n) = length {
+        // No trailers from the gateway; a trailer line would be read as the next status
+        // line and refused, so do not risk it: the blank line ends the chunked body.
+        let mut end = String::new();
+        r.read_line(&mut end).await?;
+        reusable &= end.trim().is_empty();
+    } else if let Some(n) = head.length {
         if n > MAX_BODY {
-            return Err(bad("response too large").into());
+            return Err(bad("response too large"));
         }
         data.resize(n, 0);
         r.read_exact(&mut data).await?;
     } else {
-        (&mut r)
-            .take(MAX_BODY as u64)
-            .read_to_end(&mut data)
-            .await?;
+        // Delimited by the end of the connection.
+        reusable = false;
+        r.take(MAX_BODY as u64).read_to_end(&mut data).await?;
     }
+    Ok((parse_answer(head.status, &data), reusable))
+}
+
+fn parse_answer(status: u16, data: &[u8]) -> Result<Value, Fault> {
     if status != 200 {
-        return Err(parse_error(status, &data));
+        return Err(parse_error(status, data));
     }
     // A streamed answer is one JSON message per line; a unary one is a single document.
     let first = data
@@ -182,6 +255,80 @@ pub(crate) async fn post(addr: &str, path: &str, body: &Value) -> Result<Value, 
     Ok(v.get("result").cloned().unwrap_or(v))
 }
 
+/// Kept-alive connections to the members, for unary requests.
+pub(crate) struct Pool {
+    idle: Mutex<HashMap<String, Vec<BufReader<TcpStream>>>>,
+}
+
+impl Pool {
+    /// An empty pool.
+    pub(crate) fn new() -> Pool {
+        Pool {
+            idle: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn take(&self, addr: &str) -> Option<BufReader<TcpStream>> {
+        self.idle.lock().ok()?.get_mut(addr)?.pop()
+    }
+
+    fn give_back(&self, addr: &str, conn: BufReader<TcpStream>) {
+        // Bytes already buffered would be taken for the next answer: such a connection is
+        // out of step, so it is dropped.
+        if !conn.buffer().is_empty() {
+            return;
+        }
+        if let Ok(mut idle) = self.idle.lock() {
+            let conns = idle.entry(addr.to_owned()).or_default();
+            if conns.len() < MAX_IDLE {
+                conns.push(conn);
+            }
+        }
+    }
+
+    /// Drops the idle connections to `addr` (a member given up on: they may hang).
+    pub(crate) fn forget(&self, addr: &str) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.remove(addr);
+        }
+    }
+
+    /// One unary request: POST `body` to `path` on `addr`, the answer as JSON. Streaming
+    /// endpoints answered with one message (`lease/keepalive`) are unwrapped from `result`.
+    ///
+    /// An idle connection is used if there is one; if it turns out to be closed before any
+    /// answer came (the server dropped it while idle), the request is sent again on a fresh
+    /// connection. That resend is as safe as the fail-over to another member that a broken
+    /// connection leads to anyway: every request of the backend is idempotent or guarded by
+    /// a compare (see the module docs of `etcd`).
+    pub(crate) async fn post(&self, addr: &str, path: &str, body: &Value) -> Result<Value, Fault> {
+        let body = body.to_string();
+        while let Some(conn) = self.take(addr) {
+            match exchange(conn, addr, path, &body).await {
+                Exchange::Answered(answer, conn) => {
+                    if let Some(conn) = conn {
+                        self.give_back(addr, conn);
+                    }
+                    return answer;
+                }
+                Exchange::NoAnswer(e) => {
+                    tracing::trace!(addr, %e, "a kept-alive connection to etcd was closed");
+                }
+            }
+        }
+        let conn = connect(addr).await?;
+        match exchange(conn, addr, path, &body).await {
+            Exchange::Answered(answer, conn) => {
+                if let Some(conn) = conn {
+                    self.give_back(addr, conn);
+                }
+                answer
+            }
+            Exchange::NoAnswer(e) => Err(e.into()),
+        }
+    }
+}
+
 /// A streaming response (a watch): JSON messages one at a time.
 pub(crate) struct Stream {
     r: BufReader<TcpStream>,
@@ -192,14 +339,15 @@ pub(crate) struct Stream {
 impl Stream {
     /// Opens a streaming request.
     pub(crate) async fn open(addr: &str, path: &str, body: &Value) -> Result<Stream, Fault> {
-        let mut r = send(addr, path, body).await?;
-        let (status, chunked, _) = read_head(&mut r).await?;
-        if status != 200 {
+        let mut r = connect(addr).await?;
+        write_request(&mut r, addr, path, &body.to_string(), true).await?;
+        let head = read_head(&mut r).await?;
+        if head.status != 200 {
             let mut data = Vec::new();
             let _ = (&mut r).take(1 << 16).read_to_end(&mut data).await;
-            return Err(parse_error(status, &data));
+            return Err(parse_error(head.status, &data));
         }
-        if !chunked {
+        if !head.chunked {
             return Err(bad("expected a chunked stream").into());
         }
         Ok(Stream {
@@ -282,6 +430,87 @@ pub(crate) fn unb64(text: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::net::TcpListener;
+
+    /// A gateway stand-in: answers every request with `{"n":I}` and a Content-Length,
+    /// counting connections; closes each connection after `per_connection` answers.
+    async fn fake_gateway(per_connection: usize) -> (String, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let n = count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut r = BufReader::new(s);
+                    for _ in 0..per_connection {
+                        let mut length = 0;
+                        loop {
+                            let mut line = String::new();
+                            if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if line.trim().is_empty() {
+                                break;
+                            }
+                            if let Some(v) =
+                                line.to_ascii_lowercase().strip_prefix("content-length:")
+                            {
+                                length = v.trim().parse().unwrap_or(0);
+                            }
+                        }
+                        let mut body = vec![0; length];
+                        if r.read_exact(&mut body).await.is_err() {
+                            return;
+                        }
+                        let answer = format!("{{\"n\":{n}}}");
+                        let reply = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{answer}",
+                            answer.len()
+                        );
+                        if r.get_mut().write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// Sequential requests share one kept-alive connection.
+    #[tokio::test]
+    async fn requests_reuse_a_connection() {
+        let (addr, accepted) = fake_gateway(usize::MAX).await;
+        let pool = Pool::new();
+        for _ in 0..5 {
+            let v = pool
+                .post(&addr, "/v3/kv/range", &Value::Null)
+                .await
+                .expect("answer");
+            assert_eq!(v["n"], 0);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    /// A kept-alive connection that the server closed while it sat idle is replaced by a
+    /// fresh one without failing the request.
+    #[tokio::test]
+    async fn a_connection_closed_while_idle_is_replaced() {
+        let (addr, accepted) = fake_gateway(1).await;
+        let pool = Pool::new();
+        for i in 0..3 {
+            let v = pool
+                .post(&addr, "/v3/kv/range", &Value::Null)
+                .await
+                .expect("answer");
+            assert_eq!(v["n"], i);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
 
     #[test]
     fn base64_round_trips() {

@@ -24,6 +24,10 @@
 //! does not re-read the store on events about keys behind it, and it is granted without any
 //! further request when the last key in its way goes. A watch silent for [`WATCH_QUIET`] is
 //! re-opened (on the endpoint in use then), so a member that hangs does not hold a waiter.
+//! If etcd compacted the revision a watch starts from (it cancels the watch with
+//! `compact_revision`), the deletions in between cannot be replayed: the waiter reads the
+//! queue again (keys ahead only go away, so the ones left are still in its way) and the
+//! holder its own key, and each watches on from that read.
 //!
 //! # Sessions and deadlines
 //! Each client grants its own etcd lease (TTL = the session TTL, at least etcd's minimum of
@@ -304,6 +308,8 @@ struct Etcd {
     current: AtomicUsize,
     label: String,
     last_ok: Mutex<Instant>,
+    /// Kept-alive connections for unary requests.
+    pool: http::Pool,
 }
 
 impl Etcd {
@@ -325,6 +331,7 @@ impl Etcd {
 
     /// Moves on from endpoint `i` (unless another request already did).
     fn fail_over(&self, i: usize) {
+        self.pool.forget(&self.endpoints[i]);
         let _ = self.current.compare_exchange(
             i,
             (i + 1) % self.endpoints.len(),
@@ -343,7 +350,7 @@ impl Etcd {
             }
             let (i, addr) = self.endpoint();
             let attempt = ATTEMPT.min(deadline - now);
-            match tokio::time::timeout(attempt, http::post(addr, path, body)).await {
+            match tokio::time::timeout(attempt, self.pool.post(addr, path, body)).await {
                 Ok(Ok(v)) => {
                     if let Ok(mut t) = self.last_ok.lock() {
                         *t = Instant::now();
@@ -514,11 +521,47 @@ impl Inner {
 
     /// Everything under `prefix` in create order, and the revision read at.
     async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64), Error> {
+        self.list_until(prefix, self.deadline()).await
+    }
+
+    /// [`Inner::list`], failing over until `deadline`.
+    async fn list_until(&self, prefix: &str, deadline: Instant) -> Result<(Vec<Kv>, i64), Error> {
         let mut body = range_prefix(prefix);
         body["sort_target"] = json!("CREATE");
         body["sort_order"] = json!("ASCEND");
-        let r = self.call("/v3/kv/range", &body).await?;
+        let r = self.etcd.call("/v3/kv/range", &body, deadline).await?;
         Ok((kvs(&r), header_rev(&r)))
+    }
+
+    /// Runs the txn that creates a queue key bound to the client's etcd lease (`build` makes
+    /// it for a lease id); returns its answer and the lease used. If etcd no longer knows the
+    /// lease (it expired while etcd was out of reach, or the keep-alive is replacing it after
+    /// such a spell), waits for the keep-alive's new lease and tries again, rather than
+    /// failing every acquire made meanwhile.
+    async fn create_txn(
+        &self,
+        deadline: Option<Instant>,
+        build: impl Fn(i64) -> Value,
+    ) -> Result<(Value, i64), Error> {
+        loop {
+            let lease = self.lease.load(Ordering::SeqCst);
+            match self.txn(build(lease)).await {
+                Err(Error::Protocol(m)) if m.contains("lease not found") => {
+                    let give_up = self.deadline();
+                    while self.lease.load(Ordering::SeqCst) == lease {
+                        let now = Instant::now();
+                        if deadline.is_some_and(|d| now >= d) {
+                            return Err(Error::TimedOut);
+                        }
+                        if now >= give_up {
+                            return Err(self.etcd.unavailable());
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                other => return other.map(|r| (r, lease)),
+            }
+        }
     }
 
     /// Deletes a queued key and leaves its tombstone (see [`Withdraw`]).
@@ -685,9 +728,31 @@ impl Inner {
                     }
                 };
                 if msg.get("canceled").and_then(Value::as_bool) == Some(true) {
-                    return Err(WaitEnd::Failed(Error::Protocol(format!(
-                        "etcd cancelled a watch: {msg}"
-                    ))));
+                    if num(&msg, "compact_revision") == 0 {
+                        return Err(WaitEnd::Failed(Error::Protocol(format!(
+                            "etcd cancelled a watch: {msg}"
+                        ))));
+                    }
+                    // `from` was compacted away (the watch was re-opened after a quiet spell
+                    // or a fail-over, and a compaction ran meanwhile): the deletions in the
+                    // gap cannot be replayed, so read what is left of the queue instead.
+                    // Keys ahead only ever go away, so the ones still there are what is
+                    // still in the way.
+                    let until = deadline.map_or(self.deadline(), |d| d.min(self.deadline()));
+                    let (queued, rev) = match self.list_until(queue, until).await {
+                        Ok(read) => read,
+                        Err(_) if deadline.is_some_and(|d| Instant::now() >= d) => {
+                            return Err(WaitEnd::TimedOut)
+                        }
+                        Err(e) => return Err(WaitEnd::Failed(e)),
+                    };
+                    if !queued.iter().any(|kv| kv.key == mine) {
+                        return Err(WaitEnd::Deleted);
+                    }
+                    ahead.retain(|k, _| queued.iter().any(|kv| kv.key == *k));
+                    weight = ahead.values().sum();
+                    from = rev + 1;
+                    break;
                 }
                 for ev in msg
                     .get("events")
@@ -742,6 +807,21 @@ impl Inner {
                     return;
                 };
                 while let Ok(Ok(msg)) = tokio::time::timeout(WATCH_QUIET, s.next()).await {
+                    if num(&msg, "compact_revision") > 0 {
+                        // `from` was compacted away: whether the key is still there says
+                        // what the lost events would have (see `wait_turn`).
+                        match inner.get(&wkey).await {
+                            Ok((Some(_), rev)) => from = rev + 1,
+                            Ok((None, _)) => {
+                                let reason = inner.why_lost(wcap.as_deref(), etcd_lease).await;
+                                inner.lose(lease, reason);
+                                return;
+                            }
+                            // Unreachable: the keep-alive decides about the lease.
+                            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                        }
+                        break;
+                    }
                     let events = msg.get("events").and_then(Value::as_array);
                     for ev in events.into_iter().flatten() {
                         if let Some(kv) = ev.get("kv").map(kv_of) {
@@ -785,32 +865,33 @@ impl Inner {
         let queue = self.queue(name);
         let lease = self.next_lease.fetch_add(1, Ordering::Relaxed);
         let key = format!("{queue}{lease:016x}");
-        let etcd_lease = self.lease.load(Ordering::SeqCst);
         let record = json!({"w": weight, "s": format!("{:016x}", self.session), "c": self.client, "t": now_ms()});
         let mut guard = Withdraw {
             inner: self.clone(),
             key: Some(key.clone()),
         };
-        // One round trip: create the key (unless a retry did), and read the capacity and the
-        // queue as of that revision.
-        let mut whole_queue = range_prefix(&queue);
-        whole_queue["sort_target"] = json!("CREATE");
-        whole_queue["sort_order"] = json!("ASCEND");
-        let r = self
-            .txn(txn(
-                vec![absent(&key), absent(&tomb_of(&key))],
-                vec![
-                    put(&key, &record, etcd_lease),
-                    json!({"request_range": range(&cap_key)}),
-                    json!({ "request_range": whole_queue.clone() }),
-                ],
-                vec![
-                    json!({"request_range": range(&cap_key)}),
-                    json!({ "request_range": whole_queue }),
-                ],
-            ))
+        // One round trip: create the key (unless a retry did), read the capacity, and count
+        // the queue as of that revision. Only the count, not the keys: when the new key is
+        // alone (the common, uncontended case) it holds at once, and its create revision is
+        // the txn's own; etcd's JSON gateway spends most of a request's CPU time encoding
+        // key-values, so answering with none of them halves its work per pair (BENCHMARKS.md).
+        let mut count_queue = range_prefix(&queue);
+        count_queue["count_only"] = json!(true);
+        let (r, etcd_lease) = self
+            .create_txn(deadline, |lease| {
+                txn(
+                    vec![absent(&key), absent(&tomb_of(&key))],
+                    vec![
+                        put(&key, &record, lease),
+                        json!({"request_range": range(&cap_key)}),
+                        json!({ "request_range": count_queue.clone() }),
+                    ],
+                    vec![json!({"request_range": range(&cap_key)})],
+                )
+            })
             .await?;
-        let first = if succeeded(&r) { 1 } else { 0 };
+        let created = succeeded(&r);
+        let first = if created { 1 } else { 0 };
         let cap_part = txn_part(&r, first);
         let Some(cap) = kvs(&cap_part).into_iter().next() else {
             let _ = guard.now().await;
@@ -834,23 +915,49 @@ impl Inner {
                 ),
             });
         }
-        let (queued, rev) = (kvs(&txn_part(&r, first + 1)), header_rev(&r));
-        let Some(me) = queued.iter().find(|kv| kv.key == key) else {
-            guard.disarm();
-            return Err(self.gone(name, &cap_key, etcd_lease).await);
+        let (ahead, rev, token) = if created && num(&txn_part(&r, 2), "count") == 1 {
+            // Alone in the queue: the txn's revision is the key's create revision.
+            let rev = header_rev(&r);
+            (HashMap::new(), rev, rev as u64)
+        } else {
+            // Others queued (or a retry found the key made): read the queue. Keys ahead
+            // of ours only ever go away, so a read after the txn sees a subset of them.
+            // A timed acquire's deadline bounds this read too (not a try: it must read).
+            let until = match deadline.filter(|_| timeout != Some(Duration::ZERO)) {
+                Some(d) => d.min(self.deadline()),
+                None => self.deadline(),
+            };
+            let (queued, rev) = match self.list_until(&queue, until).await {
+                Ok(read) => read,
+                Err(e) => {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        // As when the wait times out (below): withdraw, or say unreachable.
+                        let w = tokio::time::timeout(Duration::from_millis(500), guard.now());
+                        return match w.await {
+                            Ok(Ok(())) => Err(Error::TimedOut),
+                            _ => Err(self.etcd.unavailable()),
+                        };
+                    }
+                    return Err(e);
+                }
+            };
+            let Some(me) = queued.iter().find(|kv| kv.key == key) else {
+                guard.disarm();
+                return Err(self.gone(name, &cap_key, etcd_lease).await);
+            };
+            let ahead: HashMap<String, u64> = queued
+                .iter()
+                .filter(|kv| kv.create < me.create)
+                .map(|kv| {
+                    (
+                        kv.key.clone(),
+                        kv.value.get("w").and_then(Value::as_u64).unwrap_or(0),
+                    )
+                })
+                .collect();
+            (ahead, rev, me.create as u64)
         };
-        let ahead: HashMap<String, u64> = queued
-            .iter()
-            .filter(|kv| kv.create < me.create)
-            .map(|kv| {
-                (
-                    kv.key.clone(),
-                    kv.value.get("w").and_then(Value::as_u64).unwrap_or(0),
-                )
-            })
-            .collect();
         let room = capacity - u64::from(weight);
-        let token = me.create as u64;
         let deadline = if timeout == Some(Duration::ZERO) {
             Some(Instant::now())
         } else {
@@ -1335,22 +1442,24 @@ impl Inner {
         let queue = self.job_queue(job);
         let lease = self.next_lease.fetch_add(1, Ordering::Relaxed);
         let key = format!("{queue}{lease:016x}");
-        let etcd_lease = self.lease.load(Ordering::SeqCst);
         let record =
             json!({"w": 1, "s": format!("{:016x}", self.session), "c": self.client, "t": now_ms()});
         let mut guard = Withdraw {
             inner: self.clone(),
             key: Some(key.clone()),
         };
-        let r = self
-            .txn(txn(
-                vec![absent(&key), absent(&tomb_of(&key))],
-                vec![
-                    put(&key, &record, etcd_lease),
-                    json!({"request_range": range(&meta_key)}),
-                ],
-                vec![json!({"request_range": range(&meta_key)})],
-            ))
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let (r, _) = self
+            .create_txn(deadline, |lease| {
+                txn(
+                    vec![absent(&key), absent(&tomb_of(&key))],
+                    vec![
+                        put(&key, &record, lease),
+                        json!({"request_range": range(&meta_key)}),
+                    ],
+                    vec![json!({"request_range": range(&meta_key)})],
+                )
+            })
             .await?;
         let meta = kvs(&txn_part(&r, if succeeded(&r) { 1 } else { 0 }))
             .into_iter()
@@ -1387,7 +1496,6 @@ impl Inner {
                 }));
             }
         }
-        let deadline = timeout.map(|t| Instant::now() + t);
         let from = match self
             .wait_turn(&queue, &key, ahead, 0, rev + 1, deadline)
             .await
@@ -1592,6 +1700,8 @@ impl Inner {
                 let until = deadline.map_or(quiet, |d| d.min(quiet));
                 match tokio::time::timeout_at(until, stream.next()).await {
                     Ok(Ok(m)) if m.get("events").is_some() => break,
+                    // A compacted start revision: read the group again.
+                    Ok(Ok(m)) if num(&m, "compact_revision") > 0 => break,
                     Ok(Ok(_)) => continue,
                     _ => break,
                 }
@@ -1627,6 +1737,7 @@ impl EtcdBackend {
                 current: AtomicUsize::new(0),
                 label: label.clone(),
                 last_ok: Mutex::new(Instant::now()),
+                pool: http::Pool::new(),
             },
             prefix: url.prefix,
             session: options.session_id.unwrap_or_else(crate::new_session_id),

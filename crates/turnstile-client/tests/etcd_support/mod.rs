@@ -255,3 +255,51 @@ fn request(addr: &str, req: &str) -> Option<String> {
     s.read_to_string(&mut out).ok()?;
     out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
 }
+
+/// Standard base64, as etcd's JSON gateway takes `bytes`.
+pub fn b64(data: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in data.chunks(3) {
+        let n = c
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..4 {
+            out.push(if i <= c.len() {
+                ABC[(n >> (18 - 6 * i) & 63) as usize] as char
+            } else {
+                '='
+            });
+        }
+    }
+    out
+}
+
+/// A JSON gateway call on member `addr`, its answer as JSON (`Null` if it failed).
+pub fn call(addr: &str, path: &str, body: &serde_json::Value) -> serde_json::Value {
+    http_post(addr, path, &body.to_string())
+        .and_then(|b| serde_json::from_str(&b).ok())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// Writes a key outside every test prefix and compacts the history up to that write: a watch
+/// that starts at any earlier revision is refused (`compact_revision`). Returns the revision.
+pub fn compact_now(addr: &str) -> u64 {
+    // Two writes: a watch may start at the compaction's own revision, so the revision just
+    // after the caller's last write must fall strictly before it.
+    let marker = serde_json::json!({"key": b64(b"compaction-marker"), "value": b64(b"x")});
+    call(addr, "/v3/kv/put", &marker);
+    let put = call(addr, "/v3/kv/put", &marker);
+    let rev: u64 = put["header"]["revision"]
+        .as_str()
+        .and_then(|r| r.parse().ok())
+        .expect("the put's revision");
+    let done = call(
+        addr,
+        "/v3/kv/compaction",
+        &serde_json::json!({"revision": rev.to_string(), "physical": true}),
+    );
+    assert!(done.get("header").is_some(), "compaction failed: {done}");
+    rev
+}

@@ -1,0 +1,51 @@
+#!/usr/bin/env python3
+"""etcd's CPU time per lock pair for different request shapes, on a running etcd.
+
+    python3 bench/etcd-request-shapes.py PORT ETCD_PID [PAIRS_PER_THREAD [THREADS]]
+
+THREADS threads (default 64), each on one kept-alive HTTP/1.1 connection to etcd's JSON
+gateway, loop a pair of requests; etcd's utime+stime (from /proc/ETCD_PID/stat) over the run
+is divided by the pairs. Shapes, two rounds each:
+- lock: /v3/lock/lock + /v3/lock/unlock (etcd's own mutex);
+- ours: the etcd backend's uncontended acquire txn (two create compares; put with a lease,
+  range of the capacity key, count_only range of the queue) + deleterange;
+- ours-nocap: the same txn without the capacity range;
+- put+del: a plain put with a lease + deleterange (the floor for two writes).
+"""
+import http.client, json, base64, sys, time, threading
+port=int(sys.argv[1]); pid=int(sys.argv[2])
+N=int(sys.argv[3]) if len(sys.argv) > 3 else 25
+T=int(sys.argv[4]) if len(sys.argv) > 4 else 64
+b=lambda s: base64.b64encode(s.encode()).decode()
+def conn(): return http.client.HTTPConnection("127.0.0.1",port)
+def post(c,p,body):
+    c.request("POST",p,json.dumps(body),{"Content-Type":"application/json"}); r=c.getresponse(); return json.loads(r.read())
+def cpu():
+    f=open(f"/proc/{pid}/stat").read().split(); return (int(f[13])+int(f[14]))*10
+c0=conn(); lease=post(c0,"/v3/lease/grant",{"TTL":"120"})["ID"]
+def re(pfx):
+    e=bytearray(pfx.encode()); e[-1]+=1; return base64.b64encode(bytes(e)).decode()
+rec=b(json.dumps({"w":1,"s":"0123456789abcdef","c":"host:12345","t":1764648000000}))
+def ours(c,t,i,cap=True):
+    q=f"exp/s/x{t}/q/"; capk=f"exp/s/x{t}/cap"; k=f"{q}{i:016x}"; tb=f"exp/s/x{t}/x/{i:016x}"
+    succ=[{"request_put":{"key":b(k),"value":rec,"lease":lease}}]
+    if cap: succ.append({"request_range":{"key":b(capk)}})
+    succ.append({"request_range":{"key":b(q),"range_end":re(q),"count_only":True}})
+    post(c,"/v3/kv/txn",{"compare":[{"target":"CREATE","key":b(k),"create_revision":"0","result":"EQUAL"},{"target":"CREATE","key":b(tb),"create_revision":"0","result":"EQUAL"}],"success":succ,"failure":[{"request_range":{"key":b(capk)}}]})
+    post(c,"/v3/kv/deleterange",{"key":b(k)})
+def plain(c,t,i):
+    k=f"exp/s/x{t}/q/{i:016x}"
+    post(c,"/v3/kv/put",{"key":b(k),"value":rec,"lease":lease}); post(c,"/v3/kv/deleterange",{"key":b(k)})
+def lock(c,t,i):
+    r=post(c,"/v3/lock/lock",{"name":b(f"exp-lock-{t}"),"lease":lease}); post(c,"/v3/lock/unlock",{"key":r["key"]})
+def nocap(c,t,i): ours(c,t,i,False)
+for t in range(T): post(c0,"/v3/kv/put",{"key":b(f"exp/s/x{t}/cap"),"value":b('{"capacity":1,"closed":false}')})
+for rnd in range(2):
+  for name,f in [("lock",lock),("ours",ours),("ours-nocap",nocap),("put+del",plain)]:
+    a=cpu(); t0=time.time()
+    def work(t):
+        c=conn()
+        for i in range(N): f(c,t,i+rnd*N)
+    th=[threading.Thread(target=work,args=(t,)) for t in range(T)]
+    [x.start() for x in th]; [x.join() for x in th]
+    n=N*T; print(f"{name:12} etcd cpu {(cpu()-a)/n:.3f} ms/pair  {n/(time.time()-t0):.0f} pairs/s")
