@@ -56,8 +56,8 @@ and says that the lease expired on its own.";
 )]
 struct Cli {
     /// Log lines as text for people, or as JSON objects (one per line) for log collectors.
-    /// Levels come from RUST_LOG (default: info; warn for run, once and wait, whose stderr
-    /// is shared with their command).
+    /// Levels come from RUST_LOG (default: info; warn for run and once, whose stderr is
+    /// their command's).
     #[arg(
         long,
         global = true,
@@ -348,13 +348,9 @@ fn main() -> ExitCode {
             serve_command(&args, sub, cli.log_format)
         }
         command => {
-            // run, once and wait share stderr with their command (or a script's output):
-            // only what went wrong is news there (a lost lease, a bound reached), not that
-            // the client reconnected.
-            let quiet = matches!(
-                command,
-                Command::Run(_) | Command::Once(_) | Command::Wait(_)
-            );
+            // run and once share stderr with their command: only what went wrong is news
+            // there (a lost lease, a bound reached), not that the client reconnects.
+            let quiet = matches!(command, Command::Run(_) | Command::Once(_));
             init_logging_at(cli.log_format, if quiet { "warn" } else { "info" });
             dispatch(command)
         }

@@ -136,7 +136,11 @@ pub async fn once(args: OnceArgs) -> anyhow::Result<ExitCode> {
             let _ = client.shutdown().await;
             return Ok(ExitCode::from(EXIT_TIMEOUT));
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => {
+            // Ended, not left to expire: a refused job name is a clean ending.
+            let _ = client.shutdown().await;
+            return Err(e.into());
+        }
     };
     let envs = [
         ("TURNSTILE_JOB", args.job.clone()),
