@@ -48,9 +48,9 @@ pub(crate) fn log(entries: Vec<Entry>) {
                 ),
             },
             "session_expired" => tracing::info!(session, client, "session expired"),
-            "session_ended" => {
-                tracing::info!(session, client, "session ended by another client")
-            }
+            // By EndSession: a supervisor ending a dead worker's session, or a client (a
+            // nanny) ending its own.
+            "session_ended" => tracing::info!(session, client, "session ended"),
             "semaphore_closed" => tracing::info!(
                 semaphore = e.semaphore.as_deref().unwrap_or_default(),
                 "semaphore closed"

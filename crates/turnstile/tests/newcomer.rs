@@ -288,7 +288,7 @@ fn lease_ids_survive_json_exactly() {
 }
 
 /// Clean endings are not expiries: a `run` on a closed semaphore, a name that is too long, a
-/// `status --watch` stopped with SIGTERM all end their sessions. The only `session_expired`
+/// `status --watch` stopped with SIGTERM, a nanny that exits all end their sessions. The only `session_expired`
 /// in the feed is the one of a `run` killed with SIGKILL afterwards, which did miss its TTL.
 #[test]
 fn only_a_missed_ttl_is_an_expiry() {
@@ -319,6 +319,17 @@ fn only_a_missed_ttl_is_an_expiry() {
     });
     watch.signal(Signal::SIGTERM);
     assert_eq!(watch.wait(SOON).code(), 0);
+    // A nanny whose one worker ended, and which exits: its own session ends with it.
+    let nanny = h.run(&[
+        "nanny",
+        "--workers",
+        "1",
+        "--restart",
+        "never",
+        "--",
+        "true",
+    ]);
+    assert_eq!(nanny.code(), 0, "{nanny:?}");
     // The sentinel: its session misses its TTL, one TTL after every session above ended.
     let sentinel = h.spawn(
         "sentinel",
