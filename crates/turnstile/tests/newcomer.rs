@@ -71,9 +71,18 @@ fn which_backend_is_said() {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn serve");
-    let mut lines = BufReader::new(serve.stdout.take().expect("piped")).lines();
-    let first = lines.next().expect("a line").expect("read");
-    let second = lines.next().expect("a second line").expect("read");
+    // Read on a thread, so that a server that prints fewer lines fails the test, not hangs it.
+    let stdout = serve.stdout.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let first = rx.recv_timeout(SOON).expect("the address line");
+    let second = rx.recv_timeout(SOON).expect("a second line");
     let _ = serve.kill();
     let _ = serve.wait();
     let port = first
