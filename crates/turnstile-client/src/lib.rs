@@ -364,8 +364,13 @@ impl Client {
     }
 
     /// Closes a semaphore: waiters fail, holders lose their leases, later acquires fail.
+    /// Closing a name that is not known, or already closed, succeeds and changes nothing, on
+    /// every backend (as Dask's `Semaphore.close`, which only reports it).
     pub async fn close(&self, name: &str) -> Result<(), Error> {
-        self.backend.close(name).await
+        match self.backend.close(name).await {
+            Err(e) if e.code() == Some(ErrorCode::NoSuchSemaphore) => Ok(()),
+            r => r,
+        }
     }
 
     /// Changes the capacity of an existing semaphore, on every backend. Growing grants the

@@ -878,6 +878,10 @@ struct Notice {
     next: Instant,
     every: Duration,
     shown: bool,
+    /// At info rather than warn: the session is established and its leases stay valid while
+    /// the client retries (their loss is reported on its own), so the retries are no news to
+    /// a command such as `turnstile run`, whose stderr is its command's.
+    quiet: bool,
 }
 
 impl Notice {
@@ -887,6 +891,15 @@ impl Notice {
             next: since + NOTICE_FIRST,
             every: NOTICE_FIRST,
             shown: false,
+            quiet: false,
+        }
+    }
+
+    /// The notice of an established session that lost its link.
+    fn resuming(since: Instant) -> Notice {
+        Notice {
+            quiet: true,
+            ..Notice::new(since)
         }
     }
 
@@ -896,7 +909,11 @@ impl Notice {
 
     fn show(&mut self, addr: &str, now: Instant) {
         let secs = now.saturating_duration_since(self.since).as_secs();
-        tracing::warn!("the coordinator at {addr} has not answered for {secs}s; still trying");
+        if self.quiet {
+            tracing::info!("the coordinator at {addr} has not answered for {secs}s; still trying");
+        } else {
+            tracing::warn!("the coordinator at {addr} has not answered for {secs}s; still trying");
+        }
         self.shown = true;
         self.every = (self.every * 2).min(NOTICE_MAX);
         self.next = now + self.every;
@@ -951,6 +968,25 @@ async fn open_link(
                     addr: addr.to_owned(),
                     why: "the server speaks TLS: use tls:// instead of tcp://".into(),
                 });
+            }
+            const HTTP: &[u8] = b"HTTP/1.";
+            let looks_http = !link.buf.is_empty()
+                && HTTP.starts_with(&link.buf[..link.buf.len().min(HTTP.len())]);
+            if looks_http && link.buf.len() < HTTP.len() {
+                // Not enough to tell yet (a frame's length never starts with "H").
+                let n = link.rd.read_buf(&mut link.buf).await.map_err(connect_err)?;
+                if n == 0 {
+                    return Err(connect_err(std::io::ErrorKind::UnexpectedEof.into()));
+                }
+                continue;
+            }
+            if looks_http {
+                // A coordinator's HTTP port (or another web server) answered our hello.
+                return Err(Error::Protocol(format!(
+                    "{addr} answered in HTTP: it is an HTTP port, not turnstile's protocol \
+                     port (`turnstile serve` prints both: \"listening on\" is the protocol \
+                     port, 7420 by default; \"http on\" the HTTP port, 7421)"
+                )));
             }
             while let Some((payload, used)) = split_frame(&link.buf, MAX_REPLY_FRAME)
                 .map_err(|e| Error::Protocol(e.to_string()))?
@@ -1361,7 +1397,7 @@ impl Driver {
                 Ordering::Relaxed,
             );
             if self.notice.is_none() {
-                self.notice = Some(Notice::new(self.health.at(heard)));
+                self.notice = Some(Notice::resuming(self.health.at(heard)));
             }
         }
     }

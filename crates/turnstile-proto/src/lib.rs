@@ -27,6 +27,8 @@ pub use codec::{
     decode_reply, decode_request, encode_reply, encode_request, split_frame, DecodeError,
     ErrorCode, LeaseIds, LostReason, Reply, Request,
 };
+/// Serde helpers for ids written as decimal strings in JSON.
+pub use status::id_string;
 pub use status::{
     CompletionStatus, GroupStatus, HolderStatus, JobStatus, RunningStatus, SemaphoreStatus,
     StatusDoc, WaitSummary, WaiterStatus,

@@ -110,21 +110,26 @@ pub struct SemaphoreStatus {
     /// servers before this field; read as empty.)
     #[serde(default)]
     pub waiters: Vec<WaiterStatus>,
-    /// Grants since the server started.
+    /// Grants since the server started. `None` (`null` in JSON) on a backend that keeps
+    /// no counters (file, etcd).
     #[serde(default)]
-    pub acquired_total: u64,
-    /// Leases released by their holders.
+    pub acquired_total: Option<u64>,
+    /// Leases released by their holders. `None` (`null` in JSON) on a backend that keeps
+    /// no counters (file, etcd).
     #[serde(default)]
-    pub released_total: u64,
-    /// Leases released because their session expired or was ended.
+    pub released_total: Option<u64>,
+    /// Leases released because their session expired or was ended. `None` (`null` in JSON) on a backend that keeps
+    /// no counters (file, etcd).
     #[serde(default)]
-    pub expired_total: u64,
-    /// Queued acquires that timed out.
+    pub expired_total: Option<u64>,
+    /// Queued acquires that timed out. `None` (`null` in JSON) on a backend that keeps
+    /// no counters (file, etcd).
     #[serde(default)]
-    pub timed_out_total: u64,
-    /// Leases taken away by a close.
+    pub timed_out_total: Option<u64>,
+    /// Leases taken away by a close. `None` (`null` in JSON) on a backend that keeps
+    /// no counters (file, etcd).
     #[serde(default)]
-    pub lost_total: u64,
+    pub lost_total: Option<u64>,
     /// How long grants waited in the queue.
     #[serde(default)]
     pub wait: WaitSummary,
@@ -133,7 +138,8 @@ pub struct SemaphoreStatus {
 /// One held lease.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct HolderStatus {
-    /// The lease id (unique within its session).
+    /// The lease id (unique within its session). A decimal string in JSON (see [`id_string`]).
+    #[serde(with = "id_string")]
     pub lease_id: u64,
     /// The session, as 16 hex digits (a string, since JSON numbers lose precision past 2^53).
     pub session: String,
@@ -151,7 +157,8 @@ pub struct HolderStatus {
 /// One queued acquire.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct WaiterStatus {
-    /// The lease id it will be granted as.
+    /// The lease id it will be granted as. A decimal string in JSON (see [`id_string`]).
+    #[serde(with = "id_string")]
     pub lease_id: u64,
     /// The session, as 16 hex digits.
     pub session: String,
@@ -171,9 +178,11 @@ pub struct WaitSummary {
     pub count: u64,
     /// Mean wait, milliseconds.
     pub mean_ms: f64,
-    /// Upper bound of the median wait, milliseconds (from histogram buckets).
+    /// Estimated median wait, milliseconds: interpolated within its histogram bucket, whose
+    /// range is narrowed to the shortest and longest wait seen (exact when every wait fell in
+    /// one bucket and were equal; never outside the bucket).
     pub p50_ms: f64,
-    /// Upper bound of the 99th percentile wait, milliseconds.
+    /// Estimated 99th percentile wait, milliseconds (the same way).
     pub p99_ms: f64,
     /// Longest wait, milliseconds.
     pub max_ms: f64,
@@ -189,5 +198,83 @@ impl StatusDoc {
     /// Parses the JSON bytes of a `Status` reply.
     pub fn from_json(json: &[u8]) -> Result<StatusDoc, serde_json::Error> {
         serde_json::from_slice(json)
+    }
+}
+
+/// Serde for u64 ids as decimal strings: JSON numbers are doubles to most readers (JavaScript,
+/// `jq`), which round integers above 2^53, and lease ids are random 64-bit numbers. Reads a
+/// string or a number (documents of servers before this change).
+pub mod id_string {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes `id` as a decimal string.
+    pub fn serialize<S: Serializer>(id: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(id)
+    }
+
+    /// Reads a decimal string or a number.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Number(u64),
+            Text(String),
+        }
+        match Either::deserialize(d)? {
+            Either::Number(n) => Ok(n),
+            Either::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
+
+    /// The same for an optional id (`null` or absent stays `None`).
+    pub mod option {
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        /// Writes `id` as a decimal string, or `null`.
+        pub fn serialize<S: Serializer>(id: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+            match id {
+                Some(id) => s.collect_str(id),
+                None => s.serialize_none(),
+            }
+        }
+
+        /// Reads a decimal string, a number or `null`.
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+            #[derive(Deserialize)]
+            struct Wrap(#[serde(with = "super")] u64);
+            Ok(Option::<Wrap>::deserialize(d)?.map(|w| w.0))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lease id above 2^53 survives the document exactly, as a string, and a document with
+    /// the id as a number (older servers) still reads.
+    #[test]
+    fn lease_ids_are_exact_strings() {
+        let id = 13_999_718_374_037_258_241_u64;
+        let doc = StatusDoc {
+            semaphores: vec![SemaphoreStatus {
+                name: "db".into(),
+                holders: vec![HolderStatus {
+                    lease_id: id,
+                    ..HolderStatus::default()
+                }],
+                ..SemaphoreStatus::default()
+            }],
+            ..StatusDoc::default()
+        };
+        let json = String::from_utf8(doc.to_json()).expect("utf-8");
+        assert!(
+            json.contains("\"lease_id\":\"13999718374037258241\""),
+            "{json}"
+        );
+        assert!(json.contains("\"acquired_total\":null"), "{json}");
+        assert_eq!(StatusDoc::from_json(json.as_bytes()).expect("parse"), doc);
+        let old = json.replace("\"13999718374037258241\"", "13999718374037258241");
+        assert_eq!(StatusDoc::from_json(old.as_bytes()).expect("parse"), doc);
     }
 }

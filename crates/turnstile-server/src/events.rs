@@ -48,9 +48,9 @@ pub(crate) fn log(entries: Vec<Entry>) {
                 ),
             },
             "session_expired" => tracing::info!(session, client, "session expired"),
-            "session_ended" => {
-                tracing::info!(session, client, "session ended by another client")
-            }
+            // By EndSession: a supervisor ending a dead worker's session, or a client (a
+            // nanny) ending its own.
+            "session_ended" => tracing::info!(session, client, "session ended"),
             "semaphore_closed" => tracing::info!(
                 semaphore = e.semaphore.as_deref().unwrap_or_default(),
                 "semaphore closed"
@@ -100,8 +100,9 @@ pub(crate) struct Entry {
     /// The job concerned (for a lost job lease, instead of a semaphore).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) job: Option<Arc<str>>,
-    /// The lease concerned.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// The lease concerned, served as a decimal string (lease ids are random 64-bit numbers,
+    /// which JSON readers would round as numbers).
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "lease_text")]
     pub(crate) lease: Option<u64>,
     /// The session concerned, served as 16 hex digits.
     #[serde(
@@ -123,6 +124,14 @@ pub(crate) struct Entry {
 /// Serializes a session as 16 hex digits, as the status document does.
 fn session_hex<S: Serializer>(session: &Option<SessionId>, s: S) -> Result<S::Ok, S::Error> {
     match session {
+        Some(id) => s.collect_str(id),
+        None => s.serialize_none(),
+    }
+}
+
+/// Serializes a lease id as a decimal string, as the status document does.
+fn lease_text<S: Serializer>(lease: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+    match lease {
         Some(id) => s.collect_str(id),
         None => s.serialize_none(),
     }

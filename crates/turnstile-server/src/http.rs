@@ -190,6 +190,16 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
             false,
         ),
         Ok(Err(HeadError::Io)) => return,
+        // Answered at once, not at the head's deadline: a turnstile client pointed at this
+        // port by mistake reads "HTTP/1." and says which port is which.
+        Ok(Err(HeadError::NotHttp)) => (
+            "other",
+            Response::error(
+                400,
+                "not an HTTP request: this is turnstile's HTTP port; clients use the protocol port",
+            ),
+            false,
+        ),
         Ok(Err(HeadError::TooLarge)) => (
             "other",
             Response::error(431, "request head too large"),
@@ -270,6 +280,9 @@ enum HeadError {
     Io,
     /// No end of the head within [`MAX_HEAD`] bytes.
     TooLarge,
+    /// The first byte cannot start a request line (a method is upper-case letters): a binary
+    /// protocol, such as a turnstile client's `Hello`.
+    NotHttp,
 }
 
 /// Reads until the blank line that ends the request head.
@@ -280,6 +293,9 @@ async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Vec<u8>, Head
         let n = stream.read(&mut chunk).await.map_err(|_| HeadError::Io)?;
         if n == 0 {
             return Err(HeadError::Io);
+        }
+        if buf.is_empty() && !chunk[0].is_ascii_uppercase() {
+            return Err(HeadError::NotHttp);
         }
         let searched_from = buf.len().saturating_sub(3);
         buf.extend_from_slice(&chunk[..n]);

@@ -219,16 +219,16 @@ fn semaphore_status(v: &SemaphoreView) -> SemaphoreStatus {
                 age_ms: ms64(w.age),
             })
             .collect(),
-        acquired_total: v.counters.acquired_total,
-        released_total: v.counters.released_total,
-        expired_total: v.counters.expired_total,
-        timed_out_total: v.counters.timed_out_total,
-        lost_total: v.counters.lost_total,
+        acquired_total: Some(v.counters.acquired_total),
+        released_total: Some(v.counters.released_total),
+        expired_total: Some(v.counters.expired_total),
+        timed_out_total: Some(v.counters.timed_out_total),
+        lost_total: Some(v.counters.lost_total),
         wait: WaitSummary {
             count: v.wait.count,
             mean_ms: ms(v.wait.mean()),
-            p50_ms: ms(v.wait.quantile_upper_bound(0.5)),
-            p99_ms: ms(v.wait.quantile_upper_bound(0.99)),
+            p50_ms: ms(v.wait.quantile_estimate(0.5)),
+            p99_ms: ms(v.wait.quantile_estimate(0.99)),
             max_ms: v.wait.max_us as f64 / 1000.0,
         },
     }

@@ -553,7 +553,7 @@ async fn metrics_count_a_scripted_workload() {
         r.body
     );
     assert_eq!(events[0]["semaphore"], "exp");
-    assert_eq!(events[0]["lease"], 1);
+    assert_eq!(events[0]["lease"], "1", "a string, exact past 2^53");
     assert_eq!(events[0]["session"], "000000000000dead");
     assert_eq!(page["last"], 5);
     let later = server.get("/v1/events?after=4").await;

@@ -161,6 +161,11 @@ impl Log {
     /// Opens (creating it if needed) and locks the data directory, recovers its records, and
     /// gets ready to append.
     pub fn open(dir: &Path) -> Result<(Log, Recovery), WalError> {
+        if dir.exists() && !dir.is_dir() {
+            // create_dir_all would say "File exists", which reads as if all were well.
+            let source = io::Error::new(io::ErrorKind::NotADirectory, "not a directory");
+            return Err(io_err("cannot use data directory", dir)(source));
+        }
         fs::create_dir_all(dir).map_err(io_err("cannot create data directory", dir))?;
         let lock = lock_dir(dir)?;
         let mut files = list(dir)?;

@@ -11,6 +11,7 @@ mod run;
 mod serve;
 mod status;
 
+use std::fmt::Write as _;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -46,7 +47,8 @@ Exit codes (the same for every command and backend):
            after --connect-timeout (retried, so that a restart stays invisible); for status
            and close, at once (no retry); once: CMD succeeded but its completion could not be
            recorded, so the job may run again; nanny: unreachable for --death-timeout
-  75       still busy at --timeout, on a coordinator that answers
+  75       still busy at --timeout, on a coordinator that answers; with --timeout 0
+           (try once, never wait: like flock -n), busy at once
   76       the lease was lost while CMD ran, and CMD was stopped
   126/127  CMD cannot be run / was not found
   128+N    turnstile itself was stopped by signal N before CMD ran
@@ -62,7 +64,8 @@ and says that the lease expired on its own.";
 )]
 struct Cli {
     /// Log lines as text for people, or as JSON objects (one per line) for log collectors.
-    /// Levels come from RUST_LOG (default: info).
+    /// Levels come from RUST_LOG (default: info; warn for run and once, whose stderr is
+    /// their command's).
     #[arg(
         long,
         global = true,
@@ -128,9 +131,35 @@ impl UrlArg {
     /// The URL given, else a per-user local directory: with no server and no set-up,
     /// `turnstile run` still limits the processes of this user on this host.
     fn get(&self) -> String {
-        self.url
-            .clone()
-            .unwrap_or_else(turnstile_client::default_url)
+        match &self.url {
+            Some(url) => url.clone(),
+            None => {
+                let url = turnstile_client::default_url();
+                note_default_coordinator(&url);
+                url
+            }
+        }
+    }
+}
+
+/// How long the probe of the default coordinator port may take: it runs before every command
+/// that uses the local default, so it must cost nothing noticeable.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// Says, in one line on stderr, that a coordinator answers on the default port while this
+/// command uses the per-user directory (no --url, no TURNSTILE_URL): the two backends do not
+/// see each other's semaphores, so the user likely forgot to export TURNSTILE_URL. It never
+/// switches backends: processes split over two backends would overbook.
+fn note_default_coordinator(url: &str) {
+    use std::net::{SocketAddr, TcpStream};
+    let Ok(addr) = serve::DEFAULT_LISTEN.parse::<SocketAddr>() else {
+        return;
+    };
+    if TcpStream::connect_timeout(&addr, PROBE_TIMEOUT).is_ok() {
+        eprintln!(
+            "turnstile: note: using {url} (no --url or TURNSTILE_URL), but a coordinator \
+             answers on {addr}; to use it: export TURNSTILE_URL=tcp://{addr}"
+        );
     }
 }
 
@@ -286,13 +315,78 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 /// Parses a human duration such as `500ms`, `30s` or `2m`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    if s.trim_start().starts_with('-') {
+        return Err("a duration cannot be negative (expected e.g. 0, 500ms, 30s, 2m)".into());
+    }
     humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 500ms, 30s, 2m)"))
+}
+
+/// Parses a count of slots (`--limit`, `--weight`): a whole number from 1.
+pub fn parse_slots(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<i64>() {
+        Ok(n) if n >= 1 => {
+            u32::try_from(n).map_err(|_| format!("{n} is too large (at most {})", u32::MAX))
+        }
+        Ok(n) => Err(format!("{n} is not a number of slots (expected 1 or more)")),
+        Err(_) => Err(format!(
+            "{s:?} is not a number of slots (expected 1 or more)"
+        )),
+    }
+}
+
+/// Rewrites a clap error about a bad value that came from an environment variable so that it
+/// names the variable: clap blames the flag (`--session-ttl`), which the user never typed.
+fn name_the_variable(e: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() != ErrorKind::ValueValidation && e.kind() != ErrorKind::InvalidValue {
+        return e;
+    }
+    let (Some(ContextValue::String(arg)), Some(ContextValue::String(value))) = (
+        e.get(ContextKind::InvalidArg),
+        e.get(ContextKind::InvalidValue),
+    ) else {
+        return e;
+    };
+    let Some(flag) = arg.split_whitespace().next() else {
+        return e;
+    };
+    let typed = std::env::args().any(|a| a == flag || a.starts_with(&format!("{flag}=")));
+    if typed {
+        return e;
+    }
+    let cmd = Cli::command();
+    let var = std::iter::once(&cmd)
+        .chain(cmd.get_subcommands())
+        .flat_map(|c| c.get_arguments())
+        .filter(|a| {
+            a.get_long()
+                .is_some_and(|l| flag.strip_prefix("--") == Some(l))
+        })
+        .filter_map(|a| a.get_env())
+        .find(|v| std::env::var_os(v).is_some_and(|set| set.to_str() == Some(value.as_str())));
+    let Some(var) = var else {
+        return e;
+    };
+    let why = std::error::Error::source(&e)
+        .map(|s| format!(": {s}"))
+        .unwrap_or_default();
+    clap::Error::raw(
+        ErrorKind::ValueValidation,
+        format!(
+            "invalid value {value:?} in the environment variable {} (for {flag}){why}\n",
+            var.to_string_lossy()
+        ),
+    )
+    .with_cmd(&cmd)
 }
 
 fn main() -> ExitCode {
     // Parsed in two steps, so that `serve` can tell typed and environment values from
     // defaults (its config file fills in only the defaults).
-    let matches = Cli::command().get_matches();
+    let matches = match Cli::command().try_get_matches() {
+        Ok(matches) => matches,
+        Err(e) => name_the_variable(e).exit(),
+    };
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(e) => e.exit(),
@@ -316,17 +410,49 @@ fn main() -> ExitCode {
             serve_command(&args, sub, cli.log_format)
         }
         command => {
-            init_logging(cli.log_format);
+            // run and once share stderr with their command: only what went wrong is news
+            // there (a lost lease, a bound reached), not that the client reconnects.
+            let quiet = matches!(command, Command::Run(_) | Command::Once(_));
+            init_logging_at(cli.log_format, if quiet { "warn" } else { "info" });
             dispatch(command)
         }
     };
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("turnstile: {e:#}");
+            eprintln!("turnstile: {}", one_line(&e));
             exit_code_of(&e)
         }
     }
+}
+
+/// The error and its causes on one line, `a: b: c`, leaving out a cause whose text its
+/// parent already ends with (a library error that prints its source too would otherwise say
+/// it twice: "File exists (os error 17): File exists (os error 17)").
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.ends_with(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    let refused_at = e.chain().find_map(|c| match c.downcast_ref() {
+        Some(turnstile_client::Error::Connect { addr, source })
+            if source.kind() == std::io::ErrorKind::ConnectionRefused =>
+        {
+            Some(addr.clone())
+        }
+        _ => None,
+    });
+    if let Some(addr) = refused_at {
+        let _ = write!(line, " (is `turnstile serve` running on {addr}?)");
+    }
+    line
 }
 
 /// The exit code of an error (see [`EXIT_CODES`]): 69 when the backend cannot be reached,
@@ -365,9 +491,14 @@ fn serve_command(
 }
 
 fn init_logging(format: LogFormat) {
+    init_logging_at(format, "info");
+}
+
+/// Logging to stderr, at RUST_LOG's levels or else at `default`.
+fn init_logging_at(format: LogFormat, default: &str) {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -422,9 +553,11 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Close { name, url } => runtime()?.block_on(async {
             // A call that does not wait: one attempt, so an absent coordinator is 69 at once.
+            // Closing a name that is not known, or already closed, succeeds on every backend.
             let client = turnstile_client::Client::connect(&url.get()).await?;
-            client.close(&name).await?;
-            client.shutdown().await?;
+            let closed = client.close(&name).await;
+            let _ = client.shutdown().await;
+            closed?;
             Ok(ExitCode::SUCCESS)
         }),
         Command::SetCapacity {

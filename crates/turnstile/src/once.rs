@@ -28,7 +28,7 @@ pub struct OnceArgs {
     wait: bool,
     /// With --wait, give up waiting after this long, connecting included (exit 75 if the job
     /// still runs elsewhere; 69 if the coordinator cannot be reached).
-    #[arg(long, requires = "wait", value_parser = parse_duration)]
+    #[arg(long, requires = "wait", allow_hyphen_values = true, value_parser = parse_duration)]
     timeout: Option<Duration>,
     #[command(flatten)]
     connect: ConnectArg,
@@ -60,7 +60,7 @@ pub async fn once(args: OnceArgs) -> anyhow::Result<ExitCode> {
     if args.reset {
         let client = reach::connect(
             &url,
-            Options::default(),
+            args.connect.options(Options::default()),
             args.connect.connect_timeout,
             deadline,
         )
@@ -78,7 +78,7 @@ pub async fn once(args: OnceArgs) -> anyhow::Result<ExitCode> {
     let mut guard = Guarded::spawn(&args.command)?;
     let client = reach::connect(
         &url,
-        client_options(&guard),
+        args.connect.options(client_options(&guard)),
         args.connect.connect_timeout,
         deadline,
     )
@@ -136,7 +136,11 @@ pub async fn once(args: OnceArgs) -> anyhow::Result<ExitCode> {
             let _ = client.shutdown().await;
             return Ok(ExitCode::from(EXIT_TIMEOUT));
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => {
+            // Ended, not left to expire: a refused job name is a clean ending.
+            let _ = client.shutdown().await;
+            return Err(e.into());
+        }
     };
     let envs = [
         ("TURNSTILE_JOB", args.job.clone()),
@@ -316,7 +320,7 @@ pub async fn wait(args: WaitArgs) -> anyhow::Result<ExitCode> {
     let deadline = reach::deadline(args.timeout);
     let client = reach::connect(
         &args.url.get(),
-        Options::default(),
+        args.connect.options(Options::default()),
         args.connect.connect_timeout,
         deadline,
     )

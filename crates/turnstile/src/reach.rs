@@ -28,6 +28,29 @@ pub struct ConnectArg {
     /// default session TTL.
     #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
+    /// The session TTL of this client (e.g. 2s, 30s): how long its leases outlive it if it
+    /// dies without releasing them. Default: the coordinator's (`serve --session-ttl`), 10s
+    /// on the file and etcd backends.
+    #[arg(long, value_name = "DUR", value_parser = parse_ttl)]
+    pub session_ttl: Option<Duration>,
+}
+
+/// Parses `--session-ttl`: a positive duration.
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err("a session TTL must be positive (e.g. 2s, 30s)".into()),
+        d => Ok(d),
+    }
+}
+
+impl ConnectArg {
+    /// `options` with this command's session TTL.
+    pub fn options(&self, options: Options) -> Options {
+        Options {
+            session_ttl: self.session_ttl.or(options.session_ttl),
+            ..options
+        }
+    }
 }
 
 /// The deadline of `--timeout`, from now.

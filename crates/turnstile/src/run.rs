@@ -12,7 +12,7 @@ use turnstile_client::{Client, Error, ErrorCode, Options, Permit, StatusDoc};
 
 use crate::guard::Guarded;
 use crate::reach::{self, ConnectArg};
-use crate::{parse_duration, UrlArg, EXIT_LOST, EXIT_TIMEOUT};
+use crate::{parse_duration, parse_slots, UrlArg, EXIT_LOST, EXIT_TIMEOUT};
 
 /// What to do when the lease is lost while the command runs.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,14 +30,15 @@ pub struct RunArgs {
     name: String,
     /// Capacity: create the semaphore with this many slots if it does not exist (it must
     /// match if it does). Without it, the semaphore must already exist.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, allow_hyphen_values = true, value_parser = parse_slots)]
     limit: Option<u32>,
     /// Slots to hold.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = 1, allow_hyphen_values = true, value_parser = parse_slots)]
     weight: u32,
     /// Give up waiting after this long, connecting included (exit 75 if the semaphore is
-    /// still busy; 69 if the coordinator cannot be reached).
-    #[arg(long, value_parser = parse_duration)]
+    /// still busy; 69 if the coordinator cannot be reached). `--timeout 0` is a try-lock:
+    /// take a free slot or exit 75 at once, never queue (like `flock -n`).
+    #[arg(long, allow_hyphen_values = true, value_parser = parse_duration)]
     timeout: Option<Duration>,
     #[command(flatten)]
     connect: ConnectArg,
@@ -58,18 +59,33 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let url = args.url.get();
     let deadline = reach::deadline(args.timeout);
     // The guard first, idle: its pid goes into the lease (see `client_options`).
-    let mut guard = Guarded::spawn(&args.command)?;
+    let guard = Guarded::spawn(&args.command)?;
     let client = reach::connect(
         &url,
-        client_options(&guard),
+        args.connect.options(client_options(&guard)),
         args.connect.connect_timeout,
         deadline,
     )
     .await?;
+    let result = run_with(&args, &url, &client, guard, deadline).await;
+    // Every way out ends the session (a second shutdown does nothing): a session left to
+    // expire would be logged and shown as "expired" although nothing went wrong with it.
+    let _ = client.shutdown().await;
+    result
+}
+
+/// `run` once connected; the caller shuts the client down, whatever this returns.
+async fn run_with(
+    args: &RunArgs,
+    url: &str,
+    client: &Client,
+    mut guard: Guarded,
+    deadline: Option<tokio::time::Instant>,
+) -> anyhow::Result<ExitCode> {
     let sem = match args.limit {
         Some(limit) => {
             let ensure = client.semaphore(&args.name, limit);
-            reach::by(deadline, &client, &url, ensure).await?
+            reach::by(deadline, client, url, ensure).await?
         }
         None => client.existing_semaphore(&args.name),
     };
@@ -83,7 +99,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let mut line = StatusLine::new(std::io::stderr().is_terminal());
-    let progress = show_progress(&client, &args.name, &mut line);
+    let progress = show_progress(client, &args.name, &mut line);
     let permit = interruptible(acquire, progress, &mut sigs).await;
     line.clear();
     let permit = match permit {
@@ -95,6 +111,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let permit = match permit {
         Ok(p) => p,
+        Err(Error::TimedOut) if args.timeout.is_some_and(|t| t.is_zero()) => {
+            eprintln!(
+                "turnstile: {:?} is busy: {} slot(s) not free (--timeout 0 does not wait)",
+                args.name, args.weight
+            );
+            return Ok(ExitCode::from(EXIT_TIMEOUT));
+        }
         Err(Error::TimedOut) => {
             let waited = args.timeout.map(humantime::format_duration);
             eprintln!(
@@ -127,7 +150,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             "TURNSTILE_FENCING_TOKEN",
             permit.fencing_token().to_string(),
         ),
-        ("TURNSTILE_URL", url.clone()),
+        ("TURNSTILE_URL", url.to_owned()),
     ];
     if let Err(code) = guard.start(&envs).await {
         drop(permit);

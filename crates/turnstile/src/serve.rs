@@ -46,7 +46,7 @@ pub struct ServeArgs {
     #[arg(long, env = "TURNSTILE_SESSION_TTL", default_value = "10s", value_parser = parse_duration)]
     session_ttl: Duration,
     /// Most connections served at once.
-    #[arg(long, env = "TURNSTILE_MAX_CONNECTIONS", default_value_t = 16_384)]
+    #[arg(long, env = "TURNSTILE_MAX_CONNECTIONS", default_value_t = 16_384, value_parser = parse_max_connections)]
     max_connections: usize,
     /// Directory for the write-ahead log and snapshots (created if missing; one server per
     /// directory).
@@ -130,6 +130,15 @@ pub fn parse_positive(s: &str) -> Result<usize, String> {
         Ok(0) => Err("must be at least 1".into()),
         Ok(n) => Ok(n),
         Err(_) => Err(format!("{s:?} is not a positive integer")),
+    }
+}
+
+/// Parses `--max-connections`: at least 1 (0 would refuse every client).
+fn parse_max_connections(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1 (0 would refuse every client)".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{s:?} is not a number of connections (1 or more)")),
     }
 }
 
@@ -696,7 +705,8 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let storage = match &config.storage {
         turnstile_server::Storage::InMemory => "in memory".to_owned(),
         turnstile_server::Storage::Dir { path, fsync, .. } => {
-            format!("in {} (fsync {fsync:?})", path.display()).to_lowercase()
+            let fsync = format!("{fsync:?}").to_lowercase();
+            format!("in {} (fsync {fsync})", path.display())
         }
     };
     let ttl = config.session_ttl;
@@ -748,6 +758,9 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     if let Some(h) = http_addr {
         println!("http on {scheme}://{h}/");
     }
+    // Clients do not look for a coordinator: without TURNSTILE_URL they use the per-user
+    // directory. The line to copy, with the address actually bound.
+    println!("clients: export TURNSTILE_URL={}", client_url(addr));
     tracing::info!(
         %addr,
         tls,
@@ -760,6 +773,19 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         .await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The URL clients use to reach a coordinator bound to `addr`: an unspecified address
+/// (0.0.0.0, ::) is reached on loopback from this host.
+fn client_url(addr: SocketAddr) -> String {
+    let mut addr = addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    format!("tcp://{addr}")
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -42,8 +42,10 @@ pub async fn status(url: &str, what: What<'_>, json: bool) -> anyhow::Result<Exi
     let name = what.name();
     let name = name.as_deref();
     let client = Client::connect(url).await?;
-    let doc = fetch(&client, what).await?;
+    let doc = fetch(&client, what).await;
+    // Ended on every way out: a session left to expire is logged as expired.
     let _ = client.shutdown().await;
+    let doc = doc?;
     let missing = name.is_some() && doc.semaphores.is_empty() && doc.jobs.is_empty();
     if json {
         println!("{}", String::from_utf8_lossy(&doc.to_json()));
@@ -57,6 +59,9 @@ pub async fn status(url: &str, what: What<'_>, json: bool) -> anyhow::Result<Exi
             println!("{}", render_job(j, now));
         }
     } else {
+        // Which backend this is: without --url or TURNSTILE_URL it is the per-user
+        // directory, not a coordinator the user may have started.
+        println!("backend: {url}\n");
         print!("{}", render(&doc, SystemTime::now()));
     }
     if let (Some(name), true) = (name, missing) {
@@ -64,6 +69,15 @@ pub async fn status(url: &str, what: What<'_>, json: bool) -> anyhow::Result<Exi
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The width of a lease id in the table: lease ids are random 64-bit numbers, up to 20
+/// digits, and a column as wide as the widest keeps every line of a table aligned.
+const LEASE_WIDTH: usize = 20;
+
+/// A counter for the table: `-` on a backend that keeps none (file, etcd), not a false 0.
+fn counter(n: Option<u64>) -> String {
+    n.map_or_else(|| "-".to_owned(), |n| n.to_string())
 }
 
 /// How many waiters of a semaphore the table lists; the rest are counted.
@@ -83,7 +97,9 @@ pub async fn watch(
     let tty = std::io::stdout().is_terminal();
     let mut ticker = tokio::time::interval(interval.max(Duration::from_millis(50)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let ctrl_c = tokio::signal::ctrl_c();
+    // Ctrl-C or SIGTERM ends the watch and, with it, the session: a watch stopped by a
+    // service manager is not a session that expired.
+    let ctrl_c = stop_signal();
     tokio::pin!(ctrl_c);
     loop {
         tokio::select! {
@@ -138,6 +154,20 @@ pub async fn watch(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Completes on SIGINT or SIGTERM (on SIGINT only, if SIGTERM cannot be caught).
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        },
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
 /// The human-readable tables: one line per semaphore, one indented line per holder and per
 /// waiter (the first [`WAITERS_SHOWN`], in queue order); then one
 /// line per job group, with an indented line per running job and per job that failed and has
@@ -178,7 +208,12 @@ fn render_semaphores(doc: &StatusDoc, out: &mut String) {
         let _ = writeln!(
             out,
             "{:<width$}  {:>8}  {:>6}  {:>6}  {:>9}  {:>9}{closed}",
-            s.name, s.capacity, s.in_use, s.queued, s.acquired_total, s.expired_total
+            s.name,
+            s.capacity,
+            s.in_use,
+            s.queued,
+            counter(s.acquired_total),
+            counter(s.expired_total)
         );
         for h in &s.holders {
             let age = humantime::format_duration(Duration::from_millis(h.age_ms - h.age_ms % 100));
@@ -189,7 +224,7 @@ fn render_semaphores(doc: &StatusDoc, out: &mut String) {
             };
             let _ = writeln!(
                 out,
-                "  lease {:<6} session {}{client}  weight {:<3} token {:<8} age {age}",
+                "  lease {:<LEASE_WIDTH$} session {}{client}  weight {:<3} token {:<8} age {age}",
                 h.lease_id, h.session, h.weight, h.token
             );
         }
@@ -202,7 +237,7 @@ fn render_semaphores(doc: &StatusDoc, out: &mut String) {
             };
             let _ = writeln!(
                 out,
-                "  queue #{:<4} lease {:<6} session {}{client}  weight {:<3} waited {age}",
+                "  queue #{:<4} lease {:<LEASE_WIDTH$} session {}{client}  weight {:<3} waited {age}",
                 i + 1,
                 w.lease_id,
                 w.session,
@@ -381,11 +416,11 @@ mod tests {
                         age_ms: 3_050,
                     })
                     .collect(),
-                acquired_total: 5,
-                released_total: 4,
-                expired_total: 0,
-                timed_out_total: 0,
-                lost_total: 0,
+                acquired_total: Some(5),
+                released_total: Some(4),
+                expired_total: Some(0),
+                timed_out_total: Some(0),
+                lost_total: Some(0),
                 wait: WaitSummary::default(),
             }],
             ..StatusDoc::default()
@@ -403,7 +438,7 @@ mod tests {
         );
         assert_eq!(
             lines[3],
-            "  queue #1    lease 1      session 0000000000000001 (host-b:7)  weight 1   waited 3s"
+            "  queue #1    lease 1                    session 0000000000000001 (host-b:7)  weight 1   waited 3s"
         );
         assert!(lines[12].starts_with("  queue #10 "), "{text}");
         assert_eq!(lines[13], "  ... and 2 more waiting");
@@ -411,6 +446,46 @@ mod tests {
         assert_eq!(
             render(&StatusDoc::default(), SystemTime::UNIX_EPOCH),
             "no semaphores\n"
+        );
+    }
+
+    /// Issue 15: 20-digit lease ids keep the columns aligned, and a backend without counters
+    /// shows `-` rather than a false 0.
+    #[test]
+    fn long_ids_stay_aligned_and_missing_counters_show_as_dashes() {
+        let holder = |lease_id: u64| HolderStatus {
+            lease_id,
+            session: "00000000000000ab".into(),
+            client: "h:1".into(),
+            weight: 1,
+            token: 3,
+            age_ms: 0,
+        };
+        let doc = StatusDoc {
+            semaphores: vec![SemaphoreStatus {
+                name: "db".into(),
+                capacity: 2,
+                in_use: 2,
+                holders: vec![holder(u64::MAX), holder(7)],
+                ..SemaphoreStatus::default()
+            }],
+            ..StatusDoc::default()
+        };
+        let text = render(&doc, SystemTime::UNIX_EPOCH);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[1].split_whitespace().collect::<Vec<_>>(),
+            ["db", "2", "2", "0", "-", "-"],
+            "{text}"
+        );
+        assert!(
+            lines[2].contains("lease 18446744073709551615 session"),
+            "{text}"
+        );
+        assert_eq!(
+            lines[2].find("session"),
+            lines[3].find("session"),
+            "aligned:\n{text}"
         );
     }
 

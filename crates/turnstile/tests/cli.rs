@@ -493,7 +493,8 @@ fn command_environment_names_the_lease() {
     let sem = h.semaphore("envsem").expect("envsem exists");
     let holders = sem["holders"].as_array().expect("holders");
     assert_eq!(holders.len(), 1, "{sem}");
-    assert_eq!(holders[0]["lease_id"], lease, "{sem}");
+    // A string: lease ids are 64-bit, past what a JSON number keeps exactly.
+    assert_eq!(holders[0]["lease_id"], lease.to_string(), "{sem}");
     assert_eq!(holders[0]["token"], token, "{sem}");
 
     std::fs::write(h.dir.join("go"), "").expect("write go");
@@ -531,7 +532,10 @@ fn status_reports_holders_and_waiters() {
     let holders = s["holders"].as_array().expect("holders is an array");
     assert_eq!(holders.len(), 1, "{doc}");
     let holder = &holders[0];
-    let lease = holder["lease_id"].as_u64().expect("lease_id is a number");
+    let lease: u64 = holder["lease_id"]
+        .as_str()
+        .and_then(|l| l.parse().ok())
+        .expect("lease_id is a decimal string");
     let session = holder["session"].as_str().expect("session is a string");
     assert!(
         session.len() == 16 && session.chars().all(|c| c.is_ascii_hexdigit()),

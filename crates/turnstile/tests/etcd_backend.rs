@@ -297,3 +297,58 @@ fn runs_go_on_when_the_leader_is_killed() {
         holds.max_overlap
     );
 }
+
+/// Issue 15 on etcd: `close` of a name that does not exist succeeds (as on the coordinator
+/// and the file backend); `--timeout 0` is the try-lock (75 when busy); `--session-ttl` is
+/// taken; and `status` shows `-` for the counters etcd does not keep.
+#[test]
+fn close_try_lock_and_session_ttl_on_etcd() {
+    let etcd = Etcd::start();
+    let h = Harness::new("etcd-newcomer", "10s");
+    let run = |label: &str, args: &[&str]| {
+        h.spawn_command(label, etcd_command(&h, &etcd, args))
+            .wait(SOON)
+    };
+    let out = run("close", &["close", "never-made"]);
+    assert_eq!((out.code(), out.stderr.as_str()), (0, ""), "{out:?}");
+    let mut holder = h.spawn_command(
+        "holder",
+        etcd_command(
+            &h,
+            &etcd,
+            &[
+                "run",
+                "t",
+                "--limit",
+                "1",
+                "--session-ttl",
+                "3s",
+                "--",
+                "sh",
+                "-c",
+                r#"touch "$DIR/held"; while [ ! -e "$DIR/go" ]; do sleep 0.02; done"#,
+            ],
+        ),
+    );
+    h.dir.wait_for("held");
+    let busy = run(
+        "busy",
+        &["run", "t", "--limit", "1", "--timeout", "0", "--", "true"],
+    );
+    assert_eq!(busy.code(), 75, "{busy:?}");
+    let table = run("status", &["status"]);
+    let row: Vec<&str> = table
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("t "))
+        .expect("a row for t")
+        .split_whitespace()
+        .collect();
+    assert_eq!(row[4..6], ["-", "-"], "{table:?}");
+    std::fs::write(h.dir.join("go"), "").expect("go");
+    assert_eq!(holder.wait(SOON).code(), 0);
+    let out = run("close-twice", &["close", "t"]);
+    assert_eq!(out.code(), 0, "{out:?}");
+    let out = run("close-again", &["close", "t"]);
+    assert_eq!(out.code(), 0, "{out:?}");
+}

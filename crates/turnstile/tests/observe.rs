@@ -334,7 +334,10 @@ fn json_logs_name_every_loss_once() {
         .map(|h| {
             (
                 h["session"].as_str().unwrap_or_default().to_owned(),
-                h["lease_id"].as_u64().unwrap_or_default(),
+                h["lease_id"]
+                    .as_str()
+                    .and_then(|l| l.parse().ok())
+                    .unwrap_or_default(),
             )
         })
         .collect();

@@ -90,11 +90,11 @@ impl Inner {
                 closed: Inner::is_closed(&dir),
                 holders,
                 waiters,
-                acquired_total: 0,
-                released_total: 0,
-                expired_total: 0,
-                timed_out_total: 0,
-                lost_total: 0,
+                acquired_total: None,
+                released_total: None,
+                expired_total: None,
+                timed_out_total: None,
+                lost_total: None,
                 wait: Default::default(),
             });
         }

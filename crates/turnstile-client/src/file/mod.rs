@@ -201,7 +201,7 @@
 //!
 //! Known limits: file operations run on the calling task (they are short metadata
 //! operations, but a hung NFS mount blocks the caller); there are no counters
-//! (`acquired_total` and friends are 0) and no wait statistics; a reclaim that races with a
+//! (`acquired_total` and friends are `None`) and no wait statistics; a reclaim that races with a
 //! heartbeat at the very edge of the TTL, while a second process wrongly believes it is the
 //! head, can cost the owner its lease (the heartbeat's read-back tells it). The owner's rule
 //! runs on the monotonic clock, which stops while its host is suspended: like a stopped
@@ -414,6 +414,11 @@ fn closed_err(name: &str) -> Error {
 impl FileBackend {
     /// Opens (creating it if missing) the shared directory and starts the heartbeat task.
     pub(crate) async fn open(root: PathBuf, options: Options) -> Result<FileBackend, Error> {
+        if root.exists() && !root.is_dir() {
+            // create_dir_all would say "File exists", which reads as if all were well.
+            let e = io::Error::new(io::ErrorKind::NotADirectory, "not a directory");
+            return Err(storage(&root, e));
+        }
         fs::create_dir_all(&root).map_err(|e| storage(&root, e))?;
         // Proves the directory is writable, once, with a clear error if it is not.
         disk::fs_now(&root).map_err(|e| storage(&root, e))?;

@@ -1280,6 +1280,11 @@ async fn end_sessions(
         }
     }
     if let Some(c) = client {
+        // The nanny's session has an id of its own (see `connect`), which the client takes
+        // for a session it was given and would leave to expire at shutdown: end it outright,
+        // so that a nanny that exits cleanly is not reported as an expired session.
+        let own = c.session_id();
+        let _ = tokio::time::timeout(END_SESSION_TIMEOUT, c.end_session(own)).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), c.shutdown()).await;
     }
 }
