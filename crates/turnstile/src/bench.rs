@@ -67,7 +67,7 @@ pub struct BenchArgs {
     /// matched by request id). Default: one per caller.
     #[arg(long)]
     connections: Option<usize>,
-    /// The server process whose CPU time (and read/write system calls) per pair to report:
+    /// The server process whose CPU time per pair to report:
     /// a coordinator given with `--url`, or the Redis server of `--scenario redis`. A
     /// coordinator the bench starts itself is measured without it.
     #[arg(long)]
@@ -295,28 +295,26 @@ fn report(args: &BenchArgs, o: &Outcome, usage: Option<&Usage>) {
     }
 }
 
-/// CPU time and read/write system calls of a process, from /proc.
+/// CPU time of a process (all its threads), from /proc. (System calls are not counted here:
+/// /proc/PID/io counts `read` and `write`, but sockets are driven with `recv` and `send`,
+/// which it does not see; use `strace -c -f -p PID` for those.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct ProcUsage {
     /// User plus system time, in clock ticks.
     cpu_ticks: u64,
-    /// `syscr` and `syscw` of /proc/PID/io: read-like and write-like system calls (`read`,
-    /// `readv`, `write`, `writev`... on sockets too), if that file is readable.
-    syscalls: Option<(u64, u64)>,
 }
 
 /// The difference of two [`ProcUsage`] samples.
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct UsageDelta {
     cpu_secs: f64,
-    syscalls: Option<(u64, u64)>,
 }
 
-/// [`UsageDelta`] divided by pairs: CPU in microseconds, reads and writes.
+/// [`UsageDelta`] divided by pairs.
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct PairCost {
+    /// CPU time per pair in microseconds.
     cpu_us: f64,
-    syscalls: Option<(f64, f64)>,
 }
 
 /// The per-pair costs of the bench and of the server.
@@ -332,21 +330,12 @@ impl ProcUsage {
     fn of(pid: u32) -> anyhow::Result<ProcUsage> {
         Ok(ProcUsage {
             cpu_ticks: cpu_ticks(pid)?,
-            syscalls: std::fs::read_to_string(format!("/proc/{pid}/io"))
-                .ok()
-                .and_then(|io| parse_io_syscalls(&io)),
         })
     }
 
     fn since(&self, before: &ProcUsage) -> UsageDelta {
         UsageDelta {
             cpu_secs: self.cpu_ticks.saturating_sub(before.cpu_ticks) as f64 / TICKS_PER_SEC,
-            syscalls: match (self.syscalls, before.syscalls) {
-                (Some((r1, w1)), Some((r0, w0))) => {
-                    Some((r1.saturating_sub(r0), w1.saturating_sub(w0)))
-                }
-                _ => None,
-            },
         }
     }
 }
@@ -356,7 +345,6 @@ impl UsageDelta {
         let n = pairs.max(1) as f64;
         PairCost {
             cpu_us: self.cpu_secs * 1e6 / n,
-            syscalls: self.syscalls.map(|(r, w)| (r as f64 / n, w as f64 / n)),
         }
     }
 }
@@ -366,25 +354,15 @@ impl PerPair {
     fn json(&self) -> String {
         let mut out = String::new();
         for (who, cost) in [("bench", self.bench), ("server", self.server)] {
-            let num = |v: Option<f64>, digits: usize| {
-                v.map_or_else(|| "null".to_owned(), |v| format!("{v:.digits$}"))
-            };
-            out.push_str(&format!(
-                ",\"{who}_cpu_us_per_pair\":{},\"{who}_reads_per_pair\":{},\"{who}_writes_per_pair\":{}",
-                num(cost.map(|c| c.cpu_us), 2),
-                num(cost.and_then(|c| c.syscalls).map(|s| s.0), 3),
-                num(cost.and_then(|c| c.syscalls).map(|s| s.1), 3),
-            ));
+            let cpu = cost.map_or_else(|| "null".to_owned(), |c| format!("{:.2}", c.cpu_us));
+            out.push_str(&format!(",\"{who}_cpu_us_per_pair\":{cpu}"));
         }
         out
     }
 
     /// One line for the text report, if anything was measured.
     fn text(&self, server_pid: Option<u32>) -> Option<String> {
-        let part = |who: String, c: PairCost| match c.syscalls {
-            Some((r, w)) => format!("{who} {:.1}us ({r:.2} reads, {w:.2} writes)", c.cpu_us),
-            None => format!("{who} {:.1}us", c.cpu_us),
-        };
+        let part = |who: String, c: PairCost| format!("{who} {:.1}us", c.cpu_us);
         let mut parts = Vec::new();
         if let Some(c) = self.bench {
             parts.push(part("bench".to_owned(), c));
@@ -394,16 +372,6 @@ impl PerPair {
         }
         (!parts.is_empty()).then(|| format!("  CPU per pair: {}", parts.join(", ")))
     }
-}
-
-/// `syscr` and `syscw` of a /proc/PID/io text.
-fn parse_io_syscalls(io: &str) -> Option<(u64, u64)> {
-    let field = |name: &str| {
-        io.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-            .and_then(|v| v.trim().parse().ok())
-    };
-    Some((field("syscr")?, field("syscw")?))
 }
 
 /// Starts `turnstile serve` on a free loopback port and waits until it accepts connections.
@@ -1536,53 +1504,29 @@ mod tests {
     }
 
     #[test]
-    fn io_syscalls_are_syscr_and_syscw() {
-        let io = "rchar: 10\nwchar: 20\nsyscr: 7\nsyscw: 9\nread_bytes: 0\n";
-        assert_eq!(parse_io_syscalls(io), Some((7, 9)));
-        assert_eq!(parse_io_syscalls("rchar: 10\nsyscr: 7\n"), None);
-        assert_eq!(parse_io_syscalls("syscr: x\nsyscw: 1\n"), None);
-    }
-
-    #[test]
     fn usage_per_pair_divides_the_window_by_the_pairs() {
-        let before = ProcUsage {
-            cpu_ticks: 100,
-            syscalls: Some((1_000, 2_000)),
-        };
-        let after = ProcUsage {
-            cpu_ticks: 150,
-            syscalls: Some((3_000, 2_500)),
-        };
+        let before = ProcUsage { cpu_ticks: 100 };
+        let after = ProcUsage { cpu_ticks: 150 };
         let delta = after.since(&before);
         assert_eq!(delta.cpu_secs, 0.5);
         let cost = delta.per(10_000);
         assert!((cost.cpu_us - 50.0).abs() < 1e-9, "{cost:?}");
-        assert_eq!(cost.syscalls, Some((0.2, 0.05)));
         // No pairs: no division by zero.
         assert!(delta.per(0).cpu_us.is_finite());
-        // Without /proc/PID/io on either side, no syscall figures.
-        let blind = ProcUsage {
-            syscalls: None,
-            ..after
-        };
-        assert_eq!(blind.since(&before).syscalls, None);
+        // A counter that went backwards (another process with the pid): zero, not a wrap.
+        assert_eq!(before.since(&after).cpu_secs, 0.0);
     }
 
     #[test]
     fn per_pair_json_has_every_field_null_when_unknown() {
         let p = PerPair {
-            bench: Some(PairCost {
-                cpu_us: 12.345,
-                syscalls: Some((1.0, 0.5)),
-            }),
+            bench: Some(PairCost { cpu_us: 12.345 }),
             server: None,
         };
         let json = format!("{{\"x\":1{}}}", p.json());
         let v: serde_json::Value = serde_json::from_str(&json).expect("valid JSON");
         assert_eq!(v["bench_cpu_us_per_pair"], 12.35);
-        assert_eq!(v["bench_writes_per_pair"], 0.5);
         assert!(v["server_cpu_us_per_pair"].is_null());
-        assert!(v["server_reads_per_pair"].is_null());
         assert!(p.text(None).is_some_and(|t| t.contains("bench 12.3us")));
     }
 
