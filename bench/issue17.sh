@@ -12,7 +12,7 @@
 # median of each round's ratio and MET / NOT MET for each goal. CPU per pair is the server
 # process's user+system time over the measured window divided by the pairs (`turnstile bench
 # --server-pid`). The machine has 2 cores shared by the server and the load generator, so
-# single runs move by +-15%: read the medians. Default: about 5 minutes.
+# single runs move by +-15%: read the medians. Default: about 4 minutes.
 #
 #   bash bench/issue17.sh
 #   ROUNDS=5 DURATION=5s SCALE=0 bash bench/issue17.sh     # SCALE=0 skips the 1M-lease run
@@ -57,19 +57,23 @@ serve MEM --in-memory
 serve DUR --data-dir "$TMP/wal" --fsync batch
 
 # field NAME: a number from the bench's one-line JSON on stdin ("null" when not measured).
-field() { sed -E "s/.*\"$1\":(null|[0-9.]+).*/\1/"; }
+field() { local v; v=$(sed -nE "s/.*\"$1\":(null|[0-9.]+).*/\1/p"); echo "${v:-null}"; }
 run() { "$T" bench --json --duration "$D" --warmup "$W" "$@"; }
 declare -A R # R[run:round:field]
 record() { # record RUN ROUND BENCH-ARGS...: runs and keeps the figures
   local key=$1 round=$2 line
   shift 2
-  line=$(run "$@")
+  line=$(run "$@") || { echo "bench run $key failed: $*" >&2; line='{}'; }
   for f in pairs_per_sec p50_us errors bench_cpu_us_per_pair server_cpu_us_per_pair; do
     R[$key:$round:$f]=$(field "$f" <<<"$line")
   done
 }
-median() { printf '%s\n' "$@" | sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
-div() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "null" || b == "null" || b == 0) print "nan"; else printf "%.3f", a / b }'; }
+# median VALUES...: of the numbers among them ("null" and "nan" are left out), "nan" if none.
+median() {
+  printf '%s\n' "$@" | grep -E '^[0-9.]+$' | sort -g |
+    awk '{ a[NR] = $1 } END { if (NR == 0) print "nan"; else print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }' || true
+}
+div() { awk -v a="$1" -v b="$2" 'BEGIN { if (a !~ /^[0-9.]+$/ || b !~ /^[0-9.]+$/ || b == 0) print "nan"; else printf "%.3f", a / b }'; }
 
 RUNS=(redis lib64 raw64 lib64x1 raw64x1 lib64x4 dur-lib64 dur-raw64 lib1 raw1)
 mem=(--url "$MEM_URL" --server-pid "$MEM_PID")
@@ -97,7 +101,7 @@ echo
 echo "== medians over $ROUNDS rounds of ${D} (warm-up ${W}); CPU in microseconds per acquire+release pair"
 printf '%-10s %10s %7s %10s %11s %7s\n' run pairs/s p50us bench-cpu server-cpu errors
 for k in "${RUNS[@]}"; do
-  printf '%-10s %10.0f %7.0f %10s %11s %7s\n' "$k" "$(med "$k" pairs_per_sec)" "$(med "$k" p50_us)" \
+  printf '%-10s %10s %7s %10s %11s %7s\n' "$k" "$(med "$k" pairs_per_sec)" "$(med "$k" p50_us)" \
     "$(med "$k" bench_cpu_us_per_pair)" "$(med "$k" server_cpu_us_per_pair)" "$(med "$k" errors)"
 done
 
@@ -125,9 +129,14 @@ echo "   for reference: bare frames 64 callers over 1 connection / Redis: $(rati
 
 if [ "$SCALE" != 0 ]; then
   echo
-  echo "== scale: 100k semaphores x capacity 10, 1,000,000 leases held by 1000 sessions"
+  # A session TTL long enough that no holder expires while the leases are filled in on a
+  # loaded machine (bench/scale.sh's 5 s is enough on an idle one).
+  echo "== scale: 100k semaphores x capacity 10, 1,000,000 leases held by 1000 sessions (TTL 20s)"
   line=$("$T" bench --json --scenario scale --semaphores 100000 --capacity 10 --leases 1000000 \
-    --clients 1000 --session-ttl 5s)
+    --clients 1000 --session-ttl 20s)
   echo "$line"
-  goal "1,000,000 leases: coordinator resident MiB (kept: 243 MiB before, +10%)" "$(field rss_mib <<<"$line")" "<=" 267
+  errors=$(field errors <<<"$line")
+  rss=$(field rss_mib <<<"$line")
+  [ "$errors" = 0 ] || rss=nan # some acquires were refused: not a figure for 1,000,000 leases
+  goal "1,000,000 leases: coordinator resident MiB (243 MiB before; kept within +10%)" "$rss" "<=" 267
 fi

@@ -189,13 +189,18 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if args.scenario == Scenario::Echo {
         server_pid = None; // the echo peer is a thread of the bench
     }
-    let window = Window::new(&args);
-    let sampler = tokio::spawn(sample_usage(window, server_pid));
+    let (tell, told) = tokio::sync::oneshot::channel();
+    let start = Start {
+        warmup: args.warmup,
+        duration: args.duration,
+        tell,
+    };
+    let sampler = tokio::spawn(sample_usage(told, server_pid));
     let r = match args.scenario {
-        Scenario::Echo => echo(&args, window).await,
-        Scenario::Redis => redis(&args, window).await,
-        Scenario::EtcdLock => etcd_lock(&args, window).await,
-        _ => load(&args, &url, window).await,
+        Scenario::Echo => echo(&args, start).await,
+        Scenario::Redis => redis(&args, start).await,
+        Scenario::EtcdLock => etcd_lock(&args, start).await,
+        _ => load(&args, &url, start).await,
     };
     let usage = sampler.await.ok().and_then(Result::ok);
     if let Some(mut child) = server {
@@ -206,8 +211,12 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Reads the bench's and the server's usage at the start and at the end of the measured
-/// window.
-async fn sample_usage(window: Window, server: Option<u32>) -> anyhow::Result<Usage> {
+/// window, once the scenario has started it.
+async fn sample_usage(
+    window: tokio::sync::oneshot::Receiver<Window>,
+    server: Option<u32>,
+) -> anyhow::Result<Usage> {
+    let window = window.await?;
     let me = std::process::id();
     tokio::time::sleep_until(window.measure_from.into()).await;
     let (bench0, server0) = (ProcUsage::of(me)?, server.map(ProcUsage::of));
@@ -225,7 +234,9 @@ async fn sample_usage(window: Window, server: Option<u32>) -> anyhow::Result<Usa
 
 /// The number of connections the callers are spread over.
 fn connections(args: &BenchArgs) -> usize {
-    args.connections.unwrap_or(args.clients).clamp(1, args.clients)
+    args.connections
+        .unwrap_or(args.clients)
+        .clamp(1, args.clients)
 }
 
 fn report(args: &BenchArgs, o: &Outcome, usage: Option<&Usage>) {
@@ -257,6 +268,8 @@ fn report(args: &BenchArgs, o: &Outcome, usage: Option<&Usage>) {
     } else {
         args.clients
     };
+    // Without pairs there is nothing to divide by.
+    let usage = usage.filter(|_| o.pairs > 0);
     let per_pair = PerPair {
         bench: usage.map(|u| u.bench.per(o.pairs)),
         server: usage.and_then(|u| u.server.map(|(_, d)| d.per(o.pairs))),
@@ -433,20 +446,24 @@ async fn spawn_server_with(
 
 /// The coordinator scenarios through the client library: `--connections` shared clients,
 /// each caller a task of its own with its own semaphore (uncontended, weighted).
-async fn load(args: &BenchArgs, url: &str, window: Window) -> anyhow::Result<Outcome> {
+async fn load(args: &BenchArgs, url: &str, start: Start) -> anyhow::Result<Outcome> {
     if args.client == BenchClient::Raw {
-        return load_raw(args, url, window).await;
+        return load_raw(args, url, start).await;
     }
     let errors = Arc::new(AtomicU64::new(0));
     let mut clients = Vec::with_capacity(connections(args));
     for _ in 0..connections(args) {
         clients.push(Client::connect(url).await?);
     }
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut callers = Vec::with_capacity(args.clients);
     for i in 0..args.clients {
         let client = &clients[i % clients.len()];
         let (name, capacity, weight) = workload(args, i);
-        let sem = client.semaphore(&name, capacity).await?;
+        callers.push((client.semaphore(&name, capacity).await?, weight));
+    }
+    let window = start.window();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (sem, weight) in callers {
         let errors = errors.clone();
         tasks.spawn(async move {
             let (_, pairs, lat) = window
@@ -476,15 +493,28 @@ struct Window {
     end: Instant,
 }
 
-impl Window {
-    fn new(args: &BenchArgs) -> Window {
-        let measure_from = Instant::now() + args.warmup;
-        Window {
-            measure_from,
-            end: measure_from + args.duration,
-        }
-    }
+/// Starts the measured window once a scenario has connected its clients (connecting 64
+/// sessions to a durable coordinator on a loaded machine may take longer than the warm-up),
+/// and tells the CPU sampler.
+struct Start {
+    warmup: Duration,
+    duration: Duration,
+    tell: tokio::sync::oneshot::Sender<Window>,
+}
 
+impl Start {
+    fn window(self) -> Window {
+        let measure_from = Instant::now() + self.warmup;
+        let window = Window {
+            measure_from,
+            end: measure_from + self.duration,
+        };
+        let _ = self.tell.send(window);
+        window
+    }
+}
+
+impl Window {
     /// Repeats `op` until the end of the run. `op` takes the client's state and gives it back
     /// with the operation's outcome: `Some(true)` a success, `Some(false)` a failure (counted
     /// in `errors`), `None` a broken client (it stops). Returns the state, the successes in
@@ -543,7 +573,7 @@ async fn collect(
 
 /// The peer: a loopback echo server on its own thread and `clients` connections doing
 /// 16-byte ping-pongs.
-async fn echo(args: &BenchArgs, window: Window) -> anyhow::Result<Outcome> {
+async fn echo(args: &BenchArgs, start: Start) -> anyhow::Result<Outcome> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     listener.set_nonblocking(true)?;
@@ -570,10 +600,15 @@ async fn echo(args: &BenchArgs, window: Window) -> anyhow::Result<Outcome> {
         });
     });
     let errors = Arc::new(AtomicU64::new(0));
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut streams = Vec::with_capacity(args.clients);
     for _ in 0..args.clients {
         let s = tokio::net::TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;
+        streams.push(s);
+    }
+    let window = start.window();
+    let mut tasks = tokio::task::JoinSet::new();
+    for s in streams {
         let errors = errors.clone();
         tasks.spawn(async move {
             let (_, n, lat) = window
@@ -592,9 +627,9 @@ async fn echo(args: &BenchArgs, window: Window) -> anyhow::Result<Outcome> {
 
 /// The Redis peer: each client loops `SET bench-r-I 1 NX PX 10000` (the lock), then `DEL`
 /// (the unlock), over its own connection, timing the pair as the coordinator scenarios do.
-async fn redis(args: &BenchArgs, window: Window) -> anyhow::Result<Outcome> {
+async fn redis(args: &BenchArgs, start: Start) -> anyhow::Result<Outcome> {
     let errors = Arc::new(AtomicU64::new(0));
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut conns = Vec::with_capacity(args.clients);
     for i in 0..args.clients {
         let s = tokio::net::TcpStream::connect(&args.redis)
             .await
@@ -603,6 +638,11 @@ async fn redis(args: &BenchArgs, window: Window) -> anyhow::Result<Outcome> {
         let key = format!("bench-r-{i}");
         let lock = resp(&["SET", &key, "1", "NX", "PX", "10000"]);
         let unlock = resp(&["DEL", &key]);
+        conns.push((s, lock, unlock));
+    }
+    let window = start.window();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (s, lock, unlock) in conns {
         let errors = errors.clone();
         tasks.spawn(async move {
             let client = (s, Vec::with_capacity(64), lock, unlock);
@@ -629,7 +669,7 @@ async fn redis(args: &BenchArgs, window: Window) -> anyhow::Result<Outcome> {
 
 /// The etcd peer: each client grants a lease, then loops lock/unlock of its own name with the
 /// v3 Lock RPC through etcd's JSON gateway, timing the pair as the other scenarios do.
-async fn etcd_lock(args: &BenchArgs, window: Window) -> anyhow::Result<Outcome> {
+async fn etcd_lock(args: &BenchArgs, start: Start) -> anyhow::Result<Outcome> {
     let url = args
         .url
         .as_deref()
@@ -637,7 +677,7 @@ async fn etcd_lock(args: &BenchArgs, window: Window) -> anyhow::Result<Outcome> 
         .context("--scenario etcd-lock needs --url etcd://HOST:PORT")?;
     let addr = url.split(['/', ',']).next().unwrap_or(url).to_owned();
     let errors = Arc::new(AtomicU64::new(0));
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut locks = Vec::with_capacity(args.clients);
     for i in 0..args.clients {
         let granted = etcd_post(&addr, "/v3/lease/grant", r#"{"TTL":"30"}"#)
             .await
@@ -647,6 +687,11 @@ async fn etcd_lock(args: &BenchArgs, window: Window) -> anyhow::Result<Outcome> 
             r#"{{"name":"{}","lease":"{lease}"}}"#,
             ascii_base64(&format!("bench-l-{i}"))
         );
+        locks.push((lease, lock));
+    }
+    let window = start.window();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (lease, lock) in locks {
         let errors = errors.clone();
         let addr = addr.clone();
         tasks.spawn(async move {
@@ -887,7 +932,7 @@ impl RawConn {
 /// callers; each caller ensures its semaphore, then loops Acquire and Release of a lease id of
 /// its own. The callers of one connection pipeline: every reply read may start the caller's
 /// next request, and all the requests one read starts leave in one write.
-async fn load_raw(args: &BenchArgs, url: &str, window: Window) -> anyhow::Result<Outcome> {
+async fn load_raw(args: &BenchArgs, url: &str, start: Start) -> anyhow::Result<Outcome> {
     use turnstile_proto::Request;
     let addr = url
         .strip_prefix("tcp://")
@@ -895,7 +940,7 @@ async fn load_raw(args: &BenchArgs, url: &str, window: Window) -> anyhow::Result
         .to_owned();
     let errors = Arc::new(AtomicU64::new(0));
     let k = connections(args);
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut conns = Vec::with_capacity(k);
     for conn in 0..k {
         let mut c = RawConn::connect(&addr).await?;
         c.call(&Request::OpenSession {
@@ -927,6 +972,11 @@ async fn load_raw(args: &BenchArgs, url: &str, window: Window) -> anyhow::Result
             pipeline(&mut c, &ensures).await? == 0,
             "the coordinator refused an ensure"
         );
+        conns.push((c, callers));
+    }
+    let window = start.window();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (c, callers) in conns {
         let errors = errors.clone();
         tasks.spawn(async move {
             let (mut c, pairs, lat) = raw_callers(c, callers, window, &errors).await;
@@ -1544,7 +1594,13 @@ mod tests {
             Cli::parse_from(argv).bench
         };
         assert_eq!(connections(&args(&["--clients", "8"])), 8);
-        assert_eq!(connections(&args(&["--clients", "8", "--connections", "2"])), 2);
-        assert_eq!(connections(&args(&["--clients", "2", "--connections", "5"])), 2);
+        assert_eq!(
+            connections(&args(&["--clients", "8", "--connections", "2"])),
+            2
+        );
+        assert_eq!(
+            connections(&args(&["--clients", "2", "--connections", "5"])),
+            2
+        );
     }
 }
