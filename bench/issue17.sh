@@ -63,7 +63,9 @@ declare -A R # R[run:round:field]
 record() { # record RUN ROUND BENCH-ARGS...: runs and keeps the figures
   local key=$1 round=$2 line
   shift 2
+  local t0=$SECONDS
   line=$(run "$@") || { echo "bench run $key failed: $*" >&2; line='{}'; }
+  echo "  $key: $((SECONDS - t0))s" >&2
   for f in pairs_per_sec p50_us errors bench_cpu_us_per_pair server_cpu_us_per_pair; do
     R[$key:$round:$f]=$(field "$f" <<<"$line")
   done
@@ -79,7 +81,7 @@ RUNS=(redis lib64 raw64 lib64x1 raw64x1 lib64x4 dur-lib64 dur-raw64 lib1 raw1)
 mem=(--url "$MEM_URL" --server-pid "$MEM_PID")
 dur=(--url "$DUR_URL" --server-pid "$DUR_PID")
 for r in $(seq "$ROUNDS"); do
-  echo "round $r/$ROUNDS" >&2
+  echo "round $r/$ROUNDS (at ${SECONDS}s)" >&2
   record redis "$r" --scenario redis --clients 64 --redis "127.0.0.1:$REDIS_PORT" --server-pid "$REDIS_PID"
   record lib64 "$r" "${mem[@]}" --clients 64
   record raw64 "$r" "${mem[@]}" --clients 64 --client raw
@@ -135,6 +137,7 @@ if [ "$SCALE" != 0 ]; then
   line=$("$T" bench --json --scenario scale --semaphores 100000 --capacity 10 --leases 1000000 \
     --clients 1000 --session-ttl 20s)
   echo "$line"
+  echo "(done at ${SECONDS}s)"
   errors=$(field errors <<<"$line")
   rss=$(field rss_mib <<<"$line")
   [ "$errors" = 0 ] || rss=nan # some acquires were refused: not a figure for 1,000,000 leases
