@@ -223,7 +223,10 @@ async fn sample_usage(
     tokio::time::sleep_until(window.end.into()).await;
     let bench1 = ProcUsage::of(me)?;
     let server = match (server, server0) {
-        (Some(pid), Some(Ok(before))) => Some((pid, ProcUsage::of(pid)?.since(&before))),
+        // A server that went away during the run is not measured; the bench still is.
+        (Some(pid), Some(Ok(before))) => ProcUsage::of(pid)
+            .ok()
+            .map(|after| (pid, after.since(&before))),
         _ => None,
     };
     Ok(Usage {
