@@ -56,9 +56,22 @@ pub struct BenchArgs {
     /// Coordinator to load; without it, a coordinator is started as a child process.
     #[arg(long)]
     url: Option<String>,
-    /// Concurrent clients, each with its own connection and session.
+    /// Concurrent clients (callers), each looping acquire → release on a semaphore of its own
+    /// (or a shared one: contended); each with its own connection unless `--connections`.
     #[arg(long, default_value_t = 64)]
     clients: usize,
+    /// Spread the `--clients` callers over this many connections (coordinator scenarios):
+    /// with the library, K shared `Client`s whose callers run concurrently as tasks, each
+    /// with its own semaphore and leases; with `--client raw`, K connections, each with one
+    /// session, on which its callers' requests are pipelined (several in flight, replies
+    /// matched by request id). Default: one per caller.
+    #[arg(long)]
+    connections: Option<usize>,
+    /// The server process whose CPU time per pair to report:
+    /// a coordinator given with `--url`, or the Redis server of `--scenario redis`. A
+    /// coordinator the bench starts itself is measured without it.
+    #[arg(long)]
+    server_pid: Option<u32>,
     /// Semaphores shared by the clients (contended scenario).
     #[arg(long, default_value_t = 1)]
     semaphores: usize,
@@ -129,10 +142,29 @@ struct Outcome {
     elapsed: Duration,
 }
 
+/// What the bench process and the server used over the measured window.
+struct Usage {
+    bench: UsageDelta,
+    /// `None` without a server process to read (`--url` or Redis without `--server-pid`, or
+    /// the in-process echo peer, whose CPU is the bench's own).
+    server: Option<(u32, UsageDelta)>,
+}
+
 pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.clients >= 1, "--clients must be at least 1");
     anyhow::ensure!(args.semaphores >= 1, "--semaphores must be at least 1");
     anyhow::ensure!(args.capacity >= 1, "--capacity must be at least 1");
+    let coordinator_load = matches!(
+        args.scenario,
+        Scenario::Uncontended | Scenario::Contended | Scenario::Weighted
+    );
+    if let Some(k) = args.connections {
+        anyhow::ensure!(k >= 1, "--connections must be at least 1");
+        anyhow::ensure!(
+            coordinator_load,
+            "--connections applies to the uncontended, contended and weighted scenarios"
+        );
+    }
     if args.scenario == Scenario::Keepalive {
         return keepalive(&args).await;
     }
@@ -142,33 +174,75 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if args.scenario == Scenario::Scrape {
         return scrape(&args).await;
     }
-    let outcome = if args.scenario == Scenario::Echo {
-        echo(&args).await?
-    } else if args.scenario == Scenario::Redis {
-        redis(&args).await?
-    } else if args.scenario == Scenario::EtcdLock {
-        etcd_lock(&args).await?
-    } else {
-        let mut server = None;
-        let url = match &args.url {
-            Some(u) => u.clone(),
-            None => {
-                let (child, url) = spawn_server(args.storage).await?;
-                server = Some(child);
-                url
-            }
-        };
-        let r = load(&args, &url).await;
-        if let Some(mut child) = server {
-            let _ = child.kill().await;
+    let mut server = None;
+    let mut server_pid = args.server_pid;
+    let url = match (&args.url, coordinator_load) {
+        (None, true) => {
+            let (child, url) = spawn_server(args.storage).await?;
+            server_pid = child.id();
+            server = Some(child);
+            url
         }
-        r?
+        (Some(u), _) => u.clone(),
+        (None, false) => String::new(),
     };
-    report(&args, &outcome);
+    if args.scenario == Scenario::Echo {
+        server_pid = None; // the echo peer is a thread of the bench
+    }
+    let (tell, told) = tokio::sync::oneshot::channel();
+    let start = Start {
+        warmup: args.warmup,
+        duration: args.duration,
+        tell,
+    };
+    let sampler = tokio::spawn(sample_usage(told, server_pid));
+    let r = match args.scenario {
+        Scenario::Echo => echo(&args, start).await,
+        Scenario::Redis => redis(&args, start).await,
+        Scenario::EtcdLock => etcd_lock(&args, start).await,
+        _ => load(&args, &url, start).await,
+    };
+    let usage = sampler.await.ok().and_then(Result::ok);
+    if let Some(mut child) = server {
+        let _ = child.kill().await;
+    }
+    report(&args, &r?, usage.as_ref());
     Ok(ExitCode::SUCCESS)
 }
 
-fn report(args: &BenchArgs, o: &Outcome) {
+/// Reads the bench's and the server's usage at the start and at the end of the measured
+/// window, once the scenario has started it.
+async fn sample_usage(
+    window: tokio::sync::oneshot::Receiver<Window>,
+    server: Option<u32>,
+) -> anyhow::Result<Usage> {
+    let window = window.await?;
+    let me = std::process::id();
+    tokio::time::sleep_until(window.measure_from.into()).await;
+    let (bench0, server0) = (ProcUsage::of(me)?, server.map(ProcUsage::of));
+    tokio::time::sleep_until(window.end.into()).await;
+    let bench1 = ProcUsage::of(me)?;
+    let server = match (server, server0) {
+        // A server that went away during the run is not measured; the bench still is.
+        (Some(pid), Some(Ok(before))) => ProcUsage::of(pid)
+            .ok()
+            .map(|after| (pid, after.since(&before))),
+        _ => None,
+    };
+    Ok(Usage {
+        bench: bench1.since(&bench0),
+        server,
+    })
+}
+
+/// The number of connections the callers are spread over.
+fn connections(args: &BenchArgs) -> usize {
+    args.connections
+        .unwrap_or(args.clients)
+        .clamp(1, args.clients)
+}
+
+fn report(args: &BenchArgs, o: &Outcome, usage: Option<&Usage>) {
     let mut lat = o.latencies_us.clone();
     lat.sort_unstable();
     let pct = |q: f64| -> u32 {
@@ -179,11 +253,12 @@ fn report(args: &BenchArgs, o: &Outcome) {
         lat[i.clamp(1, lat.len()) - 1]
     };
     let rate = o.pairs as f64 / o.elapsed.as_secs_f64();
-    let mut scenario = format!("{:?}", args.scenario).to_lowercase();
-    if !matches!(
+    let coordinator = !matches!(
         args.scenario,
         Scenario::Echo | Scenario::Redis | Scenario::EtcdLock
-    ) {
+    );
+    let mut scenario = format!("{:?}", args.scenario).to_lowercase();
+    if coordinator {
         if args.url.is_none() {
             scenario = format!("{scenario}/{:?}", args.storage).to_lowercase();
         }
@@ -191,15 +266,27 @@ fn report(args: &BenchArgs, o: &Outcome) {
             scenario.push_str("/raw");
         }
     }
+    let conns = if coordinator {
+        connections(args)
+    } else {
+        args.clients
+    };
+    // Without pairs there is nothing to divide by.
+    let usage = usage.filter(|_| o.pairs > 0);
+    let per_pair = PerPair {
+        bench: usage.map(|u| u.bench.per(o.pairs)),
+        server: usage.and_then(|u| u.server.map(|(_, d)| d.per(o.pairs))),
+    };
     if args.json {
         println!(
-            "{{\"scenario\":\"{scenario}\",\"clients\":{},\"pairs_per_sec\":{:.0},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"errors\":{}}}",
+            "{{\"scenario\":\"{scenario}\",\"clients\":{},\"connections\":{conns},\"pairs_per_sec\":{:.0},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"errors\":{}{}}}",
             args.clients,
             rate,
             pct(0.5),
             pct(0.99),
             pct(0.999),
-            o.errors
+            o.errors,
+            per_pair.json()
         );
     } else {
         let unit = if args.scenario == Scenario::Echo {
@@ -208,7 +295,7 @@ fn report(args: &BenchArgs, o: &Outcome) {
             "pairs"
         };
         println!(
-            "{scenario}: {} clients, {:.0} {unit}/s, p50 {}us, p99 {}us, p99.9 {}us, {} errors ({} {unit} in {:.1}s)",
+            "{scenario}: {} clients over {conns} connections, {:.0} {unit}/s, p50 {}us, p99 {}us, p99.9 {}us, {} errors ({} {unit} in {:.1}s)",
             args.clients,
             rate,
             pct(0.5),
@@ -218,6 +305,88 @@ fn report(args: &BenchArgs, o: &Outcome) {
             o.pairs,
             o.elapsed.as_secs_f64()
         );
+        if let Some(line) = per_pair.text(usage.and_then(|u| u.server.map(|(pid, _)| pid))) {
+            println!("{line}");
+        }
+    }
+}
+
+/// CPU time of a process (all its threads), from /proc. (System calls are not counted here:
+/// /proc/PID/io counts `read` and `write`, but sockets are driven with `recv` and `send`,
+/// which it does not see; use `strace -c -f -p PID` for those.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ProcUsage {
+    /// User plus system time, in clock ticks.
+    cpu_ticks: u64,
+}
+
+/// The difference of two [`ProcUsage`] samples.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct UsageDelta {
+    cpu_secs: f64,
+}
+
+/// [`UsageDelta`] divided by pairs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct PairCost {
+    /// CPU time per pair in microseconds.
+    cpu_us: f64,
+}
+
+/// The per-pair costs of the bench and of the server.
+struct PerPair {
+    bench: Option<PairCost>,
+    server: Option<PairCost>,
+}
+
+/// Linux reports CPU time in clock ticks of 1/100 s (USER_HZ) on every supported platform.
+const TICKS_PER_SEC: f64 = 100.0;
+
+impl ProcUsage {
+    fn of(pid: u32) -> anyhow::Result<ProcUsage> {
+        Ok(ProcUsage {
+            cpu_ticks: cpu_ticks(pid)?,
+        })
+    }
+
+    fn since(&self, before: &ProcUsage) -> UsageDelta {
+        UsageDelta {
+            cpu_secs: self.cpu_ticks.saturating_sub(before.cpu_ticks) as f64 / TICKS_PER_SEC,
+        }
+    }
+}
+
+impl UsageDelta {
+    fn per(&self, pairs: u64) -> PairCost {
+        let n = pairs.max(1) as f64;
+        PairCost {
+            cpu_us: self.cpu_secs * 1e6 / n,
+        }
+    }
+}
+
+impl PerPair {
+    /// The JSON fields (each with a leading comma), `null` where unknown.
+    fn json(&self) -> String {
+        let mut out = String::new();
+        for (who, cost) in [("bench", self.bench), ("server", self.server)] {
+            let cpu = cost.map_or_else(|| "null".to_owned(), |c| format!("{:.2}", c.cpu_us));
+            out.push_str(&format!(",\"{who}_cpu_us_per_pair\":{cpu}"));
+        }
+        out
+    }
+
+    /// One line for the text report, if anything was measured.
+    fn text(&self, server_pid: Option<u32>) -> Option<String> {
+        let part = |who: String, c: PairCost| format!("{who} {:.1}us", c.cpu_us);
+        let mut parts = Vec::new();
+        if let Some(c) = self.bench {
+            parts.push(part("bench".to_owned(), c));
+        }
+        if let (Some(c), Some(pid)) = (self.server, server_pid) {
+            parts.push(part(format!("server (pid {pid})"), c));
+        }
+        (!parts.is_empty()).then(|| format!("  CPU per pair: {}", parts.join(", ")))
     }
 }
 
@@ -278,17 +447,26 @@ async fn spawn_server_with(
     anyhow::bail!("the coordinator did not start listening on port {port}")
 }
 
-async fn load(args: &BenchArgs, url: &str) -> anyhow::Result<Outcome> {
+/// The coordinator scenarios through the client library: `--connections` shared clients,
+/// each caller a task of its own with its own semaphore (uncontended, weighted).
+async fn load(args: &BenchArgs, url: &str, start: Start) -> anyhow::Result<Outcome> {
     if args.client == BenchClient::Raw {
-        return load_raw(args, url).await;
+        return load_raw(args, url, start).await;
     }
     let errors = Arc::new(AtomicU64::new(0));
-    let window = Window::new(args);
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut clients = Vec::with_capacity(connections(args));
+    for _ in 0..connections(args) {
+        clients.push(Client::connect(url).await?);
+    }
+    let mut callers = Vec::with_capacity(args.clients);
     for i in 0..args.clients {
-        let client = Client::connect(url).await?;
+        let client = &clients[i % clients.len()];
         let (name, capacity, weight) = workload(args, i);
-        let sem = client.semaphore(&name, capacity).await?;
+        callers.push((client.semaphore(&name, capacity).await?, weight));
+    }
+    let window = start.window();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (sem, weight) in callers {
         let errors = errors.clone();
         tasks.spawn(async move {
             let (_, pairs, lat) = window
@@ -300,11 +478,13 @@ async fn load(args: &BenchArgs, url: &str) -> anyhow::Result<Outcome> {
                     (sem, Some(ok))
                 })
                 .await;
-            let _ = client.shutdown().await;
             (pairs, lat)
         });
     }
     let mut outcome = collect(tasks, args.duration).await?;
+    for client in clients {
+        let _ = client.shutdown().await;
+    }
     outcome.errors = errors.load(Ordering::Relaxed);
     Ok(outcome)
 }
@@ -316,15 +496,28 @@ struct Window {
     end: Instant,
 }
 
-impl Window {
-    fn new(args: &BenchArgs) -> Window {
-        let measure_from = Instant::now() + args.warmup;
-        Window {
-            measure_from,
-            end: measure_from + args.duration,
-        }
-    }
+/// Starts the measured window once a scenario has connected its clients (connecting 64
+/// sessions to a durable coordinator on a loaded machine may take longer than the warm-up),
+/// and tells the CPU sampler.
+struct Start {
+    warmup: Duration,
+    duration: Duration,
+    tell: tokio::sync::oneshot::Sender<Window>,
+}
 
+impl Start {
+    fn window(self) -> Window {
+        let measure_from = Instant::now() + self.warmup;
+        let window = Window {
+            measure_from,
+            end: measure_from + self.duration,
+        };
+        let _ = self.tell.send(window);
+        window
+    }
+}
+
+impl Window {
     /// Repeats `op` until the end of the run. `op` takes the client's state and gives it back
     /// with the operation's outcome: `Some(true)` a success, `Some(false)` a failure (counted
     /// in `errors`), `None` a broken client (it stops). Returns the state, the successes in
@@ -383,7 +576,7 @@ async fn collect(
 
 /// The peer: a loopback echo server on its own thread and `clients` connections doing
 /// 16-byte ping-pongs.
-async fn echo(args: &BenchArgs) -> anyhow::Result<Outcome> {
+async fn echo(args: &BenchArgs, start: Start) -> anyhow::Result<Outcome> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     listener.set_nonblocking(true)?;
@@ -409,12 +602,16 @@ async fn echo(args: &BenchArgs) -> anyhow::Result<Outcome> {
             }
         });
     });
-    let window = Window::new(args);
     let errors = Arc::new(AtomicU64::new(0));
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut streams = Vec::with_capacity(args.clients);
     for _ in 0..args.clients {
         let s = tokio::net::TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;
+        streams.push(s);
+    }
+    let window = start.window();
+    let mut tasks = tokio::task::JoinSet::new();
+    for s in streams {
         let errors = errors.clone();
         tasks.spawn(async move {
             let (_, n, lat) = window
@@ -433,10 +630,9 @@ async fn echo(args: &BenchArgs) -> anyhow::Result<Outcome> {
 
 /// The Redis peer: each client loops `SET bench-r-I 1 NX PX 10000` (the lock), then `DEL`
 /// (the unlock), over its own connection, timing the pair as the coordinator scenarios do.
-async fn redis(args: &BenchArgs) -> anyhow::Result<Outcome> {
+async fn redis(args: &BenchArgs, start: Start) -> anyhow::Result<Outcome> {
     let errors = Arc::new(AtomicU64::new(0));
-    let window = Window::new(args);
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut conns = Vec::with_capacity(args.clients);
     for i in 0..args.clients {
         let s = tokio::net::TcpStream::connect(&args.redis)
             .await
@@ -445,6 +641,11 @@ async fn redis(args: &BenchArgs) -> anyhow::Result<Outcome> {
         let key = format!("bench-r-{i}");
         let lock = resp(&["SET", &key, "1", "NX", "PX", "10000"]);
         let unlock = resp(&["DEL", &key]);
+        conns.push((s, lock, unlock));
+    }
+    let window = start.window();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (s, lock, unlock) in conns {
         let errors = errors.clone();
         tasks.spawn(async move {
             let client = (s, Vec::with_capacity(64), lock, unlock);
@@ -471,7 +672,7 @@ async fn redis(args: &BenchArgs) -> anyhow::Result<Outcome> {
 
 /// The etcd peer: each client grants a lease, then loops lock/unlock of its own name with the
 /// v3 Lock RPC through etcd's JSON gateway, timing the pair as the other scenarios do.
-async fn etcd_lock(args: &BenchArgs) -> anyhow::Result<Outcome> {
+async fn etcd_lock(args: &BenchArgs, start: Start) -> anyhow::Result<Outcome> {
     let url = args
         .url
         .as_deref()
@@ -479,8 +680,7 @@ async fn etcd_lock(args: &BenchArgs) -> anyhow::Result<Outcome> {
         .context("--scenario etcd-lock needs --url etcd://HOST:PORT")?;
     let addr = url.split(['/', ',']).next().unwrap_or(url).to_owned();
     let errors = Arc::new(AtomicU64::new(0));
-    let window = Window::new(args);
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut locks = Vec::with_capacity(args.clients);
     for i in 0..args.clients {
         let mut conn = None;
         let granted = etcd_post(&mut conn, &addr, "/v3/lease/grant", r#"{"TTL":"30"}"#)
@@ -491,6 +691,11 @@ async fn etcd_lock(args: &BenchArgs) -> anyhow::Result<Outcome> {
             r#"{{"name":"{}","lease":"{lease}"}}"#,
             ascii_base64(&format!("bench-l-{i}"))
         );
+        locks.push((lease, lock));
+    }
+    let window = start.window();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (lease, lock) in locks {
         let errors = errors.clone();
         let addr = addr.clone();
         tasks.spawn(async move {
@@ -662,8 +867,7 @@ async fn keepalive(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     tokio::time::sleep(args.duration).await;
     let ticks = cpu_ticks(pid)? - before;
     let elapsed = t.elapsed().as_secs_f64();
-    // Linux reports CPU time in clock ticks of 1/100 s (USER_HZ) on every supported platform.
-    let share = ticks as f64 / 100.0 / elapsed;
+    let share = ticks as f64 / TICKS_PER_SEC / elapsed;
     let keepalives = args.clients as f64 * 3.0 / args.session_ttl.as_secs_f64();
     if args.json {
         println!(
@@ -687,24 +891,22 @@ async fn keepalive(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// User plus system CPU time of a process, in clock ticks (fields 14 and 15 of
-/// /proc/PID/stat, counted after the parenthesised command name, which may hold spaces).
+/// User plus system CPU time of a process (all its threads), in clock ticks.
 fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .context("unexpected /proc/PID/stat format")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
+    parse_stat_ticks(&stat).context("unexpected /proc/PID/stat format")
+}
+
+/// utime plus stime (fields 14 and 15) of a /proc/PID/stat text, counted after the
+/// parenthesised command name, which may hold spaces and parentheses.
+fn parse_stat_ticks(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
     // After ")": state is field 3, so utime (14) and stime (15) are at 11 and 12 here.
-    let num = |i: usize| -> anyhow::Result<u64> {
-        fields
-            .get(i)
-            .and_then(|f| f.parse().ok())
-            .context("unexpected /proc/PID/stat format")
-    };
-    Ok(num(11)? + num(12)?)
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
 }
 
 /// The name, capacity and weight client `i` uses in a coordinator scenario.
@@ -771,55 +973,59 @@ impl RawConn {
     }
 }
 
-/// The coordinator scenarios with [`RawConn`]s: each client opens a session (60 s TTL, kept
-/// alive by its own acquires and releases), ensures its semaphore, then loops Acquire and
-/// Release of one lease id.
-async fn load_raw(args: &BenchArgs, url: &str) -> anyhow::Result<Outcome> {
+/// The coordinator scenarios with [`RawConn`]s: `--connections` connections, each with a
+/// session (60 s TTL, kept alive by its own acquires and releases) and its share of the
+/// callers; each caller ensures its semaphore, then loops Acquire and Release of a lease id of
+/// its own. The callers of one connection pipeline: every reply read may start the caller's
+/// next request, and all the requests one read starts leave in one write.
+async fn load_raw(args: &BenchArgs, url: &str, start: Start) -> anyhow::Result<Outcome> {
     use turnstile_proto::Request;
     let addr = url
         .strip_prefix("tcp://")
         .context("--client raw needs a tcp:// coordinator")?
         .to_owned();
     let errors = Arc::new(AtomicU64::new(0));
-    let window = Window::new(args);
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..args.clients {
+    let k = connections(args);
+    let mut conns = Vec::with_capacity(k);
+    for conn in 0..k {
         let mut c = RawConn::connect(&addr).await?;
-        let session = turnstile_client_session(i);
         c.call(&Request::OpenSession {
-            session,
+            session: turnstile_client_session(conn),
             ttl_ms: 60_000,
         })
         .await?;
-        let (name, capacity, weight) = workload(args, i);
-        anyhow::ensure!(
-            c.call(&Request::Ensure {
-                capacity,
-                name: &name
+        let callers: Vec<RawCaller> = (conn..args.clients)
+            .step_by(k)
+            .map(|i| {
+                let (name, capacity, weight) = workload(args, i);
+                RawCaller {
+                    name,
+                    capacity,
+                    weight,
+                    acquired: false,
+                    started: Instant::now(),
+                }
             })
-            .await?,
-            "ensure {name} refused"
+            .collect();
+        let ensures: Vec<Request<'_>> = callers
+            .iter()
+            .map(|c| Request::Ensure {
+                capacity: c.capacity,
+                name: &c.name,
+            })
+            .collect();
+        anyhow::ensure!(
+            pipeline(&mut c, &ensures).await? == 0,
+            "the coordinator refused an ensure"
         );
+        conns.push((c, callers));
+    }
+    let window = start.window();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (c, callers) in conns {
         let errors = errors.clone();
         tasks.spawn(async move {
-            let ((mut c, _), pairs, lat) = window
-                .drive((c, name), &errors, |(mut c, name)| async move {
-                    let acquire = Request::Acquire {
-                        lease: 1,
-                        weight,
-                        timeout_ms: turnstile_proto::NO_TIMEOUT,
-                        name: &name,
-                    };
-                    let outcome = match c.call(&acquire).await {
-                        Ok(acquired) => match c.call(&Request::Release { lease: 1 }).await {
-                            Ok(released) => Some(acquired && released),
-                            Err(_) => None,
-                        },
-                        Err(_) => None,
-                    };
-                    ((c, name), outcome)
-                })
-                .await;
+            let (mut c, pairs, lat) = raw_callers(c, callers, window, &errors).await;
             let _ = c.call(&Request::CloseSession).await;
             (pairs, lat)
         });
@@ -827,6 +1033,117 @@ async fn load_raw(args: &BenchArgs, url: &str) -> anyhow::Result<Outcome> {
     let mut outcome = collect(tasks, args.duration).await?;
     outcome.errors = errors.load(Ordering::Relaxed);
     Ok(outcome)
+}
+
+/// One caller of [`raw_callers`]: its semaphore and where its pair stands. Its requests carry
+/// its index on the connection plus one as their id, and its lease id is the same number.
+struct RawCaller {
+    name: String,
+    capacity: u32,
+    weight: u32,
+    /// Its Acquire was answered with a grant; the Release is in flight.
+    acquired: bool,
+    /// When its current pair started.
+    started: Instant,
+}
+
+/// Runs the callers of one connection until the end of the window, several requests in flight.
+/// Returns the connection, the pairs completed in the measured window and their latencies.
+async fn raw_callers(
+    mut c: RawConn,
+    mut callers: Vec<RawCaller>,
+    window: Window,
+    errors: &AtomicU64,
+) -> (RawConn, u64, Vec<u32>) {
+    use turnstile_proto::{Reply, Request};
+    fn acquire(out: &mut Vec<u8>, j: usize, caller: &RawCaller) {
+        let id = j as u32 + 1;
+        let req = Request::Acquire {
+            lease: u64::from(id),
+            weight: caller.weight,
+            timeout_ms: turnstile_proto::NO_TIMEOUT,
+            name: &caller.name,
+        };
+        turnstile_proto::encode_request(id, &req, out);
+    }
+    let mut lat = Vec::with_capacity(1 << 16);
+    let mut pairs = 0u64;
+    let mut in_flight = 0usize;
+    let now = Instant::now();
+    c.out.clear();
+    if now < window.end {
+        for (j, caller) in callers.iter_mut().enumerate() {
+            caller.started = now;
+            acquire(&mut c.out, j, caller);
+            in_flight += 1;
+        }
+    }
+    let RawConn { s, out, buf, .. } = &mut c;
+    if s.write_all(out).await.is_err() {
+        in_flight = 0;
+    }
+    'run: while in_flight > 0 {
+        match s.read_buf(buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        out.clear();
+        let mut start = 0;
+        loop {
+            let (payload, used) =
+                match turnstile_proto::split_frame(&buf[start..], turnstile_proto::MAX_REPLY_FRAME)
+                {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => break,
+                    Err(_) => break 'run,
+                };
+            start += used;
+            let Ok((id, reply)) = turnstile_proto::decode_reply(payload) else {
+                break 'run;
+            };
+            if id == 0 {
+                continue; // an event: not an answer
+            }
+            let j = id as usize - 1;
+            let Some(caller) = callers.get_mut(j) else {
+                break 'run; // not a request of ours: the count would be wrong
+            };
+            in_flight -= 1;
+            let ok = !matches!(reply, Reply::Error { .. });
+            if !caller.acquired && ok {
+                caller.acquired = true;
+                let release = Request::Release {
+                    lease: u64::from(id),
+                };
+                turnstile_proto::encode_request(id, &release, out);
+                in_flight += 1;
+                continue;
+            }
+            // The pair is over: released, or its acquire refused.
+            let pair_ok = caller.acquired && ok;
+            caller.acquired = false;
+            if caller.started >= window.measure_from {
+                if pair_ok {
+                    pairs += 1;
+                    let took = caller.started.elapsed().as_micros();
+                    lat.push(u32::try_from(took).unwrap_or(u32::MAX));
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            let now = Instant::now();
+            if now < window.end {
+                caller.started = now;
+                acquire(out, j, caller);
+                in_flight += 1;
+            }
+        }
+        buf.drain(..start);
+        if !out.is_empty() && s.write_all(out).await.is_err() {
+            break;
+        }
+    }
+    (c, pairs, lat)
 }
 
 /// A raw connection with a session of its own and a semaphore of capacity 1 named `name`: the
@@ -1271,5 +1588,65 @@ mod tests {
     #[test]
     fn cpu_ticks_of_this_process() {
         assert!(cpu_ticks(std::process::id()).is_ok());
+    }
+
+    #[test]
+    fn stat_ticks_are_utime_plus_stime_after_the_command_name() {
+        // A command name with spaces and a parenthesis must not shift the fields.
+        let stat = "4242 (a) b (c) S 1 4242 4242 0 -1 4194560 100 0 0 0 37 5 0 0 20 0 3 0 99 1 1";
+        assert_eq!(parse_stat_ticks(stat), Some(42));
+        assert_eq!(parse_stat_ticks("4242 (x) S 1 2"), None);
+        assert_eq!(parse_stat_ticks("no parenthesis"), None);
+    }
+
+    #[test]
+    fn usage_per_pair_divides_the_window_by_the_pairs() {
+        let before = ProcUsage { cpu_ticks: 100 };
+        let after = ProcUsage { cpu_ticks: 150 };
+        let delta = after.since(&before);
+        assert_eq!(delta.cpu_secs, 0.5);
+        let cost = delta.per(10_000);
+        assert!((cost.cpu_us - 50.0).abs() < 1e-9, "{cost:?}");
+        // No pairs: no division by zero.
+        assert!(delta.per(0).cpu_us.is_finite());
+        // A counter that went backwards (another process with the pid): zero, not a wrap.
+        assert_eq!(before.since(&after).cpu_secs, 0.0);
+    }
+
+    #[test]
+    fn per_pair_json_has_every_field_null_when_unknown() {
+        let p = PerPair {
+            bench: Some(PairCost { cpu_us: 12.345 }),
+            server: None,
+        };
+        let json = format!("{{\"x\":1{}}}", p.json());
+        let v: serde_json::Value = serde_json::from_str(&json).expect("valid JSON");
+        assert_eq!(v["bench_cpu_us_per_pair"], 12.35);
+        assert!(v["server_cpu_us_per_pair"].is_null());
+        assert!(p.text(None).is_some_and(|t| t.contains("bench 12.3us")));
+    }
+
+    #[test]
+    fn connections_default_to_one_per_caller_and_never_exceed_them() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            bench: BenchArgs,
+        }
+        let args = |extra: &[&str]| {
+            let mut argv = vec!["bench"];
+            argv.extend_from_slice(extra);
+            Cli::parse_from(argv).bench
+        };
+        assert_eq!(connections(&args(&["--clients", "8"])), 8);
+        assert_eq!(
+            connections(&args(&["--clients", "8", "--connections", "2"])),
+            2
+        );
+        assert_eq!(
+            connections(&args(&["--clients", "2", "--connections", "5"])),
+            2
+        );
     }
 }

@@ -198,6 +198,11 @@ impl Server {
         let _ = self.child.wait();
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `tcp://127.0.0.1:PORT`.
     pub fn url(&self) -> &str {
         &self.url

@@ -1,0 +1,112 @@
+//! `turnstile bench` against real coordinators: callers spread over fewer connections, and the
+//! CPU time per pair of the bench and of the server in its report.
+
+#[allow(dead_code)] // the helpers serve several test binaries
+mod common;
+
+use std::process::Command;
+
+use common::{Server, BIN};
+use serde_json::Value;
+
+/// Runs `turnstile bench ARGS --json` (a short run) and returns its JSON report.
+fn bench(args: &[&str]) -> Value {
+    let out = Command::new(BIN)
+        .args(["bench", "--json", "--duration", "1s", "--warmup", "300ms"])
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run turnstile bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench {args:?} failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout:?}"))
+}
+
+/// The report of 8 callers over 2 connections: they all completed pairs without errors, and
+/// both processes' costs per pair are there.
+fn assert_report(v: &Value, server_measured: bool) {
+    assert_eq!(v["clients"], 8, "{v}");
+    assert_eq!(v["connections"], 2, "{v}");
+    assert_eq!(v["errors"], 0, "{v}");
+    assert!(v["pairs_per_sec"].as_f64().is_some_and(|r| r > 0.0), "{v}");
+    // A second of load costs the bench more than one clock tick (10 ms) of CPU.
+    let bench_cpu = v["bench_cpu_us_per_pair"].as_f64();
+    assert!(bench_cpu.is_some_and(|c| c > 0.0), "{v}");
+    if server_measured {
+        let server_cpu = v["server_cpu_us_per_pair"].as_f64();
+        assert!(server_cpu.is_some_and(|c| c > 0.0), "{v}");
+    } else {
+        assert!(v["server_cpu_us_per_pair"].is_null(), "{v}");
+    }
+}
+
+#[test]
+fn library_callers_share_connections_and_the_server_pid_is_measured() {
+    let server = Server::start("10s");
+    let pid = server.pid().to_string();
+    let v = bench(&[
+        "--url",
+        server.url(),
+        "--server-pid",
+        &pid,
+        "--connections",
+        "2",
+        "--clients",
+        "8",
+    ]);
+    assert_report(&v, true);
+    assert_eq!(v["scenario"], "uncontended", "{v}");
+}
+
+#[test]
+fn raw_callers_pipeline_on_shared_connections_of_a_started_coordinator() {
+    // Contended: callers of one connection queue behind each other on 2 semaphores of
+    // capacity 1, so replies come back out of order and must be matched by request id.
+    let v = bench(&[
+        "--client",
+        "raw",
+        "--scenario",
+        "contended",
+        "--semaphores",
+        "2",
+        "--capacity",
+        "1",
+        "--connections",
+        "2",
+        "--clients",
+        "8",
+    ]);
+    assert_report(&v, true);
+    assert_eq!(v["scenario"], "contended/inmemory/raw", "{v}");
+}
+
+#[test]
+fn without_a_server_pid_a_remote_coordinator_is_not_measured() {
+    let server = Server::start("10s");
+    let v = bench(&[
+        "--url",
+        server.url(),
+        "--client",
+        "raw",
+        "--connections",
+        "2",
+        "--clients",
+        "8",
+    ]);
+    assert_report(&v, false);
+}
+
+#[test]
+fn connections_are_refused_where_they_mean_nothing() {
+    let out = Command::new(BIN)
+        .args(["bench", "--scenario", "echo", "--connections", "2"])
+        .output()
+        .expect("run turnstile bench");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--connections"), "{stderr}");
+}
