@@ -691,11 +691,11 @@ async fn etcd_lock(args: &BenchArgs, start: Start) -> anyhow::Result<Outcome> {
             r#"{{"name":"{}","lease":"{lease}"}}"#,
             ascii_base64(&format!("bench-l-{i}"))
         );
-        locks.push((lease, lock));
+        locks.push((lease, lock, conn));
     }
     let window = start.window();
     let mut tasks = tokio::task::JoinSet::new();
-    for (lease, lock) in locks {
+    for (lease, lock, conn) in locks {
         let errors = errors.clone();
         let addr = addr.clone();
         tasks.spawn(async move {
