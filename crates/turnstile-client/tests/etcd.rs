@@ -40,10 +40,6 @@ impl Fixture for EtcdFixture {
     fn counts_totals(&self) -> bool {
         false
     }
-
-    fn has_lifecycle(&self) -> bool {
-        false
-    }
 }
 
 conformance_suite!(etcd, EtcdFixture::new());

@@ -169,15 +169,69 @@ fn closed(name: &str) -> Error {
     }
 }
 
-/// The refusal of a lifecycle call the etcd backend does not have yet.
-fn unsupported(what: &str, name: &str) -> Error {
+fn too_heavy(name: &str, weight: u64, capacity: u64) -> Error {
     Error::Rejected {
-        code: ErrorCode::InvalidArgument,
-        message: format!(
-            "{what} of semaphore {name:?} is not supported on the etcd backend yet \
-             (use a coordinator, tcp://, or the file backend)"
-        ),
+        code: ErrorCode::WeightExceedsCapacity,
+        message: format!("weight {weight} exceeds the capacity {capacity} of semaphore {name:?}"),
     }
+}
+
+fn capacity_of(cap: &Value) -> u64 {
+    cap.get("capacity").and_then(Value::as_u64).unwrap_or(0)
+}
+
+fn is_closed(cap: &Value) -> bool {
+    cap.get("closed").and_then(Value::as_bool) == Some(true)
+}
+
+/// The create revision up to which queue keys hold whatever the capacity (see
+/// [`Inner::set_capacity`]); 0 when the capacity never shrank under holders.
+fn held_to_of(cap: &Value) -> i64 {
+    cap.get("held_to").and_then(Value::as_i64).unwrap_or(0)
+}
+
+/// The holder rule: a queue key created at `create`, whose weight plus the weights of every
+/// key created before it come to `through`, holds if that fits the capacity, or if it held
+/// when the capacity last changed (`held_to`).
+fn holds(create: i64, through: u64, capacity: u64, held_to: i64) -> bool {
+    through <= capacity || create <= held_to
+}
+
+fn weight_of(kv: &Kv) -> u64 {
+    kv.value.get("w").and_then(Value::as_u64).unwrap_or(0)
+}
+
+/// How many keys at the head of `queue` (in create order) hold under `cap`. The holders are
+/// always a prefix of the queue: both halves of [`holds`] pick one.
+fn holder_count(cap: &Value, queue: &[Kv]) -> usize {
+    let (capacity, held_to) = (capacity_of(cap), held_to_of(cap));
+    let mut through = 0;
+    queue
+        .iter()
+        .take_while(|kv| {
+            through += weight_of(kv);
+            holds(kv.create, through, capacity, held_to)
+        })
+        .count()
+}
+
+/// The marker of a lease released by force: `.../r/LEASE` for queue key `.../q/LEASE`.
+fn revoked_of(key: &str) -> String {
+    match key.rsplit_once("/q/") {
+        Some((dir, lease)) => format!("{dir}/r/{lease}"),
+        None => format!("{key}/r"),
+    }
+}
+
+/// What a semaphore's waiter follows besides the keys ahead of it (see [`Inner::wait_turn`]).
+struct Resize<'a> {
+    name: &'a str,
+    cap_key: &'a str,
+    weight: u64,
+    /// The waiter's own key's create revision.
+    create: i64,
+    capacity: u64,
+    held_to: i64,
 }
 
 fn no_such(name: &str) -> Error {
@@ -288,6 +342,23 @@ fn absent(key: &str) -> Value {
 
 fn exists(key: &str) -> Value {
     json!({"target": "VERSION", "key": b64(key.as_bytes()), "version": "0", "result": "GREATER"})
+}
+
+/// `key` exists and is the key created at revision `create`.
+fn created_at(key: &str, create: i64) -> Value {
+    json!({"target": "CREATE", "key": b64(key.as_bytes()), "create_revision": create.to_string(), "result": "EQUAL"})
+}
+
+/// No key under `prefix` was created after revision `rev` (true of an empty range too).
+fn none_created_after(prefix: &str, rev: i64) -> Value {
+    json!({"target": "CREATE", "key": b64(prefix.as_bytes()), "range_end": range_end(prefix),
+           "create_revision": (rev + 1).to_string(), "result": "LESS"})
+}
+
+/// No key under `prefix` (every key's create revision compares to 0, an absent one's is 0).
+fn empty_range(prefix: &str) -> Value {
+    json!({"target": "CREATE", "key": b64(prefix.as_bytes()), "range_end": range_end(prefix),
+           "create_revision": "0", "result": "EQUAL"})
 }
 
 fn unchanged(key: &str, modr: i64) -> Value {
@@ -624,9 +695,23 @@ impl Inner {
         deletes_only: bool,
         deadline: Option<Instant>,
     ) -> Result<Stream, WaitEnd> {
+        let end = prefix.then(|| range_end(key));
+        self.open_watch_range(key, end, from, deletes_only, deadline)
+            .await
+    }
+
+    /// [`Inner::open_watch`] of the keys from `key` up to `end` (base64), if given.
+    async fn open_watch_range(
+        &self,
+        key: &str,
+        end: Option<String>,
+        from: i64,
+        deletes_only: bool,
+        deadline: Option<Instant>,
+    ) -> Result<Stream, WaitEnd> {
         let mut req = json!({"key": b64(key.as_bytes()), "start_revision": from.to_string()});
-        if prefix {
-            req["range_end"] = json!(range_end(key));
+        if let Some(end) = end {
+            req["range_end"] = json!(end);
         }
         if deletes_only {
             req["filters"] = json!(["NOPUT"]);
@@ -659,18 +744,33 @@ impl Inner {
 
     /// Waits until the keys in `ahead` (key -> weight) weigh at most `room`, watching
     /// deletions under `queue` from revision `from`. Returns the revision to go on from.
+    /// With `resize` (a semaphore's waiter), it also follows the capacity: one watch of the
+    /// cap key and the queue together (puts included, since a capacity change is a put), so
+    /// that the events come in revision order and the rule is always applied to one state.
+    #[allow(clippy::too_many_arguments)]
     async fn wait_turn(
         &self,
         queue: &str,
         mine: &str,
         mut ahead: HashMap<String, u64>,
-        room: u64,
+        mut room: u64,
         mut from: i64,
         deadline: Option<Instant>,
+        mut resize: Option<Resize<'_>>,
     ) -> Result<i64, WaitEnd> {
         let mut weight: u64 = ahead.values().sum();
-        while weight > room {
-            let mut stream = self.open_watch(queue, true, from, true, deadline).await?;
+        let turn = |weight: u64, room: u64, r: &Option<Resize<'_>>| {
+            weight <= room || r.as_ref().is_some_and(|r| r.create <= r.held_to)
+        };
+        while !turn(weight, room, &resize) {
+            let mut stream = match &resize {
+                Some(r) => {
+                    let end = Some(range_end(queue));
+                    self.open_watch_range(r.cap_key, end, from, false, deadline)
+                        .await?
+                }
+                None => self.open_watch(queue, true, from, true, deadline).await?,
+            };
             loop {
                 let quiet = Instant::now() + WATCH_QUIET;
                 let until = deadline.map_or(quiet, |d| d.min(quiet));
@@ -699,7 +799,21 @@ impl Inner {
                         continue;
                     };
                     from = from.max(kv.modr + 1);
-                    if ev.get("type").and_then(Value::as_str) != Some("DELETE") {
+                    let deleted = ev.get("type").and_then(Value::as_str) == Some("DELETE");
+                    if let Some(r) = resize.as_mut().filter(|r| kv.key == r.cap_key) {
+                        // A close (or a delete) also deletes the queue: our key's deletion
+                        // follows in this revision and ends the wait.
+                        if deleted || is_closed(&kv.value) {
+                            continue;
+                        }
+                        (r.capacity, r.held_to) = (capacity_of(&kv.value), held_to_of(&kv.value));
+                        if r.weight > r.capacity {
+                            return Err(WaitEnd::Failed(too_heavy(r.name, r.weight, r.capacity)));
+                        }
+                        room = r.capacity - r.weight;
+                        continue;
+                    }
+                    if !deleted {
                         continue;
                     }
                     if kv.key == mine {
@@ -709,7 +823,7 @@ impl Inner {
                         weight -= w;
                     }
                 }
-                if weight <= room {
+                if turn(weight, room, &resize) {
                     break;
                 }
             }
@@ -748,7 +862,10 @@ impl Inner {
                             from = from.max(kv.modr + 1);
                         }
                         if ev.get("type").and_then(Value::as_str) == Some("DELETE") {
-                            let reason = inner.why_lost(wcap.as_deref(), etcd_lease).await;
+                            let reason = match inner.get(&revoked_of(&wkey)).await {
+                                Ok((Some(_), _)) => LostReason::Revoked,
+                                _ => inner.why_lost(wcap.as_deref(), etcd_lease).await,
+                            };
                             inner.lose(lease, reason);
                             return;
                         }
@@ -816,23 +933,14 @@ impl Inner {
             let _ = guard.now().await;
             return Err(no_such(name));
         };
-        let capacity = cap
-            .value
-            .get("capacity")
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
-        if cap.value.get("closed").and_then(Value::as_bool) == Some(true) {
+        let capacity = capacity_of(&cap.value);
+        if is_closed(&cap.value) {
             let _ = guard.now().await;
             return Err(closed(name));
         }
         if u64::from(weight) > capacity {
             let _ = guard.now().await;
-            return Err(Error::Rejected {
-                code: ErrorCode::WeightExceedsCapacity,
-                message: format!(
-                    "weight {weight} exceeds the capacity {capacity} of semaphore {name:?}"
-                ),
-            });
+            return Err(too_heavy(name, weight.into(), capacity));
         }
         let (queued, rev) = (kvs(&txn_part(&r, first + 1)), header_rev(&r));
         let Some(me) = queued.iter().find(|kv| kv.key == key) else {
@@ -856,8 +964,16 @@ impl Inner {
         } else {
             deadline
         };
+        let resize = Resize {
+            name,
+            cap_key: &cap_key,
+            weight: weight.into(),
+            create: me.create,
+            capacity,
+            held_to: held_to_of(&cap.value),
+        };
         match self
-            .wait_turn(&queue, &key, ahead, room, rev + 1, deadline)
+            .wait_turn(&queue, &key, ahead, room, rev + 1, deadline, Some(resize))
             .await
         {
             Ok(from) => {
@@ -879,7 +995,13 @@ impl Inner {
                     _ => Err(self.etcd.unavailable()),
                 }
             }
-            Err(WaitEnd::Failed(e)) => Err(e),
+            Err(WaitEnd::Failed(e)) => {
+                if matches!(e, Error::Rejected { .. }) {
+                    // Refused (too heavy after a shrink): leave the queue before answering.
+                    let _ = guard.now().await;
+                }
+                Err(e)
+            }
         }
     }
 
@@ -976,10 +1098,154 @@ impl Inner {
         }
     }
 
+    /// A semaphore's cap key and queue (in create order), read in one revision, and that
+    /// revision.
+    async fn read_semaphore(&self, name: &str) -> Result<(Kv, Vec<Kv>, i64), Error> {
+        let mut queue = range_prefix(&self.queue(name));
+        queue["sort_target"] = json!("CREATE");
+        queue["sort_order"] = json!("ASCEND");
+        let reads = vec![
+            json!({"request_range": range(&self.cap_key(name))}),
+            json!({ "request_range": queue }),
+        ];
+        let r = self.txn(txn(vec![], reads, vec![])).await?;
+        let Some(cap) = kvs(&txn_part(&r, 0)).into_iter().next() else {
+            return Err(no_such(name));
+        };
+        Ok((cap, kvs(&txn_part(&r, 1)), header_rev(&r)))
+    }
+
+    /// Changes the capacity. The holder rule is a prefix sum over the capacity, so a shrink
+    /// would turn holders past the new capacity into waiters: the cap key records, as
+    /// `held_to`, the create revision of the last key holding when the capacity changed, and
+    /// every key up to it keeps holding ([`holds`]). The txn requires the holders and the
+    /// first waiter read still there (and, with no waiter, no key created since): else a
+    /// release may have made one more holder under the old capacity, and the read is redone.
+    /// Waiters watch the cap key, so a grow grants them at once and a shrink below a
+    /// waiter's weight fails its acquire.
+    async fn set_capacity(&self, name: &str, capacity: u32) -> Result<(), Error> {
+        self.check_open()?;
+        validate("semaphore name", name)?;
+        if capacity == 0 {
+            return Err(invalid("the capacity is zero".into()));
+        }
+        let (cap_key, queue_dir) = (self.cap_key(name), self.queue(name));
+        let deadline = self.deadline();
+        loop {
+            let (cap, queue, rev) = self.read_semaphore(name).await?;
+            if is_closed(&cap.value) {
+                return Err(closed(name));
+            }
+            let n = holder_count(&cap.value, &queue);
+            let last_holder = n.checked_sub(1).map_or(0, |i| queue[i].create);
+            let mut value = cap.value.clone();
+            value["capacity"] = json!(capacity);
+            value["held_to"] = json!(last_holder.max(held_to_of(&cap.value)));
+            let mut compare = vec![unchanged(&cap_key, cap.modr)];
+            compare.extend(
+                queue
+                    .iter()
+                    .take(n + 1)
+                    .map(|kv| created_at(&kv.key, kv.create)),
+            );
+            if n == queue.len() {
+                compare.push(none_created_after(&queue_dir, rev));
+            }
+            let r = self
+                .txn(txn(compare, vec![put(&cap_key, &value, 0)], vec![]))
+                .await?;
+            if succeeded(&r) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(self.etcd.unavailable());
+            }
+        }
+    }
+
+    /// Deletes a closed or idle semaphore: its cap key and queue go in one txn that requires
+    /// the cap key unchanged and (unless closed) the queue empty. Tokens stay increasing for
+    /// the name: they are create revisions, and etcd's revision never goes back.
+    async fn delete(&self, name: &str) -> Result<(), Error> {
+        self.check_open()?;
+        validate("semaphore name", name)?;
+        let (cap_key, queue_dir) = (self.cap_key(name), self.queue(name));
+        let deadline = self.deadline();
+        loop {
+            let (cap, queue, _) = self.read_semaphore(name).await?;
+            let closed = is_closed(&cap.value);
+            if !closed && !queue.is_empty() {
+                let holders = holder_count(&cap.value, &queue);
+                let waiters = queue.len() - holders;
+                return Err(Error::Rejected {
+                    code: ErrorCode::InUse,
+                    message: format!(
+                        "semaphore {name:?} is in use ({holders} holders, {waiters} waiters): \
+                         close it or wait until it is idle"
+                    ),
+                });
+            }
+            let mut compare = vec![unchanged(&cap_key, cap.modr)];
+            if !closed {
+                compare.push(empty_range(&queue_dir));
+            }
+            let r = self
+                .txn(txn(
+                    compare,
+                    vec![delete(&cap_key), delete_prefix(&queue_dir)],
+                    vec![],
+                ))
+                .await?;
+            if succeeded(&r) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(self.etcd.unavailable());
+            }
+        }
+    }
+
+    /// Releases a holder's lease by force: deletes its key and, in the same txn, writes
+    /// `.../r/LEASE` bound to the holder's etcd lease, so that the holder's watch of its key
+    /// (see [`Inner::hold`]) reports [`LostReason::Revoked`]. The waiters are granted
+    /// through their own watches, as after a release.
+    async fn force_release(&self, name: &str, lease: u64) -> Result<(), Error> {
+        self.check_open()?;
+        validate("semaphore name", name)?;
+        let unknown = || Error::Rejected {
+            code: ErrorCode::UnknownLease,
+            message: format!("lease {lease} does not hold semaphore {name:?}"),
+        };
+        let (cap, queue, _) = self.read_semaphore(name).await?;
+        let key = format!("{}{lease:016x}", self.queue(name));
+        let n = holder_count(&cap.value, &queue);
+        // A key that holds keeps holding until it is deleted, so "held at the read and
+        // still the same key" means "holds now".
+        let Some(kv) = queue[..n].iter().find(|kv| kv.key == key) else {
+            return Err(unknown());
+        };
+        let marker = put(&revoked_of(&key), &json!({}), kv.lease);
+        match self
+            .txn(txn(
+                vec![created_at(&key, kv.create)],
+                vec![marker, delete(&key)],
+                vec![],
+            ))
+            .await
+        {
+            Ok(r) if succeeded(&r) => Ok(()),
+            Ok(_) => Err(unknown()),
+            // The holder's etcd lease ended just now, and its key with it.
+            Err(Error::Protocol(m)) if m.contains("lease not found") => Err(unknown()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// A semaphore's status from its keys.
     fn semaphore_status(name: String, cap: &Value, mut queue: Vec<Kv>) -> SemaphoreStatus {
         queue.sort_by_key(|kv| kv.create);
-        let capacity = cap.get("capacity").and_then(Value::as_u64).unwrap_or(0) as u32;
+        let capacity = capacity_of(cap) as u32;
+        let held_to = held_to_of(cap);
         let now = now_ms();
         let mut st = SemaphoreStatus {
             name,
@@ -1010,7 +1276,7 @@ impl Inner {
                 .to_owned();
             let age_ms =
                 now.saturating_sub(kv.value.get("t").and_then(Value::as_u64).unwrap_or(now));
-            if before + w <= u64::from(capacity) {
+            if holds(kv.create, before + w, u64::from(capacity), held_to) {
                 st.in_use += w as u32;
                 st.holders.push(HolderStatus {
                     lease_id,
@@ -1389,7 +1655,7 @@ impl Inner {
         }
         let deadline = timeout.map(|t| Instant::now() + t);
         let from = match self
-            .wait_turn(&queue, &key, ahead, 0, rev + 1, deadline)
+            .wait_turn(&queue, &key, ahead, 0, rev + 1, deadline, None)
             .await
         {
             Ok(from) => from,
@@ -1712,23 +1978,20 @@ impl Backend for EtcdBackend {
         Box::pin(self.inner.close(name))
     }
 
-    // Not yet on etcd: a shrink must keep the keys that hold beyond the new capacity
-    // holding (the holder rule is a prefix sum over the capacity), and waiters must re-read
-    // the capacity when it changes. Refused with one clear line until then.
     fn set_capacity<'a>(
         &'a self,
         name: &'a str,
-        _capacity: u32,
+        capacity: u32,
     ) -> BoxFuture<'a, Result<(), Error>> {
-        Box::pin(async move { Err(unsupported("set-capacity", name)) })
+        Box::pin(self.inner.set_capacity(name, capacity))
     }
 
     fn delete<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), Error>> {
-        Box::pin(async move { Err(unsupported("delete", name)) })
+        Box::pin(self.inner.delete(name))
     }
 
-    fn revoke<'a>(&'a self, name: &'a str, _lease: u64) -> BoxFuture<'a, Result<(), Error>> {
-        Box::pin(async move { Err(unsupported("release", name)) })
+    fn revoke<'a>(&'a self, name: &'a str, lease: u64) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(self.inner.force_release(name, lease))
     }
 
     fn status<'a>(&'a self, name: Option<&'a str>) -> BoxFuture<'a, Result<StatusDoc, Error>> {
