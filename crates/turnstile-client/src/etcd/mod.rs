@@ -3,7 +3,10 @@
 //! (`/v3/...` on the client port) through the small HTTP client in [`http`].
 //!
 //! # Layout (under `PREFIX/`, default `turnstile/`; names escaped so they hold no `/`)
-//! - `s/NAME/cap`: `{"capacity":N,"closed":bool}`, created once by a create-if-absent txn.
+//! - `s/NAME/cap`: `{"capacity":N,"closed":bool,"held_to":REV}`, created once by a
+//!   create-if-absent txn, changed by close and set-capacity, deleted by delete. `held_to`
+//!   (absent: 0) is the create revision of the last key that held when the capacity last
+//!   changed: see [`Inner::set_capacity`].
 //! - `s/NAME/q/LEASE`: one key per acquire, bound to the client's etcd lease, named by the
 //!   turnstile lease id (so a retried create is the same key). Its create revision orders the
 //!   queue and is the fencing token: strictly increasing per semaphore, but not dense (every
@@ -11,6 +14,8 @@
 //! - `s/NAME/x/LEASE`: the tombstone of a withdrawn acquire (a dropped or timed-out one),
 //!   written in the txn that deletes its key and bound to the same etcd lease; the create
 //!   txn requires it absent, so a create that etcd applies late cannot revive the key.
+//! - `s/NAME/r/LEASE`: a lease released by force (`revoke`), written in the txn that deletes
+//!   its key and bound to the holder's etcd lease; its holder reports [`LostReason::Revoked`].
 //! - `j/JOB/meta` (group, completion, failures, the running token) and `j/JOB/q/LEASE` (the
 //!   attempts: a capacity-1 queue); `g/GROUP/JOB` lists a group's jobs.
 //! - `c/SESSION/ETCDLEASE`: which etcd leases carry a session (several clients may share one);
@@ -18,11 +23,15 @@
 //!   tell "ended by a supervisor" from "expired".
 //!
 //! # Waiting
-//! A key holds when the weights of all keys created before it plus its own fit the capacity.
-//! Keys ahead of a waiter can only go away, so the waiter reads the queue once, keeps the
-//! keys ahead of it, and watches deletions (`NOPUT`) under the queue from that revision: it
-//! does not re-read the store on events about keys behind it, and it is granted without any
-//! further request when the last key in its way goes. A watch silent for [`WATCH_QUIET`] is
+//! A key holds when the weights of all keys created before it plus its own fit the capacity,
+//! or when it was created at or before the cap key's `held_to` (it held when the capacity
+//! shrank, and keeps holding). Keys ahead of a waiter can only go away, so the waiter reads
+//! the queue once, keeps the keys ahead of it, and watches deletions under the queue from
+//! that revision: it does not re-read the store on events about keys behind it, and it is
+//! granted without any further request when the last key in its way goes. A semaphore's
+//! waiter watches the cap key in the same watch (so puts come too, and are skipped unless
+//! they are the cap key's): a grow grants it, a shrink below its weight fails it. A job's
+//! waiter watches deletions only (`NOPUT`). A watch silent for [`WATCH_QUIET`] is
 //! re-opened (on the endpoint in use then), so a member that hangs does not hold a waiter.
 //!
 //! # Sessions and deadlines
