@@ -246,7 +246,7 @@ struct Resize<'a> {
 fn no_such(name: &str) -> Error {
     Error::Rejected {
         code: ErrorCode::NoSuchSemaphore,
-        message: format!("no semaphore {name:?}"),
+        message: format!("semaphore {name:?} does not exist"),
     }
 }
 
