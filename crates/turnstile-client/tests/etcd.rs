@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use conformance::{status_of, wait_for_status, Fixture, PATIENCE};
+use conformance::{status_of, wait_for_status, Fixture, PATIENCE, QUIET};
 use etcd_support::Etcd;
-use turnstile_client::{Client, LostReason, Options};
+use turnstile_client::{Client, ErrorCode, LostReason, Options};
 
 /// A fresh one-member etcd for one test.
 struct EtcdFixture {
@@ -238,4 +238,50 @@ async fn a_timed_out_acquire_is_withdrawn_after_etcd_comes_back() {
     })
     .await;
     assert!(sem_a.try_acquire().await.expect("try").is_some());
+}
+
+/// A waiter queued before a shrink follows it (it watches the cap key): a release that would
+/// have let it in under the old capacity does not, since the holders kept over the new
+/// capacity still fill it; and a waiter's lease is not a holder's, so it cannot be revoked.
+#[tokio::test]
+async fn a_waiter_queued_before_a_shrink_follows_it() {
+    let server = EtcdFixture::new();
+    let (admin, a, b, w) = (
+        server.client().await,
+        server.client().await,
+        server.client().await,
+        server.client().await,
+    );
+    let name = "shrunk";
+    let pa = a.semaphore(name, 2).await.expect("ensure");
+    let pa = pa.acquire().await.expect("a");
+    let pb = b.semaphore(name, 2).await.expect("ensure");
+    let pb = pb.acquire().await.expect("b");
+    let sem_w = w.semaphore(name, 2).await.expect("ensure");
+    let mut wait_w = tokio::spawn(async move { sem_w.acquire().await });
+    let st = wait_for_status(&admin, name, "w queued", |s| s.queued == 1).await;
+    let err = admin
+        .revoke(name, st.waiters[0].lease_id)
+        .await
+        .expect_err("a waiter holds nothing");
+    assert_eq!(err.code(), Some(ErrorCode::UnknownLease), "{err:?}");
+
+    admin.set_capacity(name, 1).await.expect("shrink");
+    let st = status_of(&admin, name).await;
+    assert_eq!((st.capacity, st.in_use, st.queued), (1, 2, 1), "{st:?}");
+    pa.release().await.expect("release a");
+    assert!(
+        tokio::time::timeout(QUIET * 2, &mut wait_w).await.is_err(),
+        "granted while b alone filled the shrunk capacity"
+    );
+    let st = status_of(&admin, name).await;
+    assert_eq!((st.in_use, st.queued), (1, 1), "{st:?}");
+    let last = pb.fencing_token();
+    pb.release().await.expect("release b");
+    let granted = tokio::time::timeout(PATIENCE, &mut wait_w)
+        .await
+        .expect("w granted once b left")
+        .expect("task")
+        .expect("w");
+    assert!(granted.fencing_token() > last);
 }
