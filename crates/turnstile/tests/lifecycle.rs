@@ -4,7 +4,6 @@
 
 #[allow(dead_code)] // the helpers serve several test binaries
 mod common;
-#[allow(dead_code)] // shared with the client's etcd tests
 #[path = "../../turnstile-client/tests/etcd_support/mod.rs"]
 mod etcd_support;
 
