@@ -232,6 +232,13 @@ fn revoked_of(key: &str) -> String {
     }
 }
 
+/// The two markers of a capacity change, `s/NAME/cap.a` and `s/NAME/cap.b`: one exists;
+/// set-capacity deletes it and creates the other, so that waiters, which watch deletions only
+/// (a put to the cap key would be filtered out), hear of the change.
+fn bump_keys(cap_key: &str) -> [String; 2] {
+    [format!("{cap_key}.a"), format!("{cap_key}.b")]
+}
+
 /// What a semaphore's waiter follows besides the keys ahead of it (see [`Inner::wait_turn`]).
 struct Resize<'a> {
     name: &'a str,
@@ -775,7 +782,7 @@ impl Inner {
             let mut stream = match &resize {
                 Some(r) => {
                     let end = Some(range_end(queue));
-                    self.open_watch_range(r.cap_key, end, from, false, deadline)
+                    self.open_watch_range(r.cap_key, end, from, true, deadline)
                         .await?
                 }
                 None => self.open_watch(queue, true, from, true, deadline).await?,
@@ -809,13 +816,25 @@ impl Inner {
                     };
                     from = from.max(kv.modr + 1);
                     let deleted = ev.get("type").and_then(Value::as_str) == Some("DELETE");
-                    if let Some(r) = resize.as_mut().filter(|r| kv.key == r.cap_key) {
-                        // A close (or a delete) also deletes the queue: our key's deletion
-                        // follows in this revision and ends the wait.
-                        if deleted || is_closed(&kv.value) {
+                    if let Some(r) = resize.as_mut().filter(|r| kv.key.starts_with(r.cap_key)) {
+                        if !bump_keys(r.cap_key).contains(&kv.key) {
                             continue;
                         }
-                        (r.capacity, r.held_to) = (capacity_of(&kv.value), held_to_of(&kv.value));
+                        // The capacity changed at this revision: read it now. Read later
+                        // than the queue events so far, it can only be as new or newer, and
+                        // with the keys ahead as of then (a superset of those now) the rule
+                        // still grants only a key that holds.
+                        let cap = match self.get(r.cap_key).await {
+                            Ok((Some(cap), _)) => cap.value,
+                            Ok((None, _)) => continue,
+                            Err(e) => return Err(WaitEnd::Failed(e)),
+                        };
+                        // A close (or a delete) also deletes the queue: our key's deletion
+                        // follows and ends the wait.
+                        if is_closed(&cap) {
+                            continue;
+                        }
+                        (r.capacity, r.held_to) = (capacity_of(&cap), held_to_of(&cap));
                         if r.weight > r.capacity {
                             return Err(WaitEnd::Failed(too_heavy(r.name, r.weight, r.capacity)));
                         }
@@ -1032,11 +1051,10 @@ impl Inner {
         let r = self
             .txn(txn(
                 vec![absent(&key)],
-                vec![put(
-                    &key,
-                    &json!({"capacity": capacity, "closed": false}),
-                    0,
-                )],
+                vec![
+                    put(&key, &json!({"capacity": capacity, "closed": false}), 0),
+                    put(&bump_keys(&key)[0], &json!({}), 0),
+                ],
                 vec![json!({"request_range": range(&key)})],
             ))
             .await?;
@@ -1107,21 +1125,25 @@ impl Inner {
         }
     }
 
-    /// A semaphore's cap key and queue (in create order), read in one revision, and that
-    /// revision.
-    async fn read_semaphore(&self, name: &str) -> Result<(Kv, Vec<Kv>, i64), Error> {
+    /// A semaphore's cap key and queue (in create order), read in one revision, that
+    /// revision, and its capacity-change marker ([`bump_keys`]; none for a semaphore made
+    /// before they were).
+    async fn read_semaphore(&self, name: &str) -> Result<(Kv, Vec<Kv>, i64, Option<Kv>), Error> {
+        let cap_key = self.cap_key(name);
         let mut queue = range_prefix(&self.queue(name));
         queue["sort_target"] = json!("CREATE");
         queue["sort_order"] = json!("ASCEND");
         let reads = vec![
-            json!({"request_range": range(&self.cap_key(name))}),
+            json!({"request_range": range(&cap_key)}),
             json!({ "request_range": queue }),
+            json!({"request_range": range_prefix(&format!("{cap_key}."))}),
         ];
         let r = self.txn(txn(vec![], reads, vec![])).await?;
         let Some(cap) = kvs(&txn_part(&r, 0)).into_iter().next() else {
             return Err(no_such(name));
         };
-        Ok((cap, kvs(&txn_part(&r, 1)), header_rev(&r)))
+        let marker = kvs(&txn_part(&r, 2)).into_iter().next();
+        Ok((cap, kvs(&txn_part(&r, 1)), header_rev(&r), marker))
     }
 
     /// Changes the capacity. The holder rule is a prefix sum over the capacity, so a shrink
@@ -1141,16 +1163,36 @@ impl Inner {
         let (cap_key, queue_dir) = (self.cap_key(name), self.queue(name));
         let deadline = self.deadline();
         loop {
-            let (cap, queue, rev) = self.read_semaphore(name).await?;
+            let (cap, queue, rev, marker) = self.read_semaphore(name).await?;
             if is_closed(&cap.value) {
                 return Err(closed(name));
             }
+            let bumps = bump_keys(&cap_key);
+            let Some(marker) = marker else {
+                // Made before the markers: make one, for the change below to delete.
+                let (a, b) = (&bumps[0], &bumps[1]);
+                let make = txn(
+                    vec![absent(a), absent(b)],
+                    vec![put(a, &json!({}), 0)],
+                    vec![],
+                );
+                self.txn(make).await?;
+                continue;
+            };
+            let next = if marker.key == bumps[0] {
+                &bumps[1]
+            } else {
+                &bumps[0]
+            };
             let n = holder_count(&cap.value, &queue);
             let last_holder = n.checked_sub(1).map_or(0, |i| queue[i].create);
             let mut value = cap.value.clone();
             value["capacity"] = json!(capacity);
             value["held_to"] = json!(last_holder.max(held_to_of(&cap.value)));
-            let mut compare = vec![unchanged(&cap_key, cap.modr)];
+            let mut compare = vec![
+                unchanged(&cap_key, cap.modr),
+                created_at(&marker.key, marker.create),
+            ];
             compare.extend(
                 queue
                     .iter()
@@ -1161,7 +1203,15 @@ impl Inner {
                 compare.push(none_created_after(&queue_dir, rev));
             }
             let r = self
-                .txn(txn(compare, vec![put(&cap_key, &value, 0)], vec![]))
+                .txn(txn(
+                    compare,
+                    vec![
+                        put(&cap_key, &value, 0),
+                        delete(&marker.key),
+                        put(next, &json!({}), 0),
+                    ],
+                    vec![],
+                ))
                 .await?;
             if succeeded(&r) {
                 return Ok(());
@@ -1181,7 +1231,7 @@ impl Inner {
         let (cap_key, queue_dir) = (self.cap_key(name), self.queue(name));
         let deadline = self.deadline();
         loop {
-            let (cap, queue, _) = self.read_semaphore(name).await?;
+            let (cap, queue, _, _) = self.read_semaphore(name).await?;
             let closed = is_closed(&cap.value);
             if !closed && !queue.is_empty() {
                 let holders = holder_count(&cap.value, &queue);
@@ -1201,7 +1251,8 @@ impl Inner {
             let r = self
                 .txn(txn(
                     compare,
-                    vec![delete(&cap_key), delete_prefix(&queue_dir)],
+                    // The cap key and its markers ([`bump_keys`]).
+                    vec![delete_prefix(&cap_key), delete_prefix(&queue_dir)],
                     vec![],
                 ))
                 .await?;
@@ -1225,7 +1276,7 @@ impl Inner {
             code: ErrorCode::UnknownLease,
             message: format!("lease {lease} does not hold semaphore {name:?}"),
         };
-        let (cap, queue, _) = self.read_semaphore(name).await?;
+        let (cap, queue, _, _) = self.read_semaphore(name).await?;
         let key = format!("{}{lease:016x}", self.queue(name));
         let n = holder_count(&cap.value, &queue);
         // A key that holds keeps holding until it is deleted, so "held at the read and
