@@ -7,6 +7,8 @@
 //!   create-if-absent txn, changed by close and set-capacity, deleted by delete. `held_to`
 //!   (absent: 0) is the create revision of the last key that held when the capacity last
 //!   changed: see [`Inner::set_capacity`].
+//! - `s/NAME/cap.a` or `s/NAME/cap.b` (one of them): a capacity change deletes the one there
+//!   and creates the other, so that waiters, which watch deletions only, hear of it.
 //! - `s/NAME/q/LEASE`: one key per acquire, bound to the client's etcd lease, named by the
 //!   turnstile lease id (so a retried create is the same key). Its create revision orders the
 //!   queue and is the fencing token: strictly increasing per semaphore, but not dense (every
@@ -29,10 +31,10 @@
 //! the queue once, keeps the keys ahead of it, and watches deletions under the queue from
 //! that revision: it does not re-read the store on events about keys behind it, and it is
 //! granted without any further request when the last key in its way goes. A semaphore's
-//! waiter watches the cap key in the same watch (so puts come too, and are skipped unless
-//! they are the cap key's): a grow grants it, a shrink below its weight fails it. A job's
-//! waiter watches deletions only (`NOPUT`). A watch silent for [`WATCH_QUIET`] is
-//! re-opened (on the endpoint in use then), so a member that hangs does not hold a waiter.
+//! waiter's watch (`NOPUT`) also covers the cap key's change markers: on the deletion of one
+//! it re-reads the capacity; a grow grants it, a shrink below its weight fails it. A watch
+//! silent for [`WATCH_QUIET`] is re-opened (on the endpoint in use then), so a member that
+//! hangs does not hold a waiter.
 //!
 //! # Sessions and deadlines
 //! Each client grants its own etcd lease (TTL = the session TTL, at least etcd's minimum of
@@ -761,8 +763,8 @@ impl Inner {
     /// Waits until the keys in `ahead` (key -> weight) weigh at most `room`, watching
     /// deletions under `queue` from revision `from`. Returns the revision to go on from.
     /// With `resize` (a semaphore's waiter), it also follows the capacity: one watch of the
-    /// cap key and the queue together (puts included, since a capacity change is a put), so
-    /// that the events come in revision order and the rule is always applied to one state.
+    /// cap key's change markers ([`bump_keys`]) and the queue together, so that a change
+    /// comes in revision order with the deletions.
     #[allow(clippy::too_many_arguments)]
     async fn wait_turn(
         &self,
@@ -1152,8 +1154,8 @@ impl Inner {
     /// every key up to it keeps holding ([`holds`]). The txn requires the holders and the
     /// first waiter read still there (and, with no waiter, no key created since): else a
     /// release may have made one more holder under the old capacity, and the read is redone.
-    /// Waiters watch the cap key, so a grow grants them at once and a shrink below a
-    /// waiter's weight fails its acquire.
+    /// Waiters watch its markers ([`bump_keys`]), so a grow grants them at once and a
+    /// shrink below a waiter's weight fails its acquire.
     async fn set_capacity(&self, name: &str, capacity: u32) -> Result<(), Error> {
         self.check_open()?;
         validate("semaphore name", name)?;
