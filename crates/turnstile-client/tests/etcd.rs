@@ -285,3 +285,34 @@ async fn a_waiter_queued_before_a_shrink_follows_it() {
         .expect("w");
     assert!(granted.fencing_token() > last);
 }
+
+/// A semaphore made before the capacity-change markers (`s/NAME/cap.a`) existed: a grow still
+/// reaches a waiter queued on it (set-capacity makes a marker first, then swaps it).
+#[tokio::test]
+async fn a_grow_reaches_the_waiters_of_a_semaphore_without_markers() {
+    let server = EtcdFixture::new();
+    let (admin, a, w) = (
+        server.client().await,
+        server.client().await,
+        server.client().await,
+    );
+    let name = "old";
+    let held = a.semaphore(name, 1).await.expect("ensure");
+    let held = held.acquire().await.expect("a");
+    let out = std::process::Command::new("etcdctl")
+        .args(["--endpoints", &server.etcd.members[0].client])
+        .args(["del", "conformance/s/old/cap.a"])
+        .output()
+        .expect("etcdctl runs");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1", "{out:?}");
+    let sem_w = w.semaphore(name, 1).await.expect("ensure");
+    let wait_w = tokio::spawn(async move { sem_w.acquire().await });
+    wait_for_status(&admin, name, "w queued", |s| s.queued == 1).await;
+    admin.set_capacity(name, 2).await.expect("grow");
+    let _granted = tokio::time::timeout(PATIENCE, wait_w)
+        .await
+        .expect("w granted by the grow")
+        .expect("task")
+        .expect("w");
+    assert!(held.lost_reason().is_none());
+}
