@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use conformance::{status_of, wait_for_status, Fixture, PATIENCE};
+use conformance::{status_of, wait_for_status, Fixture, PATIENCE, QUIET};
 use etcd_support::Etcd;
-use turnstile_client::{Client, LostReason, Options};
+use turnstile_client::{Client, ErrorCode, LostReason, Options};
 
 /// A fresh one-member etcd for one test.
 struct EtcdFixture {
@@ -38,10 +38,6 @@ impl Fixture for EtcdFixture {
 
     /// No server counts events on etcd, as on the shared directory.
     fn counts_totals(&self) -> bool {
-        false
-    }
-
-    fn has_lifecycle(&self) -> bool {
         false
     }
 }
@@ -407,4 +403,81 @@ async fn the_session_ttl_is_the_etcd_lease_ttl() {
         );
         client.shutdown().await.expect("shutdown");
     }
+}
+
+/// A waiter queued before a shrink follows it (it watches the cap key): a release that would
+/// have let it in under the old capacity does not, since the holders kept over the new
+/// capacity still fill it; and a waiter's lease is not a holder's, so it cannot be revoked.
+#[tokio::test]
+async fn a_waiter_queued_before_a_shrink_follows_it() {
+    let server = EtcdFixture::new();
+    let (admin, a, b, w) = (
+        server.client().await,
+        server.client().await,
+        server.client().await,
+        server.client().await,
+    );
+    let name = "shrunk";
+    let pa = a.semaphore(name, 2).await.expect("ensure");
+    let pa = pa.acquire().await.expect("a");
+    let pb = b.semaphore(name, 2).await.expect("ensure");
+    let pb = pb.acquire().await.expect("b");
+    let sem_w = w.semaphore(name, 2).await.expect("ensure");
+    let mut wait_w = tokio::spawn(async move { sem_w.acquire().await });
+    let st = wait_for_status(&admin, name, "w queued", |s| s.queued == 1).await;
+    let err = admin
+        .revoke(name, st.waiters[0].lease_id)
+        .await
+        .expect_err("a waiter holds nothing");
+    assert_eq!(err.code(), Some(ErrorCode::UnknownLease), "{err:?}");
+
+    admin.set_capacity(name, 1).await.expect("shrink");
+    let st = status_of(&admin, name).await;
+    assert_eq!((st.capacity, st.in_use, st.queued), (1, 2, 1), "{st:?}");
+    pa.release().await.expect("release a");
+    assert!(
+        tokio::time::timeout(QUIET * 2, &mut wait_w).await.is_err(),
+        "granted while b alone filled the shrunk capacity"
+    );
+    let st = status_of(&admin, name).await;
+    assert_eq!((st.in_use, st.queued), (1, 1), "{st:?}");
+    let last = pb.fencing_token();
+    pb.release().await.expect("release b");
+    let granted = tokio::time::timeout(PATIENCE, &mut wait_w)
+        .await
+        .expect("w granted once b left")
+        .expect("task")
+        .expect("w");
+    assert!(granted.fencing_token() > last);
+}
+
+/// A semaphore made before the capacity-change markers (`s/NAME/cap.a`) existed: a grow still
+/// reaches a waiter queued on it (set-capacity makes a marker first, then swaps it).
+#[tokio::test]
+async fn a_grow_reaches_the_waiters_of_a_semaphore_without_markers() {
+    let server = EtcdFixture::new();
+    let (admin, a, w) = (
+        server.client().await,
+        server.client().await,
+        server.client().await,
+    );
+    let name = "old";
+    let held = a.semaphore(name, 1).await.expect("ensure");
+    let held = held.acquire().await.expect("a");
+    let out = std::process::Command::new("etcdctl")
+        .args(["--endpoints", &server.etcd.members[0].client])
+        .args(["del", "conformance/s/old/cap.a"])
+        .output()
+        .expect("etcdctl runs");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1", "{out:?}");
+    let sem_w = w.semaphore(name, 1).await.expect("ensure");
+    let wait_w = tokio::spawn(async move { sem_w.acquire().await });
+    wait_for_status(&admin, name, "w queued", |s| s.queued == 1).await;
+    admin.set_capacity(name, 2).await.expect("grow");
+    let _granted = tokio::time::timeout(PATIENCE, wait_w)
+        .await
+        .expect("w granted by the grow")
+        .expect("task")
+        .expect("w");
+    assert!(held.lost_reason().is_none());
 }

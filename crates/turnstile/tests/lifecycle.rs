@@ -1,9 +1,11 @@
-//! A semaphore's lifecycle from the command line, with real processes, on a coordinator and on
-//! a shared directory: `set-capacity`, `delete`, and `release` (by force) of another holder's
-//! lease, which stops that holder's `run` with exit 76.
+//! A semaphore's lifecycle from the command line, with real processes, on a coordinator, on
+//! a shared directory and on etcd: `set-capacity`, `delete`, and `release` (by force) of
+//! another holder's lease, which stops that holder's `run` with exit 76.
 
 #[allow(dead_code)] // the helpers serve several test binaries
 mod common;
+#[path = "../../turnstile-client/tests/etcd_support/mod.rs"]
+mod etcd_support;
 
 use common::{assert_no_panic, process_exists, wait_until, Finished, Harness, Proc, SOON};
 use serde_json::Value;
@@ -13,22 +15,31 @@ use serde_json::Value;
 enum Backend {
     Tcp,
     File,
+    Etcd,
 }
 
 /// A harness whose commands all use `backend`.
 struct On {
     h: Harness,
     url: String,
+    /// The etcd serving `url`, for [`Backend::Etcd`] (stopped on drop).
+    _etcd: Option<etcd_support::Etcd>,
 }
 
 impl On {
     fn new(test: &str, backend: Backend) -> On {
         let h = Harness::new(&format!("{test}-{backend:?}"), "10s");
+        let mut etcd = None;
         let url = match backend {
             Backend::Tcp => h.server.url().to_owned(),
             Backend::File => format!("file://{}", h.dir.join("sems").display()),
+            Backend::Etcd => etcd.insert(etcd_support::Etcd::start()).url("lifecycle"),
         };
-        On { h, url }
+        On {
+            h,
+            url,
+            _etcd: etcd,
+        }
     }
 
     fn spawn(&self, label: &str, args: &[&str]) -> Proc {
@@ -118,6 +129,11 @@ fn release_stops_the_holder_with_76_on_a_directory() {
     release_stops_the_holder_with_76(Backend::File);
 }
 
+#[test]
+fn release_stops_the_holder_with_76_on_etcd() {
+    release_stops_the_holder_with_76(Backend::Etcd);
+}
+
 fn set_capacity_and_delete(backend: Backend) {
     let on = On::new("resize", backend);
     assert_eq!(
@@ -180,4 +196,9 @@ fn set_capacity_and_delete_on_a_coordinator() {
 #[test]
 fn set_capacity_and_delete_on_a_directory() {
     set_capacity_and_delete(Backend::File);
+}
+
+#[test]
+fn set_capacity_and_delete_on_etcd() {
+    set_capacity_and_delete(Backend::Etcd);
 }

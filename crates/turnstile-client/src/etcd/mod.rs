@@ -3,7 +3,12 @@
 //! (`/v3/...` on the client port) through the small HTTP client in [`http`].
 //!
 //! # Layout (under `PREFIX/`, default `turnstile/`; names escaped so they hold no `/`)
-//! - `s/NAME/cap`: `{"capacity":N,"closed":bool}`, created once by a create-if-absent txn.
+//! - `s/NAME/cap`: `{"capacity":N,"closed":bool,"held_to":REV}`, created once by a
+//!   create-if-absent txn, changed by close and set-capacity, deleted by delete. `held_to`
+//!   (absent: 0) is the create revision of the last key that held when the capacity last
+//!   changed: see [`Inner::set_capacity`].
+//! - `s/NAME/cap.a` or `s/NAME/cap.b` (one of them): a capacity change deletes the one there
+//!   and creates the other, so that waiters, which watch deletions only, hear of it.
 //! - `s/NAME/q/LEASE`: one key per acquire, bound to the client's etcd lease, named by the
 //!   turnstile lease id (so a retried create is the same key). Its create revision orders the
 //!   queue and is the fencing token: strictly increasing per semaphore, but not dense (every
@@ -11,6 +16,8 @@
 //! - `s/NAME/x/LEASE`: the tombstone of a withdrawn acquire (a dropped or timed-out one),
 //!   written in the txn that deletes its key and bound to the same etcd lease; the create
 //!   txn requires it absent, so a create that etcd applies late cannot revive the key.
+//! - `s/NAME/r/LEASE`: a lease released by force (`revoke`), written in the txn that deletes
+//!   its key and bound to the holder's etcd lease; its holder reports [`LostReason::Revoked`].
 //! - `j/JOB/meta` (group, completion, failures, the running token) and `j/JOB/q/LEASE` (the
 //!   attempts: a capacity-1 queue); `g/GROUP/JOB` lists a group's jobs.
 //! - `c/SESSION/ETCDLEASE`: which etcd leases carry a session (several clients may share one);
@@ -18,12 +25,16 @@
 //!   tell "ended by a supervisor" from "expired".
 //!
 //! # Waiting
-//! A key holds when the weights of all keys created before it plus its own fit the capacity.
-//! Keys ahead of a waiter can only go away, so the waiter reads the queue once, keeps the
-//! keys ahead of it, and watches deletions (`NOPUT`) under the queue from that revision: it
-//! does not re-read the store on events about keys behind it, and it is granted without any
-//! further request when the last key in its way goes. A watch silent for [`WATCH_QUIET`] is
-//! re-opened (on the endpoint in use then), so a member that hangs does not hold a waiter.
+//! A key holds when the weights of all keys created before it plus its own fit the capacity,
+//! or when it was created at or before the cap key's `held_to` (it held when the capacity
+//! shrank, and keeps holding). Keys ahead of a waiter can only go away, so the waiter reads
+//! the queue once, keeps the keys ahead of it, and watches deletions under the queue from
+//! that revision: it does not re-read the store on events about keys behind it, and it is
+//! granted without any further request when the last key in its way goes. A semaphore's
+//! waiter's watch (`NOPUT`) also covers the cap key's change markers: on the deletion of one
+//! it re-reads the capacity; a grow grants it, a shrink below its weight fails it. A watch
+//! silent for [`WATCH_QUIET`] is re-opened (on the endpoint in use then), so a member that
+//! hangs does not hold a waiter.
 //! If etcd compacted the revision a watch starts from (it cancels the watch with
 //! `compact_revision`), the deletions in between cannot be replayed: the waiter reads the
 //! queue again (keys ahead only go away, so the ones left are still in its way) and the
@@ -173,21 +184,82 @@ fn closed(name: &str) -> Error {
     }
 }
 
-/// The refusal of a lifecycle call the etcd backend does not have yet.
-fn unsupported(what: &str, name: &str) -> Error {
+fn too_heavy(name: &str, weight: u64, capacity: u64) -> Error {
     Error::Rejected {
-        code: ErrorCode::InvalidArgument,
-        message: format!(
-            "{what} of semaphore {name:?} is not supported on the etcd backend yet \
-             (use a coordinator, tcp://, or the file backend)"
-        ),
+        code: ErrorCode::WeightExceedsCapacity,
+        message: format!("weight {weight} exceeds the capacity {capacity} of semaphore {name:?}"),
     }
+}
+
+fn capacity_of(cap: &Value) -> u64 {
+    cap.get("capacity").and_then(Value::as_u64).unwrap_or(0)
+}
+
+fn is_closed(cap: &Value) -> bool {
+    cap.get("closed").and_then(Value::as_bool) == Some(true)
+}
+
+/// The create revision up to which queue keys hold whatever the capacity (see
+/// [`Inner::set_capacity`]); 0 when the capacity never shrank under holders.
+fn held_to_of(cap: &Value) -> i64 {
+    cap.get("held_to").and_then(Value::as_i64).unwrap_or(0)
+}
+
+/// The holder rule: a queue key created at `create`, whose weight plus the weights of every
+/// key created before it come to `through`, holds if that fits the capacity, or if it held
+/// when the capacity last changed (`held_to`).
+fn holds(create: i64, through: u64, capacity: u64, held_to: i64) -> bool {
+    through <= capacity || create <= held_to
+}
+
+fn weight_of(kv: &Kv) -> u64 {
+    kv.value.get("w").and_then(Value::as_u64).unwrap_or(0)
+}
+
+/// How many keys at the head of `queue` (in create order) hold under `cap`. The holders are
+/// always a prefix of the queue: both halves of [`holds`] pick one.
+fn holder_count(cap: &Value, queue: &[Kv]) -> usize {
+    let (capacity, held_to) = (capacity_of(cap), held_to_of(cap));
+    let mut through = 0;
+    queue
+        .iter()
+        .take_while(|kv| {
+            through += weight_of(kv);
+            holds(kv.create, through, capacity, held_to)
+        })
+        .count()
+}
+
+/// The marker of a lease released by force: `.../r/LEASE` for queue key `.../q/LEASE`.
+fn revoked_of(key: &str) -> String {
+    match key.rsplit_once("/q/") {
+        Some((dir, lease)) => format!("{dir}/r/{lease}"),
+        None => format!("{key}/r"),
+    }
+}
+
+/// The two markers of a capacity change, `s/NAME/cap.a` and `s/NAME/cap.b`: one exists;
+/// set-capacity deletes it and creates the other, so that waiters, which watch deletions only
+/// (a put to the cap key would be filtered out), hear of the change.
+fn bump_keys(cap_key: &str) -> [String; 2] {
+    [format!("{cap_key}.a"), format!("{cap_key}.b")]
+}
+
+/// What a semaphore's waiter follows besides the keys ahead of it (see [`Inner::wait_turn`]).
+struct Resize<'a> {
+    name: &'a str,
+    cap_key: &'a str,
+    weight: u64,
+    /// The waiter's own key's create revision.
+    create: i64,
+    capacity: u64,
+    held_to: i64,
 }
 
 fn no_such(name: &str) -> Error {
     Error::Rejected {
         code: ErrorCode::NoSuchSemaphore,
-        message: format!("no semaphore {name:?}"),
+        message: format!("semaphore {name:?} does not exist"),
     }
 }
 
@@ -292,6 +364,23 @@ fn absent(key: &str) -> Value {
 
 fn exists(key: &str) -> Value {
     json!({"target": "VERSION", "key": b64(key.as_bytes()), "version": "0", "result": "GREATER"})
+}
+
+/// `key` exists and is the key created at revision `create`.
+fn created_at(key: &str, create: i64) -> Value {
+    json!({"target": "CREATE", "key": b64(key.as_bytes()), "create_revision": create.to_string(), "result": "EQUAL"})
+}
+
+/// No key under `prefix` was created after revision `rev` (true of an empty range too).
+fn none_created_after(prefix: &str, rev: i64) -> Value {
+    json!({"target": "CREATE", "key": b64(prefix.as_bytes()), "range_end": range_end(prefix),
+           "create_revision": (rev + 1).to_string(), "result": "LESS"})
+}
+
+/// No key under `prefix` (every key's create revision compares to 0, an absent one's is 0).
+fn empty_range(prefix: &str) -> Value {
+    json!({"target": "CREATE", "key": b64(prefix.as_bytes()), "range_end": range_end(prefix),
+           "create_revision": "0", "result": "EQUAL"})
 }
 
 fn unchanged(key: &str, modr: i64) -> Value {
@@ -667,9 +756,23 @@ impl Inner {
         deletes_only: bool,
         deadline: Option<Instant>,
     ) -> Result<Stream, WaitEnd> {
+        let end = prefix.then(|| range_end(key));
+        self.open_watch_range(key, end, from, deletes_only, deadline)
+            .await
+    }
+
+    /// [`Inner::open_watch`] of the keys from `key` up to `end` (base64), if given.
+    async fn open_watch_range(
+        &self,
+        key: &str,
+        end: Option<String>,
+        from: i64,
+        deletes_only: bool,
+        deadline: Option<Instant>,
+    ) -> Result<Stream, WaitEnd> {
         let mut req = json!({"key": b64(key.as_bytes()), "start_revision": from.to_string()});
-        if prefix {
-            req["range_end"] = json!(range_end(key));
+        if let Some(end) = end {
+            req["range_end"] = json!(end);
         }
         if deletes_only {
             req["filters"] = json!(["NOPUT"]);
@@ -702,18 +805,33 @@ impl Inner {
 
     /// Waits until the keys in `ahead` (key -> weight) weigh at most `room`, watching
     /// deletions under `queue` from revision `from`. Returns the revision to go on from.
+    /// With `resize` (a semaphore's waiter), it also follows the capacity: one watch of the
+    /// cap key's change markers ([`bump_keys`]) and the queue together, so that a change
+    /// comes in revision order with the deletions.
+    #[allow(clippy::too_many_arguments)]
     async fn wait_turn(
         &self,
         queue: &str,
         mine: &str,
         mut ahead: HashMap<String, u64>,
-        room: u64,
+        mut room: u64,
         mut from: i64,
         deadline: Option<Instant>,
+        mut resize: Option<Resize<'_>>,
     ) -> Result<i64, WaitEnd> {
         let mut weight: u64 = ahead.values().sum();
-        while weight > room {
-            let mut stream = self.open_watch(queue, true, from, true, deadline).await?;
+        let turn = |weight: u64, room: u64, r: &Option<Resize<'_>>| {
+            weight <= room || r.as_ref().is_some_and(|r| r.create <= r.held_to)
+        };
+        while !turn(weight, room, &resize) {
+            let mut stream = match &resize {
+                Some(r) => {
+                    let end = Some(range_end(queue));
+                    self.open_watch_range(r.cap_key, end, from, true, deadline)
+                        .await?
+                }
+                None => self.open_watch(queue, true, from, true, deadline).await?,
+            };
             loop {
                 let quiet = Instant::now() + WATCH_QUIET;
                 let until = deadline.map_or(quiet, |d| d.min(quiet));
@@ -764,7 +882,33 @@ impl Inner {
                         continue;
                     };
                     from = from.max(kv.modr + 1);
-                    if ev.get("type").and_then(Value::as_str) != Some("DELETE") {
+                    let deleted = ev.get("type").and_then(Value::as_str) == Some("DELETE");
+                    if let Some(r) = resize.as_mut().filter(|r| kv.key.starts_with(r.cap_key)) {
+                        if !bump_keys(r.cap_key).contains(&kv.key) {
+                            continue;
+                        }
+                        // The capacity changed at this revision: read it now. Read later
+                        // than the queue events so far, it can only be as new or newer, and
+                        // with the keys ahead as of then (a superset of those now) the rule
+                        // still grants only a key that holds.
+                        let cap = match self.get(r.cap_key).await {
+                            Ok((Some(cap), _)) => cap.value,
+                            Ok((None, _)) => continue,
+                            Err(e) => return Err(WaitEnd::Failed(e)),
+                        };
+                        // A close (or a delete) also deletes the queue: our key's deletion
+                        // follows and ends the wait.
+                        if is_closed(&cap) {
+                            continue;
+                        }
+                        (r.capacity, r.held_to) = (capacity_of(&cap), held_to_of(&cap));
+                        if r.weight > r.capacity {
+                            return Err(WaitEnd::Failed(too_heavy(r.name, r.weight, r.capacity)));
+                        }
+                        room = r.capacity - r.weight;
+                        continue;
+                    }
+                    if !deleted {
                         continue;
                     }
                     if kv.key == mine {
@@ -774,7 +918,7 @@ impl Inner {
                         weight -= w;
                     }
                 }
-                if weight <= room {
+                if turn(weight, room, &resize) {
                     break;
                 }
             }
@@ -828,7 +972,10 @@ impl Inner {
                             from = from.max(kv.modr + 1);
                         }
                         if ev.get("type").and_then(Value::as_str) == Some("DELETE") {
-                            let reason = inner.why_lost(wcap.as_deref(), etcd_lease).await;
+                            let reason = match inner.get(&revoked_of(&wkey)).await {
+                                Ok((Some(_), _)) => LostReason::Revoked,
+                                _ => inner.why_lost(wcap.as_deref(), etcd_lease).await,
+                            };
                             inner.lose(lease, reason);
                             return;
                         }
@@ -897,23 +1044,14 @@ impl Inner {
             let _ = guard.now().await;
             return Err(no_such(name));
         };
-        let capacity = cap
-            .value
-            .get("capacity")
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
-        if cap.value.get("closed").and_then(Value::as_bool) == Some(true) {
+        let capacity = capacity_of(&cap.value);
+        if is_closed(&cap.value) {
             let _ = guard.now().await;
             return Err(closed(name));
         }
         if u64::from(weight) > capacity {
             let _ = guard.now().await;
-            return Err(Error::Rejected {
-                code: ErrorCode::WeightExceedsCapacity,
-                message: format!(
-                    "weight {weight} exceeds the capacity {capacity} of semaphore {name:?}"
-                ),
-            });
+            return Err(too_heavy(name, weight.into(), capacity));
         }
         let (ahead, rev, token) = if created && num(&txn_part(&r, 2), "count") == 1 {
             // Alone in the queue: the txn's revision is the key's create revision.
@@ -963,8 +1101,16 @@ impl Inner {
         } else {
             deadline
         };
+        let resize = Resize {
+            name,
+            cap_key: &cap_key,
+            weight: weight.into(),
+            create: token as i64,
+            capacity,
+            held_to: held_to_of(&cap.value),
+        };
         match self
-            .wait_turn(&queue, &key, ahead, room, rev + 1, deadline)
+            .wait_turn(&queue, &key, ahead, room, rev + 1, deadline, Some(resize))
             .await
         {
             Ok(from) => {
@@ -986,7 +1132,13 @@ impl Inner {
                     _ => Err(self.etcd.unavailable()),
                 }
             }
-            Err(WaitEnd::Failed(e)) => Err(e),
+            Err(WaitEnd::Failed(e)) => {
+                if matches!(e, Error::Rejected { .. }) {
+                    // Refused (too heavy after a shrink): leave the queue before answering.
+                    let _ = guard.now().await;
+                }
+                Err(e)
+            }
         }
     }
 
@@ -1008,11 +1160,10 @@ impl Inner {
         let r = self
             .txn(txn(
                 vec![absent(&key)],
-                vec![put(
-                    &key,
-                    &json!({"capacity": capacity, "closed": false}),
-                    0,
-                )],
+                vec![
+                    put(&key, &json!({"capacity": capacity, "closed": false}), 0),
+                    put(&bump_keys(&key)[0], &json!({}), 0),
+                ],
                 vec![json!({"request_range": range(&key)})],
             ))
             .await?;
@@ -1083,10 +1234,187 @@ impl Inner {
         }
     }
 
+    /// A semaphore's cap key and queue (in create order), read in one revision, that
+    /// revision, and its capacity-change marker ([`bump_keys`]; none for a semaphore made
+    /// before they were).
+    async fn read_semaphore(&self, name: &str) -> Result<(Kv, Vec<Kv>, i64, Option<Kv>), Error> {
+        let cap_key = self.cap_key(name);
+        let mut queue = range_prefix(&self.queue(name));
+        queue["sort_target"] = json!("CREATE");
+        queue["sort_order"] = json!("ASCEND");
+        let reads = vec![
+            json!({"request_range": range(&cap_key)}),
+            json!({ "request_range": queue }),
+            json!({"request_range": range_prefix(&format!("{cap_key}."))}),
+        ];
+        let r = self.txn(txn(vec![], reads, vec![])).await?;
+        let Some(cap) = kvs(&txn_part(&r, 0)).into_iter().next() else {
+            return Err(no_such(name));
+        };
+        let marker = kvs(&txn_part(&r, 2)).into_iter().next();
+        Ok((cap, kvs(&txn_part(&r, 1)), header_rev(&r), marker))
+    }
+
+    /// Changes the capacity. The holder rule is a prefix sum over the capacity, so a shrink
+    /// would turn holders past the new capacity into waiters: the cap key records, as
+    /// `held_to`, the create revision of the last key holding when the capacity changed, and
+    /// every key up to it keeps holding ([`holds`]). The txn requires the holders and the
+    /// first waiter read still there (and, with no waiter, no key created since): else a
+    /// release may have made one more holder under the old capacity, and the read is redone.
+    /// Waiters watch its markers ([`bump_keys`]), so a grow grants them at once and a
+    /// shrink below a waiter's weight fails its acquire.
+    async fn set_capacity(&self, name: &str, capacity: u32) -> Result<(), Error> {
+        self.check_open()?;
+        validate("semaphore name", name)?;
+        if capacity == 0 {
+            return Err(invalid("the capacity is zero".into()));
+        }
+        let (cap_key, queue_dir) = (self.cap_key(name), self.queue(name));
+        let deadline = self.deadline();
+        loop {
+            let (cap, queue, rev, marker) = self.read_semaphore(name).await?;
+            if is_closed(&cap.value) {
+                return Err(closed(name));
+            }
+            let bumps = bump_keys(&cap_key);
+            let Some(marker) = marker else {
+                // Made before the markers: make one, for the change below to delete.
+                let (a, b) = (&bumps[0], &bumps[1]);
+                let make = txn(
+                    vec![absent(a), absent(b)],
+                    vec![put(a, &json!({}), 0)],
+                    vec![],
+                );
+                self.txn(make).await?;
+                continue;
+            };
+            let next = if marker.key == bumps[0] {
+                &bumps[1]
+            } else {
+                &bumps[0]
+            };
+            let n = holder_count(&cap.value, &queue);
+            let last_holder = n.checked_sub(1).map_or(0, |i| queue[i].create);
+            let mut value = cap.value.clone();
+            value["capacity"] = json!(capacity);
+            value["held_to"] = json!(last_holder.max(held_to_of(&cap.value)));
+            let mut compare = vec![
+                unchanged(&cap_key, cap.modr),
+                created_at(&marker.key, marker.create),
+            ];
+            compare.extend(
+                queue
+                    .iter()
+                    .take(n + 1)
+                    .map(|kv| created_at(&kv.key, kv.create)),
+            );
+            if n == queue.len() {
+                compare.push(none_created_after(&queue_dir, rev));
+            }
+            let r = self
+                .txn(txn(
+                    compare,
+                    vec![
+                        put(&cap_key, &value, 0),
+                        delete(&marker.key),
+                        put(next, &json!({}), 0),
+                    ],
+                    vec![],
+                ))
+                .await?;
+            if succeeded(&r) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(self.etcd.unavailable());
+            }
+        }
+    }
+
+    /// Deletes a closed or idle semaphore: its cap key and queue go in one txn that requires
+    /// the cap key unchanged and (unless closed) the queue empty. Tokens stay increasing for
+    /// the name: they are create revisions, and etcd's revision never goes back.
+    async fn delete(&self, name: &str) -> Result<(), Error> {
+        self.check_open()?;
+        validate("semaphore name", name)?;
+        let (cap_key, queue_dir) = (self.cap_key(name), self.queue(name));
+        let deadline = self.deadline();
+        loop {
+            let (cap, queue, _, _) = self.read_semaphore(name).await?;
+            let closed = is_closed(&cap.value);
+            if !closed && !queue.is_empty() {
+                let holders = holder_count(&cap.value, &queue);
+                let waiters = queue.len() - holders;
+                return Err(Error::Rejected {
+                    code: ErrorCode::InUse,
+                    message: format!(
+                        "semaphore {name:?} is in use ({holders} holders, {waiters} waiters): \
+                         close it or wait until it is idle"
+                    ),
+                });
+            }
+            let mut compare = vec![unchanged(&cap_key, cap.modr)];
+            if !closed {
+                compare.push(empty_range(&queue_dir));
+            }
+            let r = self
+                .txn(txn(
+                    compare,
+                    // The cap key and its markers ([`bump_keys`]).
+                    vec![delete_prefix(&cap_key), delete_prefix(&queue_dir)],
+                    vec![],
+                ))
+                .await?;
+            if succeeded(&r) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(self.etcd.unavailable());
+            }
+        }
+    }
+
+    /// Releases a holder's lease by force: deletes its key and, in the same txn, writes
+    /// `.../r/LEASE` bound to the holder's etcd lease, so that the holder's watch of its key
+    /// (see [`Inner::hold`]) reports [`LostReason::Revoked`]. The waiters are granted
+    /// through their own watches, as after a release.
+    async fn force_release(&self, name: &str, lease: u64) -> Result<(), Error> {
+        self.check_open()?;
+        validate("semaphore name", name)?;
+        let unknown = || Error::Rejected {
+            code: ErrorCode::UnknownLease,
+            message: format!("lease {lease} does not hold semaphore {name:?}"),
+        };
+        let (cap, queue, _, _) = self.read_semaphore(name).await?;
+        let key = format!("{}{lease:016x}", self.queue(name));
+        let n = holder_count(&cap.value, &queue);
+        // A key that holds keeps holding until it is deleted, so "held at the read and
+        // still the same key" means "holds now".
+        let Some(kv) = queue[..n].iter().find(|kv| kv.key == key) else {
+            return Err(unknown());
+        };
+        let marker = put(&revoked_of(&key), &json!({}), kv.lease);
+        match self
+            .txn(txn(
+                vec![created_at(&key, kv.create)],
+                vec![marker, delete(&key)],
+                vec![],
+            ))
+            .await
+        {
+            Ok(r) if succeeded(&r) => Ok(()),
+            Ok(_) => Err(unknown()),
+            // The holder's etcd lease ended just now, and its key with it.
+            Err(Error::Protocol(m)) if m.contains("lease not found") => Err(unknown()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// A semaphore's status from its keys.
     fn semaphore_status(name: String, cap: &Value, mut queue: Vec<Kv>) -> SemaphoreStatus {
         queue.sort_by_key(|kv| kv.create);
-        let capacity = cap.get("capacity").and_then(Value::as_u64).unwrap_or(0) as u32;
+        let capacity = capacity_of(cap) as u32;
+        let held_to = held_to_of(cap);
         let now = now_ms();
         let mut st = SemaphoreStatus {
             name,
@@ -1117,7 +1445,7 @@ impl Inner {
                 .to_owned();
             let age_ms =
                 now.saturating_sub(kv.value.get("t").and_then(Value::as_u64).unwrap_or(now));
-            if before + w <= u64::from(capacity) {
+            if holds(kv.create, before + w, u64::from(capacity), held_to) {
                 st.in_use += w as u32;
                 st.holders.push(HolderStatus {
                     lease_id,
@@ -1497,7 +1825,7 @@ impl Inner {
             }
         }
         let from = match self
-            .wait_turn(&queue, &key, ahead, 0, rev + 1, deadline)
+            .wait_turn(&queue, &key, ahead, 0, rev + 1, deadline, None)
             .await
         {
             Ok(from) => from,
@@ -1823,23 +2151,20 @@ impl Backend for EtcdBackend {
         Box::pin(self.inner.close(name))
     }
 
-    // Not yet on etcd: a shrink must keep the keys that hold beyond the new capacity
-    // holding (the holder rule is a prefix sum over the capacity), and waiters must re-read
-    // the capacity when it changes. Refused with one clear line until then.
     fn set_capacity<'a>(
         &'a self,
         name: &'a str,
-        _capacity: u32,
+        capacity: u32,
     ) -> BoxFuture<'a, Result<(), Error>> {
-        Box::pin(async move { Err(unsupported("set-capacity", name)) })
+        Box::pin(self.inner.set_capacity(name, capacity))
     }
 
     fn delete<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), Error>> {
-        Box::pin(async move { Err(unsupported("delete", name)) })
+        Box::pin(self.inner.delete(name))
     }
 
-    fn revoke<'a>(&'a self, name: &'a str, _lease: u64) -> BoxFuture<'a, Result<(), Error>> {
-        Box::pin(async move { Err(unsupported("release", name)) })
+    fn revoke<'a>(&'a self, name: &'a str, lease: u64) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(self.inner.force_release(name, lease))
     }
 
     fn status<'a>(&'a self, name: Option<&'a str>) -> BoxFuture<'a, Result<StatusDoc, Error>> {

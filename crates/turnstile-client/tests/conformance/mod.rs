@@ -29,12 +29,6 @@ pub trait Fixture: Sync {
     fn counts_totals(&self) -> bool {
         true
     }
-
-    /// Whether the backend can change a semaphore's capacity, delete one and revoke a lease
-    /// (the etcd backend refuses them, with a clear error, for now).
-    fn has_lifecycle(&self) -> bool {
-        true
-    }
 }
 
 /// Instantiates every test of the suite for one backend, as `#[tokio::test]`s in a module.
@@ -764,28 +758,12 @@ pub async fn clients_sharing_a_session_stay_apart(server: &impl Fixture) {
     b.shutdown().await.expect("b shuts down");
 }
 
-/// The refusal of a backend without the lifecycle calls: one clear line, nothing changed.
-async fn refuses_lifecycle(client: &Client, name: &str) {
-    client.semaphore(name, 1).await.expect("ensure");
-    for err in [
-        client.set_capacity(name, 2).await.expect_err("unsupported"),
-        client.delete(name).await.expect_err("unsupported"),
-        client.revoke(name, 1).await.expect_err("unsupported"),
-    ] {
-        assert!(err.to_string().contains("not supported"), "{err}");
-    }
-    assert_eq!(status_of(client, name).await.capacity, 1);
-}
-
 /// Growing grants the waiters that now fit at once, in queue order; shrinking takes nothing
 /// from holders and grants nothing until what they hold plus the next waiter fits; an acquire
 /// naming another capacity is still refused; a waiter heavier than a shrunk capacity fails.
 pub async fn capacity_changes_grant_at_once_and_hold_back_after_a_shrink(server: &impl Fixture) {
     let admin = server.client().await;
     let name = "resize";
-    if !server.has_lifecycle() {
-        return refuses_lifecycle(&admin, name).await;
-    }
     let (a, b, c) = (
         server.client().await,
         server.client().await,
@@ -879,9 +857,6 @@ pub async fn capacity_changes_grant_at_once_and_hold_back_after_a_shrink(server:
 pub async fn delete_frees_the_name_and_tokens_still_increase(server: &impl Fixture) {
     let client = server.client().await;
     let name = "bench-x";
-    if !server.has_lifecycle() {
-        return refuses_lifecycle(&client, name).await;
-    }
     let sem = client.semaphore(name, 1).await.expect("ensure");
     let permit = sem.acquire().await.expect("acquire");
     let first = permit.fencing_token();
@@ -925,9 +900,6 @@ pub async fn delete_frees_the_name_and_tokens_still_increase(server: &impl Fixtu
 pub async fn revoke_tells_the_holder_and_grants_the_next(server: &impl Fixture) {
     let admin = server.client().await;
     let name = "stuck";
-    if !server.has_lifecycle() {
-        return refuses_lifecycle(&admin, name).await;
-    }
     let (holder, waiter) = (server.client().await, server.client().await);
     let permit = holder
         .semaphore(name, 1)
