@@ -17,6 +17,7 @@ use anyhow::Context;
 use clap::parser::ValueSource;
 use clap::ArgMatches;
 
+pub use crate::config_file::{parse_forget, parse_http, FileConfig, ForgetIdle, Fsync, HttpAddr};
 use crate::{parse_duration, parse_size, LogFormat};
 
 /// The default address of the coordinator's protocol port.
@@ -90,66 +91,6 @@ pub struct ServeArgs {
     forget_idle: ForgetIdle,
 }
 
-/// `--forget-idle`: how long an idle semaphore is kept, or never forgotten (`None`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ForgetIdle(pub Option<Duration>);
-
-/// Parses `--forget-idle`: a positive duration, or `never`.
-pub fn parse_forget(s: &str) -> Result<ForgetIdle, String> {
-    if s == "never" {
-        return Ok(ForgetIdle(None));
-    }
-    match parse_duration(s)? {
-        d if d.is_zero() => Err("must be positive, or never".into()),
-        d => Ok(ForgetIdle(Some(d))),
-    }
-}
-
-/// `--fsync` values.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Fsync {
-    /// Sync each request's records on their own.
-    Always,
-    /// Group commit.
-    Batch,
-}
-
-impl Fsync {
-    fn parse(s: &str) -> Result<Fsync, String> {
-        match s {
-            "always" => Ok(Fsync::Always),
-            "batch" => Ok(Fsync::Batch),
-            _ => Err(format!("{s:?} is not a sync mode (always or batch)")),
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Fsync::Always => "always",
-            Fsync::Batch => "batch",
-        }
-    }
-}
-
-/// The HTTP port's address, or none (`off`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HttpAddr(pub Option<SocketAddr>);
-
-/// Parses `--http`: an address, or `off`.
-pub fn parse_http(s: &str) -> Result<HttpAddr, String> {
-    if s == "off" {
-        return Ok(HttpAddr(None));
-    }
-    s.parse()
-        .map(|a| HttpAddr(Some(a)))
-        .map_err(|_| format!("{s:?} is not an address (e.g. 127.0.0.1:7421) or off"))
-}
-
-fn parse_addr(s: &str) -> Result<SocketAddr, String> {
-    s.parse()
-        .map_err(|_| format!("{s:?} is not an address (e.g. 127.0.0.1:7420)"))
-}
-
 /// Where a setting came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Source {
@@ -214,125 +155,12 @@ pub struct Settings {
     pub forget_idle: Set<Option<Duration>>,
 }
 
-/// The config file, parsed and checked: each key that is present, with its value.
-#[derive(Debug, Default, PartialEq)]
-pub struct FileConfig {
-    listen: Option<SocketAddr>,
-    http: Option<Option<SocketAddr>>,
-    session_ttl: Option<Duration>,
-    max_connections: Option<usize>,
-    data_dir: Option<PathBuf>,
-    in_memory: Option<bool>,
-    fsync: Option<Fsync>,
-    snapshot_every: Option<u64>,
-    log_format: Option<LogFormat>,
-    auth_token_file: Option<PathBuf>,
-    admin_token_file: Option<PathBuf>,
-    insecure: Option<bool>,
-    forget_idle: Option<Option<Duration>>,
-}
-
-/// Every key of the config file.
-const KEYS: [&str; 13] = [
-    "listen",
-    "http",
-    "session_ttl",
-    "max_connections",
-    "data_dir",
-    "in_memory",
-    "fsync",
-    "snapshot_every",
-    "log_format",
-    "auth_token_file",
-    "admin_token_file",
-    "insecure",
-    "forget_idle",
-];
-
 impl FileConfig {
     /// Reads and checks the file at `path`.
     pub fn load(path: &Path) -> anyhow::Result<FileConfig> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read the config file {}", path.display()))?;
         FileConfig::parse(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
-    }
-
-    /// Parses a config file's text. Errors are one line and name the key at fault.
-    pub fn parse(text: &str) -> Result<FileConfig, String> {
-        let table: toml::Table = toml::from_str(text).map_err(|e| {
-            let message = e.message().trim().replace('\n', " ");
-            let Some(span) = e.span() else {
-                return message;
-            };
-            let start = span.start.min(text.len());
-            let line = text[..start].lines().count().max(1);
-            // The text at fault, when it is short (a key, a value): "duplicate key (`listen`)".
-            match text.get(span) {
-                Some(at) if !at.trim().is_empty() && at.len() <= 40 && !at.contains('\n') => {
-                    format!("line {line}: {message} (`{}`)", at.trim())
-                }
-                _ => format!("line {line}: {message}"),
-            }
-        })?;
-        let mut config = FileConfig::default();
-        for (key, value) in &table {
-            let bad = |expected: &str| {
-                format!(
-                    "key `{key}`: expected {expected}, found {}",
-                    value.type_str()
-                )
-            };
-            let text = || value.as_str().ok_or_else(|| bad("a string"));
-            let with_key = |e: String| format!("key `{key}`: {e}");
-            match key.as_str() {
-                "listen" => config.listen = Some(parse_addr(text()?).map_err(with_key)?),
-                "http" => config.http = Some(parse_http(text()?).map_err(with_key)?.0),
-                "session_ttl" => {
-                    config.session_ttl = Some(parse_duration(text()?).map_err(with_key)?)
-                }
-                "max_connections" => {
-                    let n = value
-                        .as_integer()
-                        .and_then(|n| usize::try_from(n).ok())
-                        .filter(|n| *n > 0)
-                        .ok_or_else(|| bad("a positive integer"))?;
-                    config.max_connections = Some(n);
-                }
-                "data_dir" => config.data_dir = Some(PathBuf::from(text()?)),
-                "in_memory" => {
-                    config.in_memory = Some(value.as_bool().ok_or_else(|| bad("true or false"))?)
-                }
-                "fsync" => config.fsync = Some(Fsync::parse(text()?).map_err(with_key)?),
-                "snapshot_every" => {
-                    let bytes = match value {
-                        toml::Value::Integer(n) => {
-                            u64::try_from(*n).map_err(|_| bad("a size such as \"64MiB\""))?
-                        }
-                        toml::Value::String(s) => parse_size(s).map_err(with_key)?,
-                        _ => return Err(bad("a size such as \"64MiB\"")),
-                    };
-                    config.snapshot_every = Some(bytes);
-                }
-                "log_format" => {
-                    config.log_format = Some(LogFormat::parse(text()?).map_err(with_key)?)
-                }
-                "auth_token_file" => config.auth_token_file = Some(PathBuf::from(text()?)),
-                "admin_token_file" => config.admin_token_file = Some(PathBuf::from(text()?)),
-                "insecure" => {
-                    config.insecure = Some(value.as_bool().ok_or_else(|| bad("true or false"))?)
-                }
-                "forget_idle" => {
-                    config.forget_idle = Some(parse_forget(text()?).map_err(with_key)?.0)
-                }
-                _ => {
-                    return Err(format!(
-                        "unknown key `{key}` (known keys: {})",
-                        KEYS.join(", ")
-                    ))
-                }
-            }
-        }
-        Ok(config)
     }
 }
 

@@ -209,6 +209,8 @@
 
 mod admin;
 mod disk;
+#[cfg(feature = "fuzzing")]
+pub(crate) use disk::{fuzz_parsers, fuzz_samples};
 mod jobs;
 mod notify;
 
