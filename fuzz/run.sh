@@ -18,6 +18,11 @@ TARGETS=(frame wal_records wal_dir file_record config)
 host=$(rustc -vV | sed -n 's/^host: //p')
 export CARGO_TARGET_DIR="$PWD/target"
 bin="$CARGO_TARGET_DIR/$host/release"
+# The log targets recover a data directory per input: on tmpfs if there is one; removed at exit.
+shm=/dev/shm
+[ -d "$shm" ] || shm=${TMPDIR:-/tmp}
+export TURNSTILE_FUZZ_DIR="$shm/turnstile-fuzz-run-$$"
+trap 'rm -rf "$TURNSTILE_FUZZ_DIR"' EXIT
 
 build() {
   # The flags cargo-fuzz passes, minus the sanitizer (which needs nightly): inline 8-bit
@@ -29,7 +34,8 @@ build() {
     -Cllvm-args=-sanitizer-coverage-pc-table \
     -Cllvm-args=-sanitizer-coverage-trace-compares \
     --cfg fuzzing -Cdebug-assertions -Coverflow-checks" \
-    cargo build --release ${CARGO_LOCKED---locked} --target "$host" --bins "$@"
+    cargo build --release ${CARGO_LOCKED---locked} --target "$host" \
+    $(printf -- '--bin %s ' "${TARGETS[@]}") "$@"
 }
 
 targets() { if [ $# -gt 0 ]; then echo "$@"; else echo "${TARGETS[@]}"; fi; }
@@ -39,9 +45,9 @@ shift || true
 case "$cmd" in
   build) build ;;
   seed)
-    build
+    # The seed writer is not instrumented (it has no libFuzzer to link with): a build of its own.
     rm -rf seeds
-    "$bin/seed" seeds
+    CARGO_TARGET_DIR="$PWD/target/seed" cargo run -q ${CARGO_LOCKED---locked} --bin seed -- seeds
     mkdir -p seeds/config
     # The settings as serve prints them, from the defaults and from a file setting every key.
     cargo run -q --manifest-path ../Cargo.toml -p turnstile -- serve --print-config \

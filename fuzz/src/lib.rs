@@ -224,12 +224,15 @@ pub fn wal_dir(data: &[u8]) {
     recover_and_check(&dir);
 }
 
-/// A directory of this process's own for the current input, emptied: on tmpfs when there is
-/// one (recovery syncs files, which costs nothing there).
+/// A directory of this process's own for the current input, emptied: under
+/// `$TURNSTILE_FUZZ_DIR` (run.sh points it at tmpfs, where syncs cost nothing, and removes it
+/// afterwards), else on tmpfs or in the temporary directory.
 fn scratch() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     let dir = DIR.get_or_init(|| {
-        let base = if Path::new("/dev/shm").is_dir() {
+        let base = if let Some(dir) = std::env::var_os("TURNSTILE_FUZZ_DIR") {
+            PathBuf::from(dir)
+        } else if Path::new("/dev/shm").is_dir() {
             PathBuf::from("/dev/shm")
         } else {
             std::env::temp_dir()

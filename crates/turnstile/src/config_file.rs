@@ -183,6 +183,9 @@ impl FileConfig {
         })?;
         let mut config = FileConfig::default();
         for (key, value) in &table {
+            // A quoted TOML key may hold any character, a newline too: escaped, so that the
+            // error stays one line (found by the fuzz target `config`).
+            let key = key.escape_debug().to_string();
             let bad = |expected: &str| {
                 format!(
                     "key `{key}`: expected {expected}, found {}",
@@ -240,5 +243,21 @@ impl FileConfig {
             }
         }
         Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FileConfig;
+
+    #[test]
+    fn a_key_with_a_newline_gives_a_one_line_error() {
+        for text in ["\"a\\nb\" = 1", "\"x\\r\" = \"10s\""] {
+            let e = FileConfig::parse(text).expect_err("an unknown key");
+            assert!(!e.contains('\n') && !e.contains('\r'), "{e:?}");
+            assert!(e.starts_with("unknown key `"), "{e}");
+        }
+        let e = FileConfig::parse("\"a\\nb\" = 1").expect_err("an unknown key");
+        assert!(e.contains("`a\\nb`"), "the key is shown escaped: {e}");
     }
 }
