@@ -71,9 +71,11 @@ case "$cmd" in
     for t in $(targets "$@"); do
       mkdir -p "target/scratch/$t" "artifacts/$t"
       echo "== fuzz $t for ${secs}s"
+      # New inputs go to the first directory; the corpus and the seeds are only read.
+      dirs=("target/scratch/$t")
+      for d in "corpus/$t" "seeds/$t"; do [ -d "$d" ] && dirs+=("$d"); done
       "$bin/$t" -max_total_time="$secs" -timeout=10 -rss_limit_mb=1024 -max_len=4096 \
-        -print_final_stats=1 -artifact_prefix="artifacts/$t/" \
-        "target/scratch/$t" "corpus/$t" 2>&1 | grep -E "^(stat::number_of_executed_units|stat::peak_rss|#[0-9]+ +DONE)|ERROR|panicked|SUMMARY" || true
+        -print_final_stats=1 -artifact_prefix="artifacts/$t/" "${dirs[@]}" 2>&1 | grep -E "^(stat::number_of_executed_units|stat::peak_rss|#[0-9]+ +DONE)|ERROR|panicked|SUMMARY" || true
       # libFuzzer exits non-zero on a crash; grep above hid its status, so look for artifacts.
       if ls "artifacts/$t"/crash-* "artifacts/$t"/timeout-* "artifacts/$t"/oom-* >/dev/null 2>&1; then
         echo "fuzz: $t found a failing input: $(ls artifacts/$t)" >&2

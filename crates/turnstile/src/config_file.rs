@@ -167,7 +167,7 @@ impl FileConfig {
     /// Parses a config file's text. Errors are one line and name the key at fault.
     pub fn parse(text: &str) -> Result<FileConfig, String> {
         let table: toml::Table = toml::from_str(text).map_err(|e| {
-            let message = e.message().trim().replace('\n', " ");
+            let message = e.message().trim().replace(char::is_control, " ");
             let Some(span) = e.span() else {
                 return message;
             };
@@ -175,7 +175,12 @@ impl FileConfig {
             let line = text[..start].lines().count().max(1);
             // The text at fault, when it is short (a key, a value): "duplicate key (`listen`)".
             match text.get(span) {
-                Some(at) if !at.trim().is_empty() && at.len() <= 40 && !at.contains('\n') => {
+                // Not when it holds a control character (a `\r` too would break the line).
+                Some(at)
+                    if !at.trim().is_empty()
+                        && at.len() <= 40
+                        && !at.contains(char::is_control) =>
+                {
                     format!("line {line}: {message} (`{}`)", at.trim())
                 }
                 _ => format!("line {line}: {message}"),
@@ -259,5 +264,14 @@ mod tests {
         }
         let e = FileConfig::parse("\"a\\nb\" = 1").expect_err("an unknown key");
         assert!(e.contains("`a\\nb`"), "the key is shown escaped: {e}");
+    }
+
+    #[test]
+    fn a_control_character_in_the_quoted_text_keeps_the_error_one_line() {
+        // The fuzz target `config`'s input: the parser's error quotes text with `\r` in it.
+        let text = "\"\r\r\r\u{1}\0\0\0\0\0\0\u{1}\r\r\r\u{1d}\r2\r\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\r\r\r\r\r\r\r\r\r\r\r\r\" = l2n";
+        let e = FileConfig::parse(text).expect_err("not TOML");
+        assert!(!e.contains('\n') && !e.contains('\r'), "{e:?}");
+        assert!(e.starts_with("line 1: "), "{e}");
     }
 }
