@@ -50,9 +50,9 @@ case "$cmd" in
     CARGO_TARGET_DIR="$PWD/target/seed" cargo run -q ${CARGO_LOCKED---locked} --bin seed -- seeds
     mkdir -p seeds/config
     # The settings as serve prints them, from the defaults and from a file setting every key.
-    cargo run -q --manifest-path ../Cargo.toml -p turnstile -- serve --print-config \
+    CARGO_TARGET_DIR=../target cargo run -q --manifest-path ../Cargo.toml -p turnstile -- serve --print-config \
       >seeds/config/defaults.toml
-    cargo run -q --manifest-path ../Cargo.toml -p turnstile -- serve --config seeds/config/defaults.toml \
+    CARGO_TARGET_DIR=../target cargo run -q --manifest-path ../Cargo.toml -p turnstile -- serve --config seeds/config/defaults.toml \
       --listen 0.0.0.0:7000 --insecure --forget-idle never --http off --print-config \
       >seeds/config/flags.toml
     ;;
