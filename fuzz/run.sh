@@ -75,7 +75,7 @@ case "$cmd" in
       dirs=("target/scratch/$t")
       for d in "corpus/$t" "seeds/$t"; do [ -d "$d" ] && dirs+=("$d"); done
       "$bin/$t" -max_total_time="$secs" -timeout=10 -rss_limit_mb=1024 -max_len=4096 \
-        -print_final_stats=1 -artifact_prefix="artifacts/$t/" "${dirs[@]}" 2>&1 | grep -E "^(stat::number_of_executed_units|stat::peak_rss|#[0-9]+ +DONE)|ERROR|panicked|SUMMARY" || true
+        -print_final_stats=1 -artifact_prefix="artifacts/$t/" "${dirs[@]}" 2>&1 | grep -E "^(stat::number_of_executed_units|stat::peak_rss|#[0-9]+[[:space:]]+DONE)|ERROR|panicked|SUMMARY" || true
       # libFuzzer exits non-zero on a crash; grep above hid its status, so look for artifacts.
       if ls "artifacts/$t"/crash-* "artifacts/$t"/timeout-* "artifacts/$t"/oom-* >/dev/null 2>&1; then
         echo "fuzz: $t found a failing input: $(ls artifacts/$t)" >&2
@@ -86,8 +86,13 @@ case "$cmd" in
   minimize)
     t=${1:?target}
     build
+    rm -rf "corpus/$t.new"
     mkdir -p "corpus/$t.new"
-    "$bin/$t" -merge=1 -max_len=4096 "corpus/$t.new" "corpus/$t" "seeds/$t" "target/scratch/$t" 2>&1 | tail -n 1
+    dirs=()
+    for d in "corpus/$t" "seeds/$t" "target/scratch/$t"; do [ -d "$d" ] && dirs+=("$d"); done
+    "$bin/$t" -merge=1 -max_len=4096 "corpus/$t.new" "${dirs[@]}" 2>&1 | tail -n 1
+    # Inputs that once crashed stay, whatever their coverage: they are regression tests.
+    cp seeds/$t/crash-* "corpus/$t.new/" 2>/dev/null || true
     rm -rf "corpus/$t"
     mv "corpus/$t.new" "corpus/$t"
     ;;
