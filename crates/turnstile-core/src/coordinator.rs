@@ -1304,7 +1304,14 @@ impl Coordinator {
                 let Some(sem) = self.semaphores.get_mut(semaphore) else {
                     return;
                 };
-                if sem.closed || *weight > sem.free() {
+                // A token already held, or the last one there is, cannot be a grant the log
+                // writer made (found by the fuzz target `wal_records`: a damaged log whose
+                // checksums hold left `in_use` above the holders).
+                if sem.closed
+                    || *weight > sem.free()
+                    || sem.holders.contains_key(token)
+                    || token.0 == u64::MAX
+                {
                     return;
                 }
                 sem.next_token = sem.next_token.max(token.0 + 1);
