@@ -189,7 +189,7 @@ impl FileConfig {
         let mut config = FileConfig::default();
         for (key, value) in &table {
             // A quoted TOML key may hold any character, a newline too: escaped, so that the
-            // error stays one line (found by the fuzz target `config`).
+            // error stays one line (found while writing the fuzz target `config`).
             let key = key.escape_debug().to_string();
             let bad = |expected: &str| {
                 format!(
