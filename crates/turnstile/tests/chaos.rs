@@ -233,12 +233,11 @@ fn check(history: &[Line], rec: &Record) -> Result<(usize, usize, usize), String
     for h in holds.values() {
         let start = history[h.lines[0]].ns;
         let end = history[*h.lines.last().expect("lines")].ns;
+        let ended_cleanly = history[*h.lines.last().expect("lines")].kind == "end";
         for &(c, stop, cont) in &rec.stops {
-            if c != h.client || stop < start || stop > end.max(stop) {
+            // Stops of this client while this hold was (or may still have been) held.
+            if c != h.client || stop < start || (ended_cleanly && end < stop) {
                 continue;
-            }
-            if h.lines.iter().all(|&i| history[i].ns > stop) {
-                continue; // the hold started after this stop
             }
             // The lease expired by this time at the latest.
             let renewed = rec
