@@ -46,7 +46,8 @@ case "$cmd" in
   build) build ;;
   seed)
     # The seed writer is not instrumented (it has no libFuzzer to link with): a build of its own.
-    rm -rf seeds
+    # Inputs that once crashed (crash-*) are kept: they are regression tests.
+    [ -d seeds ] && find seeds -type f ! -name 'crash-*' -delete
     CARGO_TARGET_DIR="$PWD/target/seed" cargo run -q ${CARGO_LOCKED---locked} --bin seed -- seeds
     mkdir -p seeds/config
     # The settings as serve prints them, from the defaults and from a file setting every key.
