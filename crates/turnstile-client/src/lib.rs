@@ -51,6 +51,23 @@ mod job;
 mod tcp;
 mod tls;
 
+/// Entry points for the fuzz harness (`fuzz/`), behind the `fuzzing` feature: not an API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Runs every parser of the shared directory's files on `bytes` and checks what they
+    /// accept (see `file/disk.rs`).
+    pub fn file_parsers(bytes: &[u8]) {
+        crate::file::fuzz_parsers(bytes);
+    }
+
+    /// Files as the shared-directory backend writes them (a lease record, a completion, a
+    /// capacity file): the seeds of the fuzz corpus.
+    pub fn file_samples() -> Vec<Vec<u8>> {
+        crate::file::fuzz_samples()
+    }
+}
+
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;

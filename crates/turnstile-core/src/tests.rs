@@ -654,6 +654,45 @@ fn tokens_survive_close_and_replay() {
 }
 
 #[test]
+fn replay_skips_grants_that_cannot_be_the_writers() {
+    // Records a damaged log could hold with good checksums: a second grant of a held token,
+    // and a grant of the last token (its successor would overflow).
+    let mut r = Coordinator::new();
+    let db: Arc<str> = Arc::from("db");
+    r.apply(
+        Time::ZERO,
+        &Record::SemaphoreCreated {
+            name: db.clone(),
+            capacity: 3,
+        },
+    );
+    for s in [1, 2] {
+        r.apply(
+            Time::ZERO,
+            &Record::SessionOpened {
+                session: SessionId(s),
+                ttl: Duration::from_secs(10),
+                client: Arc::from(""),
+            },
+        );
+    }
+    let grant = |session, lease, token| Record::Granted {
+        session: SessionId(session),
+        lease: LeaseId(lease),
+        semaphore: db.clone(),
+        weight: 1,
+        token: Token(token),
+    };
+    r.apply(Time::ZERO, &grant(1, 20, 1));
+    r.apply(Time::ZERO, &grant(2, 1, 1));
+    r.apply(Time::ZERO, &grant(2, 2, u64::MAX));
+    r.validate().expect("replayed state is valid");
+    let v = r.semaphore("db", Time::ZERO).expect("exists");
+    assert_eq!(v.holders.len(), 1);
+    assert_eq!(r.held_leases(SessionId(2)), Some(vec![]));
+}
+
+#[test]
 fn wait_time_is_observed_at_grant() {
     let mut t = Check::new();
     t.open(1);

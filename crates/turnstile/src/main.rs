@@ -3,6 +3,7 @@
 //! to one line on stderr and an exit code. It is the only crate that uses `anyhow`.
 
 mod bench;
+mod config_file;
 mod guard;
 mod nanny;
 mod once;
@@ -24,6 +25,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 /// system after a short delay, and is one C file to build.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+pub use config_file::{parse_duration, parse_size, LogFormat};
 
 /// Exit code when the backend cannot be reached (EX_UNAVAILABLE); see [`EXIT_CODES`].
 pub const EXIT_UNAVAILABLE: u8 = 69;
@@ -85,34 +87,6 @@ struct Cli {
     ca: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
-}
-
-/// `--log-format` values.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogFormat {
-    /// One line of text per event.
-    Text,
-    /// One JSON object per event, its fields at the top level.
-    Json,
-}
-
-impl LogFormat {
-    /// Parses a config file's value.
-    pub fn parse(s: &str) -> Result<LogFormat, String> {
-        match s {
-            "text" => Ok(LogFormat::Text),
-            "json" => Ok(LogFormat::Json),
-            _ => Err(format!("{s:?} is not a log format (text or json)")),
-        }
-    }
-
-    /// The value's name.
-    pub fn name(self) -> &'static str {
-        match self {
-            LogFormat::Text => "text",
-            LogFormat::Json => "json",
-        }
-    }
 }
 
 /// Where the semaphores are.
@@ -286,39 +260,6 @@ enum Command {
     /// Internal: how the guard starts the command with the signal mask reset.
     #[command(name = "__exec", hide = true)]
     Exec(guard::ExecArgs),
-}
-
-/// Parses a size such as `4096`, `512KiB`, `64MiB`, `2GiB` (also `K`, `M`, `G`, `KB`, `MB`,
-/// `GB`, all powers of 1024).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (digits, unit) = t.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (expected e.g. 512MiB, 2GiB, 4096)"))?;
-    let shift = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
-        other => {
-            return Err(format!(
-                "unknown size unit {other:?} (expected KiB, MiB, GiB)"
-            ))
-        }
-    };
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("{s:?} is too large"))
-}
-
-/// Parses a human duration such as `500ms`, `30s` or `2m`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    if s.trim_start().starts_with('-') {
-        return Err("a duration cannot be negative (expected e.g. 0, 500ms, 30s, 2m)".into());
-    }
-    humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 500ms, 30s, 2m)"))
 }
 
 /// Parses a count of slots (`--limit`, `--weight`): a whole number from 1.

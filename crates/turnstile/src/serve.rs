@@ -17,6 +17,10 @@ use anyhow::Context;
 use clap::parser::ValueSource;
 use clap::ArgMatches;
 
+pub use crate::config_file::{
+    parse_forget, parse_handshake_timeout, parse_http, parse_positive, FileConfig, ForgetIdle,
+    Fsync, HttpAddr,
+};
 use crate::{parse_duration, parse_size, LogFormat};
 
 /// The default address of the coordinator's protocol port.
@@ -108,31 +112,6 @@ pub struct ServeArgs {
     max_per_address: usize,
 }
 
-/// The longest `--handshake-timeout`: a handshake takes milliseconds; longer only lets idle
-/// sockets stay.
-pub const MAX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// Parses `--handshake-timeout`: a duration above zero, at most [`MAX_HANDSHAKE_TIMEOUT`].
-pub fn parse_handshake_timeout(s: &str) -> Result<Duration, String> {
-    match parse_duration(s)? {
-        d if d.is_zero() => Err("must be positive".into()),
-        d if d > MAX_HANDSHAKE_TIMEOUT => Err(format!(
-            "must be at most {}",
-            humantime::format_duration(MAX_HANDSHAKE_TIMEOUT)
-        )),
-        d => Ok(d),
-    }
-}
-
-/// Parses a count that must be at least 1.
-pub fn parse_positive(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(n) => Ok(n),
-        Err(_) => Err(format!("{s:?} is not a positive integer")),
-    }
-}
-
 /// Parses `--max-connections`: at least 1 (0 would refuse every client).
 fn parse_max_connections(s: &str) -> Result<usize, String> {
     match s.trim().parse::<usize>() {
@@ -140,66 +119,6 @@ fn parse_max_connections(s: &str) -> Result<usize, String> {
         Ok(n) => Ok(n),
         Err(_) => Err(format!("{s:?} is not a number of connections (1 or more)")),
     }
-}
-
-/// `--forget-idle`: how long an idle semaphore is kept, or never forgotten (`None`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ForgetIdle(pub Option<Duration>);
-
-/// Parses `--forget-idle`: a positive duration, or `never`.
-pub fn parse_forget(s: &str) -> Result<ForgetIdle, String> {
-    if s == "never" {
-        return Ok(ForgetIdle(None));
-    }
-    match parse_duration(s)? {
-        d if d.is_zero() => Err("must be positive, or never".into()),
-        d => Ok(ForgetIdle(Some(d))),
-    }
-}
-
-/// `--fsync` values.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Fsync {
-    /// Sync each request's records on their own.
-    Always,
-    /// Group commit.
-    Batch,
-}
-
-impl Fsync {
-    fn parse(s: &str) -> Result<Fsync, String> {
-        match s {
-            "always" => Ok(Fsync::Always),
-            "batch" => Ok(Fsync::Batch),
-            _ => Err(format!("{s:?} is not a sync mode (always or batch)")),
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Fsync::Always => "always",
-            Fsync::Batch => "batch",
-        }
-    }
-}
-
-/// The HTTP port's address, or none (`off`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HttpAddr(pub Option<SocketAddr>);
-
-/// Parses `--http`: an address, or `off`.
-pub fn parse_http(s: &str) -> Result<HttpAddr, String> {
-    if s == "off" {
-        return Ok(HttpAddr(None));
-    }
-    s.parse()
-        .map(|a| HttpAddr(Some(a)))
-        .map_err(|_| format!("{s:?} is not an address (e.g. 127.0.0.1:7421) or off"))
-}
-
-fn parse_addr(s: &str) -> Result<SocketAddr, String> {
-    s.parse()
-        .map_err(|_| format!("{s:?} is not an address (e.g. 127.0.0.1:7420)"))
 }
 
 /// Where a setting came from.
@@ -276,143 +195,12 @@ pub struct Settings {
     pub max_per_address: Set<usize>,
 }
 
-/// The config file, parsed and checked: each key that is present, with its value.
-#[derive(Debug, Default, PartialEq)]
-pub struct FileConfig {
-    listen: Option<SocketAddr>,
-    http: Option<Option<SocketAddr>>,
-    session_ttl: Option<Duration>,
-    max_connections: Option<usize>,
-    data_dir: Option<PathBuf>,
-    in_memory: Option<bool>,
-    fsync: Option<Fsync>,
-    snapshot_every: Option<u64>,
-    log_format: Option<LogFormat>,
-    auth_token_file: Option<PathBuf>,
-    admin_token_file: Option<PathBuf>,
-    insecure: Option<bool>,
-    forget_idle: Option<Option<Duration>>,
-    tls_cert: Option<PathBuf>,
-    tls_key: Option<PathBuf>,
-    handshake_timeout: Option<Duration>,
-    max_handshaking: Option<usize>,
-    max_per_address: Option<usize>,
-}
-
-/// Every key of the config file.
-const KEYS: [&str; 18] = [
-    "listen",
-    "http",
-    "session_ttl",
-    "max_connections",
-    "data_dir",
-    "in_memory",
-    "fsync",
-    "snapshot_every",
-    "log_format",
-    "auth_token_file",
-    "admin_token_file",
-    "insecure",
-    "forget_idle",
-    "tls_cert",
-    "tls_key",
-    "handshake_timeout",
-    "max_handshaking",
-    "max_per_address",
-];
-
 impl FileConfig {
     /// Reads and checks the file at `path`.
     pub fn load(path: &Path) -> anyhow::Result<FileConfig> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read the config file {}", path.display()))?;
         FileConfig::parse(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
-    }
-
-    /// Parses a config file's text. Errors are one line and name the key at fault.
-    pub fn parse(text: &str) -> Result<FileConfig, String> {
-        let table: toml::Table = toml::from_str(text).map_err(|e| {
-            let message = e.message().trim().replace('\n', " ");
-            let Some(span) = e.span() else {
-                return message;
-            };
-            let start = span.start.min(text.len());
-            let line = text[..start].lines().count().max(1);
-            // The text at fault, when it is short (a key, a value): "duplicate key (`listen`)".
-            match text.get(span) {
-                Some(at) if !at.trim().is_empty() && at.len() <= 40 && !at.contains('\n') => {
-                    format!("line {line}: {message} (`{}`)", at.trim())
-                }
-                _ => format!("line {line}: {message}"),
-            }
-        })?;
-        let mut config = FileConfig::default();
-        for (key, value) in &table {
-            let bad = |expected: &str| {
-                format!(
-                    "key `{key}`: expected {expected}, found {}",
-                    value.type_str()
-                )
-            };
-            let text = || value.as_str().ok_or_else(|| bad("a string"));
-            let with_key = |e: String| format!("key `{key}`: {e}");
-            let positive = || {
-                value
-                    .as_integer()
-                    .and_then(|n| usize::try_from(n).ok())
-                    .filter(|n| *n > 0)
-                    .ok_or_else(|| bad("a positive integer"))
-            };
-            match key.as_str() {
-                "listen" => config.listen = Some(parse_addr(text()?).map_err(with_key)?),
-                "http" => config.http = Some(parse_http(text()?).map_err(with_key)?.0),
-                "session_ttl" => {
-                    config.session_ttl = Some(parse_duration(text()?).map_err(with_key)?)
-                }
-                "max_connections" => config.max_connections = Some(positive()?),
-                "max_handshaking" => config.max_handshaking = Some(positive()?),
-                "max_per_address" => config.max_per_address = Some(positive()?),
-                "handshake_timeout" => {
-                    config.handshake_timeout =
-                        Some(parse_handshake_timeout(text()?).map_err(with_key)?)
-                }
-                "tls_cert" => config.tls_cert = Some(PathBuf::from(text()?)),
-                "tls_key" => config.tls_key = Some(PathBuf::from(text()?)),
-                "data_dir" => config.data_dir = Some(PathBuf::from(text()?)),
-                "in_memory" => {
-                    config.in_memory = Some(value.as_bool().ok_or_else(|| bad("true or false"))?)
-                }
-                "fsync" => config.fsync = Some(Fsync::parse(text()?).map_err(with_key)?),
-                "snapshot_every" => {
-                    let bytes = match value {
-                        toml::Value::Integer(n) => {
-                            u64::try_from(*n).map_err(|_| bad("a size such as \"64MiB\""))?
-                        }
-                        toml::Value::String(s) => parse_size(s).map_err(with_key)?,
-                        _ => return Err(bad("a size such as \"64MiB\"")),
-                    };
-                    config.snapshot_every = Some(bytes);
-                }
-                "log_format" => {
-                    config.log_format = Some(LogFormat::parse(text()?).map_err(with_key)?)
-                }
-                "auth_token_file" => config.auth_token_file = Some(PathBuf::from(text()?)),
-                "admin_token_file" => config.admin_token_file = Some(PathBuf::from(text()?)),
-                "insecure" => {
-                    config.insecure = Some(value.as_bool().ok_or_else(|| bad("true or false"))?)
-                }
-                "forget_idle" => {
-                    config.forget_idle = Some(parse_forget(text()?).map_err(with_key)?.0)
-                }
-                _ => {
-                    return Err(format!(
-                        "unknown key `{key}` (known keys: {})",
-                        KEYS.join(", ")
-                    ))
-                }
-            }
-        }
-        Ok(config)
     }
 }
 

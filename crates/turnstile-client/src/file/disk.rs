@@ -614,6 +614,90 @@ pub(crate) fn remove_own(sem_dir: &Path, path: &Path, content: &[u8]) -> io::Res
     Ok(reclaim(sem_dir, path, |bytes, _| same_acquire(bytes, content))? == Reclaimed::Removed)
 }
 
+/// The fuzz harness's entry (`fuzz/`, target `file_record`): every parser of a file that
+/// another host may have written, on `bytes`, with what must hold of what they accept.
+/// Panics (that is how a fuzzer hears of it) only when a parser breaks its own contract.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn fuzz_parsers(bytes: &[u8]) {
+    if let Some(r) = Record::decode(bytes) {
+        // What we accept, we write back the same (older records have no counter; it is not
+        // part of the record).
+        assert_eq!(
+            Record::decode(&r.encode()),
+            Some(r.clone()),
+            "lease record round trip"
+        );
+        let beaten = next_beat(bytes);
+        assert!(
+            same_acquire(bytes, &beaten),
+            "a heartbeat keeps the record's identity"
+        );
+        assert_eq!(
+            Record::decode(&beaten),
+            Some(r),
+            "a heartbeat changes no field"
+        );
+    }
+    let beaten = next_beat(bytes);
+    assert_eq!(beaten.len(), bytes.len(), "a heartbeat rewrites in place");
+    if let Some(c) = Completion::decode(bytes) {
+        let again = Completion::decode(&c.encode());
+        let host = word(&c.host);
+        assert_eq!(
+            again,
+            Some(Completion { host, ..c }),
+            "completion round trip"
+        );
+    }
+    if let Some((capacity, name)) = parse_capacity(bytes) {
+        let again = parse_capacity(&capacity_record(capacity, &name));
+        assert_eq!(again, Some((capacity, name)), "capacity record round trip");
+    }
+    if let Ok(name) = std::str::from_utf8(bytes) {
+        if validate_name(name).is_ok() {
+            let dir = dir_name(name);
+            assert!(!dir.is_empty() && dir.len() <= MAX_DIR_NAME, "{dir}");
+            assert!(!dir.starts_with('.') && !dir.contains('/'), "{dir}");
+        }
+    }
+}
+
+/// See [`fuzz_parsers`]: what this backend writes, for the fuzzer to start from.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn fuzz_samples() -> Vec<Vec<u8>> {
+    let who = Ident::current();
+    let mut lease = Record {
+        lease: 7,
+        session: 0x1234_5678_9abc_def0,
+        weight: 2,
+        token: 42,
+        ttl_ms: 10_000,
+        start_ms: 1_764_633_600_000,
+        nonce: 0xfeed_f00d_dead_beef,
+        who: who.clone(),
+        also_pids: Vec::new(),
+    };
+    let plain = lease.encode();
+    lease.also_pids = vec![who.pid + 1, who.pid + 2];
+    let with_guard = next_beat(&next_beat(&lease.encode()));
+    let done = Completion {
+        token: 9,
+        started_ms: 1_764_633_600_000,
+        duration_ms: 1234,
+        session: 0xabc,
+        host: who.host.clone(),
+        pid: who.pid,
+    };
+    vec![
+        plain,
+        with_guard,
+        done.encode(),
+        capacity_record(3, "db-migrations"),
+        capacity_record(1, &"long name ".repeat(20)),
+        dir_name("jobs/nightly: ümlaut").into_bytes(),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -216,6 +216,8 @@
 
 mod admin;
 mod disk;
+#[cfg(feature = "fuzzing")]
+pub(crate) use disk::{fuzz_parsers, fuzz_samples};
 mod jobs;
 mod notify;
 

@@ -192,15 +192,15 @@ impl Server {
         http_get(&self.http_addr(), path)
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(i32::try_from(self.child.id()).expect("pid fits in i32"))
+    }
+
     /// Kills the server with SIGKILL (a crash) and reaps it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-
-    /// The server's process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
     }
 
     /// `tcp://127.0.0.1:PORT`.

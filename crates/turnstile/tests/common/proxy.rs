@@ -6,6 +6,10 @@
 //! `restore` forwards new connections again, to `set_upstream`'s address if it changed (a
 //! coordinator restarted on another port stays reachable on the proxy's).
 //!
+//! With [`FaultProxy::chaos`] it also delays every chunk it forwards by a random time and drops
+//! connections at random (the bytes in flight are lost and both ends see the close), from a
+//! seeded xorshift generator per connection, so a failing run can be replayed from its seed.
+//!
 //! It runs on a tokio runtime of its own, on a thread of its own, so that both the CLI tests
 //! (plain threads) and the library tests (inside their own runtime) can use it; dropping it
 //! stops the thread and closes every socket. Shared by `crates/turnstile/tests/` and
@@ -41,6 +45,43 @@ struct State {
     upstream: SocketAddr,
     /// Bumped by `stop` (drop): everything ends.
     stopped: bool,
+    /// Random delays and drops for connections made from now on.
+    chaos: Option<Chaos>,
+}
+
+/// Random faults on forwarded connections (see [`FaultProxy::chaos`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Chaos {
+    /// Seeds every connection's generator (with the connection's number).
+    pub seed: u64,
+    /// Each chunk waits a uniform random time below this before it is passed on.
+    pub max_delay: Duration,
+    /// Each chunk drops its connection with this probability, in thousandths.
+    pub drop_per_mille: u32,
+}
+
+/// A xorshift64* generator: small, seeded, good enough to pick faults.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from `seed` (any value; zero is mapped away).
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed ^ 0x9E37_79B9_7F4A_7C15 | 1)
+    }
+
+    /// The next number.
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A number below `n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
 }
 
 /// The proxy. See the module doc.
@@ -56,6 +97,8 @@ pub struct FaultProxy {
     up_bytes: Arc<AtomicU64>,
     /// Faults injected (cut, blackhole, refuse, gone), for the tests' report.
     faults: AtomicUsize,
+    /// Connections dropped at random under [`FaultProxy::chaos`].
+    drops: Arc<AtomicU64>,
     log: Mutex<Vec<&'static str>>,
 }
 
@@ -73,11 +116,18 @@ impl FaultProxy {
             cuts: 0,
             upstream,
             stopped: false,
+            chaos: None,
         });
         let forwarded = Arc::new(AtomicUsize::new(0));
         let down_bytes = Arc::new(AtomicU64::new(0));
         let up_bytes = Arc::new(AtomicU64::new(0));
-        let (f, d, u) = (forwarded.clone(), down_bytes.clone(), up_bytes.clone());
+        let drops = Arc::new(AtomicU64::new(0));
+        let (f, d, u, x) = (
+            forwarded.clone(),
+            down_bytes.clone(),
+            up_bytes.clone(),
+            drops.clone(),
+        );
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -85,7 +135,7 @@ impl FaultProxy {
                 .expect("the proxy's runtime");
             rt.block_on(async move {
                 let listener = TcpListener::from_std(std_listener).expect("a tokio listener");
-                serve(addr, Some(listener), rx, f, [d, u]).await;
+                serve(addr, Some(listener), rx, f, [d, u], x).await;
             });
             // Dropping the runtime drops every connection task and socket.
         });
@@ -97,6 +147,7 @@ impl FaultProxy {
             down_bytes,
             up_bytes,
             faults: AtomicUsize::new(0),
+            drops,
             log: Mutex::new(Vec::new()),
         }
     }
@@ -112,7 +163,7 @@ impl FaultProxy {
     }
 
     fn set(&self, what: &'static str, f: impl FnOnce(&mut State)) {
-        if what != "restore" && what != "upstream" {
+        if !matches!(what, "restore" | "upstream" | "chaos") {
             self.faults.fetch_add(1, Ordering::SeqCst);
         }
         self.log
@@ -156,6 +207,16 @@ impl FaultProxy {
         });
     }
 
+    /// From now on, new connections get random delays and drops (`None`: no more).
+    pub fn chaos(&self, chaos: Option<Chaos>) {
+        self.set("chaos", |s| s.chaos = chaos);
+    }
+
+    /// Connections dropped at random so far.
+    pub fn drops(&self) -> u64 {
+        self.drops.load(Ordering::SeqCst)
+    }
+
     /// Forwards new connections to `upstream` from now on.
     pub fn set_upstream(&self, upstream: SocketAddr) {
         self.set("upstream", |s| s.upstream = upstream);
@@ -197,7 +258,9 @@ async fn serve(
     mut rx: watch::Receiver<State>,
     forwarded: Arc<AtomicUsize>,
     bytes: [Arc<AtomicU64>; 2],
+    drops: Arc<AtomicU64>,
 ) {
+    let mut connections = 0u64;
     loop {
         let state = *rx.borrow_and_update();
         if state.stopped {
@@ -219,7 +282,9 @@ async fn serve(
         tokio::select! {
             conn = accepted => {
                 if let Some((down, _)) = conn {
-                    tokio::spawn(connection(down, rx.clone(), forwarded.clone(), bytes.clone()));
+                    connections += 1;
+                    let chaos = state.chaos.map(|c| (c, Rng::new(c.seed ^ connections.wrapping_mul(0x100_0000_01B3)), drops.clone()));
+                    tokio::spawn(connection(down, rx.clone(), forwarded.clone(), bytes.clone(), chaos));
                 }
             }
             changed = rx.changed() => if changed.is_err() { return },
@@ -244,6 +309,7 @@ async fn connection(
     mut rx: watch::Receiver<State>,
     forwarded: Arc<AtomicUsize>,
     bytes: [Arc<AtomicU64>; 2],
+    mut chaos: Option<(Chaos, Rng, Arc<AtomicU64>)>,
 ) {
     let born = *rx.borrow_and_update();
     let mut up: Option<TcpStream> = None;
@@ -276,7 +342,7 @@ async fn connection(
         // Only a change that ends forwarding on this connection interrupts the copy (which
         // loses what was in flight): a new upstream is for new connections.
         tokio::select! {
-            _ = pump(&mut down, u, &bytes) => return,
+            _ = pump(&mut down, u, &bytes, &mut chaos) => return,
             changed = rx.wait_for(|s| s.stopped || s.cuts != born.cuts || s.mode != Mode::Forward) => {
                 if changed.is_err() { return }
             }
@@ -290,8 +356,25 @@ async fn pump(
     down: &mut TcpStream,
     up: &mut TcpStream,
     [down_bytes, up_bytes]: &[Arc<AtomicU64>; 2],
+    chaos: &mut Option<(Chaos, Rng, Arc<AtomicU64>)>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Whether to drop the connection instead of passing a chunk on; before passing it, waits
+    // a random delay (both directions wait: one task pumps both).
+    async fn fault(chaos: &mut Option<(Chaos, Rng, Arc<AtomicU64>)>) -> bool {
+        let Some((c, rng, drops)) = chaos else {
+            return false;
+        };
+        if rng.below(1000) < u64::from(c.drop_per_mille) {
+            drops.fetch_add(1, Ordering::SeqCst);
+            return true;
+        }
+        let max = u64::try_from(c.max_delay.as_micros()).unwrap_or(u64::MAX);
+        if max > 0 {
+            tokio::time::sleep(Duration::from_micros(rng.below(max))).await;
+        }
+        false
+    }
     let (mut dr, mut dw) = down.split();
     let (mut ur, mut uw) = up.split();
     let mut a = vec![0u8; 16 * 1024];
@@ -301,14 +384,14 @@ async fn pump(
             n = dr.read(&mut a) => match n {
                 Ok(0) | Err(_) => return,
                 Ok(n) => {
-                    if uw.write_all(&a[..n]).await.is_err() { return }
+                    if fault(chaos).await || uw.write_all(&a[..n]).await.is_err() { return }
                     up_bytes.fetch_add(n as u64, Ordering::SeqCst);
                 }
             },
             n = ur.read(&mut b) => match n {
                 Ok(0) | Err(_) => return,
                 Ok(n) => {
-                    if dw.write_all(&b[..n]).await.is_err() { return }
+                    if fault(chaos).await || dw.write_all(&b[..n]).await.is_err() { return }
                     down_bytes.fetch_add(n as u64, Ordering::SeqCst);
                 }
             },
