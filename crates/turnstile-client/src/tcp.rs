@@ -1675,7 +1675,7 @@ impl Driver {
             // A closed channel is a permit already released or dropped: nothing to tell.
             if !keep && !lost.is_closed() {
                 tracing::warn!(
-                    lease,
+                    lease = %lease,
                     "the coordinator no longer has this lease (found on resuming the session)"
                 );
                 let _ = lost.send(Some(LostReason::Forgotten));

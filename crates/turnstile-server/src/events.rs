@@ -24,13 +24,16 @@ pub(crate) fn log(entries: Vec<Entry>) {
     for e in entries {
         let session = e.session.map(|s| s.to_string()).unwrap_or_default();
         let session = session.as_str();
+        // As a string, like every id in a JSON document (PROTOCOL.md): a JSON log reader
+        // would round a number past 2^53.
+        let lease = e.lease.map(|l| l.to_string()).unwrap_or_default();
         let client = e.client.as_deref().unwrap_or_default();
         let reason = e.reason.as_deref().unwrap_or_default();
         match e.kind {
             "lease_lost" => match (&e.job, &e.semaphore) {
                 (Some(job), _) => tracing::info!(
                     job = &**job,
-                    lease = e.lease,
+                    lease = %lease,
                     session,
                     client,
                     token = e.token,
@@ -39,7 +42,7 @@ pub(crate) fn log(entries: Vec<Entry>) {
                 ),
                 (None, semaphore) => tracing::info!(
                     semaphore = semaphore.as_deref().unwrap_or_default(),
-                    lease = e.lease,
+                    lease = %lease,
                     session,
                     client,
                     token = e.token,

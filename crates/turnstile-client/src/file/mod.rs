@@ -1110,7 +1110,7 @@ impl Inner {
         }
         for (lease, reason) in lost {
             if let Some(h) = held.remove(&lease) {
-                tracing::warn!(lease, %reason, "lease lost");
+                tracing::warn!(lease = %lease, %reason, "lease lost");
                 Inner::free(&h);
                 let _ = h.lost.send(Some(reason));
             }
