@@ -58,14 +58,19 @@ const RUN_FOR: Duration = Duration::from_secs(40);
 /// a loaded machine.
 const SLACK: Duration = Duration::from_millis(2500);
 
-/// The fenced resource: `act.sh KIND` checks and sets the highest token under a lock and
-/// appends `KIND CLIENT RUN TOKEN LEASE NANOS ok|refused` to the history.
+/// The fenced resource: `act.sh KIND` checks the caller's token against the highest one it
+/// accepted, under a lock, and appends `KIND CLIENT RUN TOKEN LEASE NANOS ok|refused` to the
+/// history. The history is the resource's only state (the highest accepted token is read back
+/// from it) and each action is one short append, so an action cut short by a SIGKILL (a
+/// guard stopping a command whose lease was lost) either happened whole or not at all: a
+/// separate "highest" file, truncated and rewritten, could be left empty by a kill between
+/// the two, and the resource would then refuse everyone (seen in CI, seed
+/// 1796187085061490491).
 const ACT_SH: &str = r#"exec 9>>"$DIR/resource.lock"
 flock 9
-high=$(cat "$DIR/highest" 2>/dev/null || echo 0)
-if [ "$TURNSTILE_FENCING_TOKEN" -ge "$high" ]; then
+high=$(awk '$7 == "ok" && $4 + 0 > h { h = $4 + 0 } END { print h + 0 }' "$DIR/history" 2>/dev/null)
+if [ "$TURNSTILE_FENCING_TOKEN" -ge "${high:-0}" ]; then
   verdict=ok
-  echo "$TURNSTILE_FENCING_TOKEN" > "$DIR/highest"
 else
   verdict=refused
 fi
