@@ -95,6 +95,15 @@ fn frames(dir: &Path) {
             group: "g",
         },
         Request::Leases,
+        Request::SetCapacity {
+            capacity: 5,
+            name: "db",
+        },
+        Request::Delete { name: "db" },
+        Request::Revoke {
+            lease: 1,
+            name: "db",
+        },
     ];
     // A server's stream: the handshake, then everything in one stream.
     let mut stream = vec![0u8];
