@@ -206,7 +206,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if let Some(mut child) = server {
         let _ = child.kill().await;
     }
-    report(&args, &r?, usage.as_ref());
+    report(&args, &r?, usage.as_ref())?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -242,7 +242,7 @@ fn connections(args: &BenchArgs) -> usize {
         .clamp(1, args.clients)
 }
 
-fn report(args: &BenchArgs, o: &Outcome, usage: Option<&Usage>) {
+fn report(args: &BenchArgs, o: &Outcome, usage: Option<&Usage>) -> anyhow::Result<()> {
     let mut lat = o.latencies_us.clone();
     lat.sort_unstable();
     let pct = |q: f64| -> u32 {
@@ -278,7 +278,7 @@ fn report(args: &BenchArgs, o: &Outcome, usage: Option<&Usage>) {
         server: usage.and_then(|u| u.server.map(|(_, d)| d.per(o.pairs))),
     };
     if args.json {
-        println!(
+        outln!(
             "{{\"scenario\":\"{scenario}\",\"clients\":{},\"connections\":{conns},\"pairs_per_sec\":{:.0},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"errors\":{}{}}}",
             args.clients,
             rate,
@@ -287,14 +287,14 @@ fn report(args: &BenchArgs, o: &Outcome, usage: Option<&Usage>) {
             pct(0.999),
             o.errors,
             per_pair.json()
-        );
+        )?;
     } else {
         let unit = if args.scenario == Scenario::Echo {
             "round trips"
         } else {
             "pairs"
         };
-        println!(
+        outln!(
             "{scenario}: {} clients over {conns} connections, {:.0} {unit}/s, p50 {}us, p99 {}us, p99.9 {}us, {} errors ({} {unit} in {:.1}s)",
             args.clients,
             rate,
@@ -304,11 +304,12 @@ fn report(args: &BenchArgs, o: &Outcome, usage: Option<&Usage>) {
             o.errors,
             o.pairs,
             o.elapsed.as_secs_f64()
-        );
+        )?;
         if let Some(line) = per_pair.text(usage.and_then(|u| u.server.map(|(pid, _)| pid))) {
-            println!("{line}");
+            outln!("{line}")?;
         }
     }
+    Ok(())
 }
 
 /// CPU time of a process (all its threads), from /proc. (System calls are not counted here:
@@ -870,19 +871,19 @@ async fn keepalive(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let share = ticks as f64 / TICKS_PER_SEC / elapsed;
     let keepalives = args.clients as f64 * 3.0 / args.session_ttl.as_secs_f64();
     if args.json {
-        println!(
+        outln!(
             "{{\"scenario\":\"keepalive/{:?}\",\"clients\":{},\"session_ttl_ms\":{},\"keepalives_per_sec\":{keepalives:.0},\"server_cpu_share\":{share:.4}}}",
             args.storage,
             args.clients,
             args.session_ttl.as_millis()
-        );
+        )?;
     } else {
-        println!(
+        outln!(
             "keepalive: {} idle sessions (TTL {}, about {keepalives:.0} keep-alives/s): the coordinator used {:.1}% of one core",
             args.clients,
             humantime::format_duration(args.session_ttl),
             share * 100.0
-        );
+        )?;
     }
     for c in clients {
         let _ = c.shutdown().await;
@@ -1333,7 +1334,7 @@ async fn scale(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let rss_after = rss_bytes(pid)?;
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     if args.json {
-        println!(
+        outln!(
             "{{\"scenario\":\"scale\",\"semaphores\":{sems},\"leases\":{},\"sessions\":{},\"rss_mib\":{:.1},\"rss_idle_mib\":{:.1},\"fill_secs\":{:.2},\"probe_pairs\":{},\"probe_p50_us\":{},\"probe_p99_us\":{},\"probe_max_us\":{},\"errors\":{errors}}}",
             args.leases,
             args.clients,
@@ -1344,17 +1345,17 @@ async fn scale(args: &BenchArgs) -> anyhow::Result<ExitCode> {
             pct(0.5),
             pct(0.99),
             worst.as_micros()
-        );
+        )?;
     } else {
-        println!(
+        outln!(
             "scale: {sems} semaphores, {} leases held by {} sessions: coordinator RSS {:.1} MiB (idle {:.1} MiB; filled in {:.1}s; {errors} errors)",
             args.leases,
             args.clients,
             mib(rss),
             mib(rss_idle),
             fill.as_secs_f64()
-        );
-        println!(
+        )?;
+        outln!(
             "expiry of all {} leases at once: probe pairs around it p50 {}us, p99 {}us, max {}us ({} pairs); RSS after {:.1} MiB",
             args.leases,
             pct(0.5),
@@ -1362,7 +1363,7 @@ async fn scale(args: &BenchArgs) -> anyhow::Result<ExitCode> {
             worst.as_micros(),
             around.len(),
             mib(rss_after)
-        );
+        )?;
     }
     let _ = child.kill().await;
     Ok(ExitCode::SUCCESS)
@@ -1548,26 +1549,26 @@ async fn scrape(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         _ => None,
     };
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-    println!(
+    outln!(
         "scrape: {} one-off names: coordinator RSS {:.1} MiB (idle {:.1} MiB; {errors} errors)",
         args.semaphores,
         mib(rss_full),
         mib(rss_idle)
-    );
-    println!(
+    )?;
+    outln!(
         "during {scrapes} /metrics scrapes (largest {metrics_max} bytes, slowest {}ms) and {statuses} paged statuses ({seen} semaphores, largest reply {largest} bytes, slowest {}ms): probe pairs p50 {}us, p99 {}us, max {worst}us ({} pairs)",
         metrics_worst.as_millis(),
         status_worst.as_millis(),
         pct(0.5),
         pct(0.99),
         pairs.len()
-    );
+    )?;
     if let Some((rss, left)) = rss_after {
-        println!(
+        outln!(
             "after --forget-idle {}: {left} semaphores left, coordinator RSS {:.1} MiB",
             args.forget_idle,
             mib(rss)
-        );
+        )?;
     }
     let _ = child.kill().await;
     Ok(ExitCode::SUCCESS)

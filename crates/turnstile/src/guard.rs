@@ -316,12 +316,12 @@ impl Guarded {
         match outcome {
             Ok(Started::Running(_)) => Ok(()),
             Ok(Started::Failed { code, message }) => {
-                eprintln!("turnstile: {message}");
+                errln!("turnstile: {message}");
                 let _ = self.child.wait().await;
                 Err(code)
             }
             Err(e) => {
-                eprintln!("turnstile: the guard process failed: {e}");
+                errln!("turnstile: the guard process failed: {e}");
                 let _ = self.child.start_kill();
                 let _ = self.child.wait().await;
                 Err(EXIT_GUARD_FAILED)
@@ -406,7 +406,7 @@ pub fn guard(args: GuardArgs) -> ExitCode {
         // The wrapper is gone already: nothing was started.
         Ok(None) => ExitCode::from(EXIT_GUARD_FAILED),
         Err(e) => {
-            eprintln!("turnstile: guard: {e}");
+            errln!("turnstile: guard: {e}");
             ExitCode::from(EXIT_GUARD_FAILED)
         }
     }
@@ -744,7 +744,7 @@ pub fn exec(args: ExecArgs) -> ExitCode {
         Ok(mut f) => {
             let _ = f.write_all(report.as_bytes());
         }
-        Err(_) => eprintln!("turnstile: {}", &report[4..]),
+        Err(_) => errln!("turnstile: {}", &report[4..]),
     }
     ExitCode::from(code)
 }

@@ -2,6 +2,9 @@
 //! logging and a runtime, calls into `turnstile-server` or `turnstile-client`, and maps errors
 //! to one line on stderr and an exit code. It is the only crate that uses `anyhow`.
 
+#[macro_use]
+mod out;
+
 mod bench;
 mod config_file;
 mod guard;
@@ -130,7 +133,7 @@ fn note_default_coordinator(url: &str) {
         return;
     };
     if TcpStream::connect_timeout(&addr, PROBE_TIMEOUT).is_ok() {
-        eprintln!(
+        errln!(
             "turnstile: note: using {url} (no --url or TURNSTILE_URL), but a coordinator \
              answers on {addr}; to use it: export TURNSTILE_URL=tcp://{addr}"
         );
@@ -360,8 +363,15 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        // The reader of stdout went away (`status | head -1`): it has what it wanted.
+        Err(e)
+            if e.downcast_ref::<out::Closed>()
+                .is_some_and(out::Closed::is_broken_pipe) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
-            eprintln!("turnstile: {}", one_line(&e));
+            errln!("turnstile: {}", one_line(&e));
             exit_code_of(&e)
         }
     }
@@ -417,7 +427,7 @@ fn serve_command(
 ) -> anyhow::Result<ExitCode> {
     let settings = args.settings(matches, log_format, args.file()?);
     if args.print_config() {
-        print!("{}", settings.to_toml());
+        out!("{}", settings.to_toml())?;
         return Ok(ExitCode::SUCCESS);
     }
     init_logging(settings.log_format.value);
@@ -443,6 +453,9 @@ fn init_logging_at(format: LogFormat, default: &str) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Its report of a failed write is an `eprintln!`, which panics when stderr is a
+        // closed pipe: a coordinator whose log reader went away would die of its next line.
+        .log_internal_errors(false)
         .with_target(false);
     let _ = match format {
         LogFormat::Text => builder

@@ -68,9 +68,9 @@ pub async fn once(args: OnceArgs) -> anyhow::Result<ExitCode> {
         let was = client.reset_job(&args.job).await;
         let _ = client.shutdown().await;
         if was? {
-            eprintln!("turnstile: forgot the completion of job {:?}", args.job);
+            errln!("turnstile: forgot the completion of job {:?}", args.job);
         } else {
-            eprintln!("turnstile: job {:?} had no completion to forget", args.job);
+            errln!("turnstile: job {:?} had no completion to forget", args.job);
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -109,7 +109,7 @@ pub async fn once(args: OnceArgs) -> anyhow::Result<ExitCode> {
     let attempt = match start {
         Ok(JobStart::Run(attempt)) => attempt,
         Ok(JobStart::Completed(done)) => {
-            eprintln!(
+            errln!(
                 "turnstile: job {:?} {}; skipping",
                 args.job,
                 completed(&done)
@@ -118,7 +118,7 @@ pub async fn once(args: OnceArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         Ok(JobStart::Running(r)) => {
-            eprintln!(
+            errln!(
                 "turnstile: job {:?} is running on {} (for {}); skipping",
                 args.job,
                 r.client,
@@ -128,7 +128,7 @@ pub async fn once(args: OnceArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         Err(Error::TimedOut) => {
-            eprintln!(
+            errln!(
                 "turnstile: timed out after {} waiting for job {:?} to finish elsewhere",
                 round(args.timeout.unwrap_or_default()),
                 args.job
@@ -180,21 +180,21 @@ pub async fn once(args: OnceArgs) -> anyhow::Result<ExitCode> {
             match finish(&mut sigs, attempt.succeed()).await {
                 Some(Ok(())) => 0,
                 Some(Err(e)) if e.is_unavailable() => {
-                    eprintln!(
+                    errln!(
                     "turnstile: job {:?} succeeded, but its completion could not be recorded: {e}; the job may run again",
                     args.job
                 );
                     EXIT_UNAVAILABLE
                 }
                 None => {
-                    eprintln!(
+                    errln!(
                     "turnstile: job {:?} succeeded, but turnstile was stopped before its completion was recorded; the job may run again",
                     args.job
                 );
                     EXIT_UNAVAILABLE
                 }
                 Some(Err(Error::LeaseLost(reason))) => {
-                    eprintln!(
+                    errln!(
                     "turnstile: job {:?} succeeded, but its lease was lost ({reason}) first: its completion is not recorded and another runner may run it",
                     args.job
                 );
@@ -212,9 +212,9 @@ pub async fn once(args: OnceArgs) -> anyhow::Result<ExitCode> {
             match finish(&mut sigs, attempt.fail(&how)).await {
                 Some(Ok(())) => {}
                 Some(Err(e)) => {
-                    eprintln!("turnstile: warning: could not record the failed attempt: {e}")
+                    errln!("turnstile: warning: could not record the failed attempt: {e}")
                 }
-                None => eprintln!(
+                None => errln!(
                     "turnstile: warning: stopped before the failed attempt was recorded; its lease expires on its own"
                 ),
             }
@@ -339,12 +339,12 @@ pub async fn wait(args: WaitArgs) -> anyhow::Result<ExitCode> {
     };
     match r {
         Ok(g) => {
-            eprintln!("turnstile: group {:?}: {}", args.group, summary(&g));
+            errln!("turnstile: group {:?}: {}", args.group, summary(&g));
             Ok(ExitCode::SUCCESS)
         }
         Err(Error::TimedOut) => {
             let waited = started.elapsed().unwrap_or_default();
-            eprintln!(
+            errln!(
                 "turnstile: timed out after {} waiting for group {:?}",
                 round(waited),
                 args.group

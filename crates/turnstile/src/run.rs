@@ -112,15 +112,16 @@ async fn run_with(
     let permit = match permit {
         Ok(p) => p,
         Err(Error::TimedOut) if args.timeout.is_some_and(|t| t.is_zero()) => {
-            eprintln!(
+            errln!(
                 "turnstile: {:?} is busy: {} slot(s) not free (--timeout 0 does not wait)",
-                args.name, args.weight
+                args.name,
+                args.weight
             );
             return Ok(ExitCode::from(EXIT_TIMEOUT));
         }
         Err(Error::TimedOut) => {
             let waited = args.timeout.map(humantime::format_duration);
-            eprintln!(
+            errln!(
                 "turnstile: timed out after {} waiting for {} slot(s) of {:?}",
                 waited.map(|w| w.to_string()).unwrap_or_default(),
                 args.weight,
@@ -204,10 +205,10 @@ async fn release(permit: Permit, sigs: &mut Signals, what: &str) {
     match released {
         Some(Ok(())) => {}
         Some(Err(e)) if e.is_unavailable() => {
-            eprintln!("turnstile: the release of {what} was not delivered: {e}; the lease expired on its own");
+            errln!("turnstile: the release of {what} was not delivered: {e}; the lease expired on its own");
         }
-        Some(Err(e)) => eprintln!("turnstile: warning: the release of {what} failed: {e}"),
-        None => eprintln!(
+        Some(Err(e)) => errln!("turnstile: warning: the release of {what} failed: {e}"),
+        None => errln!(
             "turnstile: the release of {what} was not delivered before turnstile was stopped; the lease expires on its own within the session TTL"
         ),
     }
@@ -360,12 +361,12 @@ pub(crate) async fn supervise(
             sig = sigs.recv() => child.signal(sig),
             reason = permit.lost() => match on_lost {
                 OnLost::Ignore => {
-                    eprintln!("turnstile: warning: {what} was lost ({reason}); the command keeps running");
+                    errln!("turnstile: warning: {what} was lost ({reason}); the command keeps running");
                     let status = wait_forwarding(child, sigs).await?;
                     return Ok(Supervised::Exited(status));
                 }
                 OnLost::Kill => {
-                    eprintln!(
+                    errln!(
                         "turnstile: {what} was lost ({reason}); stopping the command (SIGTERM, SIGKILL after {})",
                         humantime::format_duration(grace)
                     );

@@ -537,18 +537,18 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         },
     };
     // One line on stdout per port, for scripts and tests that listen on port 0.
-    println!("listening on {addr}");
+    let _ = outln!("listening on {addr}");
     let http_addr = match &http {
         Some(l) => Some(l.local_addr()?),
         None => None,
     };
     let scheme = if tls { "https" } else { "http" };
     if let Some(h) = http_addr {
-        println!("http on {scheme}://{h}/");
+        let _ = outln!("http on {scheme}://{h}/");
     }
     // Clients do not look for a coordinator: without TURNSTILE_URL they use the per-user
     // directory. The line to copy, with the address actually bound.
-    println!("clients: export TURNSTILE_URL={}", client_url(addr));
+    let _ = outln!("clients: export TURNSTILE_URL={}", client_url(addr));
     tracing::info!(
         %addr,
         tls,

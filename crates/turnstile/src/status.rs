@@ -48,24 +48,24 @@ pub async fn status(url: &str, what: What<'_>, json: bool) -> anyhow::Result<Exi
     let doc = doc?;
     let missing = name.is_some() && doc.semaphores.is_empty() && doc.jobs.is_empty();
     if json {
-        println!("{}", String::from_utf8_lossy(&doc.to_json()));
+        outln!("{}", String::from_utf8_lossy(&doc.to_json()))?;
     } else if name.is_some() {
         // One name: the semaphore and/or the job of that name, in full.
         let now = SystemTime::now();
         if !doc.semaphores.is_empty() {
-            print!("{}", render(&doc, now));
+            out!("{}", render(&doc, now))?;
         }
         for j in &doc.jobs {
-            println!("{}", render_job(j, now));
+            outln!("{}", render_job(j, now))?;
         }
     } else {
         // Which backend this is: without --url or TURNSTILE_URL it is the per-user
         // directory, not a coordinator the user may have started.
-        println!("backend: {url}\n");
-        print!("{}", render(&doc, SystemTime::now()));
+        outln!("backend: {url}\n")?;
+        out!("{}", render(&doc, SystemTime::now()))?;
     }
     if let (Some(name), true) = (name, missing) {
-        eprintln!("turnstile: no semaphore or job named {name:?}");
+        errln!("turnstile: no semaphore or job named {name:?}");
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
@@ -137,7 +137,7 @@ pub async fn watch(
                     frame.push('\n');
                 }
             }
-            (Err(e), true) => eprintln!("turnstile: status unavailable: {e}"),
+            (Err(e), true) => errln!("turnstile: status unavailable: {e}"),
         }
         // One write per frame, so that the terminal never shows half a table. A closed
         // stdout (`| head`) ends the watch.

@@ -623,3 +623,98 @@ fn run_stays_quiet_through_a_restart_within_the_ttl() {
         "run printed on its command's stderr: {out:?}"
     );
 }
+
+/// `cmd` with stdout and stderr on pipes whose reading ends are closed before it writes, to
+/// completion: a reader that went away (`turnstile status | head -1`, a log pipe gone).
+fn with_readers_gone(mut cmd: Command) -> std::process::ExitStatus {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env("RUST_BACKTRACE", "1")
+        .spawn()
+        .expect("spawn turnstile");
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    // What it would have said is lost with the pipe; a panic exits with 101.
+    child.wait().expect("wait for turnstile")
+}
+
+/// Rust ignores SIGPIPE, so a write to a closed pipe is an error on which `println!` and
+/// `eprintln!` panic. A reader of stdout that stops early ends a command quietly (exit 0, as
+/// it has what it wanted); an exit code that says something (75: busy) survives a closed
+/// stderr; and a coordinator whose stdout and stderr are gone keeps serving.
+#[test]
+fn closed_pipes_are_not_panics() {
+    let h = Harness::new("closed_pipes", "10s");
+    let made = h.run(&["run", "db", "--limit", "2", "--", "true"]);
+    assert_eq!(made.code(), 0, "{made:?}");
+    for args in [&["status"][..], &["status", "--json"], &["status", "db"]] {
+        let status = with_readers_gone(h.command(args));
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "turnstile {args:?} into a closed pipe"
+        );
+    }
+    // Busy: the exit code is the message that still arrives.
+    let _ = std::fs::remove_file(h.dir.join("go"));
+    let mut holder = h.spawn(
+        "holder",
+        &[
+            "run",
+            "one",
+            "--limit",
+            "1",
+            "--",
+            "sh",
+            "-c",
+            &hold_until_go("held"),
+        ],
+    );
+    h.dir.wait_for("held");
+    let status = with_readers_gone(h.command(&[
+        "run",
+        "one",
+        "--limit",
+        "1",
+        "--timeout",
+        "0",
+        "--",
+        "true",
+    ]));
+    assert_eq!(status.code(), Some(75), "busy, with stderr closed");
+    std::fs::write(h.dir.join("go"), "").expect("go");
+    assert_eq!(holder.wait(SOON).code(), 0);
+
+    // A coordinator started with its output going nowhere: it must not die on its first line.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut serve = Command::new(BIN)
+        .args(["serve", "--in-memory", "--http", "off", "--listen", &listen])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn turnstile serve");
+    drop(serve.stdout.take());
+    drop(serve.stderr.take());
+    let url = format!("tcp://{listen}");
+    wait_until("the coordinator to answer", SOON, || {
+        if let Ok(Some(exit)) = serve.try_wait() {
+            panic!("the coordinator exited ({exit}) when its stdout was closed");
+        }
+        let out = Command::new(BIN)
+            .args(["status", "--url", &url])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run turnstile status");
+        out.status.success().then_some(())
+    });
+    let _ = serve.kill();
+    let _ = serve.wait();
+}

@@ -250,7 +250,7 @@ pub async fn nanny(args: NannyArgs) -> anyhow::Result<ExitCode> {
             })
         }
         Err(f) => {
-            eprintln!("turnstile: {}", f.message);
+            errln!("turnstile: {}", f.message);
             return Ok(ExitCode::from(f.code));
         }
     };
