@@ -43,6 +43,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -116,6 +117,7 @@ pub(crate) async fn serve(
                     continue;
                 };
                 let shared = shared.clone();
+                let open = Open::new(&shared);
                 tasks.spawn(async move {
                     // One deadline for the TLS handshake and the first byte together.
                     let deadline = Instant::now() + READ_TIMEOUT;
@@ -136,7 +138,7 @@ pub(crate) async fn serve(
                             }
                         }
                     }
-                    drop(permit);
+                    drop((permit, open));
                 });
             }
             Err(e) => {
@@ -155,6 +157,22 @@ pub(crate) async fn serve(
         while tasks.try_join_next().is_some() {}
     }
     tasks.shutdown().await;
+}
+
+/// One open connection, as `turnstile_http_connections` counts it.
+struct Open(Arc<Shared>);
+
+impl Open {
+    fn new(shared: &Arc<Shared>) -> Open {
+        shared.metrics.http_connections.fetch_add(1, Relaxed);
+        Open(shared.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.metrics.http_connections.fetch_sub(1, Relaxed);
+    }
 }
 
 /// Serves one connection (after its TLS handshake, if any): its first byte, then hyper.

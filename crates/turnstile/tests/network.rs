@@ -194,7 +194,7 @@ fn the_http_port_wants_the_bearer_token_off_loopback() {
         s.set_read_timeout(Some(SOON)).expect("timeout");
         write!(
             s,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n\r\n"
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n"
         )
         .expect("send");
         let mut raw = String::new();

@@ -173,7 +173,11 @@ fn https_get(addr: &str, path: &str, ca: &str, bearer: Option<&str>) -> (u16, St
     sock.set_read_timeout(Some(SOON)).expect("set a timeout");
     let mut tls = rustls::StreamOwned::new(conn, sock);
     let auth = bearer.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(tls, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}\r\n").expect("send the request");
+    write!(
+        tls,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .expect("send the request");
     let mut raw = Vec::new();
     if let Err(e) = tls.read_to_end(&mut raw) {
         panic!("reading the HTTPS response: {e} (got {raw:?})");
