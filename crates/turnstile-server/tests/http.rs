@@ -751,7 +751,7 @@ fn open_connections(m: &Metrics) -> f64 {
 }
 
 /// HTTP/1.1 keeps the connection alive: several requests, pipelined or one after the other,
-/// on one connection, until the client asks for a close.
+/// on one connection, until the client asks for a close or leaves it idle too long.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_alive_and_pipelining() {
     let server = TestServer::start(Storage::InMemory).await;
@@ -792,6 +792,25 @@ async fn keep_alive_and_pipelining() {
     assert!(rest.starts_with("HTTP/1.1 404 Not Found\r\n"), "{rest}");
     let last = parse_response(rest.as_bytes());
     assert_eq!(last.header("connection"), Some("close"));
+
+    // A kept-alive connection left idle is closed after the head timeout.
+    let mut idle = TcpStream::connect(server.http).await.expect("connect");
+    idle.write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+        .await
+        .expect("write");
+    let r = timeout(PATIENCE, read_response(&mut idle))
+        .await
+        .expect("in time");
+    assert_eq!(r.code, 200);
+    let since = Instant::now();
+    let mut rest = Vec::new();
+    let closed = timeout(PATIENCE, idle.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0))), "{closed:?}");
+    assert!(
+        since.elapsed() < READ_TIMEOUT * 2,
+        "an idle connection lasted {:?}",
+        since.elapsed()
+    );
 }
 
 /// A client that sends its head a byte at a time is cut off after the head timeout, however
