@@ -210,6 +210,8 @@ pub(crate) struct Metrics {
     pub(crate) log_bytes: AtomicU64,
     /// Snapshots written.
     pub(crate) snapshots: AtomicU64,
+    /// Connections open on the HTTP port now.
+    pub(crate) http_connections: AtomicU64,
     /// HTTP requests by route and status code. HTTP is not a hot path; a lock is fine.
     http: Mutex<BTreeMap<(&'static str, u16), u64>>,
     started: SystemTime,
@@ -224,6 +226,7 @@ impl Metrics {
             fsync: Histogram::new(&FSYNC_BOUNDS),
             log_bytes: AtomicU64::new(0),
             snapshots: AtomicU64::new(0),
+            http_connections: AtomicU64::new(0),
             http: Mutex::new(BTreeMap::new()),
             started: SystemTime::now(),
         }
@@ -617,6 +620,16 @@ pub(crate) fn render(core: &CoreNumbers, m: &Metrics) -> String {
         p.sample("turnstile_snapshots_total", &[], m.snapshots.load(Relaxed));
     }
 
+    p.family(
+        "turnstile_http_connections",
+        "gauge",
+        "Connections open on the HTTP port.",
+    );
+    p.sample(
+        "turnstile_http_connections",
+        &[],
+        m.http_connections.load(Relaxed),
+    );
     p.family(
         "turnstile_http_requests_total",
         "counter",

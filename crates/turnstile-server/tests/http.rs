@@ -113,16 +113,37 @@ impl Response {
     }
 }
 
-/// Sends raw bytes to the HTTP port and reads the response until the server closes.
+/// Sends raw bytes to the HTTP port and reads one response (the connection may stay open:
+/// HTTP/1.1 keeps it alive).
 async fn request(addr: SocketAddr, bytes: &[u8]) -> Response {
     let mut stream = TcpStream::connect(addr).await.expect("connect http");
     stream.write_all(bytes).await.expect("write");
-    let mut raw = Vec::new();
-    timeout(PATIENCE, stream.read_to_end(&mut raw))
+    timeout(PATIENCE, read_response(&mut stream))
         .await
-        .expect("the server answers and closes in time")
-        .expect("read");
-    parse_response(&raw)
+        .expect("the server answers in time")
+}
+
+/// Reads one response off `stream`: its head, then as many bytes as its Content-Length says.
+async fn read_response(stream: &mut TcpStream) -> Response {
+    let mut raw = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .split("\r\n")
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .and_then(|l| l.parse().ok())
+                .expect("a Content-Length");
+            if raw.len() >= end + 4 + length {
+                raw.truncate(end + 4 + length);
+                return parse_response(&raw);
+            }
+        }
+        let n = stream.read(&mut chunk).await.expect("read");
+        assert!(n > 0, "the server closed mid-response: {raw:?}");
+        raw.extend_from_slice(&chunk[..n]);
+    }
 }
 
 fn parse_response(raw: &[u8]) -> Response {
@@ -151,7 +172,6 @@ fn parse_response(raw: &[u8]) -> Response {
         .and_then(|l| l.parse().ok())
         .expect("a Content-Length");
     assert_eq!(length, response.body.len(), "Content-Length is the body's");
-    assert_eq!(response.header("connection"), Some("close"));
     response
 }
 
@@ -687,7 +707,7 @@ async fn bad_requests_are_refused() {
     // HEAD: the headers of GET, no body.
     let mut stream = TcpStream::connect(server.http).await.expect("connect");
     stream
-        .write_all(b"HEAD /metrics HTTP/1.1\r\n\r\n")
+        .write_all(b"HEAD /metrics HTTP/1.1\r\nConnection: close\r\n\r\n")
         .await
         .expect("write");
     let mut raw = Vec::new();
@@ -717,4 +737,188 @@ async fn bad_requests_are_refused() {
         .expect("the idle connection is answered after the read timeout")
         .expect("read");
     assert_eq!(parse_response(&raw).code, 408);
+}
+
+/// The HTTP port's constants (`crates/turnstile-server/src/http.rs`), as these tests rely on
+/// them.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_READING: usize = 256;
+
+/// `turnstile_http_connections`, the HTTP connections open now (the scrape's own included).
+fn open_connections(m: &Metrics) -> f64 {
+    m.get("turnstile_http_connections", &[])
+        .expect("turnstile_http_connections")
+}
+
+/// HTTP/1.1 keeps the connection alive: several requests, pipelined or one after the other,
+/// on one connection, until the client asks for a close or leaves it idle too long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_and_pipelining() {
+    let server = TestServer::start(Storage::InMemory).await;
+    let mut s = TcpStream::connect(server.http).await.expect("connect");
+    for path in ["/metrics", "/v1/status", "/nope"] {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        s.write_all(req.as_bytes()).await.expect("write");
+        let r = timeout(PATIENCE, read_response(&mut s))
+            .await
+            .expect("an answer in time");
+        assert_eq!(r.code, if path == "/nope" { 404 } else { 200 }, "{path}");
+        assert_eq!(r.header("connection"), None, "kept alive");
+    }
+    // Three at once, answered in order.
+    s.write_all(
+        b"GET /v1/events HTTP/1.1\r\n\r\nHEAD / HTTP/1.1\r\n\r\nGET /nope HTTP/1.1\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let mut raw = Vec::new();
+    timeout(PATIENCE, s.read_to_end(&mut raw))
+        .await
+        .expect("answered and closed after `Connection: close`")
+        .expect("read");
+    let raw = String::from_utf8(raw).expect("UTF-8");
+    // The events page (with a body), the HEAD (a Content-Length, no body), the 404 (closing).
+    let (events, rest) = raw.split_once("\r\n\r\n").expect("a first head");
+    assert!(events.starts_with("HTTP/1.1 200 OK\r\n"), "{events}");
+    let length: usize = events
+        .to_ascii_lowercase()
+        .split("\r\n")
+        .find_map(|l| l.strip_prefix("content-length: ")?.parse().ok())
+        .expect("a Content-Length");
+    let (body, rest) = rest.split_at(length);
+    assert!(body.contains("events"), "{body}");
+    let (head, rest) = rest.split_once("\r\n\r\n").expect("the HEAD's head");
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(rest.starts_with("HTTP/1.1 404 Not Found\r\n"), "{rest}");
+    let last = parse_response(rest.as_bytes());
+    assert_eq!(last.header("connection"), Some("close"));
+
+    // A kept-alive connection left idle is closed after the head timeout.
+    let mut idle = TcpStream::connect(server.http).await.expect("connect");
+    idle.write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+        .await
+        .expect("write");
+    let r = timeout(PATIENCE, read_response(&mut idle))
+        .await
+        .expect("in time");
+    assert_eq!(r.code, 200);
+    let since = Instant::now();
+    let mut rest = Vec::new();
+    let closed = timeout(PATIENCE, idle.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0))), "{closed:?}");
+    assert!(
+        since.elapsed() < READ_TIMEOUT * 2,
+        "an idle connection lasted {:?}",
+        since.elapsed()
+    );
+}
+
+/// A client that sends its head a byte at a time is cut off after the head timeout, however
+/// steadily it sends (hyper's `header_read_timeout`; hyper's own default is 30 s, and without
+/// it the connection would last as long as the client goes on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_sent_a_byte_at_a_time_is_cut_off() {
+    let server = TestServer::start(Storage::InMemory).await;
+    let (mut read, mut write) = TcpStream::connect(server.http)
+        .await
+        .expect("connect")
+        .into_split();
+    let started = Instant::now();
+    let dribble = tokio::spawn(async move {
+        let head = b"GET /metrics HTTP/1.1\r\n"
+            .iter()
+            .chain(std::iter::repeat(&b'x'));
+        for &b in head.take(400) {
+            if write.write_all(&[b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        write
+    });
+    let mut got = Vec::new();
+    let closed = timeout(PATIENCE, read.read_to_end(&mut got)).await;
+    let took = started.elapsed();
+    dribble.abort();
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "still open after {took:?}: {closed:?}"
+    );
+    assert!(got.is_empty(), "nothing is answered: {got:?}");
+    assert!(
+        took < READ_TIMEOUT * 2,
+        "closed only after {took:?} (the head timeout is {READ_TIMEOUT:?})"
+    );
+    assert_eq!(server.get("/metrics").await.code, 200);
+}
+
+/// Past [`MAX_READING`] connections still sending their first head, each new one makes the
+/// oldest go at once (before its head timeout), so a flood of them cannot fill the port's
+/// connection cap; a scrape beside them is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_unfinished_heads_makes_the_oldest_go() {
+    let server = TestServer::start(Storage::InMemory).await;
+    let flood = MAX_READING + 40;
+    let mut slow = Vec::new();
+    for _ in 0..flood {
+        let mut s = TcpStream::connect(server.http).await.expect("connect");
+        s.write_all(b"G").await.expect("write");
+        slow.push((Instant::now(), s));
+    }
+    let (opened, mut oldest) = slow.remove(0);
+    let mut got = Vec::new();
+    let closed = timeout(PATIENCE, oldest.read_to_end(&mut got)).await;
+    let took = opened.elapsed();
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+    assert!(
+        took < READ_TIMEOUT - Duration::from_millis(500),
+        "the oldest went after {took:?}: by its head timeout, not to make room"
+    );
+    let started = Instant::now();
+    let m = server.metrics().await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(
+        // The evicted go as their tasks next run: a few may still count.
+        open_connections(&m) <= (MAX_READING + 8) as f64,
+        "{} open",
+        open_connections(&m)
+    );
+    drop(slow);
+}
+
+/// A client that asks for responses and does not take them is dropped once a response has
+/// waited [`WRITE_TIMEOUT`] to be taken (hyper has no write timeout: ours wraps the stream).
+///
+/// [`WRITE_TIMEOUT`]: the 10 s of `http.rs`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_is_dropped() {
+    let server = TestServer::start(Storage::InMemory).await;
+    let mut s = TcpStream::connect(server.http).await.expect("connect");
+    // 2,000 dashboards (16 KB each): far more than the socket buffers hold.
+    let requests = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".repeat(2000);
+    let started = Instant::now();
+    let hog = tokio::spawn(async move {
+        let _ = s.write_all(&requests).await;
+        // Never read; hold the connection until aborted.
+        std::future::pending::<()>().await;
+        drop(s);
+    });
+    server
+        .metrics_until("the client's connection", |m| open_connections(m) >= 2.0)
+        .await;
+    let deadline = Instant::now() + PATIENCE + Duration::from_secs(10);
+    loop {
+        let m = server.metrics().await;
+        if open_connections(&m) <= 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a client that does not read still holds its connection after {:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("dropped after {:?}", started.elapsed());
+    hog.abort();
 }

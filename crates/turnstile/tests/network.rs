@@ -194,7 +194,7 @@ fn the_http_port_wants_the_bearer_token_off_loopback() {
         s.set_read_timeout(Some(SOON)).expect("timeout");
         write!(
             s,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n\r\n"
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n"
         )
         .expect("send");
         let mut raw = String::new();
@@ -321,17 +321,19 @@ fn running_out_of_file_descriptors_is_survived_and_logged_sparingly() {
     drop((flood, more, child));
 }
 
-/// Hundreds of clients that send their request a byte a second do not keep `/metrics` from
-/// answering within a second.
+/// More clients sending their request a byte a second than the HTTP port takes connections
+/// (1,024) do not keep `/metrics` from answering within a second: past 256 still sending
+/// their head, each new connection makes the oldest go. (Connections are tasks, so a few
+/// hundred slow ones alone would not slow a scrape; it is the cap they would fill.)
 #[test]
 fn slow_http_clients_do_not_starve_the_port() {
     let server = Server::start_with(&["--in-memory", "--http", "127.0.0.1:0"]);
     let addr = server.http_addr();
-    let mut slow: Vec<TcpStream> = (0..300)
+    let mut slow: Vec<TcpStream> = (0..1100)
         .filter_map(|_| TcpStream::connect(&addr).ok())
         .collect();
     assert!(
-        slow.len() >= 250,
+        slow.len() >= 1050,
         "only {} slow clients connected",
         slow.len()
     );
@@ -358,7 +360,7 @@ fn slow_http_clients_do_not_starve_the_port() {
         worst = worst.max(took);
         std::thread::sleep(Duration::from_millis(500));
     }
-    eprintln!("/metrics beside 300 slow clients: worst {worst:?}");
+    eprintln!("/metrics beside 1,100 slow clients: worst {worst:?}");
     assert!(worst < Duration::from_secs(1), "/metrics took {worst:?}");
     drop(dripper.join());
 }

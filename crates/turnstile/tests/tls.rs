@@ -1,7 +1,7 @@
 //! TLS with real processes: `serve --tls-cert --tls-key`, clients on `tls://` trusting the test
 //! CA (`tests/certs/`, see its README), refusals that are one line and immediate (an untrusted
 //! certificate, TLS against a plaintext port and the reverse), HTTPS on the HTTP port with the
-//! bearer token off loopback, and the connection gate's flags.
+//! bearer token off loopback and keep-alive over TLS, and the connection gate's flags.
 
 #[allow(dead_code)] // the helpers serve several test binaries
 mod common;
@@ -153,8 +153,8 @@ fn tls_and_plaintext_do_not_mix_and_say_so_at_once() {
     );
 }
 
-/// `GET path` over HTTPS, trusting `ca`, with an optional bearer token: status and body.
-fn https_get(addr: &str, path: &str, ca: &str, bearer: Option<&str>) -> (u16, String) {
+/// A TLS connection to `addr` trusting `ca`, with a read timeout.
+fn https_connect(addr: &str, ca: &str) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, ServerName};
     let mut roots = rustls::RootCertStore::empty();
@@ -171,9 +171,18 @@ fn https_get(addr: &str, path: &str, ca: &str, bearer: Option<&str>) -> (u16, St
     let conn = rustls::ClientConnection::new(Arc::new(config), name).expect("a TLS client");
     let sock = TcpStream::connect(addr).expect("connect to the HTTPS port");
     sock.set_read_timeout(Some(SOON)).expect("set a timeout");
-    let mut tls = rustls::StreamOwned::new(conn, sock);
+    rustls::StreamOwned::new(conn, sock)
+}
+
+/// `GET path` over HTTPS, trusting `ca`, with an optional bearer token: status and body.
+fn https_get(addr: &str, path: &str, ca: &str, bearer: Option<&str>) -> (u16, String) {
+    let mut tls = https_connect(addr, ca);
     let auth = bearer.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(tls, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}\r\n").expect("send the request");
+    write!(
+        tls,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .expect("send the request");
     let mut raw = Vec::new();
     if let Err(e) = tls.read_to_end(&mut raw) {
         panic!("reading the HTTPS response: {e} (got {raw:?})");
@@ -195,6 +204,18 @@ fn https_serves_metrics_and_wants_the_bearer_token_off_loopback() {
     let (code, body) = https_get(&local.http_addr(), "/metrics", &ca, None);
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("turnstile_connections"), "{body}");
+    // Keep-alive over TLS: three requests on one connection, pipelined, the last one closing.
+    let mut tls = https_connect(&local.http_addr(), &ca);
+    tls.write_all(
+        b"GET /metrics HTTP/1.1\r\n\r\nGET /v1/status HTTP/1.1\r\n\r\n\
+          GET / HTTP/1.1\r\nConnection: close\r\n\r\n",
+    )
+    .expect("send the requests");
+    let mut raw = Vec::new();
+    tls.read_to_end(&mut raw).expect("read the responses");
+    let raw = String::from_utf8_lossy(&raw);
+    assert_eq!(raw.matches("HTTP/1.1 200 OK\r\n").count(), 3, "{raw}");
+    assert!(raw.contains("<title>turnstile</title>"), "{raw}");
     // Plain HTTP on the HTTPS port gets no HTTP answer.
     let mut s = TcpStream::connect(local.http_addr()).expect("connect");
     s.set_read_timeout(Some(SOON)).expect("timeout");

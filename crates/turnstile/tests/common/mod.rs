@@ -217,14 +217,19 @@ impl Drop for Server {
 }
 
 /// `GET path` from `addr` (`host:port`) with a plain HTTP/1.1 request: the status code and
-/// the body. The server closes the connection after the response.
+/// the body. It asks the server to close the connection after the response (HTTP/1.1 would
+/// keep it alive), so the response ends where the stream does.
 pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     use std::io::Write;
     let mut stream = std::net::TcpStream::connect(addr).expect("connect to the HTTP port");
     stream
         .set_read_timeout(Some(SOON))
         .expect("set a read timeout");
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").expect("send the request");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send the request");
     let mut raw = String::new();
     stream
         .read_to_string(&mut raw)
