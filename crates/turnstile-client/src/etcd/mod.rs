@@ -9,17 +9,29 @@
 //!   changed: see [`Inner::set_capacity`].
 //! - `s/NAME/cap.a` or `s/NAME/cap.b` (one of them): a capacity change deletes the one there
 //!   and creates the other, so that waiters, which watch deletions only, hear of it.
-//! - `s/NAME/q/LEASE`: one key per acquire, bound to the client's etcd lease, named by the
-//!   turnstile lease id (so a retried create is the same key). Its create revision orders the
-//!   queue and is the fencing token: strictly increasing per semaphore, but not dense (every
-//!   write anywhere in the cluster takes a revision).
-//! - `s/NAME/x/LEASE`: the tombstone of a withdrawn acquire (a dropped or timed-out one),
-//!   written in the txn that deletes its key and bound to the same etcd lease; the create
-//!   txn requires it absent, so a create that etcd applies late cannot revive the key.
-//! - `s/NAME/r/LEASE`: a lease released by force (`revoke`), written in the txn that deletes
-//!   its key and bound to the holder's etcd lease; its holder reports [`LostReason::Revoked`].
+//! - `s/NAME/q/ETCDLEASE.N`: an acquire's key, bound to the client's etcd lease `ETCDLEASE`
+//!   (hex), named by one of the client's slots `N` ([`Slot`]): a slot is taken by an acquire
+//!   and given back once its key is gone, so a client reuses its key names and the names
+//!   under a queue stay as few as the acquires ever in flight at once. (etcd keeps a deleted
+//!   key's name in its index until a compaction, and every range over the queue walks them:
+//!   one name per acquire made each acquire slower than the last.) The value holds the
+//!   turnstile lease id (`l`), the weight, session and client. Its create revision orders the
+//!   queue and is the fencing token: strictly increasing per semaphore, also for a reused
+//!   name (a re-created key gets a new create revision), but not dense (every write anywhere
+//!   in the cluster takes a revision).
+//! - `s/NAME/x/ETCDLEASE.N`: the slot's tombstone, bound to the same etcd lease, `{"l":
+//!   LEASE}` of the last acquire that created the key. The create txn writes it and requires
+//!   its mod revision unchanged since the client last saw it, so a create txn applies at
+//!   most once: a copy that etcd applies late (sent to a member that hung, then retried on
+//!   another), even after the grant was released and the name reused, creates nothing, and
+//!   a retry whose first attempt was applied finds its own lease id here. A withdrawn
+//!   acquire (dropped or timed out) writes it too, in the txn that deletes the key.
+//! - `s/NAME/r/LEASE`: a lease released by force (`revoke`, which finds the key by the lease
+//!   id in its value), written in the txn that deletes its key and bound to the holder's
+//!   etcd lease; its holder reports [`LostReason::Revoked`].
 //! - `j/JOB/meta` (group, completion, failures, the running token) and `j/JOB/q/LEASE` (the
-//!   attempts: a capacity-1 queue); `g/GROUP/JOB` lists a group's jobs.
+//!   attempts: a capacity-1 queue, one key name per attempt; `j/JOB/x/LEASE` the tombstone of
+//!   a withdrawn one, required absent by the create); `g/GROUP/JOB` lists a group's jobs.
 //! - `c/SESSION/ETCDLEASE`: which etcd leases carry a session (several clients may share one);
 //!   `e/ETCDLEASE`: written by `end_session` before it revokes a lease, so that its owner can
 //!   tell "ended by a supervisor" from "expired".
