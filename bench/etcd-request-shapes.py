@@ -10,7 +10,13 @@ is divided by the pairs. Shapes, two rounds each:
 - ours: the etcd backend's uncontended acquire txn (two create compares; put with a lease,
   range of the capacity key, count_only range of the queue) + deleterange;
 - ours-nocap: the same txn without the capacity range;
-- put+del: a plain put with a lease + deleterange (the floor for two writes).
+- put+del: a plain put with a lease + deleterange (the floor for two writes);
+- slots: the acquire txn since key names are reused slots (compares: key absent, the
+  slot's tombstone at the mod revision last seen, the cap key's mod revision as cached;
+  puts of the key and the tombstone; count_only range of the queue; a failure branch
+  reading the key, the tombstone and the cap key) + deleterange;
+- slots-nofail: the same without the failure branch (read by a second request instead).
+SHAPES (comma-separated names) picks some; THREADS=1 measures the 1-client cost.
 """
 import http.client, json, base64, sys, time, threading
 port=int(sys.argv[1]); pid=int(sys.argv[2])
@@ -39,9 +45,30 @@ def plain(c,t,i):
 def lock(c,t,i):
     r=post(c,"/v3/lock/lock",{"name":b(f"exp-lock-{t}"),"lease":lease}); post(c,"/v3/lock/unlock",{"key":r["key"]})
 def nocap(c,t,i): ours(c,t,i,False)
-for t in range(T): post(c0,"/v3/kv/put",{"key":b(f"exp/s/x{t}/cap"),"value":b('{"capacity":1,"closed":false}')})
+fences={}
+capmod={}
+def slots(c,t,i,fail=True):
+    q=f"exp/s/x{t}/q/"; capk=f"exp/s/x{t}/cap"; k=f"{q}{int(lease):016x}.0"; tb=f"exp/s/x{t}/x/{int(lease):016x}.0"
+    cmp=[{"target":"CREATE","key":b(k),"create_revision":"0","result":"EQUAL"},
+         {"target":"MOD","key":b(tb),"mod_revision":str(fences.get(t,0)),"result":"EQUAL"},
+         {"target":"MOD","key":b(capk),"mod_revision":capmod[t],"result":"EQUAL"}]
+    succ=[{"request_put":{"key":b(k),"value":rec,"lease":lease}},
+          {"request_put":{"key":b(tb),"value":b(json.dumps({"l":i})),"lease":lease}},
+          {"request_range":{"key":b(q),"range_end":re(q),"count_only":True}}]
+    fl=[{"request_range":{"key":b(k)}},{"request_range":{"key":b(tb)}},{"request_range":{"key":b(capk)}}] if fail else []
+    r=post(c,"/v3/kv/txn",{"compare":cmp,"success":succ,"failure":fl})
+    assert r.get("succeeded"), r
+    fences[t]=int(r["header"]["revision"])
+    post(c,"/v3/kv/deleterange",{"key":b(k)})
+def slots_nofail(c,t,i): slots(c,t,i,False)
+for t in range(T):
+    r=post(c0,"/v3/kv/put",{"key":b(f"exp/s/x{t}/cap"),"value":b('{"capacity":1,"closed":false}')})
+    capmod[t]=r["header"]["revision"]
+import os
+ALL=[("lock",lock),("ours",ours),("ours-nocap",nocap),("put+del",plain),("slots",slots),("slots-nofail",slots_nofail)]
+pick=os.environ.get("SHAPES")
 for rnd in range(2):
-  for name,f in [("lock",lock),("ours",ours),("ours-nocap",nocap),("put+del",plain)]:
+  for name,f in [x for x in ALL if not pick or x[0] in pick.split(",")]:
     a=cpu(); t0=time.time()
     def work(t):
         c=conn()

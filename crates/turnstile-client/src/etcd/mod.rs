@@ -412,6 +412,16 @@ fn empty_range(prefix: &str) -> Value {
            "create_revision": "0", "result": "EQUAL"})
 }
 
+/// `key`'s mod revision is `modr` (0: the key is absent), with protobuf's defaults left out
+/// of the JSON (see [`Inner::acquire`]).
+fn mod_is(key: &str, modr: i64) -> Value {
+    let mut c = json!({"key": b64(key.as_bytes()), "target": "MOD"});
+    if modr != 0 {
+        c["mod_revision"] = json!(modr.to_string());
+    }
+    c
+}
+
 fn unchanged(key: &str, modr: i64) -> Value {
     json!({"target": "MOD", "key": b64(key.as_bytes()), "mod_revision": modr.to_string(), "result": "EQUAL"})
 }
@@ -1199,23 +1209,30 @@ impl Inner {
             // From here the key may exist until it is withdrawn or granted.
             guard.key = Some(key.clone());
             let cached = self.cached_cap(name);
-            let mut compare = vec![absent(&key), unchanged(&tomb, slot.fence)];
+            // The shortest JSON that says it: etcd's gateway decodes a request by
+            // reflection, field by field, and for the acquire that decoding cost etcd more
+            // than the rest of the txn (BENCHMARKS.md). Hence no failure branch (a failed
+            // compare is rare: a second request reads what is needed), and compares with
+            // protobuf's defaults left out (`result` EQUAL, a zero revision). The key-absent
+            // compare is implied by the tombstone's (every create moves it, and a slot is
+            // reused only once its key is gone), and kept as a cheap second guard of the
+            // token: a put over an existing key would keep its old create revision.
+            let mut compare = vec![
+                json!({"key": b64(key.as_bytes()), "target": "CREATE"}),
+                mod_is(&tomb, slot.fence),
+            ];
             let mut success = vec![
                 put(&key, &record, etcd_lease),
                 put(&tomb, &json!({ "l": lease }), etcd_lease),
             ];
             match &cached {
-                Some((_, modr)) => compare.push(unchanged(&cap_key, *modr)),
+                Some((_, modr)) => compare.push(mod_is(&cap_key, *modr)),
                 None => success.push(json!({"request_range": range(&cap_key)})),
             }
             let count_at = success.len();
             success.push(json!({ "request_range": count_queue.clone() }));
-            let failure = vec![
-                json!({"request_range": range(&key)}),
-                json!({"request_range": range(&tomb)}),
-                json!({"request_range": range(&cap_key)}),
-            ];
-            let r = match self.txn(txn(compare, success, failure)).await {
+            let body = json!({"compare": compare, "success": success});
+            let r = match self.txn(body).await {
                 Err(Error::Protocol(m)) if m.contains("lease not found") => {
                     // The key cannot have been made under a lease etcd does not know.
                     guard.disarm();
@@ -1242,6 +1259,13 @@ impl Inner {
                 };
                 break (r, etcd_lease, key, cap, Some(count_at));
             }
+            // A compare failed: read the key, the tombstone and the cap key (one revision).
+            let reads = vec![
+                json!({"request_range": range(&key)}),
+                json!({"request_range": range(&tomb)}),
+                json!({"request_range": range(&cap_key)}),
+            ];
+            let r = self.txn(txn(vec![], reads, vec![])).await?;
             let mine = kvs(&txn_part(&r, 0)).into_iter().next();
             let tombstone = kvs(&txn_part(&r, 1)).into_iter().next();
             let cap = kvs(&txn_part(&r, 2)).into_iter().next();
