@@ -91,6 +91,9 @@ const WATCH_QUIET: Duration = Duration::from_secs(3);
 /// How long after a grant its holder starts watching its key (for a close, or the end of
 /// its lease noticed by another client): see [`Inner::hold`].
 const HOLDER_WATCH_DELAY: Duration = Duration::from_millis(200);
+/// How many semaphores a client keeps slots and a cached capacity for before it forgets the
+/// idle ones (see [`Inner::free_slot`]).
+const MAX_CACHED_SEMAPHORES: usize = 1024;
 /// The longest name, as on the coordinator.
 const MAX_NAME_LEN: usize = 255;
 
@@ -545,6 +548,16 @@ struct Slot {
     fence: i64,
 }
 
+/// A client that goes through many semaphore names forgets the idle ones (every slot back)
+/// beyond [`MAX_CACHED_SEMAPHORES`], except `keep`: a name's next acquire then finds its
+/// slot's tombstone moved on, reads it and retries. A semaphore with an acquire in flight
+/// is kept, so that a slot in use is never handed out twice.
+fn trim(sems: &mut HashMap<String, SemCache>, keep: &str) {
+    if sems.len() > MAX_CACHED_SEMAPHORES {
+        sems.retain(|name, sem| name == keep || sem.free.len() < sem.next as usize);
+    }
+}
+
 /// What a client keeps about a semaphore between its acquires.
 #[derive(Default)]
 struct SemCache {
@@ -790,6 +803,7 @@ impl Inner {
     /// Gives back a slot whose key is gone, with its tombstone's mod revision.
     fn free_slot(&self, slot: Slot) {
         let mut sems = self.sems();
+        trim(&mut sems, &slot.name);
         sems.entry(slot.name.clone()).or_default().free.push(slot);
     }
 
@@ -798,7 +812,9 @@ impl Inner {
     }
 
     fn cache_cap(&self, name: &str, cap: Option<(Value, i64)>) {
-        self.sems().entry(name.to_owned()).or_default().cap = cap;
+        let mut sems = self.sems();
+        trim(&mut sems, name);
+        sems.entry(name.to_owned()).or_default().cap = cap;
     }
 
     /// Waits until the keep-alive replaced etcd lease `lease` (etcd said it does not know
@@ -2488,6 +2504,45 @@ impl Backend for EtcdBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Past the bound, only idle semaphores are forgotten: one with a slot taken (an acquire
+    /// in flight or a grant held) keeps its slot numbers, so none is handed out twice.
+    #[test]
+    fn only_idle_semaphores_are_forgotten() {
+        let mut sems: HashMap<String, SemCache> = HashMap::new();
+        for i in 0..=MAX_CACHED_SEMAPHORES {
+            let slot = Slot {
+                name: format!("idle{i}"),
+                n: 0,
+                etcd_lease: 1,
+                fence: 7,
+            };
+            sems.insert(
+                slot.name.clone(),
+                SemCache {
+                    cap: None,
+                    free: vec![slot],
+                    next: 1,
+                },
+            );
+        }
+        sems.insert(
+            "busy".into(),
+            SemCache {
+                cap: None,
+                free: Vec::new(),
+                next: 1,
+            },
+        );
+        trim(&mut sems, "idle3");
+        let mut left: Vec<&String> = sems.keys().collect();
+        left.sort();
+        assert_eq!(left, ["busy", "idle3"]);
+        // Below the bound nothing goes.
+        sems.insert("x".into(), SemCache::default());
+        trim(&mut sems, "busy");
+        assert_eq!(sems.len(), 3);
+    }
 
     #[test]
     fn urls_and_keys() {
