@@ -1109,6 +1109,7 @@ impl Inner {
 
     /// Registers a grant and starts watching its key, so that its holder hears of a close or
     /// of the lease's end.
+    #[allow(clippy::too_many_arguments)]
     fn hold(
         self: &Arc<Self>,
         lease: u64,
