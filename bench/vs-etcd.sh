@@ -6,16 +6,23 @@
 # each figure: etcd's WAL fsyncs per pair (`etcd_disk_wal_fsync_duration_seconds_count` on
 # its /metrics) and etcd's CPU time per pair in ms (utime+stime from /proc/PID/stat), both
 # over the warm-up and the measured time, divided by rate x (warm-up + duration).
+# Then, on the same etcd, the sustained rate: SUSTAIN (default 30s) of each scenario at one
+# client (each side's rate over that span printed too), then ROUNDS more interleaved rounds
+# at one client: a backend whose cost per acquire grows with the acquires etcd has served
+# (e.g. deleted key names piling up in etcd's index until a compaction) falls behind here.
 #
 #   bash bench/vs-etcd.sh
-#   ROUNDS=5 DURATION=5s bash bench/vs-etcd.sh
+#   ROUNDS=5 DURATION=5s SUSTAIN=60s bash bench/vs-etcd.sh
+#   TURNSTILE_BIN=/tmp/old/turnstile bash bench/vs-etcd.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v etcd >/dev/null || { echo "etcd is missing: apt-get install -y etcd-server" >&2; exit 1; }
-cargo build --release -p turnstile --quiet
-T=target/release/turnstile
+# TURNSTILE_BIN: another build to measure (e.g. an older commit's, for a before/after).
+if [[ -z ${TURNSTILE_BIN:-} ]]; then cargo build --release -p turnstile --quiet; fi
+T=${TURNSTILE_BIN:-target/release/turnstile}
 ROUNDS=${ROUNDS:-3}
 D=${DURATION:-4s}
+SUSTAIN=${SUSTAIN:-30s}
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 CP=$(port) PP=$(port)
@@ -42,9 +49,9 @@ run() {
     'BEGIN { n = r * s; printf "%s %.2f %.2f", r, f / n, c * 1000 / hz / n }'
 }
 median() { printf '%s\n' "$@" | sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
-for clients in 1 64; do
-  common=(--json --duration "$D" --warmup 1s --clients "$clients" --url "$URL")
-  ratios=()
+# rounds LABEL: ROUNDS interleaved rounds with the current `common` and `clients`.
+rounds() {
+  local ratios=() r lock lf lc ours of oc q
   printf '%-6s %8s %10s %12s %8s   %s\n' round clients etcd-lock turnstile ratio \
     "fsyncs/pair, etcd CPU ms/pair (lock | turnstile)"
   for r in $(seq "$ROUNDS"); do
@@ -54,5 +61,16 @@ for clients in 1 64; do
     ratios+=("$q")
     printf '%-6s %8s %10.0f %12.0f %7sx   %s %s | %s %s\n' "$r" "$clients" "$lock" "$ours" "$q" "$lf" "$lc" "$of" "$oc"
   done
-  echo "median over $ROUNDS rounds, $clients clients: turnstile on etcd = $(median "${ratios[@]}")x etcd's lock"
+  echo "median over $ROUNDS rounds, $clients clients$1: turnstile on etcd = $(median "${ratios[@]}")x etcd's lock"
+}
+for clients in 1 64; do
+  common=(--json --duration "$D" --warmup 1s --clients "$clients" --url "$URL")
+  rounds ""
 done
+clients=1
+common=(--json --duration "$SUSTAIN" --warmup 0s --clients 1 --url "$URL")
+ours=$("$T" bench "${common[@]}" --scenario uncontended | rate)
+lock=$("$T" bench "${common[@]}" --scenario etcd-lock | rate)
+printf 'sustained load, 1 client, %s each on the same etcd: etcd-lock %.0f, turnstile %.0f pairs/s\n' "$SUSTAIN" "$lock" "$ours"
+common=(--json --duration "$D" --warmup 1s --clients 1 --url "$URL")
+rounds " after the sustained load"

@@ -481,3 +481,332 @@ async fn a_grow_reaches_the_waiters_of_a_semaphore_without_markers() {
         .expect("w");
     assert!(held.lost_reason().is_none());
 }
+
+/// Standard base64 back to bytes (etcd's JSON gateway writes keys so).
+fn unb64(s: &str) -> Vec<u8> {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let (mut out, mut acc, mut bits) = (Vec::new(), 0u32, 0);
+    for c in s.bytes().filter(|&c| c != b'=') {
+        let Some(v) = ABC.iter().position(|&a| a == c) else {
+            continue;
+        };
+        acc = acc << 6 | v as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
+
+/// The keys under `prefix` at revision `rev` (0: the latest) and the revision read at.
+fn keys_at(addr: &str, prefix: &str, rev: u64) -> (Vec<(String, u64)>, u64) {
+    let mut end = prefix.as_bytes().to_vec();
+    *end.last_mut().expect("a non-empty prefix") += 1;
+    let r = etcd_support::call(
+        addr,
+        "/v3/kv/range",
+        &serde_json::json!({"key": etcd_support::b64(prefix.as_bytes()),
+            "range_end": etcd_support::b64(&end), "keys_only": true, "revision": rev.to_string()}),
+    );
+    let num = |v: &serde_json::Value| v.as_str().and_then(|s| s.parse().ok()).unwrap_or(0u64);
+    let keys = r["kvs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|kv| {
+            let key =
+                String::from_utf8_lossy(&unb64(kv["key"].as_str().unwrap_or(""))).into_owned();
+            (key, num(&kv["create_revision"]))
+        })
+        .collect();
+    (keys, num(&r["header"]["revision"]))
+}
+
+/// etcd keeps the name of every deleted key in its index until a compaction, and the acquire
+/// txn's count of the queue walks all of them: with one key name per acquire, each acquire
+/// cost more than the one before (the 1-client rate fell by half within seconds). A client's
+/// key names are slots reused after release, so over 30 rounds of two acquires at once (two
+/// slots) at most two names ever exist under the queue, while every token is a new create
+/// revision, strictly increasing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_key_names_stay_bounded_over_many_acquires() {
+    let etcd = Etcd::start();
+    let addr = etcd.members[0].client.clone();
+    let client = Client::connect(&etcd.url("slots")).await.expect("connect");
+    let sem = client.semaphore("m", 2).await.expect("ensure");
+    let (_, first) = keys_at(&addr, "slots/s/m/q/", 0);
+    let mut last = 0;
+    for round in 0..30 {
+        let p1 = sem.acquire().await.expect("first slot");
+        let p2 = sem.acquire().await.expect("second slot");
+        let (t1, t2) = (p1.fencing_token(), p2.fencing_token());
+        assert!(
+            last < t1 && t1 < t2,
+            "round {round}: tokens {last}, {t1}, {t2}"
+        );
+        last = t2;
+        if round % 2 == 0 {
+            p1.release().await.expect("release");
+            p2.release().await.expect("release");
+        } else {
+            p2.release().await.expect("release");
+            p1.release().await.expect("release");
+        }
+    }
+    let (now, end) = keys_at(&addr, "slots/s/m/q/", 0);
+    assert!(now.is_empty(), "keys left in the queue: {now:?}");
+    let mut names = std::collections::BTreeSet::new();
+    for rev in first..=end {
+        names.extend(
+            keys_at(&addr, "slots/s/m/q/", rev)
+                .0
+                .into_iter()
+                .map(|(k, _)| k),
+        );
+    }
+    assert!(
+        names.len() <= 2,
+        "{} key names were written under the queue over 60 acquires: {names:?}",
+        names.len()
+    );
+}
+
+/// A TCP proxy in front of one etcd member that records what its clients send, and can
+/// swallow the answer to the next acquire txn (the connection is then closed, as by a member
+/// that applied a request and died before answering).
+struct Tee {
+    addr: String,
+    sent: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    swallow: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Tee {
+    async fn start(target: String) -> Tee {
+        use std::sync::atomic::Ordering::SeqCst;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address").to_string();
+        let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Vec<u8>>::new()));
+        let swallow = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (log, flag) = (sent.clone(), swallow.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
+                    continue;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let idx = {
+                    let mut log = log.lock().expect("log");
+                    log.push(Vec::new());
+                    log.len() - 1
+                };
+                let muted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let mute = muted.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 1 << 16];
+                    while let Ok(n) = sr.read(&mut buf).await {
+                        if n == 0 || muted.load(SeqCst) || cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                let (log, flag) = (log.clone(), flag.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 1 << 16];
+                    while let Ok(n) = cr.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        let acquire = {
+                            let mut log = log.lock().expect("log");
+                            let seen = log[idx].len().saturating_sub(16);
+                            log[idx].extend_from_slice(&buf[..n]);
+                            String::from_utf8_lossy(&log[idx][seen..]).contains("count_only")
+                        };
+                        // Muted before the request is complete at the server, so its
+                        // answer cannot slip through.
+                        let swallowed = acquire && flag.swap(false, SeqCst);
+                        if swallowed {
+                            mute.store(true, SeqCst);
+                        }
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        if swallowed {
+                            // etcd applies it meanwhile; then the connection goes.
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Tee {
+            addr,
+            sent,
+            swallow,
+        }
+    }
+
+    /// The bodies of the acquire txns sent so far (the ones that count the queue).
+    fn acquire_txns(&self) -> Vec<serde_json::Value> {
+        let log = self.sent.lock().expect("log");
+        let mut out = Vec::new();
+        for conn in log.iter() {
+            let text = String::from_utf8_lossy(conn);
+            let mut rest: &str = &text;
+            while let Some(at) = rest.find("POST ") {
+                rest = &rest[at..];
+                let Some((head, after)) = rest.split_once("\r\n\r\n") else {
+                    break;
+                };
+                let len = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                    })
+                    .unwrap_or(0);
+                let body = &after[..len.min(after.len())];
+                if head.starts_with("POST /v3/kv/txn") && body.contains("count_only") {
+                    out.push(serde_json::from_str(body).expect("a JSON txn"));
+                }
+                rest = &after[len.min(after.len())..];
+            }
+        }
+        out
+    }
+}
+
+/// A copy of an acquire's create txn that etcd applies late (sent to a member that hung, and
+/// retried on another; here: replayed by hand) after the acquire was granted and released,
+/// and again after the key's name was reused by the next acquire, creates nothing: the txn
+/// requires the slot's tombstone at the mod revision it had before, and the create moved it.
+/// (With one key name per acquire and no tombstone on release, the replay re-created the
+/// released key: a phantom holder for as long as the client lived.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_copy_of_an_acquire_creates_nothing() {
+    let etcd = Etcd::start();
+    let addr = etcd.members[0].client.clone();
+    let tee = Tee::start(addr.clone()).await;
+    let client = Client::connect(&format!("etcd://{}/late", tee.addr))
+        .await
+        .expect("connect");
+    let sem = client.semaphore("m", 1).await.expect("ensure");
+    let first = sem.acquire().await.expect("acquire");
+    let t1 = first.fencing_token();
+    first.release().await.expect("release");
+    let copies = tee.acquire_txns();
+    assert_eq!(copies.len(), 1, "one acquire txn sent");
+    let late = etcd_support::call(&addr, "/v3/kv/txn", &copies[0]);
+    assert!(late.get("header").is_some(), "the replay failed: {late}");
+    assert_ne!(
+        late["succeeded"], true,
+        "a late copy created the key again: {late}"
+    );
+    assert!(keys_at(&addr, "late/s/m/q/", 0).0.is_empty());
+
+    // The next acquire reuses the name; the late copy still creates nothing, neither while
+    // it holds nor after.
+    let second = sem.acquire().await.expect("acquire again");
+    let t2 = second.fencing_token();
+    assert!(t2 > t1);
+    let late = etcd_support::call(&addr, "/v3/kv/txn", &copies[0]);
+    assert_ne!(late["succeeded"], true, "{late}");
+    second.release().await.expect("release");
+    let late = etcd_support::call(&addr, "/v3/kv/txn", &copies[0]);
+    assert_ne!(late["succeeded"], true, "{late}");
+    assert!(keys_at(&addr, "late/s/m/q/", 0).0.is_empty());
+    let other = Client::connect(&etcd.url("late")).await.expect("connect");
+    let st = status_of(&other, "m").await;
+    assert_eq!((st.in_use, st.queued), (0, 0), "{st:?}");
+    let third = other
+        .semaphore("m", 1)
+        .await
+        .expect("ensure")
+        .try_acquire()
+        .await
+        .expect("try")
+        .expect("the slot is free");
+    assert!(third.fencing_token() > t2);
+}
+
+/// An acquire whose txn etcd applied but whose answer was lost (the connection closed
+/// before it) is retried by the client; the retry finds the key its first attempt made (the
+/// slot's tombstone names its lease) and holds with it: one key, one holder, the token its
+/// create revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_acquire_holds_with_the_key_its_first_attempt_made() {
+    let etcd = Etcd::start();
+    let addr = etcd.members[0].client.clone();
+    let tee = Tee::start(addr.clone()).await;
+    let client = Client::connect(&format!("etcd://{}/retry", tee.addr))
+        .await
+        .expect("connect");
+    let sem = client.semaphore("m", 1).await.expect("ensure");
+    // A first pair, so that the retry happens on a reused name.
+    sem.acquire()
+        .await
+        .expect("acquire")
+        .release()
+        .await
+        .expect("release");
+    tee.swallow.store(true, std::sync::atomic::Ordering::SeqCst);
+    let held = sem.acquire().await.expect("granted after the retry");
+    assert!(
+        !tee.swallow.load(std::sync::atomic::Ordering::SeqCst),
+        "no answer was swallowed"
+    );
+    assert_eq!(
+        tee.acquire_txns().len(),
+        3,
+        "the swallowed acquire was retried once"
+    );
+    let (keys, _) = keys_at(&addr, "retry/s/m/q/", 0);
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert_eq!(keys[0].1, held.fencing_token());
+    let st = status_of(&client, "m").await;
+    assert_eq!((st.in_use, st.queued), (1, 0), "{st:?}");
+    assert_eq!(st.holders[0].lease_id, held.lease_id());
+    held.release().await.expect("release");
+    assert!(keys_at(&addr, "retry/s/m/q/", 0).0.is_empty());
+}
+
+/// A revoke names a lease; key names are reused, so a revoke of a lease already released
+/// must not hit the acquire that reused its key's name: `UnknownLease`, and the new holder
+/// keeps its slot until it is revoked by its own lease id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_of_a_released_lease_spares_the_reused_name() {
+    let etcd = Etcd::start();
+    let url = etcd.url("reuse");
+    let (client, admin) = (
+        Client::connect(&url).await.expect("connect"),
+        Client::connect(&url).await.expect("connect"),
+    );
+    let sem = client.semaphore("m", 1).await.expect("ensure");
+    let first = sem.acquire().await.expect("acquire");
+    let old = first.lease_id();
+    first.release().await.expect("release");
+    let second = sem.acquire().await.expect("acquire again");
+    assert_ne!(second.lease_id(), old);
+    let err = admin.revoke("m", old).await.expect_err("a released lease");
+    assert_eq!(err.code(), Some(ErrorCode::UnknownLease), "{err:?}");
+    let st = status_of(&admin, "m").await;
+    assert_eq!(st.holders.len(), 1, "{st:?}");
+    assert_eq!(st.holders[0].lease_id, second.lease_id());
+    assert_eq!(st.holders[0].token, second.fencing_token());
+    admin.revoke("m", second.lease_id()).await.expect("revoke");
+    let reason = tokio::time::timeout(PATIENCE, second.lost())
+        .await
+        .expect("the holder hears of the revoke");
+    assert_eq!(reason, LostReason::Revoked);
+    // Its slot is free again: the next acquire takes it.
+    let third = sem.acquire().await.expect("acquire after the revoke");
+    assert!(third.fencing_token() > second.fencing_token());
+}

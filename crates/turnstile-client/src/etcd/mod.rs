@@ -9,17 +9,29 @@
 //!   changed: see [`Inner::set_capacity`].
 //! - `s/NAME/cap.a` or `s/NAME/cap.b` (one of them): a capacity change deletes the one there
 //!   and creates the other, so that waiters, which watch deletions only, hear of it.
-//! - `s/NAME/q/LEASE`: one key per acquire, bound to the client's etcd lease, named by the
-//!   turnstile lease id (so a retried create is the same key). Its create revision orders the
-//!   queue and is the fencing token: strictly increasing per semaphore, but not dense (every
-//!   write anywhere in the cluster takes a revision).
-//! - `s/NAME/x/LEASE`: the tombstone of a withdrawn acquire (a dropped or timed-out one),
-//!   written in the txn that deletes its key and bound to the same etcd lease; the create
-//!   txn requires it absent, so a create that etcd applies late cannot revive the key.
-//! - `s/NAME/r/LEASE`: a lease released by force (`revoke`), written in the txn that deletes
-//!   its key and bound to the holder's etcd lease; its holder reports [`LostReason::Revoked`].
+//! - `s/NAME/q/ETCDLEASE.N`: an acquire's key, bound to the client's etcd lease `ETCDLEASE`
+//!   (hex), named by one of the client's slots `N` ([`Slot`]): a slot is taken by an acquire
+//!   and given back once its key is gone, so a client reuses its key names and the names
+//!   under a queue stay as few as the acquires ever in flight at once. (etcd keeps a deleted
+//!   key's name in its index until a compaction, and every range over the queue walks them:
+//!   one name per acquire made each acquire slower than the last.) The value holds the
+//!   turnstile lease id (`l`), the weight, session and client. Its create revision orders the
+//!   queue and is the fencing token: strictly increasing per semaphore, also for a reused
+//!   name (a re-created key gets a new create revision), but not dense (every write anywhere
+//!   in the cluster takes a revision).
+//! - `s/NAME/x/ETCDLEASE.N`: the slot's tombstone, bound to the same etcd lease, `{"l":
+//!   LEASE}` of the last acquire that created the key. The create txn writes it and requires
+//!   its mod revision unchanged since the client last saw it, so a create txn applies at
+//!   most once: a copy that etcd applies late (sent to a member that hung, then retried on
+//!   another), even after the grant was released and the name reused, creates nothing, and
+//!   a retry whose first attempt was applied finds its own lease id here. A withdrawn
+//!   acquire (dropped or timed out) writes it too, in the txn that deletes the key.
+//! - `s/NAME/r/LEASE`: a lease released by force (`revoke`, which finds the key by the lease
+//!   id in its value), written in the txn that deletes its key and bound to the holder's
+//!   etcd lease; its holder reports [`LostReason::Revoked`].
 //! - `j/JOB/meta` (group, completion, failures, the running token) and `j/JOB/q/LEASE` (the
-//!   attempts: a capacity-1 queue); `g/GROUP/JOB` lists a group's jobs.
+//!   attempts: a capacity-1 queue, one key name per attempt; `j/JOB/x/LEASE` the tombstone of
+//!   a withdrawn one, required absent by the create); `g/GROUP/JOB` lists a group's jobs.
 //! - `c/SESSION/ETCDLEASE`: which etcd leases carry a session (several clients may share one);
 //!   `e/ETCDLEASE`: written by `end_session` before it revokes a lease, so that its owner can
 //!   tell "ended by a supervisor" from "expired".
@@ -79,6 +91,9 @@ const WATCH_QUIET: Duration = Duration::from_secs(3);
 /// How long after a grant its holder starts watching its key (for a close, or the end of
 /// its lease noticed by another client): see [`Inner::hold`].
 const HOLDER_WATCH_DELAY: Duration = Duration::from_millis(200);
+/// How many semaphores a client keeps slots and a cached capacity for before it forgets the
+/// idle ones (see [`Inner::free_slot`]).
+const MAX_CACHED_SEMAPHORES: usize = 1024;
 /// The longest name, as on the coordinator.
 const MAX_NAME_LEN: usize = 255;
 
@@ -230,12 +245,29 @@ fn holder_count(cap: &Value, queue: &[Kv]) -> usize {
         .count()
 }
 
-/// The marker of a lease released by force: `.../r/LEASE` for queue key `.../q/LEASE`.
-fn revoked_of(key: &str) -> String {
+/// The marker of a lease released by force: `.../r/LEASE` for lease `lease`, whose key is
+/// `key` (`.../q/...`). Named by the lease, not by the key, since a semaphore's key names are
+/// reused by later acquires of the same client ([`Inner::acquire`]).
+fn revoked_of(key: &str, lease: u64) -> String {
     match key.rsplit_once("/q/") {
-        Some((dir, lease)) => format!("{dir}/r/{lease}"),
+        Some((dir, _)) => format!("{dir}/r/{lease:016x}"),
         None => format!("{key}/r"),
     }
+}
+
+/// The turnstile lease id of a queue key: the `l` of its value, or (a key written by a
+/// client from before slots, or a job's attempt) its name's last part.
+fn lease_id_of(kv: &Kv) -> u64 {
+    kv.value
+        .get("l")
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| {
+            kv.key
+                .rsplit('/')
+                .next()
+                .and_then(|h| u64::from_str_radix(h, 16).ok())
+                .unwrap_or(0)
+        })
 }
 
 /// The two markers of a capacity change, `s/NAME/cap.a` and `s/NAME/cap.b`: one exists;
@@ -383,6 +415,16 @@ fn empty_range(prefix: &str) -> Value {
            "create_revision": "0", "result": "EQUAL"})
 }
 
+/// `key`'s mod revision is `modr` (0: the key is absent), with protobuf's defaults left out
+/// of the JSON (see [`Inner::acquire`]).
+fn mod_is(key: &str, modr: i64) -> Value {
+    let mut c = json!({"key": b64(key.as_bytes()), "target": "MOD"});
+    if modr != 0 {
+        c["mod_revision"] = json!(modr.to_string());
+    }
+    c
+}
+
 fn unchanged(key: &str, modr: i64) -> Value {
     json!({"target": "MOD", "key": b64(key.as_bytes()), "mod_revision": modr.to_string(), "result": "EQUAL"})
 }
@@ -482,6 +524,50 @@ struct Held {
     token: u64,
     lost: watch::Sender<Option<LostReason>>,
     watcher: Option<AbortHandle>,
+    /// A semaphore grant's key name, free for the next acquire once the key is gone.
+    slot: Option<Slot>,
+}
+
+/// One of this client's key names in a semaphore's queue: `s/NAME/q/ETCDLEASE.N`, with its
+/// tombstone `s/NAME/x/ETCDLEASE.N`. An acquire takes a free slot and gives it back once its
+/// key is gone, so the names under a queue are bounded by how many acquires each client
+/// had in flight at once, not by how many were ever made: etcd keeps every deleted key's
+/// name in its index until a compaction, and a range over the queue (the acquire's count)
+/// walks all of them.
+#[derive(Clone, Debug)]
+struct Slot {
+    /// The semaphore.
+    name: String,
+    n: u32,
+    /// The etcd lease the slot's keys are bound to (part of their names).
+    etcd_lease: i64,
+    /// The mod revision of the slot's tombstone as this client last wrote or read it (0:
+    /// none). Every create of the slot's key writes the tombstone in the same txn and
+    /// requires this mod revision, so each create txn can apply at most once: a retried
+    /// (or late) copy of one finds the tombstone moved on and creates nothing.
+    fence: i64,
+}
+
+/// A client that goes through many semaphore names forgets the idle ones (every slot back)
+/// beyond [`MAX_CACHED_SEMAPHORES`], except `keep`: a name's next acquire then finds its
+/// slot's tombstone moved on, reads it and retries. A semaphore with an acquire in flight
+/// is kept, so that a slot in use is never handed out twice.
+fn trim(sems: &mut HashMap<String, SemCache>, keep: &str) {
+    if sems.len() > MAX_CACHED_SEMAPHORES {
+        sems.retain(|name, sem| name == keep || sem.free.len() < sem.next as usize);
+    }
+}
+
+/// What a client keeps about a semaphore between its acquires.
+#[derive(Default)]
+struct SemCache {
+    /// The cap key's value and mod revision, as last written or read: an acquire compares
+    /// the mod revision instead of reading the key.
+    cap: Option<(Value, i64)>,
+    /// Slots whose keys are gone, for the next acquires.
+    free: Vec<Slot>,
+    /// The lowest slot number never taken.
+    next: u32,
 }
 
 struct Inner {
@@ -494,6 +580,8 @@ struct Inner {
     lease: AtomicI64,
     next_lease: AtomicU64,
     grants: Mutex<HashMap<u64, Held>>,
+    /// Per semaphore: its cached capacity and this client's key names ([`Slot`]).
+    sems: Mutex<HashMap<String, SemCache>>,
     shut: AtomicBool,
     last_ack: Mutex<Instant>,
 }
@@ -505,17 +593,20 @@ pub(crate) struct EtcdBackend {
 }
 
 /// Withdraws a queued key if the acquire that made it is dropped or gives up. A withdrawal
-/// leaves a tombstone (`.../x/LEASE`, bound to the client's lease) in the same txn that
-/// deletes the key, and the create txn requires the tombstone to be absent: so a create that
-/// etcd applies only after the withdrawal (it was in flight when the acquire was dropped)
-/// creates nothing, instead of leaving a key that would hold its place while the client
-/// lives.
+/// writes the key's tombstone (`.../x/...`, bound to the client's lease) in the same txn that
+/// deletes the key, and the create txn requires the tombstone absent (a job's attempt) or at
+/// the mod revision it had before (a semaphore's slot): so a create that etcd applies only
+/// after the withdrawal (it was in flight when the acquire was dropped) creates nothing,
+/// instead of leaving a key that would hold its place while the client lives. A semaphore's
+/// slot is given back once the withdrawal is done.
 struct Withdraw {
     inner: Arc<Inner>,
     key: Option<String>,
+    slot: Option<Slot>,
 }
 
 impl Withdraw {
+    /// The key is known gone (or made a grant, which takes the slot): nothing to withdraw.
     fn disarm(&mut self) {
         self.key = None;
     }
@@ -523,7 +614,10 @@ impl Withdraw {
     /// Withdraws now; if etcd cannot be reached, the drop retries in the background.
     async fn now(&mut self) -> Result<(), Error> {
         if let Some(key) = self.key.clone() {
-            self.inner.withdraw(&key).await?;
+            let rev = self.inner.withdraw(&key, self.slot.as_ref()).await?;
+            if let Some(slot) = self.slot.as_mut() {
+                slot.fence = rev;
+            }
             self.key = None;
         }
         Ok(())
@@ -532,12 +626,25 @@ impl Withdraw {
 
 impl Drop for Withdraw {
     fn drop(&mut self) {
-        if let Some(key) = self.key.take() {
-            let inner = self.inner.clone();
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move {
-                    let _ = inner.withdraw(&key).await;
-                });
+        let slot = self.slot.take();
+        match self.key.take() {
+            Some(key) => {
+                let inner = self.inner.clone();
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move {
+                        if let Ok(rev) = inner.withdraw(&key, slot.as_ref()).await {
+                            if let Some(mut slot) = slot {
+                                slot.fence = rev;
+                                inner.free_slot(slot);
+                            }
+                        }
+                    });
+                }
+            }
+            None => {
+                if let Some(slot) = slot {
+                    self.inner.free_slot(slot);
+                }
             }
         }
     }
@@ -636,33 +743,95 @@ impl Inner {
             let lease = self.lease.load(Ordering::SeqCst);
             match self.txn(build(lease)).await {
                 Err(Error::Protocol(m)) if m.contains("lease not found") => {
-                    let give_up = self.deadline();
-                    while self.lease.load(Ordering::SeqCst) == lease {
-                        let now = Instant::now();
-                        if deadline.is_some_and(|d| now >= d) {
-                            return Err(Error::TimedOut);
-                        }
-                        if now >= give_up {
-                            return Err(self.etcd.unavailable());
-                        }
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
+                    self.await_new_lease(lease, deadline).await?;
                 }
                 other => return other.map(|r| (r, lease)),
             }
         }
     }
 
-    /// Deletes a queued key and leaves its tombstone (see [`Withdraw`]).
-    async fn withdraw(&self, key: &str) -> Result<(), Error> {
-        let lease = self.lease.load(Ordering::SeqCst);
-        self.txn(txn(
-            vec![],
-            vec![put(&tomb_of(key), &json!({}), lease), delete(key)],
-            vec![],
-        ))
-        .await
-        .map(drop)
+    /// Deletes a queued key and leaves its tombstone (see [`Withdraw`]); returns the txn's
+    /// revision (the tombstone's new mod revision). A slot's tombstone is bound to the etcd
+    /// lease of its key; if that lease is gone, so is the key.
+    async fn withdraw(&self, key: &str, slot: Option<&Slot>) -> Result<i64, Error> {
+        let lease = match slot {
+            Some(s) => s.etcd_lease,
+            None => self.lease.load(Ordering::SeqCst),
+        };
+        match self
+            .txn(txn(
+                vec![],
+                vec![put(&tomb_of(key), &json!({}), lease), delete(key)],
+                vec![],
+            ))
+            .await
+        {
+            Ok(r) => Ok(header_rev(&r)),
+            Err(Error::Protocol(m)) if slot.is_some() && m.contains("lease not found") => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// This client's cache of its semaphores. (Nothing panics while holding it; a poisoned
+    /// lock would still hold consistent data, since every change is one assignment.)
+    fn sems(&self) -> std::sync::MutexGuard<'_, HashMap<String, SemCache>> {
+        self.sems
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes a free slot of semaphore `name` (or a new one) for an acquire.
+    fn take_slot(&self, name: &str) -> Slot {
+        let free = self.sems().get_mut(name).and_then(|s| s.free.pop());
+        free.unwrap_or_else(|| self.new_slot(name))
+    }
+
+    /// A slot of semaphore `name` never taken before.
+    fn new_slot(&self, name: &str) -> Slot {
+        let mut sems = self.sems();
+        let sem = sems.entry(name.to_owned()).or_default();
+        let n = sem.next;
+        sem.next += 1;
+        Slot {
+            name: name.to_owned(),
+            n,
+            etcd_lease: 0,
+            fence: 0,
+        }
+    }
+
+    /// Gives back a slot whose key is gone, with its tombstone's mod revision.
+    fn free_slot(&self, slot: Slot) {
+        let mut sems = self.sems();
+        trim(&mut sems, &slot.name);
+        sems.entry(slot.name.clone()).or_default().free.push(slot);
+    }
+
+    fn cached_cap(&self, name: &str) -> Option<(Value, i64)> {
+        self.sems().get(name)?.cap.clone()
+    }
+
+    fn cache_cap(&self, name: &str, cap: Option<(Value, i64)>) {
+        let mut sems = self.sems();
+        trim(&mut sems, name);
+        sems.entry(name.to_owned()).or_default().cap = cap;
+    }
+
+    /// Waits until the keep-alive replaced etcd lease `lease` (etcd said it does not know
+    /// it): by the acquire's `deadline`, else one TTL.
+    async fn await_new_lease(&self, lease: i64, deadline: Option<Instant>) -> Result<(), Error> {
+        let give_up = self.deadline();
+        while self.lease.load(Ordering::SeqCst) == lease {
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return Err(Error::TimedOut);
+            }
+            if now >= give_up {
+                return Err(self.etcd.unavailable());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
     }
 
     /// Grants a fresh etcd lease and records it under the session.
@@ -723,6 +892,12 @@ impl Inner {
             let _ = h.lost.send(Some(reason));
             if let Some(w) = h.watcher {
                 w.abort();
+            }
+            // Every other reason was seen as the key's deletion or its etcd lease's end; an
+            // unreachable store may still have the key, so its name is not reused (the etcd
+            // lease is replaced after such a spell, and the names with it).
+            if let Some(slot) = h.slot.filter(|_| reason != LostReason::Unreachable) {
+                self.free_slot(slot);
             }
         }
     }
@@ -803,7 +978,8 @@ impl Inner {
         }
     }
 
-    /// Waits until the keys in `ahead` (key -> weight) weigh at most `room`, watching
+    /// Waits until the keys in `ahead` (key -> weight and create revision) weigh at most
+    /// `room`, watching
     /// deletions under `queue` from revision `from`. Returns the revision to go on from.
     /// With `resize` (a semaphore's waiter), it also follows the capacity: one watch of the
     /// cap key's change markers ([`bump_keys`]) and the queue together, so that a change
@@ -813,13 +989,13 @@ impl Inner {
         &self,
         queue: &str,
         mine: &str,
-        mut ahead: HashMap<String, u64>,
+        mut ahead: HashMap<String, (u64, i64)>,
         mut room: u64,
         mut from: i64,
         deadline: Option<Instant>,
         mut resize: Option<Resize<'_>>,
     ) -> Result<i64, WaitEnd> {
-        let mut weight: u64 = ahead.values().sum();
+        let mut weight: u64 = ahead.values().map(|(w, _)| w).sum();
         let turn = |weight: u64, room: u64, r: &Option<Resize<'_>>| {
             weight <= room || r.as_ref().is_some_and(|r| r.create <= r.held_to)
         };
@@ -867,8 +1043,13 @@ impl Inner {
                     if !queued.iter().any(|kv| kv.key == mine) {
                         return Err(WaitEnd::Deleted);
                     }
-                    ahead.retain(|k, _| queued.iter().any(|kv| kv.key == *k));
-                    weight = ahead.values().sum();
+                    // A key name is reused (a client's slot, see `acquire`): only the same
+                    // incarnation (same create revision) is still ahead; a re-created one
+                    // is behind us.
+                    ahead.retain(|k, (_, c)| {
+                        queued.iter().any(|kv| kv.key == *k && kv.create == *c)
+                    });
+                    weight = ahead.values().map(|(w, _)| w).sum();
                     from = rev + 1;
                     break;
                 }
@@ -914,7 +1095,7 @@ impl Inner {
                     if kv.key == mine {
                         return Err(WaitEnd::Deleted);
                     }
-                    if let Some(w) = ahead.remove(&kv.key) {
+                    if let Some((w, _)) = ahead.remove(&kv.key) {
                         weight -= w;
                     }
                 }
@@ -928,6 +1109,7 @@ impl Inner {
 
     /// Registers a grant and starts watching its key, so that its holder hears of a close or
     /// of the lease's end.
+    #[allow(clippy::too_many_arguments)]
     fn hold(
         self: &Arc<Self>,
         lease: u64,
@@ -936,6 +1118,7 @@ impl Inner {
         job: Option<String>,
         token: u64,
         from: i64,
+        slot: Option<Slot>,
     ) -> watch::Receiver<Option<LostReason>> {
         let (tx, rx) = watch::channel(None);
         let inner = self.clone();
@@ -972,7 +1155,7 @@ impl Inner {
                             from = from.max(kv.modr + 1);
                         }
                         if ev.get("type").and_then(Value::as_str) == Some("DELETE") {
-                            let reason = match inner.get(&revoked_of(&wkey)).await {
+                            let reason = match inner.get(&revoked_of(&wkey, lease)).await {
                                 Ok((Some(_), _)) => LostReason::Revoked,
                                 _ => inner.why_lost(wcap.as_deref(), etcd_lease).await,
                             };
@@ -989,6 +1172,7 @@ impl Inner {
             token,
             lost: tx,
             watcher: Some(task.abort_handle()),
+            slot,
         };
         if let Ok(mut g) = self.grants.lock() {
             g.insert(lease, held);
@@ -996,6 +1180,10 @@ impl Inner {
         rx
     }
 
+    /// Acquires `weight` of semaphore `name`. The key is one of this client's slots
+    /// ([`Slot`]); one txn creates it (and moves its tombstone on), checks the capacity
+    /// (compared against the cached cap key's mod revision, or read when none is cached)
+    /// and counts the queue. A key alone in the queue holds at once.
     async fn acquire(
         self: Arc<Self>,
         name: &str,
@@ -1011,41 +1199,130 @@ impl Inner {
         let cap_key = self.cap_key(name);
         let queue = self.queue(name);
         let lease = self.next_lease.fetch_add(1, Ordering::Relaxed);
-        let key = format!("{queue}{lease:016x}");
-        let record = json!({"w": weight, "s": format!("{:016x}", self.session), "c": self.client, "t": now_ms()});
+        let record = json!({"w": weight, "s": format!("{:016x}", self.session), "c": self.client, "t": now_ms(), "l": lease});
         let mut guard = Withdraw {
             inner: self.clone(),
-            key: Some(key.clone()),
+            key: None,
+            slot: Some(self.take_slot(name)),
         };
-        // One round trip: create the key (unless a retry did), read the capacity, and count
-        // the queue as of that revision. Only the count, not the keys: when the new key is
-        // alone (the common, uncontended case) it holds at once, and its create revision is
-        // the txn's own; etcd's JSON gateway spends most of a request's CPU time encoding
-        // key-values, so answering with none of them halves its work per pair (BENCHMARKS.md).
+        // Only the count of the queue, not its keys: when the new key is alone (the common,
+        // uncontended case) it holds at once, and its create revision is the txn's own;
+        // etcd's JSON gateway spends much of a request's CPU time encoding key-values
+        // (BENCHMARKS.md).
         let mut count_queue = range_prefix(&queue);
         count_queue["count_only"] = json!(true);
-        let (r, etcd_lease) = self
-            .create_txn(deadline, |lease| {
-                txn(
-                    vec![absent(&key), absent(&tomb_of(&key))],
-                    vec![
-                        put(&key, &record, lease),
-                        json!({"request_range": range(&cap_key)}),
-                        json!({ "request_range": count_queue.clone() }),
-                    ],
-                    vec![json!({"request_range": range(&cap_key)})],
-                )
-            })
-            .await?;
-        let created = succeeded(&r);
-        let first = if created { 1 } else { 0 };
-        let cap_part = txn_part(&r, first);
-        let Some(cap) = kvs(&cap_part).into_iter().next() else {
-            let _ = guard.now().await;
-            return Err(no_such(name));
+        let mut conflicts = 0;
+        let (r, etcd_lease, key, cap, count_at) = loop {
+            let etcd_lease = self.lease.load(Ordering::SeqCst);
+            let Some(slot) = guard.slot.as_mut() else {
+                return Err(Error::Protocol("an acquire lost its slot".into()));
+            };
+            if slot.etcd_lease != etcd_lease {
+                // A new etcd lease: new names, whose tombstones do not exist yet.
+                (slot.etcd_lease, slot.fence) = (etcd_lease, 0);
+            }
+            let key = format!("{queue}{etcd_lease:016x}.{}", slot.n);
+            let tomb = tomb_of(&key);
+            // From here the key may exist until it is withdrawn or granted.
+            guard.key = Some(key.clone());
+            let cached = self.cached_cap(name);
+            // The shortest JSON that says it: etcd's gateway decodes a request by
+            // reflection, field by field, and for the acquire that decoding cost etcd more
+            // than the rest of the txn (BENCHMARKS.md). Hence no failure branch (a failed
+            // compare is rare: a second request reads what is needed), and compares with
+            // protobuf's defaults left out (`result` EQUAL, a zero revision). The key-absent
+            // compare is implied by the tombstone's (every create moves it, and a slot is
+            // reused only once its key is gone), and kept as a cheap second guard of the
+            // token: a put over an existing key would keep its old create revision.
+            let mut compare = vec![
+                json!({"key": b64(key.as_bytes()), "target": "CREATE"}),
+                mod_is(&tomb, slot.fence),
+            ];
+            let mut success = vec![
+                put(&key, &record, etcd_lease),
+                put(&tomb, &json!({ "l": lease }), etcd_lease),
+            ];
+            match &cached {
+                Some((_, modr)) => compare.push(mod_is(&cap_key, *modr)),
+                None => success.push(json!({"request_range": range(&cap_key)})),
+            }
+            let count_at = success.len();
+            success.push(json!({ "request_range": count_queue.clone() }));
+            let body = json!({"compare": compare, "success": success});
+            let r = match self.txn(body).await {
+                Err(Error::Protocol(m)) if m.contains("lease not found") => {
+                    // The key cannot have been made under a lease etcd does not know.
+                    guard.disarm();
+                    self.await_new_lease(etcd_lease, deadline).await?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+                Ok(r) => r,
+            };
+            if succeeded(&r) {
+                // The tombstone's mod revision is now the txn's (and the key's create).
+                slot.fence = header_rev(&r);
+                let cap = match cached {
+                    Some((value, _)) => value,
+                    None => {
+                        let Some(cap) = kvs(&txn_part(&r, 2)).into_iter().next() else {
+                            let _ = guard.now().await;
+                            self.cache_cap(name, None);
+                            return Err(no_such(name));
+                        };
+                        self.cache_cap(name, Some((cap.value.clone(), cap.modr)));
+                        cap.value
+                    }
+                };
+                break (r, etcd_lease, key, cap, Some(count_at));
+            }
+            // A compare failed: read the key, the tombstone and the cap key (one revision).
+            let reads = vec![
+                json!({"request_range": range(&key)}),
+                json!({"request_range": range(&tomb)}),
+                json!({"request_range": range(&cap_key)}),
+            ];
+            let r = self.txn(txn(vec![], reads, vec![])).await?;
+            let mine = kvs(&txn_part(&r, 0)).into_iter().next();
+            let tombstone = kvs(&txn_part(&r, 1)).into_iter().next();
+            let cap = kvs(&txn_part(&r, 2)).into_iter().next();
+            self.cache_cap(name, cap.as_ref().map(|c| (c.value.clone(), c.modr)));
+            slot.fence = tombstone.as_ref().map_or(0, |t| t.modr);
+            let ours = tombstone
+                .as_ref()
+                .and_then(|t| t.value.get("l").and_then(Value::as_u64))
+                == Some(lease);
+            if ours {
+                // An earlier attempt of this very txn was applied (its answer was lost and
+                // the call retried it): the key is ours, if still there; the queue read
+                // below finds it.
+                let Some(cap) = cap else {
+                    guard.disarm();
+                    return Err(no_such(name));
+                };
+                break (r, etcd_lease, key, cap.value, None);
+            }
+            if mine.is_some() {
+                // A key of an earlier acquire of ours in this slot is still there (its
+                // release failed): leave the name alone and take another.
+                guard.disarm();
+                guard.slot = Some(self.new_slot(name));
+            } else {
+                // Nothing was created (a stale fence, or the capacity changed).
+                guard.disarm();
+                if cap.is_none() {
+                    return Err(no_such(name));
+                }
+            }
+            conflicts += 1;
+            if conflicts > 16 {
+                return Err(Error::Protocol(format!(
+                    "etcd: the acquire txn on semaphore {name:?} kept failing its compares"
+                )));
+            }
         };
-        let capacity = capacity_of(&cap.value);
-        if is_closed(&cap.value) {
+        let capacity = capacity_of(&cap);
+        if is_closed(&cap) {
             let _ = guard.now().await;
             return Err(closed(name));
         }
@@ -1053,7 +1330,8 @@ impl Inner {
             let _ = guard.now().await;
             return Err(too_heavy(name, weight.into(), capacity));
         }
-        let (ahead, rev, token) = if created && num(&txn_part(&r, 2), "count") == 1 {
+        let alone = count_at.is_some_and(|i| num(&txn_part(&r, i), "count") == 1);
+        let (ahead, rev, token) = if alone {
             // Alone in the queue: the txn's revision is the key's create revision.
             let rev = header_rev(&r);
             (HashMap::new(), rev, rev as u64)
@@ -1083,15 +1361,10 @@ impl Inner {
                 guard.disarm();
                 return Err(self.gone(name, &cap_key, etcd_lease).await);
             };
-            let ahead: HashMap<String, u64> = queued
+            let ahead: HashMap<String, (u64, i64)> = queued
                 .iter()
                 .filter(|kv| kv.create < me.create)
-                .map(|kv| {
-                    (
-                        kv.key.clone(),
-                        kv.value.get("w").and_then(Value::as_u64).unwrap_or(0),
-                    )
-                })
+                .map(|kv| (kv.key.clone(), (weight_of(kv), kv.create)))
                 .collect();
             (ahead, rev, me.create as u64)
         };
@@ -1107,7 +1380,7 @@ impl Inner {
             weight: weight.into(),
             create: token as i64,
             capacity,
-            held_to: held_to_of(&cap.value),
+            held_to: held_to_of(&cap),
         };
         match self
             .wait_turn(&queue, &key, ahead, room, rev + 1, deadline, Some(resize))
@@ -1115,7 +1388,8 @@ impl Inner {
         {
             Ok(from) => {
                 guard.disarm();
-                let lost = self.hold(lease, key, Some(cap_key), None, token, from);
+                let slot = guard.slot.take();
+                let lost = self.hold(lease, key, Some(cap_key), None, token, from, slot);
                 Ok(Grant { lease, token, lost })
             }
             Err(WaitEnd::Deleted) => {
@@ -1157,20 +1431,24 @@ impl Inner {
             return Err(invalid("the capacity is zero".into()));
         }
         let key = self.cap_key(name);
+        let value = json!({"capacity": capacity, "closed": false});
         let r = self
             .txn(txn(
                 vec![absent(&key)],
                 vec![
-                    put(&key, &json!({"capacity": capacity, "closed": false}), 0),
+                    put(&key, &value, 0),
                     put(&bump_keys(&key)[0], &json!({}), 0),
                 ],
                 vec![json!({"request_range": range(&key)})],
             ))
             .await?;
+        // The cap key as of this txn, for the acquires to compare instead of reading it.
         if succeeded(&r) {
+            self.cache_cap(name, Some((value, header_rev(&r))));
             return Ok(());
         }
         let kv = kvs(&txn_part(&r, 0)).into_iter().next();
+        self.cache_cap(name, kv.as_ref().map(|kv| (kv.value.clone(), kv.modr)));
         let existing = kv
             .as_ref()
             .and_then(|kv| kv.value.get("capacity").and_then(Value::as_u64))
@@ -1207,8 +1485,13 @@ impl Inner {
         let deadline = Instant::now() + self.ttl;
         self.etcd
             .call("/v3/kv/deleterange", &range(&h.key), deadline)
-            .await
-            .map(drop)
+            .await?;
+        // The key is gone: its name is free for the next acquire. (Not after a failed
+        // delete: the key may still be there, and its slot is never reused.)
+        if let Some(slot) = h.slot {
+            self.free_slot(slot);
+        }
+        Ok(())
     }
 
     async fn close(&self, name: &str) -> Result<(), Error> {
@@ -1386,18 +1669,19 @@ impl Inner {
             message: format!("lease {lease} does not hold semaphore {name:?}"),
         };
         let (cap, queue, _, _) = self.read_semaphore(name).await?;
-        let key = format!("{}{lease:016x}", self.queue(name));
         let n = holder_count(&cap.value, &queue);
         // A key that holds keeps holding until it is deleted, so "held at the read and
-        // still the same key" means "holds now".
-        let Some(kv) = queue[..n].iter().find(|kv| kv.key == key) else {
+        // still the same key" means "holds now". The key is found by the lease id in its
+        // value (its name is a slot, reused by its client's later acquires), and the txn
+        // requires that incarnation of it (its create revision).
+        let Some(kv) = queue[..n].iter().find(|kv| lease_id_of(kv) == lease) else {
             return Err(unknown());
         };
-        let marker = put(&revoked_of(&key), &json!({}), kv.lease);
+        let marker = put(&revoked_of(&kv.key, lease), &json!({}), kv.lease);
         match self
             .txn(txn(
-                vec![created_at(&key, kv.create)],
-                vec![marker, delete(&key)],
+                vec![created_at(&kv.key, kv.create)],
+                vec![marker, delete(&kv.key)],
                 vec![],
             ))
             .await
@@ -1425,12 +1709,7 @@ impl Inner {
         let mut before: u64 = 0;
         for kv in queue {
             let w = kv.value.get("w").and_then(Value::as_u64).unwrap_or(0);
-            let lease_id = kv
-                .key
-                .rsplit('/')
-                .next()
-                .and_then(|h| u64::from_str_radix(h, 16).ok())
-                .unwrap_or(0);
+            let lease_id = lease_id_of(&kv);
             let session = kv
                 .value
                 .get("s")
@@ -1775,6 +2054,7 @@ impl Inner {
         let mut guard = Withdraw {
             inner: self.clone(),
             key: Some(key.clone()),
+            slot: None,
         };
         let deadline = timeout.map(|t| Instant::now() + t);
         let (r, _) = self
@@ -1802,10 +2082,10 @@ impl Inner {
             guard.disarm();
             return Err(Error::SessionLost);
         };
-        let ahead: HashMap<String, u64> = queued
+        let ahead: HashMap<String, (u64, i64)> = queued
             .iter()
             .filter(|kv| kv.create < me.create)
-            .map(|kv| (kv.key.clone(), 1))
+            .map(|kv| (kv.key.clone(), (1, kv.create)))
             .collect();
         let token = me.create as u64;
         if timeout == Some(Duration::ZERO) {
@@ -1876,7 +2156,7 @@ impl Inner {
             }
         }
         guard.disarm();
-        let lost = self.hold(lease, key, None, Some(job.to_owned()), token, from);
+        let lost = self.hold(lease, key, None, Some(job.to_owned()), token, from, None);
         Ok(JobBegin::Run(Grant { lease, token, lost }))
     }
 
@@ -2073,6 +2353,7 @@ impl EtcdBackend {
             ttl,
             lease: AtomicI64::new(0),
             next_lease: AtomicU64::new(crate::lease_id_base()),
+            sems: Mutex::new(HashMap::new()),
             grants: Mutex::new(HashMap::new()),
             shut: AtomicBool::new(false),
             last_ack: Mutex::new(Instant::now()),
@@ -2224,6 +2505,45 @@ impl Backend for EtcdBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Past the bound, only idle semaphores are forgotten: one with a slot taken (an acquire
+    /// in flight or a grant held) keeps its slot numbers, so none is handed out twice.
+    #[test]
+    fn only_idle_semaphores_are_forgotten() {
+        let mut sems: HashMap<String, SemCache> = HashMap::new();
+        for i in 0..=MAX_CACHED_SEMAPHORES {
+            let slot = Slot {
+                name: format!("idle{i}"),
+                n: 0,
+                etcd_lease: 1,
+                fence: 7,
+            };
+            sems.insert(
+                slot.name.clone(),
+                SemCache {
+                    cap: None,
+                    free: vec![slot],
+                    next: 1,
+                },
+            );
+        }
+        sems.insert(
+            "busy".into(),
+            SemCache {
+                cap: None,
+                free: Vec::new(),
+                next: 1,
+            },
+        );
+        trim(&mut sems, "idle3");
+        let mut left: Vec<&String> = sems.keys().collect();
+        left.sort();
+        assert_eq!(left, ["busy", "idle3"]);
+        // Below the bound nothing goes.
+        sems.insert("x".into(), SemCache::default());
+        trim(&mut sems, "busy");
+        assert_eq!(sems.len(), 3);
+    }
 
     #[test]
     fn urls_and_keys() {
