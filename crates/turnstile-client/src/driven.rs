@@ -263,7 +263,7 @@ mod tests {
         rt.spawn(async move {
             while let Some((n, reply)) = rx.recv().await {
                 *p.lock()
-                    .unwrap()
+                    .expect("invariant: no test thread panics holding the count")
                     .entry(std::thread::current().id())
                     .or_insert(0) += 1;
                 let _ = reply.send(n + 1);
@@ -291,7 +291,9 @@ mod tests {
         for n in 0..CALLS {
             assert_eq!(call(&rt, &tx, n), n + 1);
         }
-        let polls = polls.lock().unwrap();
+        let polls = polls
+            .lock()
+            .expect("invariant: no test thread panics holding the count");
         let mine = polls
             .get(&std::thread::current().id())
             .copied()
