@@ -111,8 +111,10 @@ fn sixteen_threads_share_one_blocking_client() {
         l.join().expect("a looper failed");
     }
     // The waiter is still queued behind this thread's permit (granted in FIFO order).
-    let st = client.status(Some("held")).expect("status");
-    assert_eq!(st.semaphores[0].queued, 1, "{st:?}");
+    wait_until("the waiter is queued", SOON, || {
+        let st = client.status(Some("held")).expect("status");
+        (st.semaphores[0].queued == 1).then_some(())
+    });
     assert!(!waiter.is_finished());
     let token = held.fencing_token();
     held.release().expect("release");
