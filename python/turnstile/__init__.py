@@ -11,8 +11,9 @@ Dask's ``client.map``) and survives ``fork``: each process gets its own session,
 use, and holds only the leases it acquired itself.
 
 The client is the Rust ``turnstile-client`` library (sessions, keep-alive, retries, backends),
-driven by a background thread per process, so a lease stays alive while Python code holds the
-GIL for a long time.
+driven by the Python thread that waits in a call (with the GIL released; no thread switch per
+call) and, while no thread waits, by a background thread per process, so a lease stays alive
+while Python code holds the GIL for a long time.
 """
 
 from __future__ import annotations
@@ -196,8 +197,8 @@ class Lease:
         return self._native.wait_lost(_seconds(timeout))
 
     def on_lost(self, callback: Callable[[str], Any]) -> None:
-        """Calls ``callback(reason)`` from a background thread if the lease is lost (never if
-        it is released first)."""
+        """Calls ``callback(reason)`` from another thread (the background thread, or one
+        waiting in a blocking call) if the lease is lost (never if it is released first)."""
         self._native.on_lost(callback)
 
     async def wait_lost_async(self) -> str:

@@ -21,7 +21,7 @@ class SemaphoreCore:
         timeout: Optional[float] = None,
         weight: int = 1,
     ) -> PendingAcquire:
-        """Starts an acquire; ``callback`` runs on a background thread with its outcome."""
+        """Starts an acquire; ``callback`` runs on the thread driving the client with its outcome."""
     def counts(self) -> Tuple[int, int]:
         """``(in_use, queued)`` across every client."""
     def close(self) -> bool:
@@ -71,7 +71,7 @@ class Lease:
     def wait_lost(self, timeout: Optional[float] = None) -> Optional[str]:
         """Blocks until it is lost (the reason) or ``timeout`` passes (``None``)."""
     def on_lost(self, callback: Callable[[str], Any]) -> None:
-        """Calls ``callback(reason)`` on a background thread when it is lost."""
+        """Calls ``callback(reason)`` on the thread driving the client when it is lost."""
 
 class JobAttempt:
     """An attempt holding a run-once job's exclusive lease."""

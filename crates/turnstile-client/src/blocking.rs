@@ -1,22 +1,26 @@
 //! A blocking facade over the async client, for programs without a tokio runtime.
 //!
-//! The facade owns a small runtime whose one worker thread runs the client's background task,
-//! so the session is kept alive while the calling thread is busy doing the guarded work.
+//! The facade owns a [`DrivenRuntime`]: a thread that waits for an answer drives the client's
+//! I/O itself (no thread hand-off per call), and the runtime's keeper thread drives it while no
+//! thread waits, so the session is kept alive while the calling thread is busy doing the
+//! guarded work.
 
 use std::future::Future;
 use std::time::Duration;
 
+use crate::driven::DrivenRuntime;
 use crate::{Error, GroupSummary, JobCompletion, JobRunner, LostReason, Options, StatusDoc};
 
 /// The runtime and the client it drives, shared by every blocking handle.
 ///
-/// When the last handle goes, the session is ended cleanly *before* the runtime stops.
+/// When the last handle goes, the session is ended cleanly *before* the runtime stops (the
+/// field order then drops the runtime, which stops its keeper thread).
 /// Dropping the runtime first would kill the client's driver task mid-flight: a permit dropped
 /// just before would never be released (its release was still in the driver's queue), nor
 /// would the session be closed, so the coordinator would hold its leases until the TTL.
 #[derive(Debug)]
 struct Shared {
-    rt: tokio::runtime::Runtime,
+    rt: DrivenRuntime,
     client: crate::Client,
 }
 
@@ -52,15 +56,10 @@ impl Client {
 
     /// Connects to the backend at `url` with options.
     pub fn connect_with(url: &str, options: Options) -> Result<Client, Error> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("turnstile-client")
-            .enable_all()
-            .build()
-            .map_err(|source| Error::Connect {
-                addr: url.to_owned(),
-                source,
-            })?;
+        let rt = DrivenRuntime::new("turnstile-client").map_err(|source| Error::Connect {
+            addr: url.to_owned(),
+            source,
+        })?;
         let inner = rt.block_on(crate::Client::connect_with(url, options))?;
         Ok(Client {
             rt: std::sync::Arc::new(Shared {

@@ -45,6 +45,7 @@
 
 mod backend;
 pub mod blocking;
+pub mod driven;
 mod etcd;
 mod file;
 mod job;

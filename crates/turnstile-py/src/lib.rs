@@ -3,15 +3,23 @@
 //! half (`python/turnstile/__init__.py`) builds the public API (Dask's names and errors,
 //! pickling, asyncio) on these handles.
 //!
-//! Three rules shape this module:
+//! Four rules shape this module:
 //! - **One session per process and (URL, TTL)**, created lazily on first use. A forked child
 //!   inherits the parent's runtime and clients, but not the threads that drive them, so
 //!   everything here remembers the pid that created it: in another process it is *forgotten*
 //!   (leaked, never dropped: dropping a file-backend client would release the parent's leases,
-//!   and a runtime would wait for threads that do not exist), and a fresh one is made.
+//!   and a runtime would wait for threads that do not exist, or find its scheduler taken by
+//!   one), and a fresh one is made.
 //! - **The GIL is released while waiting**, and a blocking wait wakes every [`SIGNAL_POLL`] to
 //!   let Python run its signal handlers; if one raises (Ctrl-C), the wait's future is dropped,
 //!   which withdraws a queued acquire.
+//! - **The thread that waits drives the I/O** ([`DrivenRuntime`]): a Python thread inside a
+//!   blocking call runs the client's tasks itself (no thread hand-off per call), and the
+//!   runtime's keeper thread runs them while no Python thread waits. So a task may run on any
+//!   thread that waits, and tasks that take the GIL (the callbacks of `acquire_async` and
+//!   `on_lost`) do: every wait therefore releases the GIL *before* it enters the runtime
+//!   ([`block`] detaches first), and nothing holding the GIL waits on the runtime (the only
+//!   other uses with the GIL held are `spawn`s, which do not wait).
 //! - **No panic reaches Python**: errors become the classes of `turnstile._errors`, and locks
 //!   recover from poisoning (no lock is held across a call that could panic halfway through
 //!   an update).
@@ -23,8 +31,8 @@ use std::time::Duration;
 
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use tokio::runtime::Runtime;
 use turnstile_client as tc;
+use turnstile_client::driven::DrivenRuntime;
 
 /// How often a blocking wait lets Python check for signals (Ctrl-C).
 const SIGNAL_POLL: Duration = Duration::from_millis(50);
@@ -32,17 +40,16 @@ const SIGNAL_POLL: Duration = Duration::from_millis(50);
 /// A process's runtime, and the tick that wakes blocking waits to check for signals.
 ///
 /// The tick is one interval task per process rather than a timer per wait: a timer set from a
-/// Python thread that is due before the runtime's next one must wake the runtime's thread to
-/// re-arm its wait, an extra thread switch on every call (about a fifth of an acquire+release
-/// pair's latency).
+/// Python thread that does not drive the runtime (another one does) and is due before the
+/// runtime's next one must wake the driving thread to re-arm its wait, an extra thread switch.
 struct Ctx {
-    rt: Runtime,
+    rt: DrivenRuntime,
     tick: Arc<tokio::sync::Notify>,
 }
 
 impl std::ops::Deref for Ctx {
-    type Target = Runtime;
-    fn deref(&self) -> &Runtime {
+    type Target = DrivenRuntime;
+    fn deref(&self) -> &DrivenRuntime {
         &self.rt
     }
 }
@@ -73,11 +80,7 @@ fn runtime() -> PyResult<Arc<Ctx>> {
         // The parent's: its threads do not exist in this process (see the module doc).
         std::mem::forget(inherited);
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("turnstile-client")
-        .enable_all()
-        .build()
+    let rt = tc::driven::DrivenRuntime::new("turnstile-client")
         .map_err(|e| PyRuntimeError::new_err(format!("cannot start the turnstile runtime: {e}")))?;
     let tick = Arc::new(tokio::sync::Notify::new());
     let ticker = tick.clone();
@@ -370,7 +373,7 @@ impl SemaphoreCore {
     }
 
     /// Starts an acquire on the client's runtime and returns at once; `callback(lease, error)`
-    /// is called on a runtime thread with the outcome (`lease` is `None` on timeout).
+    /// is called on the thread driving the runtime (see the module doc) with the outcome (`lease` is `None` on timeout).
     /// [`PendingAcquire::cancel`] withdraws it.
     #[pyo3(signature = (callback, timeout=None, weight=1))]
     fn acquire_async(
@@ -608,7 +611,7 @@ impl Lease {
         Ok(reason.map(lost_name))
     }
 
-    /// Calls `callback(reason)` on a runtime thread when the lease is lost (not when it is
+    /// Calls `callback(reason)` on the thread driving the runtime when the lease is lost (not when it is
     /// released).
     fn on_lost(&self, callback: Py<PyAny>) {
         if self.pid != std::process::id() {
