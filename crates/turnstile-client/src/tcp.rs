@@ -405,6 +405,9 @@ impl TcpBackend {
             driver_waker: None,
             armed: now,
             closed: false,
+            forward: Arc::new(ReadWake {
+                target: Mutex::new(None),
+            }),
         };
         let addr = core.addr.clone();
         let shared = Arc::new(Shared::new(core));
@@ -436,7 +439,7 @@ impl TcpBackend {
         mut rx: oneshot::Receiver<Result<Answer, Error>>,
         until: Until,
     ) -> Result<Answer, Error> {
-        let closed = |r: Result<Result<Answer, Error>, oneshot::error::RecvError>| {
+        let closed = |r: Result<Result<Answer, Error>, Gone>| {
             r.map_err(|_| Error::Shutdown)?
         };
         match until {
@@ -1145,6 +1148,8 @@ struct Core {
     armed: Instant,
     /// The driver is shutting down: callers leave everything to it.
     closed: bool,
+    /// Where the socket's wake-ups go (see [`Shared`]).
+    forward: Arc<ReadWake>,
 }
 
 /// What the driver task and the callers share.
@@ -1180,9 +1185,7 @@ impl Wake for ReadWake {
 
 impl Shared {
     fn new(core: Core) -> Shared {
-        let forward = Arc::new(ReadWake {
-            target: Mutex::new(None),
-        });
+        let forward = core.forward.clone();
         Shared {
             core: Mutex::new(core),
             read_waker: Waker::from(forward.clone()),
@@ -1201,6 +1204,27 @@ impl Shared {
         let mut target = self.forward.target.lock().unwrap_or_else(|p| p.into_inner());
         if !target.as_ref().is_some_and(|t| t.will_wake(w)) {
             *target = Some(w.clone());
+        }
+    }
+
+    /// Takes the reading back from the caller that has it (if one does), reads what is left,
+    /// and wakes that caller, which then waits for its answer like the others.
+    fn take_back(&self, core: &mut Core) {
+        if core.reader.take().is_none() {
+            return;
+        }
+        let old = self
+            .forward
+            .target
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(w) = core.driver_waker.clone() {
+            self.aim(&w);
+        }
+        while core.read_turn(&self.read_waker).is_ready() {}
+        if let Some(old) = old {
+            old.wake();
         }
     }
 
@@ -1239,30 +1263,54 @@ struct Answering<'a> {
     reading: Option<u64>,
 }
 
+/// The reply channel closed without an answer: the driver has shut down.
+struct Gone;
+
 impl Future for Answering<'_> {
-    type Output = Result<Result<Answer, Error>, oneshot::error::RecvError>;
+    type Output = Result<Result<Answer, Error>, Gone>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
         loop {
-            if let Poll::Ready(r) = Pin::new(&mut *this.rx).poll(cx) {
-                this.pass_on();
-                return Poll::Ready(r);
-            }
             let mut core = this.shared.lock();
             if this.reading.is_some() && core.reader != this.reading {
-                // The driver took the reading back (its timer fired).
+                // The driver took the reading back (its timer fired, or it shuts down).
                 this.reading = None;
             }
-            if this.reading.is_none() {
-                if core.reader.is_some() || core.link.is_none() || core.closed {
-                    // Another reads for us, or the driver re-makes the link and re-sends.
-                    return Poll::Pending;
-                }
+            // Only a caller whose request is the only one in flight takes the reading: with
+            // others in flight, the driver reads and hands every reply of a read over in one
+            // turn, which keeps many callers' requests and replies batched.
+            if this.reading.is_none()
+                && core.reader.is_none()
+                && core.link.is_some()
+                && !core.closed
+                && core.pending.len() <= 1
+            {
                 let me = core.next_reader;
                 core.next_reader += 1;
                 core.reader = Some(me);
                 this.reading = Some(me);
+            }
+            if this.reading.is_none() {
+                // Another reads for us, or the driver re-makes the link and re-sends.
+                drop(core);
+                return Pin::new(&mut *this.rx).poll(cx).map(|r| r.map_err(|_| Gone));
+            }
+            // This caller reads, so it hands its own reply over itself: `rx` is only looked
+            // at, never waited on (a task that wakes itself is queued again, and the
+            // scheduler then wakes another worker thread to take it: a futex per request).
+            match this.rx.try_recv() {
+                Ok(r) => {
+                    drop(core);
+                    this.pass_on();
+                    return Poll::Ready(Ok(r));
+                }
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    drop(core);
+                    this.pass_on();
+                    return Poll::Ready(Err(Gone));
+                }
+                Err(oneshot::error::TryRecvError::Empty) => {}
             }
             this.shared.aim(cx.waker());
             let read = core.read_turn(&this.shared.read_waker);
@@ -1275,7 +1323,7 @@ impl Future for Answering<'_> {
                 }
             }
             core.end_caller_turn(this.tx);
-            if read.is_pending() {
+            if read.is_pending() && this.reading.is_some() {
                 return Poll::Pending;
             }
         }
@@ -1383,14 +1431,9 @@ impl Driver {
                     core.now = Instant::now();
                     fired = true;
                     core.on_timer();
-                    if core.reader.take().is_some() {
-                        // Take the reading back from a caller, in case its future is no
-                        // longer polled; a caller that still waits takes it again.
-                        if let Some(w) = core.driver_waker.clone() {
-                            shared.aim(&w);
-                        }
-                        while core.read_turn(&shared.read_waker).is_ready() {}
-                    }
+                    // In case the reading caller's future is no longer polled; a caller
+                    // that still waits takes the reading again.
+                    shared.take_back(&mut core);
                 }
             }
             self.flush().await;
@@ -1478,15 +1521,7 @@ impl Driver {
         // Wait briefly for the answers, so that the leases are free when we return. The driver
         // reads them itself: callers no longer take the reading once `closed` is set.
         let shared = self.shared.clone();
-        {
-            let mut core = shared.lock();
-            if core.reader.take().is_some() {
-                if let Some(w) = core.driver_waker.clone() {
-                    shared.aim(&w);
-                }
-                while core.read_turn(&shared.read_waker).is_ready() {}
-            }
-        }
+        shared.take_back(&mut shared.lock());
         let wait = async {
             loop {
                 {
@@ -1808,6 +1843,19 @@ impl Core {
         // Whatever was queued for the dead link goes out again with the other pending
         // requests after the reconnect.
         self.out.clear();
+        if self.reader.take().is_some() {
+            // The reading caller waits for its answer like the others from now on: after
+            // the reconnect, the driver reads.
+            let reader = self
+                .forward
+                .target
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some(w) = reader {
+                w.wake();
+            }
+        }
         if self.link.take().is_some() {
             // Quiet: a restart of the coordinator must stay invisible. The notice says so if
             // the coordinator stays away.
