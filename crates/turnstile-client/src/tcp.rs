@@ -439,9 +439,7 @@ impl TcpBackend {
         mut rx: oneshot::Receiver<Result<Answer, Error>>,
         until: Until,
     ) -> Result<Answer, Error> {
-        let closed = |r: Result<Result<Answer, Error>, Gone>| {
-            r.map_err(|_| Error::Shutdown)?
-        };
+        let closed = |r: Result<Result<Answer, Error>, Gone>| r.map_err(|_| Error::Shutdown)?;
         match until {
             Until::Answered => closed(self.recv(&mut rx).await),
             Until::Wait(deadline) => {
@@ -1201,7 +1199,11 @@ impl Shared {
 
     /// Points the socket's wake-ups at `w`.
     fn aim(&self, w: &Waker) {
-        let mut target = self.forward.target.lock().unwrap_or_else(|p| p.into_inner());
+        let mut target = self
+            .forward
+            .target
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if !target.as_ref().is_some_and(|t| t.will_wake(w)) {
             *target = Some(w.clone());
         }
@@ -1294,7 +1296,9 @@ impl Future for Answering<'_> {
             if this.reading.is_none() {
                 // Another reads for us, or the driver re-makes the link and re-sends.
                 drop(core);
-                return Pin::new(&mut *this.rx).poll(cx).map(|r| r.map_err(|_| Gone));
+                return Pin::new(&mut *this.rx)
+                    .poll(cx)
+                    .map(|r| r.map_err(|_| Gone));
             }
             // This caller reads, so it hands its own reply over itself: `rx` is only looked
             // at, never waited on (a task that wakes itself is queued again, and the
@@ -2164,7 +2168,6 @@ impl Core {
             let _ = tx.send(Some(reason));
         }
     }
-
 }
 
 fn encode(id: u32, req: &Req, out: &mut Vec<u8>) {
@@ -2454,7 +2457,11 @@ mod tests {
         let sem = client.semaphore("reading", 1).await.expect("ensure");
         // Alone on the link: this caller writes its request and reads its reply itself.
         let held = sem.acquire().await.expect("acquire");
-        assert_eq!(shared.lock().reader, None, "a finished caller kept the reading");
+        assert_eq!(
+            shared.lock().reader,
+            None,
+            "a finished caller kept the reading"
+        );
         // A caller that waits behind `held` reads for everyone until it is cancelled.
         let waiter = tokio::spawn({
             let sem = sem.clone();
@@ -2469,7 +2476,11 @@ mod tests {
         assert!(took.is_ok(), "the waiting caller never read the socket");
         waiter.abort();
         assert!(waiter.await.is_err_and(|e| e.is_cancelled()));
-        assert_eq!(shared.lock().reader, None, "a cancelled caller kept the reading");
+        assert_eq!(
+            shared.lock().reader,
+            None,
+            "a cancelled caller kept the reading"
+        );
         // Nobody waits now: only the driver reads, and it must see the revocation.
         other
             .revoke("reading", held.lease_id())
