@@ -1,7 +1,9 @@
 //! The coordinator backend (`tcp://HOST:PORT`).
 //!
-//! One driver task owns the connection. Callers send it commands over a channel and get their
-//! answers on oneshot channels; the driver numbers requests, matches replies by request id,
+//! One driver task keeps the connection. Callers hand it commands over a channel and get their
+//! answers on oneshot channels — or, a caller alone on an idle link, write their request and
+//! read its reply themselves (see `TcpBackend::dispatch` and [`Answering`]), which spares the
+//! two hops between tasks per request; the driver numbers requests, matches replies by request id,
 //! keeps the session alive, and survives disconnections: it reconnects with exponential
 //! backoff, resumes the session, and re-sends every request still unanswered. Re-sending is
 //! safe because every request is idempotent on the coordinator (an acquire is named by its
