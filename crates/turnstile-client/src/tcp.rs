@@ -1,9 +1,7 @@
 //! The coordinator backend (`tcp://HOST:PORT`).
 //!
-//! One driver task keeps the connection. Callers hand it commands over a channel and get their
-//! answers on oneshot channels — or, a caller alone on an idle link, write their request and
-//! read its reply themselves (see `TcpBackend::dispatch` and [`Answering`]), which spares the
-//! two hops between tasks per request; the driver numbers requests, matches replies by request id,
+//! One driver task owns the connection. Callers send it commands over a channel and get their
+//! answers on oneshot channels; the driver numbers requests, matches replies by request id,
 //! keeps the session alive, and survives disconnections: it reconnects with exponential
 //! backoff, resumes the session, and re-sends every request still unanswered. Re-sending is
 //! safe because every request is idempotent on the coordinator (an acquire is named by its
@@ -25,11 +23,8 @@
 //! ([`Notice`]), never once per retry.
 
 use std::collections::{BTreeMap, HashMap};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Wake, Waker};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -220,9 +215,6 @@ enum Cmd {
     Shutdown {
         reply: oneshot::Sender<()>,
     },
-    /// A caller changed the shared state in a way the driver must act on: bytes left to
-    /// write, or a deadline of the loop that moved earlier (a lost link, a first lease).
-    Wake,
 }
 
 struct Pending {
@@ -235,16 +227,13 @@ struct Pending {
 
 struct Link {
     rd: LinkRead,
-    /// Out while the driver waits for a slow write to finish (see `Driver::flush`).
-    wr: Option<LinkWrite>,
+    wr: LinkWrite,
     buf: Vec<u8>,
 }
 
 /// The coordinator backend: a handle on the driver task.
 pub(crate) struct TcpBackend {
     tx: mpsc::UnboundedSender<Cmd>,
-    /// The connection's state, shared with the driver task (see [`Shared`]).
-    shared: Arc<Shared>,
     session: Arc<AtomicU64>,
     next_lease: AtomicU64,
     health: Arc<Health>,
@@ -376,7 +365,7 @@ impl TcpBackend {
         let session_cell = Arc::new(AtomicU64::new(session));
         let now = Instant::now();
         let health = Arc::new(Health::new(now, ttl));
-        let core = Core {
+        let driver = Driver {
             health: health.clone(),
             connecting: None,
             awaiting_since: None,
@@ -389,6 +378,7 @@ impl TcpBackend {
             ttl_ms,
             session: session_cell.clone(),
             ttl,
+            rx,
             link: Some(link),
             next_id: 1,
             pending: BTreeMap::new(),
@@ -401,26 +391,11 @@ impl TcpBackend {
             borrowed,
             out: Vec::with_capacity(4096),
             now,
-            queued: 0,
-            reader: None,
-            next_reader: 1,
-            driver_waker: None,
-            armed: now,
-            closed: false,
-            forward: Arc::new(ReadWake {
-                target: Mutex::new(None),
-            }),
         };
-        let addr = core.addr.clone();
-        let shared = Arc::new(Shared::new(core));
-        let driver = Driver {
-            shared: shared.clone(),
-            rx,
-        };
+        let addr = driver.addr.clone();
         tokio::spawn(driver.run());
         Ok(TcpBackend {
             tx,
-            shared,
             session: session_cell,
             next_lease: AtomicU64::new(crate::lease_id_base()),
             health,
@@ -441,11 +416,13 @@ impl TcpBackend {
         mut rx: oneshot::Receiver<Result<Answer, Error>>,
         until: Until,
     ) -> Result<Answer, Error> {
-        let closed = |r: Result<Result<Answer, Error>, Gone>| r.map_err(|_| Error::Shutdown)?;
+        let closed = |r: Result<Result<Answer, Error>, oneshot::error::RecvError>| {
+            r.map_err(|_| Error::Shutdown)?
+        };
         match until {
-            Until::Answered => closed(self.recv(&mut rx).await),
+            Until::Answered => closed(rx.await),
             Until::Wait(deadline) => {
-                if let Ok(r) = tokio::time::timeout_at(deadline, self.recv(&mut rx)).await {
+                if let Ok(r) = tokio::time::timeout_at(deadline, &mut rx).await {
                     return closed(r);
                 }
                 // The coordinator's "timed out" is on its way if it answers at all; a ping
@@ -454,8 +431,8 @@ impl TcpBackend {
                     return Err(self.unavailable());
                 }
                 let probe = Instant::now();
-                let _ = self.dispatch(Cmd::Probe);
-                match tokio::time::timeout_at(deadline + ANSWER_GRACE, self.recv(&mut rx)).await {
+                let _ = self.tx.send(Cmd::Probe);
+                match tokio::time::timeout_at(deadline + ANSWER_GRACE, &mut rx).await {
                     Ok(r) => closed(r),
                     Err(_) if self.health.heard_since(probe) => Err(Error::TimedOut),
                     Err(_) => Err(self.unavailable()),
@@ -463,7 +440,7 @@ impl TcpBackend {
             }
             Until::Call => {
                 let deadline = Instant::now() + self.health.ttl().max(Duration::from_secs(1));
-                match tokio::time::timeout_at(deadline, self.recv(&mut rx)).await {
+                match tokio::time::timeout_at(deadline, &mut rx).await {
                     Ok(r) => closed(r),
                     Err(_) => Err(self.unavailable()),
                 }
@@ -471,7 +448,7 @@ impl TcpBackend {
             Until::LeaseGone => loop {
                 // The mark moves on as keep-alives are answered: look again when it passes.
                 let gone = self.health.lease_gone_at();
-                match tokio::time::timeout_at(gone, self.recv(&mut rx)).await {
+                match tokio::time::timeout_at(gone, &mut rx).await {
                     Ok(r) => return closed(r),
                     Err(_) if Instant::now() >= self.health.lease_gone_at() => {
                         return Err(self.unavailable())
@@ -492,13 +469,15 @@ impl TcpBackend {
     ) -> Result<(Answer, watch::Receiver<Option<LostReason>>), Error> {
         let (lost_tx, lost_rx) = watch::channel(None);
         let (reply, rx) = oneshot::channel();
-        self.dispatch(Cmd::Call {
-            req,
-            reply,
-            lost: Some(lost_tx),
-        })?;
+        self.tx
+            .send(Cmd::Call {
+                req,
+                reply,
+                lost: Some(lost_tx),
+            })
+            .map_err(|_| Error::Shutdown)?;
         let mut guard = AcquireGuard {
-            backend: self,
+            tx: &self.tx,
             lease,
             armed: true,
         };
@@ -526,45 +505,20 @@ impl TcpBackend {
 
     async fn call(&self, req: Req, until: Until) -> Result<Answer, Error> {
         let (reply, rx) = oneshot::channel();
-        self.dispatch(Cmd::Call {
-            req,
-            reply,
-            lost: None,
-        })?;
+        self.tx
+            .send(Cmd::Call {
+                req,
+                reply,
+                lost: None,
+            })
+            .map_err(|_| Error::Shutdown)?;
         self.answer(rx, until).await
-    }
-
-    /// Hands a command over. A caller alone on an idle plain-TCP link handles it itself and
-    /// writes its frame at once, in its own task (no hop to the driver task); with other
-    /// requests in flight, commands queued for the driver, or a write or reconnection under
-    /// way, it goes to the driver, which writes everything queued in one go (invariant 25).
-    fn dispatch(&self, cmd: Cmd) -> Result<(), Error> {
-        let mut core = self.shared.lock();
-        if core.alone() && !matches!(cmd, Cmd::Shutdown { .. }) {
-            core.now = Instant::now();
-            core.on_cmd(cmd);
-            core.end_caller_turn(&self.tx);
-            return Ok(());
-        }
-        core.queued += 1;
-        self.tx.send(cmd).map_err(|_| Error::Shutdown)
-    }
-
-    /// Waits for the answer on `rx`, reading the socket for every caller meanwhile if nobody
-    /// else does (see [`Answering`]).
-    fn recv<'a>(&'a self, rx: &'a mut oneshot::Receiver<Result<Answer, Error>>) -> Answering<'a> {
-        Answering {
-            shared: &self.shared,
-            tx: &self.tx,
-            rx,
-            reading: None,
-        }
     }
 }
 
 /// Withdraws an acquire whose future was dropped before it finished.
 struct AcquireGuard<'a> {
-    backend: &'a TcpBackend,
+    tx: &'a mpsc::UnboundedSender<Cmd>,
     lease: u64,
     armed: bool,
 }
@@ -572,7 +526,7 @@ struct AcquireGuard<'a> {
 impl Drop for AcquireGuard<'_> {
     fn drop(&mut self) {
         if self.armed {
-            let _ = self.backend.dispatch(Cmd::Forget { lease: self.lease });
+            let _ = self.tx.send(Cmd::Forget { lease: self.lease });
         }
     }
 }
@@ -631,7 +585,7 @@ impl Backend for TcpBackend {
     }
 
     fn release_in_background(&self, lease: u64) {
-        let _ = self.dispatch(Cmd::Forget { lease });
+        let _ = self.tx.send(Cmd::Forget { lease });
     }
 
     fn close<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), Error>> {
@@ -717,7 +671,7 @@ impl Backend for TcpBackend {
     fn shutdown(&self) -> BoxFuture<'_, Result<(), Error>> {
         Box::pin(async move {
             let (reply, rx) = oneshot::channel();
-            if self.dispatch(Cmd::Shutdown { reply }).is_err() {
+            if self.tx.send(Cmd::Shutdown { reply }).is_err() {
                 return Ok(()); // already shut down
             }
             // The driver bounds its own wait; this bounds a driver stuck in a write.
@@ -1001,7 +955,7 @@ async fn open_link(
     wr.write_all(&out).await.map_err(connect_err)?;
     let mut link = Link {
         rd,
-        wr: Some(wr),
+        wr,
         buf: Vec::with_capacity(4096),
     };
     let mut answers = 0;
@@ -1081,10 +1035,7 @@ async fn open_link(
     Ok(session_result.map(|()| (link, ttl)))
 }
 
-/// The connection's state: everything the driver task kept to itself before callers could
-/// write and read the socket themselves. Behind [`Shared::core`]'s lock, never held across an
-/// await.
-struct Core {
+struct Driver {
     addr: String,
     /// Over TLS when set.
     tls: Option<tls::Connector>,
@@ -1097,6 +1048,7 @@ struct Core {
     ttl_ms: u32,
     session: Arc<AtomicU64>,
     ttl: Duration,
+    rx: mpsc::UnboundedReceiver<Cmd>,
     link: Option<Link>,
     next_id: u32,
     /// Unanswered requests, by request id; ordered so that re-sending keeps their order.
@@ -1123,7 +1075,7 @@ struct Core {
     /// still served while it connects.
     connecting: Option<Connecting>,
     /// When a keep-alive went out with nothing heard from the coordinator since: a link on
-    /// which that lasts [`Core::silence_limit`] is dead (the peer is gone, or a network
+    /// which that lasts [`Driver::silence_limit`] is dead (the peer is gone, or a network
     /// drops everything), and is re-made.
     awaiting_since: Option<Instant>,
     /// The "still trying" line, while the coordinator is away.
@@ -1132,245 +1084,6 @@ struct Core {
     out: Vec<u8>,
     /// When this turn of the loop began: the send time of the requests it queues.
     now: Instant,
-    /// Commands sent to the driver task and not yet handled by it: while there are any, a
-    /// caller does not write by itself, so that its frame cannot overtake them.
-    queued: usize,
-    /// The caller that reads the socket for everyone, if one does (see [`Answering`]); the
-    /// driver task reads when none does.
-    reader: Option<u64>,
-    /// The number the next caller to take the reading gets.
-    next_reader: u64,
-    /// The driver task's waker, as of its last look at the socket: the reading goes back to
-    /// it when the reading caller is done.
-    driver_waker: Option<Waker>,
-    /// When the driver's timer fires next: a caller whose turn moves `next_wake` earlier
-    /// wakes the driver to re-arm it.
-    armed: Instant,
-    /// The driver is shutting down: callers leave everything to it.
-    closed: bool,
-    /// Where the socket's wake-ups go (see [`Shared`]).
-    forward: Arc<ReadWake>,
-}
-
-/// What the driver task and the callers share.
-///
-/// The socket is read with one waker, [`Shared::read_waker`], whoever reads: it forwards to
-/// the task that reads at the moment (a caller waiting for its answer, or the driver task).
-/// Handing the reading over is then only a matter of pointing that waker elsewhere; the
-/// socket's registration never has to be redone, and a wake-up that arrives during the
-/// hand-over reaches the new reader.
-struct Shared {
-    core: Mutex<Core>,
-    forward: Arc<ReadWake>,
-    read_waker: Waker,
-}
-
-/// The waker the socket's reads register: it wakes whoever reads (see [`Shared`]).
-struct ReadWake {
-    target: Mutex<Option<Waker>>,
-}
-
-impl Wake for ReadWake {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        let target = self.target.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(w) = target.as_ref() {
-            w.wake_by_ref();
-        }
-    }
-}
-
-impl Shared {
-    fn new(core: Core) -> Shared {
-        let forward = core.forward.clone();
-        Shared {
-            core: Mutex::new(core),
-            read_waker: Waker::from(forward.clone()),
-            forward,
-        }
-    }
-
-    /// The core. A panic while it was held (a bug) leaves it usable: every step of a turn
-    /// leaves the state consistent.
-    fn lock(&self) -> MutexGuard<'_, Core> {
-        self.core.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Points the socket's wake-ups at `w`.
-    fn aim(&self, w: &Waker) {
-        let mut target = self
-            .forward
-            .target
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if !target.as_ref().is_some_and(|t| t.will_wake(w)) {
-            *target = Some(w.clone());
-        }
-    }
-
-    /// Takes the reading back from the caller that has it (if one does), reads what is left,
-    /// and wakes that caller, which then waits for its answer like the others.
-    fn take_back(&self, core: &mut Core) {
-        if core.reader.take().is_none() {
-            return;
-        }
-        let old = self
-            .forward
-            .target
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(w) = core.driver_waker.clone() {
-            self.aim(&w);
-        }
-        while core.read_turn(&self.read_waker).is_ready() {}
-        if let Some(old) = old {
-            old.wake();
-        }
-    }
-
-    /// One look at the socket by the driver task: reads and handles what came, unless a
-    /// caller reads. Ready once something was read (or the link failed).
-    fn driver_read(&self, cx: &mut Context<'_>) -> Poll<()> {
-        let mut core = self.lock();
-        if !core
-            .driver_waker
-            .as_ref()
-            .is_some_and(|w| w.will_wake(cx.waker()))
-        {
-            core.driver_waker = Some(cx.waker().clone());
-        }
-        if core.reader.is_some() {
-            return Poll::Pending;
-        }
-        self.aim(cx.waker());
-        core.read_turn(&self.read_waker)
-    }
-}
-
-/// Waits for the answer to one request, and reads the socket meanwhile if nobody else does
-/// (leader and followers): a lone caller thus reads its own reply in its own task, and one
-/// of many reads for all of them, dispatching the others' replies, while the driver task
-/// sleeps. When the reader has its answer, or is dropped (a deadline, a cancelled task), it
-/// reads what is left and gives the reading back to the driver task, which reads while no
-/// caller does (events, keep-alive answers). The driver also takes the reading back when
-/// its timer fires, so that a future that stopped being polled cannot keep the socket
-/// unread for longer than a third of the TTL.
-struct Answering<'a> {
-    shared: &'a Shared,
-    tx: &'a mpsc::UnboundedSender<Cmd>,
-    rx: &'a mut oneshot::Receiver<Result<Answer, Error>>,
-    /// This caller's number while it reads for everyone.
-    reading: Option<u64>,
-}
-
-/// The reply channel closed without an answer: the driver has shut down.
-struct Gone;
-
-impl Future for Answering<'_> {
-    type Output = Result<Result<Answer, Error>, Gone>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.get_mut();
-        loop {
-            let mut core = this.shared.lock();
-            if this.reading.is_some() && core.reader != this.reading {
-                // The driver took the reading back (its timer fired, or it shuts down).
-                this.reading = None;
-            }
-            // Only a caller whose request is the only one in flight takes the reading: with
-            // others in flight, the driver reads and hands every reply of a read over in one
-            // turn, which keeps many callers' requests and replies batched.
-            if this.reading.is_none()
-                && core.reader.is_none()
-                && core.link.is_some()
-                && !core.closed
-                && core.pending.len() <= 1
-            {
-                let me = core.next_reader;
-                core.next_reader += 1;
-                core.reader = Some(me);
-                this.reading = Some(me);
-            }
-            if this.reading.is_none() {
-                // Another reads for us, or the driver re-makes the link and re-sends.
-                drop(core);
-                return Pin::new(&mut *this.rx)
-                    .poll(cx)
-                    .map(|r| r.map_err(|_| Gone));
-            }
-            // This caller reads, so it hands its own reply over itself: `rx` is only looked
-            // at, never waited on (a task that wakes itself is queued again, and the
-            // scheduler then wakes another worker thread to take it: a futex per request).
-            match this.rx.try_recv() {
-                Ok(r) => {
-                    drop(core);
-                    this.pass_on();
-                    return Poll::Ready(Ok(r));
-                }
-                Err(oneshot::error::TryRecvError::Closed) => {
-                    drop(core);
-                    this.pass_on();
-                    return Poll::Ready(Err(Gone));
-                }
-                Err(oneshot::error::TryRecvError::Empty) => {}
-            }
-            this.shared.aim(cx.waker());
-            let read = core.read_turn(&this.shared.read_waker);
-            if core.link.is_none() {
-                // The link failed under us: the driver re-makes it and reads from then on.
-                core.reader = None;
-                this.reading = None;
-                if let Some(w) = core.driver_waker.clone() {
-                    this.shared.aim(&w);
-                }
-            }
-            core.end_caller_turn(this.tx);
-            if read.is_pending() && this.reading.is_some() {
-                return Poll::Pending;
-            }
-        }
-    }
-}
-
-impl Answering<'_> {
-    /// Gives the reading back to the driver task, if this caller has it. The wake-ups are
-    /// pointed at the driver first and the socket read until it has nothing more, so that
-    /// nothing that arrived before the hand-over is left unread.
-    fn pass_on(&mut self) {
-        let Some(me) = self.reading.take() else {
-            return;
-        };
-        let mut core = self.shared.lock();
-        if core.reader != Some(me) {
-            return;
-        }
-        core.reader = None;
-        let Some(w) = core.driver_waker.clone() else {
-            // The driver has not looked at the socket yet; it reads when it first does.
-            return;
-        };
-        self.shared.aim(&w);
-        while core.read_turn(&self.shared.read_waker).is_ready() {}
-        core.end_caller_turn(self.tx);
-    }
-}
-
-impl Drop for Answering<'_> {
-    fn drop(&mut self) {
-        self.pass_on();
-    }
-}
-
-/// The driver task: the timers (keep-alive, silence, presumed loss), reconnection, the
-/// writes that could not go out at once, the commands that callers queued for it, and the
-/// reading while no caller reads.
-struct Driver {
-    shared: Arc<Shared>,
-    rx: mpsc::UnboundedReceiver<Cmd>,
 }
 
 /// A connection attempt that runs beside the driver's loop.
@@ -1381,43 +1094,46 @@ struct Connecting {
     fresh: Option<u64>,
 }
 
+/// Runs the connection attempt, if there is one; pending forever otherwise, so that it can
+/// sit in a `select!` arm. The caller takes the attempt out once it has finished.
+async fn attempt_done(c: &mut Option<Connecting>) -> (Opened, Instant, Option<u64>) {
+    match c {
+        Some(c) => ((&mut c.attempt).await, c.started, c.fresh),
+        None => std::future::pending().await,
+    }
+}
+
 impl Driver {
     async fn run(mut self) {
         // One timer for every deadline of the loop (keep-alive, silence, reconnect, notice,
         // presumed loss), armed at the earliest and re-armed only when that moves earlier or
         // it fires: a turn that handles requests touches no timer. Firing early is harmless,
         // because `on_timer` looks at what is actually due.
-        let mut armed = {
-            let mut core = self.shared.lock();
-            let at = core.next_wake();
-            core.armed = at;
-            at
-        };
+        let mut armed = self.next_wake();
         let timer = tokio::time::sleep_until(armed);
         tokio::pin!(timer);
-        let shared = self.shared.clone();
         loop {
             let mut fired = false;
-            let mut stop = None;
             tokio::select! {
                 cmd = self.rx.recv() => {
-                    let mut core = shared.lock();
-                    core.now = Instant::now();
+                    self.now = Instant::now();
                     let mut next = cmd;
                     // Every command already queued goes out in the same write.
                     loop {
-                        core.queued = core.queued.saturating_sub(1);
                         match next {
                             Some(Cmd::Shutdown { reply }) => {
-                                stop = Some(Some(reply));
-                                break;
+                                self.flush().await;
+                                self.close_session().await;
+                                let _ = reply.send(());
+                                return;
                             }
-                            Some(cmd) => core.on_cmd(cmd),
+                            Some(cmd) => self.on_cmd(cmd),
                             None => {
                                 // Every handle is gone: end the session so its leases free
                                 // at once.
-                                stop = Some(None);
-                                break;
+                                self.flush().await;
+                                self.close_session().await;
+                                return;
                             }
                         }
                         next = match self.rx.try_recv() {
@@ -1426,129 +1142,41 @@ impl Driver {
                             Err(mpsc::error::TryRecvError::Disconnected) => None,
                         };
                     }
-                    if stop.is_some() {
-                        core.closed = true;
+                }
+                r = read_more(&mut self.link) => {
+                    self.now = Instant::now();
+                    match r {
+                        Ok(()) => {
+                            self.heard();
+                            self.on_frames();
+                        }
+                        Err(why) => self.disconnected(&why),
                     }
                 }
-                () = std::future::poll_fn(|cx| shared.driver_read(cx)) => {}
-                () = std::future::poll_fn(|cx| shared.lock().poll_attempt(cx)) => {}
+                (opened, started, fresh) = attempt_done(&mut self.connecting) => {
+                    self.now = Instant::now();
+                    self.connecting = None;
+                    self.on_attempt(opened, started, fresh);
+                }
                 () = &mut timer => {
-                    let mut core = shared.lock();
-                    core.now = Instant::now();
+                    self.now = Instant::now();
                     fired = true;
-                    core.on_timer();
-                    // In case the reading caller's future is no longer polled; a caller
-                    // that still waits takes the reading again.
-                    shared.take_back(&mut core);
+                    self.on_timer();
                 }
             }
             self.flush().await;
-            if let Some(reply) = stop {
-                self.close_session().await;
-                {
-                    // What waits fails with `Error::Shutdown` (its reply is dropped); the core
-                    // outlives this task in the handles' `Shared`.
-                    let mut core = shared.lock();
-                    core.pending.clear();
-                    core.leases.clear();
-                    core.connecting = None;
-                    core.link = None;
-                    core.out.clear();
-                }
-                if let Some(reply) = reply {
-                    let _ = reply.send(());
-                }
-                return;
-            }
-            let mut core = shared.lock();
             #[cfg(test)]
-            core.health
+            self.health
                 .watched
-                .store(core.leases.len() as u64, Ordering::Relaxed);
-            let at = core.next_wake();
+                .store(self.leases.len() as u64, Ordering::Relaxed);
+            let at = self.next_wake();
             if at < armed || fired {
                 armed = at;
                 timer.as_mut().reset(at);
             }
-            core.armed = armed;
         }
     }
 
-    /// Writes what the turn queued: at once if the socket takes it, else bounded by
-    /// [`WRITE_TIMEOUT`] with the write half taken out of the core meanwhile (callers then
-    /// queue their frames for the driver, which writes them next).
-    async fn flush(&mut self) {
-        loop {
-            let (mut wr, rest) = {
-                let mut core = self.shared.lock();
-                match core.try_flush() {
-                    Some(slow) => slow,
-                    None => return,
-                }
-            };
-            let result = write_rest(&mut wr, &rest).await;
-            let mut core = self.shared.lock();
-            let Some(link) = &mut core.link else { return };
-            if link.wr.is_none() {
-                link.wr = Some(wr);
-            }
-            if let Err(why) = result {
-                core.disconnected(&why);
-                return;
-            }
-        }
-    }
-
-    async fn close_session(&mut self) {
-        {
-            let mut core = self.shared.lock();
-            // Nobody is connected to tell: the TTL ends the session on the coordinator.
-            core.connecting = None;
-            if core.link.is_none() {
-                return;
-            }
-            core.now = Instant::now();
-            if core.borrowed {
-                // Our own leases, held or still queued for; the session stays.
-                let mut mine: Vec<u64> = core.leases.keys().copied().collect();
-                mine.extend(core.pending.values().filter_map(|p| match p.req {
-                    Req::Acquire { lease, .. } | Req::BeginJob { lease, .. } => Some(lease),
-                    _ => None,
-                }));
-                core.leases.clear();
-                for lease in mine {
-                    core.submit(Req::Release { lease }, None, None);
-                }
-            } else {
-                core.submit(Req::CloseSession, None, None);
-            }
-        }
-        self.flush().await;
-        // Wait briefly for the answers, so that the leases are free when we return. The driver
-        // reads them itself: callers no longer take the reading once `closed` is set.
-        let shared = self.shared.clone();
-        shared.take_back(&mut shared.lock());
-        let wait = async {
-            loop {
-                {
-                    let core = shared.lock();
-                    let waiting = core
-                        .pending
-                        .values()
-                        .any(|p| matches!(p.req, Req::CloseSession | Req::Release { .. }));
-                    if !waiting || core.link.is_none() {
-                        return;
-                    }
-                }
-                std::future::poll_fn(|cx| shared.driver_read(cx)).await;
-                self.flush().await;
-            }
-        };
-        let _ = tokio::time::timeout(SHUTDOWN_WAIT, wait).await;
-    }
-}
-
-impl Core {
     /// The earliest deadline the loop has to act on (see `on_timer`).
     fn next_wake(&self) -> Instant {
         let mut at = self.last_keepalive + FAR;
@@ -1646,7 +1274,7 @@ impl Core {
                     self.submit(Req::KeepAlive, None, None);
                 }
             }
-            Cmd::Shutdown { .. } | Cmd::Wake => {}
+            Cmd::Shutdown { .. } => {}
         }
     }
 
@@ -1698,131 +1326,35 @@ impl Core {
         );
     }
 
-    /// Writes what the turn queued, if the socket takes it now. Returns the write half and
-    /// the rest when it does not (a full send buffer; every TLS write), for the driver to
-    /// write with a bound; a caller puts them back (see `end_caller_turn`).
-    fn try_flush(&mut self) -> Option<(LinkWrite, Vec<u8>)> {
+    /// Writes what the turn queued, in one go.
+    async fn flush(&mut self) {
         if self.out.is_empty() {
-            return None;
+            return;
         }
         let Some(link) = &mut self.link else {
             self.out.clear();
-            return None;
+            return;
         };
-        // The driver is waiting for a slow write: what was queued since goes next.
-        let wr = link.wr.take()?;
         #[cfg(test)]
         self.health.writes.fetch_add(1, Ordering::Relaxed);
-        // The socket almost always takes it all at once; only a full send buffer waits.
-        let written = match wr.try_write(&self.out) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
-            Err(e) => {
-                self.disconnected(&format!("write failed: {e}"));
-                return None;
+        // The socket almost always takes it all at once; only a full send buffer waits, bounded
+        // so that a peer that stopped reading cannot stall the loop.
+        let result = match link.wr.try_write(&self.out) {
+            Ok(n) if n == self.out.len() => Ok(()),
+            Ok(n) => write_rest(&mut link.wr, &self.out[n..]).await,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                write_rest(&mut link.wr, &self.out).await
             }
-        };
-        let rest = if written == self.out.len() {
-            link.wr = Some(wr);
-            self.out.clear();
-            None
-        } else {
-            Some((wr, self.out.split_off(written)))
+            Err(e) => Err(format!("write failed: {e}")),
         };
         self.out.clear();
         if self.out.capacity() > OUT_KEEP {
             // A large re-send after a reconnect: do not keep its memory for ever.
             self.out.shrink_to(OUT_KEEP);
         }
-        rest
-    }
-
-    /// Whether a caller may handle its command itself and write at once: connected over
-    /// plain TCP, nothing queued for the driver or unwritten, no other request in flight
-    /// (with others in flight, their callers are likely to send again soon, and the driver
-    /// gathers their frames into one write).
-    fn alone(&self) -> bool {
-        self.queued == 0
-            && !self.closed
-            && self.refused.is_none()
-            && self.out.is_empty()
-            && self.pending.is_empty()
-            && self
-                .link
-                .as_ref()
-                .is_some_and(|l| matches!(l.wr, Some(LinkWrite::Plain(_))))
-    }
-
-    /// The end of a caller's turn: writes what it queued if the socket takes it now, and
-    /// wakes the driver if something is left for it (bytes to write, a deadline of its loop
-    /// that moved earlier).
-    fn end_caller_turn(&mut self, tx: &mpsc::UnboundedSender<Cmd>) {
-        if let Some((wr, rest)) = self.try_flush() {
-            // Left for the driver, in order, ahead of anything queued after.
-            if let Some(link) = &mut self.link {
-                link.wr = Some(wr);
-            }
-            self.out = rest;
+        if let Err(why) = result {
+            self.disconnected(&why);
         }
-        #[cfg(test)]
-        self.health
-            .watched
-            .store(self.leases.len() as u64, Ordering::Relaxed);
-        if !self.closed && (!self.out.is_empty() || self.next_wake() < self.armed) {
-            self.queued += 1;
-            // Pushes the timer forward of itself, so one wake-up is enough.
-            self.armed = self.next_wake().min(self.armed);
-            let _ = tx.send(Cmd::Wake);
-        }
-    }
-
-    /// Reads the socket once, registering `w` (the forwarding waker), and handles what came.
-    /// Pending when nothing came; a read that fails drops the link.
-    fn read_turn(&mut self, w: &Waker) -> Poll<()> {
-        let Some(link) = &mut self.link else {
-            return Poll::Pending;
-        };
-        // Room for many replies, so that one read takes every frame that has arrived.
-        link.buf.reserve(READ_CHUNK);
-        let mut cx = Context::from_waker(w);
-        // Cancel-safe: `read_buf` either reads or does nothing.
-        let read = {
-            let fut = link.rd.read_buf(&mut link.buf);
-            tokio::pin!(fut);
-            fut.poll(&mut cx)
-        };
-        let read = match read {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(Ok(0)) => Err("the coordinator closed the connection".to_owned()),
-            Poll::Ready(Ok(_)) => Ok(()),
-            Poll::Ready(Err(e)) => Err(format!("read failed: {e}")),
-        };
-        self.now = Instant::now();
-        match read {
-            Ok(()) => {
-                self.heard();
-                self.on_frames();
-            }
-            Err(why) => self.disconnected(&why),
-        }
-        Poll::Ready(())
-    }
-
-    /// Polls the connection attempt, if there is one, and handles its outcome. Pending
-    /// without one: attempts start only in the driver's own turns, after which it polls
-    /// again.
-    fn poll_attempt(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let Some(c) = &mut self.connecting else {
-            return Poll::Pending;
-        };
-        let Poll::Ready(opened) = c.attempt.as_mut().poll(cx) else {
-            return Poll::Pending;
-        };
-        let (started, fresh) = (c.started, c.fresh);
-        self.connecting = None;
-        self.now = Instant::now();
-        self.on_attempt(opened, started, fresh);
-        Poll::Ready(())
     }
 
     /// How long a keep-alive may go unanswered before the link counts as dead: long enough
@@ -1849,19 +1381,6 @@ impl Core {
         // Whatever was queued for the dead link goes out again with the other pending
         // requests after the reconnect.
         self.out.clear();
-        if self.reader.take().is_some() {
-            // The reading caller waits for its answer like the others from now on: after
-            // the reconnect, the driver reads.
-            let reader = self
-                .forward
-                .target
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take();
-            if let Some(w) = reader {
-                w.wake();
-            }
-        }
         if self.link.take().is_some() {
             // Quiet: a restart of the coordinator must stay invisible. The notice says so if
             // the coordinator stays away.
@@ -2170,6 +1689,63 @@ impl Core {
             let _ = tx.send(Some(reason));
         }
     }
+
+    async fn close_session(&mut self) {
+        // Nobody is connected to tell: the TTL ends the session on the coordinator.
+        self.connecting = None;
+        if self.link.is_none() {
+            return;
+        }
+        self.now = Instant::now();
+        if self.borrowed {
+            // Our own leases, held or still queued for; the session stays.
+            let mut mine: Vec<u64> = self.leases.keys().copied().collect();
+            mine.extend(self.pending.values().filter_map(|p| match p.req {
+                Req::Acquire { lease, .. } | Req::BeginJob { lease, .. } => Some(lease),
+                _ => None,
+            }));
+            self.leases.clear();
+            for lease in mine {
+                self.submit(Req::Release { lease }, None, None);
+            }
+        } else {
+            self.submit(Req::CloseSession, None, None);
+        }
+        self.flush().await;
+        // Wait briefly for the answers, so that the leases are free when we return.
+        let wait = async {
+            while self
+                .pending
+                .values()
+                .any(|p| matches!(p.req, Req::CloseSession | Req::Release { .. }))
+            {
+                match read_more(&mut self.link).await {
+                    Ok(()) => {
+                        self.now = Instant::now();
+                        self.on_frames();
+                        self.flush().await;
+                    }
+                    Err(_) => return,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(SHUTDOWN_WAIT, wait).await;
+    }
+}
+
+/// Reads more bytes into the link's buffer. Pending forever when there is no link, so that it
+/// can sit in a `select!` arm. Cancel-safe: `read_buf` either reads or does nothing.
+async fn read_more(link: &mut Option<Link>) -> Result<(), String> {
+    let Some(link) = link else {
+        return std::future::pending().await;
+    };
+    // Room for many replies, so that one read takes every frame that has arrived.
+    link.buf.reserve(READ_CHUNK);
+    match link.rd.read_buf(&mut link.buf).await {
+        Ok(0) => Err("the coordinator closed the connection".into()),
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!("read failed: {e}")),
+    }
 }
 
 fn encode(id: u32, req: &Req, out: &mut Vec<u8>) {
@@ -2372,7 +1948,7 @@ mod tests {
         (crate::Client::from_backend(Arc::new(backend)), health)
     }
 
-    /// Requests queued by many callers at once go out in few writes (not one each), and
+    /// Requests queued by many callers while the driver was busy go out in one write, and
     /// each caller gets its own answer: half of them ask for what their semaphore has
     /// (granted), half for more than its capacity (refused at once).
     #[tokio::test]
@@ -2414,83 +1990,11 @@ mod tests {
         }
         let writes = health.writes.load(Ordering::Relaxed) - before;
         assert_eq!(granted.len(), CALLERS / 2);
-        // Two bursts: the acquires, then the refused callers' withdrawals. In each, the first
-        // caller finds the link idle and writes its own frame at once; the others, finding a
-        // request in flight, queue theirs for the driver, which writes them together.
         assert!(
-            writes <= 4,
-            "{CALLERS} queued requests took {writes} writes instead of two bursts of at most two"
+            writes <= 2,
+            "{CALLERS} queued requests took {writes} writes instead of one"
         );
         drop(granted);
-        client.shutdown().await.expect("shutdown");
-    }
-
-    /// The reading of the socket never stays with a caller that is done: neither with one
-    /// that got its answer (it read its own reply) nor with one cancelled while it read for
-    /// everyone (its wait dropped). Either way the driver reads again, so that an event (here
-    /// a revocation) still reaches its permit while no caller waits. The TTL is long, so that
-    /// the driver's timer (which also takes the reading back) cannot stand in for the hand-over.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_reading_passes_on_from_finished_and_cancelled_callers() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("local addr");
-        tokio::spawn(async move {
-            let _ = turnstile_server::run(
-                listener,
-                turnstile_server::Config::default(),
-                std::future::pending::<()>(),
-            )
-            .await;
-        });
-        let options = Options {
-            session_ttl: Some(Duration::from_secs(120)),
-            ..Options::default()
-        };
-        let backend = TcpBackend::connect(addr.to_string(), None, options.clone())
-            .await
-            .expect("connect");
-        let shared = backend.shared.clone();
-        let client = crate::Client::from_backend(Arc::new(backend));
-        let other = crate::Client::connect_with(&format!("tcp://{addr}"), options)
-            .await
-            .expect("connect");
-        let sem = client.semaphore("reading", 1).await.expect("ensure");
-        // Alone on the link: this caller writes its request and reads its reply itself.
-        let held = sem.acquire().await.expect("acquire");
-        assert_eq!(
-            shared.lock().reader,
-            None,
-            "a finished caller kept the reading"
-        );
-        // A caller that waits behind `held` reads for everyone until it is cancelled.
-        let waiter = tokio::spawn({
-            let sem = sem.clone();
-            async move { sem.acquire().await }
-        });
-        let took = tokio::time::timeout(Duration::from_secs(30), async {
-            while shared.lock().reader.is_none() {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        })
-        .await;
-        assert!(took.is_ok(), "the waiting caller never read the socket");
-        waiter.abort();
-        assert!(waiter.await.is_err_and(|e| e.is_cancelled()));
-        assert_eq!(
-            shared.lock().reader,
-            None,
-            "a cancelled caller kept the reading"
-        );
-        // Nobody waits now: only the driver reads, and it must see the revocation.
-        other
-            .revoke("reading", held.lease_id())
-            .await
-            .expect("revoke");
-        let lost = tokio::time::timeout(Duration::from_secs(30), held.lost()).await;
-        assert_eq!(lost.ok(), Some(LostReason::Revoked));
-        other.shutdown().await.expect("shutdown");
         client.shutdown().await.expect("shutdown");
     }
 
