@@ -961,6 +961,8 @@ async fn open_link(
     let mut answers = 0;
     let mut ttl = Duration::ZERO;
     let mut session_result = Ok(());
+    // Events pushed before the answers, kept whole for the driver (see below).
+    let mut carried: Vec<u8> = Vec::new();
     let read = async {
         while answers < 2 {
             if plain && tls::looks_like_tls(&link.buf) {
@@ -1012,6 +1014,14 @@ async fn open_link(
                         });
                         answers += 1;
                     }
+                    (0, proto::Reply::SessionLost { .. } | proto::Reply::LeaseLost { .. }) => {
+                        // A session that expired under us (a client stopped past its TTL,
+                        // re-opening its session id after the coordinator's sweep caught up)
+                        // is told as an event, which can arrive before the session's answer.
+                        // It is news for the driver, which handles it as on any link (a
+                        // fresh session), not a broken protocol.
+                        carried.extend_from_slice(&link.buf[..used]);
+                    }
                     (_, other) => {
                         return Err(Error::Protocol(format!(
                             "unexpected reply in handshake: {other:?}"
@@ -1032,6 +1042,11 @@ async fn open_link(
     tokio::time::timeout_at(deadline, read)
         .await
         .map_err(|_| connect_err(std::io::ErrorKind::TimedOut.into()))??;
+    if !carried.is_empty() {
+        // In front of whatever followed, in the order they came.
+        carried.extend_from_slice(&link.buf);
+        link.buf = carried;
+    }
     Ok(session_result.map(|()| (link, ttl)))
 }
 
@@ -1105,6 +1120,8 @@ async fn attempt_done(c: &mut Option<Connecting>) -> (Opened, Instant, Option<u6
 
 impl Driver {
     async fn run(mut self) {
+        // Events the handshake carried (see `open_link`) are handled before anything is read.
+        self.on_frames();
         // One timer for every deadline of the loop (keep-alive, silence, reconnect, notice,
         // presumed loss), armed at the earliest and re-armed only when that moves earlier or
         // it fires: a turn that handles requests touches no timer. Firing early is harmless,
@@ -1508,6 +1525,8 @@ impl Driver {
         if !self.leases.is_empty() {
             self.submit(Req::Leases, None, None);
         }
+        // Events the handshake carried (see `open_link`).
+        self.on_frames();
     }
 
     /// Handles every whole frame the link's buffer holds.
@@ -1996,6 +2015,78 @@ mod tests {
         );
         drop(granted);
         client.shutdown().await.expect("shutdown");
+    }
+
+    /// A coordinator may tell a session's end as an event before its answer to the session
+    /// request (a client stopped past its TTL re-opens its id just as the sweep catches up).
+    /// The connection still comes up, and the driver handles the event as on any link: a
+    /// fresh session is opened. (Before, the handshake failed with "unexpected reply".)
+    #[tokio::test]
+    async fn a_session_lost_during_the_handshake_opens_a_fresh_session() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let (seen_tx, seen_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let mut buf = Vec::new();
+            let mut requests: Vec<(u32, u64)> = Vec::new();
+            let mut answered = false;
+            let mut seen_tx = Some(seen_tx);
+            loop {
+                let mut chunk = [0u8; 4096];
+                let n = s.read(&mut chunk).await.expect("read");
+                if n == 0 {
+                    return;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                while let Some((payload, used)) =
+                    split_frame(&buf, MAX_REPLY_FRAME).expect("a frame")
+                {
+                    let (id, req) = proto::decode_request(payload).expect("a request");
+                    if let proto::Request::OpenSession { session, .. } = req {
+                        requests.push((id, session));
+                    }
+                    buf.drain(..used);
+                }
+                let mut out = Vec::new();
+                if !answered && requests.len() == 1 {
+                    answered = true;
+                    let session = requests[0].1;
+                    let hello = proto::Reply::HelloOk {
+                        version: proto::VERSION,
+                        default_ttl_ms: 10_000,
+                        server: "fake",
+                    };
+                    proto::encode_reply(1, &hello, &mut out);
+                    let lost = proto::Reply::SessionLost {
+                        session,
+                        reason: proto::LostReason::Expired,
+                    };
+                    proto::encode_reply(0, &lost, &mut out);
+                    let opened = proto::Reply::SessionOpened {
+                        ttl_ms: 10_000,
+                        existed: false,
+                    };
+                    proto::encode_reply(2, &opened, &mut out);
+                    s.write_all(&out).await.expect("write");
+                } else if requests.len() == 2 {
+                    if let Some(tx) = seen_tx.take() {
+                        let _ = tx.send((requests[0].1, requests[1].1));
+                    }
+                }
+            }
+        });
+        let backend = TcpBackend::connect(addr.to_string(), None, Options::default())
+            .await
+            .expect("the handshake succeeds despite the event");
+        let (first, second) = tokio::time::timeout(Duration::from_secs(10), seen_rx)
+            .await
+            .expect("a fresh session is opened")
+            .expect("the fake server saw it");
+        assert_ne!(first, second, "the fresh session has a new id");
+        assert_eq!(backend.session.load(Ordering::Relaxed), second);
     }
 
     /// A permit released with `release()` leaves the driver's map of leases to watch: it
