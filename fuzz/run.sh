@@ -78,7 +78,8 @@ case "$cmd" in
       "$bin/$t" -max_total_time="$secs" -timeout=10 -rss_limit_mb=1024 -max_len=4096 \
         -print_final_stats=1 -artifact_prefix="artifacts/$t/" "${dirs[@]}" 2>&1 | grep -E "^(stat::number_of_executed_units|stat::peak_rss|#[0-9]+[[:space:]]+DONE)|ERROR|panicked|SUMMARY" || true
       # libFuzzer exits non-zero on a crash; grep above hid its status, so look for artifacts.
-      if ls "artifacts/$t"/crash-* "artifacts/$t"/timeout-* "artifacts/$t"/oom-* >/dev/null 2>&1; then
+      # (Not `ls a* b* c*`: it fails when any one pattern matches nothing, which hid crashes.)
+      if [ -n "$(find "artifacts/$t" -type f \( -name 'crash-*' -o -name 'timeout-*' -o -name 'oom-*' \) -print -quit)" ]; then
         echo "fuzz: $t found a failing input: $(ls artifacts/$t)" >&2
         exit 1
       fi

@@ -1394,7 +1394,9 @@ impl Coordinator {
         match record {
             Record::SemaphoreCreated { name, capacity } => {
                 if !self.semaphores.contains_key(name) {
-                    self.insert_semaphore(name.clone(), *capacity);
+                    // Never 0 from our writer; a damaged log's 0 is read as `Semaphore`
+                    // records read it (1), so a snapshot of the result rebuilds the same.
+                    self.insert_semaphore(name.clone(), (*capacity).max(1));
                 }
             }
             Record::Forgotten { name, next_token } => {
