@@ -189,7 +189,13 @@ class Lease:
 
     def release(self) -> bool:
         """Releases it: ``True`` if it was held until now, ``False`` if it had been released or
-        lost already."""
+        lost already (as far as this process knows).
+
+        It returns once the release is sent (on tcp: written to the coordinator's connection),
+        without waiting for the answer: this process's later calls come after it, and other
+        processes see the slot free a moment later. A release that cannot be delivered is
+        sent again after a reconnect; if the process dies first, the slot comes back when its
+        session's TTL passes."""
         return self._native.release()
 
     def wait_lost(self, timeout: Timeout = None) -> Optional[str]:
@@ -345,7 +351,8 @@ class Semaphore:
     def release(self) -> bool:
         """Releases the oldest lease this object holds (in this process). Raises
         :class:`ReleasedTooOftenError` (a ``RuntimeError``, "Released too often") if it holds
-        none. ``False`` if the lease had been lost meanwhile."""
+        none. ``False`` if the lease had been lost meanwhile. Returns once the release is
+        sent, without waiting for the coordinator's answer (see :meth:`Lease.release`)."""
         self._check_pid_only()
         try:
             lease = self._leases.popleft()
@@ -354,7 +361,8 @@ class Semaphore:
         return lease.release()
 
     async def release_async(self) -> bool:
-        """:meth:`release` for asyncio: waits for the backend's confirmation in a thread."""
+        """:meth:`release` for asyncio: sends the release from a thread (on the file
+        backend it is done there)."""
         self._check_pid_only()
         try:
             lease = self._leases.popleft()

@@ -67,7 +67,8 @@ class Lease:
     def held(self) -> bool:
         """Whether it is held by this process."""
     def release(self) -> bool:
-        """Releases it; ``False`` if it was released or lost already."""
+        """Releases it (returns once sent, without the answer); ``False`` if it was released
+        or lost already."""
     def wait_lost(self, timeout: Optional[float] = None) -> Optional[str]:
         """Blocks until it is lost (the reason) or ``timeout`` passes (``None``)."""
     def on_lost(self, callback: Callable[[str], Any]) -> None:

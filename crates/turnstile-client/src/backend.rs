@@ -75,6 +75,14 @@ pub trait Backend: Send + Sync + 'static {
     /// Starts releasing a lease without waiting: what a dropped permit does.
     fn release_in_background(&self, lease: u64);
 
+    /// Releases a lease without waiting for the backend's answer: returns once the release
+    /// is on its way (see [`crate::Permit::send_release`]). By default, the same as
+    /// [`Backend::release`]: a backend whose release is not a request with an answer in
+    /// flight (the shared directory) has nothing to save.
+    fn send_release(&self, lease: u64) -> BoxFuture<'_, Result<(), Error>> {
+        self.release(lease)
+    }
+
     /// Closes a semaphore.
     fn close<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), Error>>;
 

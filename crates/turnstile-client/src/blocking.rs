@@ -285,4 +285,13 @@ impl Permit {
             None => Ok(()),
         }
     }
+
+    /// Releases the permit without waiting for the backend's answer. See
+    /// [`crate::Permit::send_release`].
+    pub fn send_release(mut self) -> Result<(), Error> {
+        match self.inner.take() {
+            Some(p) => self.rt.block_on(p.send_release()),
+            None => Ok(()),
+        }
+    }
 }

@@ -205,9 +205,13 @@ enum Cmd {
         /// For an acquire: fires when the lease is lost.
         lost: Option<watch::Sender<Option<LostReason>>>,
     },
-    /// Release without waiting (a dropped permit, a dropped acquire).
+    /// Release without waiting for the answer (a dropped permit, a dropped acquire, a
+    /// `send_release`).
     Forget {
         lease: u64,
+        /// Fired once the turn that queued the release has written it (or found no link, in
+        /// which case it goes out with the other pending requests after the reconnect).
+        sent: Option<oneshot::Sender<()>>,
     },
     /// Send a keep-alive now: a caller whose deadline passed wants to know whether the
     /// coordinator answers.
@@ -391,6 +395,7 @@ impl TcpBackend {
             borrowed,
             out: Vec::with_capacity(4096),
             now,
+            sent: Vec::new(),
         };
         let addr = driver.addr.clone();
         tokio::spawn(driver.run());
@@ -526,7 +531,10 @@ struct AcquireGuard<'a> {
 impl Drop for AcquireGuard<'_> {
     fn drop(&mut self) {
         if self.armed {
-            let _ = self.tx.send(Cmd::Forget { lease: self.lease });
+            let _ = self.tx.send(Cmd::Forget {
+                lease: self.lease,
+                sent: None,
+            });
         }
     }
 }
@@ -585,7 +593,23 @@ impl Backend for TcpBackend {
     }
 
     fn release_in_background(&self, lease: u64) {
-        let _ = self.tx.send(Cmd::Forget { lease });
+        let _ = self.tx.send(Cmd::Forget { lease, sent: None });
+    }
+
+    fn send_release(&self, lease: u64) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(async move {
+            let (sent, written) = oneshot::channel();
+            self.tx
+                .send(Cmd::Forget {
+                    lease,
+                    sent: Some(sent),
+                })
+                .map_err(|_| self.unavailable())?;
+            // A dropped sender means the driver ended (shut down, or every handle gone), and
+            // ending the session releases the lease anyway.
+            let _ = written.await;
+            Ok(())
+        })
     }
 
     fn close<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), Error>> {
@@ -1099,6 +1123,8 @@ struct Driver {
     out: Vec<u8>,
     /// When this turn of the loop began: the send time of the requests it queues.
     now: Instant,
+    /// Callers of `send_release` whose releases this turn queued: told after its write.
+    sent: Vec<oneshot::Sender<()>>,
 }
 
 /// A connection attempt that runs beside the driver's loop.
@@ -1182,6 +1208,9 @@ impl Driver {
                 }
             }
             self.flush().await;
+            for sent in self.sent.drain(..) {
+                let _ = sent.send(());
+            }
             #[cfg(test)]
             self.health
                 .watched
@@ -1281,9 +1310,12 @@ impl Driver {
                 }
                 self.submit(req, Some(reply), lost)
             }
-            Cmd::Forget { lease } => {
+            Cmd::Forget { lease, sent } => {
                 self.leases.remove(&lease);
                 self.submit(Req::Release { lease }, None, None);
+                if let Some(sent) = sent {
+                    self.sent.push(sent);
+                }
             }
             Cmd::Probe => {
                 if self.link.is_some() {
@@ -1946,8 +1978,8 @@ fn owned(r: proto::Reply<'_>) -> OwnedReply {
 mod tests {
     use super::*;
 
-    /// An in-process coordinator on a free port, and a client of it with its `Health`.
-    async fn client() -> (crate::Client, Arc<Health>) {
+    /// An in-process coordinator on a free port: its address.
+    async fn coordinator() -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -1960,11 +1992,158 @@ mod tests {
             )
             .await;
         });
-        let backend = TcpBackend::connect(addr.to_string(), None, Options::default())
+        addr.to_string()
+    }
+
+    /// A client of the coordinator at `addr`, with its `Health`.
+    async fn client_of(addr: &str) -> (crate::Client, Arc<Health>) {
+        let backend = TcpBackend::connect(addr.to_owned(), None, Options::default())
             .await
             .expect("connect");
         let health = backend.health.clone();
         (crate::Client::from_backend(Arc::new(backend)), health)
+    }
+
+    /// An in-process coordinator on a free port, and a client of it with its `Health`.
+    async fn client() -> (crate::Client, Arc<Health>) {
+        client_of(&coordinator().await).await
+    }
+
+    /// A fake coordinator on `listener`, for tests that need answers the real one never gives
+    /// (or none at all): it reads whole frames, calls `answer` with each request (its id, the
+    /// request, and the buffer of replies to write), and writes what that buffer holds after
+    /// each read. It stops when the client goes.
+    async fn fake_coordinator(
+        listener: tokio::net::TcpListener,
+        mut answer: impl FnMut(u32, proto::Request<'_>, &mut Vec<u8>) + Send + 'static,
+    ) {
+        let (mut s, _) = listener.accept().await.expect("accept");
+        let mut buf = Vec::new();
+        loop {
+            let mut chunk = [0u8; 4096];
+            let n = s.read(&mut chunk).await.expect("read");
+            if n == 0 {
+                return;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            let mut out = Vec::new();
+            while let Some((payload, used)) = split_frame(&buf, MAX_REPLY_FRAME).expect("a frame") {
+                let (id, req) = proto::decode_request(payload).expect("a request");
+                answer(id, req, &mut out);
+                buf.drain(..used);
+            }
+            if !out.is_empty() && s.write_all(&out).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The answers a fake coordinator gives to a client's handshake (`Hello`, then the
+    /// session's request), or `None` for another request.
+    fn handshake_answer(id: u32, req: &proto::Request<'_>, out: &mut Vec<u8>) -> Option<()> {
+        let reply = match req {
+            proto::Request::Hello { .. } => proto::Reply::HelloOk {
+                version: proto::VERSION,
+                default_ttl_ms: 10_000,
+                server: "fake",
+            },
+            proto::Request::OpenSession { .. } => proto::Reply::SessionOpened {
+                ttl_ms: 60_000,
+                existed: false,
+            },
+            _ => return None,
+        };
+        proto::encode_reply(id, &reply, out);
+        Some(())
+    }
+
+    /// `send_release` returns once the release is written, without its answer: against a
+    /// coordinator that never answers releases, it still returns, and the release arrives.
+    #[tokio::test]
+    async fn send_release_returns_without_waiting_for_the_answer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let (released_tx, mut released_rx) = mpsc::unbounded_channel();
+        tokio::spawn(fake_coordinator(listener, move |id, req, out| {
+            if handshake_answer(id, &req, out).is_some() {
+                return;
+            }
+            match req {
+                proto::Request::Ensure { .. } => proto::encode_reply(id, &proto::Reply::Done, out),
+                proto::Request::Acquire { .. } => {
+                    proto::encode_reply(id, &proto::Reply::Granted { token: 7 }, out)
+                }
+                proto::Request::Release { lease } => {
+                    let _ = released_tx.send(lease); // and no answer, ever
+                }
+                _ => {}
+            }
+        }));
+        let backend = TcpBackend::connect(addr.to_string(), None, Options::default())
+            .await
+            .expect("connect");
+        let client = crate::Client::from_backend(Arc::new(backend));
+        let sem = client.semaphore("unanswered", 1).await.expect("ensure");
+        let permit = sem.acquire().await.expect("acquire");
+        let lease = permit.lease_id();
+        tokio::time::timeout(Duration::from_secs(10), permit.send_release())
+            .await
+            .expect("send_release does not wait for an answer")
+            .expect("sent");
+        let seen = tokio::time::timeout(Duration::from_secs(10), released_rx.recv())
+            .await
+            .expect("the release reached the coordinator");
+        assert_eq!(seen, Some(lease));
+    }
+
+    /// Against the real coordinator: a loop of acquire and `send_release` on a capacity-1
+    /// semaphore is granted every time (each release is handled before the next acquire,
+    /// which follows it on the connection), another client queued behind gets the slot, and
+    /// once a later request is answered the coordinator holds none of the released leases.
+    #[tokio::test]
+    async fn send_release_frees_the_slot_before_the_next_request() {
+        let addr = coordinator().await;
+        let (a, _) = client_of(&addr).await;
+        let sem = a.semaphore("pipelined", 1).await.expect("ensure");
+        for _ in 0..50 {
+            let permit = tokio::time::timeout(Duration::from_secs(10), sem.acquire())
+                .await
+                .expect("granted, not queued behind its own released lease")
+                .expect("acquire");
+            permit.send_release().await.expect("sent");
+        }
+        // Another client waits behind a held permit, which is then released unconfirmed.
+        let held = sem.acquire().await.expect("acquire");
+        let (b, _) = client_of(&addr).await;
+        let b_sem = b.semaphore("pipelined", 1).await.expect("ensure b");
+        let waiting = tokio::spawn(async move { b_sem.acquire().await.map(drop) });
+        while a
+            .status(Some("pipelined"))
+            .await
+            .expect("status")
+            .semaphores[0]
+            .queued
+            == 0
+        {
+            tokio::task::yield_now().await;
+        }
+        held.send_release().await.expect("sent");
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the waiter got the slot")
+            .expect("join")
+            .expect("acquire b");
+        b.shutdown().await.expect("shutdown b");
+        let status = a.status(Some("pipelined")).await.expect("status");
+        let sem = &status.semaphores[0];
+        assert_eq!(
+            (sem.in_use, sem.holders.len()),
+            (0, 0),
+            "a released lease is still held"
+        );
+        a.shutdown().await.expect("shutdown");
     }
 
     /// Requests queued by many callers while the driver was busy go out in one write, and
@@ -2028,56 +2207,34 @@ mod tests {
             .expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let (seen_tx, seen_rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.expect("accept");
-            let mut buf = Vec::new();
-            let mut requests: Vec<(u32, u64)> = Vec::new();
-            let mut answered = false;
-            let mut seen_tx = Some(seen_tx);
-            loop {
-                let mut chunk = [0u8; 4096];
-                let n = s.read(&mut chunk).await.expect("read");
-                if n == 0 {
-                    return;
-                }
-                buf.extend_from_slice(&chunk[..n]);
-                while let Some((payload, used)) =
-                    split_frame(&buf, MAX_REPLY_FRAME).expect("a frame")
-                {
-                    let (id, req) = proto::decode_request(payload).expect("a request");
-                    if let proto::Request::OpenSession { session, .. } = req {
-                        requests.push((id, session));
-                    }
-                    buf.drain(..used);
-                }
-                let mut out = Vec::new();
-                if !answered && requests.len() == 1 {
-                    answered = true;
-                    let session = requests[0].1;
-                    let hello = proto::Reply::HelloOk {
-                        version: proto::VERSION,
-                        default_ttl_ms: 10_000,
-                        server: "fake",
-                    };
-                    proto::encode_reply(1, &hello, &mut out);
-                    let lost = proto::Reply::SessionLost {
-                        session,
-                        reason: proto::LostReason::Expired,
-                    };
-                    proto::encode_reply(0, &lost, &mut out);
-                    let opened = proto::Reply::SessionOpened {
-                        ttl_ms: 10_000,
-                        existed: false,
-                    };
-                    proto::encode_reply(2, &opened, &mut out);
-                    s.write_all(&out).await.expect("write");
-                } else if requests.len() == 2 {
-                    if let Some(tx) = seen_tx.take() {
-                        let _ = tx.send((requests[0].1, requests[1].1));
-                    }
-                }
+        let mut seen_tx = Some(seen_tx);
+        let mut sessions: Vec<u64> = Vec::new();
+        tokio::spawn(fake_coordinator(listener, move |id, req, out| {
+            let proto::Request::OpenSession { session, .. } = req else {
+                return; // the Hello is answered with the first session's answer
+            };
+            sessions.push(session);
+            if sessions.len() == 1 {
+                let hello = proto::Reply::HelloOk {
+                    version: proto::VERSION,
+                    default_ttl_ms: 10_000,
+                    server: "fake",
+                };
+                proto::encode_reply(1, &hello, out);
+                let lost = proto::Reply::SessionLost {
+                    session,
+                    reason: proto::LostReason::Expired,
+                };
+                proto::encode_reply(0, &lost, out);
+                let opened = proto::Reply::SessionOpened {
+                    ttl_ms: 10_000,
+                    existed: false,
+                };
+                proto::encode_reply(id, &opened, out);
+            } else if let Some(tx) = seen_tx.take() {
+                let _ = tx.send((sessions[0], sessions[1]));
             }
-        });
+        }));
         let backend = TcpBackend::connect(addr.to_string(), None, Options::default())
             .await
             .expect("the handshake succeeds despite the event");

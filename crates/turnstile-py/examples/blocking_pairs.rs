@@ -1,8 +1,10 @@
 //! The Rust blocking client's acquire+release pair latency, the reference the Python
 //! package's figures are compared with (`bench/python_bench.py` runs it).
 //!
-//! `blocking_pairs URL SECONDS`: one thread loops `acquire()` → `release()` on a semaphore of
-//! its own for SECONDS (after a one-second warm-up) and prints one JSON line:
+//! `blocking_pairs URL SECONDS`: one thread loops `acquire()` → `send_release()` (what the
+//! Python package's `release()` calls: it returns once the release is written, without
+//! waiting for the answer) on a semaphore of its own for SECONDS (after a one-second warm-up)
+//! and prints one JSON line:
 //! `{"pairs": N, "seconds": S, "p50_us": P, "p99_us": Q}`.
 
 use std::time::{Duration, Instant};
@@ -21,14 +23,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let sem = client.semaphore(&name, 1)?;
     let warmup = Instant::now() + Duration::from_secs(1);
     while Instant::now() < warmup {
-        sem.acquire()?.release()?;
+        sem.acquire()?.send_release()?;
     }
     let mut samples = Vec::new();
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(seconds);
     while Instant::now() < end {
         let t = Instant::now();
-        sem.acquire()?.release()?;
+        sem.acquire()?.send_release()?;
         samples.push(t.elapsed());
     }
     let took = start.elapsed().as_secs_f64();

@@ -564,7 +564,9 @@ impl Lease {
     }
 
     /// Releases the lease. `True` if it was held until now, `False` if it had been released
-    /// or lost already (or belongs to another process).
+    /// or lost already (or belongs to another process), as far as this process knows: the
+    /// release is sent without waiting for its answer ([`tc::Permit::send_release`]), so
+    /// a loss the coordinator has not yet told of is not seen.
     fn release(&self, py: Python<'_>) -> PyResult<bool> {
         let Some(permit) = lock(&self.permit).take() else {
             return Ok(false);
@@ -576,7 +578,7 @@ impl Lease {
         if permit.lost_reason().is_some() {
             return Ok(false);
         }
-        match block(py, &self.rt, permit.release())? {
+        match block(py, &self.rt, permit.send_release())? {
             Ok(()) => Ok(true),
             Err(tc::Error::LeaseLost(_) | tc::Error::SessionLost) => Ok(false),
             Err(tc::Error::Rejected {

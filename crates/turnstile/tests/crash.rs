@@ -24,7 +24,9 @@
 //!    itself lost (the server is always back well within the TTL), and at every quiet point the
 //!    server's holders, as (session, lease, token), are exactly the permits the clients hold.
 //! 2. No released lease comes back: a (session, lease) whose `release()` returned `Ok` never
-//!    appears among the holders at a later quiet point.
+//!    appears among the holders at a later quiet point. Half of the clients release with
+//!    `send_release` (returns once written, without the answer), so this also holds for a
+//!    release the killed server never read, which the client sends again after the restart.
 //! 3. Fencing tokens: the acknowledged tokens of a semaphore are distinct, and a grant whose
 //!    acquire started after the server of restart k died has a greater token than every grant
 //!    acknowledged before that death (a grant answered by the old server and re-sent to the new
@@ -863,7 +865,17 @@ impl Worker {
             }
             // Not held any more as far as the count goes, before the server may give it away.
             self.shared.holding[s].fetch_sub(1, Ordering::SeqCst);
-            match tokio::time::timeout(OP_DEADLINE, permit.release()).await {
+            // Odd clients do not wait for the release's answer (as the Python package does):
+            // kills then also hit releases that only the client's re-send after the restart
+            // can deliver, and invariant 2 must hold for them too.
+            let release = async {
+                if self.id % 2 == 1 {
+                    permit.send_release().await
+                } else {
+                    permit.release().await
+                }
+            };
+            match tokio::time::timeout(OP_DEADLINE, release).await {
                 Ok(Ok(())) => {
                     lock(&self.shared.released).insert((held.session, held.lease));
                     self.shared.pairs.fetch_add(1, Ordering::Relaxed);
