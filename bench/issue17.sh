@@ -8,6 +8,8 @@
 #   lib64x4    64 callers over 4 library clients
 #   dur-lib64  64 library clients on the --fsync batch coordinator (dur-raw64: bare frames)
 #   lib1       1 library client (pair p50)                  raw1    1 bare client
+#   lib64s, dur-lib64s, lib1s: lib64, dur-lib64 and lib1 releasing with send_release (for
+#              reference: the Python package's release, one round trip per pair)
 # and the 1,000,000-lease scale figure (the coordinator's resident memory), then prints the
 # median of each round's ratio and MET / NOT MET for each goal. CPU per pair is the server
 # process's user+system time over the measured window divided by the pairs (`turnstile bench
@@ -77,7 +79,7 @@ median() {
 }
 div() { awk -v a="$1" -v b="$2" 'BEGIN { if (a !~ /^[0-9.]+$/ || b !~ /^[0-9.]+$/ || b == 0) print "nan"; else printf "%.3f", a / b }'; }
 
-RUNS=(redis lib64 raw64 lib64x1 raw64x1 lib64x4 dur-lib64 dur-raw64 lib1 raw1)
+RUNS=(redis lib64 raw64 lib64x1 raw64x1 lib64x4 dur-lib64 dur-raw64 lib1 raw1 lib64s dur-lib64s lib1s)
 mem=(--url "$MEM_URL" --server-pid "$MEM_PID")
 dur=(--url "$DUR_URL" --server-pid "$DUR_PID")
 for r in $(seq "$ROUNDS"); do
@@ -92,6 +94,11 @@ for r in $(seq "$ROUNDS"); do
   record dur-raw64 "$r" "${dur[@]}" --clients 64 --client raw
   record lib1 "$r" "${mem[@]}" --clients 1
   record raw1 "$r" "${mem[@]}" --clients 1 --client raw
+  # For reference: the library releasing as the Python package does (send_release: no wait
+  # for the release's answer, so one round trip per pair).
+  record lib64s "$r" "${mem[@]}" --clients 64 --send-release
+  record dur-lib64s "$r" "${dur[@]}" --clients 64 --send-release
+  record lib1s "$r" "${mem[@]}" --clients 1 --send-release
 done
 
 # med RUN FIELD: the median of a figure over the rounds.
@@ -128,6 +135,11 @@ goal "1 client pair p50: library / bare frames" "$(ratio lib1 p50_us raw1 p50_us
 echo "   for reference: bare frames 64 callers over 1 connection / Redis: $(ratio raw64x1 pairs_per_sec redis pairs_per_sec)x;" \
   "durable bare / Redis: $(ratio dur-raw64 pairs_per_sec redis pairs_per_sec)x;" \
   "bench CPU per pair library / bare (64/64): $(ratio lib64 bench_cpu_us_per_pair raw64 bench_cpu_us_per_pair)x"
+echo "   with send_release (one round trip per pair; bare frames and Redis wait for every answer):" \
+  "64/64 library / Redis: $(ratio lib64s pairs_per_sec redis pairs_per_sec)x;" \
+  "coordinator CPU / Redis server's: $(ratio lib64s server_cpu_us_per_pair redis server_cpu_us_per_pair)x;" \
+  "durable / Redis: $(ratio dur-lib64s pairs_per_sec redis pairs_per_sec)x;" \
+  "1 client pairs/s library / bare: $(ratio lib1s pairs_per_sec raw1 pairs_per_sec)x"
 
 if [ "$SCALE" != 0 ]; then
   echo

@@ -96,6 +96,11 @@ pub struct BenchArgs {
     /// peer does too, so that the two servers are compared with equal clients).
     #[arg(long, value_enum, default_value = "library")]
     client: BenchClient,
+    /// With the library client: release with `Permit::send_release` (returns once the
+    /// release is written, without its answer; what the Python package's `release()` does)
+    /// instead of `release` (waits for the answer).
+    #[arg(long)]
+    send_release: bool,
     /// Leases to hold in the scale scenario (at most semaphores × capacity).
     #[arg(long, default_value_t = 1_000_000)]
     leases: u64,
@@ -264,6 +269,8 @@ fn report(args: &BenchArgs, o: &Outcome, usage: Option<&Usage>) -> anyhow::Resul
         }
         if args.client == BenchClient::Raw {
             scenario.push_str("/raw");
+        } else if args.send_release {
+            scenario.push_str("/send-release");
         }
     }
     let conns = if coordinator {
@@ -467,12 +474,14 @@ async fn load(args: &BenchArgs, url: &str, start: Start) -> anyhow::Result<Outco
     }
     let window = start.window();
     let mut tasks = tokio::task::JoinSet::new();
+    let send_release = args.send_release;
     for (sem, weight) in callers {
         let errors = errors.clone();
         tasks.spawn(async move {
             let (_, pairs, lat) = window
                 .drive(sem, &errors, |sem| async move {
                     let ok = match sem.acquire_many(weight).await {
+                        Ok(p) if send_release => p.send_release().await.is_ok(),
                         Ok(p) => p.release().await.is_ok(),
                         Err(_) => false,
                     };
