@@ -1,0 +1,717 @@
+//! The driver task: owns the link, numbers requests and matches their answers, keeps the
+//! session alive, and reconnects and re-sends when the link breaks (see the module doc of
+//! `tcp`).
+
+use super::link::{open_link, read_more, write_rest, Hello, Opened};
+use super::wire::{encode, owned, OwnedReply};
+use super::*;
+
+pub(super) struct Driver {
+    pub(super) addr: String,
+    /// Over TLS when set.
+    pub(super) tls: Option<tls::Connector>,
+    pub(super) name: String,
+    /// The token presented in every `Hello` (empty: none).
+    pub(super) token: String,
+    /// The coordinator refused the handshake (a token it does not accept, a version it does
+    /// not speak): retrying cannot help, so every call fails with this from then on.
+    pub(super) refused: Option<(ErrorCode, String)>,
+    pub(super) ttl_ms: u32,
+    pub(super) session: Arc<AtomicU64>,
+    pub(super) ttl: Duration,
+    pub(super) rx: mpsc::UnboundedReceiver<Cmd>,
+    pub(super) link: Option<Link>,
+    pub(super) next_id: u32,
+    /// Unanswered requests, by request id; ordered so that re-sending keeps their order.
+    pub(super) pending: BTreeMap<u32, Pending>,
+    /// Held leases, to tell when they are lost.
+    pub(super) leases: HashMap<u64, watch::Sender<Option<LostReason>>>,
+    /// Leases given up because the coordinator was unreachable for a TTL. If the session
+    /// turns out to be alive after all, they are released on reconnect, so that they do not
+    /// stay held until the session ends.
+    pub(super) abandoned: Vec<u64>,
+    /// When the last request that the coordinator answered was *sent*: the session is alive
+    /// until at least this plus the TTL, and no longer can the client count on it.
+    pub(super) last_contact: Instant,
+    pub(super) last_keepalive: Instant,
+    pub(super) backoff: Duration,
+    pub(super) next_attempt: Instant,
+    /// The session was given to us (and may be shared): shutting down releases our leases
+    /// and withdraws our waits, but does not close the session. Cleared when the session is
+    /// lost and replaced by one of our own.
+    pub(super) borrowed: bool,
+    /// What callers see of the link (see [`Health`]).
+    pub(super) health: Arc<Health>,
+    /// A connection attempt under way, beside the loop, so that commands (a shutdown) are
+    /// still served while it connects.
+    pub(super) connecting: Option<Connecting>,
+    /// When a keep-alive went out with nothing heard from the coordinator since: a link on
+    /// which that lasts [`Driver::silence_limit`] is dead (the peer is gone, or a network
+    /// drops everything), and is re-made.
+    pub(super) awaiting_since: Option<Instant>,
+    /// The "still trying" line, while the coordinator is away.
+    pub(super) notice: Option<Notice>,
+    /// The frames queued in this turn of the loop, written together at its end.
+    pub(super) out: Vec<u8>,
+    /// When this turn of the loop began: the send time of the requests it queues.
+    pub(super) now: Instant,
+    /// Callers of `send_release` whose releases this turn queued: told after its write.
+    pub(super) sent: Vec<oneshot::Sender<()>>,
+}
+
+/// A connection attempt that runs beside the driver's loop.
+pub(super) struct Connecting {
+    attempt: BoxFuture<'static, Opened>,
+    started: Instant,
+    /// The new session this attempt opens, if it does not resume the current one.
+    fresh: Option<u64>,
+}
+
+/// Runs the connection attempt, if there is one; pending forever otherwise, so that it can
+/// sit in a `select!` arm. The caller takes the attempt out once it has finished.
+pub(super) async fn attempt_done(c: &mut Option<Connecting>) -> (Opened, Instant, Option<u64>) {
+    match c {
+        Some(c) => ((&mut c.attempt).await, c.started, c.fresh),
+        None => std::future::pending().await,
+    }
+}
+
+impl Driver {
+    pub(super) async fn run(mut self) {
+        // Events the handshake carried (see `open_link`) are handled before anything is read.
+        self.on_frames();
+        // One timer for every deadline of the loop (keep-alive, silence, reconnect, notice,
+        // presumed loss), armed at the earliest and re-armed only when that moves earlier or
+        // it fires: a turn that handles requests touches no timer. Firing early is harmless,
+        // because `on_timer` looks at what is actually due.
+        let mut armed = self.next_wake();
+        let timer = tokio::time::sleep_until(armed);
+        tokio::pin!(timer);
+        loop {
+            let mut fired = false;
+            tokio::select! {
+                cmd = self.rx.recv() => {
+                    self.now = Instant::now();
+                    let mut next = cmd;
+                    // Every command already queued goes out in the same write.
+                    loop {
+                        match next {
+                            Some(Cmd::Shutdown { reply }) => {
+                                self.flush().await;
+                                self.close_session().await;
+                                let _ = reply.send(());
+                                return;
+                            }
+                            Some(cmd) => self.on_cmd(cmd),
+                            None => {
+                                // Every handle is gone: end the session so its leases free
+                                // at once.
+                                self.flush().await;
+                                self.close_session().await;
+                                return;
+                            }
+                        }
+                        next = match self.rx.try_recv() {
+                            Ok(cmd) => Some(cmd),
+                            Err(mpsc::error::TryRecvError::Empty) => break,
+                            Err(mpsc::error::TryRecvError::Disconnected) => None,
+                        };
+                    }
+                }
+                r = read_more(&mut self.link) => {
+                    self.now = Instant::now();
+                    match r {
+                        Ok(()) => {
+                            self.heard();
+                            self.on_frames();
+                        }
+                        Err(why) => self.disconnected(&why),
+                    }
+                }
+                (opened, started, fresh) = attempt_done(&mut self.connecting) => {
+                    self.now = Instant::now();
+                    self.connecting = None;
+                    self.on_attempt(opened, started, fresh);
+                }
+                () = &mut timer => {
+                    self.now = Instant::now();
+                    fired = true;
+                    self.on_timer();
+                }
+            }
+            self.flush().await;
+            for sent in self.sent.drain(..) {
+                let _ = sent.send(());
+            }
+            #[cfg(test)]
+            self.health
+                .watched
+                .store(self.leases.len() as u64, Ordering::Relaxed);
+            let at = self.next_wake();
+            if at < armed || fired {
+                armed = at;
+                timer.as_mut().reset(at);
+            }
+        }
+    }
+
+    /// The earliest deadline the loop has to act on (see `on_timer`).
+    fn next_wake(&self) -> Instant {
+        let mut at = self.last_keepalive + FAR;
+        if self.link.is_some() {
+            at = at.min(self.last_keepalive + self.ttl / 3);
+            if let Some(since) = self.awaiting_since {
+                at = at.min(since + self.silence_limit());
+            }
+        } else if self.connecting.is_none() && self.refused.is_none() {
+            at = at.min(self.next_attempt);
+        }
+        if let Some(notice) = &self.notice {
+            at = at.min(notice.due());
+        }
+        if !self.leases.is_empty() {
+            at = at.min(self.presumed_lost_at());
+        }
+        at
+    }
+
+    /// Give up a little before the coordinator may: clocks on two machines run at slightly
+    /// different rates, and our timer fires a little late under load.
+    fn presumed_lost_at(&self) -> Instant {
+        self.last_contact + self.ttl - self.ttl / SAFETY_DIVISOR
+    }
+
+    /// The loop's timer fired: does what is due.
+    fn on_timer(&mut self) {
+        let now = self.now;
+        if self.link.is_some() {
+            if let Some(since) = self.awaiting_since {
+                let limit = self.silence_limit();
+                if now >= since + limit {
+                    self.disconnected(&format!("no answer for {limit:?}"));
+                }
+            }
+        }
+        if self.link.is_some() && now >= self.last_keepalive + self.ttl / 3 {
+            self.last_keepalive = now;
+            self.awaiting_since.get_or_insert(now);
+            self.submit(Req::KeepAlive, None, None);
+        }
+        if self.link.is_none()
+            && self.connecting.is_none()
+            && self.refused.is_none()
+            && now >= self.next_attempt
+        {
+            self.reconnect(None);
+        }
+        if let Some(notice) = &mut self.notice {
+            if now >= notice.due() {
+                notice.show(&self.addr, now);
+            }
+        }
+        if !self.leases.is_empty() && now >= self.presumed_lost_at() {
+            // Each permit's `lost` says so; `turnstile run` prints it in its own words.
+            tracing::debug!("no answer from the coordinator for a whole TTL; leases presumed lost");
+            self.abandoned.extend(self.leases.keys().copied());
+            self.lose_all(LostReason::Unreachable);
+            // Push the contact mark forward so this does not fire again at once.
+            self.last_contact = now;
+        }
+    }
+
+    /// The error every call gets once the coordinator refused the handshake.
+    fn refusal(&self) -> Error {
+        let (code, message) = self.refused.clone().unwrap_or((
+            ErrorCode::Handshake,
+            "the coordinator refused the handshake".into(),
+        ));
+        Error::Rejected { code, message }
+    }
+
+    fn on_cmd(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Call { reply, .. } if self.refused.is_some() => {
+                let _ = reply.send(Err(self.refusal()));
+            }
+            Cmd::Call { req, reply, lost } => {
+                if let Req::FinishJob { lease, .. } | Req::Release { lease } = req {
+                    // The coordinator releases the lease as it records the end or handles the
+                    // release; from here no loss is to be reported for it (and a released
+                    // lease must not stay in the map, which would grow with every pair).
+                    self.leases.remove(&lease);
+                }
+                self.submit(req, Some(reply), lost)
+            }
+            Cmd::Forget { lease, sent } => {
+                self.leases.remove(&lease);
+                self.submit(Req::Release { lease }, None, None);
+                if let Some(sent) = sent {
+                    self.sent.push(sent);
+                }
+            }
+            Cmd::Probe => {
+                if self.link.is_some() {
+                    self.awaiting_since.get_or_insert(self.now);
+                    self.submit(Req::KeepAlive, None, None);
+                }
+            }
+            Cmd::Shutdown { .. } => {}
+        }
+    }
+
+    /// Records a request as pending and queues it for the turn's write if connected;
+    /// otherwise it goes out after the next reconnect.
+    fn submit(
+        &mut self,
+        req: Req,
+        reply: Option<Reply>,
+        lost: Option<watch::Sender<Option<LostReason>>>,
+    ) {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        // Encoded straight into the write buffer: no buffer of its own per request.
+        let mark = self.out.len();
+        encode(id, &req, &mut self.out);
+        let size = (self.out.len() - mark).saturating_sub(4);
+        if self.link.is_none() {
+            // Sent with every other pending request once a link is made.
+            self.out.truncate(mark);
+        }
+        if size > proto::MAX_REQUEST_FRAME {
+            // The coordinator would refuse it and close the connection, and every reconnect
+            // would send it again: fail the call here instead.
+            self.out.truncate(mark);
+            let message = format!(
+                "the request is {size} bytes, over the coordinator's limit of {} (a name or \
+                 reason too long?)",
+                proto::MAX_REQUEST_FRAME
+            );
+            if let Some(reply) = reply {
+                let _ = reply.send(Err(Error::Rejected {
+                    code: ErrorCode::TooLarge,
+                    message,
+                }));
+            }
+            return;
+        }
+        self.pending.insert(
+            id,
+            Pending {
+                req,
+                reply,
+                lost,
+                // The start of the turn: no later than the send, as the contact mark needs.
+                sent_at: self.now,
+                resent: false,
+            },
+        );
+    }
+
+    /// Writes what the turn queued, in one go.
+    async fn flush(&mut self) {
+        if self.out.is_empty() {
+            return;
+        }
+        let Some(link) = &mut self.link else {
+            self.out.clear();
+            return;
+        };
+        #[cfg(test)]
+        self.health.writes.fetch_add(1, Ordering::Relaxed);
+        // The socket almost always takes it all at once; only a full send buffer waits, bounded
+        // so that a peer that stopped reading cannot stall the loop.
+        let result = match link.wr.try_write(&self.out) {
+            Ok(n) if n == self.out.len() => Ok(()),
+            Ok(n) => write_rest(&mut link.wr, &self.out[n..]).await,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                write_rest(&mut link.wr, &self.out).await
+            }
+            Err(e) => Err(format!("write failed: {e}")),
+        };
+        self.out.clear();
+        if self.out.capacity() > OUT_KEEP {
+            // A large re-send after a reconnect: do not keep its memory for ever.
+            self.out.shrink_to(OUT_KEEP);
+        }
+        if let Err(why) = result {
+            self.disconnected(&why);
+        }
+    }
+
+    /// How long a keep-alive may go unanswered before the link counts as dead: long enough
+    /// for a loaded coordinator, short enough to re-make the link well within the TTL.
+    fn silence_limit(&self) -> Duration {
+        (self.ttl / 3).clamp(Duration::from_millis(500), Duration::from_secs(10))
+    }
+
+    /// Bytes came from the coordinator.
+    fn heard(&mut self) {
+        self.awaiting_since = None;
+        let now = self.health.ms(self.now);
+        self.health.last_heard.store(now, Ordering::Relaxed);
+    }
+
+    /// Moves the contact mark (see `last_contact`), for callers too.
+    fn contact(&mut self, at: Instant) {
+        self.last_contact = at;
+        let at = self.health.ms(at);
+        self.health.last_contact.store(at, Ordering::Relaxed);
+    }
+
+    fn disconnected(&mut self, why: &str) {
+        // Whatever was queued for the dead link goes out again with the other pending
+        // requests after the reconnect.
+        self.out.clear();
+        if self.link.take().is_some() {
+            // Quiet: a restart of the coordinator must stay invisible. The notice says so if
+            // the coordinator stays away.
+            tracing::debug!(addr = %self.addr, why, "lost the connection to the coordinator; reconnecting");
+            self.backoff = MIN_BACKOFF;
+            self.next_attempt = Instant::now();
+            self.awaiting_since = None;
+            self.health.connected.store(false, Ordering::Relaxed);
+            let heard = self.health.last_heard.load(Ordering::Relaxed);
+            let _ = self.health.away_since.compare_exchange(
+                NEVER,
+                heard,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            if self.notice.is_none() {
+                self.notice = Some(Notice::resuming(self.health.at(heard)));
+            }
+        }
+    }
+
+    /// Starts a connection attempt beside the loop: resuming the session, or opening the
+    /// `fresh` one.
+    fn reconnect(&mut self, fresh: Option<u64>) {
+        // The coordinator refreshes the session when the resume arrives, which is after this.
+        let started = Instant::now();
+        let hello = match fresh {
+            Some(session) => Hello::Open {
+                session,
+                ttl_ms: self.ttl_ms,
+            },
+            None => Hello::Resume {
+                session: self.session.load(Ordering::Relaxed),
+            },
+        };
+        let limit = (self.ttl / 2).clamp(Duration::from_millis(500), CONNECT_TIMEOUT);
+        self.connecting = Some(Connecting {
+            attempt: Box::pin(open_link(
+                self.addr.clone(),
+                self.tls.clone(),
+                self.name.clone(),
+                self.token.clone(),
+                hello,
+                started + limit,
+            )),
+            started,
+            fresh,
+        });
+    }
+
+    /// A connection attempt finished.
+    fn on_attempt(&mut self, opened: Opened, attempt_started: Instant, fresh: Option<u64>) {
+        let opened = match opened {
+            Ok(Ok(ok)) => {
+                if let Some(fresh) = fresh {
+                    self.session.store(fresh, Ordering::Relaxed);
+                    self.borrowed = false;
+                }
+                Some(ok)
+            }
+            Ok(Err(e)) if fresh.is_none() && e.code() == Some(ErrorCode::SessionNotFound) => {
+                // The session expired while we were away: its leases are gone. Carry on with
+                // a new session, so that waiting and future acquires still work.
+                let session = self.session.load(Ordering::Relaxed);
+                tracing::warn!(
+                    session = format_args!("{session:016x}"),
+                    "session expired while disconnected"
+                );
+                self.lose_all(LostReason::Expired);
+                self.abandoned.clear();
+                self.reconnect(Some(random_id()));
+                return;
+            }
+            Err(Error::Rejected { code, message }) => {
+                // The handshake itself was refused: no retry can fix that. Fail what waits,
+                // and every later call, with the coordinator's reason.
+                tracing::warn!(?code, "the coordinator refused the handshake: {message}");
+                self.refused = Some((code, message));
+                for (_, p) in std::mem::take(&mut self.pending) {
+                    if let Some(reply) = p.reply {
+                        let _ = reply.send(Err(self.refusal()));
+                    }
+                }
+                return;
+            }
+            Ok(Err(e)) | Err(e) => {
+                tracing::debug!(error = ?e, "reconnect failed");
+                None
+            }
+        };
+        let Some((link, ttl)) = opened else {
+            // Back off with jitter, so that many clients do not reconnect in lockstep.
+            let jitter =
+                Duration::from_millis(random_id() % (self.backoff.as_millis() as u64 / 2 + 1));
+            self.next_attempt = Instant::now() + self.backoff + jitter;
+            let max = (self.ttl / BACKOFF_TTL_DIVISOR).clamp(MIN_BACKOFF, MAX_BACKOFF);
+            self.backoff = (self.backoff * 2).min(max);
+            return;
+        };
+        tracing::debug!(addr = %self.addr, "reconnected to the coordinator");
+        if self.notice.take().is_some_and(|n| n.shown) {
+            tracing::info!("the coordinator at {} answers again", self.addr);
+        }
+        self.ttl = ttl;
+        self.link = Some(link);
+        let now = Instant::now();
+        self.health.ttl_ms.store(
+            u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        self.heard();
+        self.health.connected.store(true, Ordering::Relaxed);
+        self.health.away_since.store(NEVER, Ordering::Relaxed);
+        self.contact(attempt_started);
+        self.last_keepalive = now;
+        // The write buffer is empty between turns, so the re-sent requests go first.
+        for (id, p) in &mut self.pending {
+            p.resent = true;
+            p.sent_at = now;
+            encode(*id, &p.req, &mut self.out);
+        }
+        for lease in std::mem::take(&mut self.abandoned) {
+            self.submit(Req::Release { lease }, None, None);
+        }
+        if !self.leases.is_empty() {
+            self.submit(Req::Leases, None, None);
+        }
+        // Events the handshake carried (see `open_link`).
+        self.on_frames();
+    }
+
+    /// Handles every whole frame the link's buffer holds.
+    fn on_frames(&mut self) {
+        let Some(link) = &mut self.link else { return };
+        // Taken out so that the replies can be handled while it is read; the frames handled
+        // are dropped from its front once, at the end, not one by one.
+        let mut buf = std::mem::take(&mut link.buf);
+        let mut pos = 0;
+        loop {
+            let (id, reply) = match split_frame(&buf[pos..], MAX_REPLY_FRAME) {
+                Ok(Some((payload, used))) => {
+                    let decoded = decode_reply(payload).map(|(id, r)| (id, owned(r)));
+                    pos += used;
+                    match decoded {
+                        Ok(x) => x,
+                        Err(e) => return self.disconnected(&format!("bad frame from server: {e}")),
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    if let proto::DecodeError::TooLarge { .. } = e {
+                        // The reply cannot be taken, and asking again would bring the same:
+                        // fail its request (named in the frame's header) rather than re-send
+                        // it after the reconnect.
+                        let id = buf
+                            .get(pos + 5..pos + 9)
+                            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+                        if let Some(p) = id.and_then(|id| self.pending.remove(&id)) {
+                            if let Some(reply) = p.reply {
+                                let _ = reply.send(Err(Error::Rejected {
+                                    code: ErrorCode::TooLarge,
+                                    message: format!("the coordinator's reply is too large: {e}"),
+                                }));
+                            }
+                        }
+                    }
+                    return self.disconnected(&format!("bad frame from server: {e}"));
+                }
+            };
+            self.on_reply(id, reply);
+        }
+        if let Some(link) = &mut self.link {
+            buf.drain(..pos);
+            link.buf = buf;
+        }
+    }
+
+    fn on_reply(&mut self, id: u32, reply: OwnedReply) {
+        if id == 0
+            || matches!(
+                reply,
+                OwnedReply::LeaseLost(..) | OwnedReply::SessionLost(_)
+            )
+        {
+            return self.on_event(reply);
+        }
+        let Some(p) = self.pending.remove(&id) else {
+            return;
+        };
+        let result = match reply {
+            OwnedReply::Done => Ok(Answer::Done),
+            OwnedReply::Granted(token) => Ok(Answer::Granted { token }),
+            OwnedReply::Status(json) => Ok(Answer::Status(json)),
+            OwnedReply::Answer(answer) => Ok(answer),
+            OwnedReply::SessionOpened(ttl) => {
+                self.ttl = ttl;
+                Ok(Answer::Done)
+            }
+            OwnedReply::Leases(held) => {
+                self.reconcile(&held);
+                Ok(Answer::Done)
+            }
+            OwnedReply::Error(code, message) => Err(match code {
+                ErrorCode::TimedOut => Error::TimedOut,
+                ErrorCode::SessionEnded => Error::SessionLost,
+                _ => Error::Rejected { code, message },
+            }),
+            OwnedReply::LeaseLost(..) | OwnedReply::SessionLost(_) => return, // handled above
+        };
+        let session_alive =
+            !matches!(&result, Err(e) if e.code() == Some(ErrorCode::SessionNotFound));
+        if session_alive && p.req.refreshes_session() && p.sent_at > self.last_contact {
+            self.contact(p.sent_at);
+        }
+        if !session_alive {
+            self.session_gone(LostReason::Expired);
+        }
+        let result = match (&p.req, result) {
+            // A re-sent release whose first copy got through finds nothing to release.
+            (Req::Release { .. }, Err(e))
+                if p.resent && e.code() == Some(ErrorCode::UnknownLease) =>
+            {
+                Ok(Answer::Done)
+            }
+            (_, r) => r,
+        };
+        if let (
+            Req::Acquire { lease, .. } | Req::BeginJob { lease, .. },
+            Ok(Answer::Granted { .. }),
+        ) = (&p.req, &result)
+        {
+            let caller_waits = p.reply.as_ref().is_some_and(|r| !r.is_closed());
+            match p.lost {
+                Some(lost) if caller_waits => {
+                    self.leases.insert(*lease, lost);
+                }
+                _ => {
+                    // Nobody wants this grant any more (the acquire was dropped): give it back.
+                    let lease = *lease;
+                    return self.submit(Req::Release { lease }, None, None);
+                }
+            }
+        }
+        if let Some(reply) = p.reply {
+            let _ = reply.send(result);
+        }
+    }
+
+    fn on_event(&mut self, event: OwnedReply) {
+        match event {
+            OwnedReply::LeaseLost(lease, reason) => {
+                if let Some(tx) = self.leases.remove(&lease) {
+                    let _ = tx.send(Some(reason));
+                }
+            }
+            OwnedReply::SessionLost(reason) => self.session_gone(reason),
+            OwnedReply::Error(code, message) => {
+                // Unsolicited errors: the server is shutting down, or we broke the protocol.
+                tracing::warn!(?code, message, "the coordinator reports an error");
+            }
+            _ => {}
+        }
+    }
+
+    /// The session ended on the coordinator: every lease is lost; open a new session so the
+    /// client stays usable.
+    fn session_gone(&mut self, reason: LostReason) {
+        self.lose_all(reason);
+        self.abandoned.clear();
+        let fresh = random_id();
+        self.session.store(fresh, Ordering::Relaxed);
+        self.borrowed = false;
+        let ttl_ms = self.ttl_ms;
+        self.submit(
+            Req::OpenSession {
+                session: fresh,
+                ttl_ms,
+            },
+            None,
+            None,
+        );
+    }
+
+    /// The answer to the `Leases` sent after a resume: every lease we count as held that the
+    /// coordinator does not list is lost. A restarted coordinator may have lost the record of
+    /// a grant (a damaged end of its log), and a lease may have ended while we were away
+    /// without its event reaching us; either way the holder must stop, never silently keep
+    /// it. The answer cannot miss a lease we heard granted: the coordinator sends it ahead of
+    /// the reply of any grant decided after it, and a lease granted before it is listed.
+    fn reconcile(&mut self, held: &[u64]) {
+        let held: std::collections::HashSet<u64> = held.iter().copied().collect();
+        self.leases.retain(|lease, lost| {
+            let keep = held.contains(lease);
+            // A closed channel is a permit already released or dropped: nothing to tell.
+            if !keep && !lost.is_closed() {
+                tracing::warn!(
+                    lease = %lease,
+                    "the coordinator no longer has this lease (found on resuming the session)"
+                );
+                let _ = lost.send(Some(LostReason::Forgotten));
+            }
+            keep
+        });
+    }
+
+    fn lose_all(&mut self, reason: LostReason) {
+        for (_, tx) in self.leases.drain() {
+            let _ = tx.send(Some(reason));
+        }
+    }
+
+    async fn close_session(&mut self) {
+        // Nobody is connected to tell: the TTL ends the session on the coordinator.
+        self.connecting = None;
+        if self.link.is_none() {
+            return;
+        }
+        self.now = Instant::now();
+        if self.borrowed {
+            // Our own leases, held or still queued for; the session stays.
+            let mut mine: Vec<u64> = self.leases.keys().copied().collect();
+            mine.extend(self.pending.values().filter_map(|p| match p.req {
+                Req::Acquire { lease, .. } | Req::BeginJob { lease, .. } => Some(lease),
+                _ => None,
+            }));
+            self.leases.clear();
+            for lease in mine {
+                self.submit(Req::Release { lease }, None, None);
+            }
+        } else {
+            self.submit(Req::CloseSession, None, None);
+        }
+        self.flush().await;
+        // Wait briefly for the answers, so that the leases are free when we return.
+        let wait = async {
+            while self
+                .pending
+                .values()
+                .any(|p| matches!(p.req, Req::CloseSession | Req::Release { .. }))
+            {
+                match read_more(&mut self.link).await {
+                    Ok(()) => {
+                        self.now = Instant::now();
+                        self.on_frames();
+                        self.flush().await;
+                    }
+                    Err(_) => return,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(SHUTDOWN_WAIT, wait).await;
+    }
+}

@@ -1,0 +1,875 @@
+//! The coordinator backend (`tcp://HOST:PORT`).
+//!
+//! One driver task owns the connection. Callers send it commands over a channel and get their
+//! answers on oneshot channels; the driver numbers requests, matches replies by request id,
+//! keeps the session alive, and survives disconnections: it reconnects with exponential
+//! backoff, resumes the session, and re-sends every request still unanswered. Re-sending is
+//! safe because every request is idempotent on the coordinator (an acquire is named by its
+//! lease id; a repeated release answers "unknown lease", which a re-sent release takes as
+//! success).
+//!
+//! # Deadlines
+//!
+//! Every call has a deadline that holds whatever the network does, because it is kept on the
+//! caller's side of the channel, not by the driver: a wait with a timeout gives up at its
+//! deadline plus [`ANSWER_GRACE`] (the time the coordinator's own "timed out" answer needs to
+//! arrive) — with [`Error::TimedOut`] if the coordinator answers, else
+//! [`Error::Unavailable`]; a call that does not wait gives up after one session TTL without
+//! an answer (a coordinator restart within the TTL stays invisible); a release or a job's
+//! completion gives up once the lease has surely expired on the coordinator (the last contact
+//! plus the TTL). The driver itself never blocks on the network for long: connection attempts
+//! run beside its loop, each bounded, and a link on which even keep-alives go unanswered is
+//! dropped and re-made. While the coordinator is away it says so calmly, at a growing interval
+//! ([`Notice`]), never once per retry.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use turnstile_proto::{
+    self as proto, decode_reply, encode_request, split_frame, ErrorCode, StatusDoc,
+    MAX_REPLY_FRAME, NO_TIMEOUT,
+};
+
+use self::driver::Driver;
+use self::link::{first_link, Hello};
+use crate::backend::{Backend, BoxFuture, Grant, JobBegin, JobEnd};
+use crate::tls::{self, LinkRead, LinkWrite};
+use crate::{random_id, Error, GroupSummary, JobCompletion, JobRunner, LostReason, Options};
+
+/// The longest one connection attempt (connect and handshake) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long after a wait's deadline the coordinator's "timed out" answer may still arrive
+/// before the wait gives up on its own (the deadline then holds within half a second).
+pub(crate) const ANSWER_GRACE: Duration = Duration::from_millis(400);
+/// How long shutting down waits for the coordinator to confirm the end of the session; after
+/// that the session's leases expire by its TTL.
+const SHUTDOWN_WAIT: Duration = Duration::from_millis(500);
+/// A write that cannot go out within this is taken for a dead link.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long before the end of `connect_timeout` the last attempt of the first connection
+/// starts.
+const LAST_TRY: Duration = Duration::from_millis(50);
+/// Longest wait between two attempts of the first connection.
+const MAX_FIRST_BACKOFF: Duration = Duration::from_secs(1);
+/// When the first "still trying" line is shown, and the first interval between two.
+const NOTICE_FIRST: Duration = Duration::from_secs(5);
+/// The interval between "still trying" lines doubles up to this.
+const NOTICE_MAX: Duration = Duration::from_secs(600);
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Reconnect attempts are also at most `TTL/BACKOFF_TTL_DIVISOR` apart (plus jitter), so that
+/// a client whose coordinator is back well within the TTL (a restart) reconnects before it
+/// gives its leases up.
+const BACKOFF_TTL_DIVISOR: u32 = 10;
+/// The client treats its leases as lost after `TTL - TTL/SAFETY_DIVISOR` without an answer
+/// to a session-refreshing request, i.e. 10% before the coordinator may expire them.
+const SAFETY_DIVISOR: u32 = 10;
+
+/// Beyond this, the write buffer gives its memory back after a write.
+const OUT_KEEP: usize = 64 * 1024;
+/// The least free room in the read buffer before each read.
+const READ_CHUNK: usize = 16 * 1024;
+/// Far enough in the future to stand for "never" in the driver's timer.
+const FAR: Duration = Duration::from_secs(24 * 3600);
+
+/// A request as the driver keeps it until answered: owned, so it can be re-sent.
+#[derive(Clone, Debug)]
+enum Req {
+    Ensure {
+        name: String,
+        capacity: u32,
+    },
+    Acquire {
+        lease: u64,
+        weight: u32,
+        deadline: Option<Instant>,
+        name: String,
+    },
+    Release {
+        lease: u64,
+    },
+    Close {
+        name: String,
+    },
+    Status {
+        name: String,
+        prefix: String,
+        after: String,
+    },
+    EndSession {
+        session: u64,
+    },
+    OpenSession {
+        session: u64,
+        ttl_ms: u32,
+    },
+    KeepAlive,
+    CloseSession,
+    BeginJob {
+        lease: u64,
+        deadline: Option<Instant>,
+        job: String,
+        group: String,
+    },
+    FinishJob {
+        lease: u64,
+        succeeded: bool,
+        started_unix_ms: u64,
+        duration_ms: u64,
+        reason: String,
+    },
+    ResetJob {
+        job: String,
+    },
+    WaitGroup {
+        wait: u64,
+        jobs: u32,
+        deadline: Option<Instant>,
+        group: String,
+    },
+    /// Which leases the session holds: sent after every resume (see `Driver::reconcile`).
+    Leases,
+    SetCapacity {
+        name: String,
+        capacity: u32,
+    },
+    Delete {
+        name: String,
+    },
+    Revoke {
+        name: String,
+        lease: u64,
+    },
+}
+
+impl Req {
+    /// Whether the coordinator pushes the session's expiry when it handles this request. Only
+    /// the answer to such a request proves that the session lives until its send time plus the
+    /// TTL: `Status`, `Ensure`, `Close` and `EndSession` are answered without touching the
+    /// session, and counting them would let the client believe in leases that the coordinator
+    /// has already expired and given away.
+    fn refreshes_session(&self) -> bool {
+        match self {
+            Req::KeepAlive | Req::Release { .. } | Req::OpenSession { .. } => true,
+            // A zero weight is refused before the session is looked at.
+            Req::Acquire { weight, .. } => *weight > 0,
+            // The job requests refresh the session only once their names pass the checks; an
+            // answer does not prove which happened, so they do not count (the keep-alives do).
+            Req::Ensure { .. }
+            | Req::Close { .. }
+            | Req::Status { .. }
+            | Req::EndSession { .. }
+            | Req::CloseSession
+            | Req::BeginJob { .. }
+            | Req::FinishJob { .. }
+            | Req::ResetJob { .. }
+            | Req::WaitGroup { .. }
+            | Req::Leases
+            | Req::SetCapacity { .. }
+            | Req::Delete { .. }
+            | Req::Revoke { .. } => false,
+        }
+    }
+}
+
+/// What a successful request returns to its caller.
+#[derive(Debug)]
+enum Answer {
+    Done,
+    Granted { token: u64 },
+    Status(Vec<u8>),
+    JobCompleted(JobCompletion),
+    JobBusy(JobRunner),
+    JobReset(bool),
+    GroupSettled(GroupSummary),
+}
+
+type Reply = oneshot::Sender<Result<Answer, Error>>;
+
+enum Cmd {
+    Call {
+        req: Req,
+        reply: Reply,
+        /// For an acquire: fires when the lease is lost.
+        lost: Option<watch::Sender<Option<LostReason>>>,
+    },
+    /// Release without waiting for the answer (a dropped permit, a dropped acquire, a
+    /// `send_release`).
+    Forget {
+        lease: u64,
+        /// Fired once the turn that queued the release has written it (or found no link, in
+        /// which case it goes out with the other pending requests after the reconnect).
+        sent: Option<oneshot::Sender<()>>,
+    },
+    /// Send a keep-alive now: a caller whose deadline passed wants to know whether the
+    /// coordinator answers.
+    Probe,
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+struct Pending {
+    req: Req,
+    reply: Option<Reply>,
+    lost: Option<watch::Sender<Option<LostReason>>>,
+    sent_at: Instant,
+    resent: bool,
+}
+
+struct Link {
+    rd: LinkRead,
+    wr: LinkWrite,
+    buf: Vec<u8>,
+}
+
+/// The coordinator backend: a handle on the driver task.
+pub(crate) struct TcpBackend {
+    tx: mpsc::UnboundedSender<Cmd>,
+    session: Arc<AtomicU64>,
+    next_lease: AtomicU64,
+    health: Arc<Health>,
+    addr: String,
+}
+
+/// What callers know of the driver's link, to judge a deadline that passed: whether the
+/// coordinator answers, and until when the session's leases surely live. Times are
+/// milliseconds since `epoch`, so that they fit in atomics.
+struct Health {
+    epoch: Instant,
+    connected: AtomicBool,
+    /// When the coordinator last sent anything.
+    last_heard: AtomicU64,
+    /// The driver's `last_contact`: the session lives on the coordinator until this plus
+    /// the TTL at the latest.
+    last_contact: AtomicU64,
+    ttl_ms: AtomicU64,
+    /// Since when the coordinator has not answered, while it cannot be reached; `NEVER`
+    /// while it answers.
+    away_since: AtomicU64,
+    /// Writes to the socket, for the tests of coalescing.
+    #[cfg(test)]
+    writes: AtomicU64,
+    /// Leases the driver watches for loss, as of the end of its last turn.
+    #[cfg(test)]
+    watched: AtomicU64,
+}
+
+const NEVER: u64 = u64::MAX;
+
+impl Health {
+    fn new(now: Instant, ttl: Duration) -> Health {
+        Health {
+            epoch: now,
+            connected: AtomicBool::new(true),
+            last_heard: AtomicU64::new(0),
+            last_contact: AtomicU64::new(0),
+            ttl_ms: AtomicU64::new(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
+            away_since: AtomicU64::new(NEVER),
+            #[cfg(test)]
+            writes: AtomicU64::new(0),
+            #[cfg(test)]
+            watched: AtomicU64::new(0),
+        }
+    }
+
+    fn ms(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.epoch).as_millis()).unwrap_or(NEVER - 1)
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.epoch + Duration::from_millis(ms)
+    }
+
+    fn ttl(&self) -> Duration {
+        Duration::from_millis(self.ttl_ms.load(Ordering::Relaxed))
+    }
+
+    /// Whether the coordinator answers: connected, and heard from since `probe` (when a
+    /// keep-alive was asked for).
+    fn heard_since(&self, probe: Instant) -> bool {
+        self.connected.load(Ordering::Relaxed)
+            && self.last_heard.load(Ordering::Relaxed) >= self.ms(probe)
+    }
+
+    /// When the session's leases have surely expired on the coordinator, unless it hears
+    /// from us before.
+    fn lease_gone_at(&self) -> Instant {
+        self.at(self.last_contact.load(Ordering::Relaxed)) + self.ttl()
+    }
+
+    fn silent_for(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.at(self.last_heard.load(Ordering::Relaxed)))
+    }
+
+    fn unreachable_for(&self, now: Instant) -> Option<Duration> {
+        match self.away_since.load(Ordering::Relaxed) {
+            NEVER => None,
+            since => Some(now.saturating_duration_since(self.at(since))),
+        }
+    }
+}
+
+/// How long a caller waits for the answer to its request.
+#[derive(Clone, Copy, Debug)]
+enum Until {
+    /// As long as it takes (a wait without a timeout): the driver keeps trying.
+    Answered,
+    /// A wait with this deadline: the coordinator answers "timed out" by then if it can.
+    Wait(Instant),
+    /// A call that does not wait: one session TTL.
+    Call,
+    /// A release or a job's end: until the lease has surely expired on the coordinator.
+    LeaseGone,
+}
+
+impl TcpBackend {
+    /// Connects, opens the session, and starts the driver. Fails if the first connection
+    /// fails (after `options.connect_timeout` of retries, if given): a coordinator that was
+    /// never reachable is a configuration error or an outage, not a blip.
+    /// Over TLS when `tls` is given.
+    pub(crate) async fn connect(
+        addr: String,
+        tls: Option<tls::Connector>,
+        options: Options,
+    ) -> Result<TcpBackend, Error> {
+        // A session given to us (by a supervisor, through TURNSTILE_SESSION) may be shared with
+        // other clients of the same worker: on shutdown, release our own leases and leave the
+        // session to its owner, instead of closing it under the others' feet.
+        let borrowed = options.session_id.is_some();
+        let session = options.session_id.unwrap_or_else(random_id);
+        let ttl_ms = options
+            .session_ttl
+            .map(|d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX).max(1))
+            .unwrap_or(0);
+        let name = options.client_name.clone().unwrap_or_else(default_name);
+        let token = options.token.clone().unwrap_or_default();
+        let (link, ttl) = first_link(
+            &addr,
+            tls.as_ref(),
+            &name,
+            &token,
+            Hello::Open { session, ttl_ms },
+            options.connect_timeout,
+        )
+        .await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let session_cell = Arc::new(AtomicU64::new(session));
+        let now = Instant::now();
+        let health = Arc::new(Health::new(now, ttl));
+        let driver = Driver {
+            health: health.clone(),
+            connecting: None,
+            awaiting_since: None,
+            notice: None,
+            addr,
+            tls,
+            name,
+            token,
+            refused: None,
+            ttl_ms,
+            session: session_cell.clone(),
+            ttl,
+            rx,
+            link: Some(link),
+            next_id: 1,
+            pending: BTreeMap::new(),
+            leases: HashMap::new(),
+            abandoned: Vec::new(),
+            last_contact: now,
+            last_keepalive: now,
+            backoff: MIN_BACKOFF,
+            next_attempt: now,
+            borrowed,
+            out: Vec::with_capacity(4096),
+            now,
+            sent: Vec::new(),
+        };
+        let addr = driver.addr.clone();
+        tokio::spawn(driver.run());
+        Ok(TcpBackend {
+            tx,
+            session: session_cell,
+            next_lease: AtomicU64::new(crate::lease_id_base()),
+            health,
+            addr,
+        })
+    }
+
+    fn unavailable(&self) -> Error {
+        Error::Unavailable {
+            addr: self.addr.clone(),
+            silent_for: self.health.silent_for(Instant::now()),
+        }
+    }
+
+    /// Waits for the answer to a request, at most as `until` says (see the module doc).
+    async fn answer(
+        &self,
+        mut rx: oneshot::Receiver<Result<Answer, Error>>,
+        until: Until,
+    ) -> Result<Answer, Error> {
+        let closed = |r: Result<Result<Answer, Error>, oneshot::error::RecvError>| {
+            r.map_err(|_| Error::Shutdown)?
+        };
+        match until {
+            Until::Answered => closed(rx.await),
+            Until::Wait(deadline) => {
+                if let Ok(r) = tokio::time::timeout_at(deadline, &mut rx).await {
+                    return closed(r);
+                }
+                // The coordinator's "timed out" is on its way if it answers at all; a ping
+                // tells a coordinator that answers late from one that does not answer.
+                if !self.health.connected.load(Ordering::Relaxed) {
+                    return Err(self.unavailable());
+                }
+                let probe = Instant::now();
+                let _ = self.tx.send(Cmd::Probe);
+                match tokio::time::timeout_at(deadline + ANSWER_GRACE, &mut rx).await {
+                    Ok(r) => closed(r),
+                    Err(_) if self.health.heard_since(probe) => Err(Error::TimedOut),
+                    Err(_) => Err(self.unavailable()),
+                }
+            }
+            Until::Call => {
+                let deadline = Instant::now() + self.health.ttl().max(Duration::from_secs(1));
+                match tokio::time::timeout_at(deadline, &mut rx).await {
+                    Ok(r) => closed(r),
+                    Err(_) => Err(self.unavailable()),
+                }
+            }
+            Until::LeaseGone => loop {
+                // The mark moves on as keep-alives are answered: look again when it passes.
+                let gone = self.health.lease_gone_at();
+                match tokio::time::timeout_at(gone, &mut rx).await {
+                    Ok(r) => return closed(r),
+                    Err(_) if Instant::now() >= self.health.lease_gone_at() => {
+                        return Err(self.unavailable())
+                    }
+                    Err(_) => {}
+                }
+            },
+        }
+    }
+
+    /// Sends a request that takes a lease (an acquire or a job attempt) and waits for its
+    /// answer; the lease is withdrawn if the future is dropped first.
+    async fn call_for_lease(
+        &self,
+        lease: u64,
+        req: Req,
+        until: Until,
+    ) -> Result<(Answer, watch::Receiver<Option<LostReason>>), Error> {
+        let (lost_tx, lost_rx) = watch::channel(None);
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Call {
+                req,
+                reply,
+                lost: Some(lost_tx),
+            })
+            .map_err(|_| Error::Shutdown)?;
+        let mut guard = AcquireGuard {
+            tx: &self.tx,
+            lease,
+            armed: true,
+        };
+        // On an early return (a deadline), the guard withdraws the acquire.
+        let answer = self.answer(rx, until).await?;
+        guard.armed = false;
+        Ok((answer, lost_rx))
+    }
+
+    /// One `Status` request: one semaphore, or one page.
+    async fn status_call(&self, name: &str, prefix: &str, after: &str) -> Result<StatusDoc, Error> {
+        let req = Req::Status {
+            name: name.to_owned(),
+            prefix: prefix.to_owned(),
+            after: after.to_owned(),
+        };
+        let answer = self.call(req, Until::Call).await?;
+        let Answer::Status(json) = answer else {
+            return Err(Error::Protocol(format!(
+                "unexpected answer to status: {answer:?}"
+            )));
+        };
+        StatusDoc::from_json(&json).map_err(|e| Error::Protocol(format!("status document: {e}")))
+    }
+
+    async fn call(&self, req: Req, until: Until) -> Result<Answer, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Call {
+                req,
+                reply,
+                lost: None,
+            })
+            .map_err(|_| Error::Shutdown)?;
+        self.answer(rx, until).await
+    }
+}
+
+/// Withdraws an acquire whose future was dropped before it finished.
+struct AcquireGuard<'a> {
+    tx: &'a mpsc::UnboundedSender<Cmd>,
+    lease: u64,
+    armed: bool,
+}
+
+impl Drop for AcquireGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.tx.send(Cmd::Forget {
+                lease: self.lease,
+                sent: None,
+            });
+        }
+    }
+}
+
+impl Backend for TcpBackend {
+    fn ensure<'a>(&'a self, name: &'a str, capacity: u32) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            self.call(
+                Req::Ensure {
+                    name: name.to_owned(),
+                    capacity,
+                },
+                Until::Call,
+            )
+            .await
+            .map(drop)
+        })
+    }
+
+    fn acquire<'a>(
+        &'a self,
+        name: &'a str,
+        weight: u32,
+        timeout: Option<Duration>,
+    ) -> BoxFuture<'a, Result<Grant, Error>> {
+        Box::pin(async move {
+            let lease = self.next_lease.fetch_add(1, Ordering::Relaxed);
+            let deadline = timeout.map(|t| Instant::now() + t);
+            let req = Req::Acquire {
+                lease,
+                weight,
+                deadline,
+                name: name.to_owned(),
+            };
+            let until = deadline.map_or(Until::Answered, Until::Wait);
+            let (answer, lost_rx) = self.call_for_lease(lease, req, until).await?;
+            match answer {
+                Answer::Granted { token } => Ok(Grant {
+                    lease,
+                    token,
+                    lost: lost_rx,
+                }),
+                other => Err(Error::Protocol(format!(
+                    "unexpected answer to acquire: {other:?}"
+                ))),
+            }
+        })
+    }
+
+    fn release(&self, lease: u64) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(async move {
+            self.call(Req::Release { lease }, Until::LeaseGone)
+                .await
+                .map(drop)
+        })
+    }
+
+    fn release_in_background(&self, lease: u64) {
+        let _ = self.tx.send(Cmd::Forget { lease, sent: None });
+    }
+
+    fn send_release(&self, lease: u64) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(async move {
+            let (sent, written) = oneshot::channel();
+            self.tx
+                .send(Cmd::Forget {
+                    lease,
+                    sent: Some(sent),
+                })
+                .map_err(|_| self.unavailable())?;
+            // A dropped sender means the driver ended (shut down, or every handle gone), and
+            // ending the session releases the lease anyway.
+            let _ = written.await;
+            Ok(())
+        })
+    }
+
+    fn close<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            self.call(
+                Req::Close {
+                    name: name.to_owned(),
+                },
+                Until::Call,
+            )
+            .await
+            .map(drop)
+        })
+    }
+
+    fn set_capacity<'a>(
+        &'a self,
+        name: &'a str,
+        capacity: u32,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            let name = name.to_owned();
+            self.call(Req::SetCapacity { name, capacity }, Until::Call)
+                .await
+                .map(drop)
+        })
+    }
+
+    fn delete<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            let name = name.to_owned();
+            self.call(Req::Delete { name }, Until::Call).await.map(drop)
+        })
+    }
+
+    fn revoke<'a>(&'a self, name: &'a str, lease: u64) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            let name = name.to_owned();
+            self.call(Req::Revoke { name, lease }, Until::Call)
+                .await
+                .map(drop)
+        })
+    }
+
+    fn status<'a>(&'a self, name: Option<&'a str>) -> BoxFuture<'a, Result<StatusDoc, Error>> {
+        Box::pin(async move {
+            match name {
+                Some(name) => self.status_call(name, "", "").await,
+                None => self.status_prefix("").await,
+            }
+        })
+    }
+
+    fn status_prefix<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<StatusDoc, Error>> {
+        Box::pin(async move {
+            // The coordinator answers in pages, each well below the frame limit; the first
+            // carries the groups and jobs.
+            let mut doc = self.status_call("", prefix, "").await?;
+            let mut next = doc.next.take();
+            while let Some(after) = next {
+                let mut page = self.status_call("", prefix, &after).await?;
+                next = page.next.take();
+                if next.as_deref().is_some_and(|n| n <= after.as_str()) {
+                    // Names only go up: a cursor that does not would loop for ever.
+                    return Err(Error::Protocol(format!(
+                        "status page after {after:?} does not move on"
+                    )));
+                }
+                doc.semaphores.append(&mut page.semaphores);
+            }
+            Ok(doc)
+        })
+    }
+
+    fn end_session(&self, session: u64) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(async move {
+            self.call(Req::EndSession { session }, Until::Call)
+                .await
+                .map(drop)
+        })
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(async move {
+            let (reply, rx) = oneshot::channel();
+            if self.tx.send(Cmd::Shutdown { reply }).is_err() {
+                return Ok(()); // already shut down
+            }
+            // The driver bounds its own wait; this bounds a driver stuck in a write.
+            let _ = tokio::time::timeout(SHUTDOWN_WAIT + WRITE_TIMEOUT, rx).await;
+            Ok(())
+        })
+    }
+
+    fn session_id(&self) -> u64 {
+        self.session.load(Ordering::Relaxed)
+    }
+
+    fn unreachable_for(&self) -> Option<Duration> {
+        self.health.unreachable_for(Instant::now())
+    }
+
+    fn begin_job<'a>(
+        &'a self,
+        job: &'a str,
+        group: Option<&'a str>,
+        timeout: Option<Duration>,
+    ) -> BoxFuture<'a, Result<JobBegin, Error>> {
+        Box::pin(async move {
+            let lease = self.next_lease.fetch_add(1, Ordering::Relaxed);
+            let deadline = timeout.map(|t| Instant::now() + t);
+            let req = Req::BeginJob {
+                lease,
+                deadline,
+                job: job.to_owned(),
+                group: group.unwrap_or("").to_owned(),
+            };
+            let until = deadline.map_or(Until::Answered, Until::Wait);
+            let (answer, lost) = self.call_for_lease(lease, req, until).await?;
+            match answer {
+                Answer::Granted { token } => Ok(JobBegin::Run(Grant { lease, token, lost })),
+                Answer::JobCompleted(done) => Ok(JobBegin::Completed(done)),
+                Answer::JobBusy(runner) => Ok(JobBegin::Running(runner)),
+                other => Err(Error::Protocol(format!(
+                    "unexpected answer to a job attempt: {other:?}"
+                ))),
+            }
+        })
+    }
+
+    fn finish_job<'a>(
+        &'a self,
+        _job: &'a str,
+        lease: u64,
+        end: JobEnd<'a>,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            let req = match end {
+                JobEnd::Succeeded { started, duration } => Req::FinishJob {
+                    lease,
+                    succeeded: true,
+                    started_unix_ms: started
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                        .unwrap_or(0),
+                    duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+                    reason: String::new(),
+                },
+                JobEnd::Failed { reason } => Req::FinishJob {
+                    lease,
+                    succeeded: false,
+                    started_unix_ms: 0,
+                    duration_ms: 0,
+                    reason: reason.to_owned(),
+                },
+            };
+            self.call(req, Until::LeaseGone).await.map(drop)
+        })
+    }
+
+    fn reset_job<'a>(&'a self, job: &'a str) -> BoxFuture<'a, Result<bool, Error>> {
+        Box::pin(async move {
+            match self
+                .call(
+                    Req::ResetJob {
+                        job: job.to_owned(),
+                    },
+                    Until::Call,
+                )
+                .await?
+            {
+                Answer::JobReset(was) => Ok(was),
+                other => Err(Error::Protocol(format!(
+                    "unexpected answer to a job reset: {other:?}"
+                ))),
+            }
+        })
+    }
+
+    fn wait_group<'a>(
+        &'a self,
+        group: &'a str,
+        jobs: u32,
+        timeout: Option<Duration>,
+    ) -> BoxFuture<'a, Result<GroupSummary, Error>> {
+        Box::pin(async move {
+            // Wait ids share the lease id space, so they never collide with a lease.
+            let wait = self.next_lease.fetch_add(1, Ordering::Relaxed);
+            let deadline = timeout.map(|t| Instant::now() + t);
+            let req = Req::WaitGroup {
+                wait,
+                jobs,
+                deadline,
+                group: group.to_owned(),
+            };
+            match self
+                .call(req, deadline.map_or(Until::Answered, Until::Wait))
+                .await?
+            {
+                Answer::GroupSettled(summary) => Ok(summary),
+                other => Err(Error::Protocol(format!(
+                    "unexpected answer to a group wait: {other:?}"
+                ))),
+            }
+        })
+    }
+}
+
+fn default_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into());
+    format!("{host}:{}", std::process::id())
+}
+
+/// The calm "still trying" line while the coordinator is away: first after
+/// [`NOTICE_FIRST`] without an answer, then at doubling intervals up to [`NOTICE_MAX`].
+#[derive(Debug)]
+struct Notice {
+    since: Instant,
+    next: Instant,
+    every: Duration,
+    shown: bool,
+    /// At info rather than warn: the session is established and its leases stay valid while
+    /// the client retries (their loss is reported on its own), so the retries are no news to
+    /// a command such as `turnstile run`, whose stderr is its command's.
+    quiet: bool,
+}
+
+impl Notice {
+    fn new(since: Instant) -> Notice {
+        Notice {
+            since,
+            next: since + NOTICE_FIRST,
+            every: NOTICE_FIRST,
+            shown: false,
+            quiet: false,
+        }
+    }
+
+    /// The notice of an established session that lost its link.
+    fn resuming(since: Instant) -> Notice {
+        Notice {
+            quiet: true,
+            ..Notice::new(since)
+        }
+    }
+
+    fn due(&self) -> Instant {
+        self.next
+    }
+
+    fn show(&mut self, addr: &str, now: Instant) {
+        let secs = now.saturating_duration_since(self.since).as_secs();
+        if self.quiet {
+            tracing::info!("the coordinator at {addr} has not answered for {secs}s; still trying");
+        } else {
+            tracing::warn!("the coordinator at {addr} has not answered for {secs}s; still trying");
+        }
+        self.shown = true;
+        self.every = (self.every * 2).min(NOTICE_MAX);
+        self.next = now + self.every;
+    }
+}
+
+mod driver;
+mod link;
+#[cfg(test)]
+mod tests;
+mod wire;

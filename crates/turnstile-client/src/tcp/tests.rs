@@ -1,0 +1,291 @@
+use super::*;
+
+/// An in-process coordinator on a free port: its address.
+async fn coordinator() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    tokio::spawn(async move {
+        let _ = turnstile_server::run(
+            listener,
+            turnstile_server::Config::default(),
+            std::future::pending::<()>(),
+        )
+        .await;
+    });
+    addr.to_string()
+}
+
+/// A client of the coordinator at `addr`, with its `Health`.
+async fn client_of(addr: &str) -> (crate::Client, Arc<Health>) {
+    let backend = TcpBackend::connect(addr.to_owned(), None, Options::default())
+        .await
+        .expect("connect");
+    let health = backend.health.clone();
+    (crate::Client::from_backend(Arc::new(backend)), health)
+}
+
+/// An in-process coordinator on a free port, and a client of it with its `Health`.
+async fn client() -> (crate::Client, Arc<Health>) {
+    client_of(&coordinator().await).await
+}
+
+/// A fake coordinator on `listener`, for tests that need answers the real one never gives
+/// (or none at all): it reads whole frames, calls `answer` with each request (its id, the
+/// request, and the buffer of replies to write), and writes what that buffer holds after
+/// each read. It stops when the client goes.
+async fn fake_coordinator(
+    listener: tokio::net::TcpListener,
+    mut answer: impl FnMut(u32, proto::Request<'_>, &mut Vec<u8>) + Send + 'static,
+) {
+    let (mut s, _) = listener.accept().await.expect("accept");
+    let mut buf = Vec::new();
+    loop {
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).await.expect("read");
+        if n == 0 {
+            return;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut out = Vec::new();
+        while let Some((payload, used)) = split_frame(&buf, MAX_REPLY_FRAME).expect("a frame") {
+            let (id, req) = proto::decode_request(payload).expect("a request");
+            answer(id, req, &mut out);
+            buf.drain(..used);
+        }
+        if !out.is_empty() && s.write_all(&out).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The answers a fake coordinator gives to a client's handshake (`Hello`, then the
+/// session's request), or `None` for another request.
+fn handshake_answer(id: u32, req: &proto::Request<'_>, out: &mut Vec<u8>) -> Option<()> {
+    let reply = match req {
+        proto::Request::Hello { .. } => proto::Reply::HelloOk {
+            version: proto::VERSION,
+            default_ttl_ms: 10_000,
+            server: "fake",
+        },
+        proto::Request::OpenSession { .. } => proto::Reply::SessionOpened {
+            ttl_ms: 60_000,
+            existed: false,
+        },
+        _ => return None,
+    };
+    proto::encode_reply(id, &reply, out);
+    Some(())
+}
+
+/// `send_release` returns once the release is written, without its answer: against a
+/// coordinator that never answers releases, it still returns, and the release arrives.
+#[tokio::test]
+async fn send_release_returns_without_waiting_for_the_answer() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let (released_tx, mut released_rx) = mpsc::unbounded_channel();
+    tokio::spawn(fake_coordinator(listener, move |id, req, out| {
+        if handshake_answer(id, &req, out).is_some() {
+            return;
+        }
+        match req {
+            proto::Request::Ensure { .. } => proto::encode_reply(id, &proto::Reply::Done, out),
+            proto::Request::Acquire { .. } => {
+                proto::encode_reply(id, &proto::Reply::Granted { token: 7 }, out)
+            }
+            proto::Request::Release { lease } => {
+                let _ = released_tx.send(lease); // and no answer, ever
+            }
+            _ => {}
+        }
+    }));
+    let backend = TcpBackend::connect(addr.to_string(), None, Options::default())
+        .await
+        .expect("connect");
+    let client = crate::Client::from_backend(Arc::new(backend));
+    let sem = client.semaphore("unanswered", 1).await.expect("ensure");
+    let permit = sem.acquire().await.expect("acquire");
+    let lease = permit.lease_id();
+    tokio::time::timeout(Duration::from_secs(10), permit.send_release())
+        .await
+        .expect("send_release does not wait for an answer")
+        .expect("sent");
+    let seen = tokio::time::timeout(Duration::from_secs(10), released_rx.recv())
+        .await
+        .expect("the release reached the coordinator");
+    assert_eq!(seen, Some(lease));
+}
+
+/// Against the real coordinator: a loop of acquire and `send_release` on a capacity-1
+/// semaphore is granted every time (each release is handled before the next acquire,
+/// which follows it on the connection), another client queued behind gets the slot, and
+/// once a later request is answered the coordinator holds none of the released leases.
+#[tokio::test]
+async fn send_release_frees_the_slot_before_the_next_request() {
+    let addr = coordinator().await;
+    let (a, _) = client_of(&addr).await;
+    let sem = a.semaphore("pipelined", 1).await.expect("ensure");
+    for _ in 0..50 {
+        let permit = tokio::time::timeout(Duration::from_secs(10), sem.acquire())
+            .await
+            .expect("granted, not queued behind its own released lease")
+            .expect("acquire");
+        permit.send_release().await.expect("sent");
+    }
+    // Another client waits behind a held permit, which is then released unconfirmed.
+    let held = sem.acquire().await.expect("acquire");
+    let (b, _) = client_of(&addr).await;
+    let b_sem = b.semaphore("pipelined", 1).await.expect("ensure b");
+    let waiting = tokio::spawn(async move { b_sem.acquire().await.map(drop) });
+    while a
+        .status(Some("pipelined"))
+        .await
+        .expect("status")
+        .semaphores[0]
+        .queued
+        == 0
+    {
+        tokio::task::yield_now().await;
+    }
+    held.send_release().await.expect("sent");
+    tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiter got the slot")
+        .expect("join")
+        .expect("acquire b");
+    b.shutdown().await.expect("shutdown b");
+    let status = a.status(Some("pipelined")).await.expect("status");
+    let sem = &status.semaphores[0];
+    assert_eq!(
+        (sem.in_use, sem.holders.len()),
+        (0, 0),
+        "a released lease is still held"
+    );
+    a.shutdown().await.expect("shutdown");
+}
+
+/// Requests queued by many callers while the driver was busy go out in one write, and
+/// each caller gets its own answer: half of them ask for what their semaphore has
+/// (granted), half for more than its capacity (refused at once).
+#[tokio::test]
+async fn queued_requests_share_one_write() {
+    const CALLERS: usize = 64;
+    let (client, health) = client().await;
+    let mut sems = Vec::new();
+    for i in 0..CALLERS {
+        sems.push(
+            client
+                .semaphore(&format!("w-{i}"), 2)
+                .await
+                .expect("ensure"),
+        );
+    }
+    let before = health.writes.load(Ordering::Relaxed);
+    // On this one-thread runtime, every caller queues its request before the driver runs.
+    let calls: Vec<_> = sems
+        .into_iter()
+        .enumerate()
+        .map(|(i, sem)| {
+            let weight = if i % 2 == 0 { 2 } else { 3 };
+            tokio::spawn(async move { (i, sem.acquire_many(weight).await) })
+        })
+        .collect();
+    let mut granted = Vec::new();
+    for call in calls {
+        let (i, answer) = call.await.expect("join");
+        match answer {
+            Ok(permit) => {
+                assert_eq!(i % 2, 0, "caller {i} got another's grant");
+                granted.push(permit);
+            }
+            Err(e) => assert!(
+                i % 2 == 1 && e.code().is_some(),
+                "caller {i} got another's refusal: {e}"
+            ),
+        }
+    }
+    let writes = health.writes.load(Ordering::Relaxed) - before;
+    assert_eq!(granted.len(), CALLERS / 2);
+    assert!(
+        writes <= 2,
+        "{CALLERS} queued requests took {writes} writes instead of one"
+    );
+    drop(granted);
+    client.shutdown().await.expect("shutdown");
+}
+
+/// A coordinator may tell a session's end as an event before its answer to the session
+/// request (a client stopped past its TTL re-opens its id just as the sweep catches up).
+/// The connection still comes up, and the driver handles the event as on any link: a
+/// fresh session is opened. (Before, the handshake failed with "unexpected reply".)
+#[tokio::test]
+async fn a_session_lost_during_the_handshake_opens_a_fresh_session() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let (seen_tx, seen_rx) = tokio::sync::oneshot::channel();
+    let mut seen_tx = Some(seen_tx);
+    let mut sessions: Vec<u64> = Vec::new();
+    tokio::spawn(fake_coordinator(listener, move |id, req, out| {
+        let proto::Request::OpenSession { session, .. } = req else {
+            return; // the Hello is answered with the first session's answer
+        };
+        sessions.push(session);
+        if sessions.len() == 1 {
+            let hello = proto::Reply::HelloOk {
+                version: proto::VERSION,
+                default_ttl_ms: 10_000,
+                server: "fake",
+            };
+            proto::encode_reply(1, &hello, out);
+            let lost = proto::Reply::SessionLost {
+                session,
+                reason: proto::LostReason::Expired,
+            };
+            proto::encode_reply(0, &lost, out);
+            let opened = proto::Reply::SessionOpened {
+                ttl_ms: 10_000,
+                existed: false,
+            };
+            proto::encode_reply(id, &opened, out);
+        } else if let Some(tx) = seen_tx.take() {
+            let _ = tx.send((sessions[0], sessions[1]));
+        }
+    }));
+    let backend = TcpBackend::connect(addr.to_string(), None, Options::default())
+        .await
+        .expect("the handshake succeeds despite the event");
+    let (first, second) = tokio::time::timeout(Duration::from_secs(10), seen_rx)
+        .await
+        .expect("a fresh session is opened")
+        .expect("the fake server saw it");
+    assert_ne!(first, second, "the fresh session has a new id");
+    assert_eq!(backend.session.load(Ordering::Relaxed), second);
+}
+
+/// A permit released with `release()` leaves the driver's map of leases to watch: it
+/// would otherwise grow by one with every pair for the life of the client.
+#[tokio::test]
+async fn released_leases_are_not_watched() {
+    let (client, health) = client().await;
+    let sem = client.semaphore("watched", 1).await.expect("ensure");
+    for _ in 0..20 {
+        sem.acquire()
+            .await
+            .expect("acquire")
+            .release()
+            .await
+            .expect("release");
+    }
+    let held = sem.acquire().await.expect("acquire");
+    // A round trip after the grant, so that the driver has ended the turn that saw it.
+    client.status(Some("watched")).await.expect("status");
+    assert_eq!(health.watched.load(Ordering::Relaxed), 1);
+    drop(held);
+    client.shutdown().await.expect("shutdown");
+}
