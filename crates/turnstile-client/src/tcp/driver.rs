@@ -91,6 +91,12 @@ impl Driver {
             let mut fired = false;
             tokio::select! {
                 cmd = self.rx.recv() => {
+                    if !self.pending.is_empty() {
+                        // Other callers have requests in flight: those whose answers just
+                        // came are about to send their next ones. Let them run first, so
+                        // that one write carries them all (see ARCHITECTURE invariant 25).
+                        tokio::task::yield_now().await;
+                    }
                     self.now = Instant::now();
                     let mut next = cmd;
                     // Every command already queued goes out in the same write.

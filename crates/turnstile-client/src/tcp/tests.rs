@@ -168,6 +168,48 @@ async fn send_release_frees_the_slot_before_the_next_request() {
     a.shutdown().await.expect("shutdown");
 }
 
+/// Callers that loop on one client keep sharing writes, on tokio's multi-thread scheduler
+/// too: there a task woken by the running one runs next (its "LIFO slot"), so without the
+/// driver's yield each caller's request woke the driver and went out alone as soon as the
+/// caller paused; now the driver lets the callers its answers woke queue theirs first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn looping_callers_share_writes() {
+    const CALLERS: usize = 16;
+    const PAIRS: usize = 25;
+    let (client, health) = client().await;
+    let mut sems = Vec::new();
+    for i in 0..CALLERS {
+        sems.push(
+            client
+                .semaphore(&format!("l-{i}"), 1)
+                .await
+                .expect("ensure"),
+        );
+    }
+    let before = health.writes.load(Ordering::Relaxed);
+    let loops: Vec<_> = sems
+        .into_iter()
+        .map(|sem| {
+            tokio::spawn(async move {
+                for _ in 0..PAIRS {
+                    let permit = sem.acquire().await.expect("acquire");
+                    permit.release().await.expect("release");
+                }
+            })
+        })
+        .collect();
+    for l in loops {
+        l.await.expect("join");
+    }
+    let writes = health.writes.load(Ordering::Relaxed) - before;
+    let requests = CALLERS * PAIRS * 2;
+    assert!(
+        writes * 4 <= requests as u64,
+        "{requests} requests of {CALLERS} looping callers took {writes} writes"
+    );
+    client.shutdown().await.expect("shutdown");
+}
+
 /// Requests queued by many callers while the driver was busy go out in one write, and
 /// each caller gets its own answer: half of them ask for what their semaphore has
 /// (granted), half for more than its capacity (refused at once).
