@@ -926,8 +926,10 @@ impl Inner {
         guard.ticket = Some(self.take_ticket(sem_dir, &guard.content)?);
         let mut last_touch = Instant::now();
         let mut backoff = MIN_POLL;
-        // Created after the ticket, so that taking it does not wake us.
-        let watch = notify::Watch::new(sem_dir);
+        // Made only once a look has not granted (an uncontended acquire needs none), after
+        // the ticket (so that taking it does not wake us), and followed by another look at
+        // once, so that a change between the first look and the watch is not missed.
+        let mut watch: Option<Option<notify::Watch>> = None;
         let mut next_scan = Instant::now();
         loop {
             self.check_live()?;
@@ -959,6 +961,10 @@ impl Inner {
                     }
                 }
             }
+            let Some(watch) = &watch else {
+                watch = Some(notify::Watch::new(sem_dir));
+                continue;
+            };
             // Often enough to keep the ticket fresh, whatever the TTL.
             let mut nap = backoff.min(self.ttl / 3);
             if let Some(d) = deadline {
