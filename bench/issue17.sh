@@ -8,13 +8,14 @@
 #   lib64x4    64 callers over 4 library clients
 #   dur-lib64  64 library clients on the --fsync batch coordinator (dur-raw64: bare frames)
 #   lib1       1 library client (pair p50)                  raw1    1 bare client
-#   lib64s, dur-lib64s, lib1s: lib64, dur-lib64 and lib1 releasing with send_release (for
-#              reference: the Python package's release, one round trip per pair)
+#   lib64d, dur-lib64d, lib1d: lib64, dur-lib64 and lib1 with the permit dropped (its release
+#              queued and written with the next acquire); raw64p, dur-raw64p, raw1p: bare
+#              frames pipelined the same way (`--release drop`)
 # and the 1,000,000-lease scale figure (the coordinator's resident memory), then prints the
 # median of each round's ratio and MET / NOT MET for each goal. CPU per pair is the server
 # process's user+system time over the measured window divided by the pairs (`turnstile bench
 # --server-pid`). The machine has 2 cores shared by the server and the load generator, so
-# single runs move by +-15%: read the medians. Default: about 4 minutes.
+# single runs move by +-15%: read the medians. Default: about 5 minutes.
 #
 #   bash bench/issue17.sh
 #   ROUNDS=5 DURATION=5s SCALE=0 bash bench/issue17.sh     # SCALE=0 skips the 1M-lease run
@@ -79,7 +80,7 @@ median() {
 }
 div() { awk -v a="$1" -v b="$2" 'BEGIN { if (a !~ /^[0-9.]+$/ || b !~ /^[0-9.]+$/ || b == 0) print "nan"; else printf "%.3f", a / b }'; }
 
-RUNS=(redis lib64 raw64 lib64x1 raw64x1 lib64x4 dur-lib64 dur-raw64 lib1 raw1 lib64s dur-lib64s lib1s)
+RUNS=(redis lib64 raw64 lib64x1 raw64x1 lib64x4 dur-lib64 dur-raw64 lib1 raw1 lib64d raw64p dur-lib64d dur-raw64p lib1d raw1p)
 mem=(--url "$MEM_URL" --server-pid "$MEM_PID")
 dur=(--url "$DUR_URL" --server-pid "$DUR_PID")
 for r in $(seq "$ROUNDS"); do
@@ -94,11 +95,14 @@ for r in $(seq "$ROUNDS"); do
   record dur-raw64 "$r" "${dur[@]}" --clients 64 --client raw
   record lib1 "$r" "${mem[@]}" --clients 1
   record raw1 "$r" "${mem[@]}" --clients 1 --client raw
-  # For reference: the library releasing as the Python package does (send_release: no wait
-  # for the release's answer, so one round trip per pair).
-  record lib64s "$r" "${mem[@]}" --clients 64 --send-release
-  record dur-lib64s "$r" "${dur[@]}" --clients 64 --send-release
-  record lib1s "$r" "${mem[@]}" --clients 1 --send-release
+  # Pipelined: the library's permit dropped (its release queued, written with the next
+  # acquire), the bare client writing the release with the next acquire.
+  record lib64d "$r" "${mem[@]}" --clients 64 --release drop
+  record raw64p "$r" "${mem[@]}" --clients 64 --client raw --release drop
+  record dur-lib64d "$r" "${dur[@]}" --clients 64 --release drop
+  record dur-raw64p "$r" "${dur[@]}" --clients 64 --client raw --release drop
+  record lib1d "$r" "${mem[@]}" --clients 1 --release drop
+  record raw1p "$r" "${mem[@]}" --clients 1 --client raw --release drop
 done
 
 # med RUN FIELD: the median of a figure over the rounds.
@@ -135,11 +139,17 @@ goal "1 client pair p50: library / bare frames" "$(ratio lib1 p50_us raw1 p50_us
 echo "   for reference: bare frames 64 callers over 1 connection / Redis: $(ratio raw64x1 pairs_per_sec redis pairs_per_sec)x;" \
   "durable bare / Redis: $(ratio dur-raw64 pairs_per_sec redis pairs_per_sec)x;" \
   "bench CPU per pair library / bare (64/64): $(ratio lib64 bench_cpu_us_per_pair raw64 bench_cpu_us_per_pair)x"
-echo "   with send_release (one round trip per pair; bare frames and Redis wait for every answer):" \
-  "64/64 library / Redis: $(ratio lib64s pairs_per_sec redis pairs_per_sec)x;" \
-  "coordinator CPU / Redis server's: $(ratio lib64s server_cpu_us_per_pair redis server_cpu_us_per_pair)x;" \
-  "durable / Redis: $(ratio dur-lib64s pairs_per_sec redis pairs_per_sec)x;" \
-  "1 client pairs/s library / bare: $(ratio lib1s pairs_per_sec raw1 pairs_per_sec)x"
+echo
+echo "== the same goals with pipelined releases (library: the permit dropped, as Rust code lets it go"
+echo "   out of scope; bare frames: the release written with the next acquire; Redis unchanged)"
+goal "64 clients/64 conns: library / bare frames" "$(ratio lib64d pairs_per_sec raw64p pairs_per_sec)" ">=" 0.95
+goal "64 clients/64 conns: library / Redis" "$(ratio lib64d pairs_per_sec redis pairs_per_sec)" ">=" 1.1
+goal "coordinator CPU per pair / Redis server's (64 library clients, 64 conns)" \
+  "$(ratio lib64d server_cpu_us_per_pair redis server_cpu_us_per_pair)" "<=" 0.6
+goal "durable (--fsync batch) 64 library clients / Redis" "$(ratio dur-lib64d pairs_per_sec redis pairs_per_sec)" ">=" 0.6
+goal "1 client pair p50: library / bare frames" "$(ratio lib1d p50_us raw1p p50_us)" "<=" 1.1
+echo "   for reference: durable bare pipelined / Redis: $(ratio dur-raw64p pairs_per_sec redis pairs_per_sec)x;" \
+  "bench CPU per pair library / bare (64/64): $(ratio lib64d bench_cpu_us_per_pair raw64p bench_cpu_us_per_pair)x"
 
 if [ "$SCALE" != 0 ]; then
   echo

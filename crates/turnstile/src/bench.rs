@@ -96,11 +96,14 @@ pub struct BenchArgs {
     /// peer does too, so that the two servers are compared with equal clients).
     #[arg(long, value_enum, default_value = "library")]
     client: BenchClient,
-    /// With the library client: release with `Permit::send_release` (returns once the
-    /// release is written, without its answer; what the Python package's `release()` does)
-    /// instead of `release` (waits for the answer).
-    #[arg(long)]
-    send_release: bool,
+    /// How the library client releases: `wait` (`Permit::release`: waits for the answer),
+    /// `send` (`Permit::send_release`: returns once the release is written; what the Python
+    /// package's `release()` does) or `drop` (the permit is dropped, which queues the release
+    /// without waiting: what Rust code that lets a permit go out of scope does). With
+    /// `--client raw`, `send` and `drop` both write the release together with the next
+    /// acquire as soon as the grant comes, without waiting for the release's answer.
+    #[arg(long, value_enum, default_value = "wait")]
+    release: BenchRelease,
     /// Leases to hold in the scale scenario (at most semaphores × capacity).
     #[arg(long, default_value_t = 1_000_000)]
     leases: u64,
@@ -127,6 +130,17 @@ pub enum BenchClient {
     Library,
     /// Protocol frames written and read directly.
     Raw,
+}
+
+/// How the library client releases (see `--release`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchRelease {
+    /// `Permit::release`.
+    Wait,
+    /// `Permit::send_release`.
+    Send,
+    /// Dropping the permit.
+    Drop,
 }
 
 /// Storage of the coordinator started by the bench.
@@ -269,8 +283,11 @@ fn report(args: &BenchArgs, o: &Outcome, usage: Option<&Usage>) -> anyhow::Resul
         }
         if args.client == BenchClient::Raw {
             scenario.push_str("/raw");
-        } else if args.send_release {
-            scenario.push_str("/send-release");
+            if args.release != BenchRelease::Wait {
+                scenario.push_str("/pipelined");
+            }
+        } else if args.release != BenchRelease::Wait {
+            scenario = format!("{scenario}/release-{:?}", args.release).to_lowercase();
         }
     }
     let conns = if coordinator {
@@ -474,15 +491,21 @@ async fn load(args: &BenchArgs, url: &str, start: Start) -> anyhow::Result<Outco
     }
     let window = start.window();
     let mut tasks = tokio::task::JoinSet::new();
-    let send_release = args.send_release;
+    let release = args.release;
     for (sem, weight) in callers {
         let errors = errors.clone();
         tasks.spawn(async move {
             let (_, pairs, lat) = window
                 .drive(sem, &errors, |sem| async move {
                     let ok = match sem.acquire_many(weight).await {
-                        Ok(p) if send_release => p.send_release().await.is_ok(),
-                        Ok(p) => p.release().await.is_ok(),
+                        Ok(p) => match release {
+                            BenchRelease::Wait => p.release().await.is_ok(),
+                            BenchRelease::Send => p.send_release().await.is_ok(),
+                            BenchRelease::Drop => {
+                                drop(p);
+                                true
+                            }
+                        },
                         Err(_) => false,
                     };
                     (sem, Some(ok))
@@ -1012,7 +1035,7 @@ async fn load_raw(args: &BenchArgs, url: &str, start: Start) -> anyhow::Result<O
                     name,
                     capacity,
                     weight,
-                    acquired: false,
+                    lease: 0,
                     started: Instant::now(),
                 }
             })
@@ -1032,10 +1055,11 @@ async fn load_raw(args: &BenchArgs, url: &str, start: Start) -> anyhow::Result<O
     }
     let window = start.window();
     let mut tasks = tokio::task::JoinSet::new();
+    let pipelined = args.release != BenchRelease::Wait;
     for (c, callers) in conns {
         let errors = errors.clone();
         tasks.spawn(async move {
-            let (mut c, pairs, lat) = raw_callers(c, callers, window, &errors).await;
+            let (mut c, pairs, lat) = raw_callers(c, callers, window, &errors, pipelined).await;
             let _ = c.call(&Request::CloseSession).await;
             (pairs, lat)
         });
@@ -1045,36 +1069,52 @@ async fn load_raw(args: &BenchArgs, url: &str, start: Start) -> anyhow::Result<O
     Ok(outcome)
 }
 
-/// One caller of [`raw_callers`]: its semaphore and where its pair stands. Its requests carry
-/// its index on the connection plus one as their id, and its lease id is the same number.
+/// One caller of [`raw_callers`]: its semaphore and its latest lease (see [`raw_callers`] for
+/// its request ids).
 struct RawCaller {
     name: String,
     capacity: u32,
     weight: u32,
-    /// Its Acquire was answered with a grant; the Release is in flight.
-    acquired: bool,
+    /// The lease id of its latest acquire.
+    lease: u64,
     /// When its current pair started.
     started: Instant,
 }
 
 /// Runs the callers of one connection until the end of the window, several requests in flight.
 /// Returns the connection, the pairs completed in the measured window and their latencies.
+///
+/// A caller's acquire has request id `2j + 1` and its release `2j + 2`. Without `pipelined`
+/// the release waits for the grant and the next acquire for the release's answer: the pair
+/// ends with that answer. With it, the release and the next acquire go out together as soon
+/// as the grant comes (what the library does when a permit is dropped): the pair ends with
+/// the grant, and the release's answer is only checked.
 async fn raw_callers(
     mut c: RawConn,
     mut callers: Vec<RawCaller>,
     window: Window,
     errors: &AtomicU64,
+    pipelined: bool,
 ) -> (RawConn, u64, Vec<u32>) {
     use turnstile_proto::{Reply, Request};
-    fn acquire(out: &mut Vec<u8>, j: usize, caller: &RawCaller) {
-        let id = j as u32 + 1;
+    fn acquire(out: &mut Vec<u8>, j: usize, caller: &mut RawCaller) {
+        // A new lease id per acquire (with pipelining, the previous one may not be released
+        // yet when this request is written), unique among the connection's callers: a count
+        // in the high bits, the caller's index in the low 32.
+        caller.lease = ((caller.lease >> 32) + 1) << 32 | j as u64;
         let req = Request::Acquire {
-            lease: u64::from(id),
+            lease: caller.lease,
             weight: caller.weight,
             timeout_ms: turnstile_proto::NO_TIMEOUT,
             name: &caller.name,
         };
-        turnstile_proto::encode_request(id, &req, out);
+        turnstile_proto::encode_request(2 * j as u32 + 1, &req, out);
+    }
+    fn release(out: &mut Vec<u8>, j: usize, caller: &RawCaller) {
+        let req = Request::Release {
+            lease: caller.lease,
+        };
+        turnstile_proto::encode_request(2 * j as u32 + 2, &req, out);
     }
     let mut lat = Vec::with_capacity(1 << 16);
     let mut pairs = 0u64;
@@ -1114,32 +1154,38 @@ async fn raw_callers(
             if id == 0 {
                 continue; // an event: not an answer
             }
-            let j = id as usize - 1;
+            let j = (id as usize - 1) / 2;
+            let is_release = id % 2 == 0;
             let Some(caller) = callers.get_mut(j) else {
                 break 'run; // not a request of ours: the count would be wrong
             };
             in_flight -= 1;
             let ok = !matches!(reply, Reply::Error { .. });
-            if !caller.acquired && ok {
-                caller.acquired = true;
-                let release = Request::Release {
-                    lease: u64::from(id),
-                };
-                turnstile_proto::encode_request(id, &release, out);
+            let measured = caller.started >= window.measure_from;
+            if pipelined && is_release {
+                if !ok && measured {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+                continue;
+            }
+            if !pipelined && !is_release && ok {
+                release(out, j, caller);
                 in_flight += 1;
                 continue;
             }
-            // The pair is over: released, or its acquire refused.
-            let pair_ok = caller.acquired && ok;
-            caller.acquired = false;
-            if caller.started >= window.measure_from {
-                if pair_ok {
+            // The pair is over: granted (pipelined), released, or its acquire refused.
+            if measured {
+                if ok {
                     pairs += 1;
                     let took = caller.started.elapsed().as_micros();
                     lat.push(u32::try_from(took).unwrap_or(u32::MAX));
                 } else {
                     errors.fetch_add(1, Ordering::Relaxed);
                 }
+            }
+            if pipelined && ok {
+                release(out, j, caller);
+                in_flight += 1;
             }
             let now = Instant::now();
             if now < window.end {

@@ -110,3 +110,36 @@ fn connections_are_refused_where_they_mean_nothing() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--connections"), "{stderr}");
 }
+
+/// `--release drop` and `send`: the library drops its permits (or sends releases without
+/// waiting) and the bare client writes each release with the next acquire, on contended
+/// semaphores, so a release still in flight must be handled before the acquire behind it:
+/// every pair completes with no refusal (a lease id reused too early, or an acquire queued
+/// behind its caller's own released lease, would show as errors or a stall).
+#[test]
+fn pipelined_releases_complete_every_pair() {
+    for (client, release, label) in [
+        ("library", "drop", "contended/inmemory/release-drop"),
+        ("library", "send", "contended/inmemory/release-send"),
+        ("raw", "drop", "contended/inmemory/raw/pipelined"),
+    ] {
+        let v = bench(&[
+            "--client",
+            client,
+            "--release",
+            release,
+            "--scenario",
+            "contended",
+            "--semaphores",
+            "2",
+            "--capacity",
+            "1",
+            "--connections",
+            "2",
+            "--clients",
+            "8",
+        ]);
+        assert_report(&v, true);
+        assert_eq!(v["scenario"], label, "{v}");
+    }
+}
