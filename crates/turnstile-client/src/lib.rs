@@ -52,6 +52,13 @@ mod job;
 mod tcp;
 mod tls;
 
+/// Raw calls to one etcd member over gRPC, with requests and answers in the JSON shapes of
+/// etcd's gRPC JSON gateway: what the etcd backend speaks, for `turnstile bench`'s etcd-lock
+/// peer (etcd's own Lock RPC on the same transport) and for tests that read the wire.
+pub mod etcd_rpc {
+    pub use crate::etcd::grpc::{decode_request, Channel};
+}
+
 /// Entry points for the fuzz harness (`fuzz/`), behind the `fuzzing` feature: not an API.
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]

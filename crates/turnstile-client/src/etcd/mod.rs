@@ -60,7 +60,8 @@
 //! deadline, fails over between the endpoints, and ends in [`Error::Unavailable`] when no
 //! member answers in time.
 
-mod http;
+pub(crate) mod grpc;
+mod pb;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
@@ -76,7 +77,8 @@ use turnstile_proto::{
     SemaphoreStatus, StatusDoc, WaiterStatus,
 };
 
-use self::http::{b64, unb64, Fault, Stream};
+use self::grpc::Stream;
+use self::pb::{b64, unb64};
 use crate::backend::{BoxFuture, Grant, JobBegin, JobEnd};
 use crate::{Backend, Error, GroupSummary, JobCompletion, JobRunner, LostReason, Options};
 
@@ -440,7 +442,7 @@ struct Etcd {
     label: String,
     last_ok: Mutex<Instant>,
     /// Kept-alive connections for unary requests.
-    pool: http::Pool,
+    pool: grpc::Pool,
 }
 
 impl Etcd {
@@ -492,10 +494,7 @@ impl Etcd {
                     if let Ok(mut t) = self.last_ok.lock() {
                         *t = Instant::now();
                     }
-                    let message = match f {
-                        Fault::Status { message, .. } => message,
-                        Fault::Io(e) => e.to_string(),
-                    };
+                    let message = f.message();
                     return Err(Error::Protocol(format!("etcd at {addr}: {message}")));
                 }
                 Ok(Err(f)) => {
@@ -963,7 +962,12 @@ impl Inner {
                 }
                 attempt = attempt.min(left);
             }
-            match tokio::time::timeout(attempt, Stream::open(addr, "/v3/watch", &body)).await {
+            match tokio::time::timeout(
+                attempt,
+                Stream::open(&self.etcd.pool, addr, "/v3/watch", &body),
+            )
+            .await
+            {
                 Ok(Ok(s)) => return Ok(s),
                 Ok(Err(f)) if !f.retryable() => {
                     return Err(WaitEnd::Failed(Error::Protocol(format!(
@@ -2345,7 +2349,7 @@ impl EtcdBackend {
                 current: AtomicUsize::new(0),
                 label: label.clone(),
                 last_ok: Mutex::new(Instant::now()),
-                pool: http::Pool::new(),
+                pool: grpc::Pool::new(),
             },
             prefix: url.prefix,
             session: options.session_id.unwrap_or_else(crate::new_session_id),
