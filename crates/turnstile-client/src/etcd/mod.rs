@@ -91,8 +91,13 @@ const ATTEMPT: Duration = Duration::from_secs(2);
 /// A watch that has said nothing for this long is re-opened (it may sit on a hung member).
 const WATCH_QUIET: Duration = Duration::from_secs(3);
 /// How long after a grant its holder starts watching its key (for a close, or the end of
-/// its lease noticed by another client): see [`Inner::hold`].
+/// its lease noticed by another client): see [`Inner::hold`]. The watches are started by
+/// [`Inner::start_watches`], which looks every half of this, so a watch starts between one
+/// and one and a half of it after its grant.
 const HOLDER_WATCH_DELAY: Duration = Duration::from_millis(200);
+/// How long [`Inner::start_watches`] goes on looking with no grant held before it sleeps
+/// until the next grant.
+const WATCH_STARTER_IDLE: Duration = Duration::from_secs(5);
 /// How many semaphores a client keeps slots and a cached capacity for before it forgets the
 /// idle ones (see [`Inner::free_slot`]).
 const MAX_CACHED_SEMAPHORES: usize = 1024;
@@ -523,8 +528,22 @@ struct Held {
     token: u64,
     lost: watch::Sender<Option<LostReason>>,
     watcher: Option<AbortHandle>,
+    /// The watch of the key, not started yet: see [`Inner::hold`].
+    pending: Option<PendingWatch>,
     /// A semaphore grant's key name, free for the next acquire once the key is gone.
     slot: Option<Slot>,
+}
+
+/// A holder's watch of its key, to be started [`HOLDER_WATCH_DELAY`] after the grant.
+struct PendingWatch {
+    /// The semaphore's cap key (none for a job).
+    cap: Option<String>,
+    /// The revision to watch from (the grant's).
+    from: i64,
+    /// The etcd lease the key is bound to.
+    etcd_lease: i64,
+    /// When the grant was made.
+    granted: Instant,
 }
 
 /// One of this client's key names in a semaphore's queue: `s/NAME/q/ETCDLEASE.N`, with its
@@ -583,12 +602,17 @@ struct Inner {
     sems: Mutex<HashMap<String, SemCache>>,
     shut: AtomicBool,
     last_ack: Mutex<Instant>,
+    /// Set by [`Inner::start_watches`] when it sleeps until the next grant.
+    starter_idle: AtomicBool,
+    /// Wakes [`Inner::start_watches`] from that sleep.
+    starter_wake: tokio::sync::Notify,
 }
 
 /// The etcd backend.
 pub(crate) struct EtcdBackend {
     inner: Arc<Inner>,
     keepalive: JoinHandle<()>,
+    watch_starter: JoinHandle<()>,
 }
 
 /// Withdraws a queued key if the acquire that made it is dropped or gives up. A withdrawal
@@ -1111,8 +1135,8 @@ impl Inner {
         Ok(from)
     }
 
-    /// Registers a grant and starts watching its key, so that its holder hears of a close or
-    /// of the lease's end.
+    /// Registers a grant; its key is watched from [`HOLDER_WATCH_DELAY`] after it (see
+    /// [`Inner::start_watches`]), so that its holder hears of a close or of the lease's end.
     #[allow(clippy::too_many_arguments)]
     fn hold(
         self: &Arc<Self>,
@@ -1125,13 +1149,88 @@ impl Inner {
         slot: Option<Slot>,
     ) -> watch::Receiver<Option<LostReason>> {
         let (tx, rx) = watch::channel(None);
+        // The watch is started later by `start_watches`: a watch replays from `from`, so
+        // opening it late misses nothing; most holds are short and end before it, and then
+        // cost no watch at all, and no task either (a task spawned and aborted per grant
+        // woke the runtime's other worker twice per pair).
+        let held = Held {
+            key,
+            job,
+            token,
+            lost: tx,
+            watcher: None,
+            pending: Some(PendingWatch {
+                cap,
+                from,
+                etcd_lease: self.lease.load(Ordering::SeqCst),
+                granted: Instant::now(),
+            }),
+            slot,
+        };
+        if let Ok(mut g) = self.grants.lock() {
+            g.insert(lease, held);
+        }
+        if self.starter_idle.swap(false, Ordering::SeqCst) {
+            self.starter_wake.notify_one();
+        }
+        rx
+    }
+
+    /// Starts the watches of the grants held for [`HOLDER_WATCH_DELAY`], looking every half
+    /// of it; sleeps until the next grant after [`WATCH_STARTER_IDLE`] without any.
+    async fn start_watches(self: Arc<Self>) {
+        let tick = HOLDER_WATCH_DELAY / 2;
+        let mut last_busy = Instant::now();
+        loop {
+            tokio::time::sleep(tick).await;
+            let now = Instant::now();
+            let empty = match self.grants.lock() {
+                Ok(mut grants) => {
+                    for (&lease, h) in grants.iter_mut() {
+                        if h.pending
+                            .as_ref()
+                            .is_some_and(|p| now >= p.granted + HOLDER_WATCH_DELAY)
+                        {
+                            if let Some(p) = h.pending.take() {
+                                h.watcher = Some(self.watch_held(lease, h.key.clone(), p));
+                            }
+                        }
+                    }
+                    grants.is_empty()
+                }
+                Err(_) => return,
+            };
+            if !empty {
+                last_busy = now;
+                continue;
+            }
+            if now.duration_since(last_busy) < WATCH_STARTER_IDLE {
+                continue;
+            }
+            // Idle: sleep until `hold` wakes us. A grant made between the look above and
+            // the flag is seen by the look below; one made after it sees the flag.
+            self.starter_idle.store(true, Ordering::SeqCst);
+            let any = self.grants.lock().map(|g| !g.is_empty()).unwrap_or(false);
+            if any {
+                self.starter_idle.store(false, Ordering::SeqCst);
+            } else {
+                self.starter_wake.notified().await;
+            }
+            last_busy = Instant::now();
+        }
+    }
+
+    /// Watches a holder's key (from the grant's revision) for its deletion: a close, a
+    /// revoke, or its lease's end noticed by etcd; then the grant is lost.
+    fn watch_held(self: &Arc<Self>, lease: u64, wkey: String, p: PendingWatch) -> AbortHandle {
         let inner = self.clone();
-        let (wkey, wcap) = (key.clone(), cap.clone());
-        let etcd_lease = self.lease.load(Ordering::SeqCst);
-        let task = tokio::spawn(async move {
-            // A watch replays from `from`, so opening it late misses nothing; most holds
-            // are short and end before it, and then cost no watch at all.
-            tokio::time::sleep(HOLDER_WATCH_DELAY).await;
+        let PendingWatch {
+            cap: wcap,
+            from,
+            etcd_lease,
+            ..
+        } = p;
+        tokio::spawn(async move {
             let mut from = from;
             loop {
                 let Ok(mut s) = inner.open_watch(&wkey, false, from, true, None).await else {
@@ -1169,19 +1268,8 @@ impl Inner {
                     }
                 }
             }
-        });
-        let held = Held {
-            key,
-            job,
-            token,
-            lost: tx,
-            watcher: Some(task.abort_handle()),
-            slot,
-        };
-        if let Ok(mut g) = self.grants.lock() {
-            g.insert(lease, held);
-        }
-        rx
+        })
+        .abort_handle()
     }
 
     /// Acquires `weight` of semaphore `name`. The key is one of this client's slots
@@ -2361,6 +2449,8 @@ impl EtcdBackend {
             grants: Mutex::new(HashMap::new()),
             shut: AtomicBool::new(false),
             last_ack: Mutex::new(Instant::now()),
+            starter_idle: AtomicBool::new(false),
+            starter_wake: tokio::sync::Notify::new(),
         });
         let connect_for = options
             .connect_timeout
@@ -2383,13 +2473,19 @@ impl EtcdBackend {
             *t = Instant::now();
         }
         let keepalive = tokio::spawn(inner.clone().keep_alive());
-        Ok(EtcdBackend { inner, keepalive })
+        let watch_starter = tokio::spawn(inner.clone().start_watches());
+        Ok(EtcdBackend {
+            inner,
+            keepalive,
+            watch_starter,
+        })
     }
 }
 
 impl Drop for EtcdBackend {
     fn drop(&mut self) {
         self.keepalive.abort();
+        self.watch_starter.abort();
         if !self.inner.shut.swap(true, Ordering::SeqCst) {
             let inner = self.inner.clone();
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -2462,6 +2558,7 @@ impl Backend for EtcdBackend {
 
     fn shutdown(&self) -> BoxFuture<'_, Result<(), Error>> {
         self.keepalive.abort();
+        self.watch_starter.abort();
         Box::pin(self.inner.shutdown())
     }
 
