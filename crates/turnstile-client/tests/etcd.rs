@@ -573,6 +573,51 @@ async fn queue_key_names_stay_bounded_over_many_acquires() {
     );
 }
 
+/// A watch is a stream on the client's HTTP/2 connection; one that the client drops (a
+/// waiter that timed out, a holder's watch at release) is reset, and etcd ends it: no
+/// watcher is left in etcd (`etcd_debugging_mvcc_watcher_total`) once nothing waits or holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_watches_end_in_etcd() {
+    let etcd = Etcd::start();
+    let addr = etcd.members[0].client.clone();
+    let url = etcd.url("watches");
+    let watchers = || etcd_support::metric(&addr, "etcd_debugging_mvcc_watcher_total");
+    // etcd's metrics are read from outside: poll them, for at most PATIENCE.
+    let until = |what: &str, ok: &dyn Fn(f64) -> bool| {
+        let give_up = std::time::Instant::now() + PATIENCE;
+        loop {
+            let n = watchers().expect("etcd's watcher gauge");
+            if ok(n) {
+                return n;
+            }
+            assert!(std::time::Instant::now() < give_up, "{what}: {n} watchers");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    assert_eq!(watchers(), Some(0.0));
+    let a = Client::connect(&url).await.expect("connect");
+    let b = Client::connect(&url).await.expect("connect");
+    let held = a
+        .semaphore("m", 1)
+        .await
+        .expect("ensure")
+        .acquire()
+        .await
+        .expect("a holds");
+    // The holder watches its key a little after the grant.
+    until("the holder's watch", &|n| n >= 1.0);
+    let err = b
+        .semaphore("m", 1)
+        .await
+        .expect("ensure")
+        .acquire_timeout(Duration::from_millis(500))
+        .await
+        .expect_err("held by a");
+    assert!(matches!(err, turnstile_client::Error::TimedOut), "{err:?}");
+    held.release().await.expect("release");
+    until("after the release and the timed-out wait", &|n| n == 0.0);
+}
+
 /// A TCP proxy in front of one etcd member that records what its clients send, and can
 /// swallow the answer to the next acquire txn (the connection is then closed, as by a member
 /// that applied a request and died before answering).

@@ -1,6 +1,8 @@
 //! The etcd backend (`etcd://HOST:PORT,HOST2:PORT[/PREFIX]`): semaphores and run-once jobs
-//! kept in an etcd cluster, with no turnstile server. It speaks etcd's gRPC JSON gateway
-//! (`/v3/...` on the client port) through the small HTTP client in [`http`].
+//! kept in an etcd cluster, with no turnstile server. It speaks etcd's gRPC API (protobuf
+//! over HTTP/2, one connection per member) through [`grpc`], building and reading every
+//! request and answer in the JSON shapes of etcd's gRPC JSON gateway (`/v3/kv/txn`...),
+//! which [`pb`] translates to and from protobuf.
 //!
 //! # Layout (under `PREFIX/`, default `turnstile/`; names escaped so they hold no `/`)
 //! - `s/NAME/cap`: `{"capacity":N,"closed":bool,"held_to":REV}`, created once by a
@@ -310,7 +312,7 @@ fn tomb_of(key: &str) -> String {
     }
 }
 
-/// An int64 as the gateway writes it (a string; absent when zero).
+/// An int64 as protobuf's JSON mapping writes it (a string; absent when zero).
 fn num(v: &Value, field: &str) -> i64 {
     match v.get(field) {
         Some(Value::String(s)) => s.parse().unwrap_or(0),
@@ -1299,8 +1301,7 @@ impl Inner {
         };
         // Only the count of the queue, not its keys: when the new key is alone (the common,
         // uncontended case) it holds at once, and its create revision is the txn's own;
-        // etcd's JSON gateway spends much of a request's CPU time encoding key-values
-        // (BENCHMARKS.md).
+        // every key-value returned costs etcd CPU (BENCHMARKS.md).
         let mut count_queue = range_prefix(&queue);
         count_queue["count_only"] = json!(true);
         let mut conflicts = 0;
@@ -1318,11 +1319,12 @@ impl Inner {
             // From here the key may exist until it is withdrawn or granted.
             guard.key = Some(key.clone());
             let cached = self.cached_cap(name);
-            // The shortest JSON that says it: etcd's gateway decodes a request by
-            // reflection, field by field, and for the acquire that decoding cost etcd more
-            // than the rest of the txn (BENCHMARKS.md). Hence no failure branch (a failed
-            // compare is rare: a second request reads what is needed), and compares with
-            // protobuf's defaults left out (`result` EQUAL, a zero revision). The key-absent
+            // The smallest txn that says it (written when etcd's JSON gateway decoded each
+            // field by reflection, which cost etcd more than the rest of the txn; over gRPC
+            // a smaller message is still less for etcd to decode, BENCHMARKS.md). Hence no
+            // failure branch (a failed compare is rare: a second request reads what is
+            // needed), and compares with protobuf's defaults left out (`result` EQUAL, a
+            // zero revision). The key-absent
             // compare is implied by the tombstone's (every create moves it, and a slot is
             // reused only once its key is gone), and kept as a cheap second guard of the
             // token: a put over an existing key would keep its old create revision.
