@@ -63,7 +63,7 @@
 //! member answers in time.
 
 pub(crate) mod grpc;
-mod pb;
+pub(crate) mod pb;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
