@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Turnstile's etcd backend against etcd's own lock (the v3 Lock RPC that `etcdctl lock` uses),
 # on one etcd started here (free loopback port, data in a temp dir, stopped by PID), driven by
-# the same load generator through the same JSON gateway: ROUNDS interleaved rounds of
+# the same load generator over the same gRPC client (one HTTP/2 connection per bench client;
+# before session 6 both went through etcd's JSON gateway): ROUNDS interleaved rounds of
 # (etcd lock, turnstile uncontended) for 1 and 64 clients, then the median ratios. Beside
 # each figure: etcd's WAL fsyncs per pair (`etcd_disk_wal_fsync_duration_seconds_count` on
 # its /metrics) and etcd's CPU time per pair in ms (utime+stime from /proc/PID/stat), both

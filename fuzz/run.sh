@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-TARGETS=(frame wal_records wal_dir file_record config)
+TARGETS=(frame wal_records wal_dir file_record etcd_message config)
 host=$(rustc -vV | sed -n 's/^host: //p')
 export CARGO_TARGET_DIR="$PWD/target"
 bin="$CARGO_TARGET_DIR/$host/release"

@@ -1,6 +1,7 @@
 //! Writes the seed corpus (`fuzz/seeds/<target>/`) from what the code's own encoders produce:
 //! frames of every request and reply, log segments and snapshots written by `turnstile-wal`
-//! from core records, and the shared directory's files. (The config seeds are printed by
+//! from core records, the shared directory's files, and etcd messages as the etcd backend's
+//! codec encodes them. (The config seeds are printed by
 //! `turnstile serve --print-config`; see fuzz/run.sh.) Usage: `seed OUT_DIR`.
 
 use std::fs;
@@ -24,6 +25,10 @@ fn main() {
     wal(out);
     let dir = out.join("file_record");
     for (i, bytes) in turnstile_client::fuzzing::file_samples().iter().enumerate() {
+        write(&dir, &format!("sample-{i}"), bytes);
+    }
+    let dir = out.join("etcd_message");
+    for (i, bytes) in turnstile_client::fuzzing::etcd_samples().iter().enumerate() {
         write(&dir, &format!("sample-{i}"), bytes);
     }
 }

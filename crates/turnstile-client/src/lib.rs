@@ -52,6 +52,13 @@ mod job;
 mod tcp;
 mod tls;
 
+/// Raw calls to one etcd member over gRPC, with requests and answers in the JSON shapes of
+/// etcd's gRPC JSON gateway: what the etcd backend speaks, for `turnstile bench`'s etcd-lock
+/// peer (etcd's own Lock RPC on the same transport) and for tests that read the wire.
+pub mod etcd_rpc {
+    pub use crate::etcd::grpc::{decode_request, Channel};
+}
+
 /// Entry points for the fuzz harness (`fuzz/`), behind the `fuzzing` feature: not an API.
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
@@ -66,6 +73,17 @@ pub mod fuzzing {
     /// capacity file): the seeds of the fuzz corpus.
     pub fn file_samples() -> Vec<Vec<u8>> {
         crate::file::fuzz_samples()
+    }
+
+    /// Decodes `bytes` as every etcd message the etcd backend's protobuf codec knows; what
+    /// decodes must encode and decode again to the same JSON (panics if not).
+    pub fn etcd_messages(bytes: &[u8]) {
+        crate::etcd::pb::check_round_trips(bytes);
+    }
+
+    /// etcd messages as the codec encodes them: the seeds of the fuzz corpus.
+    pub fn etcd_samples() -> Vec<Vec<u8>> {
+        crate::etcd::pb::samples()
     }
 }
 

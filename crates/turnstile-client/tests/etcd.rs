@@ -573,6 +573,51 @@ async fn queue_key_names_stay_bounded_over_many_acquires() {
     );
 }
 
+/// A watch is a stream on the client's HTTP/2 connection; one that the client drops (a
+/// waiter that timed out, a holder's watch at release) is reset, and etcd ends it: no
+/// watcher is left in etcd (`etcd_debugging_mvcc_watcher_total`) once nothing waits or holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_watches_end_in_etcd() {
+    let etcd = Etcd::start();
+    let addr = etcd.members[0].client.clone();
+    let url = etcd.url("watches");
+    let watchers = || etcd_support::metric(&addr, "etcd_debugging_mvcc_watcher_total");
+    // etcd's metrics are read from outside: poll them, for at most PATIENCE.
+    let until = |what: &str, ok: &dyn Fn(f64) -> bool| {
+        let give_up = std::time::Instant::now() + PATIENCE;
+        loop {
+            let n = watchers().expect("etcd's watcher gauge");
+            if ok(n) {
+                return n;
+            }
+            assert!(std::time::Instant::now() < give_up, "{what}: {n} watchers");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    assert_eq!(watchers(), Some(0.0));
+    let a = Client::connect(&url).await.expect("connect");
+    let b = Client::connect(&url).await.expect("connect");
+    let held = a
+        .semaphore("m", 1)
+        .await
+        .expect("ensure")
+        .acquire()
+        .await
+        .expect("a holds");
+    // The holder watches its key a little after the grant.
+    until("the holder's watch", &|n| n >= 1.0);
+    let err = b
+        .semaphore("m", 1)
+        .await
+        .expect("ensure")
+        .acquire_timeout(Duration::from_millis(500))
+        .await
+        .expect_err("held by a");
+    assert!(matches!(err, turnstile_client::Error::TimedOut), "{err:?}");
+    held.release().await.expect("release");
+    until("after the release and the timed-out wait", &|n| n == 0.0);
+}
+
 /// A TCP proxy in front of one etcd member that records what its clients send, and can
 /// swallow the answer to the next acquire txn (the connection is then closed, as by a member
 /// that applied a request and died before answering).
@@ -624,9 +669,9 @@ impl Tee {
                         }
                         let acquire = {
                             let mut log = log.lock().expect("log");
-                            let seen = log[idx].len().saturating_sub(16);
+                            let before = acquires_in(&log[idx]).len();
                             log[idx].extend_from_slice(&buf[..n]);
-                            String::from_utf8_lossy(&log[idx][seen..]).contains("count_only")
+                            acquires_in(&log[idx]).len() > before
                         };
                         // Muted before the request is complete at the server, so its
                         // answer cannot slip through.
@@ -653,35 +698,57 @@ impl Tee {
         }
     }
 
-    /// The bodies of the acquire txns sent so far (the ones that count the queue).
+    /// The acquire txns sent so far (the ones that count the queue), as the gateway's JSON.
     fn acquire_txns(&self) -> Vec<serde_json::Value> {
         let log = self.sent.lock().expect("log");
-        let mut out = Vec::new();
-        for conn in log.iter() {
-            let text = String::from_utf8_lossy(conn);
-            let mut rest: &str = &text;
-            while let Some(at) = rest.find("POST ") {
-                rest = &rest[at..];
-                let Some((head, after)) = rest.split_once("\r\n\r\n") else {
-                    break;
-                };
-                let len = head
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length:")
-                            .map(|v| v.trim().parse::<usize>().unwrap_or(0))
-                    })
-                    .unwrap_or(0);
-                let body = &after[..len.min(after.len())];
-                if head.starts_with("POST /v3/kv/txn") && body.contains("count_only") {
-                    out.push(serde_json::from_str(body).expect("a JSON txn"));
+        log.iter().flat_map(|conn| acquires_in(conn)).collect()
+    }
+}
+
+/// The acquire txns (the ones that count the queue) among the gRPC messages a client sent on
+/// one HTTP/2 connection (`conn`: every byte it sent, from the connection preface on). The
+/// headers are HPACK-compressed, so a message is taken for a txn if it decodes as one.
+fn acquires_in(conn: &[u8]) -> Vec<serde_json::Value> {
+    const PREFACE: usize = 24;
+    let mut streams: std::collections::HashMap<u32, Vec<u8>> = Default::default();
+    let mut out = Vec::new();
+    let mut at = PREFACE;
+    // Frames: a 9-byte head (length 3, type, flags, stream id 4), then the payload.
+    while let Some(head) = conn.get(at..at + 9) {
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let (kind, flags) = (head[3], head[4]);
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let Some(mut payload) = conn.get(at + 9..at + 9 + len) else {
+            break;
+        };
+        at += 9 + len;
+        if kind != 0 {
+            continue; // not DATA
+        }
+        if flags & 0x8 != 0 {
+            // Padded: a pad length byte, then the data, then the padding.
+            let pad = payload.first().copied().unwrap_or(0) as usize;
+            payload = &payload[1.min(payload.len())..payload.len().saturating_sub(pad)];
+        }
+        let data = streams.entry(stream).or_default();
+        data.extend_from_slice(payload);
+        // gRPC messages: a compressed flag, a 4-byte length, the message.
+        while data.len() >= 5 {
+            let n = u32::from_be_bytes([data[1], data[2], data[3], data[4]]) as usize;
+            if data.len() < 5 + n {
+                break;
+            }
+            let message: Vec<u8> = data.drain(..5 + n).skip(5).collect();
+            if let Some(txn) =
+                turnstile_client::etcd_rpc::decode_request("/etcdserverpb.KV/Txn", &message)
+            {
+                if txn.to_string().contains("count_only") {
+                    out.push(txn);
                 }
-                rest = &after[len.min(after.len())..];
             }
         }
-        out
     }
+    out
 }
 
 /// A copy of an acquire's create txn that etcd applies late (sent to a member that hung, and

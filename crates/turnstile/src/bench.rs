@@ -30,9 +30,9 @@ pub enum Scenario {
     /// The lock pair on a Redis server (`--redis`): `SET bench-r-I 1 NX PX 10000`, `DEL`.
     Redis,
     /// etcd's own lock on the etcd of `--url etcd://HOST:PORT`: the v3 Lock RPC (what
-    /// `etcdctl lock` uses), `/v3/lock/lock` then `/v3/lock/unlock` on a name per client
-    /// (`bench-l-I`), through the same JSON gateway and the same kind of HTTP/1.1 requests
-    /// as the etcd backend, under a lease granted once per client.
+    /// `etcdctl lock` uses), `Lock` then `Unlock` on a name per client (`bench-l-I`), over
+    /// gRPC with the etcd backend's own client (one HTTP/2 connection per bench client, as
+    /// the backend has), under a lease granted once per client.
     EtcdLock,
     /// `--clients` idle sessions that only keep alive (no acquires) for `--duration`; reports
     /// the coordinator's CPU time over that time (it must be a child of the bench, no --url).
@@ -704,8 +704,11 @@ async fn redis(args: &BenchArgs, start: Start) -> anyhow::Result<Outcome> {
 }
 
 /// The etcd peer: each client grants a lease, then loops lock/unlock of its own name with the
-/// v3 Lock RPC through etcd's JSON gateway, timing the pair as the other scenarios do.
+/// v3 Lock RPC over its own gRPC connection (the etcd backend's client), timing the pair as
+/// the other scenarios do.
 async fn etcd_lock(args: &BenchArgs, start: Start) -> anyhow::Result<Outcome> {
+    use serde_json::json;
+    use turnstile_client::etcd_rpc::Channel;
     let url = args
         .url
         .as_deref()
@@ -715,45 +718,43 @@ async fn etcd_lock(args: &BenchArgs, start: Start) -> anyhow::Result<Outcome> {
     let errors = Arc::new(AtomicU64::new(0));
     let mut locks = Vec::with_capacity(args.clients);
     for i in 0..args.clients {
-        let mut conn = None;
-        let granted = etcd_post(&mut conn, &addr, "/v3/lease/grant", r#"{"TTL":"30"}"#)
+        let channel = Channel::connect(&addr)
+            .await
+            .with_context(|| format!("connecting to etcd at {addr}"))?;
+        let granted = channel
+            .call("/v3/lease/grant", &json!({"TTL": "30"}))
             .await
             .with_context(|| format!("granting a lease on etcd at {addr}"))?;
         let lease = granted["ID"].as_str().unwrap_or("0").to_owned();
-        let lock = format!(
-            r#"{{"name":"{}","lease":"{lease}"}}"#,
-            ascii_base64(&format!("bench-l-{i}"))
-        );
-        locks.push((lease, lock, conn));
+        let lock = json!({"name": ascii_base64(&format!("bench-l-{i}")), "lease": lease});
+        locks.push((lease, lock, channel));
     }
     let window = start.window();
     let mut tasks = tokio::task::JoinSet::new();
-    for (lease, lock, conn) in locks {
+    for (lease, lock, channel) in locks {
         let errors = errors.clone();
-        let addr = addr.clone();
         tasks.spawn(async move {
-            let (mut conn, n, lat) = window
-                .drive(conn, &errors, |mut conn| {
-                    let (addr, lock) = (addr.clone(), lock.clone());
+            let (channel, n, lat) = window
+                .drive(channel, &errors, |channel| {
+                    let lock = lock.clone();
                     async move {
-                        let ok = match etcd_post(&mut conn, &addr, "/v3/lock/lock", &lock).await {
-                            Ok(v) => match v["key"].as_str() {
-                                Some(key) => {
-                                    let unlock = format!(r#"{{"key":"{key}"}}"#);
-                                    etcd_post(&mut conn, &addr, "/v3/lock/unlock", &unlock)
-                                        .await
-                                        .is_ok()
-                                }
+                        let ok = match channel.call("/v3/lock/lock", &lock).await {
+                            Ok(v) => match v.get("key") {
+                                Some(key) => channel
+                                    .call("/v3/lock/unlock", &json!({ "key": key }))
+                                    .await
+                                    .is_ok(),
                                 None => false,
                             },
                             Err(_) => false,
                         };
-                        (conn, Some(ok))
+                        (channel, Some(ok))
                     }
                 })
                 .await;
-            let revoke = format!(r#"{{"ID":"{lease}"}}"#);
-            let _ = etcd_post(&mut conn, &addr, "/v3/lease/revoke", &revoke).await;
+            let _ = channel
+                .call("/v3/lease/revoke", &json!({ "ID": lease }))
+                .await;
             (n, lat)
         });
     }
@@ -762,71 +763,7 @@ async fn etcd_lock(args: &BenchArgs, start: Start) -> anyhow::Result<Outcome> {
     Ok(outcome)
 }
 
-/// One POST to etcd's JSON gateway on the client's kept-alive connection `conn` (opened on
-/// first use, and again after an error), as the etcd backend's connection pool sends them and
-/// as etcd's own clients keep one gRPC connection open; the JSON answer.
-async fn etcd_post(
-    conn: &mut Option<tokio::io::BufReader<tokio::net::TcpStream>>,
-    addr: &str,
-    path: &str,
-    body: &str,
-) -> anyhow::Result<serde_json::Value> {
-    let answer = etcd_exchange(conn, addr, path, body).await;
-    if answer.is_err() {
-        *conn = None;
-    }
-    answer
-}
-
-async fn etcd_exchange(
-    conn: &mut Option<tokio::io::BufReader<tokio::net::TcpStream>>,
-    addr: &str,
-    path: &str,
-    body: &str,
-) -> anyhow::Result<serde_json::Value> {
-    use tokio::io::AsyncBufReadExt;
-    let c = match conn {
-        Some(c) => c,
-        None => {
-            let s = tokio::net::TcpStream::connect(addr).await?;
-            s.set_nodelay(true)?;
-            conn.insert(tokio::io::BufReader::new(s))
-        }
-    };
-    let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    c.get_mut().write_all(req.as_bytes()).await?;
-    let mut line = String::new();
-    c.read_line(&mut line).await?;
-    anyhow::ensure!(line.starts_with("HTTP/1.1 200"), "etcd answered {line:?}");
-    let mut length = None;
-    loop {
-        line.clear();
-        anyhow::ensure!(
-            c.read_line(&mut line).await? > 0,
-            "etcd closed the connection"
-        );
-        let l = line.trim_end();
-        if l.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = l.split_once(':') {
-            if k.eq_ignore_ascii_case("content-length") {
-                length = v.trim().parse::<usize>().ok();
-            }
-        }
-    }
-    // etcd's gateway answers unary calls with a length, not chunked.
-    let length = length.context("an answer without Content-Length")?;
-    anyhow::ensure!(length <= 1 << 20, "an answer of {length} bytes");
-    let mut out = vec![0; length];
-    c.read_exact(&mut out).await?;
-    Ok(serde_json::from_slice(&out)?)
-}
-
-/// Standard base64 of an ASCII name, as etcd's JSON gateway takes `bytes`.
+/// Standard base64 of an ASCII name, as the JSON mapping of etcd's messages takes `bytes`.
 fn ascii_base64(text: &str) -> String {
     const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();

@@ -1,6 +1,8 @@
 //! The etcd backend (`etcd://HOST:PORT,HOST2:PORT[/PREFIX]`): semaphores and run-once jobs
-//! kept in an etcd cluster, with no turnstile server. It speaks etcd's gRPC JSON gateway
-//! (`/v3/...` on the client port) through the small HTTP client in [`http`].
+//! kept in an etcd cluster, with no turnstile server. It speaks etcd's gRPC API (protobuf
+//! over HTTP/2, one connection per member) through [`grpc`], building and reading every
+//! request and answer in the JSON shapes of etcd's gRPC JSON gateway (`/v3/kv/txn`...),
+//! which [`pb`] translates to and from protobuf.
 //!
 //! # Layout (under `PREFIX/`, default `turnstile/`; names escaped so they hold no `/`)
 //! - `s/NAME/cap`: `{"capacity":N,"closed":bool,"held_to":REV}`, created once by a
@@ -60,7 +62,8 @@
 //! deadline, fails over between the endpoints, and ends in [`Error::Unavailable`] when no
 //! member answers in time.
 
-mod http;
+pub(crate) mod grpc;
+pub(crate) mod pb;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
@@ -76,7 +79,8 @@ use turnstile_proto::{
     SemaphoreStatus, StatusDoc, WaiterStatus,
 };
 
-use self::http::{b64, unb64, Fault, Stream};
+use self::grpc::Stream;
+use self::pb::{b64, unb64};
 use crate::backend::{BoxFuture, Grant, JobBegin, JobEnd};
 use crate::{Backend, Error, GroupSummary, JobCompletion, JobRunner, LostReason, Options};
 
@@ -89,8 +93,13 @@ const ATTEMPT: Duration = Duration::from_secs(2);
 /// A watch that has said nothing for this long is re-opened (it may sit on a hung member).
 const WATCH_QUIET: Duration = Duration::from_secs(3);
 /// How long after a grant its holder starts watching its key (for a close, or the end of
-/// its lease noticed by another client): see [`Inner::hold`].
+/// its lease noticed by another client): see [`Inner::hold`]. The watches are started by
+/// [`Inner::start_watches`], which looks every half of this, so a watch starts between one
+/// and one and a half of it after its grant.
 const HOLDER_WATCH_DELAY: Duration = Duration::from_millis(200);
+/// How long [`Inner::start_watches`] goes on looking with no grant held before it sleeps
+/// until the next grant.
+const WATCH_STARTER_IDLE: Duration = Duration::from_secs(5);
 /// How many semaphores a client keeps slots and a cached capacity for before it forgets the
 /// idle ones (see [`Inner::free_slot`]).
 const MAX_CACHED_SEMAPHORES: usize = 1024;
@@ -303,7 +312,7 @@ fn tomb_of(key: &str) -> String {
     }
 }
 
-/// An int64 as the gateway writes it (a string; absent when zero).
+/// An int64 as protobuf's JSON mapping writes it (a string; absent when zero).
 fn num(v: &Value, field: &str) -> i64 {
     match v.get(field) {
         Some(Value::String(s)) => s.parse().unwrap_or(0),
@@ -440,7 +449,7 @@ struct Etcd {
     label: String,
     last_ok: Mutex<Instant>,
     /// Kept-alive connections for unary requests.
-    pool: http::Pool,
+    pool: grpc::Pool,
 }
 
 impl Etcd {
@@ -492,10 +501,7 @@ impl Etcd {
                     if let Ok(mut t) = self.last_ok.lock() {
                         *t = Instant::now();
                     }
-                    let message = match f {
-                        Fault::Status { message, .. } => message,
-                        Fault::Io(e) => e.to_string(),
-                    };
+                    let message = f.message();
                     return Err(Error::Protocol(format!("etcd at {addr}: {message}")));
                 }
                 Ok(Err(f)) => {
@@ -524,8 +530,22 @@ struct Held {
     token: u64,
     lost: watch::Sender<Option<LostReason>>,
     watcher: Option<AbortHandle>,
+    /// The watch of the key, not started yet: see [`Inner::hold`].
+    pending: Option<PendingWatch>,
     /// A semaphore grant's key name, free for the next acquire once the key is gone.
     slot: Option<Slot>,
+}
+
+/// A holder's watch of its key, to be started [`HOLDER_WATCH_DELAY`] after the grant.
+struct PendingWatch {
+    /// The semaphore's cap key (none for a job).
+    cap: Option<String>,
+    /// The revision to watch from (the grant's).
+    from: i64,
+    /// The etcd lease the key is bound to.
+    etcd_lease: i64,
+    /// When the grant was made.
+    granted: Instant,
 }
 
 /// One of this client's key names in a semaphore's queue: `s/NAME/q/ETCDLEASE.N`, with its
@@ -584,12 +604,17 @@ struct Inner {
     sems: Mutex<HashMap<String, SemCache>>,
     shut: AtomicBool,
     last_ack: Mutex<Instant>,
+    /// Set by [`Inner::start_watches`] when it sleeps until the next grant.
+    starter_idle: AtomicBool,
+    /// Wakes [`Inner::start_watches`] from that sleep.
+    starter_wake: tokio::sync::Notify,
 }
 
 /// The etcd backend.
 pub(crate) struct EtcdBackend {
     inner: Arc<Inner>,
     keepalive: JoinHandle<()>,
+    watch_starter: JoinHandle<()>,
 }
 
 /// Withdraws a queued key if the acquire that made it is dropped or gives up. A withdrawal
@@ -963,7 +988,12 @@ impl Inner {
                 }
                 attempt = attempt.min(left);
             }
-            match tokio::time::timeout(attempt, Stream::open(addr, "/v3/watch", &body)).await {
+            match tokio::time::timeout(
+                attempt,
+                Stream::open(&self.etcd.pool, addr, "/v3/watch", &body),
+            )
+            .await
+            {
                 Ok(Ok(s)) => return Ok(s),
                 Ok(Err(f)) if !f.retryable() => {
                     return Err(WaitEnd::Failed(Error::Protocol(format!(
@@ -1107,8 +1137,8 @@ impl Inner {
         Ok(from)
     }
 
-    /// Registers a grant and starts watching its key, so that its holder hears of a close or
-    /// of the lease's end.
+    /// Registers a grant; its key is watched from [`HOLDER_WATCH_DELAY`] after it (see
+    /// [`Inner::start_watches`]), so that its holder hears of a close or of the lease's end.
     #[allow(clippy::too_many_arguments)]
     fn hold(
         self: &Arc<Self>,
@@ -1121,13 +1151,88 @@ impl Inner {
         slot: Option<Slot>,
     ) -> watch::Receiver<Option<LostReason>> {
         let (tx, rx) = watch::channel(None);
+        // The watch is started later by `start_watches`: a watch replays from `from`, so
+        // opening it late misses nothing; most holds are short and end before it, and then
+        // cost no watch at all, and no task either (a task spawned and aborted per grant
+        // woke the runtime's other worker twice per pair).
+        let held = Held {
+            key,
+            job,
+            token,
+            lost: tx,
+            watcher: None,
+            pending: Some(PendingWatch {
+                cap,
+                from,
+                etcd_lease: self.lease.load(Ordering::SeqCst),
+                granted: Instant::now(),
+            }),
+            slot,
+        };
+        if let Ok(mut g) = self.grants.lock() {
+            g.insert(lease, held);
+        }
+        if self.starter_idle.swap(false, Ordering::SeqCst) {
+            self.starter_wake.notify_one();
+        }
+        rx
+    }
+
+    /// Starts the watches of the grants held for [`HOLDER_WATCH_DELAY`], looking every half
+    /// of it; sleeps until the next grant after [`WATCH_STARTER_IDLE`] without any.
+    async fn start_watches(self: Arc<Self>) {
+        let tick = HOLDER_WATCH_DELAY / 2;
+        let mut last_busy = Instant::now();
+        loop {
+            tokio::time::sleep(tick).await;
+            let now = Instant::now();
+            let empty = match self.grants.lock() {
+                Ok(mut grants) => {
+                    for (&lease, h) in grants.iter_mut() {
+                        if h.pending
+                            .as_ref()
+                            .is_some_and(|p| now >= p.granted + HOLDER_WATCH_DELAY)
+                        {
+                            if let Some(p) = h.pending.take() {
+                                h.watcher = Some(self.watch_held(lease, h.key.clone(), p));
+                            }
+                        }
+                    }
+                    grants.is_empty()
+                }
+                Err(_) => return,
+            };
+            if !empty {
+                last_busy = now;
+                continue;
+            }
+            if now.duration_since(last_busy) < WATCH_STARTER_IDLE {
+                continue;
+            }
+            // Idle: sleep until `hold` wakes us. A grant made between the look above and
+            // the flag is seen by the look below; one made after it sees the flag.
+            self.starter_idle.store(true, Ordering::SeqCst);
+            let any = self.grants.lock().map(|g| !g.is_empty()).unwrap_or(false);
+            if any {
+                self.starter_idle.store(false, Ordering::SeqCst);
+            } else {
+                self.starter_wake.notified().await;
+            }
+            last_busy = Instant::now();
+        }
+    }
+
+    /// Watches a holder's key (from the grant's revision) for its deletion: a close, a
+    /// revoke, or its lease's end noticed by etcd; then the grant is lost.
+    fn watch_held(self: &Arc<Self>, lease: u64, wkey: String, p: PendingWatch) -> AbortHandle {
         let inner = self.clone();
-        let (wkey, wcap) = (key.clone(), cap.clone());
-        let etcd_lease = self.lease.load(Ordering::SeqCst);
-        let task = tokio::spawn(async move {
-            // A watch replays from `from`, so opening it late misses nothing; most holds
-            // are short and end before it, and then cost no watch at all.
-            tokio::time::sleep(HOLDER_WATCH_DELAY).await;
+        let PendingWatch {
+            cap: wcap,
+            from,
+            etcd_lease,
+            ..
+        } = p;
+        tokio::spawn(async move {
             let mut from = from;
             loop {
                 let Ok(mut s) = inner.open_watch(&wkey, false, from, true, None).await else {
@@ -1165,19 +1270,8 @@ impl Inner {
                     }
                 }
             }
-        });
-        let held = Held {
-            key,
-            job,
-            token,
-            lost: tx,
-            watcher: Some(task.abort_handle()),
-            slot,
-        };
-        if let Ok(mut g) = self.grants.lock() {
-            g.insert(lease, held);
-        }
-        rx
+        })
+        .abort_handle()
     }
 
     /// Acquires `weight` of semaphore `name`. The key is one of this client's slots
@@ -1207,8 +1301,7 @@ impl Inner {
         };
         // Only the count of the queue, not its keys: when the new key is alone (the common,
         // uncontended case) it holds at once, and its create revision is the txn's own;
-        // etcd's JSON gateway spends much of a request's CPU time encoding key-values
-        // (BENCHMARKS.md).
+        // every key-value returned costs etcd CPU (BENCHMARKS.md).
         let mut count_queue = range_prefix(&queue);
         count_queue["count_only"] = json!(true);
         let mut conflicts = 0;
@@ -1226,11 +1319,12 @@ impl Inner {
             // From here the key may exist until it is withdrawn or granted.
             guard.key = Some(key.clone());
             let cached = self.cached_cap(name);
-            // The shortest JSON that says it: etcd's gateway decodes a request by
-            // reflection, field by field, and for the acquire that decoding cost etcd more
-            // than the rest of the txn (BENCHMARKS.md). Hence no failure branch (a failed
-            // compare is rare: a second request reads what is needed), and compares with
-            // protobuf's defaults left out (`result` EQUAL, a zero revision). The key-absent
+            // The smallest txn that says it (written when etcd's JSON gateway decoded each
+            // field by reflection, which cost etcd more than the rest of the txn; over gRPC
+            // a smaller message is still less for etcd to decode, BENCHMARKS.md). Hence no
+            // failure branch (a failed compare is rare: a second request reads what is
+            // needed), and compares with protobuf's defaults left out (`result` EQUAL, a
+            // zero revision). The key-absent
             // compare is implied by the tombstone's (every create moves it, and a slot is
             // reused only once its key is gone), and kept as a cheap second guard of the
             // token: a put over an existing key would keep its old create revision.
@@ -2345,7 +2439,7 @@ impl EtcdBackend {
                 current: AtomicUsize::new(0),
                 label: label.clone(),
                 last_ok: Mutex::new(Instant::now()),
-                pool: http::Pool::new(),
+                pool: grpc::Pool::new(),
             },
             prefix: url.prefix,
             session: options.session_id.unwrap_or_else(crate::new_session_id),
@@ -2357,6 +2451,8 @@ impl EtcdBackend {
             grants: Mutex::new(HashMap::new()),
             shut: AtomicBool::new(false),
             last_ack: Mutex::new(Instant::now()),
+            starter_idle: AtomicBool::new(false),
+            starter_wake: tokio::sync::Notify::new(),
         });
         let connect_for = options
             .connect_timeout
@@ -2379,13 +2475,19 @@ impl EtcdBackend {
             *t = Instant::now();
         }
         let keepalive = tokio::spawn(inner.clone().keep_alive());
-        Ok(EtcdBackend { inner, keepalive })
+        let watch_starter = tokio::spawn(inner.clone().start_watches());
+        Ok(EtcdBackend {
+            inner,
+            keepalive,
+            watch_starter,
+        })
     }
 }
 
 impl Drop for EtcdBackend {
     fn drop(&mut self) {
         self.keepalive.abort();
+        self.watch_starter.abort();
         if !self.inner.shut.swap(true, Ordering::SeqCst) {
             let inner = self.inner.clone();
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -2458,6 +2560,7 @@ impl Backend for EtcdBackend {
 
     fn shutdown(&self) -> BoxFuture<'_, Result<(), Error>> {
         self.keepalive.abort();
+        self.watch_starter.abort();
         Box::pin(self.inner.shutdown())
     }
 

@@ -235,6 +235,13 @@ fn http_get(addr: &str, path: &str) -> Option<String> {
     )
 }
 
+/// The value of metric `name` (a line `name VALUE` of `/metrics`) on member `addr`.
+pub fn metric(addr: &str, name: &str) -> Option<f64> {
+    let text = http_get(addr, "/metrics")?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 /// A POST with a JSON body; the response body.
 pub fn http_post(addr: &str, path: &str, body: &str) -> Option<String> {
     request(
