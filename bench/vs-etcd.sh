@@ -15,6 +15,11 @@
 #   bash bench/vs-etcd.sh
 #   ROUNDS=5 DURATION=5s SUSTAIN=60s bash bench/vs-etcd.sh
 #   TURNSTILE_BIN=/tmp/old/turnstile bash bench/vs-etcd.sh
+#   RELEASE=drop bash bench/vs-etcd.sh    # turnstile's permits dropped (see below)
+#
+# By default turnstile's pair waits for the release's answer, as the lock peer waits for its
+# Unlock. RELEASE=drop drops the permit instead, as Rust code that lets a permit go out of
+# scope does: the release goes out in the background, beside the next acquire.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v etcd >/dev/null || { echo "etcd is missing: apt-get install -y etcd-server" >&2; exit 1; }
@@ -24,6 +29,7 @@ T=${TURNSTILE_BIN:-target/release/turnstile}
 ROUNDS=${ROUNDS:-3}
 D=${DURATION:-4s}
 SUSTAIN=${SUSTAIN:-30s}
+RELEASE=${RELEASE:-wait}
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 CP=$(port) PP=$(port)
@@ -45,7 +51,7 @@ secs=$(awk -v d="${D%s}" 'BEGIN { print d + 1 }') # warm-up 1 s + duration
 run() {
   local f0 c0 r
   f0=$(fsyncs) c0=$(cpu_ticks)
-  r=$("$T" bench "${common[@]}" --scenario "$1" | rate)
+  r=$("$T" bench "${common[@]}" "${@:2}" --scenario "$1" | rate)
   awk -v r="$r" -v f="$(($(fsyncs) - f0))" -v c="$(($(cpu_ticks) - c0))" -v s="$secs" -v hz="$(getconf CLK_TCK)" \
     'BEGIN { n = r * s; printf "%s %.2f %.2f", r, f / n, c * 1000 / hz / n }'
 }
@@ -57,7 +63,7 @@ rounds() {
     "fsyncs/pair, etcd CPU ms/pair (lock | turnstile)"
   for r in $(seq "$ROUNDS"); do
     read -r lock lf lc <<<"$(run etcd-lock)"
-    read -r ours of oc <<<"$(run uncontended)"
+    read -r ours of oc <<<"$(run uncontended --release "$RELEASE")"
     q=$(awk -v a="$ours" -v b="$lock" 'BEGIN { printf "%.2f", a / b }')
     ratios+=("$q")
     printf '%-6s %8s %10.0f %12.0f %7sx   %s %s | %s %s\n' "$r" "$clients" "$lock" "$ours" "$q" "$lf" "$lc" "$of" "$oc"
@@ -70,7 +76,7 @@ for clients in 1 64; do
 done
 clients=1
 common=(--json --duration "$SUSTAIN" --warmup 0s --clients 1 --url "$URL")
-ours=$("$T" bench "${common[@]}" --scenario uncontended | rate)
+ours=$("$T" bench "${common[@]}" --release "$RELEASE" --scenario uncontended | rate)
 lock=$("$T" bench "${common[@]}" --scenario etcd-lock | rate)
 printf 'sustained load, 1 client, %s each on the same etcd: etcd-lock %.0f, turnstile %.0f pairs/s\n' "$SUSTAIN" "$lock" "$ours"
 common=(--json --duration "$D" --warmup 1s --clients 1 --url "$URL")
