@@ -63,28 +63,6 @@ fn library_callers_share_connections_and_the_server_pid_is_measured() {
 }
 
 #[test]
-fn raw_callers_pipeline_on_shared_connections_of_a_started_coordinator() {
-    // Contended: callers of one connection queue behind each other on 2 semaphores of
-    // capacity 1, so replies come back out of order and must be matched by request id.
-    let v = bench(&[
-        "--client",
-        "raw",
-        "--scenario",
-        "contended",
-        "--semaphores",
-        "2",
-        "--capacity",
-        "1",
-        "--connections",
-        "2",
-        "--clients",
-        "8",
-    ]);
-    assert_report(&v, true);
-    assert_eq!(v["scenario"], "contended/inmemory/raw", "{v}");
-}
-
-#[test]
 fn without_a_server_pid_a_remote_coordinator_is_not_measured() {
     let server = Server::start("10s");
     let v = bench(&[
@@ -111,14 +89,17 @@ fn connections_are_refused_where_they_mean_nothing() {
     assert!(stderr.contains("--connections"), "{stderr}");
 }
 
-/// `--release drop` and `send`: the library drops its permits (or sends releases without
-/// waiting) and the bare client writes each release with the next acquire, on contended
-/// semaphores, so a release still in flight must be handled before the acquire behind it:
-/// every pair completes with no refusal (a lease id reused too early, or an acquire queued
-/// behind its caller's own released lease, would show as errors or a stall).
+/// Contended: the callers of one connection queue behind each other on 2 semaphores of
+/// capacity 1 (on a coordinator the bench starts), so replies come back out of order and must
+/// be matched by request id. With `--release drop` and `send` the library drops its permits
+/// (or sends releases without waiting) and the bare client writes each release with the next
+/// acquire, so a release still in flight must be handled before the acquire behind it: every
+/// pair completes with no refusal (a lease id reused too early, or an acquire queued behind
+/// its caller's own released lease, would show as errors or a stall).
 #[test]
-fn pipelined_releases_complete_every_pair() {
+fn pipelined_callers_complete_every_pair() {
     for (client, release, label) in [
+        ("raw", "wait", "contended/inmemory/raw"),
         ("library", "drop", "contended/inmemory/release-drop"),
         ("library", "send", "contended/inmemory/release-send"),
         ("raw", "drop", "contended/inmemory/raw/pipelined"),
