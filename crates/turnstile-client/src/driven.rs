@@ -29,10 +29,10 @@
 //! halt, and waking a halted CPU for the answer costs tens of microseconds, more than the
 //! round trip itself: one Python thread's acquire+release pair took 65–73 µs with the
 //! machine idle, 15–26 µs when both CPUs happened to be awake. So a caller first polls for its
-//! answer for up to [`SPIN`], yielding the CPU to any other runnable thread between polls; if
+//! answer for up to `SPIN` (20 µs), yielding the CPU to any other runnable thread between polls; if
 //! another thread did run (the CPUs are busy, and a sleep costs no wake-up from idle) or the
 //! answer did not come in time, it sleeps as before, and the next calls skip the spin for a
-//! while ([`Spin`]: 1, 2, 4... up to [`MAX_SKIP`] calls), so a wait that spinning does not
+//! while (`Spin`: 1, 2, 4... up to `MAX_SKIP` calls), so a wait that spinning does not
 //! shorten costs at most a few microseconds of CPU per call on average.
 //!
 //! # Invariants
