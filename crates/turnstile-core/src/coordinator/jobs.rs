@@ -297,7 +297,7 @@ impl Coordinator {
         let (lock, token) = match self.leases.get(&key) {
             Some(lease) if is_lock_name(&lease.semaphore) => match lease.state {
                 LeaseState::Held { token, .. } => (lease.semaphore.clone(), token),
-                LeaseState::Queued { .. } => return Err(Error::UnknownLease(key.1)),
+                LeaseState::Queued(_) => return Err(Error::UnknownLease(key.1)),
             },
             _ => return Err(Error::UnknownLease(key.1)),
         };
