@@ -1550,10 +1550,13 @@ impl Coordinator {
                 next_token: self.token_floor,
             });
         }
+        // In name order, here and for the grants below: a snapshot is a function of the state
+        // alone, never of the hash map's iteration order (which differs between two cores
+        // holding the same state, so their snapshots would not compare equal).
         let mut names: Vec<&Arc<str>> = self.semaphores.keys().collect();
         names.sort();
-        for name in names {
-            let s = &self.semaphores[name];
+        for name in &names {
+            let s = &self.semaphores[*name];
             out.push(Record::Semaphore {
                 name: s.name.clone(),
                 capacity: s.capacity,
@@ -1570,7 +1573,8 @@ impl Coordinator {
                 client: s.client.clone(),
             });
         }
-        for s in self.semaphores.values() {
+        for name in &names {
+            let s = &self.semaphores[*name];
             for (token, key) in &s.holders {
                 if let Some(lease) = self.leases.get(key) {
                     out.push(Record::Granted {
