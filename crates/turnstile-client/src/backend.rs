@@ -6,10 +6,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use tokio::sync::watch;
 use turnstile_proto::StatusDoc;
 
-use crate::{Error, GroupSummary, JobCompletion, JobRunner, LostReason};
+use crate::{Error, GroupSummary, JobCompletion, JobRunner};
 
 /// A boxed future, so that the trait can be used as `dyn Backend`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -22,7 +21,7 @@ pub struct Grant {
     /// The fencing token.
     pub token: u64,
     /// Becomes `Some(reason)` when the lease is lost.
-    pub lost: watch::Receiver<Option<LostReason>>,
+    pub lost: crate::lost::LostReceiver,
 }
 
 /// How an attempt at a run-once job began, as a backend hands it to the client layer.

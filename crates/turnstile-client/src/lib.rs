@@ -49,6 +49,7 @@ pub mod driven;
 mod etcd;
 mod file;
 mod job;
+pub mod lost;
 mod tcp;
 mod tls;
 
@@ -91,7 +92,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use crate::lost::LostReceiver;
 pub use turnstile_proto::{
     CompletionStatus, ErrorCode, GroupStatus, HolderStatus, JobStatus, RunningStatus,
     SemaphoreStatus, StatusDoc, WaitSummary, WaiterStatus,
@@ -547,7 +548,7 @@ pub struct Permit {
     lease: u64,
     token: u64,
     weight: u32,
-    lost: watch::Receiver<Option<LostReason>>,
+    lost: LostReceiver,
     released: bool,
 }
 
@@ -581,7 +582,7 @@ impl Permit {
 
     /// Why the lease was lost, if it was.
     pub fn lost_reason(&self) -> Option<LostReason> {
-        *self.lost.borrow()
+        self.lost.reason()
     }
 
     /// A handle on this lease's loss that outlives the permit and can be cloned, moved to
@@ -594,16 +595,8 @@ impl Permit {
 
     /// Waits until the lease is lost and says why. Pending forever while the lease is held.
     pub async fn lost(&self) -> LostReason {
-        let mut rx = self.lost.clone();
-        loop {
-            if let Some(reason) = *rx.borrow_and_update() {
-                return reason;
-            }
-            if rx.changed().await.is_err() {
-                // The backend is gone: without it nobody keeps the lease alive.
-                return LostReason::Unreachable;
-            }
-        }
+        // `None`: the backend is gone, and without it nobody keeps the lease alive.
+        self.lost.wait().await.unwrap_or(LostReason::Unreachable)
     }
 
     /// Releases the permit and waits for the backend to confirm. On the coordinator, a release
@@ -649,13 +642,13 @@ impl Permit {
 /// waiting on it costs nothing until then; there is nothing to poll.
 #[derive(Clone, Debug)]
 pub struct LostSignal {
-    rx: watch::Receiver<Option<LostReason>>,
+    rx: LostReceiver,
 }
 
 impl LostSignal {
     /// Why the lease was lost, if it was.
     pub fn reason(&self) -> Option<LostReason> {
-        *self.rx.borrow()
+        self.rx.reason()
     }
 
     /// Whether the lease was lost.
@@ -667,16 +660,8 @@ impl LostSignal {
     /// the lease was released (or its job finished), or the client was shut down or dropped.
     /// Pending while the lease is held.
     pub async fn wait(&self) -> Option<LostReason> {
-        let mut rx = self.rx.clone();
-        loop {
-            if let Some(reason) = *rx.borrow_and_update() {
-                return Some(reason);
-            }
-            if rx.changed().await.is_err() {
-                // The sender went with the lease's end; a loss sent just before stays visible.
-                return *rx.borrow();
-            }
-        }
+        // The sender goes with the lease's end; a loss sent just before stays visible.
+        self.rx.wait().await
     }
 }
 

@@ -207,8 +207,8 @@ impl Inner {
         token: u64,
         from: i64,
         slot: Option<Slot>,
-    ) -> watch::Receiver<Option<LostReason>> {
-        let (tx, rx) = watch::channel(None);
+    ) -> crate::lost::LostReceiver {
+        let (tx, rx) = crate::lost::channel();
         // The watch is started later by `start_watches`: a watch replays from `from`, so
         // opening it late misses nothing; most holds are short and end before it, and then
         // cost no watch at all, and no task either (a task spawned and aborted per grant

@@ -74,8 +74,8 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::lost::LostSender;
 use serde_json::{json, Value};
-use tokio::sync::watch;
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::Instant;
 use turnstile_proto::{
@@ -239,7 +239,7 @@ struct Held {
     /// The job, for a job's attempt.
     job: Option<String>,
     token: u64,
-    lost: watch::Sender<Option<LostReason>>,
+    lost: LostSender,
     watcher: Option<AbortHandle>,
     /// The watch of the key, not started yet: see [`Inner::hold`].
     pending: Option<PendingWatch>,
@@ -625,7 +625,7 @@ impl Inner {
     fn lose(&self, lease: u64, reason: LostReason) {
         let held = self.grants.lock().ok().and_then(|mut g| g.remove(&lease));
         if let Some(h) = held {
-            let _ = h.lost.send(Some(reason));
+            h.lost.send(reason);
             if let Some(w) = h.watcher {
                 w.abort();
             }

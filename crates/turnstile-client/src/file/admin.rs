@@ -189,7 +189,7 @@ impl Inner {
             .collect();
         for lease in ours {
             if let Some(h) = held.remove(&lease) {
-                let _ = h.lost.send(Some(LostReason::Closed));
+                h.lost.send(LostReason::Closed);
             }
         }
         Ok(())
@@ -401,7 +401,7 @@ impl Inner {
         // A lease of this very client: tell its permit now.
         if let Some(h) = lock(&self.held).remove(&lease) {
             if h.sem_dir == sem_dir {
-                let _ = h.lost.send(Some(LostReason::Revoked));
+                h.lost.send(LostReason::Revoked);
             } else {
                 lock(&self.held).insert(lease, h);
             }

@@ -430,7 +430,7 @@ impl Inner {
             Ok(false) => {
                 let reason = self.lost_reason(lease, &h);
                 Inner::free(&h);
-                let _ = h.lost.send(Some(reason));
+                h.lost.send(reason);
                 return Err(Error::LeaseLost(reason));
             }
             Err(e) => {

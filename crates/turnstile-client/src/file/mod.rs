@@ -232,7 +232,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::watch;
 use tokio::time::Instant;
 use turnstile_proto::{ErrorCode, StatusDoc};
 
@@ -240,6 +239,7 @@ use self::disk::{Ident, Record, Touch};
 use self::queue::{numbered, slots};
 use self::reap::Observations;
 use crate::backend::{Backend, BoxFuture, Grant, JobBegin, JobEnd};
+use crate::lost::LostSender;
 use crate::{random_id, Error, GroupSummary, LostReason, Options};
 
 /// The session TTL when the options do not name one.
@@ -285,7 +285,7 @@ struct Held {
     token: u64,
     /// The job's directory, when this lease is an attempt at a job (`sem_dir` is its lock).
     job: Option<PathBuf>,
-    lost: watch::Sender<Option<LostReason>>,
+    lost: LostSender,
     /// When the last successful heartbeat of every slot began.
     last_ok: Instant,
 }
@@ -570,7 +570,7 @@ impl Inner {
             if let Some(h) = held.remove(&lease) {
                 tracing::warn!(lease = %lease, %reason, "lease lost");
                 Inner::free(&h);
-                let _ = h.lost.send(Some(reason));
+                h.lost.send(reason);
             }
         }
         next.max(Duration::from_millis(1))

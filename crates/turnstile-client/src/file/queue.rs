@@ -212,7 +212,7 @@ impl Inner {
             rollback(&claimed);
             return Err(closed_err(name));
         }
-        let (tx, rx) = watch::channel(None);
+        let (tx, rx) = crate::lost::channel();
         lock(&self.held).insert(
             record.lease,
             Held {

@@ -25,7 +25,7 @@ pub(super) struct Driver {
     /// Unanswered requests, by request id; ordered so that re-sending keeps their order.
     pub(super) pending: BTreeMap<u32, Pending>,
     /// Held leases, to tell when they are lost.
-    pub(super) leases: HashMap<u64, watch::Sender<Option<LostReason>>>,
+    pub(super) leases: HashMap<u64, LostSender>,
     /// Leases given up because the coordinator was unreachable for a TTL. If the session
     /// turns out to be alive after all, they are released on reconnect, so that they do not
     /// stay held until the session ends.
@@ -57,6 +57,10 @@ pub(super) struct Driver {
     pub(super) now: Instant,
     /// Callers of `send_release` whose releases this turn queued: told after its write.
     pub(super) sent: Vec<oneshot::Sender<()>>,
+    /// Some pending call may wait for [`Until::LeaseGone`]: the timer then wakes the loop
+    /// when the session's leases have surely expired, to fail those calls. Cleared when a
+    /// look finds none left.
+    pub(super) gone_pending: bool,
 }
 
 /// A connection attempt that runs beside the driver's loop.
@@ -89,7 +93,21 @@ impl Driver {
         tokio::pin!(timer);
         loop {
             let mut fired = false;
+            // Biased: a fixed order costs no random number per turn. The timer comes last
+            // and could lose to busy branches, so a turn also checks its deadline itself
+            // (below).
             tokio::select! {
+                biased;
+                r = read_more(&mut self.link) => {
+                    self.now = Instant::now();
+                    match r {
+                        Ok(()) => {
+                            self.heard();
+                            self.on_frames();
+                        }
+                        Err(why) => self.disconnected(&why),
+                    }
+                }
                 cmd = self.rx.recv() => {
                     if !self.pending.is_empty() {
                         // Other callers have requests in flight: those whose answers just
@@ -124,16 +142,6 @@ impl Driver {
                         };
                     }
                 }
-                r = read_more(&mut self.link) => {
-                    self.now = Instant::now();
-                    match r {
-                        Ok(()) => {
-                            self.heard();
-                            self.on_frames();
-                        }
-                        Err(why) => self.disconnected(&why),
-                    }
-                }
                 (opened, started, fresh) = attempt_done(&mut self.connecting) => {
                     self.now = Instant::now();
                     self.connecting = None;
@@ -144,6 +152,10 @@ impl Driver {
                     fired = true;
                     self.on_timer();
                 }
+            }
+            if !fired && self.now >= armed {
+                fired = true;
+                self.on_timer();
             }
             self.flush().await;
             for sent in self.sent.drain(..) {
@@ -178,6 +190,9 @@ impl Driver {
         if !self.leases.is_empty() {
             at = at.min(self.presumed_lost_at());
         }
+        if self.gone_pending {
+            at = at.min(self.health.lease_gone_at());
+        }
         at
     }
 
@@ -201,7 +216,7 @@ impl Driver {
         if self.link.is_some() && now >= self.last_keepalive + self.ttl / 3 {
             self.last_keepalive = now;
             self.awaiting_since.get_or_insert(now);
-            self.submit(Req::KeepAlive, None, None);
+            self.submit(Req::KeepAlive, None, None, false);
         }
         if self.link.is_none()
             && self.connecting.is_none()
@@ -215,6 +230,9 @@ impl Driver {
                 notice.show(&self.addr, now);
             }
         }
+        if self.gone_pending && now >= self.health.lease_gone_at() {
+            self.fail_gone();
+        }
         if !self.leases.is_empty() && now >= self.presumed_lost_at() {
             // Each permit's `lost` says so; `turnstile run` prints it in its own words.
             tracing::debug!("no answer from the coordinator for a whole TTL; leases presumed lost");
@@ -223,6 +241,31 @@ impl Driver {
             // Push the contact mark forward so this does not fire again at once.
             self.last_contact = now;
         }
+    }
+
+    /// The session's leases have surely expired on the coordinator (its last contact plus
+    /// the TTL passed): the calls that wait only that long (releases, a job's end) fail with
+    /// `Unavailable`, and the lease is free anyway. Their requests stay pending, so that
+    /// a link made later still sends them (a session that turns out alive frees the lease at
+    /// once rather than at its end).
+    fn fail_gone(&mut self) {
+        let silent_for = self.health.silent_for(self.now);
+        for p in self.pending.values_mut() {
+            if !p.until_gone {
+                continue;
+            }
+            match p.reply.take() {
+                Some(reply) if !reply.is_closed() => {
+                    let _ = reply.send(Err(Error::Unavailable {
+                        addr: self.addr.clone(),
+                        silent_for,
+                    }));
+                }
+                _ => {}
+            }
+            p.until_gone = false;
+        }
+        self.gone_pending = false;
     }
 
     /// The error every call gets once the coordinator refused the handshake.
@@ -239,18 +282,23 @@ impl Driver {
             Cmd::Call { reply, .. } if self.refused.is_some() => {
                 let _ = reply.send(Err(self.refusal()));
             }
-            Cmd::Call { req, reply, lost } => {
+            Cmd::Call {
+                req,
+                reply,
+                lost,
+                until_gone,
+            } => {
                 if let Req::FinishJob { lease, .. } | Req::Release { lease } = req {
                     // The coordinator releases the lease as it records the end or handles the
                     // release; from here no loss is to be reported for it (and a released
                     // lease must not stay in the map, which would grow with every pair).
                     self.leases.remove(&lease);
                 }
-                self.submit(req, Some(reply), lost)
+                self.submit(req, Some(reply), lost, until_gone)
             }
             Cmd::Forget { lease, sent } => {
                 self.leases.remove(&lease);
-                self.submit(Req::Release { lease }, None, None);
+                self.submit(Req::Release { lease }, None, None, false);
                 if let Some(sent) = sent {
                     self.sent.push(sent);
                 }
@@ -258,7 +306,7 @@ impl Driver {
             Cmd::Probe => {
                 if self.link.is_some() {
                     self.awaiting_since.get_or_insert(self.now);
-                    self.submit(Req::KeepAlive, None, None);
+                    self.submit(Req::KeepAlive, None, None, false);
                 }
             }
             Cmd::Shutdown { .. } => {}
@@ -271,7 +319,8 @@ impl Driver {
         &mut self,
         req: Req,
         reply: Option<Reply>,
-        lost: Option<watch::Sender<Option<LostReason>>>,
+        lost: Option<LostSender>,
+        until_gone: bool,
     ) {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1).max(1);
@@ -309,8 +358,10 @@ impl Driver {
                 // The start of the turn: no later than the send, as the contact mark needs.
                 sent_at: self.now,
                 resent: false,
+                until_gone,
             },
         );
+        self.gone_pending |= until_gone;
     }
 
     /// Writes what the turn queued, in one go.
@@ -490,10 +541,10 @@ impl Driver {
             encode(*id, &p.req, &mut self.out);
         }
         for lease in std::mem::take(&mut self.abandoned) {
-            self.submit(Req::Release { lease }, None, None);
+            self.submit(Req::Release { lease }, None, None, false);
         }
         if !self.leases.is_empty() {
-            self.submit(Req::Leases, None, None);
+            self.submit(Req::Leases, None, None, false);
         }
         // Events the handshake carried (see `open_link`).
         self.on_frames();
@@ -607,7 +658,7 @@ impl Driver {
                 _ => {
                     // Nobody wants this grant any more (the acquire was dropped): give it back.
                     let lease = *lease;
-                    return self.submit(Req::Release { lease }, None, None);
+                    return self.submit(Req::Release { lease }, None, None, false);
                 }
             }
         }
@@ -620,7 +671,7 @@ impl Driver {
         match event {
             OwnedReply::LeaseLost(lease, reason) => {
                 if let Some(tx) = self.leases.remove(&lease) {
-                    let _ = tx.send(Some(reason));
+                    tx.send(reason);
                 }
             }
             OwnedReply::SessionLost(reason) => self.session_gone(reason),
@@ -648,6 +699,7 @@ impl Driver {
             },
             None,
             None,
+            false,
         );
     }
 
@@ -667,7 +719,7 @@ impl Driver {
                     lease = %lease,
                     "the coordinator no longer has this lease (found on resuming the session)"
                 );
-                let _ = lost.send(Some(LostReason::Forgotten));
+                lost.send(LostReason::Forgotten);
             }
             keep
         });
@@ -675,7 +727,7 @@ impl Driver {
 
     fn lose_all(&mut self, reason: LostReason) {
         for (_, tx) in self.leases.drain() {
-            let _ = tx.send(Some(reason));
+            tx.send(reason);
         }
     }
 
@@ -695,10 +747,10 @@ impl Driver {
             }));
             self.leases.clear();
             for lease in mine {
-                self.submit(Req::Release { lease }, None, None);
+                self.submit(Req::Release { lease }, None, None, false);
             }
         } else {
-            self.submit(Req::CloseSession, None, None);
+            self.submit(Req::CloseSession, None, None, false);
         }
         self.flush().await;
         // Wait briefly for the answers, so that the leases are free when we return.

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use turnstile_proto::{
     self as proto, decode_reply, encode_request, split_frame, ErrorCode, StatusDoc,
@@ -38,6 +38,7 @@ use turnstile_proto::{
 use self::driver::Driver;
 use self::link::{first_link, Hello};
 use crate::backend::{Backend, BoxFuture, Grant, JobBegin, JobEnd};
+use crate::lost::{self, LostReceiver, LostSender};
 use crate::tls::{self, LinkRead, LinkWrite};
 use crate::{random_id, Error, GroupSummary, JobCompletion, JobRunner, LostReason, Options};
 
@@ -196,7 +197,10 @@ enum Cmd {
         req: Req,
         reply: Reply,
         /// For an acquire: fires when the lease is lost.
-        lost: Option<watch::Sender<Option<LostReason>>>,
+        lost: Option<LostSender>,
+        /// Fail the call with `Unavailable` once the session's leases have surely expired
+        /// on the coordinator (see [`Until::LeaseGone`]).
+        until_gone: bool,
     },
     /// Release without waiting for the answer (a dropped permit, a dropped acquire, a
     /// `send_release`).
@@ -217,9 +221,11 @@ enum Cmd {
 struct Pending {
     req: Req,
     reply: Option<Reply>,
-    lost: Option<watch::Sender<Option<LostReason>>>,
+    lost: Option<LostSender>,
     sent_at: Instant,
     resent: bool,
+    /// See `Cmd::Call::until_gone`.
+    until_gone: bool,
 }
 
 struct Link {
@@ -389,6 +395,7 @@ impl TcpBackend {
             out: Vec::with_capacity(4096),
             now,
             sent: Vec::new(),
+            gone_pending: false,
         };
         let addr = driver.addr.clone();
         tokio::spawn(driver.run());
@@ -443,17 +450,10 @@ impl TcpBackend {
                     Err(_) => Err(self.unavailable()),
                 }
             }
-            Until::LeaseGone => loop {
-                // The mark moves on as keep-alives are answered: look again when it passes.
-                let gone = self.health.lease_gone_at();
-                match tokio::time::timeout_at(gone, &mut rx).await {
-                    Ok(r) => return closed(r),
-                    Err(_) if Instant::now() >= self.health.lease_gone_at() => {
-                        return Err(self.unavailable())
-                    }
-                    Err(_) => {}
-                }
-            },
+            // The driver fails the call when the lease is gone (`Driver::fail_gone`): its
+            // one timer serves every such call, where a timer per call would cost one
+            // registration per release on the hot path.
+            Until::LeaseGone => closed(rx.await),
         }
     }
 
@@ -464,14 +464,15 @@ impl TcpBackend {
         lease: u64,
         req: Req,
         until: Until,
-    ) -> Result<(Answer, watch::Receiver<Option<LostReason>>), Error> {
-        let (lost_tx, lost_rx) = watch::channel(None);
+    ) -> Result<(Answer, LostReceiver), Error> {
+        let (lost_tx, lost_rx) = lost::channel();
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Cmd::Call {
                 req,
                 reply,
                 lost: Some(lost_tx),
+                until_gone: false,
             })
             .map_err(|_| Error::Shutdown)?;
         let mut guard = AcquireGuard {
@@ -508,6 +509,7 @@ impl TcpBackend {
                 req,
                 reply,
                 lost: None,
+                until_gone: matches!(until, Until::LeaseGone),
             })
             .map_err(|_| Error::Shutdown)?;
         self.answer(rx, until).await
