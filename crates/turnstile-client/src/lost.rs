@@ -188,7 +188,10 @@ mod tests {
             tokio::task::yield_now().await;
         }
         tx.send(LostReason::Revoked);
-        assert_eq!(waiter.await.unwrap(), Some(LostReason::Revoked));
+        assert_eq!(
+            waiter.await.expect("the waiter ran"),
+            Some(LostReason::Revoked)
+        );
         assert_eq!(rx.reason(), Some(LostReason::Revoked));
         // A waiter that comes later sees it at once, and the sender's end keeps it.
         drop(tx);
@@ -206,7 +209,7 @@ mod tests {
             tokio::task::yield_now().await;
         }
         drop(tx);
-        assert_eq!(waiter.await.unwrap(), None);
+        assert_eq!(waiter.await.expect("the waiter ran"), None);
         assert_eq!(rx.reason(), None);
     }
 
@@ -229,7 +232,7 @@ mod tests {
             .worker_threads(2)
             .enable_time()
             .build()
-            .unwrap();
+            .expect("a test runtime");
         rt.block_on(async {
             for i in 0..500 {
                 let (tx, rx) = channel();
@@ -248,7 +251,7 @@ mod tests {
                     let got = tokio::time::timeout(Duration::from_secs(10), w)
                         .await
                         .expect("a waiter missed its wake-up")
-                        .unwrap();
+                        .expect("the waiter ran");
                     assert_eq!(got, (i % 2 == 0).then_some(LostReason::Expired));
                 }
             }
