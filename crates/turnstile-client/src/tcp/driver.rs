@@ -22,10 +22,13 @@ pub(super) struct Driver {
     pub(super) rx: mpsc::UnboundedReceiver<Cmd>,
     pub(super) link: Option<Link>,
     pub(super) next_id: u32,
-    /// Unanswered requests, by request id; ordered so that re-sending keeps their order.
-    pub(super) pending: BTreeMap<u32, Pending>,
+    /// Unanswered requests, by request id. A hash map rather than an ordered one: answers
+    /// come mostly in order, and taking the first entry of a B-tree node shifts every other
+    /// entry of it (about 5% of the client's CPU with 64 callers on one client); a re-send
+    /// after a reconnect sorts the ids instead (see [`resend_order`]).
+    pub(super) pending: Map<u32, Pending>,
     /// Held leases, to tell when they are lost.
-    pub(super) leases: HashMap<u64, LostSender>,
+    pub(super) leases: Map<u64, LostSender>,
     /// Leases given up because the coordinator was unreachable for a TTL. If the session
     /// turns out to be alive after all, they are released on reconnect, so that they do not
     /// stay held until the session ends.
@@ -61,6 +64,13 @@ pub(super) struct Driver {
     /// when the session's leases have surely expired, to fail those calls. Cleared when a
     /// look finds none left.
     pub(super) gone_pending: bool,
+}
+
+/// Pending request ids in the order they were first sent, oldest first: counted back from
+/// the next id to be given, so that the order holds across the wrap of the ids too.
+pub(super) fn resend_order(mut ids: Vec<u32>, next_id: u32) -> Vec<u32> {
+    ids.sort_unstable_by_key(|id| id.wrapping_sub(next_id));
+    ids
 }
 
 /// A connection attempt that runs beside the driver's loop.
@@ -535,10 +545,12 @@ impl Driver {
         self.contact(attempt_started);
         self.last_keepalive = now;
         // The write buffer is empty between turns, so the re-sent requests go first.
-        for (id, p) in &mut self.pending {
-            p.resent = true;
-            p.sent_at = now;
-            encode(*id, &p.req, &mut self.out);
+        for id in resend_order(self.pending.keys().copied().collect(), self.next_id) {
+            if let Some(p) = self.pending.get_mut(&id) {
+                p.resent = true;
+                p.sent_at = now;
+                encode(id, &p.req, &mut self.out);
+            }
         }
         for lease in std::mem::take(&mut self.abandoned) {
             self.submit(Req::Release { lease }, None, None, false);

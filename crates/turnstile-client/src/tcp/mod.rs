@@ -22,7 +22,7 @@
 //! dropped and re-made. While the coordinator is away it says so calmly, at a growing interval
 //! ([`Notice`]), never once per retry.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -191,6 +191,10 @@ enum Answer {
 }
 
 type Reply = oneshot::Sender<Result<Answer, Error>>;
+
+/// The driver's maps, keyed by our own request and lease ids: a fast hash, since no peer
+/// chooses the keys.
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 enum Cmd {
     Call {
@@ -384,8 +388,8 @@ impl TcpBackend {
             rx,
             link: Some(link),
             next_id: 1,
-            pending: BTreeMap::new(),
-            leases: HashMap::new(),
+            pending: Map::default(),
+            leases: Map::default(),
             abandoned: Vec::new(),
             last_contact: now,
             last_keepalive: now,

@@ -331,3 +331,17 @@ async fn released_leases_are_not_watched() {
     drop(held);
     client.shutdown().await.expect("shutdown");
 }
+
+/// Requests are re-sent after a reconnect in the order they were first sent, also when the
+/// ids wrapped around in between (id 0 is never given: it marks events).
+#[test]
+fn resends_keep_the_order_of_first_sending() {
+    use super::driver::resend_order;
+    assert_eq!(resend_order(vec![9, 3, 7, 5], 10), vec![3, 5, 7, 9]);
+    // Given in the order u32::MAX - 1, u32::MAX, 1, 2; the next id is 3.
+    assert_eq!(
+        resend_order(vec![2, u32::MAX, 1, u32::MAX - 1], 3),
+        vec![u32::MAX - 1, u32::MAX, 1, 2]
+    );
+    assert_eq!(resend_order(Vec::new(), 1), Vec::<u32>::new());
+}
