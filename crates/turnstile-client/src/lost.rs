@@ -176,17 +176,23 @@ mod tests {
         assert_eq!(reason(CLOSED), None);
     }
 
-    #[tokio::test]
-    async fn a_waiter_hears_a_loss_sent_while_it_waits() {
-        let (tx, rx) = channel();
+    /// A task waiting on `rx`, returned once it is counted in: what is sent after this goes
+    /// through the wake-up path, not the first look.
+    async fn waiting(rx: &LostReceiver) -> tokio::task::JoinHandle<Option<LostReason>> {
         let waiter = tokio::spawn({
             let rx = rx.clone();
             async move { rx.wait().await }
         });
-        // Sent only once the waiter is counted, so that the wake-up path is the one tested.
         while rx.shared.waiting.load(SeqCst) == 0 {
             tokio::task::yield_now().await;
         }
+        waiter
+    }
+
+    #[tokio::test]
+    async fn a_waiter_hears_a_loss_sent_while_it_waits() {
+        let (tx, rx) = channel();
+        let waiter = waiting(&rx).await;
         tx.send(LostReason::Revoked);
         assert_eq!(
             waiter.await.expect("the waiter ran"),
@@ -201,13 +207,7 @@ mod tests {
     #[tokio::test]
     async fn a_dropped_sender_ends_the_wait_without_a_loss() {
         let (tx, rx) = channel();
-        let waiter = tokio::spawn({
-            let rx = rx.clone();
-            async move { rx.wait().await }
-        });
-        while rx.shared.waiting.load(SeqCst) == 0 {
-            tokio::task::yield_now().await;
-        }
+        let waiter = waiting(&rx).await;
         drop(tx);
         assert_eq!(waiter.await.expect("the waiter ran"), None);
         assert_eq!(rx.reason(), None);
