@@ -121,6 +121,13 @@ async fn serve_link<R: AsyncRead + Unpin>(
         client: String::new(),
     };
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    // Made once, not on every turn: a `sleep_until` built per turn costs a timer handle per
+    // request even when its branch is disabled, and a `changed()` per turn registers with the
+    // shutdown channel and unregisters again (a lock each way).
+    let handshake_timer = tokio::time::sleep_until(handshake_by);
+    tokio::pin!(handshake_timer);
+    let shutdown_changed = shutdown.changed();
+    tokio::pin!(shutdown_changed);
     let reason = 'conn: loop {
         // Handle every whole frame already buffered, then read more.
         let mut start = 0;
@@ -157,14 +164,14 @@ async fn serve_link<R: AsyncRead + Unpin>(
                 Ok(_) => {}
                 Err(e) => break format!("read error: {e}"),
             },
-            _ = shutdown.changed() => {
+            _ = &mut shutdown_changed => {
                 outbox.push(0, &proto::Reply::Error {
                     code: ErrorCode::ShuttingDown,
                     message: "server is shutting down",
                 });
                 break "server shutting down".to_string();
             }
-            _ = tokio::time::sleep_until(handshake_by), if !conn_state.greeted => {
+            _ = &mut handshake_timer, if !conn_state.greeted => {
                 outbox.push(0, &proto::Reply::Error {
                     code: ErrorCode::Handshake,
                     message: "no Hello in time",

@@ -37,6 +37,10 @@ struct TestServer {
 
 impl TestServer {
     async fn start() -> TestServer {
+        TestServer::with_config(Config::default()).await
+    }
+
+    async fn with_config(config: Config) -> TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let (stop, stopped) = oneshot::channel::<()>();
@@ -44,7 +48,7 @@ impl TestServer {
             let shutdown = async {
                 let _ = stopped.await;
             };
-            turnstile_server::run(listener, Config::default(), shutdown)
+            turnstile_server::run(listener, config, shutdown)
                 .await
                 .expect("server runs");
         });
@@ -788,4 +792,36 @@ async fn leases_lists_the_held_leases_of_the_bound_session() {
             format!("session {:016x} not found", 0xb)
         )
     );
+}
+
+/// A connection that sends nothing gets `Handshake` ("no Hello in time") once the handshake
+/// timeout passes, and is closed; one that said Hello may stay quiet for longer than that
+/// and is still served (the deadline is for the handshake only, armed once per connection).
+#[tokio::test]
+async fn the_handshake_deadline_drops_only_silent_connections() {
+    let handshake_timeout = Duration::from_millis(300);
+    let server = TestServer::with_config(Config {
+        handshake_timeout,
+        ..Config::default()
+    })
+    .await;
+    let mut greeted = Raw::connect(server.addr).await;
+    greeted.hello().await;
+    let mut silent = Raw::connect(server.addr).await;
+    let opened = Instant::now();
+    let (_, message) = silent
+        .expect_error_and_close(0, &[ErrorCode::Handshake])
+        .await;
+    assert!(message.contains("no Hello"), "{message}");
+    assert!(
+        opened.elapsed() >= handshake_timeout,
+        "dropped after {:?}",
+        opened.elapsed()
+    );
+    // The greeted connection, quiet for the whole handshake timeout and more, still answers.
+    assert_eq!(
+        greeted.next_within(handshake_timeout).await,
+        Err(Ended::Quiet)
+    );
+    assert_eq!(greeted.call(&Request::Ping).await, Msg::Pong);
 }
