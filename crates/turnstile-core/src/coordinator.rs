@@ -55,6 +55,7 @@ mod jobs;
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
+use crate::dense_map::DenseMap;
 use crate::effect::{Effect, EndReason, Event, LostReason, Record, Reply};
 use crate::job::JobOutcome;
 use crate::view::{Counters, HolderView, SemaphoreView, WaiterView};
@@ -342,7 +343,9 @@ pub struct Coordinator {
     /// bounded slices from a cursor, rather than sorting them all at once under the lock.
     names: BTreeSet<Arc<str>>,
     sessions: HashMap<SessionId, Session>,
-    leases: HashMap<LeaseKey, Lease>,
+    /// Every held or queued lease: a million at scale, so a table that stays compact and
+    /// never frees a large old copy as it grows (see `DenseMap`).
+    leases: DenseMap<LeaseKey, Lease>,
     timers: BinaryHeap<Reverse<(Time, Timer)>>,
     next_seq: u64,
     jobs: jobs::Jobs,
