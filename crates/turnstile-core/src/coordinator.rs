@@ -338,7 +338,7 @@ type Ending = EndReason;
 pub struct Coordinator {
     /// Semaphores, and the locks of jobs (named by [`jobs::lock_name`], which no client can
     /// name since it holds a control character).
-    semaphores: HashMap<Arc<str>, Semaphore>,
+    semaphores: DenseMap<Arc<str>, Semaphore>,
     /// The names of `semaphores`, sorted: status pages and metrics read the semaphores in
     /// bounded slices from a cursor, rather than sorting them all at once under the lock.
     names: BTreeSet<Arc<str>>,

@@ -14,6 +14,7 @@
 //! walks the positions in order; that order depends on the history of inserts and removals,
 //! and nothing may rely on it.
 
+use std::borrow::Borrow;
 use std::hash::{BuildHasher, Hash};
 
 /// log2 of [`CHUNK`].
@@ -72,25 +73,45 @@ impl<K: Hash + Eq, V> DenseMap<K, V> {
         self.index.capacity()
     }
 
-    fn position(&self, key: &K) -> Option<u32> {
+    fn position<Q: Hash + Eq + ?Sized>(&self, key: &Q) -> Option<u32>
+    where
+        K: Borrow<Q>,
+    {
+        // `Borrow` promises that `key` hashes as the stored key does.
         let hash = self.hasher.hash_one(key);
         let chunks = &self.chunks;
-        self.index.find(hash, |&p| at(chunks, p).0 == *key).copied()
+        self.index
+            .find(hash, |&p| at(chunks, p).0.borrow() == key)
+            .copied()
+    }
+
+    /// The entries' values, in the order of [`iter`](DenseMap::iter).
+    pub(crate) fn values(&self) -> impl Iterator<Item = &V> {
+        self.iter().map(|(_, v)| v)
     }
 
     /// The value of `key`, if present.
-    pub(crate) fn get(&self, key: &K) -> Option<&V> {
+    pub(crate) fn get<Q: Hash + Eq + ?Sized>(&self, key: &Q) -> Option<&V>
+    where
+        K: Borrow<Q>,
+    {
         self.position(key).map(|p| &at(&self.chunks, p).1)
     }
 
     /// The value of `key` for change, if present.
-    pub(crate) fn get_mut(&mut self, key: &K) -> Option<&mut V> {
+    pub(crate) fn get_mut<Q: Hash + Eq + ?Sized>(&mut self, key: &Q) -> Option<&mut V>
+    where
+        K: Borrow<Q>,
+    {
         let pos = self.position(key)? as usize;
         Some(&mut self.chunks[pos >> CHUNK_BITS][pos & (CHUNK - 1)].1)
     }
 
     /// Whether `key` is present.
-    pub(crate) fn contains_key(&self, key: &K) -> bool {
+    pub(crate) fn contains_key<Q: Hash + Eq + ?Sized>(&self, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+    {
         self.position(key).is_some()
     }
 
@@ -123,12 +144,15 @@ impl<K: Hash + Eq, V> DenseMap<K, V> {
     }
 
     /// Removes `key`; returns its value, if it was present.
-    pub(crate) fn remove(&mut self, key: &K) -> Option<V> {
+    pub(crate) fn remove<Q: Hash + Eq + ?Sized>(&mut self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+    {
         let hash = self.hasher.hash_one(key);
         let chunks = &self.chunks;
         let slot = self
             .index
-            .find_entry(hash, |&p| at(chunks, p).0 == *key)
+            .find_entry(hash, |&p| at(chunks, p).0.borrow() == key)
             .ok()?;
         let pos = slot.remove().0 as usize;
         let last = self.len - 1;
@@ -174,6 +198,18 @@ impl<K: Hash + Eq, V> DenseMap<K, V> {
     /// The keys, in the order of [`iter`](DenseMap::iter).
     pub(crate) fn keys(&self) -> impl Iterator<Item = &K> {
         self.iter().map(|(k, _)| k)
+    }
+}
+
+impl<'a, K, V> IntoIterator for &'a DenseMap<K, V> {
+    type Item = (&'a K, &'a V);
+    type IntoIter = std::iter::Map<
+        std::iter::Flatten<std::slice::Iter<'a, Vec<(K, V)>>>,
+        fn(&'a (K, V)) -> (&'a K, &'a V),
+    >;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.chunks.iter().flatten().map(|(k, v)| (k, v))
     }
 }
 
