@@ -57,6 +57,7 @@ impl<K: std::fmt::Debug, V: std::fmt::Debug> std::fmt::Debug for DenseMap<K, V> 
 }
 
 /// The entry at `pos`, which must be below the map's length.
+#[inline]
 fn at<K, V>(chunks: &[Vec<(K, V)>], pos: u32) -> &(K, V) {
     let pos = pos as usize;
     &chunks[pos >> CHUNK_BITS][pos & (CHUNK - 1)]
@@ -64,6 +65,7 @@ fn at<K, V>(chunks: &[Vec<(K, V)>], pos: u32) -> &(K, V) {
 
 impl<K: Hash + Eq, V> DenseMap<K, V> {
     /// Number of entries.
+    #[inline]
     pub(crate) fn len(&self) -> usize {
         self.len
     }
@@ -73,6 +75,7 @@ impl<K: Hash + Eq, V> DenseMap<K, V> {
         self.index.capacity()
     }
 
+    #[inline]
     fn position<Q: Hash + Eq + ?Sized>(&self, key: &Q) -> Option<u32>
     where
         K: Borrow<Q>,
@@ -91,6 +94,7 @@ impl<K: Hash + Eq, V> DenseMap<K, V> {
     }
 
     /// The value of `key`, if present.
+    #[inline]
     pub(crate) fn get<Q: Hash + Eq + ?Sized>(&self, key: &Q) -> Option<&V>
     where
         K: Borrow<Q>,
@@ -99,6 +103,7 @@ impl<K: Hash + Eq, V> DenseMap<K, V> {
     }
 
     /// The value of `key` for change, if present.
+    #[inline]
     pub(crate) fn get_mut<Q: Hash + Eq + ?Sized>(&mut self, key: &Q) -> Option<&mut V>
     where
         K: Borrow<Q>,
@@ -108,6 +113,7 @@ impl<K: Hash + Eq, V> DenseMap<K, V> {
     }
 
     /// Whether `key` is present.
+    #[inline]
     pub(crate) fn contains_key<Q: Hash + Eq + ?Sized>(&self, key: &Q) -> bool
     where
         K: Borrow<Q>,
@@ -116,34 +122,43 @@ impl<K: Hash + Eq, V> DenseMap<K, V> {
     }
 
     /// Sets the value of `key`; returns the value it replaced, if any.
+    #[inline]
     pub(crate) fn insert(&mut self, key: K, value: V) -> Option<V> {
         let hash = self.hasher.hash_one(&key);
-        let chunks = &mut self.chunks;
-        if let Some(&p) = self.index.find(hash, |&p| at(chunks, p).0 == key) {
-            let p = p as usize;
-            return Some(std::mem::replace(
-                &mut chunks[p >> CHUNK_BITS][p & (CHUNK - 1)].1,
-                value,
-            ));
-        }
-        let pos = u32::try_from(self.len).expect(
-            "invariant: fewer than 2^32 entries (they would take hundreds of GiB: the \
-             allocation fails long before)",
-        );
-        let chunk = self.len >> CHUNK_BITS;
-        if chunk == self.chunks.len() {
-            self.chunks.push(Vec::with_capacity(CHUNK));
+        let (hasher, chunks) = (&self.hasher, &mut self.chunks);
+        let pos = match self.index.entry(
+            hash,
+            |&p| at(chunks, p).0 == key,
+            |&p| hasher.hash_one(&at(chunks, p).0),
+        ) {
+            hashbrown::hash_table::Entry::Occupied(slot) => {
+                let p = *slot.get() as usize;
+                return Some(std::mem::replace(
+                    &mut chunks[p >> CHUNK_BITS][p & (CHUNK - 1)].1,
+                    value,
+                ));
+            }
+            hashbrown::hash_table::Entry::Vacant(slot) => {
+                let pos = u32::try_from(self.len).expect(
+                    "invariant: fewer than 2^32 entries (they would take hundreds of GiB: the \
+                     allocation fails long before)",
+                );
+                slot.insert(pos);
+                pos
+            }
+        };
+        let chunk = pos as usize >> CHUNK_BITS;
+        if chunk == chunks.len() {
+            chunks.push(Vec::with_capacity(CHUNK));
         }
         // Pushed within the capacity it was made with, so the chunk never reallocates.
-        self.chunks[chunk].push((key, value));
+        chunks[chunk].push((key, value));
         self.len += 1;
-        let (hasher, chunks) = (&self.hasher, &self.chunks);
-        self.index
-            .insert_unique(hash, pos, |&p| hasher.hash_one(&at(chunks, p).0));
         None
     }
 
     /// Removes `key`; returns its value, if it was present.
+    #[inline]
     pub(crate) fn remove<Q: Hash + Eq + ?Sized>(&mut self, key: &Q) -> Option<V>
     where
         K: Borrow<Q>,
