@@ -1586,10 +1586,9 @@ impl Coordinator {
         // In name order, here and for the grants below: a snapshot is a function of the state
         // alone, never of the hash map's iteration order (which differs between two cores
         // holding the same state, so their snapshots would not compare equal).
-        let mut names: Vec<&Arc<str>> = self.semaphores.keys().collect();
-        names.sort();
-        for name in &names {
-            let s = &self.semaphores[*name];
+        let mut sems: Vec<(&Arc<str>, &Semaphore)> = self.semaphores.iter().collect();
+        sems.sort_by(|a, b| a.0.cmp(b.0));
+        for (_, s) in &sems {
             out.push(Record::Semaphore {
                 name: s.name.clone(),
                 capacity: s.capacity,
@@ -1606,8 +1605,7 @@ impl Coordinator {
                 client: s.client.clone(),
             });
         }
-        for name in &names {
-            let s = &self.semaphores[*name];
+        for (_, s) in &sems {
             for (token, key) in &s.holders {
                 if let Some(lease) = self.leases.get(key) {
                     out.push(Record::Granted {
@@ -1858,7 +1856,11 @@ impl Coordinator {
                 ));
             }
             if let Some(key) = s.queue.values().next() {
-                let head = &self.leases[key];
+                // Every waiter's lease was checked above.
+                let head = self
+                    .leases
+                    .get(key)
+                    .ok_or_else(|| format!("{name:?}: waiter {key:?} has no lease"))?;
                 if head.weight <= s.free() {
                     return Err(format!("{name:?}: head {key:?} fits but is still queued"));
                 }

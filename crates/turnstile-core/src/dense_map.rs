@@ -1,5 +1,5 @@
-//! [`DenseMap`]: a hash map for a table of a million entries that must stay small and steady in
-//! memory (the coordinator's leases).
+//! [`DenseMap`]: a hash map for tables of a million entries that must stay small and steady in
+//! memory (the coordinator's leases and semaphores).
 //!
 //! A standard hash map keeps its entries in its bucket array. At a million 64-byte entries that
 //! array has 2^21 buckets (130 MiB, all of it touched, at 48% load), and when it doubles, the
@@ -228,15 +228,6 @@ impl<'a, K, V> IntoIterator for &'a DenseMap<K, V> {
     }
 }
 
-impl<K: Hash + Eq, V> std::ops::Index<&K> for DenseMap<K, V> {
-    type Output = V;
-
-    /// The value of `key`; panics if it is absent (as a standard map does).
-    fn index(&self, key: &K) -> &V {
-        self.get(key).expect("DenseMap: no entry for the key")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,7 +262,7 @@ mod tests {
         assert_eq!(m.insert(2, "b"), None);
         assert_eq!(m.insert(1, "c"), Some("a"));
         assert_eq!(m.len(), 2);
-        assert_eq!(m[&1], "c");
+        assert_eq!(m.get(&1), Some(&"c"));
         assert!(m.contains_key(&2));
         assert!(!m.contains_key(&3));
         if let Some(v) = m.get_mut(&2) {
