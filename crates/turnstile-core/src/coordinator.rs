@@ -55,6 +55,7 @@ mod jobs;
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
+use crate::dense_map::DenseMap;
 use crate::effect::{Effect, EndReason, Event, LostReason, Record, Reply};
 use crate::job::JobOutcome;
 use crate::view::{Counters, HolderView, SemaphoreView, WaiterView};
@@ -312,6 +313,8 @@ struct Waiting {
 struct Lease {
     semaphore: Arc<str>,
     weight: u32,
+    /// Its index in its session's `leases` (it fills the padding after `weight`).
+    slot: u32,
     state: LeaseState,
 }
 
@@ -322,7 +325,9 @@ struct Session {
     deadline: Time,
     /// The time of this session's one entry in the timer heap.
     scheduled: Time,
-    leases: HashSet<LeaseId>,
+    /// Its leases, held or queued, in no order; a lease's `slot` is its index here. A list
+    /// rather than a set: at a thousand leases a session a hash set took 18 bytes a lease.
+    leases: Vec<LeaseId>,
 }
 
 /// How a session ended decides what its leases count as.
@@ -337,12 +342,14 @@ type Ending = EndReason;
 pub struct Coordinator {
     /// Semaphores, and the locks of jobs (named by [`jobs::lock_name`], which no client can
     /// name since it holds a control character).
-    semaphores: HashMap<Arc<str>, Semaphore>,
+    semaphores: DenseMap<Arc<str>, Semaphore>,
     /// The names of `semaphores`, sorted: status pages and metrics read the semaphores in
     /// bounded slices from a cursor, rather than sorting them all at once under the lock.
     names: BTreeSet<Arc<str>>,
     sessions: HashMap<SessionId, Session>,
-    leases: HashMap<LeaseKey, Lease>,
+    /// Every held or queued lease: a million at scale, so a table that stays compact and
+    /// never frees a large old copy as it grows (see `DenseMap`).
+    leases: DenseMap<LeaseKey, Lease>,
     timers: BinaryHeap<Reverse<(Time, Timer)>>,
     next_seq: u64,
     jobs: jobs::Jobs,
@@ -815,7 +822,7 @@ impl Coordinator {
                 client,
                 deadline,
                 scheduled: deadline,
-                leases: HashSet::default(),
+                leases: Vec::new(),
             },
         );
         self.timers.push(Reverse((deadline, Timer::Session(id))));
@@ -953,29 +960,65 @@ impl Coordinator {
             .expect("invariant: the semaphore was looked up above and nothing removed it");
         sem.queue.insert(seq, key);
         sem.queued_weight += u64::from(weight);
-        self.leases.insert(
+        self.add_lease(
             key,
-            Lease {
-                semaphore: sem_name,
-                weight,
-                state: LeaseState::Queued(Box::new(Waiting {
-                    seq,
-                    since: now,
-                    deadline,
-                    tag,
-                })),
-            },
+            sem_name,
+            weight,
+            LeaseState::Queued(Box::new(Waiting {
+                seq,
+                since: now,
+                deadline,
+                tag,
+            })),
         );
-        self.add_to_session(key);
         if let Some(d) = deadline {
             self.timers.push(Reverse((d, Timer::Waiter(key.0, key.1))));
         }
         Ok(None)
     }
 
-    fn add_to_session(&mut self, key: LeaseKey) {
-        if let Some(session) = self.sessions.get_mut(&key.0) {
-            session.leases.insert(key.1);
+    /// Files a new lease in the lease table and at the end of its session's list.
+    fn add_lease(&mut self, key: LeaseKey, semaphore: Arc<str>, weight: u32, state: LeaseState) {
+        let slot = match self.sessions.get_mut(&key.0) {
+            Some(session) => {
+                session.leases.push(key.1);
+                u32::try_from(session.leases.len() - 1).expect(
+                    "invariant: a session has fewer than 2^32 leases (they would take \
+                     hundreds of GiB: the allocation fails long before)",
+                )
+            }
+            // Every caller checked that the session lives; `validate` reports a lease
+            // without one.
+            None => u32::MAX,
+        };
+        self.leases.insert(
+            key,
+            Lease {
+                semaphore,
+                weight,
+                slot,
+                state,
+            },
+        );
+    }
+
+    /// Takes a removed lease out of its session's list: the session's last lease moves into
+    /// its slot, and that lease's `slot` follows.
+    fn remove_from_session(&mut self, key: LeaseKey, slot: u32) {
+        let Some(session) = self.sessions.get_mut(&key.0) else {
+            return;
+        };
+        let slot = slot as usize;
+        // Always true while the invariants hold (`validate` checks it); never remove
+        // another lease's id.
+        if session.leases.get(slot) != Some(&key.1) {
+            return;
+        }
+        session.leases.swap_remove(slot);
+        if let Some(&moved) = session.leases.get(slot) {
+            if let Some(lease) = self.leases.get_mut(&(key.0, moved)) {
+                lease.slot = slot as u32;
+            }
         }
     }
 
@@ -993,15 +1036,12 @@ impl Coordinator {
             .get_mut(sem_name)
             .expect("invariant: grant_new is called with an existing semaphore");
         let token = issue(sem, now, now, key, weight, out);
-        self.leases.insert(
+        self.add_lease(
             key,
-            Lease {
-                semaphore: sem_name.clone(),
-                weight,
-                state: LeaseState::Held { token, since: now },
-            },
+            sem_name.clone(),
+            weight,
+            LeaseState::Held { token, since: now },
         );
-        self.add_to_session(key);
         token
     }
 
@@ -1095,9 +1135,7 @@ impl Coordinator {
             sem.queue.remove(&seq);
             sem.queued_weight -= u64::from(lease.weight);
         }
-        if let Some(session) = self.sessions.get_mut(&key.0) {
-            session.leases.remove(&key.1);
-        }
+        self.remove_from_session(key, lease.slot);
         self.schedule_forget(&lease.semaphore);
         Some((tag, lease.semaphore))
     }
@@ -1114,9 +1152,7 @@ impl Coordinator {
             sem.holders.remove(&token);
             sem.in_use -= lease.weight;
         }
-        if let Some(session) = self.sessions.get_mut(&key.0) {
-            session.leases.remove(&key.1);
-        }
+        self.remove_from_session(key, lease.slot);
         self.schedule_forget(&lease.semaphore);
         Some((lease.semaphore, token))
     }
@@ -1158,8 +1194,8 @@ impl Coordinator {
         };
         out.push(Effect::Persist(Record::SessionEnded { session: id }));
         let mut touched: Vec<Arc<str>> = Vec::new();
-        let mut leases: Vec<LeaseId> = session.leases.into_iter().collect();
-        leases.sort_unstable(); // deterministic effect order, whatever the hash seed
+        let mut leases = session.leases;
+        leases.sort_unstable(); // effects in lease id order, not the list's (removals shuffle it)
         for lease in leases {
             let key = (id, lease);
             if let Some((sem, token)) = self.unhold(key) {
@@ -1509,18 +1545,15 @@ impl Coordinator {
                 sem.holders.insert(*token, key);
                 sem.counters.acquired_total += 1;
                 let name = sem.name.clone();
-                self.leases.insert(
+                self.add_lease(
                     key,
-                    Lease {
-                        semaphore: name,
-                        weight: *weight,
-                        state: LeaseState::Held {
-                            token: *token,
-                            since: now,
-                        },
+                    name,
+                    *weight,
+                    LeaseState::Held {
+                        token: *token,
+                        since: now,
                     },
                 );
-                self.add_to_session(key);
             }
             Record::Released { session, lease } => {
                 if let Some((sem, _)) = self.unhold((*session, *lease)) {
@@ -1553,10 +1586,9 @@ impl Coordinator {
         // In name order, here and for the grants below: a snapshot is a function of the state
         // alone, never of the hash map's iteration order (which differs between two cores
         // holding the same state, so their snapshots would not compare equal).
-        let mut names: Vec<&Arc<str>> = self.semaphores.keys().collect();
-        names.sort();
-        for name in &names {
-            let s = &self.semaphores[*name];
+        let mut sems: Vec<(&Arc<str>, &Semaphore)> = self.semaphores.iter().collect();
+        sems.sort_by(|a, b| a.0.cmp(b.0));
+        for (_, s) in &sems {
             out.push(Record::Semaphore {
                 name: s.name.clone(),
                 capacity: s.capacity,
@@ -1573,8 +1605,7 @@ impl Coordinator {
                 client: s.client.clone(),
             });
         }
-        for name in &names {
-            let s = &self.semaphores[*name];
+        for (_, s) in &sems {
             for (token, key) in &s.holders {
                 if let Some(lease) = self.leases.get(key) {
                     out.push(Record::Granted {
@@ -1825,7 +1856,11 @@ impl Coordinator {
                 ));
             }
             if let Some(key) = s.queue.values().next() {
-                let head = &self.leases[key];
+                // Every waiter's lease was checked above.
+                let head = self
+                    .leases
+                    .get(key)
+                    .ok_or_else(|| format!("{name:?}: waiter {key:?} has no lease"))?;
                 if head.weight <= s.free() {
                     return Err(format!("{name:?}: head {key:?} fits but is still queued"));
                 }
@@ -1838,19 +1873,27 @@ impl Coordinator {
                 seen.len()
             ));
         }
-        for key in self.leases.keys() {
+        for (key, lease) in &self.leases {
             let session = self
                 .sessions
                 .get(&key.0)
                 .ok_or_else(|| format!("lease {key:?} outlives its session"))?;
-            if !session.leases.contains(&key.1) {
-                return Err(format!("session does not list lease {key:?}"));
+            if session.leases.get(lease.slot as usize) != Some(&key.1) {
+                return Err(format!(
+                    "session does not list lease {key:?} at its slot {}",
+                    lease.slot
+                ));
             }
         }
         for (id, session) in &self.sessions {
-            for lease in &session.leases {
-                if !self.leases.contains_key(&(*id, *lease)) {
-                    return Err(format!("session {id} lists missing lease {lease}"));
+            // With the check above, this also rules out an id listed twice.
+            for (slot, lease) in session.leases.iter().enumerate() {
+                match self.leases.get(&(*id, *lease)) {
+                    None => return Err(format!("session {id} lists missing lease {lease}")),
+                    Some(l) if l.slot as usize != slot => {
+                        return Err(format!("session {id} lists lease {lease} at {slot} too"))
+                    }
+                    Some(_) => {}
                 }
             }
             if session.scheduled > session.deadline {

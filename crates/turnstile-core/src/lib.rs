@@ -31,6 +31,7 @@
 #![deny(missing_docs)]
 
 mod coordinator;
+mod dense_map;
 mod effect;
 mod error;
 mod ids;

@@ -828,6 +828,48 @@ fn held_leases_lists_the_granted_leases_of_a_session_only() {
     assert_eq!(replayed.held_leases(SessionId(1)), Some(vec![]));
 }
 
+/// A session's leases are a list in which a removed lease's slot takes the last one: releases
+/// from the front, the middle and the end, and a withdrawn waiter, keep every other lease
+/// findable (`validate` checks each lease's slot after every step), and ending the session
+/// loses exactly the ones left, in lease id order.
+#[test]
+fn a_session_keeps_its_leases_through_removals_anywhere_in_its_list() {
+    let mut t = Check::new();
+    t.open(1);
+    t.open(2);
+    t.ensure("db", 6).expect("ensure");
+    t.ensure("one", 1).expect("ensure");
+    for l in 1..=6 {
+        t.acquire(1, l, "db", 1);
+    }
+    t.acquire(2, 100, "one", 1);
+    t.acquire(1, 7, "one", 1); // queued behind session 2's lease
+    for l in [1, 4, 7, 6] {
+        let (tag, out) = t.step(Request::Release {
+            session: SessionId(1),
+            lease: LeaseId(l),
+        });
+        assert_eq!(reply_to(&out, tag), Some(Ok(Reply::Done)), "release {l}");
+    }
+    let mut held = t.c.held_leases(SessionId(1)).expect("session 1 lives");
+    held.sort();
+    assert_eq!(held, [2, 3, 5].map(LeaseId));
+    t.acquire(1, 8, "db", 1); // appended after the moves
+    let (_, out) = t.step(Request::EndSession {
+        session: SessionId(1),
+    });
+    let lost: Vec<LeaseId> = out
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Event(Event::LeaseLost { lease, .. }) => Some(*lease),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(lost, [2, 3, 5, 8].map(LeaseId));
+    assert_eq!(t.view("db").holders.len(), 0);
+    assert_eq!(t.c.held_leases(SessionId(2)), Some(vec![LeaseId(100)]));
+}
+
 #[test]
 fn skip_tokens_moves_every_counter_on_durably() {
     let mut t = Check::new();
