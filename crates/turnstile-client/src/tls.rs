@@ -198,6 +198,11 @@ pub(crate) struct TlsWrite {
 }
 
 impl LinkWrite {
+    /// Plain TCP, on which a write never has to wait for a TLS record to finish.
+    pub(crate) fn is_plain(&self) -> bool {
+        matches!(self, LinkWrite::Plain(_))
+    }
+
     /// A non-blocking write, for the driver's fast path. Only plain TCP has one: a TLS write
     /// must stay with `write_all` until its record is on the socket (see [`TlsWrite`]), so it
     /// says `WouldBlock` and the caller takes the bounded `write_all` path.

@@ -4,6 +4,7 @@
 
 use super::link::{open_link, read_more, write_rest, Hello, Opened};
 use super::wire::{encode, owned, OwnedReply};
+use super::writer::Own;
 use super::*;
 
 pub(super) struct Driver {
@@ -20,8 +21,10 @@ pub(super) struct Driver {
     pub(super) session: Arc<AtomicU64>,
     pub(super) ttl: Duration,
     pub(super) rx: mpsc::UnboundedReceiver<Cmd>,
+    /// The read side of the link; its write half is in `shared`.
     pub(super) link: Option<Link>,
-    pub(super) next_id: u32,
+    /// The write half, the ids, and the requests callers wrote themselves (see `writer`).
+    pub(super) shared: Arc<Shared>,
     /// Unanswered requests, by request id. A hash map rather than an ordered one: answers
     /// come mostly in order, and taking the first entry of a B-tree node shifts every other
     /// entry of it (about 5% of the client's CPU with 64 callers on one client); a re-send
@@ -60,6 +63,8 @@ pub(super) struct Driver {
     pub(super) now: Instant,
     /// Callers of `send_release` whose releases this turn queued: told after its write.
     pub(super) sent: Vec<oneshot::Sender<()>>,
+    /// Spare room for the records taken from `shared` each turn.
+    pub(super) written: Vec<(u32, Pending)>,
     /// Some pending call may wait for [`Until::LeaseGone`]: the timer then wakes the loop
     /// when the session's leases have surely expired, to fail those calls. Cleared when a
     /// look finds none left.
@@ -119,10 +124,13 @@ impl Driver {
                     }
                 }
                 cmd = self.rx.recv() => {
-                    if !self.pending.is_empty() {
-                        // Other callers have requests in flight: those whose answers just
-                        // came are about to send their next ones. Let them run first, so
-                        // that one write carries them all (see ARCHITECTURE invariant 25).
+                    if !self.pending.is_empty()
+                        || self.shared.waiting.load(Ordering::Relaxed) > 1
+                    {
+                        // Other callers have requests in flight (or on their way here, still
+                        // counted only in `waiting`): those whose answers just came are about
+                        // to send their next ones. Let them run first, so that one write
+                        // carries them all (see ARCHITECTURE invariant 25).
                         tokio::task::yield_now().await;
                     }
                     self.now = Instant::now();
@@ -131,8 +139,10 @@ impl Driver {
                     loop {
                         match next {
                             Some(Cmd::Shutdown { reply }) => {
+                                self.take_written();
                                 self.flush().await;
                                 self.close_session().await;
+                                self.close_writer();
                                 let _ = reply.send(());
                                 return;
                             }
@@ -140,8 +150,10 @@ impl Driver {
                             None => {
                                 // Every handle is gone: end the session so its leases free
                                 // at once.
+                                self.take_written();
                                 self.flush().await;
                                 self.close_session().await;
+                                self.close_writer();
                                 return;
                             }
                         }
@@ -163,6 +175,9 @@ impl Driver {
                     self.on_timer();
                 }
             }
+            // Before anything that looks at the pending requests: those callers wrote
+            // themselves are pending too.
+            self.take_written();
             if !fired && self.now >= armed {
                 fired = true;
                 self.on_timer();
@@ -289,22 +304,25 @@ impl Driver {
 
     fn on_cmd(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Call { reply, .. } if self.refused.is_some() => {
-                let _ = reply.send(Err(self.refusal()));
+            Cmd::Call(own) if self.refused.is_some() => {
+                self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
+                if let Some(reply) = own.reply {
+                    let _ = reply.send(Err(self.refusal()));
+                }
             }
-            Cmd::Call {
+            Cmd::Call(Own {
                 req,
                 reply,
                 lost,
                 until_gone,
-            } => {
-                if let Req::FinishJob { lease, .. } | Req::Release { lease } = req {
-                    // The coordinator releases the lease as it records the end or handles the
-                    // release; from here no loss is to be reported for it (and a released
-                    // lease must not stay in the map, which would grow with every pair).
-                    self.leases.remove(&lease);
+            }) => {
+                self.no_loss_after(&req);
+                self.submit_counted(req, reply, lost, until_gone, true)
+            }
+            Cmd::Flush { sent } => {
+                if let Some(sent) = sent {
+                    self.sent.push(sent);
                 }
-                self.submit(req, Some(reply), lost, until_gone)
             }
             Cmd::Forget { lease, sent } => {
                 self.leases.remove(&lease);
@@ -323,8 +341,54 @@ impl Driver {
         }
     }
 
-    /// Records a request as pending and queues it for the turn's write if connected;
-    /// otherwise it goes out after the next reconnect.
+    /// A release or a job's end: the coordinator releases the lease as it records the end
+    /// or handles the release; from here no loss is to be reported for it (and a released
+    /// lease must not stay in the map, which would grow with every pair).
+    fn no_loss_after(&mut self, req: &Req) {
+        if let Req::FinishJob { lease, .. } | Req::Release { lease } = req {
+            self.leases.remove(lease);
+        }
+    }
+
+    /// Takes the records of the requests callers wrote themselves: pending from here.
+    fn take_written(&mut self) {
+        {
+            let mut w = self.shared.lock();
+            if w.written.is_empty() {
+                return;
+            }
+            std::mem::swap(&mut w.written, &mut self.written);
+        }
+        let mut written = std::mem::take(&mut self.written);
+        for (id, p) in written.drain(..) {
+            self.no_loss_after(&p.req);
+            self.gone_pending |= p.until_gone;
+            self.pending.insert(id, p);
+        }
+        self.written = written;
+    }
+
+    /// A pending request leaves: a counted one no longer keeps callers from writing their
+    /// own (see [`Shared::waiting`]).
+    fn uncount(&self, p: &Pending) {
+        if p.counted {
+            self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The driver stops: no caller may write any more (with nobody to read the answer),
+    /// and those that did are told by their dropped reply.
+    fn close_writer(&mut self) {
+        let written = {
+            let mut w = self.shared.lock();
+            w.wr = None;
+            w.out.clear();
+            std::mem::take(&mut w.written)
+        };
+        drop(written);
+    }
+
+    /// Records a request of the driver's own as pending (see [`Driver::submit_counted`]).
     fn submit(
         &mut self,
         req: Req,
@@ -332,8 +396,21 @@ impl Driver {
         lost: Option<LostSender>,
         until_gone: bool,
     ) {
-        let id = self.next_id;
-        self.next_id = self.next_id.wrapping_add(1).max(1);
+        self.submit_counted(req, reply, lost, until_gone, false);
+    }
+
+    /// Records a request as pending and queues it for the turn's write if connected;
+    /// otherwise it goes out after the next reconnect. `counted`: a caller's call, counted
+    /// in [`Shared::waiting`].
+    fn submit_counted(
+        &mut self,
+        req: Req,
+        reply: Option<Reply>,
+        lost: Option<LostSender>,
+        until_gone: bool,
+        counted: bool,
+    ) {
+        let id = self.shared.take_id();
         // Encoded straight into the write buffer: no buffer of its own per request.
         let mark = self.out.len();
         encode(id, &req, &mut self.out);
@@ -351,6 +428,9 @@ impl Driver {
                  reason too long?)",
                 proto::MAX_REQUEST_FRAME
             );
+            if counted {
+                self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
+            }
             if let Some(reply) = reply {
                 let _ = reply.send(Err(Error::Rejected {
                     code: ErrorCode::TooLarge,
@@ -369,36 +449,75 @@ impl Driver {
                 sent_at: self.now,
                 resent: false,
                 until_gone,
+                counted,
             },
         );
         self.gone_pending |= until_gone;
     }
 
-    /// Writes what the turn queued, in one go.
+    /// Writes what the turn queued, behind what callers left in the shared buffer, in one
+    /// go.
     async fn flush(&mut self) {
-        if self.out.is_empty() {
-            return;
-        }
-        let Some(link) = &mut self.link else {
+        if self.link.is_none() {
             self.out.clear();
             return;
-        };
-        #[cfg(test)]
-        self.health.writes.fetch_add(1, Ordering::Relaxed);
-        // The socket almost always takes it all at once; only a full send buffer waits, bounded
-        // so that a peer that stopped reading cannot stall the loop.
-        let result = match link.wr.try_write(&self.out) {
-            Ok(n) if n == self.out.len() => Ok(()),
-            Ok(n) => write_rest(&mut link.wr, &self.out[n..]).await,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                write_rest(&mut link.wr, &self.out).await
+        }
+        let (mut wr, rest) = {
+            let mut w = self.shared.lock();
+            if self.out.is_empty() && w.out.is_empty() {
+                return;
             }
-            Err(e) => Err(format!("write failed: {e}")),
+            if w.out.is_empty() {
+                std::mem::swap(&mut w.out, &mut self.out);
+            } else {
+                w.out.extend_from_slice(&self.out);
+                self.out.clear();
+            }
+            let Some(wr) = w.wr.as_ref() else {
+                // Cannot be: the write half is only away during this function's own wait.
+                w.out.clear();
+                return;
+            };
+            #[cfg(test)]
+            self.health.writes.fetch_add(1, Ordering::Relaxed);
+            // The socket almost always takes it all at once; only a full send buffer waits,
+            // bounded so that a peer that stopped reading cannot stall the loop.
+            let n = match wr.try_write(&w.out) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+                Err(e) => {
+                    w.out.clear();
+                    drop(w);
+                    return self.disconnected(&format!("write failed: {e}"));
+                }
+            };
+            if n == w.out.len() {
+                w.out.clear();
+                if w.out.capacity() > OUT_KEEP {
+                    // A large re-send after a reconnect: do not keep its memory for ever.
+                    w.out.shrink_to(OUT_KEEP);
+                }
+                return;
+            }
+            w.out.drain(..n);
+            // The wait is ours: callers go through us meanwhile (see `writer`).
+            let wr = w.wr.take();
+            (wr, std::mem::take(&mut w.out))
         };
-        self.out.clear();
-        if self.out.capacity() > OUT_KEEP {
-            // A large re-send after a reconnect: do not keep its memory for ever.
-            self.out.shrink_to(OUT_KEEP);
+        let Some(wr_half) = wr.as_mut() else { return };
+        let result = write_rest(wr_half, &rest).await;
+        {
+            let mut w = self.shared.lock();
+            w.wr = wr;
+            // Nothing was put in `out` meanwhile (no caller writes without the write half),
+            // so its room is given back for the next turn.
+            if w.out.is_empty() {
+                w.out = rest;
+                w.out.clear();
+                if w.out.capacity() > OUT_KEEP {
+                    w.out.shrink_to(OUT_KEEP);
+                }
+            }
         }
         if let Err(why) = result {
             self.disconnected(&why);
@@ -427,8 +546,14 @@ impl Driver {
 
     fn disconnected(&mut self, why: &str) {
         // Whatever was queued for the dead link goes out again with the other pending
-        // requests after the reconnect.
+        // requests after the reconnect; callers write no more on it.
         self.out.clear();
+        {
+            let mut w = self.shared.lock();
+            w.wr = None;
+            w.out.clear();
+        }
+        self.take_written();
         if self.link.take().is_some() {
             // Quiet: a restart of the coordinator must stay invisible. The notice says so if
             // the coordinator stays away.
@@ -508,6 +633,7 @@ impl Driver {
                 tracing::warn!(?code, "the coordinator refused the handshake: {message}");
                 self.refused = Some((code, message));
                 for (_, p) in std::mem::take(&mut self.pending) {
+                    self.uncount(&p);
                     if let Some(reply) = p.reply {
                         let _ = reply.send(Err(self.refusal()));
                     }
@@ -519,7 +645,7 @@ impl Driver {
                 None
             }
         };
-        let Some((link, ttl)) = opened else {
+        let Some((link, wr, ttl)) = opened else {
             // Back off with jitter, so that many clients do not reconnect in lockstep.
             let jitter =
                 Duration::from_millis(random_id() % (self.backoff.as_millis() as u64 / 2 + 1));
@@ -545,7 +671,11 @@ impl Driver {
         self.contact(attempt_started);
         self.last_keepalive = now;
         // The write buffer is empty between turns, so the re-sent requests go first.
-        for id in resend_order(self.pending.keys().copied().collect(), self.next_id) {
+        self.take_written();
+        for id in resend_order(
+            self.pending.keys().copied().collect(),
+            self.shared.next_id(),
+        ) {
             if let Some(p) = self.pending.get_mut(&id) {
                 p.resent = true;
                 p.sent_at = now;
@@ -558,12 +688,22 @@ impl Driver {
         if !self.leases.is_empty() {
             self.submit(Req::Leases, None, None, false);
         }
+        {
+            // Callers may write from here on, behind the re-sent requests.
+            let mut w = self.shared.lock();
+            w.out.clear();
+            std::mem::swap(&mut w.out, &mut self.out);
+            w.wr = Some(wr);
+        }
         // Events the handshake carried (see `open_link`).
         self.on_frames();
     }
 
     /// Handles every whole frame the link's buffer holds.
     fn on_frames(&mut self) {
+        // The records of requests callers wrote come first: an answer read now is to a
+        // request whose record was made with its write (see `writer`).
+        self.take_written();
         let Some(link) = &mut self.link else { return };
         // Taken out so that the replies can be handled while it is read; the frames handled
         // are dropped from its front once, at the end, not one by one.
@@ -589,6 +729,7 @@ impl Driver {
                             .get(pos + 5..pos + 9)
                             .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
                         if let Some(p) = id.and_then(|id| self.pending.remove(&id)) {
+                            self.uncount(&p);
                             if let Some(reply) = p.reply {
                                 let _ = reply.send(Err(Error::Rejected {
                                     code: ErrorCode::TooLarge,
@@ -620,6 +761,7 @@ impl Driver {
         let Some(p) = self.pending.remove(&id) else {
             return;
         };
+        self.uncount(&p);
         let result = match reply {
             OwnedReply::Done => Ok(Answer::Done),
             OwnedReply::Granted(token) => Ok(Answer::Granted { token }),
@@ -783,5 +925,13 @@ impl Driver {
             }
         };
         let _ = tokio::time::timeout(SHUTDOWN_WAIT, wait).await;
+    }
+}
+
+impl Drop for Driver {
+    /// However the driver ends (its task dropped with the runtime, too), callers must not
+    /// write on, or wait for answers from, a link nobody reads.
+    fn drop(&mut self) {
+        self.close_writer();
     }
 }

@@ -20,7 +20,7 @@ pub(super) enum Hello {
 }
 
 /// The outcome of one connection attempt: see [`open_link`].
-pub(super) type Opened = Result<Result<(Link, Duration), Error>, Error>;
+pub(super) type Opened = Result<Result<(Link, LinkWrite, Duration), Error>, Error>;
 
 /// The first connection: retried with backoff while it fails to connect (refused, reset, no
 /// answer) and `retry_for` (from the first attempt) is not over; one attempt without it. A
@@ -32,7 +32,7 @@ pub(super) async fn first_link(
     token: &str,
     hello: Hello,
     retry_for: Option<Duration>,
-) -> Result<(Link, Duration), Error> {
+) -> Result<(Link, LinkWrite, Duration), Error> {
     let started = Instant::now();
     let end = retry_for.map(|t| started + t);
     let mut backoff = MIN_BACKOFF;
@@ -116,7 +116,6 @@ pub(super) async fn open_link(
     wr.write_all(&out).await.map_err(connect_err)?;
     let mut link = Link {
         rd,
-        wr,
         buf: Vec::with_capacity(4096),
     };
     let mut answers = 0;
@@ -208,7 +207,7 @@ pub(super) async fn open_link(
         carried.extend_from_slice(&link.buf);
         link.buf = carried;
     }
-    Ok(session_result.map(|()| (link, ttl)))
+    Ok(session_result.map(|()| (link, wr, ttl)))
 }
 
 /// Reads more bytes into the link's buffer. Pending forever when there is no link, so that it

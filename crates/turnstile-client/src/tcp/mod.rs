@@ -1,8 +1,10 @@
 //! The coordinator backend (`tcp://HOST:PORT`).
 //!
 //! One driver task owns the connection. Callers send it commands over a channel and get their
-//! answers on oneshot channels; the driver numbers requests, matches replies by request id,
-//! keeps the session alive, and survives disconnections: it reconnects with exponential
+//! answers on oneshot channels — except that a caller whose call is the only one awaited on
+//! the client writes its frame itself, which spares the hand-off (see `writer`). The driver
+//! matches replies by request id, keeps the session alive, and survives disconnections: it
+//! reconnects with exponential
 //! backoff, resumes the session, and re-sends every request still unanswered. Re-sending is
 //! safe because every request is idempotent on the coordinator (an acquire is named by its
 //! lease id; a repeated release answers "unknown lease", which a re-sent release takes as
@@ -23,7 +25,7 @@
 //! ([`Notice`]), never once per retry.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,6 +39,7 @@ use turnstile_proto::{
 
 use self::driver::Driver;
 use self::link::{first_link, Hello};
+use self::writer::{Own, Sent, Shared};
 use crate::backend::{Backend, BoxFuture, Grant, JobBegin, JobEnd};
 use crate::lost::{self, LostReceiver, LostSender};
 use crate::tls::{self, LinkRead, LinkWrite};
@@ -197,21 +200,19 @@ type Reply = oneshot::Sender<Result<Answer, Error>>;
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 enum Cmd {
-    Call {
-        req: Req,
-        reply: Reply,
-        /// For an acquire: fires when the lease is lost.
-        lost: Option<LostSender>,
-        /// Fail the call with `Unavailable` once the session's leases have surely expired
-        /// on the coordinator (see [`Until::LeaseGone`]).
-        until_gone: bool,
-    },
+    /// A caller's call, counted in [`Shared::waiting`].
+    Call(Own),
     /// Release without waiting for the answer (a dropped permit, a dropped acquire, a
     /// `send_release`).
     Forget {
         lease: u64,
         /// Fired once the turn that queued the release has written it (or found no link, in
         /// which case it goes out with the other pending requests after the reconnect).
+        sent: Option<oneshot::Sender<()>>,
+    },
+    /// Write what callers left in the shared buffer (see `writer`).
+    Flush {
+        /// Fired once the turn has written it, as for `Forget`.
         sent: Option<oneshot::Sender<()>>,
     },
     /// Send a keep-alive now: a caller whose deadline passed wants to know whether the
@@ -228,19 +229,22 @@ struct Pending {
     lost: Option<LostSender>,
     sent_at: Instant,
     resent: bool,
-    /// See `Cmd::Call::until_gone`.
+    /// See [`Own::until_gone`].
     until_gone: bool,
+    /// Counted in [`Shared::waiting`] (a caller's call), until the driver takes it out.
+    counted: bool,
 }
 
+/// The read side of a link, which only the driver touches; the write half is in [`Shared`].
 struct Link {
     rd: LinkRead,
-    wr: LinkWrite,
     buf: Vec<u8>,
 }
 
 /// The coordinator backend: a handle on the driver task.
 pub(crate) struct TcpBackend {
     tx: mpsc::UnboundedSender<Cmd>,
+    shared: Arc<Shared>,
     session: Arc<AtomicU64>,
     next_lease: AtomicU64,
     health: Arc<Health>,
@@ -265,6 +269,9 @@ struct Health {
     /// Writes to the socket, for the tests of coalescing.
     #[cfg(test)]
     writes: AtomicU64,
+    /// Of those, the writes callers made themselves (see `writer`).
+    #[cfg(test)]
+    own_writes: AtomicU64,
     /// Leases the driver watches for loss, as of the end of its last turn.
     #[cfg(test)]
     watched: AtomicU64,
@@ -283,6 +290,8 @@ impl Health {
             away_since: AtomicU64::new(NEVER),
             #[cfg(test)]
             writes: AtomicU64::new(0),
+            #[cfg(test)]
+            own_writes: AtomicU64::new(0),
             #[cfg(test)]
             watched: AtomicU64::new(0),
         }
@@ -359,7 +368,7 @@ impl TcpBackend {
             .unwrap_or(0);
         let name = options.client_name.clone().unwrap_or_else(default_name);
         let token = options.token.clone().unwrap_or_default();
-        let (link, ttl) = first_link(
+        let (link, wr, ttl) = first_link(
             &addr,
             tls.as_ref(),
             &name,
@@ -372,7 +381,9 @@ impl TcpBackend {
         let session_cell = Arc::new(AtomicU64::new(session));
         let now = Instant::now();
         let health = Arc::new(Health::new(now, ttl));
+        let shared = Arc::new(Shared::new(wr));
         let driver = Driver {
+            shared: shared.clone(),
             health: health.clone(),
             connecting: None,
             awaiting_since: None,
@@ -387,7 +398,6 @@ impl TcpBackend {
             ttl,
             rx,
             link: Some(link),
-            next_id: 1,
             pending: Map::default(),
             leases: Map::default(),
             abandoned: Vec::new(),
@@ -399,12 +409,14 @@ impl TcpBackend {
             out: Vec::with_capacity(4096),
             now,
             sent: Vec::new(),
+            written: Vec::new(),
             gone_pending: false,
         };
         let addr = driver.addr.clone();
         tokio::spawn(driver.run());
         Ok(TcpBackend {
             tx,
+            shared,
             session: session_cell,
             next_lease: AtomicU64::new(crate::lease_id_base()),
             health,
@@ -471,14 +483,7 @@ impl TcpBackend {
     ) -> Result<(Answer, LostReceiver), Error> {
         let (lost_tx, lost_rx) = lost::channel();
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Cmd::Call {
-                req,
-                reply,
-                lost: Some(lost_tx),
-                until_gone: false,
-            })
-            .map_err(|_| Error::Shutdown)?;
+        self.send_call(req, reply, Some(lost_tx), false)?;
         let mut guard = AcquireGuard {
             tx: &self.tx,
             lease,
@@ -508,15 +513,46 @@ impl TcpBackend {
 
     async fn call(&self, req: Req, until: Until) -> Result<Answer, Error> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Cmd::Call {
-                req,
-                reply,
-                lost: None,
-                until_gone: matches!(until, Until::LeaseGone),
-            })
-            .map_err(|_| Error::Shutdown)?;
+        self.send_call(req, reply, None, matches!(until, Until::LeaseGone))?;
         self.answer(rx, until).await
+    }
+
+    /// Sends a call: written by the caller itself when no other caller's request is in
+    /// flight on this client, else through the driver (see `writer`).
+    fn send_call(
+        &self,
+        req: Req,
+        reply: Reply,
+        lost: Option<LostSender>,
+        until_gone: bool,
+    ) -> Result<(), Error> {
+        let alone = self.shared.waiting.fetch_add(1, Ordering::Relaxed) == 0;
+        let own = Own {
+            req,
+            reply: Some(reply),
+            lost,
+            until_gone,
+        };
+        let own = if alone {
+            match self.shared.send(own, true, &self.health) {
+                Sent::Written => return Ok(()),
+                Sent::Queued => return self.wake(None),
+                Sent::Refused(own) => own,
+            }
+        } else {
+            own
+        };
+        self.tx.send(Cmd::Call(own)).map_err(|_| {
+            self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
+            Error::Shutdown
+        })
+    }
+
+    /// Asks the driver to write what callers left in the shared buffer.
+    fn wake(&self, sent: Option<oneshot::Sender<()>>) -> Result<(), Error> {
+        self.tx
+            .send(Cmd::Flush { sent })
+            .map_err(|_| Error::Shutdown)
     }
 }
 
@@ -592,18 +628,38 @@ impl Backend for TcpBackend {
     }
 
     fn release_in_background(&self, lease: u64) {
-        let _ = self.tx.send(Cmd::Forget { lease, sent: None });
+        // Queued for the next write, which is usually the caller's next acquire; the driver
+        // is woken in case none comes.
+        match self.shared.queue_release(lease) {
+            Ok(()) => {
+                let _ = self.wake(None);
+            }
+            Err(lease) => {
+                let _ = self.tx.send(Cmd::Forget { lease, sent: None });
+            }
+        }
     }
 
     fn send_release(&self, lease: u64) -> BoxFuture<'_, Result<(), Error>> {
         Box::pin(async move {
+            let own = Own {
+                req: Req::Release { lease },
+                reply: None,
+                lost: None,
+                until_gone: false,
+            };
             let (sent, written) = oneshot::channel();
-            self.tx
-                .send(Cmd::Forget {
-                    lease,
-                    sent: Some(sent),
-                })
-                .map_err(|_| self.unavailable())?;
+            match self.shared.send(own, false, &self.health) {
+                Sent::Written => return Ok(()),
+                Sent::Queued => self.wake(Some(sent)).map_err(|_| self.unavailable())?,
+                Sent::Refused(_) => self
+                    .tx
+                    .send(Cmd::Forget {
+                        lease,
+                        sent: Some(sent),
+                    })
+                    .map_err(|_| self.unavailable())?,
+            }
             // A dropped sender means the driver ended (shut down, or every handle gone), and
             // ending the session releases the lease anyway.
             let _ = written.await;
@@ -879,3 +935,4 @@ mod link;
 #[cfg(test)]
 mod tests;
 mod wire;
+mod writer;

@@ -1,0 +1,186 @@
+//! The write side of the link, shared by the callers and the driver.
+//!
+//! A caller whose request is the only one awaited on its client writes the frame itself:
+//! going through the driver would cost a channel send and a task hand-off per request,
+//! about a tenth of the client's CPU with one caller per client. Everything else (requests
+//! of a caller among others in flight, which the driver coalesces into one write; TLS
+//! links; no link at all) still goes through the driver.
+//!
+//! # Rules
+//! - Frames reach the socket whole and in the order they were put in [`Writer::out`]: every
+//!   write happens under the lock, from the front of `out`, and a write that leaves bytes
+//!   behind leaves them at the front for the next writer. A write that has to wait (a full
+//!   send buffer) is the driver's: it takes the write half out of the lock while it waits,
+//!   and callers find no write half and go through the driver meanwhile.
+//! - A caller records its request ([`Writer::written`]) in the same critical section as the
+//!   write that sends it, so the driver, which takes the records at the start of each turn,
+//!   has the record of every request whose answer it has read.
+//! - The driver takes the write half away when the link breaks and when it stops, under the
+//!   same lock, then takes the records: a request written on a dead link is pending like
+//!   any other and goes out again after the reconnect; one recorded after the driver stopped
+//!   cannot exist, so no caller waits for an answer nobody will read.
+
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use super::wire::encode;
+use super::*;
+
+/// What callers and the driver share to write.
+pub(super) struct Shared {
+    writer: Mutex<Writer>,
+    /// Request ids, handed out to callers and the driver alike (0 is never used).
+    next_id: AtomicU32,
+    /// Calls whose callers wait for the answer: counted when sent, uncounted by the driver
+    /// when it hands the answer (or an error) over. A caller that finds none writes its
+    /// own frame; one that finds others leaves it to the driver, whose one write then
+    /// carries the frames of every caller woken by the same read (ARCHITECTURE invariant 25).
+    pub(super) waiting: AtomicUsize,
+}
+
+pub(super) struct Writer {
+    /// The write half of the link: `None` while there is no link, and while the driver
+    /// waits on a write (see the module doc).
+    pub(super) wr: Option<LinkWrite>,
+    /// Frames not yet written, in order.
+    pub(super) out: Vec<u8>,
+    /// Requests written (or put in `out`) by callers, for the driver to count as pending.
+    pub(super) written: Vec<(u32, Pending)>,
+}
+
+/// A request a caller hands to [`Shared::send`], given back when it must go through the
+/// driver instead.
+pub(super) struct Own {
+    pub(super) req: Req,
+    pub(super) reply: Option<Reply>,
+    /// For an acquire: fires when the lease is lost.
+    pub(super) lost: Option<LostSender>,
+    /// Fail the call with `Unavailable` once the session's leases have surely expired on
+    /// the coordinator (see [`Until::LeaseGone`]).
+    pub(super) until_gone: bool,
+}
+
+/// What [`Shared::send`] did.
+pub(super) enum Sent {
+    /// The frame is on the socket.
+    Written,
+    /// The frame is queued behind others: the driver must be woken to write it.
+    Queued,
+    /// Not taken: send it through the driver.
+    Refused(Own),
+}
+
+impl Shared {
+    pub(super) fn new(wr: LinkWrite) -> Shared {
+        Shared {
+            writer: Mutex::new(Writer {
+                wr: Some(wr),
+                out: Vec::with_capacity(512),
+                written: Vec::new(),
+            }),
+            next_id: AtomicU32::new(1),
+            waiting: AtomicUsize::new(0),
+        }
+    }
+
+    /// The lock. A panic while it was held leaves nothing half-done that matters here (the
+    /// worst is a frame cut short, which the coordinator refuses by closing the link, and the
+    /// driver then re-sends everything pending), so a poisoned lock is used as it is.
+    pub(super) fn lock(&self) -> MutexGuard<'_, Writer> {
+        self.writer.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The next request id.
+    pub(super) fn take_id(&self) -> u32 {
+        loop {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            if id != 0 {
+                return id;
+            }
+        }
+    }
+
+    /// The id the next request will get, for ordering re-sends across the wrap of the ids.
+    pub(super) fn next_id(&self) -> u32 {
+        self.next_id.load(Ordering::Relaxed)
+    }
+
+    /// A caller's own write: encodes `own` behind whatever `out` holds, writes as much as
+    /// the socket takes, and records the request for the driver. `counted`: the request is
+    /// counted in [`Shared::waiting`].
+    pub(super) fn send(&self, own: Own, counted: bool, health: &Health) -> Sent {
+        let mut w = self.lock();
+        let w = &mut *w;
+        // A TLS link writes only with `write_all`, which waits: that stays with the driver.
+        let Some(wr) = w.wr.as_ref().filter(|wr| wr.is_plain()) else {
+            return Sent::Refused(own);
+        };
+        let id = self.take_id();
+        let mark = w.out.len();
+        encode(id, &own.req, &mut w.out);
+        if w.out.len() - mark - 4 > proto::MAX_REQUEST_FRAME {
+            // The driver fails it with its reason.
+            w.out.truncate(mark);
+            return Sent::Refused(own);
+        }
+        // No later than the send, as the contact mark needs.
+        let sent_at = Instant::now();
+        #[cfg(test)]
+        {
+            health.writes.fetch_add(1, Ordering::Relaxed);
+            health.own_writes.fetch_add(1, Ordering::Relaxed);
+        }
+        #[cfg(not(test))]
+        let _ = health;
+        match wr.try_write(&w.out) {
+            Ok(n) if n == w.out.len() => w.out.clear(),
+            Ok(n) => drop(w.out.drain(..n)),
+            // A full send buffer: the driver waits for room. A broken link: its read fails
+            // too, and everything pending goes out again on the next one.
+            Err(_) => {}
+        }
+        w.written.push((
+            id,
+            Pending {
+                req: own.req,
+                reply: own.reply,
+                lost: own.lost,
+                sent_at,
+                resent: false,
+                until_gone: own.until_gone,
+                counted,
+            },
+        ));
+        if w.out.is_empty() {
+            Sent::Written
+        } else {
+            Sent::Queued
+        }
+    }
+
+    /// Queues a release without writing it, for the next write (a caller's own, or the
+    /// driver's, which the caller wakes): a dropped permit's release then shares the write
+    /// of the request that usually follows it. Gives the release back if there is no link
+    /// a caller may write on.
+    pub(super) fn queue_release(&self, lease: u64) -> Result<(), u64> {
+        let mut w = self.lock();
+        if !w.wr.as_ref().is_some_and(LinkWrite::is_plain) {
+            return Err(lease);
+        }
+        let id = self.take_id();
+        let req = Req::Release { lease };
+        encode(id, &req, &mut w.out);
+        w.written.push((
+            id,
+            Pending {
+                req,
+                reply: None,
+                lost: None,
+                sent_at: Instant::now(),
+                resent: false,
+                until_gone: false,
+                counted: false,
+            },
+        ));
+        Ok(())
+    }
+}
