@@ -71,6 +71,15 @@ pub(super) struct Driver {
     pub(super) gone_pending: bool,
 }
 
+/// Swaps the records into the driver's empty vector, if there are any.
+fn swap_if_any(shared: &mut Vec<(u32, Pending)>, mine: &mut Vec<(u32, Pending)>) -> bool {
+    if shared.is_empty() {
+        return false;
+    }
+    std::mem::swap(shared, mine);
+    true
+}
+
 /// Pending request ids in the order they were first sent, oldest first: counted back from
 /// the next id to be given, so that the order holds across the wrap of the ids too.
 pub(super) fn resend_order(mut ids: Vec<u32>, next_id: u32) -> Vec<u32> {
@@ -124,6 +133,14 @@ impl Driver {
                     }
                 }
                 cmd = self.rx.recv() => {
+                    if matches!(cmd, Some(Cmd::Flush { sent: None }))
+                        && self.shared.try_lock().is_some_and(|w| w.out.is_empty())
+                        && Instant::now() < armed
+                    {
+                        // A dropped permit's release that its caller's next request already
+                        // took along: nothing to write, and nothing else is due.
+                        continue;
+                    }
                     if !self.pending.is_empty()
                         || self.shared.waiting.load(Ordering::Relaxed) > 1
                     {
@@ -177,7 +194,7 @@ impl Driver {
             }
             // Before anything that looks at the pending requests: those callers wrote
             // themselves are pending too.
-            self.take_written();
+            self.take_written_if_free();
             if !fired && self.now >= armed {
                 fired = true;
                 self.on_timer();
@@ -352,13 +369,29 @@ impl Driver {
 
     /// Takes the records of the requests callers wrote themselves: pending from here.
     fn take_written(&mut self) {
-        {
+        let taken = {
             let mut w = self.shared.lock();
-            if w.written.is_empty() {
-                return;
-            }
-            std::mem::swap(&mut w.written, &mut self.written);
+            swap_if_any(&mut w.written, &mut self.written)
+        };
+        if taken {
+            self.pend_records();
         }
+    }
+
+    /// [`Driver::take_written`] unless a caller holds the lock: for the end of a turn, where
+    /// nothing needs the records yet (an answer does, and `on_frames` waits for the lock).
+    fn take_written_if_free(&mut self) {
+        let taken = match self.shared.try_lock() {
+            Some(mut w) => swap_if_any(&mut w.written, &mut self.written),
+            None => false,
+        };
+        if taken {
+            self.pend_records();
+        }
+    }
+
+    /// The records just taken become pending requests.
+    fn pend_records(&mut self) {
         let mut written = std::mem::take(&mut self.written);
         for (id, p) in written.drain(..) {
             self.no_loss_after(&p.req);
@@ -463,7 +496,15 @@ impl Driver {
             return;
         }
         let (mut wr, rest) = {
-            let mut w = self.shared.lock();
+            let mut w = if self.out.is_empty() {
+                // Only what callers left: a caller holding the lock writes it, or wakes us.
+                match self.shared.try_lock() {
+                    Some(w) => w,
+                    None => return,
+                }
+            } else {
+                self.shared.lock()
+            };
             if self.out.is_empty() && w.out.is_empty() {
                 return;
             }

@@ -20,7 +20,7 @@
 //!   any other and goes out again after the reconnect; one recorded after the driver stopped
 //!   cannot exist, so no caller waits for an answer nobody will read.
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError, TryLockError};
 
 use super::wire::encode;
 use super::*;
@@ -87,6 +87,19 @@ impl Shared {
     /// driver then re-sends everything pending), so a poisoned lock is used as it is.
     pub(super) fn lock(&self) -> MutexGuard<'_, Writer> {
         self.writer.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The lock if it is free. A holder other than the driver either writes everything
+    /// `out` holds or wakes the driver when it leaves bytes there, so the driver's turn may
+    /// skip the shared buffer while a caller holds it, rather than wait through the caller's
+    /// write (a futex sleep and wake-up each time, when a dropped permit's release and the
+    /// next acquire meet the driver's turn).
+    pub(super) fn try_lock(&self) -> Option<MutexGuard<'_, Writer>> {
+        match self.writer.try_lock() {
+            Ok(w) => Some(w),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
     }
 
     /// The next request id.
