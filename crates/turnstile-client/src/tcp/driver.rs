@@ -63,8 +63,12 @@ pub(super) struct Driver {
     pub(super) now: Instant,
     /// Callers of `send_release` whose releases this turn queued: told after its write.
     pub(super) sent: Vec<oneshot::Sender<()>>,
-    /// Spare room for the records taken from `shared` each turn.
+    /// Spare room for the records taken from `shared`.
     pub(super) written: Vec<(u32, Pending)>,
+    /// Callers left frames in the shared buffer (they woke us with `Cmd::Flush`), or a
+    /// reconnect put its re-sends there: the turn's flush looks at it. Otherwise a flush with
+    /// nothing of the driver's own skips the lock.
+    pub(super) flush_shared: bool,
     /// Some pending call may wait for [`Until::LeaseGone`]: the timer then wakes the loop
     /// when the session's leases have surely expired, to fail those calls. Cleared when a
     /// look finds none left.
@@ -189,14 +193,13 @@ impl Driver {
                 () = &mut timer => {
                     self.now = Instant::now();
                     fired = true;
+                    self.take_written();
                     self.on_timer();
                 }
             }
-            // Before anything that looks at the pending requests: those callers wrote
-            // themselves are pending too.
-            self.take_written_if_free();
             if !fired && self.now >= armed {
                 fired = true;
+                self.take_written();
                 self.on_timer();
             }
             self.flush().await;
@@ -337,6 +340,7 @@ impl Driver {
                 self.submit_counted(req, reply, lost, until_gone, true)
             }
             Cmd::Flush { sent } => {
+                self.flush_shared = true;
                 if let Some(sent) = sent {
                     self.sent.push(sent);
                 }
@@ -367,23 +371,15 @@ impl Driver {
         }
     }
 
-    /// Takes the records of the requests callers wrote themselves: pending from here.
+    /// Takes the records of the requests callers wrote themselves: pending from here. Done
+    /// where the records are needed, not on every turn: before the answers read are handled
+    /// (`on_frames`), before the timer's work (a release's "lease surely gone" deadline is
+    /// armed from its record; the presumed-loss deadline of the lease it releases, always
+    /// earlier, brings the timer there), and before a reconnect, a disconnection or the end.
     fn take_written(&mut self) {
         let taken = {
             let mut w = self.shared.lock();
             swap_if_any(&mut w.written, &mut self.written)
-        };
-        if taken {
-            self.pend_records();
-        }
-    }
-
-    /// [`Driver::take_written`] unless a caller holds the lock: for the end of a turn, where
-    /// nothing needs the records yet (an answer does, and `on_frames` waits for the lock).
-    fn take_written_if_free(&mut self) {
-        let taken = match self.shared.try_lock() {
-            Some(mut w) => swap_if_any(&mut w.written, &mut self.written),
-            None => false,
         };
         if taken {
             self.pend_records();
@@ -497,7 +493,11 @@ impl Driver {
         }
         let (mut wr, rest) = {
             let mut w = if self.out.is_empty() {
-                // Only what callers left: a caller holding the lock writes it, or wakes us.
+                // Only what callers left, which they wake us for (or a reconnect's re-sends).
+                if !std::mem::take(&mut self.flush_shared) {
+                    return;
+                }
+                // A caller holding the lock writes it, or wakes us again.
                 match self.shared.try_lock() {
                     Some(w) => w,
                     None => return,
@@ -736,6 +736,7 @@ impl Driver {
             std::mem::swap(&mut w.out, &mut self.out);
             w.wr = Some(wr);
         }
+        self.flush_shared = true;
         // Events the handshake carried (see `open_link`).
         self.on_frames();
     }

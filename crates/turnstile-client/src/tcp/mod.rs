@@ -410,6 +410,7 @@ impl TcpBackend {
             now,
             sent: Vec::new(),
             written: Vec::new(),
+            flush_shared: false,
             gone_pending: false,
         };
         let addr = driver.addr.clone();
