@@ -435,11 +435,23 @@ impl TcpBackend {
     /// Waits for the answer to a request, at most as `until` says (see the module doc).
     async fn answer(
         &self,
-        mut rx: oneshot::Receiver<Result<Answer, Error>>,
+        rx: oneshot::Receiver<Result<Answer, Error>>,
         until: Until,
     ) -> Result<Answer, Error> {
+        self.settled(rx, until).await?
+    }
+
+    /// [`TcpBackend::answer`], telling apart how it ended: the outer error is the caller's
+    /// side giving up (a deadline, the driver gone), after which the request may still be
+    /// alive on the coordinator; the inner result is the request's settled outcome (the
+    /// coordinator's answer, or the driver's verdict on a request it never sent).
+    async fn settled(
+        &self,
+        mut rx: oneshot::Receiver<Result<Answer, Error>>,
+        until: Until,
+    ) -> Result<Result<Answer, Error>, Error> {
         let closed = |r: Result<Result<Answer, Error>, oneshot::error::RecvError>| {
-            r.map_err(|_| Error::Shutdown)?
+            r.map_err(|_| Error::Shutdown)
         };
         match until {
             Until::Answered => closed(rx.await),
@@ -490,10 +502,13 @@ impl TcpBackend {
             lease,
             armed: true,
         };
-        // On an early return (a deadline), the guard withdraws the acquire.
-        let answer = self.answer(rx, until).await?;
+        // On an early return (a deadline, or the future dropped), the guard withdraws the
+        // acquire. A settled one has nothing to withdraw: a refusal or the coordinator's "timed
+        // out" left no lease behind (withdrawing it anyway doubled the requests of a loop of
+        // `try_acquire` on a full semaphore).
+        let settled = self.settled(rx, until).await?;
         guard.armed = false;
-        Ok((answer, lost_rx))
+        Ok((settled?, lost_rx))
     }
 
     /// One `Status` request: one semaphore, or one page.
