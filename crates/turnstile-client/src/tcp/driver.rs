@@ -69,6 +69,8 @@ pub(super) struct Driver {
     /// reconnect put its re-sends there: the turn's flush looks at it. Otherwise a flush with
     /// nothing of the driver's own skips the lock.
     pub(super) flush_shared: bool,
+    /// Callers' calls answered by the frames being handled (see `Shared::crowd`).
+    pub(super) answered: usize,
     /// Some pending call may wait for [`Until::LeaseGone`]: the timer then wakes the loop
     /// when the session's leases have surely expired, to fail those calls. Cleared when a
     /// look finds none left.
@@ -747,6 +749,7 @@ impl Driver {
         // request whose record was made with its write (see `writer`).
         self.take_written();
         let Some(link) = &mut self.link else { return };
+        self.answered = 0;
         // Taken out so that the replies can be handled while it is read; the frames handled
         // are dropped from its front once, at the end, not one by one.
         let mut buf = std::mem::take(&mut link.buf);
@@ -785,6 +788,11 @@ impl Driver {
             };
             self.on_reply(id, reply);
         }
+        // Several callers woken at once will send again at once: they leave their requests
+        // to us, to share one write (see `Shared::crowd`).
+        self.shared
+            .crowd
+            .store(self.answered > 1, Ordering::Relaxed);
         if let Some(link) = &mut self.link {
             buf.drain(..pos);
             link.buf = buf;
@@ -804,6 +812,7 @@ impl Driver {
             return;
         };
         self.uncount(&p);
+        self.answered += usize::from(p.counted);
         let result = match reply {
             OwnedReply::Done => Ok(Answer::Done),
             OwnedReply::Granted(token) => Ok(Answer::Granted { token }),

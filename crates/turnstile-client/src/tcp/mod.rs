@@ -411,6 +411,7 @@ impl TcpBackend {
             sent: Vec::new(),
             written: Vec::new(),
             flush_shared: false,
+            answered: 0,
             gone_pending: false,
         };
         let addr = driver.addr.clone();
@@ -542,7 +543,8 @@ impl TcpBackend {
         lost: Option<LostSender>,
         until_gone: bool,
     ) -> Result<(), Error> {
-        let alone = self.shared.waiting.fetch_add(1, Ordering::Relaxed) == 0;
+        let alone = self.shared.waiting.fetch_add(1, Ordering::Relaxed) == 0
+            && !self.shared.crowd.load(Ordering::Relaxed);
         let own = Own {
             req,
             reply: Some(reply),

@@ -187,6 +187,7 @@ async fn looping_callers_share_writes() {
         );
     }
     let before = health.writes.load(Ordering::Relaxed);
+    let own_before = health.own_writes.load(Ordering::Relaxed);
     let loops: Vec<_> = sems
         .into_iter()
         .map(|sem| {
@@ -202,10 +203,17 @@ async fn looping_callers_share_writes() {
         l.await.expect("join");
     }
     let writes = health.writes.load(Ordering::Relaxed) - before;
+    let own = health.own_writes.load(Ordering::Relaxed) - own_before;
     let requests = CALLERS * PAIRS * 2;
     assert!(
         writes * 4 <= requests as u64,
         "{requests} requests of {CALLERS} looping callers took {writes} writes"
+    );
+    // Callers woken together leave their requests to the driver (`Shared::crowd`): with
+    // the first of each crowd writing its own, half the writes (50 of 109) were callers'.
+    assert!(
+        own * 10 <= writes,
+        "{own} of {writes} writes were callers' own, among {CALLERS} looping callers"
     );
     client.shutdown().await.expect("shutdown");
 }
