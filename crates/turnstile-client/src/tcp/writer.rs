@@ -3,8 +3,9 @@
 //! A caller whose request is the only one awaited on its client writes the frame itself:
 //! going through the driver would cost a channel send and a task hand-off per request,
 //! about a tenth of the client's CPU with one caller per client. Everything else (requests
-//! of a caller among others in flight, which the driver coalesces into one write; TLS
-//! links; no link at all) still goes through the driver.
+//! of a caller among others in flight, or among callers woken by the same read, which the
+//! driver coalesces into one write; TLS links; no link at all) still goes through the
+//! driver.
 //!
 //! # Rules
 //! - Frames reach the socket whole and in the order they were put in [`Writer::out`]: every
