@@ -202,8 +202,8 @@ type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 enum Cmd {
     /// A caller's call, counted in [`Shared::waiting`].
     Call(Own),
-    /// Release without waiting for the answer (a dropped permit, a dropped acquire, a
-    /// `send_release`).
+    /// Release without waiting for the answer: a dropped acquire, and a dropped permit or a
+    /// `send_release` that found no link its caller may write on (see `writer`).
     Forget {
         lease: u64,
         /// Fired once the turn that queued the release has written it (or found no link, in
