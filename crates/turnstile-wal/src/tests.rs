@@ -96,9 +96,15 @@ fn a_torn_tail_is_cut_off_at_every_possible_cut() {
     let s = Scratch::new("torn");
     let (mut log, _) = Log::open(&s.0).expect("opens");
     write(&mut log, &(1..=3).map(rec).collect::<Vec<_>>());
+    let written = log.segment_bytes() as usize;
     drop(log);
     let path = only_segment(&s.0);
-    let whole = fs::read(&path).expect("read");
+    let mut whole = fs::read(&path).expect("read");
+    assert!(
+        whole.len() > written && whole[written..].iter().all(|&b| b == 0),
+        "the segment is sized ahead with zeros"
+    );
+    whole.truncate(written);
     let mut two = Vec::new();
     two.extend_from_slice(WAL_MAGIC);
     for r in [rec(1), rec(2)] {
@@ -111,10 +117,11 @@ fn a_torn_tail_is_cut_off_at_every_possible_cut() {
         assert_eq!(got.records, vec![rec(1), rec(2)], "cut at {cut}");
         let torn = got.truncated.expect("a cut");
         assert_eq!((&torn.file, torn.offset), (&path, two.len() as u64));
-        // The cut bytes are kept beside the log.
+        // The cut bytes are kept beside the log, up to the last one that is not zero (what
+        // follows could be the room the segment was sized ahead with).
         assert_eq!(
             fs::read(&torn.saved_to).expect("the side file"),
-            &whole[two.len()..cut]
+            trim_zeros(&whole[two.len()..cut])
         );
         fs::remove_file(&torn.saved_to).expect("remove the side file");
         // The log goes on after the cut, and the next recovery sees no damage.
@@ -126,30 +133,57 @@ fn a_torn_tail_is_cut_off_at_every_possible_cut() {
     }
 }
 
+/// `bytes` without the zeros at its end.
+fn trim_zeros(bytes: &[u8]) -> &[u8] {
+    let end = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+    &bytes[..end]
+}
+
 #[test]
-fn garbage_or_zeros_after_the_last_record_are_a_torn_tail() {
+fn garbage_after_the_last_record_is_a_torn_tail_and_zeros_are_room() {
     let s = Scratch::new("garbage");
     let (mut log, _) = Log::open(&s.0).expect("opens");
     write(&mut log, &[rec(1)]);
+    let written = log.segment_bytes() as usize;
     drop(log);
     let path = only_segment(&s.0);
-    let good = fs::read(&path).expect("read");
+    let mut good = fs::read(&path).expect("read");
+    good.truncate(written);
     for tail in [
-        vec![0u8; 4096],
         vec![0xAB; 13],
         b"\x10\x00\x00\x00garbage".to_vec(),
+        [vec![0xAB; 13], vec![0; 4096]].concat(),
     ] {
         let mut bytes = good.clone();
         bytes.extend_from_slice(&tail);
         fs::write(&path, &bytes).expect("write");
         let (_, got) = Log::open(&s.0).expect("recovers");
         assert_eq!(got.records, vec![rec(1)]);
+        let cut = got.truncated.expect("a torn tail");
+        assert_eq!(
+            fs::read(&cut.saved_to).expect("side file"),
+            trim_zeros(&tail)
+        );
+        fs::remove_file(&cut.saved_to).expect("remove the side file");
         assert_eq!(
             fs::read(&path).expect("read"),
             good,
             "the tail is cut off on disk too"
         );
     }
+    // Zeros after the last record are the room a segment is sized ahead with: the end of
+    // what was written, not damage. Nothing is cut, and the next record goes after the last.
+    let mut bytes = good.clone();
+    bytes.extend_from_slice(&[0u8; 4096]);
+    fs::write(&path, &bytes).expect("write");
+    let (mut log, got) = Log::open(&s.0).expect("recovers");
+    assert_eq!(got.records, vec![rec(1)]);
+    assert!(got.truncated.is_none());
+    assert_eq!(fs::read(&path).expect("read"), bytes, "nothing changed");
+    write(&mut log, &[rec(2)]);
+    drop(log);
+    let (_, got) = Log::open(&s.0).expect("recovers");
+    assert_eq!(got.records, vec![rec(1), rec(2)]);
 }
 
 #[test]
@@ -399,7 +433,11 @@ fn check_damaged(
                     // A segment cut to nothing starts again with its header.
                     let kept = if cut.offset == 0 { &[][..] } else { &now[..] };
                     assert_eq!(cut.offset as usize, kept.len(), "{what}");
-                    assert_eq!([kept, &saved[..]].concat(), damaged, "{what}: evidence");
+                    assert_eq!(
+                        [kept, &saved[..]].concat(),
+                        [kept, trim_zeros(&damaged[kept.len()..])].concat(),
+                        "{what}: evidence"
+                    );
                 }
                 // An empty segment gets its header; nothing else changes without a cut.
                 None if damaged.is_empty() => assert_eq!(now, WAL_MAGIC, "{what}"),
@@ -666,4 +704,68 @@ fn a_cut_short_frame_with_a_good_header_is_torn_whatever_its_body_holds() {
     let (_, got) = Log::open(&s.0).expect("a torn tail, not damage");
     assert_eq!(got.records, vec![rec(1)]);
     assert_eq!(got.truncated.map(|c| c.offset), Some(start as u64));
+}
+
+/// The writer sizes a segment ahead with zeros (so that its syncs need not record a new
+/// size); a frame torn by a crash lies before those zeros, and is cut off like any torn tail.
+#[test]
+fn a_torn_frame_before_the_room_a_segment_is_sized_with_is_cut() {
+    let s = Scratch::new("sized");
+    let (mut log, _) = Log::open(&s.0).expect("opens");
+    write(&mut log, &(1..=3).map(rec).collect::<Vec<_>>());
+    let written = log.segment_bytes() as usize;
+    drop(log);
+    let path = only_segment(&s.0);
+    let mut bytes = fs::read(&path).expect("read");
+    assert_eq!(bytes.len() as u64, SEGMENT_CHUNK, "sized a chunk ahead");
+    let mut two = Vec::new();
+    two.extend_from_slice(WAL_MAGIC);
+    for r in [rec(1), rec(2)] {
+        record::encode(&r, &mut two);
+    }
+    // The crash came in the middle of the third frame's write: its second half never
+    // reached the disk, which still holds the zeros there.
+    let half = two.len() + (written - two.len()) / 2;
+    bytes[half..written].fill(0);
+    fs::write(&path, &bytes).expect("write");
+    let (mut log, got) = Log::open(&s.0).expect("recovers");
+    assert_eq!(got.records, vec![rec(1), rec(2)]);
+    let cut = got.truncated.expect("a torn tail");
+    assert_eq!(cut.offset, two.len() as u64);
+    assert_eq!(
+        fs::read(&cut.saved_to).expect("side file"),
+        trim_zeros(&bytes[two.len()..half])
+    );
+    assert_eq!(fs::read(&path).expect("read"), two, "cut, room and all");
+    write(&mut log, &[rec(9)]);
+    drop(log);
+    let (_, again) = Log::open(&s.0).expect("recovers again");
+    assert_eq!(again.records, vec![rec(1), rec(2), rec(9)]);
+    assert!(again.truncated.is_none());
+}
+
+/// Appends past the room a segment was sized with size it further; everything reads back.
+#[test]
+fn appends_past_the_sized_room_extend_the_segment() {
+    let s = Scratch::new("extend");
+    let (mut log, _) = Log::open(&s.0).expect("opens");
+    let mut frames = Vec::new();
+    let mut n = 0;
+    while (frames.len() as u64) < SEGMENT_CHUNK + SEGMENT_CHUNK / 2 {
+        n += 1;
+        record::encode(&rec(n), &mut frames);
+    }
+    log.append(&frames).expect("append");
+    write(&mut log, &[rec(n + 1)]);
+    let written = log.segment_bytes();
+    drop(log);
+    let size = fs::metadata(only_segment(&s.0)).expect("stat").len();
+    assert!(
+        size > written && size.is_multiple_of(SEGMENT_CHUNK),
+        "size {size}, written {written}"
+    );
+    let (_, got) = Log::open(&s.0).expect("recovers");
+    assert_eq!(got.records, (1..=n + 1).map(rec).collect::<Vec<_>>());
+    assert_eq!(got.log_bytes, written, "log_bytes counts what was written");
+    assert!(got.truncated.is_none());
 }
