@@ -39,9 +39,9 @@
 //! without trusting anything in it: recovery looks for a good frame (both checksums hold and
 //! the body decodes) at **every byte offset** after the bad one.
 //!
-//! - If only zeros are left from the bad frame on, it is the unwritten part of the segment:
-//!   the written part ends there, in any segment. (A write the crash cut off after bytes that
-//!   were themselves zeros looks the same, and carried nothing.)
+//! - If only zeros are left from the bad frame on, in the **last segment**, it is the room the
+//!   segment was sized with: the written part ends there. (A write the crash cut off after
+//!   bytes that were themselves zeros looks the same, and carried nothing.)
 //! - If the bad frame runs past the end, or no good frame follows it, and it is in the **last
 //!   segment**, it is a torn tail: a write that the crash interrupted. No reply was sent for
 //!   it (replies wait for the sync), so recovery cuts it off — but first copies the cut bytes
@@ -530,9 +530,11 @@ fn read_segment(
                 Err(e) => return Err(corrupt(offset, e.0.into())),
             },
             Frame::Bad { why, past_end } => {
-                // Only zeros left: the part of the segment not yet written.
+                // Only zeros left in the segment being written: the room it was sized ahead
+                // with. (An older segment is read only in a directory a rotation did not
+                // leave, and there a bad tail stays a refusal.)
                 let written_end = buf.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
-                if written_end <= offset {
+                if is_last && written_end <= offset {
                     return Ok((offset as u64, None));
                 }
                 // A frame that runs past the end is a write cut short; any other bad frame is
