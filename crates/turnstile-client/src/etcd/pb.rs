@@ -483,7 +483,12 @@ fn varint_of(msg: &'static Msg, field: &Field, v: &Value) -> Result<u64, CodecEr
                 .position(|n| n == s)
                 .map(|i| i as u64)
                 .ok_or_else(err),
-            Value::Number(n) => n.as_i64().map(|n| n as u64).ok_or_else(err),
+            // An int32, written sign-extended as protobuf writes one.
+            Value::Number(n) => n
+                .as_i64()
+                .and_then(|n| i32::try_from(n).ok())
+                .map(|n| i64::from(n) as u64)
+                .ok_or_else(err),
             _ => Err(err()),
         },
         Bytes | Str | Kind::Msg(_) => Err(err()),
@@ -642,6 +647,12 @@ impl<'a> Reader<'a> {
 
 /// A scalar's JSON value from its varint; `None` at the default (left out of the JSON).
 fn scalar_json(kind: Kind, n: u64, keep_default: bool) -> Option<Value> {
+    // An enum is an int32: protobuf's decoders keep the low 32 bits of a longer varint, and so
+    // must this one, or what it reads would not be what it writes back.
+    let n = match kind {
+        Enum(_) => u64::from(n as u32),
+        _ => n,
+    };
     if n == 0 && !keep_default {
         return None;
     }
@@ -652,7 +663,7 @@ fn scalar_json(kind: Kind, n: u64, keep_default: bool) -> Option<Value> {
         Enum(names) => match names.get(n as usize) {
             Some(name) => Value::String((*name).to_owned()),
             // An enum value newer than this table: as protobuf's JSON mapping writes it.
-            None => Value::from(n as i64 as i32),
+            None => Value::from(n as u32 as i32),
         },
         Bytes | Str | Kind::Msg(_) => return None,
     })
@@ -1106,6 +1117,29 @@ mod tests {
             deep = txn;
         }
         assert_eq!(decode(&TXN_RESP, &deep), Err(CodecError::TooDeep));
+    }
+
+    /// Enums are 32-bit on the wire: a longer varint is cut to its low 32 bits, as protobuf's
+    /// decoders do, so that the value read is the value written back (the fuzzer found the
+    /// round trip broken by 2^32 + 1, which read as the number 1 and came back as `VERSION`).
+    #[test]
+    fn enum_varints_are_cut_to_32_bits() {
+        let mut wire = vec![0x30]; // RangeRequest.sort_target, varint
+        put_varint(&mut wire, (1 << 32) + 1);
+        assert_eq!(
+            decode(&RANGE_REQ, &wire),
+            Ok(json!({"sort_target": "VERSION"}))
+        );
+        check_round_trips(&wire);
+        let mut zero = vec![0x30];
+        put_varint(&mut zero, 1 << 32);
+        assert_eq!(decode(&RANGE_REQ, &zero), Ok(json!({})));
+        check_round_trips(&zero);
+        let mut minus = vec![0x30];
+        put_varint(&mut minus, -7i64 as u64);
+        assert_eq!(decode(&RANGE_REQ, &minus), Ok(json!({"sort_target": -7})));
+        check_round_trips(&minus);
+        assert!(encode(&RANGE_REQ, &json!({"sort_target": 1i64 << 40})).is_err());
     }
 
     #[test]
