@@ -294,6 +294,129 @@ async fn a_lease_the_coordinator_forgot_is_reported_lost_on_resume() {
     let _ = restored.shutdown().await;
 }
 
+/// Holds `leases` of semaphore `name` (capacity `capacity`) on session `session` of the
+/// server at `addr`, over a bare connection whose requests choose the lease ids, as a
+/// coordinator restarted from a log that has those grants would. The connection is returned
+/// (dropping it leaves the session and its leases until the TTL).
+async fn hold_leases(
+    addr: SocketAddr,
+    session: u64,
+    name: &str,
+    capacity: u32,
+    leases: &[u64],
+) -> TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use turnstile_proto::{self as proto, Request};
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let mut out = Vec::new();
+    let mut requests = vec![
+        Request::Hello {
+            magic: proto::MAGIC,
+            version: proto::VERSION,
+            client: "restored holder",
+            token: "",
+        },
+        Request::OpenSession {
+            session,
+            ttl_ms: 5_000,
+        },
+        Request::Ensure { name, capacity },
+    ];
+    requests.extend(leases.iter().map(|&lease| Request::Acquire {
+        lease,
+        weight: 1,
+        timeout_ms: 0,
+        name,
+    }));
+    for (id, request) in requests.iter().enumerate() {
+        proto::encode_request(id as u32 + 1, request, &mut out);
+    }
+    stream.write_all(&out).await.expect("send");
+    // Every request is answered (the acquires with `Granted`) before the test goes on.
+    let mut buf = Vec::new();
+    let mut answered = 0;
+    while answered < requests.len() {
+        while let Some((payload, used)) =
+            proto::split_frame(&buf, proto::MAX_REPLY_FRAME).expect("valid frames")
+        {
+            let (id, reply) = proto::decode_reply(payload).expect("valid reply");
+            if id as usize > 3 {
+                assert!(
+                    matches!(reply, proto::Reply::Granted { .. }),
+                    "acquire {id}: {reply:?}"
+                );
+            }
+            answered += 1;
+            buf.drain(..used);
+        }
+        if answered < requests.len() {
+            let n = timeout(PATIENCE, stream.read_buf(&mut buf))
+                .await
+                .expect("answers in time")
+                .expect("read");
+            assert!(n > 0, "the server closed the connection");
+        }
+    }
+    stream
+}
+
+/// The coordinator answers a release before its record is durable, so a crash can lose a
+/// release the client heard answered: the restarted coordinator still counts the lease
+/// held by the session. The client, resuming the session, lists its leases and releases
+/// again the ones it handed out but no longer holds; a lease of another client of the
+/// same session stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_the_coordinator_lost_is_made_again_on_resume() {
+    let ttl = Duration::from_secs(5);
+    let first = TestServer::with_ttl(ttl).await;
+    let proxy = Proxy::start(first.addr).await;
+    let options = Options {
+        session_ttl: Some(ttl),
+        ..Default::default()
+    };
+    let client = Client::connect_with(&proxy.url(), options)
+        .await
+        .expect("connect through the proxy");
+    let name = "lost-release";
+    let sem = client.semaphore(name, 2).await.expect("ensure");
+    let released = sem.acquire().await.expect("acquire");
+    let lease = released.lease_id();
+    released.release().await.expect("release");
+    let session = client.session_id();
+
+    // The "restarted" coordinator: its log kept the grant but lost the release. Lease 5 is
+    // another client's of the same session (a supervised worker's, say).
+    let second = TestServer::with_ttl(ttl).await;
+    let other_lease = 5;
+    let _holder = hold_leases(second.addr, session, name, 2, &[lease, other_lease]).await;
+    proxy.cut();
+    proxy.wait_closed().await;
+    proxy.retarget(second.addr);
+    proxy.restore();
+
+    // Once released again, the slot is free for anyone; the other client's lease stays, so
+    // exactly one slot of the two is free.
+    let other = second.client().await;
+    let taken = other.semaphore(name, 2).await.expect("ensure");
+    let p = timeout(PATIENCE, taken.acquire())
+        .await
+        .expect("the lost release is made again once the client resumes")
+        .expect("acquire");
+    let status = status_of(&other, name).await;
+    let holders: Vec<u64> = status.holders.iter().map(|h| h.lease_id).collect();
+    assert!(
+        holders.contains(&other_lease),
+        "another client's lease of the session is left alone: {holders:?}"
+    );
+    assert!(!holders.contains(&lease), "{holders:?}");
+    assert!(
+        taken.try_acquire().await.expect("try").is_none(),
+        "one slot was freed, not two"
+    );
+    p.release().await.expect("release");
+    let _ = client.shutdown().await;
+}
+
 /// A semaphore closed while its holder is disconnected: the `LeaseLost` event went to no
 /// connection, so the holder learns of it when it resumes and asks for its leases.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

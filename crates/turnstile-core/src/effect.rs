@@ -3,6 +3,10 @@
 //! The caller must carry out the effects of one call in order, with one rule: an
 //! [`Effect::Persist`] must be durable before any [`Effect::Reply`] or [`Effect::Event`] that
 //! follows it is sent, so that no client is ever told of a state change a crash could undo.
+//! The caller may make one exception: the answer to a [`Request::Release`](crate::Request)
+//! itself. A crash that undoes a release leaves the lease held by its session, which lets
+//! no holder too many in, and a client that resumes its session releases again what it
+//! released (the coordinator server does this, halving the syncs a pair waits for).
 
 use std::sync::Arc;
 use std::time::Duration;

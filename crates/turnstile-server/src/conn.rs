@@ -40,6 +40,7 @@ pub(crate) async fn serve(
         let (rd, wr) = stream.into_split();
         // Shared with the writer task: the reader writes its own replies inline when it can.
         let wr = Arc::new(wr);
+        outbox.set_direct(wr.clone());
         let writer = {
             let outbox = outbox.clone();
             let wr = wr.clone();

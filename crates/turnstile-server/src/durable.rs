@@ -2,12 +2,12 @@
 //! and syncs them, then releases the replies that waited for them.
 //!
 //! The rule (from the core's `Effect` docs): no reply or event leaves before every record
-//! appended before it is durable. Each step that produces records appends one [`Chunk`] and
+//! appended before it is durable, except a release's own answer (`State::route`). Each step that produces records appends one [`Chunk`] and
 //! advances `appended`; every reply or event routed while `durable < appended` waits in
 //! `deferred` with the `appended` of its step. The writer takes all chunks that piled up while
 //! it was syncing the previous ones, writes them with one `write` and one `fdatasync` (a group
 //! commit; with `--fsync always` one sync per chunk instead), sets `durable`, and delivers what
-//! waited. So under load one sync serves many requests, and an idle server adds one sync of
+//! waited, writing it into the sockets itself where it can (`Shared::durable`). So under load one sync serves many requests, and an idle server adds one sync of
 //! latency to a request and nothing else.
 
 use std::collections::VecDeque;

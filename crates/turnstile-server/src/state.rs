@@ -71,6 +71,9 @@ pub(crate) struct State {
     /// The connection whose request is being handled, if any: its replies are left for its
     /// reader to flush, without waking its writer task.
     local: Option<ConnId>,
+    /// While the log writer delivers what waited for a sync: the outboxes it appended to,
+    /// which it then writes into their sockets itself once the lock is released.
+    direct: Option<Vec<Arc<Outbox>>>,
     /// The feed of notable events.
     pub(crate) events: EventLog,
     /// The kind of each request the core has not answered yet (a queued acquire, job attempt
@@ -113,6 +116,7 @@ impl Shared {
                 timer_at: None,
                 wal,
                 local: None,
+                direct: None,
                 events: EventLog::new(),
                 pending: HashMap::default(),
             }),
@@ -145,8 +149,18 @@ impl Shared {
                 }
             }
         }
+        // The writer thread writes the answers into the sockets itself, after the lock is
+        // released: handing each to its connection's writer task costs a wake-up of a
+        // runtime thread per answer, on the path every durable request waits on (measured:
+        // 64 durable clients 57-63k -> 66-69k pairs/s).
+        st.direct = Some(Vec::new());
         for e in ready {
             st.deliver(e);
+        }
+        let touched = st.direct.take().unwrap_or_default();
+        drop(st);
+        for outbox in touched {
+            outbox.flush_direct();
         }
     }
 
@@ -359,8 +373,17 @@ impl State {
             if matches!(effect, Effect::Persist(_)) {
                 continue;
             }
+            // A release's own answer need not wait for the log (invariant 12's exception):
+            // losing its record in a crash only leaves the slot held, by a session whose
+            // client releases it again when it resumes (invariant 19). Waiting would double
+            // the syncs an acquire-release pair waits for. What the release lets through
+            // (grants to waiters) still waits.
+            let early = matches!(&effect, Effect::Reply { tag, .. }
+                if current.is_some_and(|c| c.tag == *tag && c.kind == Kind::Release));
             match self.wal.as_mut() {
-                Some(wal) if wal.must_defer() => wal.deferred.push_back((wal.appended, effect)),
+                Some(wal) if wal.must_defer() && !early => {
+                    wal.deferred.push_back((wal.appended, effect))
+                }
                 _ => self.deliver(effect),
             }
         }
@@ -376,8 +399,15 @@ impl State {
                 Effect::Reply { tag, outcome } => {
                     let (conn, id) = untag(tag);
                     if let Some(outbox) = self.conns.get(&conn) {
+                        let direct = self.direct.as_mut().filter(|_| outbox.is_direct());
+                        let local = self.local == Some(conn) || direct.is_some();
+                        if let Some(d) = direct {
+                            if !d.last().is_some_and(|o| Arc::ptr_eq(o, outbox)) {
+                                d.push(outbox.clone());
+                            }
+                        }
                         let push = |reply: &proto::Reply<'_>| {
-                            if self.local == Some(conn) {
+                            if local {
                                 outbox.push_local(id, reply);
                             } else {
                                 outbox.push(id, reply);
@@ -510,5 +540,97 @@ pub(crate) fn error_code(e: &Error) -> ErrorCode {
         Error::Superseded => ErrorCode::Superseded,
         Error::SessionEnded => ErrorCode::SessionEnded,
         Error::InUse { .. } => ErrorCode::InUse,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use turnstile_core::{LeaseId, Request};
+
+    /// A durable server's state with no log writer: nothing becomes durable until the test
+    /// says so with [`Shared::durable`].
+    fn durable_state() -> (Shared, ConnId, Arc<Outbox>) {
+        let wal = WalQueue::new(u64::MAX, 0);
+        let shared = Shared::new(
+            Config::default(),
+            Coordinator::new(),
+            Instant::now(),
+            Some(wal),
+        );
+        let outbox = Arc::new(Outbox::default());
+        let conn = shared.lock().register(outbox.clone());
+        (shared, conn, outbox)
+    }
+
+    fn appended(shared: &Shared) -> u64 {
+        shared.lock().wal.as_ref().map_or(0, |w| w.appended)
+    }
+
+    /// Invariant 12 and its one exception: a grant waits for its record to be durable; a
+    /// release is answered at once (what a crash can lose of it, the client's reconciliation
+    /// after the resume releases again), and the grant it lets through still waits.
+    #[test]
+    fn a_release_is_answered_before_its_record_is_durable_and_a_grant_is_not() {
+        let (shared, conn, outbox) = durable_state();
+        let session = SessionId(7);
+        shared.step(
+            conn,
+            1,
+            Request::OpenSession {
+                session,
+                ttl: Duration::from_secs(10),
+                client: "test",
+            },
+        );
+        shared.step(
+            conn,
+            2,
+            Request::Ensure {
+                name: "db",
+                capacity: 1,
+            },
+        );
+        let acquire = |lease: u64| Request::Acquire {
+            session,
+            lease: LeaseId(lease),
+            name: "db",
+            weight: 1,
+            timeout: None,
+        };
+        shared.step(conn, 3, acquire(1));
+        assert_eq!(outbox.pending(), 0, "nothing answered before the log syncs");
+        shared.durable(appended(&shared));
+        let answered = outbox.pending();
+        assert!(answered > 0, "the sync lets the answers out");
+
+        // A second acquire queues behind the first.
+        shared.step(conn, 4, acquire(2));
+        shared.durable(appended(&shared));
+        let queued = outbox.pending();
+        assert_eq!(queued, answered, "a queued acquire is not answered");
+
+        shared.step(
+            conn,
+            5,
+            Request::Release {
+                session,
+                lease: LeaseId(1),
+            },
+        );
+        let durable = shared.lock().wal.as_ref().map_or(0, |w| w.durable);
+        assert!(
+            durable < appended(&shared),
+            "the release's record is not durable yet"
+        );
+        let released = outbox.pending();
+        assert!(released > queued, "the release is answered at once");
+        assert_eq!(
+            shared.lock().wal.as_ref().map_or(0, |w| w.deferred.len()),
+            1,
+            "the grant of the queued acquire waits for the sync"
+        );
+        shared.durable(appended(&shared));
+        assert!(outbox.pending() > released, "then the grant goes out");
     }
 }

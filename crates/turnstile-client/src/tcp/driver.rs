@@ -728,9 +728,9 @@ impl Driver {
         for lease in std::mem::take(&mut self.abandoned) {
             self.submit(Req::Release { lease }, None, None, false);
         }
-        if !self.leases.is_empty() {
-            self.submit(Req::Leases, None, None, false);
-        }
+        // Always, not only with leases held: the answer also shows a release the coordinator
+        // answered but lost in a crash (see `reconcile`).
+        self.submit(Req::Leases, None, None, false);
         {
             // Callers may write from here on, behind the re-sent requests.
             let mut w = self.shared.lock();
@@ -914,7 +914,33 @@ impl Driver {
     /// without its event reaching us; either way the holder must stop, never silently keep
     /// it. The answer cannot miss a lease we heard granted: the coordinator sends it ahead of
     /// the reply of any grant decided after it, and a lease granted before it is listed.
+    ///
+    /// The other way round, a lease the coordinator lists that this client handed out but
+    /// neither holds nor is acquiring was released: the coordinator answers a release before
+    /// its record is durable (ARCHITECTURE invariant 9), so a crash can lose one it answered.
+    /// It is released again, or the session would keep a slot nobody uses for as long as it
+    /// lives. Leases of other clients of a shared session are theirs to settle.
     fn reconcile(&mut self, held: &[u64]) {
+        let acquiring: std::collections::HashSet<u64> = self
+            .pending
+            .values()
+            .filter_map(|p| match p.req {
+                Req::Acquire { lease, .. } | Req::BeginJob { lease, .. } => Some(lease),
+                _ => None,
+            })
+            .collect();
+        for &lease in held {
+            if self.shared.is_own_lease(lease)
+                && !self.leases.contains_key(&lease)
+                && !acquiring.contains(&lease)
+            {
+                tracing::info!(
+                    lease = %lease,
+                    "releasing again a lease the coordinator lost the release of"
+                );
+                self.submit(Req::Release { lease }, None, None, false);
+            }
+        }
         let held: std::collections::HashSet<u64> = held.iter().copied().collect();
         self.leases.retain(|lease, lost| {
             let keep = held.contains(lease);

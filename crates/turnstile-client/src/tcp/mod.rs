@@ -246,7 +246,6 @@ pub(crate) struct TcpBackend {
     tx: mpsc::UnboundedSender<Cmd>,
     shared: Arc<Shared>,
     session: Arc<AtomicU64>,
-    next_lease: AtomicU64,
     health: Arc<Health>,
     addr: String,
 }
@@ -381,7 +380,7 @@ impl TcpBackend {
         let session_cell = Arc::new(AtomicU64::new(session));
         let now = Instant::now();
         let health = Arc::new(Health::new(now, ttl));
-        let shared = Arc::new(Shared::new(wr));
+        let shared = Arc::new(Shared::new(wr, crate::lease_id_base()));
         let driver = Driver {
             shared: shared.clone(),
             health: health.clone(),
@@ -420,7 +419,6 @@ impl TcpBackend {
             tx,
             shared,
             session: session_cell,
-            next_lease: AtomicU64::new(crate::lease_id_base()),
             health,
             addr,
         })
@@ -614,7 +612,7 @@ impl Backend for TcpBackend {
         timeout: Option<Duration>,
     ) -> BoxFuture<'a, Result<Grant, Error>> {
         Box::pin(async move {
-            let lease = self.next_lease.fetch_add(1, Ordering::Relaxed);
+            let lease = self.shared.new_lease();
             let deadline = timeout.map(|t| Instant::now() + t);
             let req = Req::Acquire {
                 lease,
@@ -792,7 +790,7 @@ impl Backend for TcpBackend {
         timeout: Option<Duration>,
     ) -> BoxFuture<'a, Result<JobBegin, Error>> {
         Box::pin(async move {
-            let lease = self.next_lease.fetch_add(1, Ordering::Relaxed);
+            let lease = self.shared.new_lease();
             let deadline = timeout.map(|t| Instant::now() + t);
             let req = Req::BeginJob {
                 lease,
@@ -870,7 +868,7 @@ impl Backend for TcpBackend {
     ) -> BoxFuture<'a, Result<GroupSummary, Error>> {
         Box::pin(async move {
             // Wait ids share the lease id space, so they never collide with a lease.
-            let wait = self.next_lease.fetch_add(1, Ordering::Relaxed);
+            let wait = self.shared.new_lease();
             let deadline = timeout.map(|t| Instant::now() + t);
             let req = Req::WaitGroup {
                 wait,

@@ -41,6 +41,12 @@ pub(super) struct Shared {
     /// write alone, ahead of the driver's one write for the rest (measured: 64 callers on one
     /// client lost about 7% so). Cleared by the next read that answers at most one.
     pub(super) crowd: AtomicBool,
+    /// The first lease id this client numbers from (random high bits: see `lease_id_base`).
+    pub(super) lease_base: u64,
+    /// The next lease id to hand out: `lease_base..next_lease` are the ids this client has
+    /// used, which is how the driver tells its own leases from those of other clients of a
+    /// shared session.
+    pub(super) next_lease: AtomicU64,
 }
 
 pub(super) struct Writer {
@@ -76,7 +82,7 @@ pub(super) enum Sent {
 }
 
 impl Shared {
-    pub(super) fn new(wr: LinkWrite) -> Shared {
+    pub(super) fn new(wr: LinkWrite, lease_base: u64) -> Shared {
         Shared {
             writer: Mutex::new(Writer {
                 wr: Some(wr),
@@ -86,7 +92,19 @@ impl Shared {
             next_id: AtomicU32::new(1),
             waiting: AtomicUsize::new(0),
             crowd: AtomicBool::new(false),
+            lease_base,
+            next_lease: AtomicU64::new(lease_base),
         }
+    }
+
+    /// A fresh lease id.
+    pub(super) fn new_lease(&self) -> u64 {
+        self.next_lease.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Whether this client handed out `lease` (another client sharing the session did not).
+    pub(super) fn is_own_lease(&self, lease: u64) -> bool {
+        (self.lease_base..self.next_lease.load(Ordering::Relaxed)).contains(&lease)
     }
 
     /// The lock. A panic while it was held leaves nothing half-done that matters here (the
