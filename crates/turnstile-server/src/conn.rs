@@ -40,7 +40,6 @@ pub(crate) async fn serve(
         let (rd, wr) = stream.into_split();
         // Shared with the writer task: the reader writes its own replies inline when it can.
         let wr = Arc::new(wr);
-        outbox.set_direct(wr.clone());
         let writer = {
             let outbox = outbox.clone();
             let wr = wr.clone();
@@ -120,6 +119,7 @@ async fn serve_link<R: AsyncRead + Unpin>(
         greeted: false,
         admin: false,
         client: String::new(),
+        followed: false,
     };
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     // Made once, not on every turn: a `sleep_until` built per turn costs a timer handle per
@@ -135,6 +135,8 @@ async fn serve_link<R: AsyncRead + Unpin>(
         loop {
             match split_frame(&buf[start..], MAX_REQUEST_FRAME) {
                 Ok(Some((payload, used))) => {
+                    // Another request came in the same read: the answers can share a write.
+                    conn_state.followed = start + used < buf.len();
                     if let Err(why) = conn_state.handle_frame(payload) {
                         break 'conn why;
                     }
@@ -207,6 +209,8 @@ struct Conn {
     admin: bool,
     /// The client description from the handshake, given to the sessions opened here.
     client: String,
+    /// The request being handled is followed by another read with it (see `Shared::step`).
+    followed: bool,
 }
 
 impl Conn {
@@ -441,7 +445,7 @@ impl Conn {
                 }
             }
         };
-        self.shared.step(self.id, id, core_request);
+        self.shared.step(self.id, id, core_request, self.followed);
         Ok(())
     }
 

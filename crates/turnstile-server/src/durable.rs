@@ -7,7 +7,7 @@
 //! `deferred` with the `appended` of its step. The writer takes all chunks that piled up while
 //! it was syncing the previous ones, writes them with one `write` and one `fdatasync` (a group
 //! commit; with `--fsync always` one sync per chunk instead), sets `durable`, and delivers what
-//! waited, writing it into the sockets itself where it can (`Shared::durable`). So under load one sync serves many requests, and an idle server adds one sync of
+//! waited. So under load one sync serves many requests, and an idle server adds one sync of
 //! latency to a request and nothing else.
 
 use std::collections::VecDeque;

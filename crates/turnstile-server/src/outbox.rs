@@ -9,8 +9,7 @@
 //! - the reader, once it has handled every request it read, writes what its own requests
 //!   produced straight into the socket (`flush`, a non-blocking `try_write`), unless the writer
 //!   task holds bytes not yet written: then those go first and the reader leaves it all to the
-//!   writer. This saves a task wake-up per request, the common case. The log writer thread
-//!   does the same with the answers a sync lets out (`flush_direct`);
+//!   writer. This saves a task wake-up per request, the common case;
 //! - the writer task, woken by pushes from other tasks and by what `flush` could not write,
 //!   drains everything that piled up in one write, which is how replies get batched under
 //!   load.
@@ -31,8 +30,6 @@ pub(crate) const HIGH_WATER: usize = 1 << 20;
 #[derive(Default)]
 pub(crate) struct Outbox {
     pending: Mutex<Pending>,
-    /// The socket, for a plain TCP connection: others than the reader may write into it.
-    direct: std::sync::OnceLock<std::sync::Arc<OwnedWriteHalf>>,
     /// Wakes the writer: there is data, or the connection is closing.
     ready: Notify,
     /// Wakes the reader: the writer drained the buffer.
@@ -90,24 +87,6 @@ impl Outbox {
         }
         drop(p);
         self.ready.notify_one();
-    }
-
-    /// Gives others than the reader the socket to write into (plain TCP only).
-    pub(crate) fn set_direct(&self, sock: std::sync::Arc<OwnedWriteHalf>) {
-        let _ = self.direct.set(sock);
-    }
-
-    /// Whether [`flush_direct`](Outbox::flush_direct) can write.
-    pub(crate) fn is_direct(&self) -> bool {
-        self.direct.get().is_some()
-    }
-
-    /// [`flush`](Outbox::flush) from outside the reader.
-    pub(crate) fn flush_direct(&self) {
-        match self.direct.get() {
-            Some(sock) => self.flush(sock),
-            None => self.wake(),
-        }
     }
 
     /// Bytes waiting to be written.

@@ -71,9 +71,6 @@ pub(crate) struct State {
     /// The connection whose request is being handled, if any: its replies are left for its
     /// reader to flush, without waking its writer task.
     local: Option<ConnId>,
-    /// While the log writer delivers what waited for a sync: the outboxes it appended to,
-    /// which it then writes into their sockets itself once the lock is released.
-    direct: Option<Vec<Arc<Outbox>>>,
     /// The feed of notable events.
     pub(crate) events: EventLog,
     /// The kind of each request the core has not answered yet (a queued acquire, job attempt
@@ -88,6 +85,8 @@ pub(crate) struct State {
 struct Current {
     tag: Tag,
     kind: Kind,
+    /// Its answer may leave before the log is synced (see `route`).
+    early: bool,
 }
 
 /// What routing a step's effects did.
@@ -116,7 +115,6 @@ impl Shared {
                 timer_at: None,
                 wal,
                 local: None,
-                direct: None,
                 events: EventLog::new(),
                 pending: HashMap::default(),
             }),
@@ -149,18 +147,8 @@ impl Shared {
                 }
             }
         }
-        // The writer thread writes the answers into the sockets itself, after the lock is
-        // released: handing each to its connection's writer task costs a wake-up of a
-        // runtime thread per answer, on the path every durable request waits on (measured:
-        // 64 durable clients 57-63k -> 66-69k pairs/s).
-        st.direct = Some(Vec::new());
         for e in ready {
             st.deliver(e);
-        }
-        let touched = st.direct.take().unwrap_or_default();
-        drop(st);
-        for outbox in touched {
-            outbox.flush_direct();
         }
     }
 
@@ -210,12 +198,21 @@ impl Shared {
         self.epoch + Duration::from_micros(t.as_micros())
     }
 
-    /// Hands one request to the core and routes its effects.
-    pub(crate) fn step(&self, conn: ConnId, id: u32, request: Request<'_>) {
+    /// Hands one request to the core and routes its effects. `followed`: the connection
+    /// read another request with this one, which it handles next.
+    ///
+    /// A release's answer leaves before its record is durable (invariant 12's exception)
+    /// unless `followed`: a release pipelined ahead of an acquire (a dropped permit's) is
+    /// answered with the acquire, in one write that the client reads once; the acquire
+    /// waits for the sync anyway, and two answers written apart cost both sides a system
+    /// call and the client a wake-up more per pair.
+    pub(crate) fn step(&self, conn: ConnId, id: u32, request: Request<'_>, followed: bool) {
         let now = self.now();
+        let kind = Kind::of(&request);
         let current = Current {
             tag: tag(conn, id),
-            kind: Kind::of(&request),
+            kind,
+            early: kind == Kind::Release && !followed,
         };
         let mut st = self.lock();
         let mut effects = std::mem::take(&mut st.effects);
@@ -379,7 +376,7 @@ impl State {
             // the syncs an acquire-release pair waits for. What the release lets through
             // (grants to waiters) still waits.
             let early = matches!(&effect, Effect::Reply { tag, .. }
-                if current.is_some_and(|c| c.tag == *tag && c.kind == Kind::Release));
+                if current.is_some_and(|c| c.tag == *tag && c.early));
             match self.wal.as_mut() {
                 Some(wal) if wal.must_defer() && !early => {
                     wal.deferred.push_back((wal.appended, effect))
@@ -399,15 +396,8 @@ impl State {
                 Effect::Reply { tag, outcome } => {
                     let (conn, id) = untag(tag);
                     if let Some(outbox) = self.conns.get(&conn) {
-                        let direct = self.direct.as_mut().filter(|_| outbox.is_direct());
-                        let local = self.local == Some(conn) || direct.is_some();
-                        if let Some(d) = direct {
-                            if !d.last().is_some_and(|o| Arc::ptr_eq(o, outbox)) {
-                                d.push(outbox.clone());
-                            }
-                        }
                         let push = |reply: &proto::Reply<'_>| {
-                            if local {
+                            if self.local == Some(conn) {
                                 outbox.push_local(id, reply);
                             } else {
                                 outbox.push(id, reply);
@@ -582,6 +572,7 @@ mod tests {
                 ttl: Duration::from_secs(10),
                 client: "test",
             },
+            false,
         );
         shared.step(
             conn,
@@ -590,6 +581,7 @@ mod tests {
                 name: "db",
                 capacity: 1,
             },
+            false,
         );
         let acquire = |lease: u64| Request::Acquire {
             session,
@@ -598,14 +590,14 @@ mod tests {
             weight: 1,
             timeout: None,
         };
-        shared.step(conn, 3, acquire(1));
+        shared.step(conn, 3, acquire(1), false);
         assert_eq!(outbox.pending(), 0, "nothing answered before the log syncs");
         shared.durable(appended(&shared));
         let answered = outbox.pending();
         assert!(answered > 0, "the sync lets the answers out");
 
         // A second acquire queues behind the first.
-        shared.step(conn, 4, acquire(2));
+        shared.step(conn, 4, acquire(2), false);
         shared.durable(appended(&shared));
         let queued = outbox.pending();
         assert_eq!(queued, answered, "a queued acquire is not answered");
@@ -617,6 +609,7 @@ mod tests {
                 session,
                 lease: LeaseId(1),
             },
+            false,
         );
         let durable = shared.lock().wal.as_ref().map_or(0, |w| w.durable);
         assert!(
@@ -631,6 +624,22 @@ mod tests {
             "the grant of the queued acquire waits for the sync"
         );
         shared.durable(appended(&shared));
-        assert!(outbox.pending() > released, "then the grant goes out");
+        let granted = outbox.pending();
+        assert!(granted > released, "then the grant goes out");
+
+        // A release read together with a request after it (a dropped permit's, ahead of
+        // the next acquire) is answered with that request, after the sync.
+        shared.step(
+            conn,
+            6,
+            Request::Release {
+                session,
+                lease: LeaseId(2),
+            },
+            true,
+        );
+        assert_eq!(outbox.pending(), granted, "answered with what follows it");
+        shared.durable(appended(&shared));
+        assert!(outbox.pending() > granted);
     }
 }
