@@ -77,15 +77,6 @@ pub(super) struct Driver {
     pub(super) gone_pending: bool,
 }
 
-/// Swaps the records into the driver's empty vector, if there are any.
-fn swap_if_any(shared: &mut Vec<(u32, Pending)>, mine: &mut Vec<(u32, Pending)>) -> bool {
-    if shared.is_empty() {
-        return false;
-    }
-    std::mem::swap(shared, mine);
-    true
-}
-
 /// Pending request ids in the order they were first sent, oldest first: counted back from
 /// the next id to be given, so that the order holds across the wrap of the ids too.
 pub(super) fn resend_order(mut ids: Vec<u32>, next_id: u32) -> Vec<u32> {
@@ -379,11 +370,7 @@ impl Driver {
     /// armed from its record; the presumed-loss deadline of the lease it releases, always
     /// earlier, brings the timer there), and before a reconnect, a disconnection or the end.
     fn take_written(&mut self) {
-        let taken = {
-            let mut w = self.shared.lock();
-            swap_if_any(&mut w.written, &mut self.written)
-        };
-        if taken {
+        if self.shared.take_records(&mut self.written) {
             self.pend_records();
         }
     }
@@ -410,12 +397,14 @@ impl Driver {
     /// The driver stops: no caller may write any more (with nobody to read the answer),
     /// and those that did are told by their dropped reply.
     fn close_writer(&mut self) {
-        let written = {
+        {
             let mut w = self.shared.lock();
             w.wr = None;
             w.out.clear();
-            std::mem::take(&mut w.written)
-        };
+        }
+        // After the write half is gone nobody records any more (see `Shared::written`).
+        let mut written = Vec::new();
+        self.shared.take_records(&mut written);
         drop(written);
     }
 
