@@ -80,6 +80,21 @@ impl Fixture for TestServer {
     }
 }
 
+/// A server whose sessions live `ttl`, a [`Proxy`] in front of it, and a client with that
+/// TTL connected through the proxy.
+async fn proxied(ttl: Duration) -> (TestServer, Proxy, Client) {
+    let server = TestServer::with_ttl(ttl).await;
+    let proxy = Proxy::start(server.addr).await;
+    let options = Options {
+        session_ttl: Some(ttl),
+        ..Default::default()
+    };
+    let client = Client::connect_with(&proxy.url(), options)
+        .await
+        .expect("connect through the proxy");
+    (server, proxy, client)
+}
+
 /// A TCP proxy in front of the server that can be cut and restored.
 struct Proxy {
     addr: SocketAddr,
@@ -180,15 +195,7 @@ impl Proxy {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_disconnection_keeps_the_lease() {
     let ttl = Duration::from_secs(2);
-    let server = TestServer::with_ttl(ttl).await;
-    let proxy = Proxy::start(server.addr).await;
-    let options = Options {
-        session_ttl: Some(ttl),
-        ..Default::default()
-    };
-    let client = Client::connect_with(&proxy.url(), options)
-        .await
-        .expect("connect through the proxy");
+    let (server, proxy, client) = proxied(ttl).await;
     let observer = server.client().await;
     let name = "short-cut";
     let sem = client.semaphore(name, 1).await.expect("ensure");
@@ -368,15 +375,7 @@ async fn hold_leases(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_the_coordinator_lost_is_made_again_on_resume() {
     let ttl = Duration::from_secs(5);
-    let first = TestServer::with_ttl(ttl).await;
-    let proxy = Proxy::start(first.addr).await;
-    let options = Options {
-        session_ttl: Some(ttl),
-        ..Default::default()
-    };
-    let client = Client::connect_with(&proxy.url(), options)
-        .await
-        .expect("connect through the proxy");
+    let (_first, proxy, client) = proxied(ttl).await;
     let name = "lost-release";
     let sem = client.semaphore(name, 2).await.expect("ensure");
     let released = sem.acquire().await.expect("acquire");
@@ -448,15 +447,7 @@ async fn a_lease_lost_while_disconnected_is_reported_on_resume() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_disconnection_loses_the_lease() {
     let ttl = Duration::from_millis(1500);
-    let server = TestServer::with_ttl(ttl).await;
-    let proxy = Proxy::start(server.addr).await;
-    let options = Options {
-        session_ttl: Some(ttl),
-        ..Default::default()
-    };
-    let client = Client::connect_with(&proxy.url(), options)
-        .await
-        .expect("connect through the proxy");
+    let (server, proxy, client) = proxied(ttl).await;
     let other = server.client().await;
     let name = "long-cut";
     let sem = client.semaphore(name, 1).await.expect("ensure");
@@ -522,15 +513,7 @@ async fn long_disconnection_loses_the_lease() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_acquire_survives_short_disconnection() {
     let ttl = Duration::from_secs(2);
-    let server = TestServer::with_ttl(ttl).await;
-    let proxy = Proxy::start(server.addr).await;
-    let options = Options {
-        session_ttl: Some(ttl),
-        ..Default::default()
-    };
-    let client = Client::connect_with(&proxy.url(), options)
-        .await
-        .expect("connect through the proxy");
+    let (server, proxy, client) = proxied(ttl).await;
     let holder = server.client().await;
     let name = "queued-cut";
     let sem = client.semaphore(name, 1).await.expect("ensure");
@@ -907,21 +890,13 @@ async fn releases_and_first_connections_are_bounded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_handshake_on_reconnect_fails_calls_and_stops_retrying() {
     let ttl = Duration::from_secs(5);
-    let open = TestServer::with_ttl(ttl).await;
+    let (_open, proxy, client) = proxied(ttl).await;
     let guarded = TestServer::start(Config {
         session_ttl: ttl,
         auth_token: Some("s3cret".into()),
         ..Default::default()
     })
     .await;
-    let proxy = Proxy::start(open.addr).await;
-    let options = Options {
-        session_ttl: Some(ttl),
-        ..Default::default()
-    };
-    let client = Client::connect_with(&proxy.url(), options)
-        .await
-        .expect("connect through the proxy");
     client.status(None).await.expect("status");
     proxy.cut();
     proxy.wait_closed().await;
@@ -1015,15 +990,7 @@ async fn many_callers_on_one_client_each_get_their_own_replies_across_a_reconnec
     const TASKS: usize = 64;
     const ROUNDS: usize = 12;
     let ttl = Duration::from_secs(5);
-    let server = TestServer::with_ttl(ttl).await;
-    let proxy = Proxy::start(server.addr).await;
-    let options = Options {
-        session_ttl: Some(ttl),
-        ..Default::default()
-    };
-    let client = Client::connect_with(&proxy.url(), options)
-        .await
-        .expect("connect through the proxy");
+    let (_server, proxy, client) = proxied(ttl).await;
     let progress = Arc::new(AtomicUsize::new(0));
     let (go_on, _) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
