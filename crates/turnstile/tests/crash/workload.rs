@@ -384,50 +384,31 @@ impl Driver {
         self.check_failures(label);
         self.note(format!("quiet point {id} ({label})"));
 
-        let doc: StatusDoc =
-            match tokio::time::timeout(OP_DEADLINE, self.observer.status(None)).await {
-                Ok(Ok(doc)) => doc,
-                Ok(Err(e)) => panic!("{label}: status failed: {e}"),
-                Err(_) => panic!("{label}: status hung"),
-            };
         let clients: BTreeSet<Held> = reports.values().flatten().copied().collect();
-        let mut server = BTreeSet::new();
-        for (s, (name, capacity)) in SEMAPHORES.iter().enumerate() {
-            let sem = doc
-                .semaphores
-                .iter()
-                .find(|x| x.name == *name)
-                .unwrap_or_else(|| panic!("{label}: semaphore {name} is gone: {doc:?}"));
-            assert_eq!(sem.capacity, *capacity, "{label}: {sem:?}");
-            assert!(!sem.closed, "{label}: {sem:?}");
-            assert!(
-                sem.in_use <= *capacity,
-                "{label}: {name} has {} permits in use, capacity {capacity}: {sem:?}",
-                sem.in_use
-            );
-            let weights: u32 = sem.holders.iter().map(|h| h.weight).sum();
-            assert_eq!(sem.in_use, weights, "{label}: in_use vs holders: {sem:?}");
-            assert_eq!(
-                sem.queued, 0,
-                "{label}: {name} has queued acquires while no client waits: {sem:?}"
-            );
-            let believed = clients.iter().filter(|h| h.sem == s).count();
-            assert!(
-                believed <= *capacity as usize,
-                "{label}: clients believe they hold {believed} permits of {name} \
-                 (capacity {capacity})"
-            );
-            for h in &sem.holders {
-                let session = u64::from_str_radix(&h.session, 16)
-                    .unwrap_or_else(|_| panic!("{label}: bad session {:?}", h.session));
-                server.insert(Held {
-                    sem: s,
-                    session,
-                    lease: h.lease_id,
-                    token: h.token,
-                });
+        // A release the coordinator answered before its record was written is lost with a
+        // kill, and the lease is held again until the client's driver, resuming its session,
+        // releases it again (ARCHITECTURE invariants 12 and 19): wait for that, not longer.
+        let settle_by = tokio::time::Instant::now() + SOON;
+        let server = loop {
+            let doc: StatusDoc =
+                match tokio::time::timeout(OP_DEADLINE, self.observer.status(None)).await {
+                    Ok(Ok(doc)) => doc,
+                    Ok(Err(e)) => panic!("{label}: status failed: {e}"),
+                    Err(_) => panic!("{label}: status hung"),
+                };
+            let server = holders_on_server(&doc, label, &clients);
+            let released_held = {
+                let released = lock(&self.shared.released);
+                server
+                    .iter()
+                    .any(|h| released.contains(&(h.session, h.lease)))
+            };
+            if !released_held || tokio::time::Instant::now() >= settle_by {
+                break server;
             }
-        }
+            eprintln!("{label}: a released lease is held again until its client resumes");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        };
         {
             let released = lock(&self.shared.released);
             let back: Vec<&Held> = server
@@ -700,4 +681,47 @@ pub(crate) async fn drive(scenario: &Scenario, server: CrashServer, dir: &Scratc
         started.elapsed().as_secs_f64()
     );
     let _ = d.observer.shutdown().await;
+}
+
+/// The holders the coordinator's status document lists, checked against the semaphores'
+/// capacities and what the clients believe they hold.
+fn holders_on_server(doc: &StatusDoc, label: &str, clients: &BTreeSet<Held>) -> BTreeSet<Held> {
+    let mut server = BTreeSet::new();
+    for (s, (name, capacity)) in SEMAPHORES.iter().enumerate() {
+        let sem = doc
+            .semaphores
+            .iter()
+            .find(|x| x.name == *name)
+            .unwrap_or_else(|| panic!("{label}: semaphore {name} is gone: {doc:?}"));
+        assert_eq!(sem.capacity, *capacity, "{label}: {sem:?}");
+        assert!(!sem.closed, "{label}: {sem:?}");
+        assert!(
+            sem.in_use <= *capacity,
+            "{label}: {name} has {} permits in use, capacity {capacity}: {sem:?}",
+            sem.in_use
+        );
+        let weights: u32 = sem.holders.iter().map(|h| h.weight).sum();
+        assert_eq!(sem.in_use, weights, "{label}: in_use vs holders: {sem:?}");
+        assert_eq!(
+            sem.queued, 0,
+            "{label}: {name} has queued acquires while no client waits: {sem:?}"
+        );
+        let believed = clients.iter().filter(|h| h.sem == s).count();
+        assert!(
+            believed <= *capacity as usize,
+            "{label}: clients believe they hold {believed} permits of {name} \
+                 (capacity {capacity})"
+        );
+        for h in &sem.holders {
+            let session = u64::from_str_radix(&h.session, 16)
+                .unwrap_or_else(|_| panic!("{label}: bad session {:?}", h.session));
+            server.insert(Held {
+                sem: s,
+                session,
+                lease: h.lease_id,
+                token: h.token,
+            });
+        }
+    }
+    server
 }
