@@ -906,7 +906,7 @@ impl Driver {
     ///
     /// The other way round, a lease the coordinator lists that this client handed out but
     /// neither holds nor is acquiring was released: the coordinator answers a release before
-    /// its record is durable (ARCHITECTURE invariant 9), so a crash can lose one it answered.
+    /// its record is durable (ARCHITECTURE invariant 12), so a crash can lose one it answered.
     /// It is released again, or the session would keep a slot nobody uses for as long as it
     /// lives. Leases of other clients of a shared session are theirs to settle.
     fn reconcile(&mut self, held: &[u64]) {
