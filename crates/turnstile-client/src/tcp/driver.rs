@@ -370,14 +370,12 @@ impl Driver {
     /// armed from its record; the presumed-loss deadline of the lease it releases, always
     /// earlier, brings the timer there), and before a reconnect, a disconnection or the end.
     fn take_written(&mut self) {
-        if self.shared.take_records(&mut self.written) {
-            self.pend_records();
-        }
-    }
-
-    /// The records just taken become pending requests.
-    fn pend_records(&mut self) {
+        // The driver's vector, emptied each time, keeps its room for the next records.
         let mut written = std::mem::take(&mut self.written);
+        if !self.shared.take_records(&mut written) {
+            self.written = written;
+            return;
+        }
         for (id, p) in written.drain(..) {
             self.no_loss_after(&p.req);
             self.gone_pending |= p.until_gone;
@@ -402,10 +400,9 @@ impl Driver {
             w.wr = None;
             w.out.clear();
         }
-        // After the write half is gone nobody records any more (see `Shared::written`).
-        let mut written = Vec::new();
-        self.shared.take_records(&mut written);
-        drop(written);
+        // After the write half is gone nobody records any more (see `Shared::written`); the
+        // records' replies are dropped with them, which fails their callers.
+        self.shared.take_records(&mut Vec::new());
     }
 
     /// Records a request of the driver's own as pending (see [`Driver::submit_counted`]).

@@ -49,11 +49,11 @@ pub(super) struct Shared {
     /// client lost about 7% so). Cleared by the next read that answers at most one.
     pub(super) crowd: AtomicBool,
     /// The first lease id this client numbers from (random high bits: see `lease_id_base`).
-    pub(super) lease_base: u64,
+    lease_base: u64,
     /// The next lease id to hand out: `lease_base..next_lease` are the ids this client has
     /// used, which is how the driver tells its own leases from those of other clients of a
     /// shared session.
-    pub(super) next_lease: AtomicU64,
+    next_lease: AtomicU64,
 }
 
 pub(super) struct Writer {
