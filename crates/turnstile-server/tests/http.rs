@@ -605,12 +605,13 @@ async fn metrics_time_the_log_syncs() {
             .expect("release");
     }
     let m = server.metrics().await;
-    // Each step that changed state was synced before its reply: the open, the ensure, and
-    // three grants and releases, at least.
+    // Each step whose reply waits for its record was synced before that reply: the open, the
+    // ensure and the three grants. A release is answered before its sync (PROTOCOL.md,
+    // Release), so its record may share the next grant's sync and is not counted apart.
     let syncs = m
         .get("turnstile_fsync_duration_seconds_count", &[])
         .expect("the fsync histogram");
-    assert!(syncs >= 8.0, "{syncs}");
+    assert!(syncs >= 5.0, "{syncs}");
     assert!(m.get("turnstile_fsync_duration_seconds_sum", &[]) > Some(0.0));
     assert!(m.get("turnstile_log_written_bytes_total", &[]) > Some(100.0));
     assert_eq!(m.get("turnstile_snapshots_total", &[]), Some(0.0));
