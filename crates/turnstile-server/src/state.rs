@@ -129,10 +129,34 @@ impl Shared {
     }
 
     /// Blocks the log writer until records are queued or it is told to stop.
-    pub(crate) fn wait_for_wal<'a>(&self, guard: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
-        self.wal_ready
+    pub(crate) fn wait_for_wal<'a>(
+        &self,
+        mut guard: MutexGuard<'a, State>,
+    ) -> MutexGuard<'a, State> {
+        // Set under the lock that the wait releases: a step that queues records after this
+        // sees it and notifies, and a notify between the release and the sleep is not lost
+        // (the condition variable's own guarantee).
+        if let Some(wal) = guard.wal.as_mut() {
+            wal.writer_asleep = true;
+        }
+        let mut guard = self
+            .wal_ready
             .wait(guard)
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(wal) = guard.wal.as_mut() {
+            wal.writer_asleep = false;
+        }
+        guard
+    }
+
+    /// Whether a step that queued records must wake the writer (see
+    /// `WalQueue::writer_asleep`); clears the mark, so that the steps after it do not.
+    fn writer_to_wake(st: &mut State, logged: bool) -> bool {
+        logged
+            && st
+                .wal
+                .as_mut()
+                .is_some_and(|wal| std::mem::take(&mut wal.writer_asleep))
     }
 
     /// Called by the log writer: records up to step `lsn` are durable; send what waited.
@@ -225,9 +249,10 @@ impl Shared {
         }
         st.effects = effects;
         self.wake_timer_if_needed(&mut st);
+        let wake_writer = Self::writer_to_wake(&mut st, routed.logged);
         let unlogged = st.events.take_unlogged();
         drop(st);
-        if routed.logged {
+        if wake_writer {
             self.wal_ready.notify_one();
         }
         crate::events::log(unlogged);
@@ -243,9 +268,10 @@ impl Shared {
         let more = st.core.tick_some(now, TICK_SLICE, &mut effects);
         let routed = st.route(&mut effects, None, &self.metrics);
         st.effects = effects;
+        let wake_writer = Self::writer_to_wake(&mut st, routed.logged);
         let unlogged = st.events.take_unlogged();
         drop(st);
-        if routed.logged {
+        if wake_writer {
             self.wal_ready.notify_one();
         }
         crate::events::log(unlogged);
@@ -641,5 +667,62 @@ mod tests {
         assert_eq!(outbox.pending(), granted, "answered with what follows it");
         shared.durable(appended(&shared));
         assert!(outbox.pending() > granted);
+    }
+
+    /// The log writer asleep on the condition variable is woken by the first step that
+    /// queues records, and that step clears the mark, so the steps after it make no system
+    /// call to wake a writer that is already awake (or busy syncing).
+    #[test]
+    fn a_sleeping_log_writer_is_woken_by_the_first_record_only() {
+        let (shared, conn, _outbox) = durable_state();
+        let shared = Arc::new(shared);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let writer = {
+            let shared = shared.clone();
+            std::thread::spawn(move || {
+                let mut st = shared.lock();
+                // Sent with the lock held: the step below gets the lock only once the wait
+                // has let go of it, so it finds the writer asleep.
+                let _ = ready_tx.send(());
+                while st.wal.as_ref().is_some_and(|w| w.chunks.is_empty()) {
+                    st = shared.wait_for_wal(st);
+                }
+                let _ = done_tx.send(st.wal.as_ref().map_or(0, |w| w.chunks.len()));
+            })
+        };
+        ready_rx.recv().expect("the writer thread runs");
+        shared.step(
+            conn,
+            1,
+            Request::OpenSession {
+                session: SessionId(9),
+                ttl: Duration::from_secs(10),
+                client: "test",
+            },
+            false,
+        );
+        let chunks = done_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the step woke the writer");
+        assert!(chunks > 0);
+        writer.join().expect("the writer thread");
+        let mut st = shared.lock();
+        assert!(!Shared::writer_to_wake(&mut st, true), "awake: no notify");
+        if let Some(wal) = st.wal.as_mut() {
+            wal.writer_asleep = true;
+        }
+        assert!(
+            !Shared::writer_to_wake(&mut st, false),
+            "no records: no notify"
+        );
+        assert!(
+            Shared::writer_to_wake(&mut st, true),
+            "the first record wakes it"
+        );
+        assert!(
+            !Shared::writer_to_wake(&mut st, true),
+            "the next ones do not"
+        );
     }
 }
