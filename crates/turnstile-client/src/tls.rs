@@ -197,6 +197,13 @@ pub(crate) struct TlsWrite {
     accepted: Option<usize>,
 }
 
+impl LinkRead {
+    /// Whether this is plain TCP: a TLS read may need a write, so only the driver reads it.
+    pub(crate) fn is_plain(&self) -> bool {
+        matches!(self, LinkRead::Plain(_))
+    }
+}
+
 impl LinkWrite {
     /// Plain TCP, on which a write never has to wait for a TLS record to finish.
     pub(crate) fn is_plain(&self) -> bool {

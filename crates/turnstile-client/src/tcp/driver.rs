@@ -2,9 +2,9 @@
 //! session alive, and reconnects and re-sends when the link breaks (see the module doc of
 //! `tcp`).
 
-use super::link::{open_link, read_more, write_rest, Hello, Opened};
-use super::wire::{encode, owned, OwnedReply};
-use super::writer::Own;
+use super::link::{open_link, write_rest, Hello, Opened};
+use super::wire::{encode, owned, result_of, OwnedReply};
+use super::writer::{Book, Own};
 use super::*;
 
 pub(super) struct Driver {
@@ -21,9 +21,11 @@ pub(super) struct Driver {
     pub(super) session: Arc<AtomicU64>,
     pub(super) ttl: Duration,
     pub(super) rx: mpsc::UnboundedReceiver<Cmd>,
-    /// The read side of the link; its write half is in `shared`.
-    pub(super) link: Option<Link>,
-    /// The write half, the ids, and the requests callers wrote themselves (see `writer`).
+    /// Whether there is a link (its read side is in `shared.inbox`, its write half in
+    /// `shared`'s writer).
+    pub(super) linked: bool,
+    /// The link's two sides, the ids, and the requests callers wrote themselves (see
+    /// `writer` and `reader`).
     pub(super) shared: Arc<Shared>,
     /// Unanswered requests, by request id. A hash map rather than an ordered one: answers
     /// come mostly in order, and taking the first entry of a B-tree node shifts every other
@@ -63,8 +65,8 @@ pub(super) struct Driver {
     pub(super) now: Instant,
     /// Callers of `send_release` whose releases this turn queued: told after its write.
     pub(super) sent: Vec<oneshot::Sender<()>>,
-    /// Spare room for the records taken from `shared`.
-    pub(super) written: Vec<(u32, Pending)>,
+    /// Spare room for the book taken from `shared`.
+    pub(super) book: Book,
     /// Callers left frames in the shared buffer (they woke us with `Cmd::Flush`), or a
     /// reconnect put its re-sends there: the turn's flush looks at it. Otherwise a flush with
     /// nothing of the driver's own skips the lock.
@@ -112,14 +114,20 @@ impl Driver {
         let mut armed = self.next_wake();
         let timer = tokio::time::sleep_until(armed);
         tokio::pin!(timer);
+        let shared = Arc::clone(&self.shared);
+        // Set by a turn of the timer: the next read takes the readiness back from a caller.
+        let mut take_back = false;
         loop {
             let mut fired = false;
+            // A reading caller keeps the readiness while no request of ours waits for an
+            // answer (see `reader`).
+            let defer = self.pending.is_empty() && !std::mem::take(&mut take_back);
             // Biased: a fixed order costs no random number per turn. The timer comes last
             // and could lose to busy branches, so a turn also checks its deadline itself
             // (below).
             tokio::select! {
                 biased;
-                r = read_more(&mut self.link) => {
+                r = std::future::poll_fn(|cx| shared.poll_driver_read(cx, defer)) => {
                     self.now = Instant::now();
                     match r {
                         Ok(()) => {
@@ -199,22 +207,19 @@ impl Driver {
             for sent in self.sent.drain(..) {
                 let _ = sent.send(());
             }
-            #[cfg(test)]
-            self.health
-                .watched
-                .store(self.leases.len() as u64, Ordering::Relaxed);
             let at = self.next_wake();
             if at < armed || fired {
                 armed = at;
                 timer.as_mut().reset(at);
             }
+            take_back |= fired;
         }
     }
 
     /// The earliest deadline the loop has to act on (see `on_timer`).
     fn next_wake(&self) -> Instant {
         let mut at = self.last_keepalive + FAR;
-        if self.link.is_some() {
+        if self.linked {
             at = at.min(self.last_keepalive + self.ttl / 3);
             if let Some(since) = self.awaiting_since {
                 at = at.min(since + self.silence_limit());
@@ -243,7 +248,7 @@ impl Driver {
     /// The loop's timer fired: does what is due.
     fn on_timer(&mut self) {
         let now = self.now;
-        if self.link.is_some() {
+        if self.linked {
             if let Some(since) = self.awaiting_since {
                 let limit = self.silence_limit();
                 if now >= since + limit {
@@ -251,12 +256,12 @@ impl Driver {
                 }
             }
         }
-        if self.link.is_some() && now >= self.last_keepalive + self.ttl / 3 {
+        if self.linked && now >= self.last_keepalive + self.ttl / 3 {
             self.last_keepalive = now;
             self.awaiting_since.get_or_insert(now);
             self.submit(Req::KeepAlive, None, None, false);
         }
-        if self.link.is_none()
+        if !self.linked
             && self.connecting.is_none()
             && self.refused.is_none()
             && now >= self.next_attempt
@@ -346,12 +351,17 @@ impl Driver {
                 }
             }
             Cmd::Probe => {
-                if self.link.is_some() {
+                if self.linked {
                     self.awaiting_since.get_or_insert(self.now);
                     self.submit(Req::KeepAlive, None, None, false);
                 }
             }
             Cmd::Shutdown { .. } => {}
+            #[cfg(test)]
+            Cmd::Watched { reply } => {
+                self.take_written();
+                let _ = reply.send(self.leases.len());
+            }
         }
     }
 
@@ -370,18 +380,36 @@ impl Driver {
     /// armed from its record; the presumed-loss deadline of the lease it releases, always
     /// earlier, brings the timer there), and before a reconnect, a disconnection or the end.
     fn take_written(&mut self) {
-        // The driver's vector, emptied each time, keeps its room for the next records.
-        let mut written = std::mem::take(&mut self.written);
-        if !self.shared.take_records(&mut written) {
-            self.written = written;
+        // What callers that read answers told `Health` (see `reader`).
+        let contact = self
+            .health
+            .at(self.health.last_contact.load(Ordering::Relaxed));
+        self.last_contact = self.last_contact.max(contact);
+        if let Some(since) = self.awaiting_since {
+            if self.health.last_heard.load(Ordering::Relaxed) >= self.health.ms(since) {
+                self.awaiting_since = None;
+            }
+        }
+        // The driver's book, emptied each time, keeps its room for the next.
+        let mut book = std::mem::take(&mut self.book);
+        if !self.shared.take_book(&mut book) {
+            self.book = book;
             return;
         }
-        for (id, p) in written.drain(..) {
+        // Grants first: a record here may release one of them. Then the releases callers
+        // read, of leases granted before the driver's last take.
+        for (lease, lost) in book.granted.drain(..) {
+            self.leases.insert(lease, lost);
+        }
+        for (id, p) in book.records.drain(..) {
             self.no_loss_after(&p.req);
             self.gone_pending |= p.until_gone;
             self.pending.insert(id, p);
         }
-        self.written = written;
+        for lease in book.released.drain(..) {
+            self.leases.remove(&lease);
+        }
+        self.book = book;
     }
 
     /// A pending request leaves: a counted one no longer keeps callers from writing their
@@ -400,9 +428,13 @@ impl Driver {
             w.wr = None;
             w.out.clear();
         }
-        // After the write half is gone nobody records any more (see `Shared::written`); the
+        // Nor reads: a caller waiting as the reader has only its channel left, which fails
+        // below.
+        self.shared.drop_link();
+        self.linked = false;
+        // After the write half is gone nobody records any more (see `Shared::book`); the
         // records' replies are dropped with them, which fails their callers.
-        self.shared.take_records(&mut Vec::new());
+        self.shared.take_book(&mut Book::default());
     }
 
     /// Records a request of the driver's own as pending (see [`Driver::submit_counted`]).
@@ -432,7 +464,7 @@ impl Driver {
         let mark = self.out.len();
         encode(id, &req, &mut self.out);
         let size = (self.out.len() - mark).saturating_sub(4);
-        if self.link.is_none() {
+        if !self.linked {
             // Sent with every other pending request once a link is made.
             self.out.truncate(mark);
         }
@@ -475,7 +507,7 @@ impl Driver {
     /// Writes what the turn queued, behind what callers left in the shared buffer, in one
     /// go.
     async fn flush(&mut self) {
-        if self.link.is_none() {
+        if !self.linked {
             self.out.clear();
             return;
         }
@@ -562,15 +594,13 @@ impl Driver {
     /// Bytes came from the coordinator.
     fn heard(&mut self) {
         self.awaiting_since = None;
-        let now = self.health.ms(self.now);
-        self.health.last_heard.store(now, Ordering::Relaxed);
+        self.health.heard(self.now);
     }
 
     /// Moves the contact mark (see `last_contact`), for callers too.
     fn contact(&mut self, at: Instant) {
         self.last_contact = at;
-        let at = self.health.ms(at);
-        self.health.last_contact.store(at, Ordering::Relaxed);
+        self.health.contact(at);
     }
 
     fn disconnected(&mut self, why: &str) {
@@ -583,7 +613,9 @@ impl Driver {
             w.out.clear();
         }
         self.take_written();
-        if self.link.take().is_some() {
+        let had_link = self.shared.drop_link();
+        self.linked = false;
+        if had_link {
             // Quiet: a restart of the coordinator must stay invisible. The notice says so if
             // the coordinator stays away.
             tracing::debug!(addr = %self.addr, why, "lost the connection to the coordinator; reconnecting");
@@ -688,7 +720,8 @@ impl Driver {
             tracing::info!("the coordinator at {} answers again", self.addr);
         }
         self.ttl = ttl;
-        self.link = Some(link);
+        self.shared.set_link(link);
+        self.linked = true;
         let now = Instant::now();
         self.health.ttl_ms.store(
             u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
@@ -731,10 +764,22 @@ impl Driver {
 
     /// Handles every whole frame the link's buffer holds.
     fn on_frames(&mut self) {
-        // The records of requests callers wrote come first: an answer read now is to a
-        // request whose record was made with its write (see `writer`).
+        let failed = self.handle_frames();
+        if let Some(why) = failed {
+            self.disconnected(&why);
+        }
+    }
+
+    /// [`Driver::on_frames`] under the inbox lock, which a disconnection must not hold: why
+    /// the link is to be dropped, if it is.
+    fn handle_frames(&mut self) -> Option<String> {
+        let shared = Arc::clone(&self.shared);
+        let mut inbox = shared.inbox();
+        // The records of requests callers wrote come first: an answer in the buffer now is
+        // to a request whose record was made with its write (see `writer`). Taken under the
+        // inbox lock, so that no caller puts an answer in the buffer between the two.
         self.take_written();
-        let Some(link) = &mut self.link else { return };
+        let link = inbox.link.as_mut()?;
         self.answered = 0;
         // Taken out so that the replies can be handled while it is read; the frames handled
         // are dropped from its front once, at the end, not one by one.
@@ -747,7 +792,7 @@ impl Driver {
                     pos += used;
                     match decoded {
                         Ok(x) => x,
-                        Err(e) => return self.disconnected(&format!("bad frame from server: {e}")),
+                        Err(e) => return Some(format!("bad frame from server: {e}")),
                     }
                 }
                 Ok(None) => break,
@@ -769,7 +814,7 @@ impl Driver {
                             }
                         }
                     }
-                    return self.disconnected(&format!("bad frame from server: {e}"));
+                    return Some(format!("bad frame from server: {e}"));
                 }
             };
             self.on_reply(id, reply);
@@ -779,10 +824,11 @@ impl Driver {
         self.shared
             .crowd
             .store(self.answered > 1, Ordering::Relaxed);
-        if let Some(link) = &mut self.link {
+        if let Some(link) = inbox.link.as_mut() {
             buf.drain(..pos);
             link.buf = buf;
         }
+        None
     }
 
     fn on_reply(&mut self, id: u32, reply: OwnedReply) {
@@ -800,10 +846,6 @@ impl Driver {
         self.uncount(&p);
         self.answered += usize::from(p.counted);
         let result = match reply {
-            OwnedReply::Done => Ok(Answer::Done),
-            OwnedReply::Granted(token) => Ok(Answer::Granted { token }),
-            OwnedReply::Status(json) => Ok(Answer::Status(json)),
-            OwnedReply::Answer(answer) => Ok(answer),
             OwnedReply::SessionOpened(ttl) => {
                 self.ttl = ttl;
                 Ok(Answer::Done)
@@ -812,12 +854,10 @@ impl Driver {
                 self.reconcile(&held);
                 Ok(Answer::Done)
             }
-            OwnedReply::Error(code, message) => Err(match code {
-                ErrorCode::TimedOut => Error::TimedOut,
-                ErrorCode::SessionEnded => Error::SessionLost,
-                _ => Error::Rejected { code, message },
-            }),
-            OwnedReply::LeaseLost(..) | OwnedReply::SessionLost(_) => return, // handled above
+            other => match result_of(other) {
+                Some(result) => result,
+                None => return, // the events, handled above
+            },
         };
         let session_alive =
             !matches!(&result, Err(e) if e.code() == Some(ErrorCode::SessionNotFound));
@@ -951,7 +991,7 @@ impl Driver {
     async fn close_session(&mut self) {
         // Nobody is connected to tell: the TTL ends the session on the coordinator.
         self.connecting = None;
-        if self.link.is_none() {
+        if !self.linked {
             return;
         }
         self.now = Instant::now();
@@ -977,7 +1017,8 @@ impl Driver {
                 .values()
                 .any(|p| matches!(p.req, Req::CloseSession | Req::Release { .. }))
             {
-                match read_more(&mut self.link).await {
+                let shared = Arc::clone(&self.shared);
+                match std::future::poll_fn(|cx| shared.poll_driver_read(cx, false)).await {
                     Ok(()) => {
                         self.now = Instant::now();
                         self.on_frames();

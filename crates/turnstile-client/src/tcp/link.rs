@@ -209,18 +209,3 @@ pub(super) async fn open_link(
     }
     Ok(session_result.map(|()| (link, wr, ttl)))
 }
-
-/// Reads more bytes into the link's buffer. Pending forever when there is no link, so that it
-/// can sit in a `select!` arm. Cancel-safe: `read_buf` either reads or does nothing.
-pub(super) async fn read_more(link: &mut Option<Link>) -> Result<(), String> {
-    let Some(link) = link else {
-        return std::future::pending().await;
-    };
-    // Room for many replies, so that one read takes every frame that has arrived.
-    link.buf.reserve(READ_CHUNK);
-    match link.rd.read_buf(&mut link.buf).await {
-        Ok(0) => Err("the coordinator closed the connection".into()),
-        Ok(_) => Ok(()),
-        Err(e) => Err(format!("read failed: {e}")),
-    }
-}

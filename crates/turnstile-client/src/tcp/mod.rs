@@ -2,7 +2,8 @@
 //!
 //! One driver task owns the connection. Callers send it commands over a channel and get their
 //! answers on oneshot channels — except that a caller whose call is the only one awaited on
-//! the client writes its frame itself, which spares the hand-off (see `writer`). The driver
+//! the client writes its frame itself, and reads its answer itself, which spares the
+//! hand-offs (see `writer` and `reader`). The driver
 //! matches replies by request id, keeps the session alive, and survives disconnections: it
 //! reconnects with exponential
 //! backoff, resumes the session, and re-sends every request still unanswered. Re-sending is
@@ -221,6 +222,11 @@ enum Cmd {
     Shutdown {
         reply: oneshot::Sender<()>,
     },
+    /// How many leases the driver watches for loss, once it has taken the book.
+    #[cfg(test)]
+    Watched {
+        reply: oneshot::Sender<usize>,
+    },
 }
 
 struct Pending {
@@ -235,7 +241,8 @@ struct Pending {
     counted: bool,
 }
 
-/// The read side of a link, which only the driver touches; the write half is in [`Shared`].
+/// The read side of a link, in [`Shared::inbox`] (see `reader`); the write half is in the
+/// writer.
 struct Link {
     rd: LinkRead,
     buf: Vec<u8>,
@@ -271,9 +278,9 @@ struct Health {
     /// Of those, the writes callers made themselves (see `writer`).
     #[cfg(test)]
     own_writes: AtomicU64,
-    /// Leases the driver watches for loss, as of the end of its last turn.
+    /// Answers callers read themselves (see `reader`).
     #[cfg(test)]
-    watched: AtomicU64,
+    own_reads: AtomicU64,
 }
 
 const NEVER: u64 = u64::MAX;
@@ -292,8 +299,20 @@ impl Health {
             #[cfg(test)]
             own_writes: AtomicU64::new(0),
             #[cfg(test)]
-            watched: AtomicU64::new(0),
+            own_reads: AtomicU64::new(0),
         }
+    }
+
+    /// Bytes came from the coordinator at `at`. Never moves back: the driver and a reading
+    /// caller may both tell.
+    fn heard(&self, at: Instant) {
+        self.last_heard.fetch_max(self.ms(at), Ordering::Relaxed);
+    }
+
+    /// The coordinator answered a session-refreshing request sent at `at`: the session lives
+    /// until at least `at` plus the TTL. Never moves back, as for `heard`.
+    fn contact(&self, at: Instant) {
+        self.last_contact.fetch_max(self.ms(at), Ordering::Relaxed);
     }
 
     fn ms(&self, t: Instant) -> u64 {
@@ -380,7 +399,7 @@ impl TcpBackend {
         let session_cell = Arc::new(AtomicU64::new(session));
         let now = Instant::now();
         let health = Arc::new(Health::new(now, ttl));
-        let shared = Arc::new(Shared::new(wr, crate::lease_id_base()));
+        let shared = Arc::new(Shared::new(wr, link, crate::lease_id_base()));
         let driver = Driver {
             shared: shared.clone(),
             health: health.clone(),
@@ -396,7 +415,7 @@ impl TcpBackend {
             session: session_cell.clone(),
             ttl,
             rx,
-            link: Some(link),
+            linked: true,
             pending: Map::default(),
             leases: Map::default(),
             abandoned: Vec::new(),
@@ -408,7 +427,7 @@ impl TcpBackend {
             out: Vec::with_capacity(4096),
             now,
             sent: Vec::new(),
-            written: Vec::new(),
+            book: Default::default(),
             flush_shared: false,
             answered: 0,
             gone_pending: false,
@@ -432,12 +451,22 @@ impl TcpBackend {
     }
 
     /// Waits for the answer to a request, at most as `until` says (see the module doc).
-    async fn answer(
+    async fn answer(&self, rx: AnswerWait<'_>, until: Until) -> Result<Answer, Error> {
+        self.settled(rx, until).await?
+    }
+
+    /// The wait for the answer to a request sent with [`TcpBackend::send_call`].
+    fn wait_for(
         &self,
         rx: oneshot::Receiver<Result<Answer, Error>>,
-        until: Until,
-    ) -> Result<Answer, Error> {
-        self.settled(rx, until).await?
+        own: Option<u32>,
+    ) -> AnswerWait<'_> {
+        AnswerWait {
+            shared: &self.shared,
+            health: &self.health,
+            rx,
+            own,
+        }
     }
 
     /// [`TcpBackend::answer`], telling apart how it ended: the outer error is the caller's
@@ -446,7 +475,7 @@ impl TcpBackend {
     /// coordinator's answer, or the driver's verdict on a request it never sent).
     async fn settled(
         &self,
-        mut rx: oneshot::Receiver<Result<Answer, Error>>,
+        mut rx: AnswerWait<'_>,
         until: Until,
     ) -> Result<Result<Answer, Error>, Error> {
         let closed = |r: Result<Result<Answer, Error>, oneshot::error::RecvError>| {
@@ -495,7 +524,7 @@ impl TcpBackend {
     ) -> Result<(Answer, LostReceiver), Error> {
         let (lost_tx, lost_rx) = lost::channel();
         let (reply, rx) = oneshot::channel();
-        self.send_call(req, reply, Some(lost_tx), false)?;
+        let own = self.send_call(req, reply, Some(lost_tx), false)?;
         let mut guard = AcquireGuard {
             tx: &self.tx,
             lease,
@@ -505,7 +534,7 @@ impl TcpBackend {
         // acquire. A settled one has nothing to withdraw: a refusal or the coordinator's "timed
         // out" left no lease behind (withdrawing it anyway doubled the requests of a loop of
         // `try_acquire` on a full semaphore).
-        let settled = self.settled(rx, until).await?;
+        let settled = self.settled(self.wait_for(rx, own), until).await?;
         guard.armed = false;
         Ok((settled?, lost_rx))
     }
@@ -528,19 +557,20 @@ impl TcpBackend {
 
     async fn call(&self, req: Req, until: Until) -> Result<Answer, Error> {
         let (reply, rx) = oneshot::channel();
-        self.send_call(req, reply, None, matches!(until, Until::LeaseGone))?;
-        self.answer(rx, until).await
+        let own = self.send_call(req, reply, None, matches!(until, Until::LeaseGone))?;
+        self.answer(self.wait_for(rx, own), until).await
     }
 
     /// Sends a call: written by the caller itself when no other caller's request is in
-    /// flight on this client, else through the driver (see `writer`).
+    /// flight on this client, else through the driver (see `writer`). The request's id if
+    /// the caller wrote it, so that it may read its answer too (see `reader`).
     fn send_call(
         &self,
         req: Req,
         reply: Reply,
         lost: Option<LostSender>,
         until_gone: bool,
-    ) -> Result<(), Error> {
+    ) -> Result<Option<u32>, Error> {
         let alone = self.shared.waiting.fetch_add(1, Ordering::Relaxed) == 0
             && !self.shared.crowd.load(Ordering::Relaxed);
         let own = Own {
@@ -551,17 +581,20 @@ impl TcpBackend {
         };
         let own = if alone {
             match self.shared.send(own, true, &self.health) {
-                Sent::Written => return Ok(()),
-                Sent::Queued => return self.wake(None),
+                Sent::Written(id) => return Ok(Some(id)),
+                Sent::Queued(id) => return self.wake(None).map(|()| Some(id)),
                 Sent::Refused(own) => own,
             }
         } else {
             own
         };
-        self.tx.send(Cmd::Call(own)).map_err(|_| {
-            self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
-            Error::Shutdown
-        })
+        match self.tx.send(Cmd::Call(own)) {
+            Ok(()) => Ok(None),
+            Err(_) => {
+                self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
+                Err(Error::Shutdown)
+            }
+        }
     }
 
     /// Asks the driver to write what callers left in the shared buffer.
@@ -569,6 +602,55 @@ impl TcpBackend {
         self.tx
             .send(Cmd::Flush { sent })
             .map_err(|_| Error::Shutdown)
+    }
+}
+
+/// The wait for the answer to one request: on its channel, and for a request its caller wrote
+/// itself, also by reading the link (see `reader`). Dropped or done, it gives the link's
+/// read readiness back to the driver if it held it.
+struct AnswerWait<'a> {
+    shared: &'a Shared,
+    health: &'a Health,
+    rx: oneshot::Receiver<Result<Answer, Error>>,
+    /// The request's id, while its caller may read the answer itself.
+    own: Option<u32>,
+}
+
+impl std::future::Future for AnswerWait<'_> {
+    type Output = Result<Result<Answer, Error>, oneshot::error::RecvError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = &mut *self;
+        // Only while no other caller waits: among several, the driver reads once for all of
+        // them (a caller reading would stop at their answers and hand them on).
+        if let Some(id) = this
+            .own
+            .filter(|_| this.shared.waiting.load(Ordering::Relaxed) <= 1)
+        {
+            // Read first: an answer settled here never touches the channel.
+            if let Some(result) = this.shared.read_for(id, cx, this.health) {
+                this.own = None;
+                #[cfg(test)]
+                this.health.own_reads.fetch_add(1, Ordering::Relaxed);
+                return std::task::Poll::Ready(Ok(result));
+            }
+        }
+        let r = std::task::ready!(std::pin::Pin::new(&mut this.rx).poll(cx));
+        if let Some(id) = this.own.take() {
+            this.shared.stop_reading(id);
+        }
+        std::task::Poll::Ready(r)
+    }
+}
+
+impl Drop for AnswerWait<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.own {
+            self.shared.stop_reading(id);
+        }
     }
 }
 
@@ -666,8 +748,8 @@ impl Backend for TcpBackend {
             };
             let (sent, written) = oneshot::channel();
             match self.shared.send(own, false, &self.health) {
-                Sent::Written => return Ok(()),
-                Sent::Queued => self.wake(Some(sent)).map_err(|_| self.unavailable())?,
+                Sent::Written(_) => return Ok(()),
+                Sent::Queued(_) => self.wake(Some(sent)).map_err(|_| self.unavailable())?,
                 Sent::Refused(_) => self
                     .tx
                     .send(Cmd::Forget {
@@ -948,6 +1030,7 @@ impl Notice {
 
 mod driver;
 mod link;
+mod reader;
 #[cfg(test)]
 mod tests;
 mod wire;

@@ -325,7 +325,11 @@ async fn a_session_lost_during_the_handshake_opens_a_fresh_session() {
 /// would otherwise grow by one with every pair for the life of the client.
 #[tokio::test]
 async fn released_leases_are_not_watched() {
-    let (client, health) = client().await;
+    let backend = TcpBackend::connect(coordinator().await, None, Options::default())
+        .await
+        .expect("connect");
+    let tx = backend.tx.clone();
+    let client = crate::Client::from_backend(Arc::new(backend));
     let sem = client.semaphore("watched", 1).await.expect("ensure");
     for _ in 0..20 {
         sem.acquire()
@@ -336,9 +340,9 @@ async fn released_leases_are_not_watched() {
             .expect("release");
     }
     let held = sem.acquire().await.expect("acquire");
-    // A round trip after the grant, so that the driver has ended the turn that saw it.
-    client.status(Some("watched")).await.expect("status");
-    assert_eq!(health.watched.load(Ordering::Relaxed), 1);
+    let (reply, watched) = oneshot::channel();
+    tx.send(Cmd::Watched { reply }).expect("the driver runs");
+    assert_eq!(watched.await.expect("the driver answers"), 1);
     drop(held);
     client.shutdown().await.expect("shutdown");
 }
@@ -492,4 +496,140 @@ async fn a_settled_acquire_is_not_withdrawn() {
     );
     drop(held);
     client.shutdown().await.expect("shutdown");
+}
+
+/// A caller alone on its client reads its own answers too: the driver task is not woken
+/// for them (see `reader`). On one thread, so that the driver cannot race the caller to an
+/// answer that comes before the caller waits (the caller then gets it from the driver).
+#[tokio::test]
+async fn a_caller_alone_reads_its_own_answers() {
+    const PAIRS: u64 = 200;
+    let (client, health) = client().await;
+    let sem = client.semaphore("reads", 1).await.expect("ensure");
+    let before = health.own_reads.load(Ordering::Relaxed);
+    for _ in 0..PAIRS {
+        let permit = sem.acquire().await.expect("acquire");
+        permit.release().await.expect("release");
+    }
+    let own = health.own_reads.load(Ordering::Relaxed) - before;
+    // Every answer but those that met a turn of the driver (its keep-alive).
+    assert!(
+        own >= PAIRS * 2 - 4,
+        "{} answers to a lone caller, {own} read by the caller",
+        PAIRS * 2
+    );
+    client.shutdown().await.expect("shutdown");
+}
+
+/// An event that comes while a caller reads for its own answer (here, in the same read as
+/// that answer) is left to the driver, which tells the holder at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_read_by_a_caller_reaches_the_holder() {
+    let addr = coordinator().await;
+    let (a, _) = client_of(&addr).await;
+    let (b, _) = client_of(&addr).await;
+    let sem = a.semaphore("event", 1).await.expect("ensure");
+    let held = sem.acquire().await.expect("acquire");
+    let lost = held.lost_signal();
+    // The second acquire waits, its caller reading for the answer; the revoke frees the slot
+    // and grants it, right behind the event of the loss.
+    let next = tokio::spawn({
+        let sem = sem.clone();
+        async move { sem.acquire().await }
+    });
+    // Queued on the coordinator before the revoke; asked through the other client, so that
+    // nothing wakes this client's driver meanwhile.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let doc = b.status(Some("event")).await.expect("status");
+            if doc.semaphores.iter().any(|s| s.queued == 1) {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the acquire is queued");
+    eprintln!("queued {:?}", std::time::Instant::now());
+    b.revoke("event", held.lease_id()).await.expect("revoke");
+    eprintln!("revoked {:?}", std::time::Instant::now());
+    let reason = tokio::time::timeout(Duration::from_secs(2), lost.wait())
+        .await
+        .expect("the holder learns of the loss at once, not at the next keep-alive");
+    assert_eq!(reason, Some(LostReason::Revoked));
+    eprintln!("lost {:?}", std::time::Instant::now());
+    let granted = tokio::time::timeout(Duration::from_secs(2), next)
+        .await
+        .expect("the waiting acquire is granted")
+        .expect("the task")
+        .expect("granted");
+    assert!(granted.fencing_token() > held.fencing_token());
+}
+
+/// A caller that stops waiting while it holds the link's read readiness gives it back: the
+/// driver, not woken otherwise, still reads what comes next (here an event, pushed later by
+/// a fake coordinator).
+#[tokio::test]
+async fn a_caller_that_gives_up_leaves_the_link_to_the_driver() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    tokio::spawn(async move {
+        let (s, _) = listener.accept().await.expect("accept");
+        let (mut rd, wr) = s.into_split();
+        let wr = Arc::new(tokio::sync::Mutex::new(wr));
+        let mut buf = Vec::new();
+        let mut granted = 0;
+        loop {
+            let mut chunk = [0u8; 4096];
+            match rd.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            let mut out = Vec::new();
+            while let Some((payload, used)) = split_frame(&buf, MAX_REPLY_FRAME).expect("a frame") {
+                let (id, req) = proto::decode_request(payload).expect("a request");
+                if handshake_answer(id, &req, &mut out).is_none() {
+                    match req {
+                        proto::Request::Acquire { lease, .. } => {
+                            granted = lease;
+                            proto::encode_reply(id, &proto::Reply::Granted { token: 1 }, &mut out);
+                        }
+                        // Never answered; the loss of the lease is pushed a little later.
+                        proto::Request::Ensure { .. } => {
+                            let wr = wr.clone();
+                            tokio::spawn(async move {
+                                tokio::time::sleep(Duration::from_millis(300)).await;
+                                let mut event = Vec::new();
+                                let lost = proto::Reply::LeaseLost {
+                                    lease: granted,
+                                    token: 1,
+                                    reason: proto::LostReason::Revoked,
+                                    name: "held",
+                                };
+                                proto::encode_reply(0, &lost, &mut event);
+                                let _ = wr.lock().await.write_all(&event).await;
+                            });
+                        }
+                        _ => proto::encode_reply(id, &proto::Reply::Done, &mut out),
+                    }
+                }
+                buf.drain(..used);
+            }
+            if !out.is_empty() && wr.lock().await.write_all(&out).await.is_err() {
+                return;
+            }
+        }
+    });
+    let (client, _) = client_of(&addr.to_string()).await;
+    let sem = client.existing_semaphore("held");
+    let held = sem.acquire().await.expect("granted");
+    // The caller writes the ensure itself and waits reading; it gives up before any answer.
+    let gave_up = tokio::time::timeout(Duration::from_millis(100), client.semaphore("never", 1));
+    assert!(gave_up.await.is_err(), "never answered");
+    let reason = tokio::time::timeout(Duration::from_secs(3), held.lost())
+        .await
+        .expect("the driver reads the event (the keep-alive is 20 s away)");
+    assert_eq!(reason, LostReason::Revoked);
 }

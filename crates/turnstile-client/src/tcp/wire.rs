@@ -117,6 +117,26 @@ pub(super) enum OwnedReply {
     Leases(Vec<u64>),
 }
 
+/// What the caller of a request gets for its reply: `None` for the replies that are not
+/// answers to a caller (events, and the answers to the driver's own session requests).
+pub(super) fn result_of(reply: OwnedReply) -> Option<Result<Answer, Error>> {
+    Some(match reply {
+        OwnedReply::Done => Ok(Answer::Done),
+        OwnedReply::Granted(token) => Ok(Answer::Granted { token }),
+        OwnedReply::Status(json) => Ok(Answer::Status(json)),
+        OwnedReply::Answer(answer) => Ok(answer),
+        OwnedReply::Error(code, message) => Err(match code {
+            ErrorCode::TimedOut => Error::TimedOut,
+            ErrorCode::SessionEnded => Error::SessionLost,
+            _ => Error::Rejected { code, message },
+        }),
+        OwnedReply::SessionOpened(_)
+        | OwnedReply::Leases(_)
+        | OwnedReply::LeaseLost(..)
+        | OwnedReply::SessionLost(_) => return None,
+    })
+}
+
 pub(super) fn lost_reason(r: proto::LostReason) -> LostReason {
     match r {
         proto::LostReason::Expired => LostReason::Expired,
