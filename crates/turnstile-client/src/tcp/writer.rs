@@ -39,7 +39,7 @@ pub(super) struct Shared {
     /// present.
     book: Mutex<Book>,
     /// The read side of the link (see `reader`).
-    pub(super) inbox: Lined<Mutex<Inbox>>,
+    pub(super) inbox: Mutex<Inbox>,
     /// The caller whose waker the link's read readiness holds (see `reader`): its request
     /// id, 0 if none. Changed only under the inbox lock; read without it.
     pub(super) reading: AtomicU32,
@@ -69,20 +69,6 @@ pub(super) struct Writer {
     pub(super) wr: Option<LinkWrite>,
     /// Frames not yet written, in order.
     pub(super) out: Vec<u8>,
-}
-
-/// A value on cache lines of its own. The driver locks the inbox on every turn, callers
-/// change the counters beside it on every request: sharing a line made the two cores pass
-/// it back and forth (measured: 16 callers on each of 4 clients lost a fifth of their pairs).
-#[repr(align(128))]
-pub(super) struct Lined<T>(pub(super) T);
-
-impl<T> std::ops::Deref for Lined<T> {
-    type Target = T;
-
-    fn deref(&self) -> &T {
-        &self.0
-    }
 }
 
 /// What callers leave for the driver: the records of the requests they wrote, and what they
@@ -135,7 +121,7 @@ impl Shared {
                 out: Vec::with_capacity(512),
             }),
             book: Mutex::new(Book::default()),
-            inbox: Lined(Mutex::new(Inbox::new(link))),
+            inbox: Mutex::new(Inbox::new(link)),
             reading: AtomicU32::new(0),
             next_id: AtomicU32::new(1),
             waiting: AtomicUsize::new(0),
