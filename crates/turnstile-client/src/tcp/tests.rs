@@ -339,11 +339,17 @@ async fn released_leases_are_not_watched() {
             .await
             .expect("release");
     }
+    let watched = || async {
+        let (reply, watched) = oneshot::channel();
+        tx.send(Cmd::Watched { reply }).expect("the driver runs");
+        watched.await.expect("the driver answers")
+    };
     let held = sem.acquire().await.expect("acquire");
-    let (reply, watched) = oneshot::channel();
-    tx.send(Cmd::Watched { reply }).expect("the driver runs");
-    assert_eq!(watched.await.expect("the driver answers"), 1);
-    drop(held);
+    assert_eq!(watched().await, 1);
+    // Watched by the driver now; its release, answered to (and read by) its caller, takes
+    // it off the driver's list too (see `Book::released`).
+    held.release().await.expect("release");
+    assert_eq!(watched().await, 0);
     client.shutdown().await.expect("shutdown");
 }
 
@@ -632,4 +638,53 @@ async fn a_caller_that_gives_up_leaves_the_link_to_the_driver() {
         .await
         .expect("the driver reads the event (the keep-alive is 20 s away)");
     assert_eq!(reason, LostReason::Revoked);
+}
+
+/// A grant its caller read reaches the driver's watch list through the book, and the
+/// record of the lease's release, taken by the driver in the same take, ends the watch: the
+/// grants are taken before the records (the other order would watch a released lease for
+/// the life of the client).
+#[tokio::test]
+async fn a_release_taken_with_the_grant_it_releases_ends_the_watch() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let (released_tx, mut released_rx) = mpsc::unbounded_channel();
+    tokio::spawn(fake_coordinator(listener, move |id, req, out| {
+        if handshake_answer(id, &req, out).is_some() {
+            return;
+        }
+        match req {
+            proto::Request::Acquire { .. } => {
+                proto::encode_reply(id, &proto::Reply::Granted { token: 3 }, out)
+            }
+            proto::Request::Release { lease } => {
+                let _ = released_tx.send(lease); // and no answer: the record stays
+            }
+            _ => proto::encode_reply(id, &proto::Reply::Done, out),
+        }
+    }));
+    let backend = TcpBackend::connect(addr.to_string(), None, Options::default())
+        .await
+        .expect("connect");
+    let tx = backend.tx.clone();
+    let health = backend.health.clone();
+    let client = crate::Client::from_backend(Arc::new(backend));
+    // The ensure's wait lets the new driver run its first turn, which takes the records
+    // there are (its start handles events the handshake carried).
+    let sem = client.semaphore("ordered", 1).await.expect("ensure");
+    let reads = health.own_reads.load(Ordering::Relaxed);
+    let permit = sem.acquire().await.expect("granted");
+    assert_eq!(
+        health.own_reads.load(Ordering::Relaxed) - reads,
+        1,
+        "the caller read its grant"
+    );
+    let lease = permit.lease_id();
+    permit.send_release().await.expect("sent");
+    assert_eq!(released_rx.recv().await, Some(lease));
+    let (reply, watched) = oneshot::channel();
+    tx.send(Cmd::Watched { reply }).expect("the driver runs");
+    assert_eq!(watched.await.expect("the driver answers"), 0);
 }
