@@ -79,30 +79,36 @@ fn handshake_answer(id: u32, req: &proto::Request<'_>, out: &mut Vec<u8>) -> Opt
     Some(())
 }
 
-/// `send_release` returns once the release is written, without its answer: against a
-/// coordinator that never answers releases, it still returns, and the release arrives.
-#[tokio::test]
-async fn send_release_returns_without_waiting_for_the_answer() {
+/// A fake coordinator that grants every acquire (token 7) and answers every other request
+/// but releases, which it only reports: its address, and the leases released.
+async fn coordinator_deaf_to_releases() -> (std::net::SocketAddr, mpsc::UnboundedReceiver<u64>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("local addr");
-    let (released_tx, mut released_rx) = mpsc::unbounded_channel();
+    let (released_tx, released_rx) = mpsc::unbounded_channel();
     tokio::spawn(fake_coordinator(listener, move |id, req, out| {
         if handshake_answer(id, &req, out).is_some() {
             return;
         }
         match req {
-            proto::Request::Ensure { .. } => proto::encode_reply(id, &proto::Reply::Done, out),
             proto::Request::Acquire { .. } => {
                 proto::encode_reply(id, &proto::Reply::Granted { token: 7 }, out)
             }
             proto::Request::Release { lease } => {
                 let _ = released_tx.send(lease); // and no answer, ever
             }
-            _ => {}
+            _ => proto::encode_reply(id, &proto::Reply::Done, out),
         }
     }));
+    (addr, released_rx)
+}
+
+/// `send_release` returns once the release is written, without its answer: against a
+/// coordinator that never answers releases, it still returns, and the release arrives.
+#[tokio::test]
+async fn send_release_returns_without_waiting_for_the_answer() {
+    let (addr, mut released_rx) = coordinator_deaf_to_releases().await;
     let backend = TcpBackend::connect(addr.to_string(), None, Options::default())
         .await
         .expect("connect");
@@ -367,26 +373,38 @@ fn resends_keep_the_order_of_first_sending() {
     assert_eq!(resend_order(Vec::new(), 1), Vec::<u32>::new());
 }
 
-/// A caller alone on its client writes its own requests (no hand-off to the driver), and
-/// a loop of pairs still gets every answer.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_caller_alone_writes_its_own_requests() {
-    const PAIRS: u64 = 200;
+/// `PAIRS` acquire-release pairs of one caller alone on its client, on semaphore `name`: of
+/// their requests, how many the caller wrote itself, and of their answers, how many it read
+/// itself.
+async fn lone_pairs(name: &str) -> (u64, u64) {
     let (client, health) = client().await;
-    let sem = client.semaphore("alone", 1).await.expect("ensure");
-    let before = health.own_writes.load(Ordering::Relaxed);
+    let sem = client.semaphore(name, 1).await.expect("ensure");
+    let writes = health.own_writes.load(Ordering::Relaxed);
+    let reads = health.own_reads.load(Ordering::Relaxed);
     for _ in 0..PAIRS {
         let permit = sem.acquire().await.expect("acquire");
         permit.release().await.expect("release");
     }
-    let own = health.own_writes.load(Ordering::Relaxed) - before;
+    client.shutdown().await.expect("shutdown");
+    (
+        health.own_writes.load(Ordering::Relaxed) - writes,
+        health.own_reads.load(Ordering::Relaxed) - reads,
+    )
+}
+
+const PAIRS: u64 = 200;
+
+/// A caller alone on its client writes its own requests (no hand-off to the driver), and
+/// a loop of pairs still gets every answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_alone_writes_its_own_requests() {
+    let (own, _) = lone_pairs("alone").await;
     // Every request but those that found the driver's keep-alive in flight.
     assert!(
         own >= PAIRS * 2 - 4,
         "{} requests of a lone caller, {own} written by the caller",
         PAIRS * 2
     );
-    client.shutdown().await.expect("shutdown");
 }
 
 /// A request its caller wrote on a link that then breaks before the answer is re-sent on
@@ -509,22 +527,13 @@ async fn a_settled_acquire_is_not_withdrawn() {
 /// answer that comes before the caller waits (the caller then gets it from the driver).
 #[tokio::test]
 async fn a_caller_alone_reads_its_own_answers() {
-    const PAIRS: u64 = 200;
-    let (client, health) = client().await;
-    let sem = client.semaphore("reads", 1).await.expect("ensure");
-    let before = health.own_reads.load(Ordering::Relaxed);
-    for _ in 0..PAIRS {
-        let permit = sem.acquire().await.expect("acquire");
-        permit.release().await.expect("release");
-    }
-    let own = health.own_reads.load(Ordering::Relaxed) - before;
+    let (_, own) = lone_pairs("reads").await;
     // Every answer but those that met a turn of the driver (its keep-alive).
     assert!(
         own >= PAIRS * 2 - 4,
         "{} answers to a lone caller, {own} read by the caller",
         PAIRS * 2
     );
-    client.shutdown().await.expect("shutdown");
 }
 
 /// An event that comes while a caller reads for its own answer (here, in the same read as
@@ -646,25 +655,7 @@ async fn a_caller_that_gives_up_leaves_the_link_to_the_driver() {
 /// the life of the client).
 #[tokio::test]
 async fn a_release_taken_with_the_grant_it_releases_ends_the_watch() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("local addr");
-    let (released_tx, mut released_rx) = mpsc::unbounded_channel();
-    tokio::spawn(fake_coordinator(listener, move |id, req, out| {
-        if handshake_answer(id, &req, out).is_some() {
-            return;
-        }
-        match req {
-            proto::Request::Acquire { .. } => {
-                proto::encode_reply(id, &proto::Reply::Granted { token: 3 }, out)
-            }
-            proto::Request::Release { lease } => {
-                let _ = released_tx.send(lease); // and no answer: the record stays
-            }
-            _ => proto::encode_reply(id, &proto::Reply::Done, out),
-        }
-    }));
+    let (addr, mut released_rx) = coordinator_deaf_to_releases().await;
     let backend = TcpBackend::connect(addr.to_string(), None, Options::default())
         .await
         .expect("connect");
