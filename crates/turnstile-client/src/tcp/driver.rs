@@ -247,6 +247,18 @@ impl Driver {
 
     /// The loop's timer fired: does what is due.
     fn on_timer(&mut self) {
+        // What callers that read answers told `Health` (see `reader`): the deadlines below
+        // are judged by it. Only here: the driver's own marks, behind it between two turns
+        // of the timer, only make the timer fire early.
+        let contact = self
+            .health
+            .at(self.health.last_contact.load(Ordering::Relaxed));
+        self.last_contact = self.last_contact.max(contact);
+        if let Some(since) = self.awaiting_since {
+            if self.health.last_heard.load(Ordering::Relaxed) >= self.health.ms(since) {
+                self.awaiting_since = None;
+            }
+        }
         let now = self.now;
         if self.linked {
             if let Some(since) = self.awaiting_since {
@@ -380,16 +392,6 @@ impl Driver {
     /// armed from its record; the presumed-loss deadline of the lease it releases, always
     /// earlier, brings the timer there), and before a reconnect, a disconnection or the end.
     fn take_written(&mut self) {
-        // What callers that read answers told `Health` (see `reader`).
-        let contact = self
-            .health
-            .at(self.health.last_contact.load(Ordering::Relaxed));
-        self.last_contact = self.last_contact.max(contact);
-        if let Some(since) = self.awaiting_since {
-            if self.health.last_heard.load(Ordering::Relaxed) >= self.health.ms(since) {
-                self.awaiting_since = None;
-            }
-        }
         // The driver's book, emptied each time, keeps its room for the next.
         let mut book = std::mem::take(&mut self.book);
         if !self.shared.take_book(&mut book) {

@@ -451,8 +451,8 @@ impl TcpBackend {
     }
 
     /// Waits for the answer to a request, at most as `until` says (see the module doc).
-    async fn answer(&self, rx: AnswerWait<'_>, until: Until) -> Result<Answer, Error> {
-        self.settled(rx, until).await?
+    async fn answer(&self, wait: AnswerWait<'_>, until: Until) -> Result<Answer, Error> {
+        self.settled(wait, until).await?
     }
 
     /// The wait for the answer to a request sent with [`TcpBackend::send_call`].
@@ -475,16 +475,16 @@ impl TcpBackend {
     /// coordinator's answer, or the driver's verdict on a request it never sent).
     async fn settled(
         &self,
-        mut rx: AnswerWait<'_>,
+        mut wait: AnswerWait<'_>,
         until: Until,
     ) -> Result<Result<Answer, Error>, Error> {
         let closed = |r: Result<Result<Answer, Error>, oneshot::error::RecvError>| {
             r.map_err(|_| Error::Shutdown)
         };
         match until {
-            Until::Answered => closed(rx.await),
+            Until::Answered => closed(wait.await),
             Until::Wait(deadline) => {
-                if let Ok(r) = tokio::time::timeout_at(deadline, &mut rx).await {
+                if let Ok(r) = tokio::time::timeout_at(deadline, &mut wait).await {
                     return closed(r);
                 }
                 // The coordinator's "timed out" is on its way if it answers at all; a ping
@@ -494,7 +494,7 @@ impl TcpBackend {
                 }
                 let probe = Instant::now();
                 let _ = self.tx.send(Cmd::Probe);
-                match tokio::time::timeout_at(deadline + ANSWER_GRACE, &mut rx).await {
+                match tokio::time::timeout_at(deadline + ANSWER_GRACE, &mut wait).await {
                     Ok(r) => closed(r),
                     Err(_) if self.health.heard_since(probe) => Err(Error::TimedOut),
                     Err(_) => Err(self.unavailable()),
@@ -502,7 +502,7 @@ impl TcpBackend {
             }
             Until::Call => {
                 let deadline = Instant::now() + self.health.ttl().max(Duration::from_secs(1));
-                match tokio::time::timeout_at(deadline, &mut rx).await {
+                match tokio::time::timeout_at(deadline, &mut wait).await {
                     Ok(r) => closed(r),
                     Err(_) => Err(self.unavailable()),
                 }
@@ -510,7 +510,7 @@ impl TcpBackend {
             // The driver fails the call when the lease is gone (`Driver::fail_gone`): its
             // one timer serves every such call, where a timer per call would cost one
             // registration per release on the hot path.
-            Until::LeaseGone => closed(rx.await),
+            Until::LeaseGone => closed(wait.await),
         }
     }
 

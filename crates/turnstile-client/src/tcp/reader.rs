@@ -2,9 +2,9 @@
 //!
 //! A caller that wrote its own request (see `writer`) also reads its own answer. Through the
 //! driver, every answer cost two task polls (the driver woken by the socket, then the caller
-//! woken by the driver's channel) and the driver's turn around them: with one caller per
-//! client, about as much user-space CPU as the rest of the request. Read by its caller, an
-//! answer costs what it costs a bare socket client: one task woken by the socket. What needs
+//! woken by the driver's channel) and the driver's turn around them. Read by its caller, an
+//! answer costs one task woken by the socket, as for a bare socket client (64 clients: the
+//! bench's CPU per pair 7.75 µs before, 7.5 µs after, 7.0 µs for bare frames). What needs
 //! the driver (events, answers to its own requests) is still handled by the driver, in order.
 //!
 //! # Rules

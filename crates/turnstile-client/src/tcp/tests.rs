@@ -679,3 +679,39 @@ async fn a_release_taken_with_the_grant_it_releases_ends_the_watch() {
     tx.send(Cmd::Watched { reply }).expect("the driver runs");
     assert_eq!(watched.await.expect("the driver answers"), 0);
 }
+
+/// A caller busy with pairs it writes and reads itself, for three session TTLs, beside a
+/// lease it holds: the driver, which sees none of those answers, keeps the session alive
+/// and does not presume the held lease lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_lone_caller_keeps_its_session_and_lease() {
+    let options = Options {
+        session_ttl: Some(Duration::from_secs(1)),
+        ..Options::default()
+    };
+    let backend = TcpBackend::connect(coordinator().await, None, options)
+        .await
+        .expect("connect");
+    let health = backend.health.clone();
+    let client = crate::Client::from_backend(Arc::new(backend));
+    let held = client
+        .semaphore("kept", 1)
+        .await
+        .expect("ensure")
+        .acquire()
+        .await
+        .expect("acquire");
+    let busy = client.semaphore("busy", 1).await.expect("ensure");
+    let reads = health.own_reads.load(Ordering::Relaxed);
+    let end = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < end {
+        let permit = busy.acquire().await.expect("acquire");
+        permit.release().await.expect("release");
+        assert_eq!(held.lost_reason(), None, "the held lease is not given up");
+    }
+    assert!(
+        health.own_reads.load(Ordering::Relaxed) - reads > 100,
+        "the caller read its answers"
+    );
+    held.release().await.expect("the lease is still held");
+}
