@@ -631,7 +631,7 @@ impl std::future::Future for AnswerWait<'_> {
             .filter(|_| this.shared.waiting.load(Ordering::Relaxed) <= 1)
         {
             // Read first: an answer settled here never touches the channel.
-            if let Some(result) = this.shared.read_for(id, cx, this.health) {
+            if let Some(result) = this.shared.read_for(id, cx, this.health, &mut this.rx) {
                 this.own = None;
                 #[cfg(test)]
                 this.health.own_reads.fetch_add(1, Ordering::Relaxed);
