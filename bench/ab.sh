@@ -11,6 +11,8 @@
 #                bench` (a change to the client library).
 #   SERVE: how the coordinators keep state (default `--fsync batch`, each in a temporary
 #          data directory; or `--in-memory`).
+#   SERVE_THREADS: the coordinators' tokio worker threads (default: one per core); e.g. 1 for
+#          a coordinator that has one core to itself, as Redis does.
 #   ROUNDS (default 5), DURATION (default 3s), WARMUP (default 1s).
 #   BENCH ARGS default to `--clients 64 --client library`; e.g. add `--release drop`.
 #
@@ -36,7 +38,8 @@ trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$tmp"' EXIT
 start() {
   local name=$1 bin=$2 args=($serve)
   [ "$serve" = "--in-memory" ] || args+=(--data-dir "$tmp/$name")
-  "$bin" serve --listen 127.0.0.1:0 --http off "${args[@]}" >"$tmp/$name.out" 2>/dev/null &
+  env ${SERVE_THREADS:+TOKIO_WORKER_THREADS=$SERVE_THREADS} \
+    "$bin" serve --listen 127.0.0.1:0 --http off "${args[@]}" >"$tmp/$name.out" 2>/dev/null &
   pids+=($!)
   for _ in $(seq 200); do
     grep -q '^listening on ' "$tmp/$name.out" && break
