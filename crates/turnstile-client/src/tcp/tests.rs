@@ -37,16 +37,38 @@ async fn client() -> (crate::Client, Arc<Health>) {
 /// each read. It stops when the client goes.
 async fn fake_coordinator(
     listener: tokio::net::TcpListener,
+    answer: impl FnMut(u32, proto::Request<'_>, &mut Vec<u8>) + Send + 'static,
+) {
+    let (_push, pushes) = mpsc::unbounded_channel();
+    fake_coordinator_pushing(listener, answer, pushes).await;
+}
+
+/// [`fake_coordinator`], which also writes the bytes the test sends on `pushes` when they
+/// come: an event, or an answer it held back.
+async fn fake_coordinator_pushing(
+    listener: tokio::net::TcpListener,
     mut answer: impl FnMut(u32, proto::Request<'_>, &mut Vec<u8>) + Send + 'static,
+    mut pushes: mpsc::UnboundedReceiver<Vec<u8>>,
 ) {
     let (mut s, _) = listener.accept().await.expect("accept");
     let mut buf = Vec::new();
+    let mut pushing = true;
     loop {
         let mut chunk = [0u8; 4096];
-        let n = s.read(&mut chunk).await.expect("read");
-        if n == 0 {
-            return;
-        }
+        let n = tokio::select! {
+            r = s.read(&mut chunk) => match r {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            bytes = pushes.recv(), if pushing => {
+                match bytes {
+                    Some(bytes) if s.write_all(&bytes).await.is_err() => return,
+                    Some(_) => {}
+                    None => pushing = false,
+                }
+                continue;
+            }
+        };
         buf.extend_from_slice(&chunk[..n]);
         let mut out = Vec::new();
         while let Some((payload, used)) = split_frame(&buf, MAX_REPLY_FRAME).expect("a frame") {
@@ -590,53 +612,38 @@ async fn a_caller_that_gives_up_leaves_the_link_to_the_driver() {
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("local addr");
-    tokio::spawn(async move {
-        let (s, _) = listener.accept().await.expect("accept");
-        let (mut rd, wr) = s.into_split();
-        let wr = Arc::new(tokio::sync::Mutex::new(wr));
-        let mut buf = Vec::new();
-        let mut granted = 0;
-        loop {
-            let mut chunk = [0u8; 4096];
-            match rd.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-            let mut out = Vec::new();
-            while let Some((payload, used)) = split_frame(&buf, MAX_REPLY_FRAME).expect("a frame") {
-                let (id, req) = proto::decode_request(payload).expect("a request");
-                if handshake_answer(id, &req, &mut out).is_none() {
-                    match req {
-                        proto::Request::Acquire { lease, .. } => {
-                            granted = lease;
-                            proto::encode_reply(id, &proto::Reply::Granted { token: 1 }, &mut out);
-                        }
-                        // Never answered; the loss of the lease is pushed a little later.
-                        proto::Request::Ensure { .. } => {
-                            let wr = wr.clone();
-                            tokio::spawn(async move {
-                                tokio::time::sleep(Duration::from_millis(300)).await;
-                                let mut event = Vec::new();
-                                let lost = proto::Reply::LeaseLost {
-                                    lease: granted,
-                                    token: 1,
-                                    reason: proto::LostReason::Revoked,
-                                    name: "held",
-                                };
-                                proto::encode_reply(0, &lost, &mut event);
-                                let _ = wr.lock().await.write_all(&event).await;
-                            });
-                        }
-                        _ => proto::encode_reply(id, &proto::Reply::Done, &mut out),
-                    }
-                }
-                buf.drain(..used);
-            }
-            if !out.is_empty() && wr.lock().await.write_all(&out).await.is_err() {
-                return;
-            }
+    let (push, pushes) = mpsc::unbounded_channel();
+    let mut granted = 0;
+    let answer = move |id, req: proto::Request<'_>, out: &mut Vec<u8>| {
+        if handshake_answer(id, &req, out).is_some() {
+            return;
         }
-    });
+        match req {
+            proto::Request::Acquire { lease, .. } => {
+                granted = lease;
+                proto::encode_reply(id, &proto::Reply::Granted { token: 1 }, out);
+            }
+            // Never answered; the loss of the lease is pushed a little later.
+            proto::Request::Ensure { .. } => {
+                let push = push.clone();
+                let lease = granted;
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let mut event = Vec::new();
+                    let lost = proto::Reply::LeaseLost {
+                        lease,
+                        token: 1,
+                        reason: proto::LostReason::Revoked,
+                        name: "held",
+                    };
+                    proto::encode_reply(0, &lost, &mut event);
+                    let _ = push.send(event);
+                });
+            }
+            _ => proto::encode_reply(id, &proto::Reply::Done, out),
+        }
+    };
+    tokio::spawn(fake_coordinator_pushing(listener, answer, pushes));
     let (client, _) = client_of(&addr.to_string()).await;
     let sem = client.existing_semaphore("held");
     let held = sem.acquire().await.expect("granted");
@@ -745,42 +752,26 @@ async fn a_caller_that_reads_its_answer_is_woken_once_for_it() {
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("local addr");
-    let (asked_tx, mut asked) = mpsc::unbounded_channel::<()>();
-    let (go, held) = oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.expect("accept");
-        let mut buf = Vec::new();
-        let mut held = Some(held);
-        let mut acquires = 0;
-        loop {
-            let mut chunk = [0u8; 4096];
-            match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-            let mut out = Vec::new();
-            while let Some((payload, used)) = split_frame(&buf, MAX_REPLY_FRAME).expect("a frame") {
-                let (id, req) = proto::decode_request(payload).expect("a request");
-                if handshake_answer(id, &req, &mut out).is_none() {
-                    if let proto::Request::Acquire { .. } = req {
-                        acquires += 1;
-                        if let Some(held) = held.take_if(|_| acquires == 2) {
-                            // Answered once the test has seen the caller wait.
-                            let _ = asked_tx.send(());
-                            let _ = held.await;
-                        }
-                        proto::encode_reply(id, &proto::Reply::Granted { token: 1 }, &mut out);
-                    } else {
-                        proto::encode_reply(id, &proto::Reply::Done, &mut out);
-                    }
-                }
-                buf.drain(..used);
-            }
-            if !out.is_empty() && s.write_all(&out).await.is_err() {
+    let (asked_tx, mut asked) = mpsc::unbounded_channel::<u32>();
+    let (push, pushes) = mpsc::unbounded_channel();
+    let mut acquires = 0;
+    let answer = move |id, req: proto::Request<'_>, out: &mut Vec<u8>| {
+        if handshake_answer(id, &req, out).is_some() {
+            return;
+        }
+        if let proto::Request::Acquire { .. } = req {
+            acquires += 1;
+            if acquires == 2 {
+                // Answered by the test, once it has seen the caller wait.
+                let _ = asked_tx.send(id);
                 return;
             }
+            proto::encode_reply(id, &proto::Reply::Granted { token: 1 }, out);
+        } else {
+            proto::encode_reply(id, &proto::Reply::Done, out);
         }
-    });
+    };
+    tokio::spawn(fake_coordinator_pushing(listener, answer, pushes));
     let (client, health) = client_of(&addr.to_string()).await;
     let sem = client.existing_semaphore("once");
     // A first pair, so that what the driver sends after connecting is answered: while a
@@ -796,11 +787,13 @@ async fn a_caller_that_reads_its_answer_is_woken_once_for_it() {
         std::future::Future::poll(acquire.as_mut(), &mut cx).is_pending(),
         "not answered yet"
     );
-    asked
+    let id = asked
         .recv()
         .await
         .expect("the acquire reached the coordinator");
-    let _ = go.send(());
+    let mut granted = Vec::new();
+    proto::encode_reply(id, &proto::Reply::Granted { token: 1 }, &mut granted);
+    push.send(granted).expect("the fake coordinator runs");
     counter.woken.notified().await;
     let std::task::Poll::Ready(permit) = std::future::Future::poll(acquire.as_mut(), &mut cx)
     else {
