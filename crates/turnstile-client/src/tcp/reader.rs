@@ -20,6 +20,9 @@
 //!   driver must know (leases granted, leases released) goes in the book, which the driver
 //!   takes before it handles any frame or deadline; the contact mark and the time last heard
 //!   go in `Health`.
+//! - A caller that settles its own answer closes the channel it also waited on before the
+//!   channel's sender (kept in the record) is dropped: the drop would otherwise wake the
+//!   caller once more, for a poll that finds nothing.
 //! - The link's read readiness wakes one task: the last one that polled it and found
 //!   nothing. A caller that does so becomes the reader (`Shared::reading`). When it stops
 //!   waiting (answered, gave up, or dropped), it gives the readiness back: it polls once more
